@@ -1,0 +1,150 @@
+//! Reading a TOML config file with environment overrides, so that every
+//! OpenCloud binary reports a wrong key the same way: which file, which key.
+//!
+//! An override `PREFIX__SECTION__KEY=value` sets `section.key`. The value is
+//! read as a TOML value when it parses as one (`20`, `true`, `["a"]`) and as
+//! a plain string otherwise.
+
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: key `{key}`{origin}: {message}")]
+    Key {
+        file: String,
+        key: String,
+        /// Names the environment variable when the bad value came from one.
+        origin: String,
+        message: String,
+    },
+}
+
+/// Parses `text` (from the file called `file`), applies the overrides among
+/// `env` whose names start with `prefix__`, and deserialises the result.
+pub fn parse<T: DeserializeOwned>(
+    file: &str,
+    text: &str,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+        file: file.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    let marker = format!("{prefix}__");
+    let mut overridden: Vec<(String, String)> = Vec::new();
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix(&marker) else {
+            continue;
+        };
+        let path: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        set_path(&mut root, &path, parse_value(&value)).map_err(|message| ConfigError::Key {
+            file: file.to_owned(),
+            key: path.join("."),
+            origin: format!(" (from {name})"),
+            message,
+        })?;
+        overridden.push((path.join("."), name));
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+        let key = e.path().to_string();
+        let origin = overridden
+            .iter()
+            .find(|(path, _)| *path == key)
+            .map(|(_, name)| format!(" (from {name})"))
+            .unwrap_or_default();
+        ConfigError::Key {
+            file: file.to_owned(),
+            key,
+            origin,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut table = root;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a section"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        name: String,
+        database: Database,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Database {
+        url: String,
+        pool_max: u32,
+    }
+
+    const TEXT: &str = "name = \"x\"\n[database]\nurl = \"mysql://a\"\npool_max = 4\n";
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let got: Sample = parse(
+            "c.toml",
+            TEXT,
+            "OC",
+            env(&[("OC__DATABASE__POOL_MAX", "9"), ("OC__DATABASE__URL", "mysql://b"), ("OTHER", "1")]),
+        )
+        .unwrap();
+        assert_eq!(got.database.pool_max, 9);
+        assert_eq!(got.database.url, "mysql://b");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_file() {
+        let err = parse::<Sample>("c.toml", &format!("{TEXT}pool_min = 1\n"), "OC", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml: key `database.pool_min`"), "{err}");
+        assert!(err.contains("unknown field `pool_min`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_override_names_the_variable() {
+        let err = parse::<Sample>("c.toml", TEXT, "OC", env(&[("OC__DATABASE__POOL_MAX", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `database.pool_max` (from OC__DATABASE__POOL_MAX)"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file() {
+        let err = parse::<Sample>("c.toml", "name = ", "OC", env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("c.toml: "), "{err}");
+    }
+}

@@ -1,0 +1,10 @@
+//! What all OpenCloud parts must agree on: the token format and the keys that
+//! sign it, and the way config files are read. Pure functions only: callers
+//! pass in the time, the file text and the environment.
+
+pub mod config;
+pub mod keys;
+pub mod token;
+
+pub use keys::{KeyId, Keyring, KeyringError};
+pub use token::{Claims, TokenError, TokenKind};
