@@ -1,0 +1,672 @@
+//! Accounts: users, passwords, login sessions, login throttling.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use mysql_async::prelude::*;
+use mysql_async::Pool;
+use pbkdf2::password_hash::rand_core::OsRng;
+use pbkdf2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use pbkdf2::{Algorithm, Params, Pbkdf2};
+use rand::RngCore;
+use serde::Serialize;
+
+use crate::config::LoginPolicy;
+use crate::error::AppError;
+
+pub const PASSWORD_MIN_CHARS: usize = 10;
+pub const PASSWORD_MAX_CHARS: usize = 256;
+pub const NAME_MAX_CHARS: usize = 100;
+pub const EMAIL_MAX_CHARS: usize = 254;
+
+/// 128 random bits, base64url: login session ids, lease holders.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Customer,
+    HostOwner,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Customer, Role::HostOwner, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::HostOwner => "host_owner",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Customer => "Customer",
+            Role::HostOwner => "Host owner",
+            Role::Admin => "Admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: u64,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub disabled: bool,
+    pub created_at: String,
+}
+
+impl User {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+const USER_COLUMNS: &str =
+    "u.id, u.email, u.name, u.role, u.disabled, DATE_FORMAT(u.created_at, '%Y-%m-%d %H:%i')";
+
+type UserRow = (u64, String, String, String, bool, String);
+
+fn user_from_row((id, email, name, role, disabled, created_at): UserRow) -> User {
+    User {
+        id,
+        email,
+        name,
+        role: Role::parse(&role).unwrap_or(Role::Customer),
+        disabled,
+        created_at,
+    }
+}
+
+/// Lower-cases and checks an email address; the error names the field.
+pub fn normalize_email(raw: &str) -> Result<String, AppError> {
+    let email = raw.trim().to_lowercase();
+    let bad = || AppError::invalid("email", "Enter an email address like name@example.com.");
+    if email.is_empty() {
+        return Err(AppError::invalid("email", "Enter your email address."));
+    }
+    if email.chars().count() > EMAIL_MAX_CHARS {
+        return Err(AppError::invalid(
+            "email",
+            format!("An email address has at most {EMAIL_MAX_CHARS} characters."),
+        ));
+    }
+    let (local, domain) = email.rsplit_once('@').ok_or_else(bad)?;
+    let domain_ok = domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.contains('@')
+        && !local.chars().any(|c| c.is_whitespace() || c.is_control() || "<>\"(),;:[]\\".contains(c));
+    if !domain_ok || !local_ok {
+        return Err(bad());
+    }
+    Ok(email)
+}
+
+pub fn check_password_rules(password: &str, field: &'static str) -> Result<(), AppError> {
+    let chars = password.chars().count();
+    if chars < PASSWORD_MIN_CHARS {
+        return Err(AppError::invalid(
+            field,
+            format!("Use at least {PASSWORD_MIN_CHARS} characters for the password."),
+        ));
+    }
+    if chars > PASSWORD_MAX_CHARS {
+        return Err(AppError::invalid(
+            field,
+            format!("A password has at most {PASSWORD_MAX_CHARS} characters."),
+        ));
+    }
+    Ok(())
+}
+
+pub fn normalize_name(raw: &str) -> Result<String, AppError> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err(AppError::invalid("name", "Enter your name."));
+    }
+    if name.chars().count() > NAME_MAX_CHARS || name.chars().any(char::is_control) {
+        return Err(AppError::invalid(
+            "name",
+            format!("A name has at most {NAME_MAX_CHARS} characters and no control characters."),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// PBKDF2-HMAC-SHA256 hashing on the blocking pool, so hashing never stalls
+/// the request threads.
+#[derive(Clone)]
+pub struct Passwords {
+    iterations: u32,
+    /// Verified against when the email is unknown, so both answers take the
+    /// same time. Made on first need so start-up stays fast.
+    dummy_hash: Arc<tokio::sync::OnceCell<String>>,
+}
+
+impl Passwords {
+    pub fn new(iterations: u32) -> Self {
+        Self {
+            iterations,
+            dummy_hash: Arc::new(tokio::sync::OnceCell::new()),
+        }
+    }
+
+    pub async fn hash(&self, password: &str) -> Result<String, AppError> {
+        let iterations = self.iterations;
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || hash_blocking(iterations, &password))
+            .await
+            .map_err(|e| AppError::Internal(format!("hashing task: {e}")))
+    }
+
+    /// Checks `password` against `stored`, or against a dummy hash when
+    /// there is no stored hash (same work either way). Constant-time compare.
+    pub async fn verify(&self, password: &str, stored: Option<String>) -> Result<bool, AppError> {
+        let known = stored.is_some();
+        let stored = match stored {
+            Some(stored) => stored,
+            None => self
+                .dummy_hash
+                .get_or_try_init(|| self.hash(&random_id()))
+                .await?
+                .clone(),
+        };
+        let password = password.to_owned();
+        let matches = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&stored)
+                .map(|hash| Pbkdf2.verify_password(password.as_bytes(), &hash).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(|e| AppError::Internal(format!("hashing task: {e}")))?;
+        Ok(known && matches)
+    }
+}
+
+fn hash_blocking(iterations: u32, password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    let params = Params {
+        rounds: iterations,
+        output_length: 32,
+    };
+    Pbkdf2
+        .hash_password_customized(
+            password.as_bytes(),
+            Some(Algorithm::Pbkdf2Sha256.ident()),
+            None,
+            params,
+            &salt,
+        )
+        .expect("PBKDF2 with valid params cannot fail")
+        .to_string()
+}
+
+pub struct NewUser {
+    pub email: String,
+    pub name: String,
+    pub password: String,
+    pub role: Role,
+}
+
+/// Validates and creates an account. Errors name the field at fault.
+pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Result<User, AppError> {
+    let email = normalize_email(&new.email)?;
+    let name = normalize_name(&new.name)?;
+    check_password_rules(&new.password, "password")?;
+    if new.role == Role::Admin {
+        return Err(AppError::invalid("role", "Admins are appointed by another admin."));
+    }
+    let mut conn = pool.get_conn().await?;
+    let taken: Option<u64> = conn
+        .exec_first("SELECT id FROM users WHERE email = ?", (&email,))
+        .await?;
+    if taken.is_some() {
+        return Err(duplicate_email());
+    }
+    let hash = passwords.hash(&new.password).await?;
+    let inserted = conn
+        .exec_drop(
+            "INSERT INTO users (email, name, password_hash, role) VALUES (?, ?, ?, ?)",
+            (&email, &name, &hash, new.role.as_str()),
+        )
+        .await;
+    match inserted {
+        Ok(()) => {}
+        // Two registrations racing for one address: the unique index decides.
+        Err(mysql_async::Error::Server(e)) if e.code == 1062 => return Err(duplicate_email()),
+        Err(e) => return Err(e.into()),
+    }
+    let id = conn.last_insert_id().unwrap_or_default();
+    metrics::counter!("opencloud_registrations_total").increment(1);
+    drop(conn);
+    user_by_id(pool, id).await?.ok_or(AppError::Internal("new user vanished".into()))
+}
+
+fn duplicate_email() -> AppError {
+    AppError::Conflict {
+        field: Some("email"),
+        message: "An account with this email already exists. Log in instead.".into(),
+    }
+}
+
+pub async fn user_by_id(pool: &Pool, id: u64) -> Result<Option<User>, AppError> {
+    let row: Option<UserRow> = pool
+        .get_conn()
+        .await?
+        .exec_first(format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?"), (id,))
+        .await?;
+    Ok(row.map(user_from_row))
+}
+
+/// Who is asking, as far as login throttling is concerned.
+pub struct LoginAttempt<'a> {
+    pub email: &'a str,
+    pub password: &'a str,
+    pub client_ip: String,
+    pub user_agent: &'a str,
+}
+
+/// A successful login: the user and the new login session's id.
+pub struct LoggedIn {
+    pub user: User,
+    pub login_session: String,
+}
+
+/// Checks the credentials under the throttling policy and opens a login
+/// session. Unknown email and wrong password give the same answer.
+pub async fn login(
+    pool: &Pool,
+    passwords: &Passwords,
+    policy: &LoginPolicy,
+    attempt: LoginAttempt<'_>,
+) -> Result<LoggedIn, AppError> {
+    let email = attempt.email.trim().to_lowercase();
+    if email.is_empty() {
+        return Err(AppError::invalid("email", "Enter your email address."));
+    }
+    if attempt.password.is_empty() {
+        return Err(AppError::invalid("password", "Enter your password."));
+    }
+    let mut conn = pool.get_conn().await?;
+    throttle(&mut conn, policy, &email, &attempt.client_ip).await?;
+
+    let row: Option<(u64, String, bool)> = conn
+        .exec_first(
+            "SELECT id, password_hash, disabled FROM users WHERE email = ?",
+            (&email,),
+        )
+        .await?;
+    let (user_id, stored, disabled) = match row {
+        Some((id, hash, disabled)) => (Some(id), Some(hash), disabled),
+        None => (None, None, false),
+    };
+    let password = attempt.password.chars().take(PASSWORD_MAX_CHARS + 1).collect::<String>();
+    let matches = passwords.verify(&password, stored).await?;
+    let Some(user_id) = user_id.filter(|_| matches) else {
+        conn.exec_drop(
+            "INSERT INTO login_failures (email, client_ip) VALUES (?, ?)",
+            (&email, &attempt.client_ip),
+        )
+        .await?;
+        metrics::counter!("opencloud_logins_total", "outcome" => "bad_credentials").increment(1);
+        return Err(AppError::BadCredentials);
+    };
+    if disabled {
+        metrics::counter!("opencloud_logins_total", "outcome" => "disabled").increment(1);
+        return Err(AppError::Forbidden(
+            "This account has been disabled. Contact support if you think this is a mistake.".into(),
+        ));
+    }
+    conn.exec_drop(
+        "DELETE FROM login_failures WHERE email = ? AND client_ip = ?",
+        (&email, &attempt.client_ip),
+    )
+    .await?;
+    let login_session = random_id();
+    let user_agent: String = attempt.user_agent.chars().take(255).collect();
+    conn.exec_drop(
+        "INSERT INTO login_sessions (id, user_id, expires_at, client_ip, user_agent)
+         VALUES (?, ?, NOW(6) + INTERVAL ? SECOND, ?, ?)",
+        (
+            &login_session,
+            user_id,
+            opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
+            &attempt.client_ip,
+            &user_agent,
+        ),
+    )
+    .await?;
+    metrics::counter!("opencloud_logins_total", "outcome" => "success").increment(1);
+    drop(conn);
+    let user = user_by_id(pool, user_id)
+        .await?
+        .ok_or(AppError::Internal("user vanished during login".into()))?;
+    Ok(LoggedIn {
+        user,
+        login_session,
+    })
+}
+
+/// Refuses the attempt with 429 while the account+client pair, or the
+/// client across all accounts, is inside its back-off.
+async fn throttle(
+    conn: &mut mysql_async::Conn,
+    policy: &LoginPolicy,
+    email: &str,
+    client_ip: &str,
+) -> Result<(), AppError> {
+    let pair: (u64, Option<i64>) = conn
+        .exec_first(
+            "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
+             WHERE email = ? AND client_ip = ? AND failed_at > NOW(6) - INTERVAL ? SECOND",
+            (email, client_ip, policy.window_seconds),
+        )
+        .await?
+        .unwrap_or((0, None));
+    if let Some(wait) = backoff(policy, pair.0, policy.failures_before_throttle, pair.1) {
+        metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
+        return Err(AppError::TooManyAttempts {
+            retry_after: wait,
+            message: format!(
+                "Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."
+            ),
+        });
+    }
+    let client: (u64, Option<i64>) = conn
+        .exec_first(
+            "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
+             WHERE client_ip = ? AND failed_at > NOW(6) - INTERVAL ? SECOND",
+            (client_ip, policy.window_seconds),
+        )
+        .await?
+        .unwrap_or((0, None));
+    if let Some(wait) = backoff(policy, client.0, policy.client_failure_cap, client.1) {
+        metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
+        return Err(AppError::TooManyAttempts {
+            retry_after: wait,
+            message: format!(
+                "Too many failed logins from your address. Try again in {wait} seconds."
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Seconds still to wait, if any: the first delay after `threshold`
+/// failures, doubling with each further failure, up to the maximum.
+fn backoff(policy: &LoginPolicy, failures: u64, threshold: u32, since_last: Option<i64>) -> Option<u64> {
+    let over = failures.checked_sub(u64::from(threshold))?;
+    let delay = policy
+        .first_delay_seconds
+        .saturating_mul(1u64 << over.min(20))
+        .min(policy.max_delay_seconds);
+    let since_last = since_last.unwrap_or(0).max(0) as u64;
+    (since_last < delay).then(|| delay - since_last)
+}
+
+/// The user behind a verified token, if its login session is still live and
+/// the user is not disabled.
+pub async fn authenticate(pool: &Pool, user_id: u64, login_session: &str) -> Result<Option<User>, AppError> {
+    let row: Option<UserRow> = pool
+        .get_conn()
+        .await?
+        .exec_first(
+            format!(
+                "SELECT {USER_COLUMNS} FROM login_sessions s JOIN users u ON u.id = s.user_id
+                 WHERE s.id = ? AND s.user_id = ? AND s.revoked_at IS NULL
+                   AND s.expires_at > NOW(6) AND NOT u.disabled"
+            ),
+            (login_session, user_id),
+        )
+        .await?;
+    Ok(row.map(user_from_row))
+}
+
+/// Extends a login session when its token is re-issued.
+pub async fn extend_login_session(pool: &Pool, login_session: &str) -> Result<(), AppError> {
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE login_sessions SET expires_at = NOW(6) + INTERVAL ? SECOND
+             WHERE id = ? AND revoked_at IS NULL",
+            (opencloud_protocol::token::PLATFORM_TOKEN_SECONDS, login_session),
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn revoke_login_session(pool: &Pool, login_session: &str, reason: &str) -> Result<(), AppError> {
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = ?
+             WHERE id = ? AND revoked_at IS NULL",
+            (reason, login_session),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Changes the password and revokes every other login session of the user.
+pub async fn change_password(
+    pool: &Pool,
+    passwords: &Passwords,
+    user_id: u64,
+    keep_login_session: &str,
+    current: &str,
+    new: &str,
+) -> Result<(), AppError> {
+    check_password_rules(new, "new_password")?;
+    let stored: Option<String> = pool
+        .get_conn()
+        .await?
+        .exec_first("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+        .await?;
+    if !passwords.verify(current, stored).await? {
+        return Err(AppError::invalid("current_password", "The current password is not right."));
+    }
+    let hash = passwords.hash(new).await?;
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(Default::default()).await?;
+    tx.exec_drop(
+        "UPDATE users SET password_hash = ?, updated_at = NOW(6) WHERE id = ?",
+        (&hash, user_id),
+    )
+    .await?;
+    tx.exec_drop(
+        "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = 'password_changed'
+         WHERE user_id = ? AND id <> ? AND revoked_at IS NULL",
+        (user_id, keep_login_session),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One page of users for the admin panel, newest first.
+pub struct UserPage {
+    pub users: Vec<User>,
+    pub total: u64,
+}
+
+pub async fn search_users(pool: &Pool, query: &str, offset: u64, limit: u64) -> Result<UserPage, AppError> {
+    let pattern = format!("%{}%", escape_like(query.trim()));
+    let mut conn = pool.get_conn().await?;
+    let total: u64 = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM users u WHERE u.email LIKE ? OR u.name LIKE ?",
+            (&pattern, &pattern),
+        )
+        .await?
+        .unwrap_or(0);
+    let rows: Vec<UserRow> = conn
+        .exec(
+            format!(
+                "SELECT {USER_COLUMNS} FROM users u WHERE u.email LIKE ? OR u.name LIKE ?
+                 ORDER BY u.id DESC LIMIT ? OFFSET ?"
+            ),
+            (&pattern, &pattern, limit, offset),
+        )
+        .await?;
+    Ok(UserPage {
+        users: rows.into_iter().map(user_from_row).collect(),
+        total,
+    })
+}
+
+fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
+/// Admin changes to a user. Disabling revokes every login session at once.
+pub async fn admin_update_user(
+    pool: &Pool,
+    acting_admin: u64,
+    user_id: u64,
+    role: Option<Role>,
+    disabled: Option<bool>,
+) -> Result<User, AppError> {
+    if user_id == acting_admin && (disabled == Some(true) || role.is_some_and(|r| r != Role::Admin)) {
+        return Err(AppError::Forbidden(
+            "You cannot disable yourself or take away your own admin role; ask another admin.".into(),
+        ));
+    }
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(Default::default()).await?;
+    let exists: Option<u64> = tx
+        .exec_first("SELECT id FROM users WHERE id = ? FOR UPDATE", (user_id,))
+        .await?;
+    if exists.is_none() {
+        return Err(AppError::NotFound("user"));
+    }
+    if let Some(role) = role {
+        tx.exec_drop(
+            "UPDATE users SET role = ?, updated_at = NOW(6) WHERE id = ?",
+            (role.as_str(), user_id),
+        )
+        .await?;
+    }
+    if let Some(disabled) = disabled {
+        tx.exec_drop(
+            "UPDATE users SET disabled = ?, updated_at = NOW(6) WHERE id = ?",
+            (disabled, user_id),
+        )
+        .await?;
+        if disabled {
+            tx.exec_drop(
+                "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = 'user_disabled'
+                 WHERE user_id = ? AND revoked_at IS NULL",
+                (user_id,),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    drop(conn);
+    user_by_id(pool, user_id).await?.ok_or(AppError::NotFound("user"))
+}
+
+/// Creates the admin if no user has that email; with `reset`, sets the
+/// password of an existing one. Returns true when a user was created.
+pub async fn ensure_admin(
+    pool: &Pool,
+    passwords: &Passwords,
+    email: &str,
+    password: &str,
+    reset: bool,
+) -> Result<bool, AppError> {
+    let email = normalize_email(email)?;
+    check_password_rules(password, "password")?;
+    let existing: Option<u64> = pool
+        .get_conn()
+        .await?
+        .exec_first("SELECT id FROM users WHERE email = ?", (&email,))
+        .await?;
+    let hash = passwords.hash(password).await?;
+    let mut conn = pool.get_conn().await?;
+    match existing {
+        Some(id) if reset => {
+            conn.exec_drop(
+                "UPDATE users SET password_hash = ?, role = 'admin', disabled = FALSE WHERE id = ?",
+                (&hash, id),
+            )
+            .await?;
+            Ok(false)
+        }
+        Some(_) => Ok(false),
+        None => {
+            conn.exec_drop(
+                "INSERT INTO users (email, name, password_hash, role) VALUES (?, 'Administrator', ?, 'admin')",
+                (&email, &hash),
+            )
+            .await?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(normalize_email("  Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in ["", "ann", "ann@", "@example.com", "ann@example", "a b@example.com", "ann@exa mple.com", "ann@.com"] {
+            assert!(normalize_email(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn password_length_limits_count_characters() {
+        assert!(check_password_rules("123456789", "password").is_err());
+        assert!(check_password_rules("1234567890", "password").is_ok());
+        assert!(check_password_rules(&"é".repeat(256), "password").is_ok());
+        assert!(check_password_rules(&"é".repeat(257), "password").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_after_the_threshold_and_is_capped() {
+        let policy = LoginPolicy {
+            failures_before_throttle: 5,
+            window_seconds: 900,
+            first_delay_seconds: 15,
+            max_delay_seconds: 900,
+            client_failure_cap: 50,
+        };
+        assert_eq!(backoff(&policy, 4, 5, Some(0)), None);
+        assert_eq!(backoff(&policy, 5, 5, Some(0)), Some(15));
+        assert_eq!(backoff(&policy, 6, 5, Some(10)), Some(20));
+        assert_eq!(backoff(&policy, 5, 5, Some(15)), None);
+        assert_eq!(backoff(&policy, 40, 5, Some(0)), Some(900));
+    }
+
+    #[test]
+    fn hashes_are_phc_strings_with_the_configured_rounds() {
+        let hash = hash_blocking(600_000, "correct horse battery");
+        assert!(hash.starts_with("$pbkdf2-sha256$i=600000,l=32$"), "{hash}");
+        let parsed = PasswordHash::new(&hash).unwrap();
+        assert!(Pbkdf2.verify_password(b"correct horse battery", &parsed).is_ok());
+        assert!(Pbkdf2.verify_password(b"correct horse batterz", &parsed).is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! OpenCloud control: accounts, packages, projects, pages and the JSON API.
+//!
+//! `main.rs` only parses arguments; everything here is what the tests drive.
+
+pub mod accounts;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod packages;
+pub mod projects;
+pub mod web;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use mysql_async::Pool;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Everything a request handler may need, cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub pool: Pool,
+    pub passwords: accounts::Passwords,
+    pub metrics: PrometheusHandle,
+}
+
+impl App {
+    pub fn new(config: Config, pool: Pool, metrics: PrometheusHandle) -> Self {
+        let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
+        Self {
+            config: Arc::new(config),
+            pool,
+            passwords,
+            metrics,
+        }
+    }
+}
+
+/// Installs the process-wide Prometheus recorder (once).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Binds both listeners, then serves until `shutdown` resolves; in-flight
+/// requests finish before this returns.
+pub async fn serve(app: App, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let public = TcpListener::bind(app.config.listen_public)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen.public): {e}", app.config.listen_public))?;
+    let internal = TcpListener::bind(app.config.listen_internal)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen.internal): {e}", app.config.listen_internal))?;
+    tracing::info!(
+        public = %public.local_addr()?,
+        internal = %internal.local_addr()?,
+        url = %app.config.public_origin,
+        "control listening"
+    );
+
+    // One signal fans out to both servers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let public_server = axum::serve(
+        public,
+        web::public_router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let internal_server = axum::serve(internal, web::internal_router(app.clone()))
+        .with_graceful_shutdown(stopped(stop_rx));
+    let (a, b) = tokio::join!(async { public_server.await }, async { internal_server.await });
+    a?;
+    b?;
+    app.pool.disconnect().await.ok();
+    tracing::info!("control stopped");
+    Ok(())
+}

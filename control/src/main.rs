@@ -1,0 +1,96 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use opencloud_control::{accounts, db, packages, App, Config};
+
+/// OpenCloud control service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file (TOML); keys can be overridden with OPENCLOUD_CONTROL__SECTION__KEY.
+    #[arg(long, short, default_value = "config/control.toml", env = "OPENCLOUD_CONTROL_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, then serve (the default).
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Create the admin (if missing) and the starter packages.
+    Seed {
+        #[arg(long, default_value = "admin@opencloud.local")]
+        admin_email: String,
+        /// The admin's password; read from the environment so it never shows in `ps`.
+        #[arg(long, env = "OPENCLOUD_ADMIN_PASSWORD", hide_env_values = true)]
+        admin_password: String,
+        /// Set the password of an existing admin too.
+        #[arg(long)]
+        reset_password: bool,
+    },
+    /// Print a new keys file with one random signing key.
+    Keygen {
+        #[arg(long, default_value = "k1")]
+        key_id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,mysql_async=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    if let Some(Command::Keygen { key_id }) = &cli.command {
+        print!("{}", opencloud_protocol::Keyring::generate_toml(key_id));
+        return Ok(());
+    }
+    let config = Config::load(&cli.config)?;
+    let pool = db::pool(&config)?;
+    db::migrate(&pool).await.context("migrations")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = App::new(config, pool, opencloud_control::install_metrics()?);
+            opencloud_control::serve(app, shutdown_signal()).await
+        }
+        Command::Migrate => Ok(()),
+        Command::Seed {
+            admin_email,
+            admin_password,
+            reset_password,
+        } => {
+            let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
+            let created = accounts::ensure_admin(&pool, &passwords, &admin_email, &admin_password, reset_password)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin: {e}"))?;
+            let added = packages::seed(&pool).await.map_err(|e| anyhow::anyhow!("packages: {e}"))?;
+            println!("admin {admin_email}: {}", if created { "created" } else { "exists" });
+            println!("packages added: {added}");
+            Ok(())
+        }
+        Command::Keygen { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

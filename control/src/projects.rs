@@ -1,0 +1,172 @@
+//! Projects: a user's named notebook workspaces. A user only ever sees their
+//! own; someone else's project answers exactly like a missing one.
+
+use mysql_async::prelude::*;
+use mysql_async::Pool;
+use serde::Serialize;
+
+use crate::error::AppError;
+
+pub const NAME_MAX_CHARS: usize = 100;
+pub const DESCRIPTION_MAX_CHARS: usize = 2000;
+/// Live projects one user may hold, so one account cannot fill the table.
+pub const MAX_PROJECTS_PER_USER: u64 = 1000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Project {
+    pub id: u64,
+    pub name: String,
+    pub description: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+type ProjectRow = (u64, String, String, String, String);
+
+const COLUMNS: &str = "id, name, description, DATE_FORMAT(created_at, '%Y-%m-%d %H:%i'), \
+                       DATE_FORMAT(updated_at, '%Y-%m-%d %H:%i')";
+
+fn from_row((id, name, description, created_at, updated_at): ProjectRow) -> Project {
+    Project {
+        id,
+        name,
+        description,
+        created_at,
+        updated_at,
+    }
+}
+
+pub fn check_name(raw: &str) -> Result<String, AppError> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err(AppError::invalid("name", "Give the project a name."));
+    }
+    if name.chars().count() > NAME_MAX_CHARS {
+        return Err(AppError::invalid(
+            "name",
+            format!("A project name has at most {NAME_MAX_CHARS} characters."),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AppError::invalid("name", "A project name cannot hold control characters."));
+    }
+    Ok(name.to_owned())
+}
+
+pub fn check_description(raw: &str) -> Result<String, AppError> {
+    let description = raw.trim();
+    if description.chars().count() > DESCRIPTION_MAX_CHARS {
+        return Err(AppError::invalid(
+            "description",
+            format!("A description has at most {DESCRIPTION_MAX_CHARS} characters."),
+        ));
+    }
+    Ok(description.replace("\r\n", "\n"))
+}
+
+pub async fn list(pool: &Pool, owner: u64) -> Result<Vec<Project>, AppError> {
+    let rows: Vec<ProjectRow> = pool
+        .get_conn()
+        .await?
+        .exec(
+            format!("SELECT {COLUMNS} FROM projects WHERE owner_id = ? AND deleted_at IS NULL ORDER BY updated_at DESC, id DESC"),
+            (owner,),
+        )
+        .await?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+pub async fn get(pool: &Pool, owner: u64, id: u64) -> Result<Project, AppError> {
+    let row: Option<ProjectRow> = pool
+        .get_conn()
+        .await?
+        .exec_first(
+            format!("SELECT {COLUMNS} FROM projects WHERE id = ? AND owner_id = ? AND deleted_at IS NULL"),
+            (id, owner),
+        )
+        .await?;
+    row.map(from_row).ok_or(AppError::NotFound("project"))
+}
+
+pub async fn create(pool: &Pool, owner: u64, name: &str, description: &str) -> Result<Project, AppError> {
+    let name = check_name(name)?;
+    let description = check_description(description)?;
+    let mut conn = pool.get_conn().await?;
+    let count: u64 = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM projects WHERE owner_id = ? AND deleted_at IS NULL",
+            (owner,),
+        )
+        .await?
+        .unwrap_or(0);
+    if count >= MAX_PROJECTS_PER_USER {
+        return Err(AppError::Conflict {
+            field: None,
+            message: format!("You have {MAX_PROJECTS_PER_USER} projects, the most an account may hold. Delete one first."),
+        });
+    }
+    conn.exec_drop(
+        "INSERT INTO projects (owner_id, name, description) VALUES (?, ?, ?)",
+        (owner, &name, &description),
+    )
+    .await?;
+    let id = conn.last_insert_id().unwrap_or_default();
+    drop(conn);
+    get(pool, owner, id).await
+}
+
+/// Renames and/or re-describes a project; `None` leaves a value as it is.
+pub async fn update(
+    pool: &Pool,
+    owner: u64,
+    id: u64,
+    name: Option<&str>,
+    description: Option<&str>,
+) -> Result<Project, AppError> {
+    let name = name.map(check_name).transpose()?;
+    let description = description.map(check_description).transpose()?;
+    let mut conn = pool.get_conn().await?;
+    let result = conn
+        .exec_iter(
+            "UPDATE projects SET name = COALESCE(?, name), description = COALESCE(?, description),
+                    updated_at = NOW(6)
+             WHERE id = ? AND owner_id = ? AND deleted_at IS NULL",
+            (name, description, id, owner),
+        )
+        .await?;
+    let matched = result.affected_rows();
+    drop(result);
+    drop(conn);
+    if matched == 0 {
+        return Err(AppError::NotFound("project"));
+    }
+    get(pool, owner, id).await
+}
+
+pub async fn delete(pool: &Pool, owner: u64, id: u64) -> Result<(), AppError> {
+    let mut conn = pool.get_conn().await?;
+    let result = conn
+        .exec_iter(
+            "UPDATE projects SET deleted_at = NOW(6) WHERE id = ? AND owner_id = ? AND deleted_at IS NULL",
+            (id, owner),
+        )
+        .await?;
+    if result.affected_rows() == 0 {
+        return Err(AppError::NotFound("project"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_trimmed_and_limited() {
+        assert_eq!(check_name("  Thesis  ").unwrap(), "Thesis");
+        assert!(check_name("   ").is_err());
+        assert!(check_name(&"x".repeat(100)).is_ok());
+        assert!(check_name(&"x".repeat(101)).is_err());
+        assert!(check_name("a\u{0}b").is_err());
+    }
+}
