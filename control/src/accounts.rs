@@ -6,9 +6,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::Pool;
-use pbkdf2::password_hash::rand_core::OsRng;
-use pbkdf2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use pbkdf2::{Algorithm, Params, Pbkdf2};
 use rand::RngCore;
 use serde::Serialize;
 
@@ -174,7 +171,7 @@ impl Passwords {
     pub async fn hash(&self, password: &str) -> Result<String, AppError> {
         let iterations = self.iterations;
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || hash_blocking(iterations, &password))
+        tokio::task::spawn_blocking(move || opencloud_passwords::hash(&password, iterations))
             .await
             .map_err(|e| AppError::Internal(format!("hashing task: {e}")))
     }
@@ -187,38 +184,16 @@ impl Passwords {
             Some(stored) => stored,
             None => self
                 .dummy_hash
-                .get_or_try_init(|| self.hash(&random_id()))
+                .get_or_try_init(|| async { self.hash(&random_id()).await })
                 .await?
                 .clone(),
         };
         let password = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&stored)
-                .map(|hash| Pbkdf2.verify_password(password.as_bytes(), &hash).is_ok())
-                .unwrap_or(false)
-        })
+        let matches = tokio::task::spawn_blocking(move || opencloud_passwords::verify(&password, &stored))
         .await
         .map_err(|e| AppError::Internal(format!("hashing task: {e}")))?;
         Ok(known && matches)
     }
-}
-
-fn hash_blocking(iterations: u32, password: &str) -> String {
-    let salt = SaltString::generate(&mut OsRng);
-    let params = Params {
-        rounds: iterations,
-        output_length: 32,
-    };
-    Pbkdf2
-        .hash_password_customized(
-            password.as_bytes(),
-            Some(Algorithm::Pbkdf2Sha256.ident()),
-            None,
-            params,
-            &salt,
-        )
-        .expect("PBKDF2 with valid params cannot fail")
-        .to_string()
 }
 
 pub struct NewUser {
@@ -659,14 +634,5 @@ mod tests {
         assert_eq!(backoff(&policy, 6, 5, Some(10)), Some(20));
         assert_eq!(backoff(&policy, 5, 5, Some(15)), None);
         assert_eq!(backoff(&policy, 40, 5, Some(0)), Some(900));
-    }
-
-    #[test]
-    fn hashes_are_phc_strings_with_the_configured_rounds() {
-        let hash = hash_blocking(600_000, "correct horse battery");
-        assert!(hash.starts_with("$pbkdf2-sha256$i=600000,l=32$"), "{hash}");
-        let parsed = PasswordHash::new(&hash).unwrap();
-        assert!(Pbkdf2.verify_password(b"correct horse battery", &parsed).is_ok());
-        assert!(Pbkdf2.verify_password(b"correct horse batterz", &parsed).is_err());
     }
 }
