@@ -112,7 +112,9 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
     let local_ok = !local.is_empty()
         && local.len() <= 64
         && !local.contains('@')
-        && !local.chars().any(|c| c.is_whitespace() || c.is_control() || "<>\"(),;:[]\\".contains(c));
+        && !local
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>\"(),;:[]\\".contains(c));
     if !domain_ok || !local_ok {
         return Err(bad());
     }
@@ -189,9 +191,10 @@ impl Passwords {
                 .clone(),
         };
         let password = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || opencloud_passwords::verify(&password, &stored))
-        .await
-        .map_err(|e| AppError::Internal(format!("hashing task: {e}")))?;
+        let matches =
+            tokio::task::spawn_blocking(move || opencloud_passwords::verify(&password, &stored))
+                .await
+                .map_err(|e| AppError::Internal(format!("hashing task: {e}")))?;
         Ok(known && matches)
     }
 }
@@ -209,7 +212,10 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
     let name = normalize_name(&new.name)?;
     check_password_rules(&new.password, "password")?;
     if new.role == Role::Admin {
-        return Err(AppError::invalid("role", "Admins are appointed by another admin."));
+        return Err(AppError::invalid(
+            "role",
+            "Admins are appointed by another admin.",
+        ));
     }
     let mut conn = pool.get_conn().await?;
     let taken: Option<u64> = conn
@@ -234,7 +240,9 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
     let id = conn.last_insert_id().unwrap_or_default();
     metrics::counter!("opencloud_registrations_total").increment(1);
     drop(conn);
-    user_by_id(pool, id).await?.ok_or(AppError::Internal("new user vanished".into()))
+    user_by_id(pool, id)
+        .await?
+        .ok_or(AppError::Internal("new user vanished".into()))
 }
 
 fn duplicate_email() -> AppError {
@@ -248,7 +256,10 @@ pub async fn user_by_id(pool: &Pool, id: u64) -> Result<Option<User>, AppError> 
     let row: Option<UserRow> = pool
         .get_conn()
         .await?
-        .exec_first(format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?"), (id,))
+        .exec_first(
+            format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?"),
+            (id,),
+        )
         .await?;
     Ok(row.map(user_from_row))
 }
@@ -295,7 +306,11 @@ pub async fn login(
         Some((id, hash, disabled)) => (Some(id), Some(hash), disabled),
         None => (None, None, false),
     };
-    let password = attempt.password.chars().take(PASSWORD_MAX_CHARS + 1).collect::<String>();
+    let password = attempt
+        .password
+        .chars()
+        .take(PASSWORD_MAX_CHARS + 1)
+        .collect::<String>();
     let matches = passwords.verify(&password, stored).await?;
     let Some(user_id) = user_id.filter(|_| matches) else {
         conn.exec_drop(
@@ -309,7 +324,8 @@ pub async fn login(
     if disabled {
         metrics::counter!("opencloud_logins_total", "outcome" => "disabled").increment(1);
         return Err(AppError::Forbidden(
-            "This account has been disabled. Contact support if you think this is a mistake.".into(),
+            "This account has been disabled. Contact support if you think this is a mistake."
+                .into(),
         ));
     }
     conn.exec_drop(
@@ -389,7 +405,12 @@ async fn throttle(
 
 /// Seconds still to wait, if any: the first delay after `threshold`
 /// failures, doubling with each further failure, up to the maximum.
-fn backoff(policy: &LoginPolicy, failures: u64, threshold: u32, since_last: Option<i64>) -> Option<u64> {
+fn backoff(
+    policy: &LoginPolicy,
+    failures: u64,
+    threshold: u32,
+    since_last: Option<i64>,
+) -> Option<u64> {
     let over = failures.checked_sub(u64::from(threshold))?;
     let delay = policy
         .first_delay_seconds
@@ -401,7 +422,11 @@ fn backoff(policy: &LoginPolicy, failures: u64, threshold: u32, since_last: Opti
 
 /// The user behind a verified token, if its login session is still live and
 /// the user is not disabled.
-pub async fn authenticate(pool: &Pool, user_id: u64, login_session: &str) -> Result<Option<User>, AppError> {
+pub async fn authenticate(
+    pool: &Pool,
+    user_id: u64,
+    login_session: &str,
+) -> Result<Option<User>, AppError> {
     let row: Option<UserRow> = pool
         .get_conn()
         .await?
@@ -424,13 +449,20 @@ pub async fn extend_login_session(pool: &Pool, login_session: &str) -> Result<()
         .exec_drop(
             "UPDATE login_sessions SET expires_at = NOW(6) + INTERVAL ? SECOND
              WHERE id = ? AND revoked_at IS NULL",
-            (opencloud_protocol::token::PLATFORM_TOKEN_SECONDS, login_session),
+            (
+                opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
+                login_session,
+            ),
         )
         .await?;
     Ok(())
 }
 
-pub async fn revoke_login_session(pool: &Pool, login_session: &str, reason: &str) -> Result<(), AppError> {
+pub async fn revoke_login_session(
+    pool: &Pool,
+    login_session: &str,
+    reason: &str,
+) -> Result<(), AppError> {
     pool.get_conn()
         .await?
         .exec_drop(
@@ -458,7 +490,10 @@ pub async fn change_password(
         .exec_first("SELECT password_hash FROM users WHERE id = ?", (user_id,))
         .await?;
     if !passwords.verify(current, stored).await? {
-        return Err(AppError::invalid("current_password", "The current password is not right."));
+        return Err(AppError::invalid(
+            "current_password",
+            "The current password is not right.",
+        ));
     }
     let hash = passwords.hash(new).await?;
     let mut conn = pool.get_conn().await?;
@@ -484,7 +519,12 @@ pub struct UserPage {
     pub total: u64,
 }
 
-pub async fn search_users(pool: &Pool, query: &str, offset: u64, limit: u64) -> Result<UserPage, AppError> {
+pub async fn search_users(
+    pool: &Pool,
+    query: &str,
+    offset: u64,
+    limit: u64,
+) -> Result<UserPage, AppError> {
     let pattern = format!("%{}%", escape_like(query.trim()));
     let mut conn = pool.get_conn().await?;
     let total: u64 = conn
@@ -510,7 +550,9 @@ pub async fn search_users(pool: &Pool, query: &str, offset: u64, limit: u64) -> 
 }
 
 fn escape_like(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 /// Admin changes to a user. Disabling revokes every login session at once.
@@ -521,9 +563,11 @@ pub async fn admin_update_user(
     role: Option<Role>,
     disabled: Option<bool>,
 ) -> Result<User, AppError> {
-    if user_id == acting_admin && (disabled == Some(true) || role.is_some_and(|r| r != Role::Admin)) {
+    if user_id == acting_admin && (disabled == Some(true) || role.is_some_and(|r| r != Role::Admin))
+    {
         return Err(AppError::Forbidden(
-            "You cannot disable yourself or take away your own admin role; ask another admin.".into(),
+            "You cannot disable yourself or take away your own admin role; ask another admin."
+                .into(),
         ));
     }
     let mut conn = pool.get_conn().await?;
@@ -558,7 +602,9 @@ pub async fn admin_update_user(
     }
     tx.commit().await?;
     drop(conn);
-    user_by_id(pool, user_id).await?.ok_or(AppError::NotFound("user"))
+    user_by_id(pool, user_id)
+        .await?
+        .ok_or(AppError::NotFound("user"))
 }
 
 /// Creates the admin if no user has that email; with `reset`, sets the
@@ -606,8 +652,20 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(normalize_email("  Ann@Example.COM ").unwrap(), "ann@example.com");
-        for bad in ["", "ann", "ann@", "@example.com", "ann@example", "a b@example.com", "ann@exa mple.com", "ann@.com"] {
+        assert_eq!(
+            normalize_email("  Ann@Example.COM ").unwrap(),
+            "ann@example.com"
+        );
+        for bad in [
+            "",
+            "ann",
+            "ann@",
+            "@example.com",
+            "ann@example",
+            "a b@example.com",
+            "ann@exa mple.com",
+            "ann@.com",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?} accepted");
         }
     }

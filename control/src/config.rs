@@ -254,8 +254,8 @@ mod tests {
     #[test]
     fn the_shipped_default_config_loads() {
         let dir = temp_dir("default");
-        let text = include_str!("../../config/control.toml")
-            .replace("../.local/keys.toml", "keys.toml");
+        let text =
+            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
         let config = Config::from_toml(&dir.join("control.toml"), &text, []).unwrap();
         assert_eq!(config.pbkdf2_iterations, 600_000);
         assert!(!config.secure_cookies);
@@ -264,8 +264,8 @@ mod tests {
     #[test]
     fn a_path_in_public_url_is_refused() {
         let dir = temp_dir("origin");
-        let text = include_str!("../../config/control.toml")
-            .replace("../.local/keys.toml", "keys.toml");
+        let text =
+            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
         let err = Config::from_toml(
             &dir.join("control.toml"),
             &text,
@@ -282,8 +282,8 @@ mod tests {
     #[test]
     fn weak_password_hashing_is_refused() {
         let dir = temp_dir("pbkdf2");
-        let text = include_str!("../../config/control.toml")
-            .replace("../.local/keys.toml", "keys.toml");
+        let text =
+            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
         let err = Config::from_toml(
             &dir.join("control.toml"),
             &format!("{text}\n[passwords]\npbkdf2_iterations = 1000\n"),

@@ -182,7 +182,10 @@ async fn apply_pending(conn: &mut Conn, all: &[Migration]) -> Result<Vec<String>
         }
     }
     let mut done = Vec::new();
-    for m in all.iter().filter(|m| !applied.iter().any(|a| a.0 == m.version)) {
+    for m in all
+        .iter()
+        .filter(|m| !applied.iter().any(|a| a.0 == m.version))
+    {
         conn.query_drop(&m.sql)
             .await
             .map_err(|e| DbError::Migration {
@@ -203,7 +206,9 @@ async fn apply_pending(conn: &mut Conn, all: &[Migration]) -> Result<Vec<String>
 /// MySQL's own words for an error, without Rust's wrapping.
 pub fn mysql_message(e: &mysql_async::Error) -> String {
     match e {
-        mysql_async::Error::Server(server) => format!("{} (MySQL error {})", server.message, server.code),
+        mysql_async::Error::Server(server) => {
+            format!("{} (MySQL error {})", server.message, server.code)
+        }
         other => other.to_string(),
     }
 }
@@ -280,7 +285,10 @@ mod tests {
     fn statements_are_counted_outside_quotes_and_comments() {
         assert_eq!(statement_count("CREATE TABLE a (x INT)"), 1);
         assert_eq!(statement_count("CREATE TABLE a (x INT);"), 1);
-        assert_eq!(statement_count("-- a; b;\nCREATE TABLE a (x VARCHAR(3) DEFAULT ';')"), 1);
+        assert_eq!(
+            statement_count("-- a; b;\nCREATE TABLE a (x VARCHAR(3) DEFAULT ';')"),
+            1
+        );
         assert_eq!(statement_count("CREATE TABLE a (x INT); DROP TABLE b"), 2);
     }
 }

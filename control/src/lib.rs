@@ -45,7 +45,9 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
-            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
         )?
         .install_recorder()?;
     Ok(handle)
@@ -53,13 +55,26 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Binds both listeners, then serves until `shutdown` resolves; in-flight
 /// requests finish before this returns.
-pub async fn serve(app: App, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let public = TcpListener::bind(app.config.listen_public)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen.public): {e}", app.config.listen_public))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (listen.public): {e}",
+                app.config.listen_public
+            )
+        })?;
     let internal = TcpListener::bind(app.config.listen_internal)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen.internal): {e}", app.config.listen_internal))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (listen.internal): {e}",
+                app.config.listen_internal
+            )
+        })?;
     tracing::info!(
         public = %public.local_addr()?,
         internal = %internal.local_addr()?,
@@ -79,12 +94,15 @@ pub async fn serve(app: App, shutdown: impl Future<Output = ()> + Send + 'static
 
     let public_server = axum::serve(
         public,
-        web::public_router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        web::public_router(app.clone())
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let internal_server = axum::serve(internal, web::internal_router(app.clone()))
         .with_graceful_shutdown(stopped(stop_rx));
-    let (a, b) = tokio::join!(async { public_server.await }, async { internal_server.await });
+    let (a, b) = tokio::join!(async { public_server.await }, async {
+        internal_server.await
+    });
     a?;
     b?;
     app.pool.disconnect().await.ok();

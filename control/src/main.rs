@@ -9,7 +9,12 @@ use opencloud_control::{accounts, db, packages, App, Config};
 #[command(version, about)]
 struct Cli {
     /// Config file (TOML); keys can be overridden with OPENCLOUD_CONTROL__SECTION__KEY.
-    #[arg(long, short, default_value = "config/control.toml", env = "OPENCLOUD_CONTROL_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "config/control.toml",
+        env = "OPENCLOUD_CONTROL_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -25,9 +30,10 @@ enum Command {
     Seed {
         #[arg(long, default_value = "admin@opencloud.local")]
         admin_email: String,
-        /// The admin's password; read from the environment so it never shows in `ps`.
+        /// The admin's password, read from the environment so it never shows
+        /// in `ps`. Without it a new admin gets a generated one, printed once.
         #[arg(long, env = "OPENCLOUD_ADMIN_PASSWORD", hide_env_values = true)]
-        admin_password: String,
+        admin_password: Option<String>,
         /// Set the password of an existing admin too.
         #[arg(long)]
         reset_password: bool,
@@ -79,12 +85,23 @@ async fn run() -> anyhow::Result<()> {
             reset_password,
         } => {
             let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
-            let created = accounts::ensure_admin(&pool, &passwords, &admin_email, &admin_password, reset_password)
+            let generated = admin_password.is_none();
+            let password = admin_password.unwrap_or_else(accounts::random_id);
+            let created =
+                accounts::ensure_admin(&pool, &passwords, &admin_email, &password, reset_password)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("admin: {e}"))?;
+            let added = packages::seed(&pool)
                 .await
-                .map_err(|e| anyhow::anyhow!("admin: {e}"))?;
-            let added = packages::seed(&pool).await.map_err(|e| anyhow::anyhow!("packages: {e}"))?;
-            println!("admin {admin_email}: {}", if created { "created" } else { "exists" });
-            println!("packages added: {added}");
+                .map_err(|e| anyhow::anyhow!("packages: {e}"))?;
+            match (created || reset_password, generated) {
+                (true, true) => println!(
+                    "admin {admin_email} created with password: {password}\n(shown only this once; set OPENCLOUD_ADMIN_PASSWORD and pass --reset-password to change it)"
+                ),
+                (true, false) => println!("admin {admin_email}: password set from OPENCLOUD_ADMIN_PASSWORD"),
+                (false, _) => println!("admin {admin_email}: exists (password unchanged)"),
+            }
+            println!("starter packages added: {added}");
             Ok(())
         }
         Command::Keygen { .. } => unreachable!("handled above"),

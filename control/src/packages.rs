@@ -26,7 +26,12 @@ pub struct Package {
 impl Package {
     /// `12.50 USD`; currencies without minor units are not sold yet.
     pub fn price_display(&self) -> String {
-        format!("{}.{:02} {}", self.price_minor / 100, self.price_minor % 100, self.currency)
+        format!(
+            "{}.{:02} {}",
+            self.price_minor / 100,
+            self.price_minor % 100,
+            self.currency
+        )
     }
 
     pub fn compute_display(&self) -> String {
@@ -39,19 +44,20 @@ impl Package {
     }
 
     pub fn memory_display(&self) -> String {
-        if self.memory_mib % 1024 == 0 {
-            format!("{} GiB", self.memory_mib / 1024)
-        } else {
-            format!("{} MiB", self.memory_mib)
-        }
+        mib_display(self.memory_mib)
     }
 
     pub fn storage_display(&self) -> String {
-        if self.storage_quota_mib % 1024 == 0 {
-            format!("{} GiB", self.storage_quota_mib / 1024)
-        } else {
-            format!("{} MiB", self.storage_quota_mib)
-        }
+        mib_display(self.storage_quota_mib)
+    }
+}
+
+/// `4 GiB` for whole gibibytes, `512 MiB` otherwise.
+fn mib_display(mib: u32) -> String {
+    if mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
     }
 }
 
@@ -79,46 +85,95 @@ impl PackageInput {
     pub fn check(mut self) -> Result<Self, AppError> {
         self.name = self.name.trim().to_owned();
         if self.name.is_empty() || self.name.chars().count() > 100 {
-            return Err(AppError::invalid("name", "A package name has 1 to 100 characters."));
+            return Err(AppError::invalid(
+                "name",
+                "A package name has 1 to 100 characters.",
+            ));
         }
         self.description = self.description.trim().to_owned();
         if self.description.chars().count() > 1000 {
-            return Err(AppError::invalid("description", "A description has at most 1000 characters."));
+            return Err(AppError::invalid(
+                "description",
+                "A description has at most 1000 characters.",
+            ));
         }
         self.currency = self.currency.trim().to_ascii_uppercase();
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(AppError::invalid("currency", "Use a three-letter ISO currency code like USD or EUR."));
+            return Err(AppError::invalid(
+                "currency",
+                "Use a three-letter ISO currency code like USD or EUR.",
+            ));
         }
         if self.price_minor > 100_000_000 {
-            return Err(AppError::invalid("price_minor", "A price is at most 1 000 000.00."));
+            return Err(AppError::invalid(
+                "price_minor",
+                "A price is at most 1 000 000.00.",
+            ));
         }
         let ranges: [(&'static str, u32, u32, u32); 5] = [
             ("compute_minutes", self.compute_minutes, 1, 1_000_000),
-            ("max_concurrent_sessions", self.max_concurrent_sessions, 1, 100),
+            (
+                "max_concurrent_sessions",
+                self.max_concurrent_sessions,
+                1,
+                100,
+            ),
             ("memory_mib", self.memory_mib, 256, 1_048_576),
             ("storage_quota_mib", self.storage_quota_mib, 1, 10_485_760),
             ("validity_days", self.validity_days, 1, 3650),
         ];
         for (field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
-                return Err(AppError::invalid(field, format!("Must be between {min} and {max}.")));
+                return Err(AppError::invalid(
+                    field,
+                    format!("Must be between {min} and {max}."),
+                ));
             }
         }
         if !(self.cpu_cores.is_finite() && (0.25..=256.0).contains(&self.cpu_cores)) {
-            return Err(AppError::invalid("cpu_cores", "Must be between 0.25 and 256 cores."));
+            return Err(AppError::invalid(
+                "cpu_cores",
+                "Must be between 0.25 and 256 cores.",
+            ));
         }
         self.cpu_cores = (self.cpu_cores * 100.0).round() / 100.0;
         Ok(self)
     }
 }
 
-type PackageRow = (u64, String, String, u64, String, u32, u32, f64, u32, u32, u32, bool);
+type PackageRow = (
+    u64,
+    String,
+    String,
+    u64,
+    String,
+    u32,
+    u32,
+    f64,
+    u32,
+    u32,
+    u32,
+    bool,
+);
 
 const COLUMNS: &str = "id, name, description, price_minor, currency, compute_minutes, \
      max_concurrent_sessions, CAST(cpu_cores AS DOUBLE), memory_mib, storage_quota_mib, validity_days, retired";
 
 fn from_row(row: PackageRow) -> Package {
-    let (id, name, description, price_minor, currency, compute_minutes, max_concurrent_sessions, cpu_cores, memory_mib, storage_quota_mib, validity_days, retired) = row;
+    let (
+        id,
+        name,
+        description,
+        price_minor,
+        currency,
+        compute_minutes,
+        max_concurrent_sessions,
+        cpu_cores,
+        memory_mib,
+        storage_quota_mib,
+        validity_days,
+        retired,
+    ) = row;
     Package {
         id,
         name,
@@ -152,7 +207,10 @@ pub async fn get(pool: &Pool, id: u64) -> Result<Package, AppError> {
     let row: Option<PackageRow> = pool
         .get_conn()
         .await?
-        .exec_first(format!("SELECT {COLUMNS} FROM packages WHERE id = ?"), (id,))
+        .exec_first(
+            format!("SELECT {COLUMNS} FROM packages WHERE id = ?"),
+            (id,),
+        )
         .await?;
     row.map(from_row).ok_or(AppError::NotFound("package"))
 }
@@ -190,7 +248,9 @@ pub async fn create(pool: &Pool, input: PackageInput) -> Result<Package, AppErro
 pub async fn update(pool: &Pool, id: u64, input: PackageInput) -> Result<Package, AppError> {
     let p = input.check()?;
     let mut conn = pool.get_conn().await?;
-    let exists: Option<u64> = conn.exec_first("SELECT id FROM packages WHERE id = ?", (id,)).await?;
+    let exists: Option<u64> = conn
+        .exec_first("SELECT id FROM packages WHERE id = ?", (id,))
+        .await?;
     if exists.is_none() {
         return Err(AppError::NotFound("package"));
     }
@@ -200,9 +260,18 @@ pub async fn update(pool: &Pool, id: u64, input: PackageInput) -> Result<Package
             storage_quota_mib = ?, validity_days = ?, retired = ?, updated_at = NOW(6)
          WHERE id = ?",
         (
-            &p.name, &p.description, p.price_minor, &p.currency, p.compute_minutes,
-            p.max_concurrent_sessions, p.cpu_cores, p.memory_mib, p.storage_quota_mib,
-            p.validity_days, p.retired, id,
+            &p.name,
+            &p.description,
+            p.price_minor,
+            &p.currency,
+            p.compute_minutes,
+            p.max_concurrent_sessions,
+            p.cpu_cores,
+            p.memory_mib,
+            p.storage_quota_mib,
+            p.validity_days,
+            p.retired,
+            id,
         ),
     )
     .await
@@ -231,7 +300,14 @@ impl From<Package> for PackageInput {
 
 /// The three starter packages `scripts/up` seeds; inserting is idempotent.
 pub fn starter_packages() -> Vec<PackageInput> {
-    let package = |name: &str, description: &str, price_minor, compute_minutes, sessions, cpu_cores, memory_mib, storage_quota_mib| PackageInput {
+    let package = |name: &str,
+                   description: &str,
+                   price_minor,
+                   compute_minutes,
+                   sessions,
+                   cpu_cores,
+                   memory_mib,
+                   storage_quota_mib| PackageInput {
         name: name.into(),
         description: description.into(),
         price_minor,
@@ -245,9 +321,36 @@ pub fn starter_packages() -> Vec<PackageInput> {
         retired: false,
     };
     vec![
-        package("Starter", "Try notebooks for a few evenings.", 500, 600, 1, 1.0, 2048, 1024),
-        package("Researcher", "Steady daily work with room for data.", 1900, 3000, 2, 2.0, 4096, 10240),
-        package("Lab", "A small team's worth of compute.", 4900, 12000, 5, 4.0, 16384, 51200),
+        package(
+            "Starter",
+            "Try notebooks for a few evenings.",
+            500,
+            600,
+            1,
+            1.0,
+            2048,
+            1024,
+        ),
+        package(
+            "Researcher",
+            "Steady daily work with room for data.",
+            1900,
+            3000,
+            2,
+            2.0,
+            4096,
+            10240,
+        ),
+        package(
+            "Lab",
+            "A small team's worth of compute.",
+            4900,
+            12000,
+            5,
+            4.0,
+            16384,
+            51200,
+        ),
     ]
 }
 

@@ -48,7 +48,10 @@ pub fn check_name(raw: &str) -> Result<String, AppError> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(AppError::invalid("name", "A project name cannot hold control characters."));
+        return Err(AppError::invalid(
+            "name",
+            "A project name cannot hold control characters.",
+        ));
     }
     Ok(name.to_owned())
 }
@@ -88,7 +91,12 @@ pub async fn get(pool: &Pool, owner: u64, id: u64) -> Result<Project, AppError> 
     row.map(from_row).ok_or(AppError::NotFound("project"))
 }
 
-pub async fn create(pool: &Pool, owner: u64, name: &str, description: &str) -> Result<Project, AppError> {
+pub async fn create(
+    pool: &Pool,
+    owner: u64,
+    name: &str,
+    description: &str,
+) -> Result<Project, AppError> {
     let name = check_name(name)?;
     let description = check_description(description)?;
     let mut conn = pool.get_conn().await?;

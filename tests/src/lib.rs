@@ -76,8 +76,10 @@ impl TestDatabase {
             .get_conn()
             .await
             .with_context(|| format!("cannot reach MariaDB at {server}; is it running?"))?;
-        conn.query_drop(format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-            .await?;
+        conn.query_drop(format!(
+            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        ))
+        .await?;
         drop(conn);
         admin.disconnect().await?;
         let url = format!("{server}/{name}");
@@ -86,7 +88,10 @@ impl TestDatabase {
     }
 
     pub async fn conn(&self) -> mysql_async::Conn {
-        self.pool.get_conn().await.expect("connection to the test database")
+        self.pool
+            .get_conn()
+            .await
+            .expect("connection to the test database")
     }
 
     /// `SELECT COUNT(*) FROM table [WHERE …]`.
@@ -106,11 +111,16 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Drop runs outside async context; a short-lived runtime does the SQL.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let pool = mysql_async::Pool::new(server.as_str());
                 let mut conn = pool.get_conn().await.ok()?;
-                conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`")).await.ok()?;
+                conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .await
+                    .ok()?;
                 drop(conn);
                 pool.disconnect().await.ok()
             })
@@ -139,17 +149,26 @@ pub struct Control {
 
 impl Control {
     /// Writes a config and keys file for `db` into a temp dir.
-    pub fn prepare(db: &TestDatabase, options: &ControlOptions) -> anyhow::Result<(PathBuf, PathBuf, u16, u16)> {
+    pub fn prepare(
+        db: &TestDatabase,
+        options: &ControlOptions,
+    ) -> anyhow::Result<(PathBuf, PathBuf, u16, u16)> {
         let dir = std::env::temp_dir().join(unique("oc-e2e-"));
         std::fs::create_dir_all(&dir)?;
-        let keys = Command::new(binary("opencloud-control")).arg("keygen").output()?;
+        let keys = Command::new(binary("opencloud-control"))
+            .arg("keygen")
+            .output()?;
         std::fs::write(dir.join("keys.toml"), keys.stdout)?;
         let (public, internal) = (free_port(), free_port());
         let trusted = options
             .trusted_proxies
             .clone()
             .unwrap_or_else(|| vec!["127.0.0.1".into()]);
-        let trusted = trusted.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
+        let trusted = trusted
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let config = format!(
             "public_url = \"http://127.0.0.1:{public}\"\nkeys_file = \"keys.toml\"\ntrusted_proxies = [{trusted}]\n\
              [listen]\npublic = \"127.0.0.1:{public}\"\ninternal = \"127.0.0.1:{internal}\"\n\
@@ -189,7 +208,10 @@ impl Control {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("control exited with {status} during start-up:\n{}", self.log());
+                bail!(
+                    "control exited with {status} during start-up:\n{}",
+                    self.log()
+                );
             }
             if let Ok(r) = client.get(format!("{}/healthz", self.public)).send().await {
                 if r.status() == StatusCode::OK {
@@ -282,7 +304,13 @@ impl TestStack {
     }
 
     pub async fn post_json(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let r = self.http().post(self.url(path)).json(&body).send().await.expect("request");
+        let r = self
+            .http()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -296,8 +324,11 @@ impl TestStack {
     }
 
     pub async fn login(&self, email: &str, password: &str) -> (StatusCode, Value) {
-        self.post_json("/api/v1/auth/login", json!({"email": email, "password": password}))
-            .await
+        self.post_json(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": password}),
+        )
+        .await
     }
 
     /// Registers a new user with a unique email and logs them in.
@@ -331,7 +362,11 @@ impl TestStack {
             .env("OPENCLOUD_ADMIN_PASSWORD", PASSWORD)
             .output()
             .expect("run seed");
-        assert!(out.status.success(), "seed failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "seed failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.logged_in(&email, PASSWORD).await
     }
 }
@@ -342,7 +377,11 @@ impl TestUser {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
-        let r = request.bearer_auth(&self.token).send().await.expect("request");
+        let r = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("request");
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -373,12 +412,23 @@ impl TestUser {
 }
 
 /// Asserts an API error's status, code and field, and returns its message.
-pub fn expect_error(got: &(StatusCode, Value), status: StatusCode, code: &str, field: Option<&str>) -> String {
+pub fn expect_error(
+    got: &(StatusCode, Value),
+    status: StatusCode,
+    code: &str,
+    field: Option<&str>,
+) -> String {
     let (got_status, body) = got;
     assert_eq!(*got_status, status, "status for {body}");
     assert_eq!(body["error"]["code"], code, "code in {body}");
     assert_eq!(body["error"]["field"].as_str(), field, "field in {body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default().to_owned();
-    assert!(!message.is_empty(), "an error must say what is wrong: {body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !message.is_empty(),
+        "an error must say what is wrong: {body}"
+    );
     message
 }

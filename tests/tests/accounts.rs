@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Accounts through the real control process: registration, login, cookies,
 //! throttling, logout, password changes, and every bad input.
 
@@ -16,9 +17,14 @@ fn email() -> String {
 async fn registration_and_login_work_and_set_a_hardened_cookie() {
     let stack = TestStack::start().await.unwrap();
     let address = email();
-    let (status, body) = stack.register(&address.to_uppercase(), PASSWORD, "Ada").await;
+    let (status, body) = stack
+        .register(&address.to_uppercase(), PASSWORD, "Ada")
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(body["user"]["email"], address, "emails are stored lower-cased");
+    assert_eq!(
+        body["user"]["email"], address,
+        "emails are stored lower-cased"
+    );
     assert_eq!(body["user"]["role"], "customer");
 
     let response = stack
@@ -37,10 +43,19 @@ async fn registration_and_login_work_and_set_a_hardened_cookie() {
         .find(|c| c.starts_with("oc_session="))
         .expect("login sets oc_session");
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
-        assert!(cookie.contains(attribute), "{attribute} missing in {cookie}");
+        assert!(
+            cookie.contains(attribute),
+            "{attribute} missing in {cookie}"
+        );
     }
-    assert!(!cookie.contains("Secure"), "no Secure on a plain-http public URL: {cookie}");
-    assert!(!cookie.contains("Domain"), "the cookie is host-only: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "no Secure on a plain-http public URL: {cookie}"
+    );
+    assert!(
+        !cookie.contains("Domain"),
+        "the cookie is host-only: {cookie}"
+    );
     let body: serde_json::Value = response.json().await.unwrap();
     let token = body["token"].as_str().unwrap();
     assert!(token.starts_with("v1."), "{token}");
@@ -75,25 +90,85 @@ async fn registration_and_login_work_and_set_a_hardened_cookie() {
     .unwrap()
     .unwrap();
     assert!(hash.starts_with("$pbkdf2-sha256$i=600000,"), "{hash}");
-    assert!(!stack.control.log().contains(PASSWORD), "passwords are never logged");
+    assert!(
+        !stack.control.log().contains(PASSWORD),
+        "passwords are never logged"
+    );
 }
 
 #[tokio::test]
 async fn bad_registration_input_gets_a_clear_error_and_writes_nothing() {
     let stack = TestStack::start().await.unwrap();
     let taken = email();
-    assert_eq!(stack.register(&taken, PASSWORD, "First").await.0, StatusCode::CREATED);
+    assert_eq!(
+        stack.register(&taken, PASSWORD, "First").await.0,
+        StatusCode::CREATED
+    );
 
     let cases = [
-        (json!({"email": "not-an-email", "password": PASSWORD, "name": "A"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("email"), "email address"),
-        (json!({"email": "a@b", "password": PASSWORD, "name": "A"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("email"), "email address"),
-        (json!({"email": email(), "password": "123456789", "name": "A"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("password"), "at least 10"),
-        (json!({"email": email(), "password": "x".repeat(257), "name": "A"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("password"), "at most 256"),
-        (json!({"email": email(), "password": PASSWORD, "name": "  "}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name"), "name"),
-        (json!({"email": taken.to_uppercase(), "password": PASSWORD, "name": "A"}), StatusCode::CONFLICT, "conflict", Some("email"), "already exists"),
-        (json!({"email": email(), "password": PASSWORD, "name": "A", "admin": true}), StatusCode::BAD_REQUEST, "bad_request", None, "unknown field `admin`"),
-        (json!({"email": email(), "password": PASSWORD}), StatusCode::BAD_REQUEST, "bad_request", None, "missing field `name`"),
-        (json!({"email": email(), "password": PASSWORD, "name": "A", "role": "admin"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("role"), "appointed"),
+        (
+            json!({"email": "not-an-email", "password": PASSWORD, "name": "A"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("email"),
+            "email address",
+        ),
+        (
+            json!({"email": "a@b", "password": PASSWORD, "name": "A"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("email"),
+            "email address",
+        ),
+        (
+            json!({"email": email(), "password": "123456789", "name": "A"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("password"),
+            "at least 10",
+        ),
+        (
+            json!({"email": email(), "password": "x".repeat(257), "name": "A"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("password"),
+            "at most 256",
+        ),
+        (
+            json!({"email": email(), "password": PASSWORD, "name": "  "}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("name"),
+            "name",
+        ),
+        (
+            json!({"email": taken.to_uppercase(), "password": PASSWORD, "name": "A"}),
+            StatusCode::CONFLICT,
+            "conflict",
+            Some("email"),
+            "already exists",
+        ),
+        (
+            json!({"email": email(), "password": PASSWORD, "name": "A", "admin": true}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+            "unknown field `admin`",
+        ),
+        (
+            json!({"email": email(), "password": PASSWORD}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+            "missing field `name`",
+        ),
+        (
+            json!({"email": email(), "password": PASSWORD, "name": "A", "role": "admin"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("role"),
+            "appointed",
+        ),
     ];
     for (body, status, code, field, says) in cases {
         let got = stack.post_json("/api/v1/auth/register", body.clone()).await;
@@ -108,24 +183,38 @@ async fn bad_registration_input_gets_a_clear_error_and_writes_nothing() {
             .header(CONTENT_TYPE, content_type)
             .body(body)
     };
-    let r = raw("{\"email\": ".into(), "application/json").send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("EOF"), "names the problem: {body}");
-
-    let r = raw(json!({"email": email(), "password": PASSWORD, "name": "A"}).to_string(), "text/plain")
+    let r = raw("{\"email\": ".into(), "application/json")
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("EOF"),
+        "names the problem: {body}"
+    );
+
+    let r = raw(
+        json!({"email": email(), "password": PASSWORD, "name": "A"}).to_string(),
+        "text/plain",
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    let huge = json!({"email": email(), "password": PASSWORD, "name": "x".repeat(1 << 20)}).to_string();
+    let huge =
+        json!({"email": email(), "password": PASSWORD, "name": "x".repeat(1 << 20)}).to_string();
     let r = raw(huge, "application/json").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "payload_too_large");
 
-    assert_eq!(stack.db.count("users").await, 1, "no bad request wrote a user");
+    assert_eq!(
+        stack.db.count("users").await,
+        1,
+        "no bad request wrote a user"
+    );
     let log = stack.control.log();
     assert!(!log.contains("panicked"), "{log}");
 }
@@ -156,13 +245,25 @@ async fn unknown_email_and_wrong_password_get_the_same_answer_in_similar_time() 
         let unknown_message = expect_error(&got, StatusCode::UNAUTHORIZED, "bad_credentials", None);
         assert_eq!(wrong_message, unknown_message);
     }
-    println!("login with a wrong password: {:?} avg; with an unknown email: {:?} avg", wrong / 3, unknown / 3);
+    println!(
+        "login with a wrong password: {:?} avg; with an unknown email: {:?} avg",
+        wrong / 3,
+        unknown / 3
+    );
     // Both paths run PBKDF2; without the dummy hash the unknown path would
     // be two orders of magnitude faster.
-    assert!(unknown * 3 > wrong, "unknown-email logins must also hash: {unknown:?} vs {wrong:?}");
+    assert!(
+        unknown * 3 > wrong,
+        "unknown-email logins must also hash: {unknown:?} vs {wrong:?}"
+    );
 }
 
-async fn login_from(stack: &TestStack, client_ip: &str, email: &str, password: &str) -> reqwest::Response {
+async fn login_from(
+    stack: &TestStack,
+    client_ip: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
     stack
         .http()
         .post(stack.url("/api/v1/auth/login"))
@@ -191,12 +292,28 @@ async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_
     let wait: u64 = r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=15).contains(&wait), "Retry-After {wait}");
     let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("Try again in"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Try again in"),
+        "{body}"
+    );
 
     // The owner, from their own address, logs in normally.
-    assert_eq!(login_from(&stack, "192.0.2.10", &victim.email, PASSWORD).await.status(), StatusCode::OK);
+    assert_eq!(
+        login_from(&stack, "192.0.2.10", &victim.email, PASSWORD)
+            .await
+            .status(),
+        StatusCode::OK
+    );
     // The attacker's address is not blocked for other accounts.
-    assert_eq!(login_from(&stack, attacker, &other.email, PASSWORD).await.status(), StatusCode::OK);
+    assert_eq!(
+        login_from(&stack, attacker, &other.email, PASSWORD)
+            .await
+            .status(),
+        StatusCode::OK
+    );
     assert_eq!(stack.db.count("login_failures").await, 5);
 }
 
@@ -211,21 +328,34 @@ async fn the_back_off_grows_with_each_failure_after_the_wait() {
     let user = stack.new_user().await;
     let ip = "198.51.100.2";
     for _ in 0..2 {
-        assert_eq!(login_from(&stack, ip, &user.email, "nope nope nope").await.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            login_from(&stack, ip, &user.email, "nope nope nope")
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
     let r = login_from(&stack, ip, &user.email, "nope nope nope").await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.headers()[RETRY_AFTER], "1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // After the wait one more guess is allowed; it fails and doubles the wait.
-    assert_eq!(login_from(&stack, ip, &user.email, "nope nope nope").await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        login_from(&stack, ip, &user.email, "nope nope nope")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
     let r = login_from(&stack, ip, &user.email, "nope nope nope").await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let wait: u64 = r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&wait), "second back-off {wait}");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // A success clears the pair's failures.
-    assert_eq!(login_from(&stack, ip, &user.email, PASSWORD).await.status(), StatusCode::OK);
+    assert_eq!(
+        login_from(&stack, ip, &user.email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
     assert_eq!(stack.db.count("login_failures").await, 0);
 }
 
@@ -246,8 +376,19 @@ async fn a_client_spraying_many_accounts_is_capped() {
     let r = login_from(&stack, sprayer, &email(), "Password123!").await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("from your address"), "{body}");
-    assert_eq!(login_from(&stack, "192.0.2.11", &real.email, PASSWORD).await.status(), StatusCode::OK);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("from your address"),
+        "{body}"
+    );
+    assert_eq!(
+        login_from(&stack, "192.0.2.11", &real.email, PASSWORD)
+            .await
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -260,7 +401,13 @@ async fn forwarded_for_is_ignored_unless_the_peer_is_a_trusted_gateway() {
     .unwrap();
     let user = stack.new_user().await;
     for n in 0..5 {
-        let r = login_from(&stack, &format!("198.51.100.{}", 10 + n), &user.email, "wrong wrong wrong").await;
+        let r = login_from(
+            &stack,
+            &format!("198.51.100.{}", 10 + n),
+            &user.email,
+            "wrong wrong wrong",
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
     // A forged header does not make a new client: the peer is.
@@ -286,8 +433,19 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
         .send()
         .await
         .unwrap();
-    let token = r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
-    assert_eq!(browser.get(stack.url("/api/v1/me")).send().await.unwrap().status(), StatusCode::OK);
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        browser
+            .get(stack.url("/api/v1/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     let r = browser
         .post(stack.url("/api/v1/auth/logout"))
@@ -296,7 +454,15 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(browser.get(stack.url("/api/v1/me")).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser
+            .get(stack.url("/api/v1/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
     // The old token, replayed, is refused too: the login session is revoked.
     let replay = stack
         .http()
@@ -307,12 +473,22 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
         .unwrap();
     assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
     assert!(
-        replay.headers().get_all(SET_COOKIE).iter().any(|c| c.to_str().unwrap().starts_with("oc_session=;")),
+        replay
+            .headers()
+            .get_all(SET_COOKIE)
+            .iter()
+            .any(|c| c.to_str().unwrap().starts_with("oc_session=;")),
         "a dead cookie is cleared"
     );
     // The other login (the helper's token) is unaffected.
     assert_eq!(user.get("/api/v1/me").await.0, StatusCode::OK);
-    assert_eq!(stack.db.count("login_sessions WHERE revoke_reason = 'logout'").await, 1);
+    assert_eq!(
+        stack
+            .db
+            .count("login_sessions WHERE revoke_reason = 'logout'")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -323,23 +499,62 @@ async fn changing_the_password_revokes_the_users_other_sessions() {
     let new_password = "a much better passphrase";
 
     let got = here
-        .post("/api/v1/auth/password", json!({"current_password": "not it at all", "new_password": new_password}))
+        .post(
+            "/api/v1/auth/password",
+            json!({"current_password": "not it at all", "new_password": new_password}),
+        )
         .await;
-    expect_error(&got, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("current_password"));
+    expect_error(
+        &got,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("current_password"),
+    );
     let got = here
-        .post("/api/v1/auth/password", json!({"current_password": PASSWORD, "new_password": "short"}))
+        .post(
+            "/api/v1/auth/password",
+            json!({"current_password": PASSWORD, "new_password": "short"}),
+        )
         .await;
-    expect_error(&got, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("new_password"));
-    assert_eq!(elsewhere.get("/api/v1/me").await.0, StatusCode::OK, "failed changes revoke nothing");
+    expect_error(
+        &got,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("new_password"),
+    );
+    assert_eq!(
+        elsewhere.get("/api/v1/me").await.0,
+        StatusCode::OK,
+        "failed changes revoke nothing"
+    );
 
     let (status, body) = here
-        .post("/api/v1/auth/password", json!({"current_password": PASSWORD, "new_password": new_password}))
+        .post(
+            "/api/v1/auth/password",
+            json!({"current_password": PASSWORD, "new_password": new_password}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(here.get("/api/v1/me").await.0, StatusCode::OK, "this session stays");
-    assert_eq!(elsewhere.get("/api/v1/me").await.0, StatusCode::UNAUTHORIZED, "other sessions end");
-    expect_error(&stack.login(&here.email, PASSWORD).await, StatusCode::UNAUTHORIZED, "bad_credentials", None);
-    assert_eq!(stack.login(&here.email, new_password).await.0, StatusCode::OK);
+    assert_eq!(
+        here.get("/api/v1/me").await.0,
+        StatusCode::OK,
+        "this session stays"
+    );
+    assert_eq!(
+        elsewhere.get("/api/v1/me").await.0,
+        StatusCode::UNAUTHORIZED,
+        "other sessions end"
+    );
+    expect_error(
+        &stack.login(&here.email, PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+        "bad_credentials",
+        None,
+    );
+    assert_eq!(
+        stack.login(&here.email, new_password).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -351,7 +566,10 @@ async fn a_cookie_past_half_life_is_reissued() {
     let keys = opencloud_protocol::Keyring::from_toml("keys.toml", &keys_text).unwrap();
     let claims = token::verify(&keys, &user.token, token::TokenKind::Platform, now()).unwrap();
     let seven_hours_ago = now() - 7 * 3600;
-    let old = token::sign(&keys, &Claims::platform(user.id, claims.login_session.clone(), seven_hours_ago));
+    let old = token::sign(
+        &keys,
+        &Claims::platform(user.id, claims.login_session.clone(), seven_hours_ago),
+    );
 
     let r = stack
         .http()
@@ -368,8 +586,13 @@ async fn a_cookie_past_half_life_is_reissued() {
         .map(|c| c.to_str().unwrap().to_owned())
         .find(|c| c.starts_with("oc_session=v1."))
         .expect("a fresh cookie past half life");
-    let fresh_token = fresh.trim_start_matches("oc_session=").split(';').next().unwrap();
-    let fresh_claims = token::verify(&keys, fresh_token, token::TokenKind::Platform, now()).unwrap();
+    let fresh_token = fresh
+        .trim_start_matches("oc_session=")
+        .split(';')
+        .next()
+        .unwrap();
+    let fresh_claims =
+        token::verify(&keys, fresh_token, token::TokenKind::Platform, now()).unwrap();
     assert_eq!(fresh_claims.login_session, claims.login_session);
     assert!(fresh_claims.issued_at >= now() - 5);
 
@@ -385,5 +608,8 @@ async fn a_cookie_past_half_life_is_reissued() {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! The admin API: users (search, paging, disable, roles) and packages
 //! (create, edit, retire), and that nobody else can reach it.
 
@@ -11,14 +12,33 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in_and_loses_every_session
     let admin = stack.admin().await;
     let user = stack.new_user().await;
 
-    let (status, body) = admin.patch(&format!("/api/v1/admin/users/{}", user.id), json!({"disabled": true})).await;
+    let (status, body) = admin
+        .patch(
+            &format!("/api/v1/admin/users/{}", user.id),
+            json!({"disabled": true}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["disabled"], true);
-    assert_eq!(user.get("/api/v1/me").await.0, StatusCode::UNAUTHORIZED, "existing sessions end at once");
-    let message = expect_error(&stack.login(&user.email, PASSWORD).await, StatusCode::FORBIDDEN, "forbidden", None);
+    assert_eq!(
+        user.get("/api/v1/me").await.0,
+        StatusCode::UNAUTHORIZED,
+        "existing sessions end at once"
+    );
+    let message = expect_error(
+        &stack.login(&user.email, PASSWORD).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        None,
+    );
     assert!(message.contains("disabled"), "{message}");
 
-    admin.patch(&format!("/api/v1/admin/users/{}", user.id), json!({"disabled": false})).await;
+    admin
+        .patch(
+            &format!("/api/v1/admin/users/{}", user.id),
+            json!({"disabled": false}),
+        )
+        .await;
     assert_eq!(stack.login(&user.email, PASSWORD).await.0, StatusCode::OK);
 }
 
@@ -28,10 +48,20 @@ async fn admins_search_and_page_through_users_and_change_roles() {
     let admin = stack.admin().await;
     let marker = unique("needle");
     for n in 0..23 {
-        let (status, _) = stack.register(&format!("{marker}-{n}@example.com"), PASSWORD, &format!("Person {n}")).await;
+        let (status, _) = stack
+            .register(
+                &format!("{marker}-{n}@example.com"),
+                PASSWORD,
+                &format!("Person {n}"),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED);
     }
-    let (status, body) = admin.get(&format!("/api/v1/admin/users?q={marker}&per_page=10&page=3")).await;
+    let (status, body) = admin
+        .get(&format!(
+            "/api/v1/admin/users?q={marker}&per_page=10&page=3"
+        ))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["total"], 23);
     assert_eq!(body["users"].as_array().unwrap().len(), 3);
@@ -39,24 +69,66 @@ async fn admins_search_and_page_through_users_and_change_roles() {
     let (_, body) = admin.get("/api/v1/admin/users?q=%25").await;
     assert_eq!(body["total"], 0, "{body}");
 
-    let id = body_user_id(&admin.get(&format!("/api/v1/admin/users?q={marker}-7@")).await.1);
-    let (status, body) = admin.patch(&format!("/api/v1/admin/users/{id}"), json!({"role": "host_owner"})).await;
+    let id = body_user_id(
+        &admin
+            .get(&format!("/api/v1/admin/users?q={marker}-7@"))
+            .await
+            .1,
+    );
+    let (status, body) = admin
+        .patch(
+            &format!("/api/v1/admin/users/{id}"),
+            json!({"role": "host_owner"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["role"], "host_owner");
 
     expect_error(
-        &admin.patch(&format!("/api/v1/admin/users/{id}"), json!({"role": "emperor"})).await,
+        &admin
+            .patch(
+                &format!("/api/v1/admin/users/{id}"),
+                json!({"role": "emperor"}),
+            )
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid",
         Some("role"),
     );
-    expect_error(&admin.get("/api/v1/admin/users?page=0").await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("page"));
-    expect_error(&admin.get("/api/v1/admin/users?per_page=5000").await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("per_page"));
-    expect_error(&admin.get("/api/v1/admin/users?page=x").await, StatusCode::BAD_REQUEST, "bad_request", None);
-    expect_error(&admin.patch("/api/v1/admin/users/999999", json!({"disabled": true})).await, StatusCode::NOT_FOUND, "not_found", None);
+    expect_error(
+        &admin.get("/api/v1/admin/users?page=0").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("page"),
+    );
+    expect_error(
+        &admin.get("/api/v1/admin/users?per_page=5000").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("per_page"),
+    );
+    expect_error(
+        &admin.get("/api/v1/admin/users?page=x").await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        None,
+    );
+    expect_error(
+        &admin
+            .patch("/api/v1/admin/users/999999", json!({"disabled": true}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
     // An admin cannot lock themselves out.
     expect_error(
-        &admin.patch(&format!("/api/v1/admin/users/{}", admin.id), json!({"disabled": true})).await,
+        &admin
+            .patch(
+                &format!("/api/v1/admin/users/{}", admin.id),
+                json!({"disabled": true}),
+            )
+            .await,
         StatusCode::FORBIDDEN,
         "forbidden",
         None,
@@ -65,7 +137,9 @@ async fn admins_search_and_page_through_users_and_change_roles() {
 }
 
 fn body_user_id(body: &serde_json::Value) -> u64 {
-    body["users"][0]["id"].as_u64().unwrap_or_else(|| panic!("one user in {body}"))
+    body["users"][0]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("one user in {body}"))
 }
 
 #[tokio::test]
@@ -73,15 +147,31 @@ async fn only_admins_reach_the_admin_api_and_pages() {
     let stack = TestStack::start().await.unwrap();
     let user = stack.new_user().await;
     for path in ["/api/v1/admin/users", "/api/v1/admin/packages"] {
-        expect_error(&user.get(path).await, StatusCode::FORBIDDEN, "forbidden", None);
+        expect_error(
+            &user.get(path).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            None,
+        );
     }
     expect_error(
-        &user.patch(&format!("/api/v1/admin/users/{}", user.id), json!({"role": "admin"})).await,
+        &user
+            .patch(
+                &format!("/api/v1/admin/users/{}", user.id),
+                json!({"role": "admin"}),
+            )
+            .await,
         StatusCode::FORBIDDEN,
         "forbidden",
         None,
     );
-    let page = stack.http().get(stack.url("/admin/users")).bearer_auth(&user.token).send().await.unwrap();
+    let page = stack
+        .http()
+        .get(stack.url("/admin/users"))
+        .bearer_auth(&user.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), StatusCode::FORBIDDEN);
     assert_eq!(stack.db.count("users WHERE role = 'admin'").await, 0);
 }
@@ -90,8 +180,20 @@ async fn only_admins_reach_the_admin_api_and_pages() {
 async fn admins_create_edit_and_retire_packages() {
     let stack = TestStack::start().await.unwrap();
     let admin = stack.admin().await;
-    let body: serde_json::Value = stack.http().get(stack.url("/api/v1/packages")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(body["packages"].as_array().unwrap().len(), 3, "seed adds three packages");
+    let body: serde_json::Value = stack
+        .http()
+        .get(stack.url("/api/v1/packages"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["packages"].as_array().unwrap().len(),
+        3,
+        "seed adds three packages"
+    );
 
     let package = json!({
         "name": "GPU-less Pro", "description": "Lots of RAM", "price_minor": 9900, "currency": "eur",
@@ -102,30 +204,96 @@ async fn admins_create_edit_and_retire_packages() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["package"]["currency"], "EUR");
     let id = body["package"]["id"].as_u64().unwrap();
-    expect_error(&admin.post("/api/v1/admin/packages", package.clone()).await, StatusCode::CONFLICT, "conflict", Some("name"));
+    expect_error(
+        &admin.post("/api/v1/admin/packages", package.clone()).await,
+        StatusCode::CONFLICT,
+        "conflict",
+        Some("name"),
+    );
 
     let mut bad = package.clone();
     bad["name"] = json!("Other");
     bad["memory_mib"] = json!(10);
-    expect_error(&admin.post("/api/v1/admin/packages", bad.clone()).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("memory_mib"));
+    expect_error(
+        &admin.post("/api/v1/admin/packages", bad.clone()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("memory_mib"),
+    );
     bad["memory_mib"] = json!(1024);
     bad["currency"] = json!("euros");
-    expect_error(&admin.post("/api/v1/admin/packages", bad.clone()).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("currency"));
+    expect_error(
+        &admin.post("/api/v1/admin/packages", bad.clone()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("currency"),
+    );
     bad["currency"] = json!("EUR");
     bad["price_minor"] = json!(-5);
-    expect_error(&admin.post("/api/v1/admin/packages", bad).await, StatusCode::BAD_REQUEST, "bad_request", None);
-    assert_eq!(stack.db.count("packages").await, 4, "bad packages wrote nothing");
+    expect_error(
+        &admin.post("/api/v1/admin/packages", bad).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        None,
+    );
+    assert_eq!(
+        stack.db.count("packages").await,
+        4,
+        "bad packages wrote nothing"
+    );
 
-    let (status, body) = admin.patch(&format!("/api/v1/admin/packages/{id}"), json!({"price_minor": 8900})).await;
+    let (status, body) = admin
+        .patch(
+            &format!("/api/v1/admin/packages/{id}"),
+            json!({"price_minor": 8900}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["package"]["price_minor"], 8900);
-    assert_eq!(body["package"]["name"], "GPU-less Pro", "unsent fields stay");
+    assert_eq!(
+        body["package"]["name"], "GPU-less Pro",
+        "unsent fields stay"
+    );
 
-    let (_, body) = admin.patch(&format!("/api/v1/admin/packages/{id}"), json!({"retired": true})).await;
+    let (_, body) = admin
+        .patch(
+            &format!("/api/v1/admin/packages/{id}"),
+            json!({"retired": true}),
+        )
+        .await;
     assert_eq!(body["package"]["retired"], true);
-    let on_sale: serde_json::Value = stack.http().get(stack.url("/api/v1/packages")).send().await.unwrap().json().await.unwrap();
-    assert!(on_sale["packages"].as_array().unwrap().iter().all(|p| p["id"] != id), "retired packages are not sold");
+    let on_sale: serde_json::Value = stack
+        .http()
+        .get(stack.url("/api/v1/packages"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        on_sale["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["id"] != id),
+        "retired packages are not sold"
+    );
     let (_, all) = admin.get("/api/v1/admin/packages").await;
-    assert!(all["packages"].as_array().unwrap().iter().any(|p| p["id"] == id), "admins still see them");
-    expect_error(&admin.patch("/api/v1/admin/packages/424242", json!({"retired": true})).await, StatusCode::NOT_FOUND, "not_found", None);
+    assert!(
+        all["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == id),
+        "admins still see them"
+    );
+    expect_error(
+        &admin
+            .patch("/api/v1/admin/packages/424242", json!({"retired": true}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! The service as an operator sees it: listeners, metrics, migrations,
 //! configuration errors, shutdown.
 
@@ -15,7 +16,11 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
     let _ = stack.login(&user.email, "wrong password here").await;
     for path in ["/metrics", "/internal/v1/routes/watch"] {
         let r = stack.http().get(stack.url(path)).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path} on the public listener");
+        assert_eq!(
+            r.status(),
+            StatusCode::NOT_FOUND,
+            "{path} on the public listener"
+        );
     }
     let metrics = stack
         .http()
@@ -38,7 +43,12 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
         assert!(metrics.contains(expected), "{expected} missing from:\n{metrics}");
     }
     // The internal listener serves nothing of the public site.
-    let r = stack.http().get(format!("{}/api/v1/packages", stack.control.internal)).send().await.unwrap();
+    let r = stack
+        .http()
+        .get(format!("{}/api/v1/packages", stack.control.internal))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -49,17 +59,41 @@ async fn pages_and_the_stylesheet_are_served_by_control() {
     let home = stack.http().get(stack.url("/")).send().await.unwrap();
     assert_eq!(home.status(), StatusCode::OK);
     let html = home.text().await.unwrap();
-    assert!(html.contains("/static/style.css") && html.contains("Starter"), "{html}");
-    let css = stack.http().get(stack.url("/static/style.css")).send().await.unwrap();
-    assert!(css.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/css"));
+    assert!(
+        html.contains("/static/style.css") && html.contains("Starter"),
+        "{html}"
+    );
+    let css = stack
+        .http()
+        .get(stack.url("/static/style.css"))
+        .send()
+        .await
+        .unwrap();
+    assert!(css.headers()[CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/css"));
     for path in ["/packages", "/register", "/login"] {
         let r = stack.http().get(stack.url(path)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
-    let missing = stack.http().get(stack.url("/no/such/page")).send().await.unwrap();
+    let missing = stack
+        .http()
+        .get(stack.url("/no/such/page"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert!(missing.text().await.unwrap().contains("page not found"));
-    let health: serde_json::Value = stack.http().get(stack.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let health: serde_json::Value = stack
+        .http()
+        .get(stack.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
 }
 
@@ -71,12 +105,28 @@ async fn two_replicas_starting_together_migrate_once() {
     let (a, b) = (a.unwrap(), b.unwrap());
     let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
         .count() as u64;
     assert_eq!(db.count("schema_migrations").await, files);
-    assert_eq!(db.count("leases").await, 0, "the migration lease is released");
-    let applied_logs = [a.log(), b.log()].iter().map(|l| l.matches("applied").count()).sum::<usize>();
-    assert_eq!(applied_logs as u64, files, "each migration applied by exactly one replica");
+    assert_eq!(
+        db.count("leases").await,
+        0,
+        "the migration lease is released"
+    );
+    let applied_logs = [a.log(), b.log()]
+        .iter()
+        .map(|l| l.matches("applied").count())
+        .sum::<usize>();
+    assert_eq!(
+        applied_logs as u64, files,
+        "each migration applied by exactly one replica"
+    );
 }
 
 #[tokio::test]
@@ -92,38 +142,72 @@ async fn a_failing_migration_stops_start_up_naming_the_file_and_mysqls_message()
         Ok(_) => panic!("control started on a database it cannot migrate"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("0002_create_login_sessions.sql failed"), "{err}");
-    assert!(err.contains("MySQL error 1005"), "MySQL's own message: {err}");
-    assert_eq!(db.count("schema_migrations").await, 1, "the first migration stays applied");
-    assert_eq!(db.count("leases").await, 0, "the lease is released on failure");
+    assert!(
+        err.contains("0002_create_login_sessions.sql failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("MySQL error 1005"),
+        "MySQL's own message: {err}"
+    );
+    assert_eq!(
+        db.count("schema_migrations").await,
+        1,
+        "the first migration stays applied"
+    );
+    assert_eq!(
+        db.count("leases").await,
+        0,
+        "the lease is released on failure"
+    );
 }
 
 #[tokio::test]
 async fn a_migration_changed_after_it_was_applied_is_refused() {
     let db = TestDatabase::create().await.unwrap();
-    let stack_control = Control::start(&db, &ControlOptions::default()).await.unwrap();
+    let stack_control = Control::start(&db, &ControlOptions::default())
+        .await
+        .unwrap();
     stack_control.stop().unwrap();
     db.conn()
         .await
         .query_drop("UPDATE schema_migrations SET checksum = REPEAT('0', 64) WHERE version = 3")
         .await
         .unwrap();
-    let err = Control::start(&db, &ControlOptions::default()).await.err().expect("refused").to_string();
-    assert!(err.contains("0003_create_projects.sql failed: was changed after it was applied"), "{err}");
+    let err = Control::start(&db, &ControlOptions::default())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("0003_create_projects.sql failed: was changed after it was applied"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_wrong_config_key_is_named_with_its_file() {
     let db = TestDatabase::create().await.unwrap();
-    let (_dir, config, _, _) = Control::prepare(&db, &ControlOptions {
-        extra_config: "pool_size = 3\n".into(),
-        ..Default::default()
-    })
+    let (_dir, config, _, _) = Control::prepare(
+        &db,
+        &ControlOptions {
+            extra_config: "pool_size = 3\n".into(),
+            ..Default::default()
+        },
+    )
     .unwrap();
-    let out = Command::new(binary("opencloud-control")).arg("--config").arg(&config).arg("migrate").output().unwrap();
+    let out = Command::new(binary("opencloud-control"))
+        .arg("--config")
+        .arg(&config)
+        .arg("migrate")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}: key `database.pool_size`", config.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: key `database.pool_size`", config.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains("unknown field `pool_size`"), "{stderr}");
 
     let (_dir, clean_config, _, _) = Control::prepare(&db, &ControlOptions::default()).unwrap();
@@ -141,7 +225,12 @@ async fn a_wrong_config_key_is_named_with_its_file() {
             || stderr.contains("key `passwords.pbkdf2_iterations`: must be at least 600000"),
         "{stderr}"
     );
-    assert_eq!(db.count("information_schema.tables WHERE table_schema = DATABASE()").await, 0, "nothing touched");
+    assert_eq!(
+        db.count("information_schema.tables WHERE table_schema = DATABASE()")
+            .await,
+        0,
+        "nothing touched"
+    );
 }
 
 #[tokio::test]

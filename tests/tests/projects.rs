@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Projects through the API: the owner's operations, isolation between
 //! users, and bad input that writes nothing.
 
@@ -11,30 +12,61 @@ async fn a_user_creates_renames_describes_and_deletes_a_project() {
     let stack = TestStack::start().await.unwrap();
     let user = stack.new_user().await;
     let (status, body) = user
-        .post("/api/v1/projects", json!({"name": "  Thesis  ", "description": "Chapter 3 plots"}))
+        .post(
+            "/api/v1/projects",
+            json!({"name": "  Thesis  ", "description": "Chapter 3 plots"}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["project"]["name"], "Thesis");
     let id = body["project"]["id"].as_u64().unwrap();
 
-    let (status, body) = user.patch(&format!("/api/v1/projects/{id}"), json!({"name": "Thesis final"})).await;
+    let (status, body) = user
+        .patch(
+            &format!("/api/v1/projects/{id}"),
+            json!({"name": "Thesis final"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["project"]["name"], "Thesis final");
-    assert_eq!(body["project"]["description"], "Chapter 3 plots", "unsent fields stay");
-    let (_, body) = user.patch(&format!("/api/v1/projects/{id}"), json!({"description": ""})).await;
+    assert_eq!(
+        body["project"]["description"], "Chapter 3 plots",
+        "unsent fields stay"
+    );
+    let (_, body) = user
+        .patch(
+            &format!("/api/v1/projects/{id}"),
+            json!({"description": ""}),
+        )
+        .await;
     assert_eq!(body["project"]["description"], "");
 
     let (status, body) = user.get("/api/v1/projects").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["projects"].as_array().unwrap().len(), 1);
 
-    assert_eq!(user.delete(&format!("/api/v1/projects/{id}")).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(user.get(&format!("/api/v1/projects/{id}")).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(user.delete(&format!("/api/v1/projects/{id}")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        user.delete(&format!("/api/v1/projects/{id}")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        user.get(&format!("/api/v1/projects/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        user.delete(&format!("/api/v1/projects/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
     let (_, body) = user.get("/api/v1/projects").await;
     assert!(body["projects"].as_array().unwrap().is_empty());
     // Deleted projects are kept (soft delete) for sessions and the ledger.
-    assert_eq!(stack.db.count("projects WHERE deleted_at IS NOT NULL").await, 1);
+    assert_eq!(
+        stack
+            .db
+            .count("projects WHERE deleted_at IS NOT NULL")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -47,12 +79,30 @@ async fn a_user_never_sees_or_changes_another_users_project() {
 
     let (_, body) = bob.get("/api/v1/projects").await;
     assert!(body["projects"].as_array().unwrap().is_empty(), "{body}");
-    expect_error(&bob.get(&path).await, StatusCode::NOT_FOUND, "not_found", None);
-    expect_error(&bob.patch(&path, json!({"name": "mine now"})).await, StatusCode::NOT_FOUND, "not_found", None);
-    expect_error(&bob.delete(&path).await, StatusCode::NOT_FOUND, "not_found", None);
+    expect_error(
+        &bob.get(&path).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
+    expect_error(
+        &bob.patch(&path, json!({"name": "mine now"})).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
+    expect_error(
+        &bob.delete(&path).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
 
     let (_, body) = alice.get(&path).await;
-    assert_eq!(body["project"]["name"], "Alice's secrets", "nothing changed");
+    assert_eq!(
+        body["project"]["name"], "Alice's secrets",
+        "nothing changed"
+    );
     // The pages answer the same way.
     let page = stack
         .http()
@@ -73,26 +123,93 @@ async fn bad_project_input_gets_a_clear_error_and_writes_nothing() {
     let path = format!("/api/v1/projects/{id}");
 
     let cases = [
-        (json!({"name": ""}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name")),
-        (json!({"name": "   "}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name")),
-        (json!({"name": "x".repeat(101)}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name")),
-        (json!({"name": "ok", "description": "d".repeat(2001)}), StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("description")),
-        (json!({"name": "ok", "owner_id": 1}), StatusCode::BAD_REQUEST, "bad_request", None),
-        (json!({"title": "ok"}), StatusCode::BAD_REQUEST, "bad_request", None),
-        (json!({"name": 42}), StatusCode::BAD_REQUEST, "bad_request", None),
+        (
+            json!({"name": ""}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("name"),
+        ),
+        (
+            json!({"name": "   "}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("name"),
+        ),
+        (
+            json!({"name": "x".repeat(101)}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("name"),
+        ),
+        (
+            json!({"name": "ok", "description": "d".repeat(2001)}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("description"),
+        ),
+        (
+            json!({"name": "ok", "owner_id": 1}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"title": "ok"}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"name": 42}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
     ];
     for (body, status, code, field) in &cases {
-        let message = expect_error(&user.post("/api/v1/projects", body.clone()).await, *status, code, *field);
+        let message = expect_error(
+            &user.post("/api/v1/projects", body.clone()).await,
+            *status,
+            code,
+            *field,
+        );
         if *code == "invalid" {
-            assert!(message.contains("name") || message.contains("description"), "{message}");
+            assert!(
+                message.contains("name") || message.contains("description"),
+                "{message}"
+            );
         }
     }
-    expect_error(&user.patch(&path, json!({"name": ""})).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name"));
-    expect_error(&user.patch(&path, json!({"name": "x".repeat(101)})).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some("name"));
-    expect_error(&user.get("/api/v1/projects/abc").await, StatusCode::NOT_FOUND, "not_found", None);
-    expect_error(&user.get("/api/v1/projects/99999999").await, StatusCode::NOT_FOUND, "not_found", None);
+    expect_error(
+        &user.patch(&path, json!({"name": ""})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("name"),
+    );
+    expect_error(
+        &user.patch(&path, json!({"name": "x".repeat(101)})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        Some("name"),
+    );
+    expect_error(
+        &user.get("/api/v1/projects/abc").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
+    expect_error(
+        &user.get("/api/v1/projects/99999999").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
 
-    assert_eq!(stack.db.count("projects").await, 1, "no bad request wrote a project");
+    assert_eq!(
+        stack.db.count("projects").await,
+        1,
+        "no bad request wrote a project"
+    );
     let (_, body) = user.get(&path).await;
     assert_eq!(body["project"]["name"], "Keep me");
 }
@@ -100,14 +217,30 @@ async fn bad_project_input_gets_a_clear_error_and_writes_nothing() {
 #[tokio::test]
 async fn without_a_login_the_api_answers_401_and_pages_send_you_to_log_in() {
     let stack = TestStack::start().await.unwrap();
-    let got = stack.post_json("/api/v1/projects", json!({"name": "x"})).await;
+    let got = stack
+        .post_json("/api/v1/projects", json!({"name": "x"}))
+        .await;
     expect_error(&got, StatusCode::UNAUTHORIZED, "unauthenticated", None);
-    let r = stack.http().get(stack.url("/api/v1/projects")).bearer_auth("v1.k1.forged.token").send().await.unwrap();
+    let r = stack
+        .http()
+        .get(stack.url("/api/v1/projects"))
+        .bearer_auth("v1.k1.forged.token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
-    let r = stack.http().get(stack.url("/projects?view=all")).send().await.unwrap();
+    let r = stack
+        .http()
+        .get(stack.url("/projects?view=all"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    assert_eq!(r.headers()[LOCATION], "/login?next=%2Fprojects%3Fview%3Dall");
+    assert_eq!(
+        r.headers()[LOCATION],
+        "/login?next=%2Fprojects%3Fview%3Dall"
+    );
     assert_eq!(stack.db.count("projects").await, 0);
 }
 
@@ -141,7 +274,13 @@ async fn cookie_authenticated_changes_need_json_and_our_origin() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("another site"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another site"),
+        "{body}"
+    );
 
     let r = browser
         .post(stack.url("/api/v1/projects"))
@@ -151,7 +290,11 @@ async fn cookie_authenticated_changes_need_json_and_our_origin() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(stack.db.count("projects").await, 1, "only the same-origin request wrote");
+    assert_eq!(
+        stack.db.count("projects").await,
+        1,
+        "only the same-origin request wrote"
+    );
 
     // A page form without its CSRF token is refused, with a page saying why.
     let r = browser

@@ -24,12 +24,17 @@ pub fn routes() -> Router<App> {
         .route("/projects", get(list_projects).post(create_project))
         .route(
             "/projects/{id}",
-            get(get_project).patch(update_project).delete(delete_project),
+            get(get_project)
+                .patch(update_project)
+                .delete(delete_project),
         )
         .route("/packages", get(list_packages))
         .route("/admin/users", get(admin_users))
         .route("/admin/users/{id}", patch(admin_update_user))
-        .route("/admin/packages", get(admin_packages).post(admin_create_package))
+        .route(
+            "/admin/packages",
+            get(admin_packages).post(admin_create_package),
+        )
         .route("/admin/packages/{id}", patch(admin_update_package))
 }
 
@@ -41,7 +46,8 @@ pub(super) fn parse_id(raw: &str, what: &'static str) -> Result<u64, AppError> {
 }
 
 fn parse_role(raw: &str) -> Result<Role, AppError> {
-    Role::parse(raw).ok_or_else(|| AppError::invalid("role", "The role must be customer, host_owner or admin."))
+    Role::parse(raw)
+        .ok_or_else(|| AppError::invalid("role", "The role must be customer, host_owner or admin."))
 }
 
 #[derive(Deserialize)]
@@ -55,7 +61,12 @@ struct RegisterRequest {
 }
 
 async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult {
-    let role = body.role.as_deref().map(parse_role).transpose()?.unwrap_or(Role::Customer);
+    let role = body
+        .role
+        .as_deref()
+        .map(parse_role)
+        .transpose()?
+        .unwrap_or(Role::Customer);
     let user = accounts::register(
         &app.pool,
         &app.passwords,
@@ -77,7 +88,11 @@ struct LoginRequest {
     password: String,
 }
 
-async fn login(State(app): State<App>, ctx: Ctx, ApiJson(body): ApiJson<LoginRequest>) -> ApiResult {
+async fn login(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> ApiResult {
     let logged_in = accounts::login(
         &app.pool,
         &app.passwords,
@@ -92,7 +107,10 @@ async fn login(State(app): State<App>, ctx: Ctx, ApiJson(body): ApiJson<LoginReq
     .await?;
     let token = super::platform_token(&app, logged_in.user.id, &logged_in.login_session);
     Ok((
-        [(header::SET_COOKIE, super::session_cookie(&app, token.clone()))],
+        [(
+            header::SET_COOKIE,
+            super::session_cookie(&app, token.clone()),
+        )],
         Json(json!({
             "token": token,
             "expires_in": opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
@@ -120,10 +138,21 @@ struct PasswordRequest {
     new_password: String,
 }
 
-async fn change_password(State(app): State<App>, ctx: Ctx, ApiJson(body): ApiJson<PasswordRequest>) -> ApiResult {
+async fn change_password(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<PasswordRequest>,
+) -> ApiResult {
     let (user, session) = ctx.require_user()?;
-    accounts::change_password(&app.pool, &app.passwords, user.id, session, &body.current_password, &body.new_password)
-        .await?;
+    accounts::change_password(
+        &app.pool,
+        &app.passwords,
+        user.id,
+        session,
+        &body.current_password,
+        &body.new_password,
+    )
+    .await?;
     Ok(Json(json!({ "changed": true, "other_sessions_revoked": true })).into_response())
 }
 
@@ -146,7 +175,11 @@ struct CreateProject {
     description: String,
 }
 
-async fn create_project(State(app): State<App>, ctx: Ctx, ApiJson(body): ApiJson<CreateProject>) -> ApiResult {
+async fn create_project(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<CreateProject>,
+) -> ApiResult {
     let (user, _) = ctx.require_user()?;
     let project = projects::create(&app.pool, user.id, &body.name, &body.description).await?;
     Ok((StatusCode::CREATED, Json(json!({ "project": project }))).into_response())
@@ -173,7 +206,14 @@ async fn update_project(
 ) -> ApiResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    let project = projects::update(&app.pool, user.id, id, body.name.as_deref(), body.description.as_deref()).await?;
+    let project = projects::update(
+        &app.pool,
+        user.id,
+        id,
+        body.name.as_deref(),
+        body.description.as_deref(),
+    )
+    .await?;
     Ok(Json(json!({ "project": project })).into_response())
 }
 
@@ -212,13 +252,20 @@ impl UserSearch {
             return Err(AppError::invalid("page", "Pages start at 1."));
         }
         if !(1..=200).contains(&self.per_page) {
-            return Err(AppError::invalid("per_page", "Show between 1 and 200 users a page."));
+            return Err(AppError::invalid(
+                "per_page",
+                "Show between 1 and 200 users a page.",
+            ));
         }
         Ok(((self.page - 1).saturating_mul(self.per_page), self.per_page))
     }
 }
 
-async fn admin_users(State(app): State<App>, ctx: Ctx, ApiQuery(search): ApiQuery<UserSearch>) -> ApiResult {
+async fn admin_users(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiQuery(search): ApiQuery<UserSearch>,
+) -> ApiResult {
     ctx.require_admin()?;
     let (offset, limit) = search.checked()?;
     let page = accounts::search_users(&app.pool, &search.q, offset, limit).await?;
@@ -246,7 +293,14 @@ async fn admin_update_user(
 ) -> ApiResult {
     let admin = ctx.require_admin()?;
     let role = body.role.as_deref().map(parse_role).transpose()?;
-    let user = accounts::admin_update_user(&app.pool, admin.id, parse_id(&id, "user")?, role, body.disabled).await?;
+    let user = accounts::admin_update_user(
+        &app.pool,
+        admin.id,
+        parse_id(&id, "user")?,
+        role,
+        body.disabled,
+    )
+    .await?;
     Ok(Json(json!({ "user": user })).into_response())
 }
 
@@ -256,7 +310,11 @@ async fn admin_packages(State(app): State<App>, ctx: Ctx) -> ApiResult {
     Ok(Json(json!({ "packages": list })).into_response())
 }
 
-async fn admin_create_package(State(app): State<App>, ctx: Ctx, ApiJson(body): ApiJson<PackageInput>) -> ApiResult {
+async fn admin_create_package(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<PackageInput>,
+) -> ApiResult {
     ctx.require_admin()?;
     let package = packages::create(&app.pool, body).await?;
     Ok((StatusCode::CREATED, Json(json!({ "package": package }))).into_response())
@@ -294,7 +352,9 @@ async fn admin_update_package(
         price_minor: patch.price_minor.unwrap_or(current.price_minor),
         currency: patch.currency.unwrap_or(current.currency),
         compute_minutes: patch.compute_minutes.unwrap_or(current.compute_minutes),
-        max_concurrent_sessions: patch.max_concurrent_sessions.unwrap_or(current.max_concurrent_sessions),
+        max_concurrent_sessions: patch
+            .max_concurrent_sessions
+            .unwrap_or(current.max_concurrent_sessions),
         cpu_cores: patch.cpu_cores.unwrap_or(current.cpu_cores),
         memory_mib: patch.memory_mib.unwrap_or(current.memory_mib),
         storage_quota_mib: patch.storage_quota_mib.unwrap_or(current.storage_quota_mib),

@@ -10,7 +10,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -41,7 +43,10 @@ pub fn public_router(app: App) -> Router {
         .route("/static/style.css", get(stylesheet))
         .fallback(not_found)
         .route_layer(middleware::from_fn(track_metrics))
-        .layer(middleware::from_fn_with_state(app.clone(), platform_context))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            platform_context,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }
@@ -55,10 +60,15 @@ pub fn internal_router(app: App) -> Router {
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let pool = app.pool.metrics();
-    let open = pool.connection_count.load(std::sync::atomic::Ordering::Relaxed);
-    let idle = pool.connections_in_pool.load(std::sync::atomic::Ordering::Relaxed);
+    let open = pool
+        .connection_count
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let idle = pool
+        .connections_in_pool
+        .load(std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!("opencloud_db_pool_connections", "state" => "idle").set(idle as f64);
-    metrics::gauge!("opencloud_db_pool_connections", "state" => "in_use").set(open.saturating_sub(idle) as f64);
+    metrics::gauge!("opencloud_db_pool_connections", "state" => "in_use")
+        .set(open.saturating_sub(idle) as f64);
     metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -149,7 +159,9 @@ impl Ctx {
         if user.is_admin() {
             Ok(user)
         } else {
-            Err(AppError::Forbidden("This page is for administrators.".into()))
+            Err(AppError::Forbidden(
+                "This page is for administrators.".into(),
+            ))
         }
     }
 }
@@ -228,7 +240,12 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn cookie_header(app: &App, name: &str, value: String, max_age: Option<time::Duration>) -> HeaderValue {
+fn cookie_header(
+    app: &App,
+    name: &str,
+    value: String,
+    max_age: Option<time::Duration>,
+) -> HeaderValue {
     let mut cookie = Cookie::build((name.to_owned(), value))
         .path("/")
         .http_only(true)
@@ -248,12 +265,20 @@ pub fn session_cookie(app: &App, token: String) -> HeaderValue {
 
 /// `Set-Cookie` that removes the platform cookie.
 pub fn clear_session_cookie(app: &App) -> HeaderValue {
-    cookie_header(app, SESSION_COOKIE, String::new(), Some(time::Duration::ZERO))
+    cookie_header(
+        app,
+        SESSION_COOKIE,
+        String::new(),
+        Some(time::Duration::ZERO),
+    )
 }
 
 /// Signs a platform token for a login session, issued now.
 pub fn platform_token(app: &App, user_id: u64, login_session: &str) -> String {
-    token::sign(&app.config.keys, &Claims::platform(user_id, login_session, now_unix()))
+    token::sign(
+        &app.config.keys,
+        &Claims::platform(user_id, login_session, now_unix()),
+    )
 }
 
 fn csrf_for(app: &App, binding: &str) -> String {
@@ -283,34 +308,42 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
 
     let bearer = bearer_token(&parts.headers).map(str::to_owned);
     let from_cookie = bearer.is_none();
-    let presented = bearer.or_else(|| cookie_value(&parts.headers, SESSION_COOKIE).map(str::to_owned));
+    let presented =
+        bearer.or_else(|| cookie_value(&parts.headers, SESSION_COOKIE).map(str::to_owned));
     let now = now_unix();
     let mut user = None;
     let mut login_session = None;
     if let Some(presented) = presented.filter(|t| !t.is_empty()) {
         match token::verify(&app.config.keys, &presented, TokenKind::Platform, now) {
-            Ok(claims) => match accounts::authenticate(&app.pool, claims.user_id, &claims.login_session).await {
-                Ok(Some(found)) => {
-                    if from_cookie && claims.past_half_life(now) {
-                        if let Err(e) = accounts::extend_login_session(&app.pool, &claims.login_session).await {
-                            tracing::warn!(error = %e, "could not extend login session");
-                        } else {
-                            let fresh = platform_token(&app, found.id, &claims.login_session);
-                            set_cookies.push(session_cookie(&app, fresh));
+            Ok(claims) => {
+                match accounts::authenticate(&app.pool, claims.user_id, &claims.login_session).await
+                {
+                    Ok(Some(found)) => {
+                        if from_cookie && claims.past_half_life(now) {
+                            if let Err(e) =
+                                accounts::extend_login_session(&app.pool, &claims.login_session)
+                                    .await
+                            {
+                                tracing::warn!(error = %e, "could not extend login session");
+                            } else {
+                                let fresh = platform_token(&app, found.id, &claims.login_session);
+                                set_cookies.push(session_cookie(&app, fresh));
+                            }
+                        }
+                        user = Some(found);
+                        login_session = Some(claims.login_session);
+                    }
+                    Ok(None) => {
+                        if from_cookie {
+                            set_cookies.push(clear_session_cookie(&app));
                         }
                     }
-                    user = Some(found);
-                    login_session = Some(claims.login_session);
+                    Err(e) => return respond_error(is_api, e),
                 }
-                Ok(None) => {
-                    if from_cookie {
-                        set_cookies.push(clear_session_cookie(&app));
-                    }
-                }
-                Err(e) => return respond_error(is_api, e),
-            },
+            }
             Err(reason) => {
-                metrics::counter!("opencloud_token_rejections_total", "reason" => reason.reason()).increment(1);
+                metrics::counter!("opencloud_token_rejections_total", "reason" => reason.reason())
+                    .increment(1);
                 if from_cookie {
                     set_cookies.push(clear_session_cookie(&app));
                 }
@@ -345,7 +378,11 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
                 .headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+                .is_some_and(|v| {
+                    v.split(';')
+                        .next()
+                        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+                });
             if from_cookie && !json {
                 return respond_error(true, AppError::UnsupportedMediaType);
             }
@@ -356,7 +393,12 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
             };
             let sent = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
                 .ok()
-                .and_then(|fields| fields.into_iter().find(|(k, _)| k == CSRF_FIELD).map(|(_, v)| v));
+                .and_then(|fields| {
+                    fields
+                        .into_iter()
+                        .find(|(k, _)| k == CSRF_FIELD)
+                        .map(|(_, v)| v)
+                });
             let valid = sent.is_some_and(|sent| bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())));
             if !valid {
                 let mut response = PageError(AppError::Forbidden(
@@ -453,7 +495,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|r: QueryRejection| ApiError(rejection_error(StatusCode::BAD_REQUEST, r.body_text())))
+            .map_err(|r: QueryRejection| {
+                ApiError(rejection_error(StatusCode::BAD_REQUEST, r.body_text()))
+            })
     }
 }
 
@@ -468,7 +512,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for PageForm<T> {
             Ok(Form(value)) => Ok(PageForm(value)),
             Err(rejection) => {
                 let rejection: FormRejection = rejection;
-                Err(PageError(rejection_error(rejection.status(), rejection.body_text())))
+                Err(PageError(rejection_error(
+                    rejection.status(),
+                    rejection.body_text(),
+                )))
             }
         }
     }
@@ -534,7 +581,14 @@ mod tests {
     #[test]
     fn next_only_follows_relative_paths_on_this_origin() {
         assert_eq!(safe_next(Some("/projects/3")), "/projects/3");
-        for bad in ["//evil.example", "https://evil.example", "/\\evil.example", "evil", "/a\r\nb", "\\\\evil"] {
+        for bad in [
+            "//evil.example",
+            "https://evil.example",
+            "/\\evil.example",
+            "evil",
+            "/a\r\nb",
+            "\\\\evil",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/projects", "{bad:?}");
         }
         assert_eq!(safe_next(None), "/projects");

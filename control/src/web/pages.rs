@@ -32,8 +32,14 @@ pub fn routes() -> Router<App> {
         .route("/admin", get(|| async { Redirect::to("/admin/users") }))
         .route("/admin/users", get(admin_users))
         .route("/admin/users/{id}", post(admin_update_user))
-        .route("/admin/packages", get(admin_packages).post(admin_create_package))
-        .route("/admin/packages/{id}", get(admin_package).post(admin_update_package))
+        .route(
+            "/admin/packages",
+            get(admin_packages).post(admin_create_package),
+        )
+        .route(
+            "/admin/packages/{id}",
+            get(admin_package).post(admin_update_package),
+        )
 }
 
 type PageResult = Result<Response, PageError>;
@@ -117,7 +123,11 @@ struct RegisterForm {
     role: String,
 }
 
-async fn register(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<RegisterForm>) -> PageResult {
+async fn register(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<RegisterForm>,
+) -> PageResult {
     let role = match form.role.as_str() {
         "host_owner" => Role::HostOwner,
         _ => Role::Customer,
@@ -134,7 +144,10 @@ async fn register(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<Reg
     )
     .await;
     match result {
-        Ok(user) => see_other(&format!("/login?registered=1&email={}", urlencode(&user.email))),
+        Ok(user) => see_other(&format!(
+            "/login?registered=1&email={}",
+            urlencode(&user.email)
+        )),
         Err(e) if e.field().is_some() => render(
             e.status(),
             RegisterPage {
@@ -196,7 +209,11 @@ struct LoginForm {
     next: Option<String>,
 }
 
-async fn login(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<LoginForm>) -> PageResult {
+async fn login(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<LoginForm>,
+) -> PageResult {
     let next = safe_next(form.next.as_deref());
     let result = accounts::login(
         &app.pool,
@@ -219,10 +236,12 @@ async fn login(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<LoginF
             )
                 .into_response())
         }
-        Err(e @ (AppError::Invalid { .. }
-        | AppError::BadCredentials
-        | AppError::Forbidden(_)
-        | AppError::TooManyAttempts { .. })) => {
+        Err(
+            e @ (AppError::Invalid { .. }
+            | AppError::BadCredentials
+            | AppError::Forbidden(_)
+            | AppError::TooManyAttempts { .. }),
+        ) => {
             let mut response = render(
                 e.status(),
                 LoginPage {
@@ -285,7 +304,11 @@ struct ProjectForm {
     description: String,
 }
 
-async fn create_project(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<ProjectForm>) -> PageResult {
+async fn create_project(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<ProjectForm>,
+) -> PageResult {
     let (user, _) = ctx.require_user()?;
     match projects::create(&app.pool, user.id, &form.name, &form.description).await {
         Ok(_) => see_other("/projects"),
@@ -345,7 +368,15 @@ async fn update_project(
 ) -> PageResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    match projects::update(&app.pool, user.id, id, Some(&form.name), Some(&form.description)).await {
+    match projects::update(
+        &app.pool,
+        user.id,
+        id,
+        Some(&form.name),
+        Some(&form.description),
+    )
+    .await
+    {
         Ok(_) => see_other(&format!("/projects/{id}?saved=1")),
         Err(e @ AppError::Invalid { .. }) => render(
             e.status(),
@@ -396,10 +427,17 @@ struct PasswordForm {
     confirm_password: String,
 }
 
-async fn change_password(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<PasswordForm>) -> PageResult {
+async fn change_password(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<PasswordForm>,
+) -> PageResult {
     let (user, session) = ctx.require_user()?;
     let result = if form.new_password != form.confirm_password {
-        Err(AppError::invalid("confirm_password", "The two new passwords differ."))
+        Err(AppError::invalid(
+            "confirm_password",
+            "The two new passwords differ.",
+        ))
     } else {
         accounts::change_password(
             &app.pool,
@@ -453,7 +491,11 @@ impl AdminUsersPage {
     }
 }
 
-async fn admin_users(State(app): State<App>, ctx: Ctx, Query(search): Query<UserSearch>) -> PageResult {
+async fn admin_users(
+    State(app): State<App>,
+    ctx: Ctx,
+    Query(search): Query<UserSearch>,
+) -> PageResult {
     let admin = ctx.require_admin()?;
     let (offset, limit) = search.checked()?;
     let found = accounts::search_users(&app.pool, &search.q, offset, limit).await?;
@@ -490,7 +532,10 @@ async fn admin_update_user(
         "disable" => (None, Some(true)),
         "enable" => (None, Some(false)),
         "role" => (
-            Some(Role::parse(&form.role).ok_or_else(|| AppError::invalid("role", "Pick a role from the list."))?),
+            Some(
+                Role::parse(&form.role)
+                    .ok_or_else(|| AppError::invalid("role", "Pick a role from the list."))?,
+            ),
             None,
         ),
         _ => return Err(AppError::BadRequest("Unknown action.".into()).into()),
@@ -565,7 +610,10 @@ impl PackageForm {
             Ok(value as u32)
         };
         if price > 1_000_000.0 {
-            return Err(AppError::invalid("price", "A price is at most 1 000 000.00."));
+            return Err(AppError::invalid(
+                "price",
+                "A price is at most 1 000 000.00.",
+            ));
         }
         Ok(PackageInput {
             name: self.name.clone(),
@@ -573,7 +621,11 @@ impl PackageForm {
             price_minor: (price * 100.0).round() as u64,
             currency: self.currency.clone(),
             compute_minutes: whole("compute_hours", &self.compute_hours, 60.0)?,
-            max_concurrent_sessions: whole("max_concurrent_sessions", &self.max_concurrent_sessions, 1.0)?,
+            max_concurrent_sessions: whole(
+                "max_concurrent_sessions",
+                &self.max_concurrent_sessions,
+                1.0,
+            )?,
             cpu_cores: number("cpu_cores", &self.cpu_cores)?,
             memory_mib: whole("memory_gib", &self.memory_gib, 1024.0)?,
             storage_quota_mib: whole("storage_gib", &self.storage_gib, 1024.0)?,
@@ -598,10 +650,7 @@ fn package_form_error(e: &AppError) -> FormError {
         Some("compute_hours") => "Between 1 minute (0.02) and 16 666 hours.".to_owned(),
         _ => e.to_string(),
     };
-    FormError::from(&AppError::Invalid {
-        field,
-        message,
-    })
+    FormError::from(&AppError::Invalid { field, message })
 }
 
 fn trim_number(v: f64) -> String {
@@ -628,7 +677,11 @@ async fn admin_packages(State(app): State<App>, ctx: Ctx) -> PageResult {
     })
 }
 
-async fn admin_create_package(State(app): State<App>, ctx: Ctx, PageForm(form): PageForm<PackageForm>) -> PageResult {
+async fn admin_create_package(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<PackageForm>,
+) -> PageResult {
     ctx.require_admin()?;
     let created = match form.to_input() {
         Ok(input) => packages::create(&app.pool, input).await,
