@@ -72,13 +72,16 @@ async fn run() -> anyhow::Result<()> {
     }
     let config = Config::load(&cli.config)?;
     let pool = db::pool(&config)?;
-    db::migrate(&pool).await.context("migrations")?;
+    let applied = db::migrate(&pool).await.context("migrations")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let app = App::new(config, pool, opencloud_control::install_metrics()?);
             opencloud_control::serve(app, shutdown_signal()).await
         }
-        Command::Migrate => Ok(()),
+        Command::Migrate => {
+            println!("schema up to date ({} migration(s) applied now)", applied.len());
+            Ok(())
+        }
         Command::Seed {
             admin_email,
             admin_password,

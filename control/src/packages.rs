@@ -43,6 +43,14 @@ impl Package {
         }
     }
 
+    pub fn cores_display(&self) -> String {
+        if self.cpu_cores == 1.0 {
+            "1 core".into()
+        } else {
+            format!("{} cores", self.cpu_cores)
+        }
+    }
+
     pub fn memory_display(&self) -> String {
         mib_display(self.memory_mib)
     }
