@@ -79,7 +79,10 @@ async fn run() -> anyhow::Result<()> {
             opencloud_control::serve(app, shutdown_signal()).await
         }
         Command::Migrate => {
-            println!("schema up to date ({} migration(s) applied now)", applied.len());
+            println!(
+                "schema up to date ({} migration(s) applied now)",
+                applied.len()
+            );
             Ok(())
         }
         Command::Seed {

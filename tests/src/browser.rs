@@ -52,13 +52,16 @@ impl Browser {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = loop {
-            let attempt = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-                .capabilities(capabilities.clone())
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await;
+            let attempt =
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(capabilities.clone())
+                    .connect(&format!("http://127.0.0.1:{port}"))
+                    .await;
             match attempt {
                 Ok(client) => break client,
-                Err(e) if Instant::now() > deadline => bail!("chromedriver did not accept a session: {e}"),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("chromedriver did not accept a session: {e}")
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         };
@@ -82,13 +85,24 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        self.client.wait().for_element(Locator::Css(css)).await?.click().await?;
+        self.client
+            .wait()
+            .for_element(Locator::Css(css))
+            .await?
+            .click()
+            .await?;
         Ok(())
     }
 
     /// The visible text of the first element matching `css`.
     pub async fn text(&self, css: &str) -> anyhow::Result<String> {
-        Ok(self.client.wait().for_element(Locator::Css(css)).await?.text().await?)
+        Ok(self
+            .client
+            .wait()
+            .for_element(Locator::Css(css))
+            .await?
+            .text()
+            .await?)
     }
 
     pub async fn path(&self) -> anyhow::Result<String> {

@@ -399,6 +399,17 @@ impl TestUser {
         self.send(self.http.patch(self.url(path)).json(&body)).await
     }
 
+    /// Any method with a JSON body, for the odd cases.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.send(self.http.request(method, self.url(path)).json(&body))
+            .await
+    }
+
     pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
         self.send(self.http.delete(self.url(path))).await
     }

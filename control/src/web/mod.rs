@@ -42,6 +42,7 @@ pub fn public_router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/static/style.css", get(stylesheet))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(track_metrics))
         .layer(middleware::from_fn_with_state(
             app.clone(),
@@ -108,6 +109,11 @@ async fn not_found(request: Request) -> Response {
     } else {
         PageError(AppError::NotFound("page")).into_response()
     }
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let error = AppError::MethodNotAllowed(request.method().to_string());
+    respond_error(request.uri().path().starts_with("/api/"), error)
 }
 
 async fn track_metrics(request: Request, next: Next) -> Response {
