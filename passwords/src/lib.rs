@@ -2,9 +2,9 @@
 //! builds too: the PBKDF2 loop is generic and would otherwise be compiled,
 //! unoptimised, into whichever crate calls it (20× slower at 600 000 rounds).
 
-use rand::RngCore;
 use pbkdf2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use pbkdf2::{Algorithm, Params, Pbkdf2};
+use rand::RngCore;
 
 /// PBKDF2-HMAC-SHA256 with a random 16-byte salt, as a PHC string
 /// (`$pbkdf2-sha256$i=600000,l=32$<salt>$<hash>`).

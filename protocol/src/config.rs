@@ -29,10 +29,12 @@ pub fn parse<T: DeserializeOwned>(
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-        file: file.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " "),
-    })?;
+    let mut root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
     let marker = format!("{prefix}__");
     let mut overridden: Vec<(String, String)> = Vec::new();
     for (name, value) in env {
@@ -109,7 +111,10 @@ mod tests {
     const TEXT: &str = "name = \"x\"\n[database]\nurl = \"mysql://a\"\npool_max = 4\n";
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -118,7 +123,11 @@ mod tests {
             "c.toml",
             TEXT,
             "OC",
-            env(&[("OC__DATABASE__POOL_MAX", "9"), ("OC__DATABASE__URL", "mysql://b"), ("OTHER", "1")]),
+            env(&[
+                ("OC__DATABASE__POOL_MAX", "9"),
+                ("OC__DATABASE__URL", "mysql://b"),
+                ("OTHER", "1"),
+            ]),
         )
         .unwrap();
         assert_eq!(got.database.pool_max, 9);
@@ -136,15 +145,25 @@ mod tests {
 
     #[test]
     fn a_bad_override_names_the_variable() {
-        let err = parse::<Sample>("c.toml", TEXT, "OC", env(&[("OC__DATABASE__POOL_MAX", "many")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("key `database.pool_max` (from OC__DATABASE__POOL_MAX)"), "{err}");
+        let err = parse::<Sample>(
+            "c.toml",
+            TEXT,
+            "OC",
+            env(&[("OC__DATABASE__POOL_MAX", "many")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("key `database.pool_max` (from OC__DATABASE__POOL_MAX)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_syntax_error_names_the_file() {
-        let err = parse::<Sample>("c.toml", "name = ", "OC", env(&[])).unwrap_err().to_string();
+        let err = parse::<Sample>("c.toml", "name = ", "OC", env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.toml: "), "{err}");
     }
 }

@@ -49,7 +49,10 @@ impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
             .field("signing_key", &self.signing_key_id())
-            .field("key_ids", &self.keys.iter().map(|(id, _)| id).collect::<Vec<_>>())
+            .field(
+                "key_ids",
+                &self.keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -178,15 +181,22 @@ mod tests {
     #[test]
     fn a_short_secret_is_refused_naming_the_key() {
         let text = "signing_key = \"a\"\n[[keys]]\nid = \"a\"\nsecret = \"c2hvcnQ\"\n";
-        let err = Keyring::from_toml("keys.toml", text).unwrap_err().to_string();
+        let err = Keyring::from_toml("keys.toml", text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("keys.toml: key `keys[0].secret`"), "{err}");
         assert!(err.contains("at least 32"), "{err}");
     }
 
     #[test]
     fn a_signing_key_that_is_not_listed_is_refused() {
-        let text = format!("signing_key = \"b\"\n[[keys]]\nid = \"a\"\nsecret = \"{}\"\n", secret());
-        let err = Keyring::from_toml("keys.toml", &text).unwrap_err().to_string();
+        let text = format!(
+            "signing_key = \"b\"\n[[keys]]\nid = \"a\"\nsecret = \"{}\"\n",
+            secret()
+        );
+        let err = Keyring::from_toml("keys.toml", &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`signing_key`"), "{err}");
     }
 
@@ -196,10 +206,15 @@ mod tests {
         let text = format!(
             "signing_key = \"a\"\n[[keys]]\nid = \"a\"\nsecret = \"{s}\"\n[[keys]]\nid = \"a\"\nsecret = \"{s}\"\n"
         );
-        let err = Keyring::from_toml("keys.toml", &text).unwrap_err().to_string();
+        let err = Keyring::from_toml("keys.toml", &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listed twice"), "{err}");
-        let text = format!("signing_key = \"a\"\nextra = 1\n[[keys]]\nid = \"a\"\nsecret = \"{s}\"\n");
-        let err = Keyring::from_toml("keys.toml", &text).unwrap_err().to_string();
+        let text =
+            format!("signing_key = \"a\"\nextra = 1\n[[keys]]\nid = \"a\"\nsecret = \"{s}\"\n");
+        let err = Keyring::from_toml("keys.toml", &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `extra`"), "{err}");
     }
 

@@ -124,13 +124,19 @@ pub fn sign(keys: &Keyring, claims: &Claims) -> String {
 ///
 /// The signature is checked (in constant time) before the payload is parsed,
 /// so nothing an attacker wrote is interpreted unless a key signed it.
-pub fn verify(keys: &Keyring, token: &str, kind: TokenKind, now: u64) -> Result<Claims, TokenError> {
+pub fn verify(
+    keys: &Keyring,
+    token: &str,
+    kind: TokenKind,
+    now: u64,
+) -> Result<Claims, TokenError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed);
     }
     let (signed, mac_b64) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let mut parts = signed.splitn(3, '.');
-    let (Some(VERSION), Some(key_id), Some(payload_b64)) = (parts.next(), parts.next(), parts.next())
+    let (Some(VERSION), Some(key_id), Some(payload_b64)) =
+        (parts.next(), parts.next(), parts.next())
     else {
         return Err(TokenError::Malformed);
     };
@@ -192,7 +198,10 @@ mod tests {
         let claims = Claims::platform(42, "ls1", NOW);
         let token = sign(&keys, &claims);
         assert!(token.starts_with("v1.a."));
-        assert_eq!(verify(&keys, &token, TokenKind::Platform, NOW + 1), Ok(claims));
+        assert_eq!(
+            verify(&keys, &token, TokenKind::Platform, NOW + 1),
+            Ok(claims)
+        );
     }
 
     #[test]
@@ -200,7 +209,10 @@ mod tests {
         let keys = ring(&["a"], "a");
         let token = sign(&keys, &Claims::platform(1, "ls", NOW));
         let at_expiry = NOW + PLATFORM_TOKEN_SECONDS;
-        assert_eq!(verify(&keys, &token, TokenKind::Platform, at_expiry), Err(TokenError::Expired));
+        assert_eq!(
+            verify(&keys, &token, TokenKind::Platform, at_expiry),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
@@ -210,7 +222,10 @@ mod tests {
         claims.kind = TokenKind::Ticket;
         claims.sid = Some("s1".into());
         let token = sign(&keys, &claims);
-        assert_eq!(verify(&keys, &token, TokenKind::Platform, NOW), Err(TokenError::WrongKind));
+        assert_eq!(
+            verify(&keys, &token, TokenKind::Platform, NOW),
+            Err(TokenError::WrongKind)
+        );
         assert!(verify(&keys, &token, TokenKind::Ticket, NOW).is_ok());
     }
 
@@ -218,7 +233,10 @@ mod tests {
     fn an_unknown_key_id_fails() {
         let token = sign(&ring(&["a"], "a"), &Claims::platform(1, "ls", NOW));
         let other = ring(&["b"], "b");
-        assert_eq!(verify(&other, &token, TokenKind::Platform, NOW), Err(TokenError::UnknownKey));
+        assert_eq!(
+            verify(&other, &token, TokenKind::Platform, NOW),
+            Err(TokenError::UnknownKey)
+        );
     }
 
     #[test]
@@ -237,7 +255,10 @@ mod tests {
         let keys = ring(&["a", "b"], "a");
         let token = sign(&keys, &Claims::platform(1, "ls", NOW));
         let forged = token.replacen("v1.a.", "v1.b.", 1);
-        assert_eq!(verify(&keys, &forged, TokenKind::Platform, NOW), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify(&keys, &forged, TokenKind::Platform, NOW),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
