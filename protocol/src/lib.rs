@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod routes;
 pub mod token;
 
 pub use keys::{KeyId, Keyring, KeyringError};

@@ -19,6 +19,9 @@ const VERSION: &str = "v1";
 /// How long a platform token lives, in seconds (12 h).
 pub const PLATFORM_TOKEN_SECONDS: u64 = 12 * 3600;
 
+/// How long a ticket to enter a session is valid, in seconds.
+pub const TICKET_SECONDS: u64 = 60;
+
 /// Tokens longer than this are refused before any decoding work.
 pub const MAX_TOKEN_LEN: usize = 2048;
 
@@ -66,6 +69,30 @@ impl Claims {
             issued_at: now,
             expires_at: now + PLATFORM_TOKEN_SECONDS,
             sid: None,
+        }
+    }
+
+    /// A ticket to enter session `sid`, valid for [`TICKET_SECONDS`].
+    pub fn ticket(user_id: u64, login_session: impl Into<String>, sid: impl Into<String>, now: u64) -> Self {
+        Self {
+            kind: TokenKind::Ticket,
+            user_id,
+            login_session: login_session.into(),
+            issued_at: now,
+            expires_at: now + TICKET_SECONDS,
+            sid: Some(sid.into()),
+        }
+    }
+
+    /// The `oc_s` cookie for session `sid`, made from a verified ticket.
+    pub fn session_cookie(ticket: &Claims, now: u64) -> Self {
+        Self {
+            kind: TokenKind::SessionCookie,
+            user_id: ticket.user_id,
+            login_session: ticket.login_session.clone(),
+            issued_at: now,
+            expires_at: now + PLATFORM_TOKEN_SECONDS,
+            sid: ticket.sid.clone(),
         }
     }
 

@@ -1,0 +1,211 @@
+//! The route table control streams to the gateways: hosts, sessions and
+//! revoked login sessions, as a snapshot and then versioned deltas.
+//!
+//! The wire form is newline-delimited JSON on
+//! `GET /internal/v1/routes/watch?since=V`: one [`WatchMessage`] per line.
+//! Versions are strictly increasing; a gateway applies a delta only when its
+//! version is exactly one more than what it holds, and otherwise asks again
+//! from the version it has.
+
+use serde::{Deserialize, Serialize};
+
+/// A route table version: the counter control bumps with each change.
+pub type Version = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Online,
+    Draining,
+    Offline,
+}
+
+/// A host as the gateways need it: where to connect and how to check it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRoute {
+    pub id: u64,
+    /// The advertised address, an IP the gateway can connect to.
+    pub address: String,
+    /// Full URL the gateway probes, e.g. `http://10.0.0.5:7000/healthz`.
+    pub health_url: String,
+    pub state: HostState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Starting,
+    Running,
+    /// The host went away; kept as a tombstone so users get a clear page.
+    Lost,
+    /// Ended on purpose; kept as a tombstone for a while.
+    Stopped,
+}
+
+impl SessionState {
+    /// True when requests may be forwarded to the upstream.
+    pub fn is_live(self) -> bool {
+        matches!(self, SessionState::Starting | SessionState::Running)
+    }
+}
+
+/// One notebook session: who owns it and where its Jupyter server listens.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRoute {
+    pub sid: String,
+    pub owner: u64,
+    pub host: u64,
+    pub port: u16,
+    /// Minted by control; injected as `Authorization: token …` upstream and
+    /// never sent to a browser.
+    pub upstream_token: String,
+    pub state: SessionState,
+}
+
+impl std::fmt::Debug for SessionRoute {
+    // The upstream token never reaches logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRoute")
+            .field("sid", &self.sid)
+            .field("owner", &self.owner)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// A revoked login session, carried until its tokens would have expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub login_session: String,
+    /// Unix seconds after which the entry may be dropped.
+    pub expires_at: u64,
+}
+
+/// One change to the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    UpsertHost(HostRoute),
+    RemoveHost { id: u64 },
+    UpsertSession(SessionRoute),
+    RemoveSession { sid: String },
+    Revoke(Revocation),
+}
+
+/// The whole table at one version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: Version,
+    pub hosts: Vec<HostRoute>,
+    pub sessions: Vec<SessionRoute>,
+    pub revocations: Vec<Revocation>,
+}
+
+/// The changes that take the table from `version - 1` to `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub version: Version,
+    pub changes: Vec<Change>,
+}
+
+/// One line of the watch stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchMessage {
+    Snapshot(Snapshot),
+    Delta(Delta),
+    /// Nothing changed; sent periodically so a dead stream is noticed.
+    Heartbeat { version: Version },
+}
+
+/// A session id: 26 characters of lowercase base32, 128 random bits.
+/// Lowercase and fixed-length so it is a valid DNS label and no sid is a
+/// prefix of another.
+pub fn is_valid_sid(sid: &str) -> bool {
+    sid.len() == SID_LEN && sid.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+}
+
+pub const SID_LEN: usize = 26;
+
+/// Encodes 16 random bytes as a sid.
+pub fn sid_from_bytes(bytes: [u8; 16]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut bits: u32 = 0;
+    let mut held = 0;
+    let mut out = String::with_capacity(SID_LEN);
+    for byte in bytes {
+        bits = (bits << 8) | u32::from(byte);
+        held += 8;
+        while held >= 5 {
+            held -= 5;
+            out.push(ALPHABET[((bits >> held) & 31) as usize] as char);
+        }
+    }
+    if held > 0 {
+        out.push(ALPHABET[((bits << (5 - held)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// A new random sid.
+pub fn new_sid() -> String {
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    sid_from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sids_are_fixed_length_dns_labels() {
+        for _ in 0..100 {
+            let sid = new_sid();
+            assert!(is_valid_sid(&sid), "{sid}");
+        }
+        assert_eq!(sid_from_bytes([0; 16]), "a".repeat(26));
+        assert!(!is_valid_sid("ABCDEFGHIJKLMNOPQRSTUVWXYZ"));
+        assert!(!is_valid_sid(&"a".repeat(25)));
+    }
+
+    #[test]
+    fn watch_messages_round_trip_as_one_json_line() {
+        let message = WatchMessage::Delta(Delta {
+            version: 7,
+            changes: vec![
+                Change::UpsertSession(SessionRoute {
+                    sid: new_sid(),
+                    owner: 1,
+                    host: 2,
+                    port: 9000,
+                    upstream_token: "secret".into(),
+                    state: SessionState::Running,
+                }),
+                Change::RemoveHost { id: 3 },
+                Change::Revoke(Revocation {
+                    login_session: "ls".into(),
+                    expires_at: 10,
+                }),
+            ],
+        });
+        let line = serde_json::to_string(&message).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<WatchMessage>(&line).unwrap(), message);
+    }
+
+    #[test]
+    fn debug_output_hides_the_upstream_token() {
+        let route = SessionRoute {
+            sid: "s".into(),
+            owner: 1,
+            host: 1,
+            port: 1,
+            upstream_token: "very-secret".into(),
+            state: SessionState::Starting,
+        };
+        assert!(!format!("{route:?}").contains("very-secret"));
+    }
+}
