@@ -1,0 +1,201 @@
+//! The gateway's config: the file (strict) and the validated runtime form.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use opencloud_protocol::{config, Keyring};
+use serde::Deserialize;
+
+/// Environment overrides look like `OPENCLOUD_GATEWAY__LISTEN__PUBLIC`.
+pub const ENV_PREFIX: &str = "OPENCLOUD_GATEWAY";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    /// Names this gateway in reports to control.
+    name: String,
+    /// The platform origin, e.g. `http://localhost:8080`.
+    public_url: String,
+    /// Sessions live at `{sid}.{session_domain}`, e.g. `nb.localhost:8080`.
+    session_domain: String,
+    keys_file: PathBuf,
+    /// Where the route table is kept between restarts (relative to this file).
+    state_dir: PathBuf,
+    listen: ListenFile,
+    control: ControlFile,
+    #[serde(default)]
+    tls: Option<TlsFile>,
+    #[serde(default)]
+    timeouts: TimeoutsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenFile {
+    public: SocketAddr,
+    metrics: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    /// Control's public listener, where platform requests go.
+    public: SocketAddr,
+    /// Control's internal base URL, for the route watch and reports.
+    internal_url: String,
+    /// The key this gateway presents on the internal listener.
+    gateway_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TimeoutsFile {
+    connect_ms: u64,
+    read_seconds: u64,
+    header_seconds: u64,
+}
+
+impl Default for TimeoutsFile {
+    fn default() -> Self {
+        Self {
+            connect_ms: 1000,
+            read_seconds: 60,
+            header_seconds: 10,
+        }
+    }
+}
+
+/// The validated config the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    /// `http://localhost:8080`, no trailing slash.
+    pub public_origin: String,
+    /// The `Host` header of the platform origin, lower case (`localhost:8080`).
+    pub platform_host: String,
+    /// `nb.localhost:8080`, lower case.
+    pub session_domain: String,
+    pub https: bool,
+    pub keys: Keyring,
+    pub state_dir: PathBuf,
+    pub listen_public: SocketAddr,
+    pub listen_metrics: SocketAddr,
+    pub control_public: SocketAddr,
+    pub control_internal_url: String,
+    pub gateway_key: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub header_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    File(#[from] config::ConfigError),
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Keys(#[from] opencloud_protocol::KeyringError),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        Self::from_toml(path, &text, std::env::vars())
+    }
+
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file_name = path.display().to_string();
+        let file: GatewayFile = config::parse(&file_name, text, ENV_PREFIX, env)?;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            file: file_name.clone(),
+            key,
+            message,
+        };
+        let public_origin = file.public_url.trim_end_matches('/').to_ascii_lowercase();
+        let (https, platform_host) = match public_origin.split_once("://") {
+            Some(("http", host)) => (false, host.to_owned()),
+            Some(("https", host)) => (true, host.to_owned()),
+            _ => return Err(invalid("public_url", "must start with http:// or https://".into())),
+        };
+        if platform_host.is_empty() || platform_host.contains(['/', '?', '#', '@']) {
+            return Err(invalid("public_url", "must be a bare origin like https://opencloud.example".into()));
+        }
+        let session_domain = file.session_domain.to_ascii_lowercase();
+        if session_domain.is_empty() || session_domain.starts_with('.') || session_domain.contains(['/', '?', '#', '@']) {
+            return Err(invalid(
+                "session_domain",
+                "must be a host name with an optional port, like nb.example.com (no scheme, no leading dot)".into(),
+            ));
+        }
+        if session_domain == platform_host {
+            return Err(invalid("session_domain", "must differ from the platform origin".into()));
+        }
+        if file.control.gateway_key.len() < 32 {
+            return Err(invalid("control.gateway_key", "must be at least 32 characters".into()));
+        }
+        let internal_url = file.control.internal_url.trim_end_matches('/').to_owned();
+        if !internal_url.starts_with("http://") && !internal_url.starts_with("https://") {
+            return Err(invalid("control.internal_url", "must start with http:// or https://".into()));
+        }
+        if file.timeouts.connect_ms == 0 || file.timeouts.read_seconds == 0 || file.timeouts.header_seconds == 0 {
+            return Err(invalid("timeouts", "timeouts must be above 0".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let keys_path = base.join(&file.keys_file);
+        let keys = Keyring::from_toml(&keys_path.display().to_string(), &read(&keys_path)?)?;
+        Ok(Self {
+            name: file.name,
+            public_origin,
+            platform_host,
+            session_domain,
+            https,
+            keys,
+            state_dir: base.join(&file.state_dir),
+            listen_public: file.listen.public,
+            listen_metrics: file.listen.metrics,
+            control_public: file.control.public,
+            control_internal_url: internal_url,
+            gateway_key: file.control.gateway_key,
+            tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
+            connect_timeout: Duration::from_millis(file.timeouts.connect_ms),
+            read_timeout: Duration::from_secs(file.timeouts.read_seconds),
+            header_timeout: Duration::from_secs(file.timeouts.header_seconds),
+        })
+    }
+
+    /// `{scheme}://{sid}.{session_domain}`.
+    pub fn session_origin(&self, sid: &str) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{sid}.{}", self.session_domain)
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}

@@ -1,0 +1,142 @@
+//! OpenCloud gateway: a Pingora proxy in front of everything users reach.
+//!
+//! `main.rs` parses arguments; [`build_server`] assembles the services the
+//! tests also run: the proxy on the public listener, `/metrics` on its own
+//! listener, and the route watch in the background.
+
+pub mod config;
+pub mod pages;
+pub mod proxy;
+pub mod store;
+pub mod table;
+pub mod tickets;
+pub mod watch;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+pub use config::Config;
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Builds the Pingora server with every gateway service added.
+pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
+    let metrics = install_metrics()?;
+    let store = store::Store::open(&config.state_dir)
+        .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
+    // Serve the last good table at once, before control answers.
+    let loaded = store.load();
+    tracing::info!(version = loaded.version, sessions = loaded.sessions.len(), "route table loaded from disk");
+    let routes = table::Routes::new(loaded);
+
+    let server_conf = ServerConf {
+        // One worker thread: the gateway is measured on one core.
+        threads: 1,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(10),
+        upgrade_sock: config.state_dir.join("upgrade.sock").display().to_string(),
+        pid_file: config.state_dir.join("gateway.pid").display().to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let gateway = proxy::Gateway {
+        config: config.clone(),
+        routes: routes.clone(),
+        used_tickets: tickets::UsedTickets::default(),
+    };
+    let mut proxy_service = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "gateway");
+    let public = config.listen_public.to_string();
+    match &config.tls {
+        Some((cert, key)) => proxy_service
+            .add_tls(&public, &cert.display().to_string(), &key.display().to_string())
+            .map_err(|e| anyhow::anyhow!("tls: {e}"))?,
+        None => proxy_service.add_tcp(&public),
+    }
+    server.add_service(proxy_service);
+
+    let mut metrics_service = Service::new("metrics".to_owned(), MetricsApp(metrics));
+    metrics_service.add_tcp(&config.listen_metrics.to_string());
+    server.add_service(metrics_service);
+
+    let watcher = watch::Watcher {
+        routes,
+        store,
+        url: config.control_internal_url.clone(),
+        gateway_key: config.gateway_key.clone(),
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()?,
+    };
+    server.add_service(background_service("route watch", Once::new(watcher)));
+    Ok(server)
+}
+
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+        )?
+        .install_recorder()?)
+}
+
+/// `/metrics` on the metrics listener, nothing else.
+struct MetricsApp(PrometheusHandle);
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let (status, body) = if session.req_header().uri.path() == "/metrics" {
+            (200, self.0.render().into_bytes())
+        } else {
+            (404, b"not found\n".to_vec())
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .expect("a static response is valid")
+    }
+}
+
+/// Runs a task once as a background service.
+struct Once<T>(Mutex<Option<T>>);
+
+impl<T> Once<T> {
+    fn new(task: T) -> Self {
+        Self(Mutex::new(Some(task)))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Once<watch::Watcher> {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let task = self.0.lock().ok().and_then(|mut t| t.take());
+        if let Some(watcher) = task {
+            tokio::select! {
+                _ = watcher.run() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// Keeps `Arc` in the public API tidy for tests that share the table.
+pub type SharedRoutes = Arc<table::Routes>;

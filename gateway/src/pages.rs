@@ -1,0 +1,49 @@
+//! The few pages the gateway answers itself: small, self-contained HTML
+//! (session origins must not load anything from the platform).
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A page with a title, a message and an optional link (href, label).
+pub fn page(title: &str, message: &str, link: Option<(&str, &str)>) -> String {
+    let link = link
+        .map(|(href, label)| format!("<p><a class=\"btn\" href=\"{}\">{}</a></p>", escape(href), escape(label)))
+        .unwrap_or_default();
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · OpenCloud</title><style>\
+         body{{font-family:system-ui,sans-serif;background:#f6f7fb;color:#1b1f2a;margin:0}}\
+         main{{max-width:520px;margin:12vh auto;background:#fff;border:1px solid #e3e7ef;border-radius:10px;padding:28px}}\
+         h1{{font-size:1.5rem;margin:0 0 .5em}}p{{color:#5f6b7a;line-height:1.5}}\
+         .btn{{display:inline-block;background:#3b5bdb;color:#fff;padding:.55em 1em;border-radius:8px;text-decoration:none}}\
+         </style></head><body><main><h1>{title}</h1><p>{message}</p>{link}</main></body></html>",
+        title = escape(title),
+        message = escape(message),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped() {
+        let html = page("<t>", "a & \"b\"", Some(("/x?a=1&b=2", "go")));
+        assert!(html.contains("&lt;t&gt;") && html.contains("a &amp; &quot;b&quot;"));
+        assert!(html.contains("href=\"/x?a=1&amp;b=2\""));
+    }
+}

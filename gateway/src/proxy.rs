@@ -1,0 +1,509 @@
+//! The gateway as one `ProxyHttp`: everything a request learns lives in its
+//! [`RequestCtx`], filled by the phases in order. The `Host` header decides
+//! the class: the platform origin goes to control, `{sid}.{session_domain}`
+//! to that session's Jupyter server, anything else is refused.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use opencloud_protocol::routes::{is_valid_sid, HostState, SessionState};
+use opencloud_protocol::token::{self, Claims, TokenKind};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::Config;
+use crate::pages::page;
+use crate::table::Routes;
+use crate::tickets::UsedTickets;
+use crate::unix_now;
+
+pub const SESSION_COOKIE: &str = "oc_s";
+const PLATFORM_COOKIE: &str = "oc_session";
+
+/// What kind of request this is, for routing and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Unknown,
+    Platform,
+    Session,
+    Rejected,
+}
+
+impl Class {
+    fn label(self) -> &'static str {
+        match self {
+            Class::Unknown => "unknown",
+            Class::Platform => "platform",
+            Class::Session => "session",
+            Class::Rejected => "rejected",
+        }
+    }
+}
+
+/// Per-request state, filled phase by phase.
+pub struct RequestCtx {
+    pub class: Class,
+    pub started: Instant,
+    pub client_ip: Option<IpAddr>,
+    pub sid: Option<String>,
+    pub user_id: Option<u64>,
+    upstream: Option<(String, u16)>,
+    upstream_token: Option<String>,
+    is_upgrade: bool,
+}
+
+pub struct Gateway {
+    pub config: Config,
+    pub routes: Routes,
+    pub used_tickets: UsedTickets,
+}
+
+impl Gateway {
+    fn classify(&self, host: &str) -> (Class, Option<String>) {
+        if host == self.config.platform_host {
+            return (Class::Platform, None);
+        }
+        if let Some(label) = host
+            .strip_suffix(self.config.session_domain.as_str())
+            .and_then(|rest| rest.strip_suffix('.'))
+        {
+            // Exactly one fixed-length label: a sid that is a prefix of
+            // another can never match it.
+            if is_valid_sid(label) {
+                return (Class::Session, Some(label.to_owned()));
+            }
+            return (Class::Session, None);
+        }
+        (Class::Rejected, None)
+    }
+
+    fn enter_url(&self, sid: &str) -> String {
+        format!("{}/sessions/{sid}/enter", self.config.public_origin)
+    }
+
+    /// Handles `/_oc/enter?ticket=…`: verify, refuse reuse, set `oc_s`,
+    /// send the browser to Lab.
+    async fn enter(&self, session: &mut Session, sid: &str) -> Result<bool> {
+        let query = session.req_header().uri.query().unwrap_or("").to_owned();
+        let ticket = query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == "ticket")
+            .map(|(_, v)| v.to_owned())
+            .unwrap_or_default();
+        let now = unix_now();
+        let table = self.routes.load();
+        let verdict = token::verify(&self.config.keys, &ticket, TokenKind::Ticket, now)
+            .map_err(|e| e.reason())
+            .and_then(|claims| {
+                if claims.sid.as_deref() != Some(sid) {
+                    Err("wrong_sid")
+                } else if table.is_revoked(&claims.login_session) {
+                    Err("revoked")
+                } else if !self.used_tickets.first_use(&ticket, claims.expires_at, now) {
+                    Err("reused")
+                } else {
+                    Ok(claims)
+                }
+            });
+        let claims = match verdict {
+            Ok(claims) => claims,
+            Err(reason) => {
+                metrics::counter!("opencloud_gateway_token_rejections_total", "kind" => "ticket", "reason" => reason)
+                    .increment(1);
+                let html = page(
+                    "This link has expired",
+                    "Links that open a session work once and for one minute. Open the project again from OpenCloud.",
+                    Some((&self.enter_url(sid), "Open it again")),
+                );
+                return respond(session, 403, &[], html).await;
+            }
+        };
+        let cookie_token = token::sign(&self.config.keys, &Claims::session_cookie(&claims, now));
+        let cookie = format!(
+            "{SESSION_COOKIE}={cookie_token}; Path=/; HttpOnly; SameSite=Lax{}",
+            if self.config.https { "; Secure" } else { "" }
+        );
+        respond(
+            session,
+            302,
+            &[("set-cookie", cookie.as_str()), ("location", "/lab"), ("cache-control", "no-store")],
+            String::new(),
+        )
+        .await
+    }
+
+    /// Who is asking on a session origin: the `oc_s` cookie for this sid, or
+    /// a platform bearer token.
+    fn session_user(&self, req: &RequestHeader, sid: &str, now: u64) -> Result<u64, &'static str> {
+        let table = self.routes.load();
+        let check = |claims: Claims| {
+            if table.is_revoked(&claims.login_session) {
+                Err("revoked")
+            } else {
+                Ok(claims.user_id)
+            }
+        };
+        if let Some(value) = cookie(req, SESSION_COOKIE) {
+            let claims = token::verify(&self.config.keys, value, TokenKind::SessionCookie, now).map_err(|e| e.reason())?;
+            if claims.sid.as_deref() != Some(sid) {
+                return Err("wrong_sid");
+            }
+            return check(claims);
+        }
+        if let Some(bearer) = bearer(req) {
+            let claims = token::verify(&self.config.keys, bearer, TokenKind::Platform, now).map_err(|e| e.reason())?;
+            return check(claims);
+        }
+        Err("missing")
+    }
+
+    async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(sid) = ctx.sid.clone() else {
+            return respond(session, 404, &[], page("Not found", "There is no session at this address.", None)).await;
+        };
+        if session.req_header().uri.path() == "/_oc/enter" {
+            return self.enter(session, &sid).await;
+        }
+        let user = match self.session_user(session.req_header(), &sid, unix_now()) {
+            Ok(user) => user,
+            Err(reason) => {
+                if reason != "missing" {
+                    metrics::counter!("opencloud_gateway_token_rejections_total", "kind" => "session", "reason" => reason)
+                        .increment(1);
+                }
+                if is_navigation(session.req_header(), ctx.is_upgrade) {
+                    let location = self.enter_url(&sid);
+                    return respond(session, 302, &[("location", location.as_str()), ("cache-control", "no-store")], String::new())
+                        .await;
+                }
+                return respond_text(session, 401, "log in to OpenCloud to use this session\n").await;
+            }
+        };
+        ctx.user_id = Some(user);
+        let table = self.routes.load();
+        let Some(route) = table.sessions.get(&sid).filter(|s| s.owner == user).cloned() else {
+            // Someone else's session answers exactly like a missing one.
+            return respond(session, 404, &[], page("Not found", "There is no session at this address.", None)).await;
+        };
+        let back = format!("{}/projects", self.config.public_origin);
+        match route.state {
+            SessionState::Lost => {
+                let html = page(
+                    "This session's host went offline",
+                    "The computer serving this session stopped answering. Your project can be opened again on another host.",
+                    Some((&back, "Back to my projects")),
+                );
+                return respond(session, 410, &[], html).await;
+            }
+            SessionState::Stopped => {
+                let html = page("This session has ended", "Open the project again to start a new session.", Some((&back, "Back to my projects")));
+                return respond(session, 410, &[], html).await;
+            }
+            SessionState::Starting | SessionState::Running => {}
+        }
+        let Some(host) = table.hosts.get(&route.host) else {
+            let html = page("Host unknown", "This session's host is not known to this gateway yet. Try again in a moment.", None);
+            return respond(session, 503, &[], html).await;
+        };
+        if host.state == HostState::Offline {
+            let html = page(
+                "This session's host is offline",
+                "The computer serving this session is not reachable right now.",
+                Some((&back, "Back to my projects")),
+            );
+            return respond(session, 503, &[], html).await;
+        }
+        ctx.upstream = Some((host.address.clone(), route.port));
+        ctx.upstream_token = Some(route.upstream_token.clone());
+        Ok(false)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            class: Class::Unknown,
+            started: Instant::now(),
+            client_ip: None,
+            sid: None,
+            user_id: None,
+            upstream: None,
+            upstream_token: None,
+            is_upgrade: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.is_upgrade = session.is_upgrade_req();
+        let host = request_host(session.req_header());
+        let (class, sid) = self.classify(&host);
+        ctx.class = class;
+        ctx.sid = sid;
+        match class {
+            Class::Platform => {
+                let path = session.req_header().uri.path();
+                if path.starts_with("/internal/") || path == "/metrics" {
+                    return respond(session, 404, &[], page("Not found", "There is nothing at this address.", None)).await;
+                }
+                Ok(false)
+            }
+            Class::Session => self.route_session(session, ctx).await,
+            Class::Rejected | Class::Unknown => {
+                ctx.class = Class::Rejected;
+                respond_text(session, 421, "this server does not serve that host name\n").await
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        let mut peer = match (ctx.class, &ctx.upstream) {
+            (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
+            (Class::Session, Some((address, port))) => HttpPeer::new((address.as_str(), *port), false, String::new()),
+            _ => return Err(Error::explain(ErrorType::InternalError, "no upstream chosen")),
+        };
+        peer.options.connection_timeout = Some(self.config.connect_timeout);
+        // WebSockets may stay quiet for long; HTTP answers must come in time.
+        peer.options.read_timeout = (!ctx.is_upgrade).then_some(self.config.read_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        remove_connection_listed(upstream);
+        let proto = if self.config.https { "https" } else { "http" };
+        if let Some(ip) = ctx.client_ip {
+            let forwarded = match session.req_header().headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(earlier) if ctx.class == Class::Platform => format!("{earlier}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", forwarded)?;
+        }
+        upstream.insert_header("x-forwarded-proto", proto)?;
+        if ctx.class == Class::Session {
+            upstream.remove_header(&header::AUTHORIZATION);
+            strip_cookies(upstream, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
+            if let Some(token) = &ctx.upstream_token {
+                upstream.insert_header(header::AUTHORIZATION, format!("token {token}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, response: &mut ResponseHeader, ctx: &mut Self::CTX) -> Result<()> {
+        if ctx.class == Class::Session {
+            // A host may not set cookies for other origins.
+            let kept: Vec<http::HeaderValue> = response
+                .headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter(|v| !sets_domain(v.as_bytes()))
+                .cloned()
+                .collect();
+            if kept.len() != response.headers.get_all(header::SET_COOKIE).iter().count() {
+                response.remove_header(&header::SET_COOKIE);
+                for value in kept {
+                    response.append_header(header::SET_COOKIE, value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+        let (code, title, message) = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+                metrics::counter!("opencloud_gateway_upstream_connect_errors_total", "class" => ctx.class.label()).increment(1);
+                (502, "Not answering", "The server behind this address is not answering. Try again in a moment.")
+            }
+            ErrorType::ReadTimedout => (504, "Timed out", "The server took too long to answer."),
+            ErrorType::HTTPStatus(code) => (*code, "Request refused", "The request could not be handled."),
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => (400, "Bad request", "The request could not be read."),
+                _ => (502, "Upstream error", "The server behind this address failed to answer."),
+            },
+        };
+        if ctx.class == Class::Session && code >= 500 {
+            tracing::warn!(sid = ctx.sid.as_deref().unwrap_or(""), error = %e, "session upstream failed");
+        }
+        let written = respond(session, code, &[], page(title, message, None)).await;
+        FailToProxy {
+            error_code: if written.is_ok() { code } else { 0 },
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        metrics::counter!(
+            "opencloud_gateway_requests_total",
+            "class" => ctx.class.label(),
+            "status" => status.to_string()
+        )
+        .increment(1);
+        metrics::histogram!("opencloud_gateway_request_duration_seconds", "class" => ctx.class.label())
+            .record(ctx.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The Host header (or the authority of an absolute-form target), lower case.
+fn request_host(req: &RequestHeader) -> String {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn bearer(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// A page navigation (redirect to log in) rather than an API or WebSocket
+/// call (401).
+fn is_navigation(req: &RequestHeader, upgrade: bool) -> bool {
+    if upgrade || req.method != http::Method::GET {
+        return false;
+    }
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    match header("sec-fetch-mode") {
+        "" => header("accept").contains("text/html"),
+        mode => mode == "navigate",
+    }
+}
+
+/// Removes the given cookies from the request, keeping the others.
+fn strip_cookies(req: &mut RequestHeader, names: &[&str]) -> Result<()> {
+    let kept: Vec<String> = req
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| !names.iter().any(|n| pair.split_once('=').map(|(k, _)| k) == Some(*n)))
+        .map(str::to_owned)
+        .collect();
+    req.remove_header(&header::COOKIE);
+    if !kept.is_empty() {
+        req.insert_header(header::COOKIE, kept.join("; "))?;
+    }
+    Ok(())
+}
+
+/// Headers named in `Connection` are hop-by-hop: they go no further.
+/// `Upgrade` stays, since WebSocket handshakes need it.
+fn remove_connection_listed(req: &mut RequestHeader) {
+    let listed: Vec<String> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
+        .collect();
+    for name in listed {
+        req.remove_header(name.as_str());
+    }
+}
+
+fn sets_domain(set_cookie: &[u8]) -> bool {
+    String::from_utf8_lossy(set_cookie)
+        .split(';')
+        .skip(1)
+        .any(|attr| attr.trim().to_ascii_lowercase().starts_with("domain"))
+}
+
+/// Writes a complete response and ends the request.
+async fn respond(session: &mut Session, status: u16, headers: &[(&str, &str)], html: String) -> Result<bool> {
+    let body = Bytes::from(html);
+    let mut response = ResponseHeader::build(status, Some(headers.len() + 3))?;
+    if !body.is_empty() {
+        response.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+    }
+    response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    for (name, value) in headers {
+        response.append_header(name.to_string(), value.to_string())?;
+    }
+    session.write_response_header(Box::new(response), body.is_empty()).await?;
+    if !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
+}
+
+async fn respond_text(session: &mut Session, status: u16, text: &str) -> Result<bool> {
+    let body = Bytes::copy_from_slice(text.as_bytes());
+    let mut response = ResponseHeader::build(status, Some(2))?;
+    response.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    session.write_response_header(Box::new(response), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_cookie_with_a_domain_is_recognised() {
+        assert!(sets_domain(b"a=1; Path=/; Domain=nb.localhost"));
+        assert!(sets_domain(b"a=1; domain=.x"));
+        assert!(!sets_domain(b"_xsrf=1; Path=/"));
+        assert!(!sets_domain(b"domain=1; Path=/"), "a cookie named domain is fine");
+    }
+
+    #[test]
+    fn platform_and_session_cookies_are_stripped_and_others_kept() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("cookie", "oc_s=x; _xsrf=abc; oc_session=y; theme=dark").unwrap();
+        strip_cookies(&mut req, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        assert_eq!(req.headers["cookie"], "_xsrf=abc; theme=dark");
+    }
+
+    #[test]
+    fn connection_listed_headers_are_removed_but_upgrade_stays() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("connection", "Upgrade, X-Secret").unwrap();
+        req.insert_header("x-secret", "1").unwrap();
+        req.insert_header("upgrade", "websocket").unwrap();
+        remove_connection_listed(&mut req);
+        assert!(req.headers.get("x-secret").is_none());
+        assert!(req.headers.get("upgrade").is_some());
+    }
+}

@@ -1,0 +1,112 @@
+//! Follows control's route stream, publishes each new table and persists
+//! it. Reconnects with backoff and resumes from the version it holds; while
+//! control is away the gateway keeps serving the last good table.
+
+use std::time::Duration;
+
+use opencloud_protocol::routes::WatchMessage;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::store::Store;
+use crate::table::Routes;
+use crate::unix_now;
+
+/// No line at all for this long means the stream is dead (control sends a
+/// heartbeat every few seconds).
+const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct Watcher {
+    pub routes: Routes,
+    pub store: Store,
+    pub url: String,
+    pub gateway_key: String,
+    pub http: reqwest::Client,
+}
+
+impl Watcher {
+    /// Runs until the process ends.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.follow().await {
+                Ok(()) => tracing::info!("route stream ended; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "route stream failed; reconnecting"),
+            }
+            metrics::counter!("opencloud_gateway_route_stream_reconnects_total").increment(1);
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn follow(&mut self) -> anyhow::Result<()> {
+        let since = self.routes.load().version;
+        let mut response = self
+            .http
+            .get(format!("{}/internal/v1/routes/watch?since={since}", self.url))
+            .bearer_auth(&self.gateway_key)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            anyhow::bail!("control answered {}", response.status());
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match timeout(SILENCE_LIMIT, response.chunk()).await {
+                Err(_) => anyhow::bail!("no data for {}s", SILENCE_LIMIT.as_secs()),
+                Ok(chunk) => chunk?,
+            };
+            let Some(chunk) = chunk else { return Ok(()) };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let message: WatchMessage = serde_json::from_slice(&line)?;
+                self.handle(message)?;
+            }
+        }
+    }
+
+    fn handle(&mut self, message: WatchMessage) -> anyhow::Result<()> {
+        let current = self.routes.current();
+        let next = match message {
+            WatchMessage::Snapshot(snapshot) => {
+                let table = crate::table::RouteTable::from_snapshot(snapshot);
+                if let Err(e) = self.store.save_snapshot(&table) {
+                    tracing::error!(error = %e, "could not persist the route snapshot");
+                }
+                table
+            }
+            WatchMessage::Delta(delta) => {
+                if delta.version <= current.version {
+                    return Ok(());
+                }
+                let table = current.apply(&delta)?;
+                if let Err(e) = self.store.append(&delta, &table) {
+                    tracing::error!(error = %e, "could not persist a route delta");
+                }
+                table
+            }
+            WatchMessage::Heartbeat { .. } => match current.without_expired_revocations(unix_now()) {
+                Some(table) => table,
+                None => {
+                    mark_updated();
+                    return Ok(());
+                }
+            },
+        };
+        self.routes.publish(next);
+        mark_updated();
+        Ok(())
+    }
+}
+
+fn mark_updated() {
+    metrics::gauge!("opencloud_gateway_route_table_last_update_timestamp_seconds").set(unix_now() as f64);
+}
