@@ -97,3 +97,22 @@ wait_healthy() {
   tail -n 20 "$log" >&2
   die "$url did not answer in 60 s; see $log"
 }
+
+# The Jupyter venv, built from Debian's Python in a world-readable place so
+# the unprivileged users that run notebooks can execute it.
+VENV="${OPENCLOUD_VENV:-/opt/opencloud/venv}"
+JUPYTER_PACKAGES=("jupyterlab==4.6.6" "jupyter-server==2.21.1" "ipykernel")
+ensure_venv() {
+  ensure_packages python3 python3-venv
+  if [ -x "$VENV/bin/jupyter" ] && "$VENV/bin/jupyter" server --version >/dev/null 2>&1 \
+     && "$VENV/bin/python" -c 'import jupyterlab, ipykernel' 2>/dev/null; then
+    info "Jupyter venv ready at $VENV ($("$VENV/bin/jupyter" server --version))"
+    return
+  fi
+  info "building the Jupyter venv at $VENV (JupyterLab, jupyter-server, ipykernel)"
+  $SUDO mkdir -p "$(dirname "$VENV")"
+  $SUDO /usr/bin/python3 -m venv "$VENV"
+  $SUDO "$VENV/bin/pip" install -q --disable-pip-version-check "${JUPYTER_PACKAGES[@]}"
+  $SUDO chmod -R a+rX "$VENV"
+  info "Jupyter venv ready ($("$VENV/bin/jupyter" server --version))"
+}

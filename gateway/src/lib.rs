@@ -5,6 +5,7 @@
 //! listener, and the route watch in the background.
 
 pub mod config;
+pub mod hardening;
 pub mod pages;
 pub mod proxy;
 pub mod store;

@@ -17,6 +17,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::Config;
+use crate::hardening::check_raw_head;
 use crate::pages::page;
 use crate::table::Routes;
 use crate::tickets::UsedTickets;
@@ -245,6 +246,22 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         ctx.is_upgrade = session.is_upgrade_req();
+        if let Some(raw) = session.as_downstream().as_http1().map(|h1| h1.get_headers_raw_bytes()) {
+            if let Err(refusal) = check_raw_head(&raw) {
+                ctx.class = Class::Rejected;
+                metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => refusal.reason).increment(1);
+                session.set_keepalive(None);
+                return respond_text(session, refusal.status, &format!("{}\n", refusal.reason)).await;
+            }
+        }
+        // An absolute-form target must name the host the request is for.
+        if let Some(authority) = session.req_header().uri.authority() {
+            let host_header = session.req_header().headers.get(header::HOST).and_then(|v| v.to_str().ok());
+            if host_header.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str())) {
+                ctx.class = Class::Rejected;
+                return respond_text(session, 400, "the request target names another host\n").await;
+            }
+        }
         let host = request_host(session.req_header());
         let (class, sid) = self.classify(&host);
         ctx.class = class;

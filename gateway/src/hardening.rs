@@ -1,0 +1,108 @@
+//! Checks on the raw request head that Pingora's parser lets through.
+//!
+//! Pingora 0.9.1 accepts Content-Length together with Transfer-Encoding and
+//! drops Content-Length before any hook runs, so the decision is made from
+//! the raw header bytes, where both are still visible.
+
+/// The largest header section we accept.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Why a request head is refused: the status and a short reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+const fn refuse(status: u16, reason: &'static str) -> Refusal {
+    Refusal { status, reason }
+}
+
+/// Checks the request head as it arrived (request line and header lines).
+pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
+    if raw.len() > MAX_HEADER_BYTES {
+        return Err(refuse(431, "header section too large"));
+    }
+    let mut content_length: Option<&[u8]> = None;
+    let mut transfer_encoding = false;
+    // Skip the request line; every other line is `name: value`.
+    for line in raw.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return Err(refuse(400, "malformed header line"));
+        };
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in value.split(|b| *b == b',').map(trim) {
+                if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                    return Err(refuse(400, "invalid content-length"));
+                }
+                match content_length {
+                    Some(seen) if seen != part => return Err(refuse(400, "conflicting content-length")),
+                    _ => content_length = Some(part),
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only a single, plain `chunked` is understood the same way by
+            // every hop; anything else is a smuggling attempt or a mistake.
+            if transfer_encoding || !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(refuse(400, "unsupported transfer-encoding"));
+            }
+            transfer_encoding = true;
+        } else if name.iter().any(|b| b.is_ascii_whitespace()) {
+            return Err(refuse(400, "whitespace in a header name"));
+        }
+    }
+    if transfer_encoding && content_length.is_some() {
+        return Err(refuse(400, "content-length with transfer-encoding"));
+    }
+    Ok(())
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(start, |p| p + 1);
+    &bytes[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &str) -> Vec<u8> {
+        format!("POST / HTTP/1.1\r\nHost: x\r\n{headers}\r\n").into_bytes()
+    }
+
+    #[test]
+    fn ordinary_requests_pass() {
+        assert_eq!(check_raw_head(&head("Content-Length: 5\r\n")), Ok(()));
+        assert_eq!(check_raw_head(&head("Transfer-Encoding: chunked\r\n")), Ok(()));
+        assert_eq!(check_raw_head(&head("Content-Length: 5\r\nContent-Length: 5\r\n")), Ok(()));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for headers in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: -1\r\n",
+            "Transfer-Encoding: chunked, identity\r\n",
+            "Transfer-Encoding: xchunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding\t: chunked\r\n",
+        ] {
+            let got = check_raw_head(&head(headers));
+            assert_eq!(got.map_err(|r| r.status), Err(400), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_head_gets_431() {
+        let big = format!("X-Big: {}\r\n", "a".repeat(MAX_HEADER_BYTES));
+        assert_eq!(check_raw_head(&head(&big)).map_err(|r| r.status), Err(431));
+    }
+}
