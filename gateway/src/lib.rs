@@ -5,6 +5,7 @@
 //! listener, and the route watch in the background.
 
 pub mod config;
+pub mod deadline;
 pub mod hardening;
 pub mod pages;
 pub mod proxy;
@@ -61,7 +62,12 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         routes: routes.clone(),
         used_tickets: tickets::UsedTickets::default(),
     };
-    let mut proxy_service = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "gateway");
+    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let app = deadline::HeaderDeadline {
+        inner: Arc::new(proxy),
+        limit: config.header_timeout,
+    };
+    let mut proxy_service = Service::new("gateway".to_owned(), app);
     let public = config.listen_public.to_string();
     match &config.tls {
         Some((cert, key)) => proxy_service

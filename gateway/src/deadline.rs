@@ -1,0 +1,233 @@
+//! A whole-header deadline. Pingora 0.9.1 times out each read, not the
+//! header as a whole, so a client sending one byte every few seconds could
+//! hold a connection forever. Every request head on a connection must
+//! arrive complete within the limit, or the connection is closed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest};
+use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Wraps a server app so each request head has `limit` to arrive.
+pub struct HeaderDeadline<A> {
+    pub inner: Arc<A>,
+    pub limit: Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // A reused connection comes back already wrapped: re-arm it for the
+        // next request head.
+        let stream = if stream.as_any().is::<DeadlineStream>() {
+            match stream.into_any().downcast::<DeadlineStream>() {
+                Ok(mut wrapped) => {
+                    wrapped.arm(self.limit);
+                    wrapped as Stream
+                }
+                Err(_) => return None,
+            }
+        } else {
+            wrap(stream, self.limit)
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// Wraps a fresh connection; `HeaderDeadline` re-arms it per request.
+pub fn wrap(stream: Stream, limit: Duration) -> Stream {
+    let mut wrapped = DeadlineStream {
+        inner: stream,
+        deadline: None,
+        tail: [0; 3],
+    };
+    wrapped.arm(limit);
+    Box::new(wrapped)
+}
+
+#[derive(Debug)]
+pub struct DeadlineStream {
+    inner: Stream,
+    /// Set while a request head is being read.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The last bytes read, to find `\r\n\r\n` across reads.
+    tail: [u8; 3],
+}
+
+impl DeadlineStream {
+    fn arm(&mut self, limit: Duration) {
+        self.deadline = Some(Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
+        self.tail = [0; 3];
+    }
+
+    /// Notes bytes read; the head is complete at the first blank line.
+    fn saw(&mut self, bytes: &[u8]) {
+        let mut window = self.tail.to_vec();
+        window.extend_from_slice(bytes);
+        if window.windows(4).any(|w| w == b"\r\n\r\n") {
+            self.deadline = None;
+        }
+        let keep = window.len().saturating_sub(3);
+        self.tail.copy_from_slice(&window[keep..keep + 3]);
+    }
+}
+
+impl AsyncRead for DeadlineStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header").increment(1);
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "request head not complete in time",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            if self.deadline.is_some() {
+                let fresh = buf.filled()[before..].to_vec();
+                self.saw(&fresh);
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for DeadlineStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for DeadlineStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for DeadlineStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for DeadlineStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for DeadlineStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for DeadlineStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for DeadlineStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for DeadlineStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_head_ends_at_the_first_blank_line_even_across_reads() {
+        let (client, _server) = tokio::io::duplex(64);
+        let mut stream = DeadlineStream {
+            inner: Box::new(client),
+            deadline: None,
+            tail: [0; 3],
+        };
+        stream.arm(Duration::from_secs(10));
+        stream.saw(b"GET / HTTP/1.1\r\nHost: x\r");
+        assert!(stream.deadline.is_some());
+        stream.saw(b"\n\r");
+        assert!(stream.deadline.is_some());
+        stream.saw(b"\nbody");
+        assert!(stream.deadline.is_none(), "armed until the blank line, then released");
+    }
+
+    #[tokio::test]
+    async fn a_slow_head_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut stream = wrap(Box::new(client), Duration::from_millis(200));
+        server.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(stream.read(&mut buf).await.is_ok());
+        let err = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+}
