@@ -7,11 +7,13 @@
 pub mod config;
 pub mod deadline;
 pub mod hardening;
+pub mod health;
 pub mod pages;
 pub mod proxy;
 pub mod store;
 pub mod table;
 pub mod tickets;
+pub mod usage;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};
@@ -57,10 +59,14 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
+    let health = health::HostHealth::default();
+    let usage = usage::UsageBook::default();
     let gateway = proxy::Gateway {
         config: config.clone(),
         routes: routes.clone(),
         used_tickets: tickets::UsedTickets::default(),
+        health: health.clone(),
+        usage: usage.clone(),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {
@@ -81,6 +87,24 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     metrics_service.add_tcp(&config.listen_metrics.to_string());
     server.add_service(metrics_service);
 
+    server.add_service(background_service(
+        "host health",
+        Once::new(health::HealthChecker {
+            routes: routes.clone(),
+            health,
+            gateway_name: config.name.clone(),
+            control_url: config.control_internal_url.clone(),
+            gateway_key: config.gateway_key.clone(),
+        }),
+    ));
+    server.add_service(background_service(
+        "usage reports",
+        Once::new(usage::UsageReporter {
+            book: usage,
+            control_url: config.control_internal_url.clone(),
+            gateway_key: config.gateway_key.clone(),
+        }),
+    ));
     let watcher = watch::Watcher {
         routes,
         store,
@@ -132,18 +156,42 @@ impl<T> Once<T> {
     }
 }
 
+/// A long-running task the server starts once and stops at shutdown.
 #[async_trait]
-impl BackgroundService for Once<watch::Watcher> {
+pub trait Task: Send + Sync + 'static {
+    async fn run(self);
+}
+
+#[async_trait]
+impl Task for watch::Watcher {
+    async fn run(self) {
+        watch::Watcher::run(self).await
+    }
+}
+
+#[async_trait]
+impl Task for health::HealthChecker {
+    async fn run(self) {
+        health::HealthChecker::run(self).await
+    }
+}
+
+#[async_trait]
+impl Task for usage::UsageReporter {
+    async fn run(self) {
+        usage::UsageReporter::run(self).await
+    }
+}
+
+#[async_trait]
+impl<T: Task> BackgroundService for Once<T> {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let task = self.0.lock().ok().and_then(|mut t| t.take());
-        if let Some(watcher) = task {
+        if let Some(task) = task {
             tokio::select! {
-                _ = watcher.run() => {}
+                _ = task.run() => {}
                 _ = shutdown.changed() => {}
             }
         }
     }
 }
-
-/// Keeps `Arc` in the public API tidy for tests that share the table.
-pub type SharedRoutes = Arc<table::Routes>;

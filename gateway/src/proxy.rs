@@ -20,7 +20,9 @@ use crate::config::Config;
 use crate::hardening::check_raw_head;
 use crate::pages::page;
 use crate::table::Routes;
+use crate::health::HostHealth;
 use crate::tickets::UsedTickets;
+use crate::usage::UsageBook;
 use crate::unix_now;
 
 pub const SESSION_COOKIE: &str = "oc_s";
@@ -54,6 +56,7 @@ pub struct RequestCtx {
     pub sid: Option<String>,
     pub user_id: Option<u64>,
     upstream: Option<(String, u16)>,
+    upstream_host: Option<u64>,
     upstream_token: Option<String>,
     is_upgrade: bool,
 }
@@ -62,6 +65,8 @@ pub struct Gateway {
     pub config: Config,
     pub routes: Routes,
     pub used_tickets: UsedTickets,
+    pub health: HostHealth,
+    pub usage: UsageBook,
 }
 
 impl Gateway {
@@ -212,7 +217,7 @@ impl Gateway {
             let html = page("Host unknown", "This session's host is not known to this gateway yet. Try again in a moment.", None);
             return respond(session, 503, &[], html).await;
         };
-        if host.state == HostState::Offline {
+        if host.state == HostState::Offline || !self.health.is_up(host.id) {
             let html = page(
                 "This session's host is offline",
                 "The computer serving this session is not reachable right now.",
@@ -221,6 +226,7 @@ impl Gateway {
             return respond(session, 503, &[], html).await;
         }
         ctx.upstream = Some((host.address.clone(), route.port));
+        ctx.upstream_host = Some(host.id);
         ctx.upstream_token = Some(route.upstream_token.clone());
         Ok(false)
     }
@@ -238,6 +244,7 @@ impl ProxyHttp for Gateway {
             sid: None,
             user_id: None,
             upstream: None,
+            upstream_host: None,
             upstream_token: None,
             is_upgrade: false,
         }
@@ -322,6 +329,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn response_filter(&self, _session: &mut Session, response: &mut ResponseHeader, ctx: &mut Self::CTX) -> Result<()> {
+        if ctx.is_upgrade && response.status.as_u16() == 101 {
+            metrics::gauge!("opencloud_gateway_active_websockets").increment(1.0);
+        }
         if ctx.class == Class::Session {
             // A host may not set cookies for other origins.
             let kept: Vec<http::HeaderValue> = response
@@ -339,6 +349,14 @@ impl ProxyHttp for Gateway {
             }
         }
         Ok(())
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Self::CTX, e: Box<Error>) -> Box<Error> {
+        // Passive health: the next request learns at once that the host is down.
+        if let Some(host) = ctx.upstream_host {
+            self.health.mark(host, false);
+        }
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
@@ -366,6 +384,14 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        if let (Class::Session, Some(sid), Some(_)) = (ctx.class, &ctx.sid, ctx.upstream_host) {
+            let bytes_in = session.body_bytes_read() as u64;
+            let bytes_out = session.body_bytes_sent() as u64;
+            self.usage.record(sid, unix_now(), bytes_in, bytes_out);
+        }
+        if ctx.is_upgrade && status == 101 {
+            metrics::gauge!("opencloud_gateway_active_websockets").decrement(1.0);
+        }
         metrics::counter!(
             "opencloud_gateway_requests_total",
             "class" => ctx.class.label(),

@@ -1,0 +1,113 @@
+//! Host reachability: every host in the route table is probed every 2 s
+//! (any HTTP answer counts; connect timeout 1 s), and a failed connect while
+//! proxying marks its host down at once. Requests for a host known to be
+//! down get a clear page immediately instead of waiting on a dead address.
+//! Results are reported to control in batches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::table::Routes;
+
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Host id → reachable, as last seen by this gateway.
+#[derive(Clone, Default)]
+pub struct HostHealth(Arc<RwLock<HashMap<u64, bool>>>);
+
+impl HostHealth {
+    /// False only when the host is known to be down.
+    pub fn is_up(&self, host: u64) -> bool {
+        self.0.read().map(|m| m.get(&host).copied().unwrap_or(true)).unwrap_or(true)
+    }
+
+    pub fn mark(&self, host: u64, reachable: bool) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(host, reachable);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(u64, bool)> {
+        self.0.read().map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default()
+    }
+}
+
+#[derive(Serialize)]
+struct HealthReport<'a> {
+    gateway: &'a str,
+    hosts: Vec<HostReachability>,
+}
+
+#[derive(Serialize)]
+struct HostReachability {
+    id: u64,
+    reachable: bool,
+}
+
+pub struct HealthChecker {
+    pub routes: Routes,
+    pub health: HostHealth,
+    pub gateway_name: String,
+    pub control_url: String,
+    pub gateway_key: String,
+}
+
+impl HealthChecker {
+    pub async fn run(self) {
+        let probe = reqwest::Client::builder()
+            .connect_timeout(PROBE_TIMEOUT)
+            .timeout(PROBE_TIMEOUT * 2)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("probe client");
+        let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let table = self.routes.current();
+            let probes = table.hosts.values().map(|host| {
+                let probe = probe.clone();
+                let host = host.clone();
+                async move { (host.id, probe.get(&host.health_url).send().await.is_ok()) }
+            });
+            // All probes at once: a dead host costs its timeout, not everyone's.
+            let results = futures_util::future::join_all(probes).await;
+            let mut up = 0;
+            for (id, reachable) in &results {
+                self.health.mark(*id, *reachable);
+                up += usize::from(*reachable);
+            }
+            metrics::gauge!("opencloud_gateway_hosts", "reachable" => "true").set(up as f64);
+            metrics::gauge!("opencloud_gateway_hosts", "reachable" => "false").set((results.len() - up) as f64);
+            self.report(&probe).await;
+        }
+    }
+
+    async fn report(&self, http: &reqwest::Client) {
+        let hosts: Vec<HostReachability> = self
+            .health
+            .snapshot()
+            .into_iter()
+            .map(|(id, reachable)| HostReachability { id, reachable })
+            .collect();
+        if hosts.is_empty() {
+            return;
+        }
+        let body = HealthReport {
+            gateway: &self.gateway_name,
+            hosts,
+        };
+        let sent = http
+            .post(format!("{}/internal/v1/health", self.control_url))
+            .bearer_auth(&self.gateway_key)
+            .json(&body)
+            .send()
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "health report not delivered; control may be down");
+        }
+    }
+}
