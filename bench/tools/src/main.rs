@@ -1,0 +1,186 @@
+//! `oc-bench`: the Rust side of the scripts in `bench/`. Each subcommand does
+//! one thing and prints `KEY=value` lines (or a result line) for the script.
+
+mod routes;
+mod session;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Benchmark helpers for bench/*")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Through a running gateway and control: register a user, create a
+    /// project, register a session at 127.0.0.1:UPSTREAM_PORT, enter it.
+    /// Prints SID=, HOST= and COOKIE= lines.
+    Session {
+        /// Control's database (for `sessions::register_external`).
+        #[arg(long)]
+        db_url: String,
+        /// The gateway's public listener.
+        #[arg(long)]
+        gateway: SocketAddr,
+        #[arg(long)]
+        upstream_port: u16,
+        #[arg(long, default_value = "bench-upstream-token")]
+        upstream_token: String,
+        /// HTTP (GET / answers 200) or websocket (only upgrades are answered).
+        #[arg(long, default_value = "http")]
+        upstream_kind: String,
+    },
+    /// Prints a new keys file (the format control and the gateway share).
+    Keygen,
+    /// Signs a ticket for SID and USER with KEYS, enters the session through
+    /// the gateway's `/_oc/enter` and prints COOKIE=.
+    Enter {
+        #[arg(long)]
+        gateway: SocketAddr,
+        /// `{sid}.{session_domain}`, the Host header.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long)]
+        sid: String,
+        #[arg(long)]
+        user: u64,
+    },
+    /// A WebSocket echo server.
+    WsEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// N connections, each sending a message and waiting for its echo, for
+    /// a fixed time. Prints `msgs_per_s p50_us p99_us errors`.
+    WsLoad {
+        /// Where to connect, e.g. 127.0.0.1:9000.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Host header (default: the connect address).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        cookie: Option<String>,
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+    },
+    /// The route table in this process: memory, load time, delta apply time,
+    /// snapshot (compaction) time. Prints a small report.
+    Table {
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 20_000)]
+        deltas: usize,
+    },
+    /// Writes `routes.snapshot.json` with SESSIONS sessions into DIR; the
+    /// first one, owned by OWNER, points at 127.0.0.1:UPSTREAM_PORT.
+    /// Prints SID= and VERSION=.
+    Snapshot {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: usize,
+        #[arg(long)]
+        upstream_port: u16,
+        #[arg(long, default_value_t = 1)]
+        owner: u64,
+    },
+    /// A stand-in for control's `GET /internal/v1/routes/watch`: NDJSON
+    /// deltas at a rate set with `GET /bench/rate?value=N` (deltas/s; 0 at
+    /// start), heartbeats every 2 s. `GET /bench/stats` prints the last
+    /// version sent.
+    FakeWatch {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The port of the sessions the deltas add.
+        #[arg(long)]
+        upstream_port: u16,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Session {
+            db_url,
+            gateway,
+            upstream_port,
+            upstream_token,
+            upstream_kind,
+        } => runtime.block_on(session::session(
+            &db_url,
+            gateway,
+            upstream_port,
+            &upstream_token,
+            upstream_kind == "websocket",
+        )),
+        Command::Keygen => {
+            print!("{}", opencloud_protocol::Keyring::generate_toml("bench"));
+            Ok(())
+        }
+        Command::Enter {
+            gateway,
+            host,
+            keys,
+            sid,
+            user,
+        } => runtime.block_on(async {
+            let keys_text = std::fs::read_to_string(&keys)?;
+            let keys =
+                opencloud_protocol::Keyring::from_toml(&keys.display().to_string(), &keys_text)?;
+            let cookie =
+                session::enter_with_signed_ticket(gateway, &host, &keys, user, "bench-login", &sid)
+                    .await?;
+            println!("COOKIE={cookie}");
+            Ok(())
+        }),
+        Command::WsEcho { listen } => runtime.block_on(ws::echo(listen)),
+        Command::WsLoad {
+            connect,
+            host,
+            cookie,
+            path,
+            connections,
+            seconds,
+            size,
+        } => runtime.block_on(ws::load(ws::LoadOptions {
+            connect,
+            host,
+            cookie,
+            path,
+            connections,
+            seconds,
+            size,
+        })),
+        Command::Table { sessions, deltas } => routes::table(sessions, deltas),
+        Command::Snapshot {
+            dir,
+            sessions,
+            upstream_port,
+            owner,
+        } => routes::write_snapshot(&dir, sessions, upstream_port, owner),
+        Command::FakeWatch {
+            listen,
+            upstream_port,
+        } => runtime.block_on(routes::fake_watch(listen, upstream_port)),
+    }
+}

@@ -1,0 +1,332 @@
+//! The route table at the scale the architecture names (1 000 000 sessions,
+//! 100 000 hosts): measured in this process with the gateway's own types,
+//! written as a gateway state snapshot, and fed to a running gateway as a
+//! stream of deltas by a stand-in for control's watch endpoint.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use opencloud_gateway::table::{RouteTable, Routes};
+use opencloud_protocol::routes::{
+    new_sid, sid_from_bytes, Change, Delta, HostRoute, HostState, SessionRoute, SessionState,
+    Snapshot, Version, WatchMessage,
+};
+
+/// Hosts in the generated tables (the architecture's design point).
+const HOSTS: u64 = 100_000;
+/// The version of the generated snapshot.
+pub const SNAPSHOT_VERSION: Version = 1_000_000;
+/// Sids of sessions that deltas add start here, far from the snapshot's.
+const DELTA_SID_BASE: u64 = 1 << 40;
+
+/// A distinct, valid sid for every index.
+fn sid_for(index: u64) -> String {
+    let mixed = u128::from(index).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+    sid_from_bytes(mixed.to_be_bytes())
+}
+
+fn host(id: u64) -> HostRoute {
+    let address = if id == 1 {
+        "127.0.0.1".to_owned()
+    } else {
+        format!("10.{}.{}.{}", (id >> 16) & 255, (id >> 8) & 255, id & 255)
+    };
+    HostRoute {
+        id,
+        health_url: format!("http://{address}:7000/healthz"),
+        address,
+        state: HostState::Online,
+    }
+}
+
+fn session(index: u64, port: u16) -> SessionRoute {
+    SessionRoute {
+        sid: sid_for(index),
+        owner: 2 + index % 500_000,
+        host: 2 + index % (HOSTS - 1),
+        port,
+        // As long as a real one (control mints 32 random bytes, base64).
+        upstream_token: format!("{:043}", index),
+        state: SessionState::Running,
+    }
+}
+
+/// The delta that takes the stand-in's table to `version`: odd versions add
+/// a session, even ones remove the one added just before, so the table
+/// keeps its size while deltas stream.
+fn delta_for(version: Version, port: u16) -> Delta {
+    let change = if version % 2 == 1 {
+        Change::UpsertSession(session(DELTA_SID_BASE + version, port))
+    } else {
+        Change::RemoveSession {
+            sid: sid_for(DELTA_SID_BASE + version - 1),
+        }
+    };
+    Delta {
+        version,
+        changes: vec![change],
+    }
+}
+
+fn proc_status_kib(field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/self/status"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+/// Prints `name value` lines: memory and timings of the table in-process.
+pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
+    let n = sessions as u64;
+    let rss_before = proc_status_kib("VmRSS:")?;
+    let started = Instant::now();
+    // Built straight from the routes, so no snapshot is alive beside it and
+    // the RSS growth is the table's own.
+    let table = RouteTable {
+        version: SNAPSHOT_VERSION,
+        hosts: (1..=HOSTS).map(|id| (id, Arc::new(host(id)))).collect(),
+        sessions: (0..n)
+            .map(|i| {
+                let s = session(i, 9000);
+                (s.sid.clone(), Arc::new(s))
+            })
+            .collect(),
+        revocations: Default::default(),
+    };
+    let build = started.elapsed();
+    let rss_table = proc_status_kib("VmRSS:")?;
+    println!("sessions {sessions}");
+    println!("hosts {HOSTS}");
+    println!(
+        "table_rss_mib {:.0}",
+        (rss_table - rss_before) as f64 / 1024.0
+    );
+    println!("table_build_s {:.2}", build.as_secs_f64());
+
+    let routes = Routes::new(table);
+    let mut apply = Vec::with_capacity(deltas);
+    let mut apply_publish = Vec::with_capacity(deltas);
+    for k in 0..deltas as u64 {
+        let current = routes.current();
+        let change = match k % 3 {
+            // Change an existing session (a state or port change).
+            0 => {
+                let mut s = session((k * 7919) % n, 9000);
+                s.state = SessionState::Lost;
+                Change::UpsertSession(s)
+            }
+            1 => Change::UpsertSession(session(DELTA_SID_BASE + k, 9000)),
+            _ => Change::RemoveSession {
+                sid: sid_for(DELTA_SID_BASE + k - 1),
+            },
+        };
+        let delta = Delta {
+            version: current.version + 1,
+            changes: vec![change],
+        };
+        let t = Instant::now();
+        let next = current.apply(&delta)?;
+        let applied = t.elapsed();
+        drop(current);
+        routes.publish(next);
+        apply.push(applied);
+        apply_publish.push(t.elapsed());
+    }
+    apply.sort_unstable();
+    apply_publish.sort_unstable();
+    println!("deltas {deltas}");
+    println!("apply_p50_us {:.1}", percentile(&apply, 0.5));
+    println!("apply_p99_us {:.1}", percentile(&apply, 0.99));
+    println!("apply_max_us {:.1}", percentile(&apply, 1.0));
+    println!(
+        "apply_publish_p50_us {:.1}",
+        percentile(&apply_publish, 0.5)
+    );
+    println!(
+        "apply_publish_p99_us {:.1}",
+        percentile(&apply_publish, 0.99)
+    );
+    println!(
+        "apply_publish_max_us {:.1}",
+        percentile(&apply_publish, 1.0)
+    );
+    println!(
+        "rss_after_deltas_mib {:.0}",
+        (proc_status_kib("VmRSS:")? - rss_before) as f64 / 1024.0
+    );
+
+    // What the gateway's store does every 1000 deltas (compaction) and at
+    // start (load).
+    let table = routes.current();
+    let t = Instant::now();
+    let snapshot = table.to_snapshot();
+    let bytes = serde_json::to_vec(&snapshot)?;
+    println!("snapshot_serialize_s {:.2}", t.elapsed().as_secs_f64());
+    println!("snapshot_mib {:.0}", bytes.len() as f64 / 1048576.0);
+    drop(snapshot);
+    let t = Instant::now();
+    let parsed: Snapshot = serde_json::from_slice(&bytes)?;
+    println!("snapshot_parse_s {:.2}", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let loaded = RouteTable::from_snapshot(parsed);
+    println!("from_snapshot_s {:.2}", t.elapsed().as_secs_f64());
+    anyhow::ensure!(
+        loaded.sessions.len() == table.sessions.len(),
+        "the snapshot lost sessions"
+    );
+    println!(
+        "peak_rss_mib {:.0}",
+        proc_status_kib("VmHWM:")? as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Writes `dir/routes.snapshot.json` as the gateway's store would.
+pub fn write_snapshot(
+    dir: &Path,
+    sessions: usize,
+    upstream_port: u16,
+    owner: u64,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let sid = new_sid();
+    let mut all: Vec<SessionRoute> = Vec::with_capacity(sessions);
+    all.push(SessionRoute {
+        sid: sid.clone(),
+        owner,
+        host: 1,
+        port: upstream_port,
+        upstream_token: "bench-upstream-token".into(),
+        state: SessionState::Running,
+    });
+    all.extend((1..sessions as u64).map(|i| session(i, 9000)));
+    let snapshot = Snapshot {
+        version: SNAPSHOT_VERSION,
+        hosts: (1..=HOSTS).map(host).collect(),
+        sessions: all,
+        revocations: vec![],
+    };
+    let path = dir.join("routes.snapshot.json");
+    let mut out = BufWriter::new(std::fs::File::create(&path)?);
+    serde_json::to_writer(&mut out, &snapshot)?;
+    out.flush()?;
+    println!("SID={sid}");
+    println!("VERSION={SNAPSHOT_VERSION}");
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Feed {
+    /// Deltas per second.
+    rate: Arc<AtomicU64>,
+    /// The last version sent on any stream.
+    sent: Arc<AtomicU64>,
+    upstream_port: u16,
+}
+
+/// Serves the watch stream and the two `/bench/` knobs until killed.
+pub async fn fake_watch(listen: SocketAddr, upstream_port: u16) -> anyhow::Result<()> {
+    let feed = Feed {
+        rate: Arc::new(AtomicU64::new(0)),
+        sent: Arc::new(AtomicU64::new(0)),
+        upstream_port,
+    };
+    let app = Router::new()
+        .route("/internal/v1/routes/watch", get(watch))
+        .route(
+            "/bench/rate",
+            get(
+                |State(feed): State<Feed>, Query(q): Query<HashMap<String, String>>| async move {
+                    let rate = q.get("value").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    feed.rate.store(rate, Ordering::Relaxed);
+                    format!("rate {rate}\n")
+                },
+            ),
+        )
+        .route(
+            "/bench/stats",
+            get(|State(feed): State<Feed>| async move {
+                format!("{}\n", feed.sent.load(Ordering::Relaxed))
+            }),
+        )
+        .with_state(feed);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+struct Stream {
+    feed: Feed,
+    version: Version,
+    ticker: tokio::time::Interval,
+    last: Instant,
+    last_heartbeat: Instant,
+    budget: f64,
+}
+
+async fn watch(State(feed): State<Feed>, Query(q): Query<HashMap<String, String>>) -> Body {
+    let since: Version = q.get("since").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut ticker = tokio::time::interval(Duration::from_millis(5));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = Stream {
+        feed,
+        version: since,
+        ticker,
+        last: Instant::now(),
+        last_heartbeat: Instant::now() - Duration::from_secs(10),
+        budget: 0.0,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            s.ticker.tick().await;
+            let now = Instant::now();
+            let rate = s.feed.rate.load(Ordering::Relaxed) as f64;
+            s.budget += rate * (now - s.last).as_secs_f64();
+            s.last = now;
+            let mut lines = Vec::new();
+            while s.budget >= 1.0 {
+                s.budget -= 1.0;
+                s.version += 1;
+                let message = WatchMessage::Delta(delta_for(s.version, s.feed.upstream_port));
+                if serde_json::to_writer(&mut lines, &message).is_err() {
+                    return None;
+                }
+                lines.push(b'\n');
+            }
+            if now - s.last_heartbeat >= Duration::from_secs(2) {
+                s.last_heartbeat = now;
+                let beat = WatchMessage::Heartbeat { version: s.version };
+                if serde_json::to_writer(&mut lines, &beat).is_err() {
+                    return None;
+                }
+                lines.push(b'\n');
+            }
+            if !lines.is_empty() {
+                s.feed.sent.fetch_max(s.version, Ordering::Relaxed);
+                return Some((Ok::<Bytes, Infallible>(Bytes::from(lines)), s));
+            }
+        }
+    });
+    Body::from_stream(stream)
+}

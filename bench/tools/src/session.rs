@@ -1,0 +1,192 @@
+//! A real session through the real control and gateway: the same steps a
+//! user takes (register, log in, create a project), the session recorded
+//! with `opencloud_control::sessions::register_external`, entered through
+//! the ticket URL control hands out.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use opencloud_protocol::token::{self, Claims};
+use opencloud_protocol::Keyring;
+use reqwest::header::{LOCATION, SET_COOKIE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const PASSWORD: &str = "bench password 1234";
+
+fn client(gateway: SocketAddr, sid: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve("localhost", gateway);
+    if let Some(sid) = sid {
+        builder = builder.resolve(&format!("{sid}.nb.localhost"), gateway);
+    }
+    Ok(builder.build()?)
+}
+
+async fn json_of(
+    response: reqwest::Response,
+    what: &str,
+    want: StatusCode,
+) -> anyhow::Result<Value> {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if status != want {
+        bail!("{what}: {status}: {text}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("{what}: not JSON: {text}"))
+}
+
+pub async fn session(
+    db_url: &str,
+    gateway: SocketAddr,
+    upstream_port: u16,
+    upstream_token: &str,
+    websocket_upstream: bool,
+) -> anyhow::Result<()> {
+    let port = gateway.port();
+    let platform = format!("http://localhost:{port}");
+    let http = client(gateway, None)?;
+    let nonce = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let email = format!("bench-{}-{nonce}@example.com", std::process::id());
+
+    let register = http
+        .post(format!("{platform}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Bench User"}))
+        .send()
+        .await?;
+    json_of(register, "register", StatusCode::CREATED).await?;
+    let login = http
+        .post(format!("{platform}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await?;
+    let login = json_of(login, "login", StatusCode::OK).await?;
+    let token = login["token"]
+        .as_str()
+        .context("no token in the login answer")?
+        .to_owned();
+    let user_id = login["user"]["id"]
+        .as_u64()
+        .context("no user id in the login answer")?;
+    let project = http
+        .post(format!("{platform}/api/v1/projects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Bench"}))
+        .send()
+        .await?;
+    let project = json_of(project, "create project", StatusCode::CREATED).await?;
+    let project_id = project["project"]["id"].as_u64().context("no project id")?;
+
+    let pool = mysql_async::Pool::new(db_url);
+    let route = opencloud_control::sessions::register_external(
+        &pool,
+        user_id,
+        project_id,
+        "127.0.0.1",
+        upstream_port,
+        upstream_token,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("register_external: {e}"))?;
+    pool.disconnect().await?;
+    let sid = route.sid;
+    let host = format!("{sid}.nb.localhost:{port}");
+    let origin = format!("http://{host}");
+    let http = client(gateway, Some(&sid))?;
+
+    // The route reaches the gateway through control's watch stream.
+    let started = Instant::now();
+    loop {
+        let status = http
+            .get(format!("{origin}/api/status"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .status();
+        if status != StatusCode::NOT_FOUND && status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the session route did not reach the gateway in 20 s (last status {status})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let info = http
+        .get(format!("{platform}/api/v1/sessions/{sid}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    let info = json_of(info, "get session", StatusCode::OK).await?;
+    let url = info["url"]
+        .as_str()
+        .with_context(|| format!("no enter url in {info}"))?;
+    let cookie = enter(&http, url).await?;
+
+    if !websocket_upstream {
+        let check = http
+            .get(format!("{origin}/"))
+            .header("cookie", &cookie)
+            .send()
+            .await?;
+        if check.status() != StatusCode::OK {
+            bail!("GET / with the session cookie answered {}", check.status());
+        }
+    }
+    println!("SID={sid}");
+    println!("HOST={host}");
+    println!("COOKIE={cookie}");
+    Ok(())
+}
+
+/// GETs an enter URL; returns the `oc_s=…` pair it sets.
+async fn enter(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let r = http.get(url).send().await?;
+    if r.status() != StatusCode::FOUND {
+        bail!(
+            "enter answered {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    if r.headers().get(LOCATION).and_then(|v| v.to_str().ok()) != Some("/lab") {
+        bail!("enter did not send the browser to /lab");
+    }
+    let set_cookie = r
+        .headers()
+        .get(SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .context("enter set no cookie")?;
+    let pair = set_cookie
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if !pair.starts_with("oc_s=") {
+        bail!("enter set {set_cookie}, not oc_s");
+    }
+    Ok(pair)
+}
+
+/// Enters `sid` with a ticket signed here (for a gateway whose control is a
+/// stand-in, as in `bench/routes`).
+pub async fn enter_with_signed_ticket(
+    gateway: SocketAddr,
+    host: &str,
+    keys: &Keyring,
+    user_id: u64,
+    login_session: &str,
+    sid: &str,
+) -> anyhow::Result<String> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let ticket = token::sign(keys, &Claims::ticket(user_id, login_session, sid, now));
+    let name = host.split(':').next().unwrap_or(host);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(name, gateway)
+        .build()?;
+    enter(&http, &format!("http://{host}/_oc/enter?ticket={ticket}")).await
+}
