@@ -5,12 +5,14 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use mysql_async::prelude::*;
-use mysql_async::Pool;
+use mysql_async::{Pool, Transaction};
+use opencloud_protocol::routes::Change;
 use rand::RngCore;
 use serde::Serialize;
 
 use crate::config::LoginPolicy;
 use crate::error::AppError;
+use crate::routes;
 
 pub const PASSWORD_MIN_CHARS: usize = 10;
 pub const PASSWORD_MAX_CHARS: usize = 256;
@@ -458,19 +460,64 @@ pub async fn extend_login_session(pool: &Pool, login_session: &str) -> Result<()
     Ok(())
 }
 
+/// Revokes one login session (logout) and publishes the revocation to the
+/// gateways in the same transaction.
 pub async fn revoke_login_session(
     pool: &Pool,
     login_session: &str,
     reason: &str,
 ) -> Result<(), AppError> {
-    pool.get_conn()
-        .await?
-        .exec_drop(
-            "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = ?
-             WHERE id = ? AND revoked_at IS NULL",
-            (reason, login_session),
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(Default::default()).await?;
+    revoke_where(&mut tx, "id = ?", vec![login_session.into()], reason).await?;
+    routes::commit(tx).await
+}
+
+/// Revokes the live login sessions `filter` selects and publishes a
+/// `Revoke` for each whose tokens may still be in use. Publishes last, so
+/// call it after the transaction's other writes.
+async fn revoke_where(
+    tx: &mut Transaction<'_>,
+    filter: &str,
+    params: Vec<mysql_async::Value>,
+    reason: &str,
+) -> Result<(), AppError> {
+    let rows: Vec<(String, u64)> = tx
+        .exec(
+            format!(
+                "SELECT id, TIMESTAMPDIFF(SECOND, '1970-01-01', expires_at) FROM login_sessions
+                 WHERE {filter} AND revoked_at IS NULL FOR UPDATE"
+            ),
+            params,
         )
         .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let marks = vec!["?"; rows.len()].join(", ");
+    let mut update: Vec<mysql_async::Value> = vec![reason.into()];
+    update.extend(
+        rows.iter()
+            .map(|(id, _)| mysql_async::Value::from(id.as_str())),
+    );
+    tx.exec_drop(
+        format!(
+            "UPDATE login_sessions SET revoked_at = UTC_TIMESTAMP(6), revoke_reason = ?
+             WHERE id IN ({marks})"
+        ),
+        update,
+    )
+    .await?;
+    let now = crate::now_unix();
+    let changes: Vec<Change> = rows
+        .into_iter()
+        .map(|(id, expires)| routes::revocation(id, expires))
+        .filter(|r| r.expires_at > now)
+        .map(Change::Revoke)
+        .collect();
+    if !changes.is_empty() {
+        routes::publish(tx, &changes).await?;
+    }
     Ok(())
 }
 
@@ -503,14 +550,14 @@ pub async fn change_password(
         (&hash, user_id),
     )
     .await?;
-    tx.exec_drop(
-        "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = 'password_changed'
-         WHERE user_id = ? AND id <> ? AND revoked_at IS NULL",
-        (user_id, keep_login_session),
+    revoke_where(
+        &mut tx,
+        "user_id = ? AND id <> ?",
+        vec![user_id.into(), keep_login_session.into()],
+        "password_changed",
     )
     .await?;
-    tx.commit().await?;
-    Ok(())
+    routes::commit(tx).await
 }
 
 /// One page of users for the admin panel, newest first.
@@ -592,15 +639,16 @@ pub async fn admin_update_user(
         )
         .await?;
         if disabled {
-            tx.exec_drop(
-                "UPDATE login_sessions SET revoked_at = NOW(6), revoke_reason = 'user_disabled'
-                 WHERE user_id = ? AND revoked_at IS NULL",
-                (user_id,),
+            revoke_where(
+                &mut tx,
+                "user_id = ?",
+                vec![user_id.into()],
+                "user_disabled",
             )
             .await?;
         }
     }
-    tx.commit().await?;
+    routes::commit(tx).await?;
     drop(conn);
     user_by_id(pool, user_id)
         .await?

@@ -14,6 +14,9 @@ pub const ENV_PREFIX: &str = "OPENCLOUD_CONTROL";
 /// PBKDF2 rounds below this are refused (OWASP 2023 for PBKDF2-HMAC-SHA256).
 pub const MIN_PBKDF2_ITERATIONS: u32 = 600_000;
 
+/// Gateway keys shorter than this are refused.
+pub const MIN_GATEWAY_KEY_CHARS: usize = 32;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ControlFile {
@@ -24,6 +27,11 @@ struct ControlFile {
     /// Peers whose `X-Forwarded-For` is believed: the gateways.
     #[serde(default)]
     trusted_proxies: Vec<IpAddr>,
+    /// Sessions are served at `{scheme}://{sid}.{session_domain}`.
+    session_domain: String,
+    /// Bearer keys gateways present on the internal listener.
+    #[serde(default)]
+    gateway_keys: Vec<String>,
     listen: ListenFile,
     database: DatabaseFile,
     #[serde(default)]
@@ -98,6 +106,10 @@ pub struct Config {
     /// Scheme, host and port, no trailing slash: `http://localhost:8080`.
     pub public_origin: String,
     pub secure_cookies: bool,
+    /// Host and optional port under which sessions live: `nb.localhost:8080`.
+    pub session_domain: String,
+    /// Keys gateways authenticate with on the internal listener.
+    pub gateway_keys: GatewayKeys,
     pub keys: Keyring,
     pub trusted_proxies: Vec<IpAddr>,
     pub listen_public: SocketAddr,
@@ -107,6 +119,39 @@ pub struct Config {
     pub pool_max: usize,
     pub login: LoginPolicy,
     pub pbkdf2_iterations: u32,
+}
+
+impl Config {
+    /// `{scheme}://{sid}.{session_domain}`: where session `sid` is served.
+    pub fn session_origin(&self, sid: &str) -> String {
+        let scheme = if self.secure_cookies { "https" } else { "http" };
+        format!("{scheme}://{sid}.{}", self.session_domain)
+    }
+}
+
+/// The gateway keys; never printed.
+#[derive(Clone, Default)]
+pub struct GatewayKeys(Vec<String>);
+
+impl GatewayKeys {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when `presented` is one of the keys (compared in constant time,
+    /// and against every key, so timing says nothing about which matched).
+    pub fn accepts(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.iter().fold(false, |found, key| {
+            found | bool::from(key.as_bytes().ct_eq(presented.as_bytes()))
+        })
+    }
+}
+
+impl std::fmt::Debug for GatewayKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GatewayKeys({} key(s))", self.0.len())
+    }
 }
 
 /// How failed logins slow down, per account and client and per client.
@@ -160,6 +205,27 @@ impl Config {
         };
 
         let public_origin = parse_origin(&file.public_url).map_err(|m| invalid("public_url", m))?;
+        let session_domain =
+            parse_session_domain(&file.session_domain).map_err(|m| invalid("session_domain", m))?;
+        if public_origin.split_once("://").map(|(_, host)| host) == Some(session_domain.as_str()) {
+            return Err(invalid(
+                "session_domain",
+                "must differ from the host of public_url (sessions need their own origin)".into(),
+            ));
+        }
+        if let Some(n) = file
+            .gateway_keys
+            .iter()
+            .position(|k| k.chars().count() < MIN_GATEWAY_KEY_CHARS || k.trim() != k)
+        {
+            return Err(invalid(
+                "gateway_keys",
+                format!(
+                    "key #{} must be at least {MIN_GATEWAY_KEY_CHARS} characters, without surrounding spaces",
+                    n + 1
+                ),
+            ));
+        }
         if !file.database.url.starts_with("mysql://") {
             return Err(invalid("database.url", "must start with mysql://".into()));
         }
@@ -195,6 +261,8 @@ impl Config {
         Ok(Self {
             secure_cookies: public_origin.starts_with("https://"),
             public_origin,
+            session_domain,
+            gateway_keys: GatewayKeys(file.gateway_keys),
             keys,
             trusted_proxies: file.trusted_proxies,
             listen_public: file.listen.public,
@@ -234,6 +302,41 @@ fn parse_origin(url: &str) -> Result<String, String> {
         ));
     }
     Ok(trimmed.to_ascii_lowercase())
+}
+
+/// `host[:port]`: DNS labels of letters, digits and hyphens, lower-cased;
+/// no scheme, path or leading dot.
+fn parse_session_domain(raw: &str) -> Result<String, String> {
+    let domain = raw.trim().to_ascii_lowercase();
+    let example = "like nb.example.com or nb.localhost:8080 (no scheme, path or leading dot)";
+    if domain.contains("://") {
+        return Err(format!(
+            "`{raw}` must be a host name without a scheme, {example}"
+        ));
+    }
+    let (host, port) = match domain.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (domain.as_str(), None),
+    };
+    if let Some(port) = port {
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(format!("`{raw}` has a bad port; use a host name {example}"));
+        }
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    // A sid label (26 characters) plus a dot must still fit in a DNS name.
+    if host.is_empty() || host.len() > 253 - 27 || !host.split('.').all(label_ok) {
+        return Err(format!("`{raw}` must be a host name {example}"));
+    }
+    Ok(domain)
 }
 
 #[cfg(test)]
@@ -277,6 +380,68 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("key `public_url`"), "{err}");
+    }
+
+    #[test]
+    fn session_domains_are_host_names_with_an_optional_port() {
+        assert_eq!(
+            parse_session_domain("NB.localhost:8080").unwrap(),
+            "nb.localhost:8080"
+        );
+        assert_eq!(
+            parse_session_domain("nb.example.com").unwrap(),
+            "nb.example.com"
+        );
+        for bad in [
+            "",
+            "http://nb.example.com",
+            ".nb.example.com",
+            "nb.example.com/x",
+            "nb.example.com:0",
+            "nb.example.com:99999",
+            "nb..example.com",
+            "nb_x.example.com",
+            "-nb.example.com",
+            "nb.example.com:",
+            "user@nb.example.com",
+        ] {
+            assert!(parse_session_domain(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn short_gateway_keys_and_a_session_domain_equal_to_the_platform_are_refused() {
+        let dir = temp_dir("gateway-keys");
+        let text =
+            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        let err = Config::from_toml(
+            &path,
+            &text,
+            [(
+                "OPENCLOUD_CONTROL__GATEWAY_KEYS".to_string(),
+                "[\"short\"]".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key `gateway_keys`"), "{err}");
+        let err = Config::from_toml(
+            &path,
+            &text,
+            [(
+                "OPENCLOUD_CONTROL__SESSION_DOMAIN".to_string(),
+                "localhost:8081".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key `session_domain`"), "{err}");
+        let config = Config::from_toml(&path, &text, []).unwrap();
+        assert_eq!(config.session_domain, "nb.localhost:8080");
+        assert!(!config.gateway_keys.is_empty());
+        assert!(!format!("{config:?}").contains("local-development"));
+        assert_eq!(config.session_origin("abc"), "http://abc.nb.localhost:8080");
     }
 
     #[test]

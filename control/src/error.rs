@@ -28,6 +28,12 @@ pub enum AppError {
     Unauthenticated,
     #[error("the email or password is not right")]
     BadCredentials,
+    /// A machine caller (a gateway) without a valid key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Something that existed and is over, like an ended session.
+    #[error("{0}")]
+    Gone(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0} not found")]
@@ -61,7 +67,10 @@ impl AppError {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::Unauthenticated | AppError::BadCredentials => StatusCode::UNAUTHORIZED,
+            AppError::Unauthenticated | AppError::BadCredentials | AppError::Unauthorized(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            AppError::Gone(_) => StatusCode::GONE,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -80,6 +89,8 @@ impl AppError {
             AppError::PayloadTooLarge => "payload_too_large",
             AppError::Unauthenticated => "unauthenticated",
             AppError::BadCredentials => "bad_credentials",
+            AppError::Unauthorized(_) => "unauthorized",
+            AppError::Gone(_) => "gone",
             AppError::Forbidden(_) => "forbidden",
             AppError::NotFound(_) => "not_found",
             AppError::MethodNotAllowed(_) => "method_not_allowed",

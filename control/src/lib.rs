@@ -6,12 +6,16 @@ pub mod accounts;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod hosts;
 pub mod packages;
 pub mod projects;
+pub mod routes;
+pub mod sessions;
 pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mysql_async::Pool;
@@ -26,6 +30,9 @@ pub struct App {
     pub pool: Pool,
     pub passwords: accounts::Passwords,
     pub metrics: PrometheusHandle,
+    /// Turns true when the service is shutting down, so long-lived
+    /// responses (route watch streams) and background jobs end.
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl App {
@@ -36,8 +43,17 @@ impl App {
             pool,
             passwords,
             metrics,
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// Installs the process-wide Prometheus recorder (once).
@@ -82,10 +98,19 @@ pub async fn serve(
         "control listening"
     );
 
-    // One signal fans out to both servers.
+    if app.config.gateway_keys.is_empty() {
+        tracing::warn!(
+            "no gateway_keys configured: the internal route stream refuses every gateway"
+        );
+    }
+    tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
+
+    // One signal fans out to both servers, the watch streams and the jobs.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = app.stopping.clone();
     tokio::spawn(async move {
         shutdown.await;
+        stopping.send_replace(true);
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -145,6 +145,8 @@ pub struct Control {
     pub public: String,
     pub internal: String,
     pub config_path: PathBuf,
+    /// The key gateways present on the internal listener (`gateway_keys`).
+    pub gateway_key: String,
 }
 
 impl Control {
@@ -169,8 +171,11 @@ impl Control {
             .map(|t| format!("\"{t}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        let gateway_key = unique("gateway-key-for-tests-");
+        std::fs::write(dir.join("gateway.key"), &gateway_key)?;
         let config = format!(
             "public_url = \"http://127.0.0.1:{public}\"\nkeys_file = \"keys.toml\"\ntrusted_proxies = [{trusted}]\n\
+             session_domain = \"nb.localhost:{public}\"\ngateway_keys = [\"{gateway_key}\"]\n\
              [listen]\npublic = \"127.0.0.1:{public}\"\ninternal = \"127.0.0.1:{internal}\"\n\
              [database]\nurl = \"{}\"\npool_min = 1\npool_max = 8\n{}",
             db.url, options.extra_config
@@ -194,9 +199,10 @@ impl Control {
             .context("spawn opencloud-control")?;
         let mut control = Self {
             child,
-            dir,
             public: format!("http://127.0.0.1:{public}"),
             internal: format!("http://127.0.0.1:{internal}"),
+            gateway_key: std::fs::read_to_string(dir.join("gateway.key"))?,
+            dir,
             config_path,
         };
         control.wait_healthy().await?;

@@ -12,7 +12,7 @@ use super::{ApiJson, ApiQuery, Ctx};
 use crate::accounts::{self, LoginAttempt, NewUser, Role};
 use crate::error::{ApiError, AppError};
 use crate::packages::{self, PackageInput};
-use crate::{projects, App};
+use crate::{projects, sessions, App};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -28,6 +28,7 @@ pub fn routes() -> Router<App> {
                 .patch(update_project)
                 .delete(delete_project),
         )
+        .route("/sessions/{sid}", get(get_session))
         .route("/packages", get(list_packages))
         .route("/admin/users", get(admin_users))
         .route("/admin/users/{id}", patch(admin_update_user))
@@ -221,6 +222,37 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
     let (user, _) = ctx.require_user()?;
     projects::delete(&app.pool, user.id, parse_id(&id, "project")?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A session and, while it is live, the URL that enters it (with a fresh
+/// ticket, so fetch it right before navigating).
+async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
+    let (user, login_session) = ctx.require_user()?;
+    let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
+    let url = session.is_live().then(|| {
+        sessions::enter_url(
+            &app.config,
+            user.id,
+            login_session,
+            &session.sid,
+            super::now_unix(),
+        )
+    });
+    let ended = (!session.is_live()).then(|| session.end_explanation());
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({
+            "session_id": session.sid,
+            "project_id": session.project_id,
+            "state": session.state,
+            "url": url,
+            "created_at": session.created_at,
+            "ended_at": session.ended_at,
+            "end_reason": session.end_reason,
+            "ended_because": ended,
+        })),
+    )
+        .into_response())
 }
 
 async fn list_packages(State(app): State<App>) -> ApiResult {

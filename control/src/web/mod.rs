@@ -3,10 +3,11 @@
 //! parse input and render output; the domain modules do the work.
 
 mod api;
+mod internal;
 mod pages;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
@@ -26,6 +27,7 @@ use subtle::ConstantTimeEq;
 
 use crate::accounts::{self, User};
 use crate::error::{ApiError, AppError, PageError};
+pub use crate::now_unix;
 use crate::App;
 
 /// Requests larger than this are refused with 413.
@@ -52,10 +54,20 @@ pub fn public_router(app: App) -> Router {
         .with_state(app)
 }
 
+/// Internal reports (host health of 100 000 hosts) are larger than what
+/// browsers send.
+pub const INTERNAL_BODY_LIMIT: usize = 16 << 20;
+
 pub fn internal_router(app: App) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .nest("/internal/v1", internal::routes())
+        .fallback(|| async { ApiError(AppError::NotFound("page")) })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError(AppError::MethodNotAllowed(request.method().to_string()))
+        })
+        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
         .with_state(app)
 }
 
@@ -200,13 +212,6 @@ impl Layout {
     pub fn is_admin(&self) -> bool {
         self.user.as_ref().is_some_and(User::is_admin)
     }
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// The client's address: the peer, or the last `X-Forwarded-For` hop when

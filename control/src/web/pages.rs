@@ -15,6 +15,7 @@ use crate::accounts::{self, LoginAttempt, NewUser, Role, User};
 use crate::error::{AppError, PageError};
 use crate::packages::{self, Package, PackageInput};
 use crate::projects::{self, Project};
+use crate::sessions::{self, Session};
 use crate::App;
 
 pub fn routes() -> Router<App> {
@@ -27,6 +28,7 @@ pub fn routes() -> Router<App> {
         .route("/projects", get(projects_page).post(create_project))
         .route("/projects/{id}", get(project_page).post(update_project))
         .route("/projects/{id}/delete", post(delete_project))
+        .route("/sessions/{sid}/enter", get(enter_session))
         .route("/account", get(account_page))
         .route("/account/password", post(change_password))
         .route("/admin", get(|| async { Redirect::to("/admin/users") }))
@@ -397,6 +399,44 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
     let (user, _) = ctx.require_user()?;
     projects::delete(&app.pool, user.id, parse_id(&id, "project")?).await?;
     see_other("/projects")
+}
+
+// ----- sessions -----
+
+#[derive(Template)]
+#[template(path = "session_ended.html")]
+struct SessionEndedPage {
+    layout: Layout,
+    session: Session,
+    explanation: String,
+}
+
+/// Where the gateway sends a browser without a session cookie: a live
+/// session answers with a redirect to its origin carrying a fresh ticket;
+/// an ended one with a page that says so. Logged-out browsers are sent to
+/// log in first (the 401 becomes a redirect in `platform_context`).
+async fn enter_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
+    let (user, login_session) = ctx.require_user()?;
+    let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
+    if !session.is_live() {
+        let explanation = session.end_explanation();
+        return render(
+            StatusCode::GONE,
+            SessionEndedPage {
+                layout: ctx.layout(),
+                session,
+                explanation,
+            },
+        );
+    }
+    let url = sessions::enter_url(
+        &app.config,
+        user.id,
+        login_session,
+        &session.sid,
+        super::now_unix(),
+    );
+    Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
 }
 
 // ----- account -----

@@ -1,0 +1,130 @@
+//! `/internal/v1/…` on the internal listener, for gateways only: the route
+//! stream, and the health and usage reports gateways send back. Every call
+//! carries `Authorization: Bearer <gateway key>`.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use opencloud_protocol::routes::{Version, WatchMessage};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::{bearer_token, ApiJson, ApiQuery};
+use crate::error::{ApiError, AppError};
+use crate::hosts::{self, HostHealth};
+use crate::sessions::{self, SessionUsage};
+use crate::{routes, App};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/routes/watch", get(watch))
+        .route("/health", post(health))
+        .route("/usage", post(usage))
+}
+
+/// A caller that presented one of the configured gateway keys.
+pub struct Gateway;
+
+impl FromRequestParts<App> for Gateway {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        match bearer_token(&parts.headers) {
+            Some(key) if app.config.gateway_keys.accepts(key) => Ok(Gateway),
+            Some(_) => {
+                metrics::counter!("opencloud_gateway_auth_failures_total").increment(1);
+                Err(ApiError(AppError::Unauthorized(
+                    "the gateway key is not one this control accepts (gateway_keys)".into(),
+                )))
+            }
+            None => Err(ApiError(AppError::Unauthorized(
+                "send the gateway key as Authorization: Bearer <key>".into(),
+            ))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    #[serde(default)]
+    since: Version,
+}
+
+/// Newline-delimited JSON: a snapshot or the deltas after `since`, then
+/// each change as it commits, with heartbeats while idle. The first part
+/// is read before answering, so a database failure is a 503, not a
+/// half-open stream.
+async fn watch(
+    _: Gateway,
+    State(app): State<App>,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+) -> Result<Response, ApiError> {
+    let (first, version) = routes::catch_up(&app.pool, query.since).await?;
+    let (tx, rx) = mpsc::channel::<WatchMessage>(16);
+    let stopping = app.stopping.subscribe();
+    let pool = app.pool.clone();
+    tokio::spawn(async move {
+        let streams = metrics::gauge!("opencloud_route_watch_streams");
+        streams.increment(1.0);
+        routes::follow(pool, version, tx, stopping).await;
+        streams.decrement(1.0);
+    });
+    let following = futures_util::stream::unfold(rx, |mut rx| async move {
+        let message = rx.recv().await?;
+        Some((message, rx))
+    });
+    let lines = futures_util::stream::iter(first)
+        .chain(following)
+        .map(|message| {
+            let mut line = serde_json::to_string(&message).unwrap_or_default();
+            line.push('\n');
+            Ok::<_, Infallible>(line)
+        });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthReport {
+    gateway: String,
+    hosts: Vec<HostHealth>,
+}
+
+async fn health(
+    _: Gateway,
+    State(app): State<App>,
+    ApiJson(report): ApiJson<HealthReport>,
+) -> Result<Response, ApiError> {
+    hosts::record_reachability(&app.pool, &report.gateway, &report.hosts).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageReport {
+    sessions: Vec<SessionUsage>,
+}
+
+async fn usage(
+    _: Gateway,
+    State(app): State<App>,
+    ApiJson(report): ApiJson<UsageReport>,
+) -> Result<Response, ApiError> {
+    sessions::record_usage(&app.pool, &report.sessions, crate::now_unix()).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
