@@ -31,9 +31,6 @@ pub enum AppError {
     /// A machine caller (a gateway) without a valid key.
     #[error("{0}")]
     Unauthorized(String),
-    /// Something that existed and is over, like an ended session.
-    #[error("{0}")]
-    Gone(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0} not found")]
@@ -70,7 +67,6 @@ impl AppError {
             AppError::Unauthenticated | AppError::BadCredentials | AppError::Unauthorized(_) => {
                 StatusCode::UNAUTHORIZED
             }
-            AppError::Gone(_) => StatusCode::GONE,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -90,7 +86,6 @@ impl AppError {
             AppError::Unauthenticated => "unauthenticated",
             AppError::BadCredentials => "bad_credentials",
             AppError::Unauthorized(_) => "unauthorized",
-            AppError::Gone(_) => "gone",
             AppError::Forbidden(_) => "forbidden",
             AppError::NotFound(_) => "not_found",
             AppError::MethodNotAllowed(_) => "method_not_allowed",
