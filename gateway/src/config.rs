@@ -138,29 +138,52 @@ impl Config {
         let (https, platform_host) = match public_origin.split_once("://") {
             Some(("http", host)) => (false, host.to_owned()),
             Some(("https", host)) => (true, host.to_owned()),
-            _ => return Err(invalid("public_url", "must start with http:// or https://".into())),
+            _ => {
+                return Err(invalid(
+                    "public_url",
+                    "must start with http:// or https://".into(),
+                ))
+            }
         };
         if platform_host.is_empty() || platform_host.contains(['/', '?', '#', '@']) {
-            return Err(invalid("public_url", "must be a bare origin like https://opencloud.example".into()));
+            return Err(invalid(
+                "public_url",
+                "must be a bare origin like https://opencloud.example".into(),
+            ));
         }
         let session_domain = file.session_domain.to_ascii_lowercase();
-        if session_domain.is_empty() || session_domain.starts_with('.') || session_domain.contains(['/', '?', '#', '@']) {
+        if session_domain.is_empty()
+            || session_domain.starts_with('.')
+            || session_domain.contains(['/', '?', '#', '@'])
+        {
             return Err(invalid(
                 "session_domain",
                 "must be a host name with an optional port, like nb.example.com (no scheme, no leading dot)".into(),
             ));
         }
         if session_domain == platform_host {
-            return Err(invalid("session_domain", "must differ from the platform origin".into()));
+            return Err(invalid(
+                "session_domain",
+                "must differ from the platform origin".into(),
+            ));
         }
         if file.control.gateway_key.len() < 32 {
-            return Err(invalid("control.gateway_key", "must be at least 32 characters".into()));
+            return Err(invalid(
+                "control.gateway_key",
+                "must be at least 32 characters".into(),
+            ));
         }
         let internal_url = file.control.internal_url.trim_end_matches('/').to_owned();
         if !internal_url.starts_with("http://") && !internal_url.starts_with("https://") {
-            return Err(invalid("control.internal_url", "must start with http:// or https://".into()));
+            return Err(invalid(
+                "control.internal_url",
+                "must start with http:// or https://".into(),
+            ));
         }
-        if file.timeouts.connect_ms == 0 || file.timeouts.read_seconds == 0 || file.timeouts.header_seconds == 0 {
+        if file.timeouts.connect_ms == 0
+            || file.timeouts.read_seconds == 0
+            || file.timeouts.header_seconds == 0
+        {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));

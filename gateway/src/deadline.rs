@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest,
+};
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,7 +28,11 @@ pub struct HeaderDeadline<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         // A reused connection comes back already wrapped: re-arm it for the
         // next request head.
         let stream = if stream.as_any().is::<DeadlineStream>() {
@@ -87,7 +93,11 @@ impl DeadlineStream {
 }
 
 impl AsyncRead for DeadlineStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
                 metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header").increment(1);
@@ -110,7 +120,11 @@ impl AsyncRead for DeadlineStream {
 }
 
 impl AsyncWrite for DeadlineStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -197,7 +211,6 @@ impl Peek for DeadlineStream {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +229,10 @@ mod tests {
         stream.saw(b"\n\r");
         assert!(stream.deadline.is_some());
         stream.saw(b"\nbody");
-        assert!(stream.deadline.is_none(), "armed until the blank line, then released");
+        assert!(
+            stream.deadline.is_none(),
+            "armed until the blank line, then released"
+        );
     }
 
     #[tokio::test]

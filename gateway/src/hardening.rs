@@ -41,7 +41,9 @@ pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
                     return Err(refuse(400, "invalid content-length"));
                 }
                 match content_length {
-                    Some(seen) if seen != part => return Err(refuse(400, "conflicting content-length")),
+                    Some(seen) if seen != part => {
+                        return Err(refuse(400, "conflicting content-length"))
+                    }
                     _ => content_length = Some(part),
                 }
             }
@@ -63,8 +65,14 @@ pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(start, |p| p + 1);
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |p| p + 1);
     &bytes[start..end]
 }
 
@@ -79,8 +87,14 @@ mod tests {
     #[test]
     fn ordinary_requests_pass() {
         assert_eq!(check_raw_head(&head("Content-Length: 5\r\n")), Ok(()));
-        assert_eq!(check_raw_head(&head("Transfer-Encoding: chunked\r\n")), Ok(()));
-        assert_eq!(check_raw_head(&head("Content-Length: 5\r\nContent-Length: 5\r\n")), Ok(()));
+        assert_eq!(
+            check_raw_head(&head("Transfer-Encoding: chunked\r\n")),
+            Ok(())
+        );
+        assert_eq!(
+            check_raw_head(&head("Content-Length: 5\r\nContent-Length: 5\r\n")),
+            Ok(())
+        );
     }
 
     #[test]

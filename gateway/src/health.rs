@@ -22,7 +22,10 @@ pub struct HostHealth(Arc<RwLock<HashMap<u64, bool>>>);
 impl HostHealth {
     /// False only when the host is known to be down.
     pub fn is_up(&self, host: u64) -> bool {
-        self.0.read().map(|m| m.get(&host).copied().unwrap_or(true)).unwrap_or(true)
+        self.0
+            .read()
+            .map(|m| m.get(&host).copied().unwrap_or(true))
+            .unwrap_or(true)
     }
 
     pub fn mark(&self, host: u64, reachable: bool) {
@@ -32,7 +35,10 @@ impl HostHealth {
     }
 
     fn snapshot(&self) -> Vec<(u64, bool)> {
-        self.0.read().map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default()
+        self.0
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -81,7 +87,8 @@ impl HealthChecker {
                 up += usize::from(*reachable);
             }
             metrics::gauge!("opencloud_gateway_hosts", "reachable" => "true").set(up as f64);
-            metrics::gauge!("opencloud_gateway_hosts", "reachable" => "false").set((results.len() - up) as f64);
+            metrics::gauge!("opencloud_gateway_hosts", "reachable" => "false")
+                .set((results.len() - up) as f64);
             self.report(&probe).await;
         }
     }

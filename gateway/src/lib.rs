@@ -44,7 +44,11 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
     // Serve the last good table at once, before control answers.
     let loaded = store.load();
-    tracing::info!(version = loaded.version, sessions = loaded.sessions.len(), "route table loaded from disk");
+    tracing::info!(
+        version = loaded.version,
+        sessions = loaded.sessions.len(),
+        "route table loaded from disk"
+    );
     let routes = table::Routes::new(loaded);
 
     let server_conf = ServerConf {
@@ -77,7 +81,11 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let public = config.listen_public.to_string();
     match &config.tls {
         Some((cert, key)) => proxy_service
-            .add_tls(&public, &cert.display().to_string(), &key.display().to_string())
+            .add_tls(
+                &public,
+                &cert.display().to_string(),
+                &key.display().to_string(),
+            )
             .map_err(|e| anyhow::anyhow!("tls: {e}"))?,
         None => proxy_service.add_tcp(&public),
     }
@@ -122,7 +130,9 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
-            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
         )?
         .install_recorder()?)
 }

@@ -8,7 +8,11 @@ use opencloud_gateway::{build_server, Config};
 #[command(version, about)]
 struct Cli {
     /// Config file (TOML); keys can be overridden with OPENCLOUD_GATEWAY__SECTION__KEY.
-    #[arg(long = "config", default_value = "config/gateway.toml", env = "OPENCLOUD_GATEWAY_CONFIG")]
+    #[arg(
+        long = "config",
+        default_value = "config/gateway.toml",
+        env = "OPENCLOUD_GATEWAY_CONFIG"
+    )]
     config: PathBuf,
     /// Take over the listeners of a running gateway (zero-downtime upgrade).
     #[arg(long)]
@@ -18,7 +22,8 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into()),
         )
         .init();
     let cli = Cli::parse();

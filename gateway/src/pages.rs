@@ -20,7 +20,13 @@ pub fn escape(text: &str) -> String {
 /// A page with a title, a message and an optional link (href, label).
 pub fn page(title: &str, message: &str, link: Option<(&str, &str)>) -> String {
     let link = link
-        .map(|(href, label)| format!("<p><a class=\"btn\" href=\"{}\">{}</a></p>", escape(href), escape(label)))
+        .map(|(href, label)| {
+            format!(
+                "<p><a class=\"btn\" href=\"{}\">{}</a></p>",
+                escape(href),
+                escape(label)
+            )
+        })
         .unwrap_or_default();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\

@@ -18,12 +18,12 @@ use pingora::{Error, ErrorType, Result};
 
 use crate::config::Config;
 use crate::hardening::check_raw_head;
+use crate::health::HostHealth;
 use crate::pages::page;
 use crate::table::Routes;
-use crate::health::HostHealth;
 use crate::tickets::UsedTickets;
-use crate::usage::UsageBook;
 use crate::unix_now;
+use crate::usage::UsageBook;
 
 pub const SESSION_COOKIE: &str = "oc_s";
 const PLATFORM_COOKIE: &str = "oc_session";
@@ -138,7 +138,11 @@ impl Gateway {
         respond(
             session,
             302,
-            &[("set-cookie", cookie.as_str()), ("location", "/lab"), ("cache-control", "no-store")],
+            &[
+                ("set-cookie", cookie.as_str()),
+                ("location", "/lab"),
+                ("cache-control", "no-store"),
+            ],
             String::new(),
         )
         .await
@@ -156,14 +160,16 @@ impl Gateway {
             }
         };
         if let Some(value) = cookie(req, SESSION_COOKIE) {
-            let claims = token::verify(&self.config.keys, value, TokenKind::SessionCookie, now).map_err(|e| e.reason())?;
+            let claims = token::verify(&self.config.keys, value, TokenKind::SessionCookie, now)
+                .map_err(|e| e.reason())?;
             if claims.sid.as_deref() != Some(sid) {
                 return Err("wrong_sid");
             }
             return check(claims);
         }
         if let Some(bearer) = bearer(req) {
-            let claims = token::verify(&self.config.keys, bearer, TokenKind::Platform, now).map_err(|e| e.reason())?;
+            let claims = token::verify(&self.config.keys, bearer, TokenKind::Platform, now)
+                .map_err(|e| e.reason())?;
             return check(claims);
         }
         Err("missing")
@@ -171,7 +177,13 @@ impl Gateway {
 
     async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let Some(sid) = ctx.sid.clone() else {
-            return respond(session, 404, &[], page("Not found", "There is no session at this address.", None)).await;
+            return respond(
+                session,
+                404,
+                &[],
+                page("Not found", "There is no session at this address.", None),
+            )
+            .await;
         };
         if session.req_header().uri.path() == "/_oc/enter" {
             return self.enter(session, &sid).await;
@@ -185,17 +197,37 @@ impl Gateway {
                 }
                 if is_navigation(session.req_header(), ctx.is_upgrade) {
                     let location = self.enter_url(&sid);
-                    return respond(session, 302, &[("location", location.as_str()), ("cache-control", "no-store")], String::new())
-                        .await;
+                    return respond(
+                        session,
+                        302,
+                        &[
+                            ("location", location.as_str()),
+                            ("cache-control", "no-store"),
+                        ],
+                        String::new(),
+                    )
+                    .await;
                 }
-                return respond_text(session, 401, "log in to OpenCloud to use this session\n").await;
+                return respond_text(session, 401, "log in to OpenCloud to use this session\n")
+                    .await;
             }
         };
         ctx.user_id = Some(user);
         let table = self.routes.load();
-        let Some(route) = table.sessions.get(&sid).filter(|s| s.owner == user).cloned() else {
+        let Some(route) = table
+            .sessions
+            .get(&sid)
+            .filter(|s| s.owner == user)
+            .cloned()
+        else {
             // Someone else's session answers exactly like a missing one.
-            return respond(session, 404, &[], page("Not found", "There is no session at this address.", None)).await;
+            return respond(
+                session,
+                404,
+                &[],
+                page("Not found", "There is no session at this address.", None),
+            )
+            .await;
         };
         let back = format!("{}/projects", self.config.public_origin);
         match route.state {
@@ -208,13 +240,21 @@ impl Gateway {
                 return respond(session, 410, &[], html).await;
             }
             SessionState::Stopped => {
-                let html = page("This session has ended", "Open the project again to start a new session.", Some((&back, "Back to my projects")));
+                let html = page(
+                    "This session has ended",
+                    "Open the project again to start a new session.",
+                    Some((&back, "Back to my projects")),
+                );
                 return respond(session, 410, &[], html).await;
             }
             SessionState::Starting | SessionState::Running => {}
         }
         let Some(host) = table.hosts.get(&route.host) else {
-            let html = page("Host unknown", "This session's host is not known to this gateway yet. Try again in a moment.", None);
+            let html = page(
+                "Host unknown",
+                "This session's host is not known to this gateway yet. Try again in a moment.",
+                None,
+            );
             return respond(session, 503, &[], html).await;
         };
         if host.state == HostState::Offline || !self.health.is_up(host.id) {
@@ -251,19 +291,31 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         ctx.is_upgrade = session.is_upgrade_req();
-        if let Some(raw) = session.as_downstream().as_http1().map(|h1| h1.get_headers_raw_bytes()) {
+        if let Some(raw) = session
+            .as_downstream()
+            .as_http1()
+            .map(|h1| h1.get_headers_raw_bytes())
+        {
             if let Err(refusal) = check_raw_head(&raw) {
                 ctx.class = Class::Rejected;
                 metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => refusal.reason).increment(1);
                 session.set_keepalive(None);
-                return respond_text(session, refusal.status, &format!("{}\n", refusal.reason)).await;
+                return respond_text(session, refusal.status, &format!("{}\n", refusal.reason))
+                    .await;
             }
         }
         // An absolute-form target must name the host the request is for.
         if let Some(authority) = session.req_header().uri.authority() {
-            let host_header = session.req_header().headers.get(header::HOST).and_then(|v| v.to_str().ok());
+            let host_header = session
+                .req_header()
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok());
             if host_header.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str())) {
                 ctx.class = Class::Rejected;
                 return respond_text(session, 400, "the request target names another host\n").await;
@@ -277,7 +329,13 @@ impl ProxyHttp for Gateway {
             Class::Platform => {
                 let path = session.req_header().uri.path();
                 if path.starts_with("/internal/") || path == "/metrics" {
-                    return respond(session, 404, &[], page("Not found", "There is nothing at this address.", None)).await;
+                    return respond(
+                        session,
+                        404,
+                        &[],
+                        page("Not found", "There is nothing at this address.", None),
+                    )
+                    .await;
                 }
                 Ok(false)
             }
@@ -289,11 +347,22 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let mut peer = match (ctx.class, &ctx.upstream) {
             (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
-            (Class::Session, Some((address, port))) => HttpPeer::new((address.as_str(), *port), false, String::new()),
-            _ => return Err(Error::explain(ErrorType::InternalError, "no upstream chosen")),
+            (Class::Session, Some((address, port))) => {
+                HttpPeer::new((address.as_str(), *port), false, String::new())
+            }
+            _ => {
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "no upstream chosen",
+                ))
+            }
         };
         peer.options.connection_timeout = Some(self.config.connect_timeout);
         // WebSockets may stay quiet for long; HTTP answers must come in time.
@@ -311,7 +380,12 @@ impl ProxyHttp for Gateway {
         remove_connection_listed(upstream);
         let proto = if self.config.https { "https" } else { "http" };
         if let Some(ip) = ctx.client_ip {
-            let forwarded = match session.req_header().headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let forwarded = match session
+                .req_header()
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(earlier) if ctx.class == Class::Platform => format!("{earlier}, {ip}"),
                 _ => ip.to_string(),
             };
@@ -328,7 +402,12 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, response: &mut ResponseHeader, ctx: &mut Self::CTX) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
         if ctx.is_upgrade && response.status.as_u16() == 101 {
             metrics::gauge!("opencloud_gateway_active_websockets").increment(1.0);
         }
@@ -351,7 +430,13 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Self::CTX, e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        e: Box<Error>,
+    ) -> Box<Error> {
         // Passive health: the next request learns at once that the host is down.
         if let Some(host) = ctx.upstream_host {
             self.health.mark(host, false);
@@ -359,17 +444,39 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let (code, title, message) = match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectError
+            | ErrorType::ConnectNoRoute => {
                 metrics::counter!("opencloud_gateway_upstream_connect_errors_total", "class" => ctx.class.label()).increment(1);
-                (502, "Not answering", "The server behind this address is not answering. Try again in a moment.")
+                (
+                    502,
+                    "Not answering",
+                    "The server behind this address is not answering. Try again in a moment.",
+                )
             }
             ErrorType::ReadTimedout => (504, "Timed out", "The server took too long to answer."),
-            ErrorType::HTTPStatus(code) => (*code, "Request refused", "The request could not be handled."),
+            ErrorType::HTTPStatus(code) => (
+                *code,
+                "Request refused",
+                "The request could not be handled.",
+            ),
             _ => match e.esource() {
-                pingora::ErrorSource::Downstream => (400, "Bad request", "The request could not be read."),
-                _ => (502, "Upstream error", "The server behind this address failed to answer."),
+                pingora::ErrorSource::Downstream => {
+                    (400, "Bad request", "The request could not be read.")
+                }
+                _ => (
+                    502,
+                    "Upstream error",
+                    "The server behind this address failed to answer.",
+                ),
             },
         };
         if ctx.class == Class::Session && code >= 500 {
@@ -383,7 +490,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
         if let (Class::Session, Some(sid), Some(_)) = (ctx.class, &ctx.sid, ctx.upstream_host) {
             let bytes_in = session.body_bytes_read() as u64;
             let bytes_out = session.body_bytes_sent() as u64;
@@ -440,7 +550,12 @@ fn is_navigation(req: &RequestHeader, upgrade: bool) -> bool {
     if upgrade || req.method != http::Method::GET {
         return false;
     }
-    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     match header("sec-fetch-mode") {
         "" => header("accept").contains("text/html"),
         mode => mode == "navigate",
@@ -457,7 +572,11 @@ fn strip_cookies(req: &mut RequestHeader, names: &[&str]) -> Result<()> {
         .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|pair| !pair.is_empty())
-        .filter(|pair| !names.iter().any(|n| pair.split_once('=').map(|(k, _)| k) == Some(*n)))
+        .filter(|pair| {
+            !names
+                .iter()
+                .any(|n| pair.split_once('=').map(|(k, _)| k) == Some(*n))
+        })
         .map(str::to_owned)
         .collect();
     req.remove_header(&header::COOKIE);
@@ -492,7 +611,12 @@ fn sets_domain(set_cookie: &[u8]) -> bool {
 }
 
 /// Writes a complete response and ends the request.
-async fn respond(session: &mut Session, status: u16, headers: &[(&str, &str)], html: String) -> Result<bool> {
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    headers: &[(&str, &str)],
+    html: String,
+) -> Result<bool> {
     let body = Bytes::from(html);
     let mut response = ResponseHeader::build(status, Some(headers.len() + 3))?;
     if !body.is_empty() {
@@ -502,7 +626,9 @@ async fn respond(session: &mut Session, status: u16, headers: &[(&str, &str)], h
     for (name, value) in headers {
         response.append_header(name.to_string(), value.to_string())?;
     }
-    session.write_response_header(Box::new(response), body.is_empty()).await?;
+    session
+        .write_response_header(Box::new(response), body.is_empty())
+        .await?;
     if !body.is_empty() {
         session.write_response_body(Some(body), true).await?;
     }
@@ -514,7 +640,9 @@ async fn respond_text(session: &mut Session, status: u16, text: &str) -> Result<
     let mut response = ResponseHeader::build(status, Some(2))?;
     response.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    session.write_response_header(Box::new(response), false).await?;
+    session
+        .write_response_header(Box::new(response), false)
+        .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
 }
@@ -528,13 +656,17 @@ mod tests {
         assert!(sets_domain(b"a=1; Path=/; Domain=nb.localhost"));
         assert!(sets_domain(b"a=1; domain=.x"));
         assert!(!sets_domain(b"_xsrf=1; Path=/"));
-        assert!(!sets_domain(b"domain=1; Path=/"), "a cookie named domain is fine");
+        assert!(
+            !sets_domain(b"domain=1; Path=/"),
+            "a cookie named domain is fine"
+        );
     }
 
     #[test]
     fn platform_and_session_cookies_are_stripped_and_others_kept() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("cookie", "oc_s=x; _xsrf=abc; oc_session=y; theme=dark").unwrap();
+        req.insert_header("cookie", "oc_s=x; _xsrf=abc; oc_session=y; theme=dark")
+            .unwrap();
         strip_cookies(&mut req, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
         assert_eq!(req.headers["cookie"], "_xsrf=abc; theme=dark");
     }
@@ -542,7 +674,8 @@ mod tests {
     #[test]
     fn connection_listed_headers_are_removed_but_upgrade_stays() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("connection", "Upgrade, X-Secret").unwrap();
+        req.insert_header("connection", "Upgrade, X-Secret")
+            .unwrap();
         req.insert_header("x-secret", "1").unwrap();
         req.insert_header("upgrade", "websocket").unwrap();
         remove_connection_listed(&mut req);

@@ -47,7 +47,9 @@ impl Store {
         if let Ok(file) = File::open(self.dir.join(LOG)) {
             for line in BufReader::new(file).lines() {
                 let Ok(line) = line else { break };
-                let Ok(delta) = serde_json::from_str::<Delta>(&line) else { break };
+                let Ok(delta) = serde_json::from_str::<Delta>(&line) else {
+                    break;
+                };
                 if delta.version <= table.version {
                     continue;
                 }
@@ -82,7 +84,12 @@ impl Store {
         let log = match &mut self.log {
             Some(log) => log,
             None => {
-                self.log = Some(OpenOptions::new().create(true).append(true).open(self.dir.join(LOG))?);
+                self.log = Some(
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.dir.join(LOG))?,
+                );
                 self.log.as_mut().expect("just set")
             }
         };
@@ -122,7 +129,12 @@ mod tests {
             store.append(&delta(v), &table).unwrap();
         }
         // A torn line at the end is ignored.
-        OpenOptions::new().append(true).open(dir.join(LOG)).unwrap().write_all(b"{\"vers").unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(dir.join(LOG))
+            .unwrap()
+            .write_all(b"{\"vers")
+            .unwrap();
         let loaded = Store::open(&dir).unwrap().load();
         assert_eq!(loaded.version, 4);
         assert!(loaded.is_revoked("ls1") && loaded.is_revoked("ls4"));

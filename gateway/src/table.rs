@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use imbl::HashMap;
-use opencloud_protocol::routes::{Change, Delta, HostRoute, Revocation, SessionRoute, Snapshot, Version};
+use opencloud_protocol::routes::{
+    Change, Delta, HostRoute, Revocation, SessionRoute, Snapshot, Version,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
@@ -30,7 +32,11 @@ impl RouteTable {
     pub fn from_snapshot(snapshot: Snapshot) -> Self {
         Self {
             version: snapshot.version,
-            hosts: snapshot.hosts.into_iter().map(|h| (h.id, Arc::new(h))).collect(),
+            hosts: snapshot
+                .hosts
+                .into_iter()
+                .map(|h| (h.id, Arc::new(h)))
+                .collect(),
             sessions: snapshot
                 .sessions
                 .into_iter()
@@ -79,13 +85,15 @@ impl RouteTable {
                     next.hosts.remove(id);
                 }
                 Change::UpsertSession(session) => {
-                    next.sessions.insert(session.sid.clone(), Arc::new(session.clone()));
+                    next.sessions
+                        .insert(session.sid.clone(), Arc::new(session.clone()));
                 }
                 Change::RemoveSession { sid } => {
                     next.sessions.remove(sid);
                 }
                 Change::Revoke(r) => {
-                    next.revocations.insert(r.login_session.clone(), r.expires_at);
+                    next.revocations
+                        .insert(r.login_session.clone(), r.expires_at);
                 }
             }
         }
@@ -190,10 +198,18 @@ mod tests {
         assert_eq!(two.sessions["s1"].state, SessionState::Lost);
         assert!(two.is_revoked("ls"));
         assert_eq!(
-            two.apply(&Delta { version: 4, changes: vec![] }).unwrap_err(),
+            two.apply(&Delta {
+                version: 4,
+                changes: vec![]
+            })
+            .unwrap_err(),
             OutOfOrder { have: 2, got: 4 }
         );
-        assert!(two.without_expired_revocations(100).unwrap().revocations.is_empty());
+        assert!(two
+            .without_expired_revocations(100)
+            .unwrap()
+            .revocations
+            .is_empty());
         assert!(two.without_expired_revocations(99).is_none());
     }
 

@@ -10,7 +10,10 @@ pub struct UsedTickets(Arc<Mutex<HashMap<String, u64>>>);
 impl UsedTickets {
     /// True the first time `ticket` is seen; false on any reuse.
     pub fn first_use(&self, ticket: &str, expires_at: u64, now: u64) -> bool {
-        let mut used = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut used = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if used.len() > 1024 {
             used.retain(|_, expiry| *expiry > now);
         }

@@ -42,7 +42,12 @@ impl UsageBook {
     /// Puts back a batch that could not be delivered.
     fn restore(&self, batch: Vec<SessionUsage>) {
         for usage in batch {
-            self.record(&usage.sid, usage.last_activity, usage.bytes_in, usage.bytes_out);
+            self.record(
+                &usage.sid,
+                usage.last_activity,
+                usage.bytes_in,
+                usage.bytes_out,
+            );
         }
     }
 }
@@ -74,7 +79,9 @@ impl UsageReporter {
             let sent = http
                 .post(format!("{}/internal/v1/usage", self.control_url))
                 .bearer_auth(&self.gateway_key)
-                .json(&UsageReport { sessions: batch.clone() })
+                .json(&UsageReport {
+                    sessions: batch.clone(),
+                })
                 .send()
                 .await;
             match sent {
@@ -98,7 +105,15 @@ mod tests {
         book.record("b", 7, 0, 0);
         let mut batch = book.drain();
         batch.sort_by(|x, y| x.sid.cmp(&y.sid));
-        assert_eq!(batch[0], SessionUsage { sid: "a".into(), last_activity: 10, bytes_in: 101, bytes_out: 1002 });
+        assert_eq!(
+            batch[0],
+            SessionUsage {
+                sid: "a".into(),
+                last_activity: 10,
+                bytes_in: 101,
+                bytes_out: 1002
+            }
+        );
         assert!(book.drain().is_empty());
         book.restore(batch);
         assert_eq!(book.drain().len(), 2);

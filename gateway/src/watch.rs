@@ -47,7 +47,10 @@ impl Watcher {
         let since = self.routes.load().version;
         let mut response = self
             .http
-            .get(format!("{}/internal/v1/routes/watch?since={since}", self.url))
+            .get(format!(
+                "{}/internal/v1/routes/watch?since={since}",
+                self.url
+            ))
             .bearer_auth(&self.gateway_key)
             .send()
             .await?;
@@ -93,7 +96,8 @@ impl Watcher {
                 }
                 table
             }
-            WatchMessage::Heartbeat { .. } => match current.without_expired_revocations(unix_now()) {
+            WatchMessage::Heartbeat { .. } => match current.without_expired_revocations(unix_now())
+            {
                 Some(table) => table,
                 None => {
                     mark_updated();
@@ -108,5 +112,6 @@ impl Watcher {
 }
 
 fn mark_updated() {
-    metrics::gauge!("opencloud_gateway_route_table_last_update_timestamp_seconds").set(unix_now() as f64);
+    metrics::gauge!("opencloud_gateway_route_table_last_update_timestamp_seconds")
+        .set(unix_now() as f64);
 }

@@ -117,14 +117,19 @@ pub enum WatchMessage {
     Snapshot(Snapshot),
     Delta(Delta),
     /// Nothing changed; sent periodically so a dead stream is noticed.
-    Heartbeat { version: Version },
+    Heartbeat {
+        version: Version,
+    },
 }
 
 /// A session id: 26 characters of lowercase base32, 128 random bits.
 /// Lowercase and fixed-length so it is a valid DNS label and no sid is a
 /// prefix of another.
 pub fn is_valid_sid(sid: &str) -> bool {
-    sid.len() == SID_LEN && sid.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+    sid.len() == SID_LEN
+        && sid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
 }
 
 pub const SID_LEN: usize = 26;
@@ -193,7 +198,10 @@ mod tests {
         });
         let line = serde_json::to_string(&message).unwrap();
         assert!(!line.contains('\n'));
-        assert_eq!(serde_json::from_str::<WatchMessage>(&line).unwrap(), message);
+        assert_eq!(
+            serde_json::from_str::<WatchMessage>(&line).unwrap(),
+            message
+        );
     }
 
     #[test]

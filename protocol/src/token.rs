@@ -73,7 +73,12 @@ impl Claims {
     }
 
     /// A ticket to enter session `sid`, valid for [`TICKET_SECONDS`].
-    pub fn ticket(user_id: u64, login_session: impl Into<String>, sid: impl Into<String>, now: u64) -> Self {
+    pub fn ticket(
+        user_id: u64,
+        login_session: impl Into<String>,
+        sid: impl Into<String>,
+        now: u64,
+    ) -> Self {
         Self {
             kind: TokenKind::Ticket,
             user_id,
