@@ -1,9 +1,11 @@
 //! Debian's Chromium driven through chromedriver (WebDriver), headless.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
@@ -27,7 +29,10 @@ impl Browser {
             }
         }
         let port = free_port();
+        // Its own process group, which Chromium joins: a test that panics
+        // before `close` still takes the browser down in `Drop`.
         let driver = Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -124,21 +129,105 @@ impl Browser {
         }
     }
 
+    /// Waits until the full current URL satisfies `ready`; `what` names the
+    /// expectation in the error. For navigations that keep the path (a form
+    /// that posts back to its own page, a search).
+    pub async fn wait_for_url(
+        &self,
+        what: &str,
+        ready: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.client.current_url().await?;
+            if ready(now.as_str()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("expected a URL {what}, still on {now}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for an element matching `css` to exist.
+    pub async fn wait_for(&self, css: &str) -> anyhow::Result<Element> {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(15))
+            .for_element(Locator::Css(css))
+            .await
+            .with_context(|| format!("no element matches {css}"))
+    }
+
+    /// The current value of the input or textarea matching `css`.
+    pub async fn value(&self, css: &str) -> anyhow::Result<String> {
+        Ok(self
+            .wait_for(css)
+            .await?
+            .prop("value")
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// How many elements match `css` right now.
+    pub async fn count(&self, css: &str) -> anyhow::Result<usize> {
+        Ok(self.client.find_all(Locator::Css(css)).await?.len())
+    }
+
+    /// Fills and submits the login form on the current page. The caller
+    /// waits for what should follow (the next page, or an error).
+    pub async fn submit_login(&self, email: &str, password: &str) -> anyhow::Result<()> {
+        self.fill("form[action='/login'] #email", email).await?;
+        self.fill("form[action='/login'] #password", password)
+            .await?;
+        self.click("form[action='/login'] button[type=submit]")
+            .await
+    }
+
+    /// Clicks "Log out" in the top bar and waits for the home page.
+    pub async fn log_out(&self) -> anyhow::Result<()> {
+        self.click("header.topbar form[action='/logout'] button")
+            .await?;
+        self.wait_for_path("/").await?;
+        // The top bar offers to log in again once the cookie is gone.
+        self.wait_for("header.topbar a[href='/login']").await?;
+        Ok(())
+    }
+
     pub async fn page_source(&self) -> anyhow::Result<String> {
         Ok(self.client.source().await?)
     }
 
-    pub async fn close(mut self) {
+    /// Ends the session cleanly; `Drop` then stops chromedriver.
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // chromedriver and the Chromium it started share this group. The
+        // driver is not reaped yet, so its id cannot name another group.
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
+/// Opens `{base}/login` and logs in through the form. Waits for nothing:
+/// a good login goes on to `/projects`, a refused one stays on `/login`.
+pub async fn login_in_browser(
+    browser: &Browser,
+    base: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    browser.goto(&format!("{base}/login")).await?;
+    browser.submit_login(email, password).await
 }
