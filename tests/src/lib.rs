@@ -5,6 +5,10 @@
 //! This is the only place that knows ports, paths and processes.
 
 pub mod browser;
+pub mod gateway;
+pub mod jupyter;
+pub mod kernel;
+pub mod upstream;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -136,6 +140,8 @@ pub struct ControlOptions {
     pub extra_config: String,
     /// `trusted_proxies`; loopback by default so tests can play gateway.
     pub trusted_proxies: Option<Vec<String>>,
+    /// Environment overrides for the control process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running control process and what it needs.
@@ -193,6 +199,7 @@ impl Control {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,mysql_async=warn")
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -1,0 +1,193 @@
+//! The gateway in front of control, as users meet them: the platform at
+//! `http://localhost:PORT`, sessions at `http://{sid}.nb.localhost:PORT`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{binary, free_port, unique, Control, ControlOptions, TestDatabase};
+
+pub struct GatewayProcess {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+impl GatewayProcess {
+    /// Writes the config for a gateway in front of `control` on `port`.
+    pub fn prepare(control: &Control, port: u16) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique("oc-gateway-"));
+        std::fs::create_dir_all(dir.join("state"))?;
+        std::fs::copy(control.dir.join("keys.toml"), dir.join("keys.toml"))?;
+        let metrics_port = free_port();
+        let control_public = control.public.trim_start_matches("http://");
+        let config = format!(
+            "name = \"test-gateway\"\npublic_url = \"http://localhost:{port}\"\n\
+             session_domain = \"nb.localhost:{port}\"\nkeys_file = \"keys.toml\"\nstate_dir = \"state\"\n\
+             [listen]\npublic = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+             [control]\npublic = \"{control_public}\"\ninternal_url = \"{}\"\ngateway_key = \"{}\"\n\
+             [timeouts]\nread_seconds = 5\n",
+            control.internal, control.gateway_key
+        );
+        let config_path = dir.join("gateway.toml");
+        std::fs::write(&config_path, config)?;
+        Ok(Self {
+            child: None,
+            dir,
+            config_path,
+            port,
+            metrics_port,
+        })
+    }
+
+    /// Starts (or restarts) the gateway and waits for its listener.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("gateway.log"))?;
+        let child = Command::new(binary("opencloud-gateway"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn opencloud-gateway")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("gateway exited with {status}:\n{}", self.log());
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway did not listen in 30 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The platform origin as the browser sees it.
+    pub fn platform(&self) -> String {
+        format!("http://localhost:{}", self.port)
+    }
+
+    pub fn session_origin(&self, sid: &str) -> String {
+        format!("http://{sid}.nb.localhost:{}", self.port)
+    }
+
+    /// A client that reaches `localhost` and the given session hosts through
+    /// this gateway (Rust's resolver does not map `*.localhost`).
+    pub fn client(&self, sids: &[&str], cookies: bool) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .cookie_store(cookies)
+            .resolve("localhost", self.addr());
+        for sid in sids {
+            builder = builder.resolve(&format!("{sid}.nb.localhost"), self.addr());
+        }
+        builder.build().expect("http client")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Control and a gateway in front of it, on a fresh database.
+pub struct GatewayStack {
+    pub gateway: GatewayProcess,
+    pub control: Option<Control>,
+    pub db: TestDatabase,
+}
+
+impl GatewayStack {
+    pub async fn start() -> anyhow::Result<Self> {
+        let db = TestDatabase::create().await?;
+        let port = free_port();
+        let options = ControlOptions {
+            env: vec![
+                (
+                    "OPENCLOUD_CONTROL__PUBLIC_URL".into(),
+                    format!("http://localhost:{port}"),
+                ),
+                (
+                    "OPENCLOUD_CONTROL__SESSION_DOMAIN".into(),
+                    format!("nb.localhost:{port}"),
+                ),
+            ],
+            ..Default::default()
+        };
+        let control = Control::start(&db, &options).await?;
+        let mut gateway = GatewayProcess::prepare(&control, port)?;
+        gateway.start().await?;
+        Ok(Self {
+            gateway,
+            control: Some(control),
+            db,
+        })
+    }
+
+    pub fn control(&self) -> &Control {
+        self.control.as_ref().expect("control is running")
+    }
+}

@@ -1,0 +1,70 @@
+//! A raw Jupyter kernel-channel client: one `execute_request` on the shell
+//! channel over the kernel WebSocket, reading iopub until the result.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Connects to `url` (ws://…) through `connect_to` (the gateway's address),
+/// sending `cookie`, runs `code` and returns the `text/plain` result.
+pub async fn execute(
+    url: &str,
+    connect_to: std::net::SocketAddr,
+    cookie: &str,
+    code: &str,
+) -> anyhow::Result<String> {
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("cookie", cookie.parse()?);
+    let origin = url.replacen("ws://", "http://", 1);
+    let origin = origin.split('/').take(3).collect::<Vec<_>>().join("/");
+    request.headers_mut().insert("origin", origin.parse()?);
+    let tcp = tokio::net::TcpStream::connect(connect_to).await?;
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .context("websocket handshake through the gateway")?;
+    if response.status().as_u16() != 101 {
+        bail!("handshake answered {}", response.status());
+    }
+    let msg_id = format!("exec-{}", rand::random::<u32>());
+    let message = json!({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
+                   "session": "e2e", "date": "2026-01-01T00:00:00Z", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": false, "store_history": false,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true}
+    });
+    ws.send(Message::Text(message.to_string().into())).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| anyhow!("no result for {code:?} within 60 s"))?
+            .ok_or_else(|| anyhow!("websocket closed"))??;
+        let Message::Text(text) = next else { continue };
+        let reply: Value = serde_json::from_str(&text)?;
+        if reply["parent_header"]["msg_id"] != msg_id.as_str() {
+            continue;
+        }
+        match reply["header"]["msg_type"].as_str() {
+            Some("execute_result") => {
+                return Ok(reply["content"]["data"]["text/plain"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned());
+            }
+            Some("stream") => {
+                return Ok(reply["content"]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_end()
+                    .to_owned())
+            }
+            Some("error") => bail!("kernel error: {}", reply["content"]),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,526 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+//! Through the gateway to a real `jupyter server`: entering a session, API
+//! and kernel WebSocket traffic, who gets what, revocation, resilience.
+
+use std::time::{Duration, Instant};
+
+use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::jupyter::JupyterServer;
+use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::{kernel, unique, PASSWORD};
+use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// A user with a project and a session pointing at `port`.
+struct Fixture {
+    stack: GatewayStack,
+    token: String,
+    user_id: u64,
+    sid: String,
+}
+
+async fn login(stack: &GatewayStack, email: &str) -> (String, u64) {
+    let http = stack.gateway.client(&[], false);
+    let platform = stack.gateway.platform();
+    let r = http
+        .post(format!("{platform}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Gateway User"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "register through the gateway"
+    );
+    let body: Value = http
+        .post(format!("{platform}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        body["token"].as_str().unwrap().to_owned(),
+        body["user"]["id"].as_u64().unwrap(),
+    )
+}
+
+impl Fixture {
+    async fn new(upstream_port: u16, upstream_token: &str) -> Self {
+        let stack = GatewayStack::start().await.unwrap();
+        let (token, user_id) = login(&stack, &format!("{}@example.com", unique("gw"))).await;
+        let http = stack.gateway.client(&[], false);
+        let project: Value = http
+            .post(format!("{}/api/v1/projects", stack.gateway.platform()))
+            .bearer_auth(&token)
+            .json(&json!({"name": "Analysis"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let project_id = project["project"]["id"].as_u64().unwrap();
+        let pool = mysql_async::Pool::new(stack.db.url.as_str());
+        let session = opencloud_control::sessions::register_external(
+            &pool,
+            user_id,
+            project_id,
+            "127.0.0.1",
+            upstream_port,
+            upstream_token,
+        )
+        .await
+        .unwrap();
+        pool.disconnect().await.unwrap();
+        let fixture = Self {
+            stack,
+            token,
+            user_id,
+            sid: session.sid,
+        };
+        fixture.wait_for_route().await;
+        fixture
+    }
+
+    fn origin(&self) -> String {
+        self.stack.gateway.session_origin(&self.sid)
+    }
+
+    fn client(&self, cookies: bool) -> reqwest::Client {
+        self.stack.gateway.client(&[&self.sid], cookies)
+    }
+
+    /// Polls until the gateway knows the session (the route stream delivered it).
+    async fn wait_for_route(&self) {
+        let started = Instant::now();
+        loop {
+            let r = self
+                .client(false)
+                .get(format!("{}/api/status", self.origin()))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap();
+            if r.status() != StatusCode::NOT_FOUND {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the route never reached the gateway"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The enter URL control hands out for this session.
+    async fn enter_url(&self) -> String {
+        let body: Value = self
+            .client(false)
+            .get(format!(
+                "{}/api/v1/sessions/{}",
+                self.stack.gateway.platform(),
+                self.sid
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no url in {body}"))
+            .to_owned()
+    }
+
+    /// Enters the session; returns the `oc_s` cookie pair (`oc_s=…`).
+    async fn enter(&self) -> String {
+        let url = self.enter_url().await;
+        let r = self.client(false).get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND, "{:?}", r.text().await);
+        assert_eq!(r.headers()[LOCATION], "/lab");
+        let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+        cookie.split(';').next().unwrap().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_gateway() {
+    let jupyter = JupyterServer::start().await.unwrap();
+    let f = Fixture::new(jupyter.port, &jupyter.token).await;
+
+    let url = f.enter_url().await;
+    assert!(
+        url.starts_with(&format!("{}/_oc/enter?ticket=v1.", f.origin())),
+        "{url}"
+    );
+    let r = f.client(false).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(r.headers()[LOCATION], "/lab");
+    let set_cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    for attribute in ["oc_s=v1.", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(
+            set_cookie.contains(attribute),
+            "{attribute} in {set_cookie}"
+        );
+    }
+    assert!(
+        !set_cookie.to_ascii_lowercase().contains("domain"),
+        "host-only: {set_cookie}"
+    );
+    // A ticket works once.
+    assert_eq!(
+        f.client(false).get(&url).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let http = f.client(false);
+    let contents = http
+        .get(format!("{}/api/contents", f.origin()))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(contents.status(), StatusCode::OK);
+    let listing: Value = contents.json().await.unwrap();
+    assert_eq!(listing["type"], "directory");
+
+    // Lab loads, and the upstream token is nowhere in what the browser gets.
+    let lab = http
+        .get(format!("{}/lab", f.origin()))
+        .header("cookie", &cookie)
+        .header(ACCEPT, "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lab.status(), StatusCode::OK);
+    let headers = format!("{:?}", lab.headers());
+    let html = lab.text().await.unwrap();
+    assert!(html.contains("jupyter-config-data"), "a Lab page");
+    assert!(
+        !html.contains(&jupyter.token) && !headers.contains(&jupyter.token),
+        "the upstream token leaked"
+    );
+
+    let kernel: Value = http
+        .post(format!("{}/api/kernels", f.origin()))
+        .header("cookie", &cookie)
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kernel_id = kernel["id"].as_str().unwrap_or_else(|| panic!("{kernel}"));
+    let ws_url = format!(
+        "ws://{}.nb.localhost:{}/api/kernels/{kernel_id}/channels",
+        f.sid, f.stack.gateway.port
+    );
+    let result = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "1+1")
+        .await
+        .unwrap();
+    assert_eq!(result, "2");
+    let printed = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "print(6*7)")
+        .await
+        .unwrap();
+    assert_eq!(printed, "42");
+}
+
+#[tokio::test]
+async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_404() {
+    let (port, _captured) = capture_upstream().await;
+    let f = Fixture::new(port, "upstream-secret").await;
+    let http = f.client(false);
+    let origin = f.origin();
+
+    let page = http
+        .get(format!("{origin}/lab"))
+        .header(ACCEPT, "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::FOUND);
+    assert_eq!(
+        page.headers()[LOCATION],
+        format!("{}/sessions/{}/enter", f.stack.gateway.platform(), f.sid).as_str()
+    );
+    let api = http
+        .get(format!("{origin}/api/contents"))
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
+
+    assert_eq!(
+        http.get(format!("{origin}/api/contents"))
+            .bearer_auth(&f.token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let (stranger, _) = login(&f.stack, &format!("{}@example.com", unique("stranger"))).await;
+    let r = http
+        .get(format!("{origin}/api/contents"))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!("{origin}/lab"))
+        .bearer_auth("v1.k1.forged.sig")
+        .header(ACCEPT, "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FOUND,
+        "a bad token on a page navigation is sent to log in"
+    );
+
+    // A sid that is a prefix of the real one, and unknown hosts.
+    let prefix = &f.sid[..25];
+    let other = f.stack.gateway.client(&[prefix, "evil"], false);
+    let r = other
+        .get(format!(
+            "http://{prefix}.nb.localhost:{}/api/contents",
+            f.stack.gateway.port
+        ))
+        .bearer_auth(&f.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!("http://127.0.0.1:{}/", f.stack.gateway.port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
+
+    // The platform's internal paths are not reachable through the gateway.
+    for path in ["/internal/v1/routes/watch", "/metrics"] {
+        let r = http
+            .get(format!("{}{path}", f.stack.gateway.platform()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    assert!(f.user_id > 0);
+}
+
+#[tokio::test]
+async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
+    let (port, captured) = capture_upstream().await;
+    let f = Fixture::new(port, "upstream-secret-token").await;
+    let cookie = f.enter().await;
+    let r = f
+        .client(false)
+        .get(format!("{}/api/contents", f.origin()))
+        .header(
+            "cookie",
+            format!("{cookie}; oc_session={}; theme=dark", f.token),
+        )
+        .header("connection", "keep-alive, X-Hop-Secret")
+        .header("x-hop-secret", "must not pass")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookies: Vec<String> = r
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        cookies,
+        vec!["kept=2; Path=/".to_string()],
+        "a Set-Cookie with Domain is dropped"
+    );
+    let head = captured.last().to_ascii_lowercase();
+    assert!(
+        head.contains("authorization: token upstream-secret-token"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!(
+            "host: {}.nb.localhost:{}",
+            f.sid, f.stack.gateway.port
+        )),
+        "{head}"
+    );
+    assert!(head.contains("cookie: theme=dark"), "{head}");
+    assert!(
+        !head.contains("oc_s=") && !head.contains("oc_session"),
+        "{head}"
+    );
+    assert!(!head.contains("x-hop-secret"), "{head}");
+    assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http"), "{head}");
+
+    // A bearer platform token is replaced too.
+    f.client(false)
+        .get(format!("{}/api/contents", f.origin()))
+        .bearer_auth(&f.token)
+        .send()
+        .await
+        .unwrap();
+    let head = captured.last();
+    assert!(!head.contains(&f.token), "{head}");
+}
+
+#[tokio::test]
+async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
+    let (port, _captured) = capture_upstream().await;
+    let f = Fixture::new(port, "t").await;
+    let cookie = f.enter().await;
+    let http = f.client(false);
+    let api = format!("{}/api/contents", f.origin());
+    assert_eq!(
+        http.get(&api)
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    let r = http
+        .post(format!("{}/api/v1/auth/logout", f.stack.gateway.platform()))
+        .bearer_auth(&f.token)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let logged_out = Instant::now();
+    loop {
+        let status = http
+            .get(&api)
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            logged_out.elapsed() < Duration::from_secs(10),
+            "the cookie still worked 10 s after logout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = logged_out.elapsed();
+    println!("revoked cookie refused {took:?} after logout");
+    assert_eq!(
+        http.get(&api)
+            .bearer_auth(&f.token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_gateway() {
+    let (port, _captured) = capture_upstream().await;
+    let mut f = Fixture::new(port, "t").await;
+    let cookie = f.enter().await;
+    let api = format!("{}/api/contents", f.origin());
+
+    drop(f.stack.control.take()); // SIGKILL control
+    assert_eq!(
+        f.client(false)
+            .get(&api)
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    f.stack.gateway.stop();
+    f.stack.gateway.start().await.unwrap();
+    let r = f
+        .client(false)
+        .get(&api)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "a restarted gateway serves from its saved table"
+    );
+    // The platform itself is down, and says so clearly.
+    let r = f
+        .client(false)
+        .get(format!("{}/", f.stack.gateway.platform()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert!(r.text().await.unwrap().contains("not answering"));
+}
+
+#[tokio::test]
+async fn a_lost_session_gets_the_clear_page_at_once() {
+    let (port, _captured) = capture_upstream().await;
+    let f = Fixture::new(port, "t").await;
+    let cookie = f.enter().await;
+    let pool = mysql_async::Pool::new(f.stack.db.url.as_str());
+    opencloud_control::sessions::end(
+        &pool,
+        &f.sid,
+        opencloud_protocol::routes::SessionState::Lost,
+        "host_lost",
+    )
+    .await
+    .unwrap();
+    pool.disconnect().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let r = f
+            .client(false)
+            .get(format!("{}/lab", f.origin()))
+            .header("cookie", &cookie)
+            .header(ACCEPT, "text/html")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::GONE {
+            assert!(r.text().await.unwrap().contains("went offline"));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still {} after 10 s",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "lost tombstone served {:?} after the change",
+        started.elapsed()
+    );
+}

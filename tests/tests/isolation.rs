@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+//! Untrusted content served by a session cannot act as the user on the
+//! platform, nor read another session — checked in Chromium.
+
+use std::time::{Duration, Instant};
+
+use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::jupyter::JupyterServer;
+use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::{unique, PASSWORD};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const PROBE: &str = r#"<!doctype html><html><body><pre id="out">running</pre><script>
+async function attempt(url) {
+  try {
+    const r = await fetch(url, {credentials: "include"});
+    return "read " + r.status + " " + (await r.text()).slice(0, 200);
+  } catch (e) {
+    return "blocked " + e;
+  }
+}
+(async () => {
+  const out = {
+    platform: await attempt("PLATFORM/api/v1/me"),
+    other: await attempt("OTHER/api/contents"),
+    cookies: (() => { try { return document.cookie; } catch (e) { return ""; } })(),
+  };
+  document.getElementById("out").textContent = JSON.stringify(out);
+  document.title = "probed";
+})();
+</script></body></html>"#;
+
+#[tokio::test]
+async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
+    let stack = GatewayStack::start().await.unwrap();
+    let jupyter = JupyterServer::start().await.unwrap();
+    let (other_port, other_captured) = capture_upstream().await;
+    let platform = stack.gateway.platform();
+    let email = format!("{}@example.com", unique("iso"));
+    let http = stack.gateway.client(&[], false);
+    http.post(format!("{platform}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Iso"}))
+        .send()
+        .await
+        .unwrap();
+    let login: Value = http
+        .post(format!("{platform}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap().to_owned();
+    let user_id = login["user"]["id"].as_u64().unwrap();
+    let pool = mysql_async::Pool::new(stack.db.url.as_str());
+    let mut sids = Vec::new();
+    for (name, port, upstream_token) in [
+        ("Mine", jupyter.port, jupyter.token.as_str()),
+        ("Other", other_port, "x"),
+    ] {
+        let project: Value = http
+            .post(format!("{platform}/api/v1/projects"))
+            .bearer_auth(&token)
+            .json(&json!({"name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = opencloud_control::sessions::register_external(
+            &pool,
+            user_id,
+            project["project"]["id"].as_u64().unwrap(),
+            "127.0.0.1",
+            port,
+            upstream_token,
+        )
+        .await
+        .unwrap();
+        sids.push(session.sid);
+    }
+    let (mine, other) = (sids[0].clone(), sids[1].clone());
+    let mine_origin = stack.gateway.session_origin(&mine);
+    let other_origin = stack.gateway.session_origin(&other);
+
+    // The probe page goes into the project through the Jupyter contents API.
+    let session_http = stack.gateway.client(&[&mine], false);
+    let probe = PROBE
+        .replace("PLATFORM", &platform)
+        .replace("OTHER", &other_origin);
+    let started = Instant::now();
+    loop {
+        let r = session_http
+            .put(format!("{mine_origin}/api/contents/probe.html"))
+            .bearer_auth(&token)
+            .json(&json!({"type": "file", "format": "text", "content": probe}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::CREATED || r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "could not write the probe: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let browser = Browser::start().await.unwrap();
+    login_in_browser(&browser, &platform, &email, PASSWORD)
+        .await
+        .unwrap();
+    browser.wait_for_path("/projects").await.unwrap();
+    // Enter both sessions, so the browser holds cookies for each origin.
+    for sid in [&other, &mine] {
+        browser
+            .goto(&format!("{platform}/sessions/{sid}/enter"))
+            .await
+            .unwrap();
+        browser.wait_for_path("/lab").await.unwrap();
+    }
+    browser
+        .goto(&format!("{mine_origin}/files/probe.html"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while browser.client.title().await.unwrap() != "probed" {
+        if started.elapsed() > Duration::from_secs(30) {
+            let url = browser.client.current_url().await.unwrap();
+            let source = browser.page_source().await.unwrap_or_default();
+            panic!("the probe did not finish at {url}:\n{source}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out: Value = serde_json::from_str(&browser.text("#out").await.unwrap()).unwrap();
+    println!("probe results: {out}");
+    let platform_result = out["platform"].as_str().unwrap();
+    assert!(
+        platform_result.starts_with("blocked"),
+        "the session read the platform: {platform_result}"
+    );
+    assert!(!platform_result.contains(&email));
+    let other_result = out["other"].as_str().unwrap();
+    assert!(
+        other_result.starts_with("blocked"),
+        "the session read another session: {other_result}"
+    );
+    assert_eq!(out["cookies"], "", "no cookie is readable from script");
+
+    // The same probe from a page of the session origin itself (Lab, not
+    // sandboxed like /files/): the origin boundary alone must hold.
+    browser.goto(&format!("{mine_origin}/lab")).await.unwrap();
+    browser.wait_for_path("/lab").await.unwrap();
+    let script = format!(
+        "const done = arguments[arguments.length - 1];\n\
+         const attempt = async (url) => {{ try {{ const r = await fetch(url, {{credentials: 'include'}}); \
+         return 'read ' + r.status + ' ' + (await r.text()).slice(0, 200); }} catch (e) {{ return 'blocked ' + e; }} }};\n\
+         Promise.all([attempt('{platform}/api/v1/me'), attempt('{other_origin}/api/contents')])\
+           .then(([p, o]) => done(JSON.stringify({{platform: p, other: o, cookies: document.cookie, origin: location.origin}})));"
+    );
+    let raw = browser.client.execute_async(&script, vec![]).await.unwrap();
+    let out: Value = serde_json::from_str(raw.as_str().unwrap()).unwrap();
+    println!("probe from the session origin: {out}");
+    assert_eq!(out["origin"], mine_origin.as_str());
+    assert!(
+        out["platform"].as_str().unwrap().starts_with("blocked"),
+        "{out}"
+    );
+    assert!(
+        out["other"].as_str().unwrap().starts_with("blocked"),
+        "{out}"
+    );
+    let cookies = out["cookies"].as_str().unwrap();
+    assert!(
+        !cookies.contains("oc_s") && !cookies.contains("oc_session"),
+        "our cookies are HttpOnly: {out}"
+    );
+
+    // The other session's upstream never saw the user's credentials.
+    for head in other_captured.heads() {
+        assert!(!head.contains(&token), "{head}");
+        assert!(!head.contains("oc_s="), "{head}");
+    }
+    browser.close().await;
+    pool.disconnect().await.unwrap();
+}
