@@ -431,7 +431,7 @@ mod tests {
             &text,
             [(
                 "OPENCLOUD_CONTROL__SESSION_DOMAIN".to_string(),
-                "localhost:8081".to_string(),
+                "localhost:8080".to_string(),
             )],
         )
         .unwrap_err()
