@@ -85,6 +85,8 @@ enum Command {
     Table {
         #[arg(long, default_value_t = 1_000_000)]
         sessions: usize,
+        #[arg(long, default_value_t = 100_000)]
+        hosts: u64,
         #[arg(long, default_value_t = 20_000)]
         deltas: usize,
     },
@@ -96,6 +98,10 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 1_000_000)]
         sessions: usize,
+        /// Hosts: host 1 is 127.0.0.1 (its health URL is the upstream's),
+        /// the others 127.x.y.z with nothing on their health port.
+        #[arg(long, default_value_t = 100_000)]
+        hosts: u64,
         #[arg(long)]
         upstream_port: u16,
         #[arg(long, default_value_t = 1)]
@@ -171,13 +177,18 @@ fn main() -> anyhow::Result<()> {
             seconds,
             size,
         })),
-        Command::Table { sessions, deltas } => routes::table(sessions, deltas),
+        Command::Table {
+            sessions,
+            hosts,
+            deltas,
+        } => routes::table(sessions, hosts, deltas),
         Command::Snapshot {
             dir,
             sessions,
+            hosts,
             upstream_port,
             owner,
-        } => routes::write_snapshot(&dir, sessions, upstream_port, owner),
+        } => routes::write_snapshot(&dir, sessions, hosts, upstream_port, owner),
         Command::FakeWatch {
             listen,
             upstream_port,

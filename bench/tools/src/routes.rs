@@ -23,8 +23,6 @@ use opencloud_protocol::routes::{
     Snapshot, Version, WatchMessage,
 };
 
-/// Hosts in the generated tables (the architecture's design point).
-const HOSTS: u64 = 100_000;
 /// The version of the generated snapshot.
 pub const SNAPSHOT_VERSION: Version = 1_000_000;
 /// Sids of sessions that deltas add start here, far from the snapshot's.
@@ -36,25 +34,37 @@ fn sid_for(index: u64) -> String {
     sid_from_bytes(mixed.to_be_bytes())
 }
 
-fn host(id: u64) -> HostRoute {
-    let address = if id == 1 {
-        "127.0.0.1".to_owned()
-    } else {
-        format!("10.{}.{}.{}", (id >> 16) & 255, (id >> 8) & 255, id & 255)
-    };
+/// Host 1 is the benchmark's upstream (its health URL answers); the others
+/// are loopback addresses (127.x.y.z) with nothing listening on the health
+/// port, so the gateway's probes stay on this machine and fail at once.
+fn host(id: u64, upstream_port: u16) -> HostRoute {
+    if id == 1 {
+        return HostRoute {
+            id,
+            address: "127.0.0.1".into(),
+            health_url: format!("http://127.0.0.1:{upstream_port}/api/status"),
+            state: HostState::Online,
+        };
+    }
+    let address = format!("127.{}.{}.{}", (id >> 16) & 255, (id >> 8) & 255, id & 255);
     HostRoute {
         id,
-        health_url: format!("http://{address}:7000/healthz"),
+        health_url: format!("http://{address}:9/healthz"),
         address,
         state: HostState::Online,
     }
 }
 
-fn session(index: u64, port: u16) -> SessionRoute {
+/// Session `index` on one of hosts 2..=hosts (host 1 when there is no other).
+fn session(index: u64, port: u16, hosts: u64) -> SessionRoute {
     SessionRoute {
         sid: sid_for(index),
         owner: 2 + index % 500_000,
-        host: 2 + index % (HOSTS - 1),
+        host: if hosts > 1 {
+            2 + index % (hosts - 1)
+        } else {
+            1
+        },
         port,
         // As long as a real one (control mints 32 random bytes, base64).
         upstream_token: format!("{:043}", index),
@@ -67,7 +77,7 @@ fn session(index: u64, port: u16) -> SessionRoute {
 /// keeps its size while deltas stream.
 fn delta_for(version: Version, port: u16) -> Delta {
     let change = if version % 2 == 1 {
-        Change::UpsertSession(session(DELTA_SID_BASE + version, port))
+        Change::UpsertSession(session(DELTA_SID_BASE + version, port, 1))
     } else {
         Change::RemoveSession {
             sid: sid_for(DELTA_SID_BASE + version - 1),
@@ -97,7 +107,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Prints `name value` lines: memory and timings of the table in-process.
-pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
+pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     let n = sessions as u64;
     let rss_before = proc_status_kib("VmRSS:")?;
     let started = Instant::now();
@@ -105,10 +115,12 @@ pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
     // the RSS growth is the table's own.
     let table = RouteTable {
         version: SNAPSHOT_VERSION,
-        hosts: (1..=HOSTS).map(|id| (id, Arc::new(host(id)))).collect(),
+        hosts: (1..=hosts)
+            .map(|id| (id, Arc::new(host(id, 9000))))
+            .collect(),
         sessions: (0..n)
             .map(|i| {
-                let s = session(i, 9000);
+                let s = session(i, 9000, hosts);
                 (s.sid.clone(), Arc::new(s))
             })
             .collect(),
@@ -117,7 +129,7 @@ pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
     let build = started.elapsed();
     let rss_table = proc_status_kib("VmRSS:")?;
     println!("sessions {sessions}");
-    println!("hosts {HOSTS}");
+    println!("hosts {hosts}");
     println!(
         "table_rss_mib {:.0}",
         (rss_table - rss_before) as f64 / 1024.0
@@ -132,11 +144,11 @@ pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
         let change = match k % 3 {
             // Change an existing session (a state or port change).
             0 => {
-                let mut s = session((k * 7919) % n, 9000);
+                let mut s = session((k * 7919) % n, 9000, hosts);
                 s.state = SessionState::Lost;
                 Change::UpsertSession(s)
             }
-            1 => Change::UpsertSession(session(DELTA_SID_BASE + k, 9000)),
+            1 => Change::UpsertSession(session(DELTA_SID_BASE + k, 9000, hosts)),
             _ => Change::RemoveSession {
                 sid: sid_for(DELTA_SID_BASE + k - 1),
             },
@@ -206,6 +218,7 @@ pub fn table(sessions: usize, deltas: usize) -> anyhow::Result<()> {
 pub fn write_snapshot(
     dir: &Path,
     sessions: usize,
+    hosts: u64,
     upstream_port: u16,
     owner: u64,
 ) -> anyhow::Result<()> {
@@ -220,10 +233,10 @@ pub fn write_snapshot(
         upstream_token: "bench-upstream-token".into(),
         state: SessionState::Running,
     });
-    all.extend((1..sessions as u64).map(|i| session(i, 9000)));
+    all.extend((1..sessions as u64).map(|i| session(i, 9000, hosts)));
     let snapshot = Snapshot {
         version: SNAPSHOT_VERSION,
-        hosts: (1..=HOSTS).map(host).collect(),
+        hosts: (1..=hosts).map(|id| host(id, upstream_port)).collect(),
         sessions: all,
         revocations: vec![],
     };
@@ -270,6 +283,8 @@ pub async fn fake_watch(listen: SocketAddr, upstream_port: u16) -> anyhow::Resul
                 format!("{}\n", feed.sent.load(Ordering::Relaxed))
             }),
         )
+        // Health and usage reports from the gateway: accepted, ignored.
+        .fallback(|| async { axum::http::StatusCode::NO_CONTENT })
         .with_state(feed);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     axum::serve(listener, app).await?;

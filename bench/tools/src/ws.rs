@@ -5,18 +5,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Echoes every text and binary message back on the same connection.
+/// Plain HTTP requests (the gateway's host health probe) get `200 ok`.
 pub async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (mut stream, _) = listener.accept().await?;
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
+            match is_upgrade(&stream).await {
+                Some(true) => {}
+                Some(false) => {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                        .await;
+                    return;
+                }
+                None => return,
+            }
             let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                 return;
             };
@@ -31,6 +43,27 @@ pub async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
                 }
             }
         });
+    }
+}
+
+/// Peeks at the request head (without consuming it): is it a WebSocket
+/// upgrade? `None` when the peer went away first.
+async fn is_upgrade(stream: &TcpStream) -> Option<bool> {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        let head = &buf[..n];
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
+            return Some(
+                String::from_utf8_lossy(head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: websocket"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
