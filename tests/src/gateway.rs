@@ -121,6 +121,45 @@ impl GatewayProcess {
             .unwrap_or_default()
     }
 
+    /// Replaces the running gateway with a new process without closing the
+    /// listener: the new one starts with `--upgrade`, the old one gets
+    /// SIGQUIT, hands over its sockets and finishes what it holds.
+    pub async fn upgrade(&mut self) -> anyhow::Result<()> {
+        let mut old = self.child.take().context("no gateway running")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("gateway.log"))?;
+        let new = Command::new(binary("opencloud-gateway"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--upgrade")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn the upgraded gateway")?;
+        self.child = Some(new);
+        // The new process must be waiting on the upgrade socket before the
+        // old one sends its listeners.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Command::new("kill")
+            .args(["-QUIT", &old.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while old.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = old.kill();
+                bail!(
+                    "the old gateway did not exit after SIGQUIT:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
