@@ -524,3 +524,53 @@ async fn a_lost_session_gets_the_clear_page_at_once() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn the_gateway_reports_host_reachability_and_session_usage_to_control() {
+    let (port, _captured) = capture_upstream().await;
+    let f = Fixture::new(port, "t").await;
+    let cookie = f.enter().await;
+    for _ in 0..3 {
+        let r = f
+            .client(false)
+            .post(format!("{}/api/contents", f.origin()))
+            .header("cookie", &cookie)
+            .body("0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let started = Instant::now();
+    loop {
+        let mut conn = f.stack.db.conn().await;
+        let usage: Option<(u64, u64, bool)> = mysql_async::prelude::Queryable::exec_first(
+            &mut conn,
+            "SELECT bytes_in, bytes_out, last_activity_at IS NOT NULL FROM sessions WHERE sid = ?",
+            (&f.sid,),
+        )
+        .await
+        .unwrap();
+        let reachable: Option<bool> = mysql_async::prelude::Queryable::query_first(
+            &mut conn,
+            "SELECT reachable FROM host_reachability WHERE gateway = 'test-gateway'",
+        )
+        .await
+        .unwrap();
+        if let (Some((bytes_in, bytes_out, active)), Some(reachable)) = (usage, reachable) {
+            if bytes_in >= 30 && bytes_out >= 6 && active {
+                assert!(reachable, "the host answers, so it is reported reachable");
+                println!(
+                    "usage and health reached control after {:?}",
+                    started.elapsed()
+                );
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no usage/health report reached control: {usage:?} {reachable:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
