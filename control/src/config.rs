@@ -164,30 +164,13 @@ pub struct LoginPolicy {
     pub client_failure_cap: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    File(#[from] config::ConfigError),
-    #[error("{file}: key `{key}`: {message}")]
-    Invalid {
-        file: String,
-        key: &'static str,
-        message: String,
-    },
-    #[error(transparent)]
-    Keys(#[from] opencloud_protocol::KeyringError),
-}
+pub use opencloud_protocol::config::ConfigError;
 
 impl Config {
     /// Loads `path`, applies `OPENCLOUD_CONTROL__…` overrides from the
     /// process environment, reads the keys file and validates everything.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = read(path)?;
+        let text = config::read_file(path)?;
         Self::from_toml(path, &text, std::env::vars())
     }
 
@@ -256,7 +239,10 @@ impl Config {
             .parent()
             .unwrap_or(Path::new("."))
             .join(&file.keys_file);
-        let keys = Keyring::from_toml(&keys_path.display().to_string(), &read(&keys_path)?)?;
+        let keys = Keyring::from_toml(
+            &keys_path.display().to_string(),
+            &config::read_file(&keys_path)?,
+        )?;
 
         Ok(Self {
             secure_cookies: public_origin.starts_with("https://"),
@@ -280,13 +266,6 @@ impl Config {
             pbkdf2_iterations: file.passwords.pbkdf2_iterations,
         })
     }
-}
-
-fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 /// `http(s)://host[:port]` with an optional trailing slash, nothing else.

@@ -97,28 +97,11 @@ pub struct Config {
     pub header_timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    File(#[from] config::ConfigError),
-    #[error("{file}: key `{key}`: {message}")]
-    Invalid {
-        file: String,
-        key: &'static str,
-        message: String,
-    },
-    #[error(transparent)]
-    Keys(#[from] opencloud_protocol::KeyringError),
-}
+pub use opencloud_protocol::config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = read(path)?;
+        let text = config::read_file(path)?;
         Self::from_toml(path, &text, std::env::vars())
     }
 
@@ -188,7 +171,10 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let keys_path = base.join(&file.keys_file);
-        let keys = Keyring::from_toml(&keys_path.display().to_string(), &read(&keys_path)?)?;
+        let keys = Keyring::from_toml(
+            &keys_path.display().to_string(),
+            &config::read_file(&keys_path)?,
+        )?;
         Ok(Self {
             name: file.name,
             public_origin,
@@ -214,11 +200,4 @@ impl Config {
         let scheme = if self.https { "https" } else { "http" };
         format!("{scheme}://{sid}.{}", self.session_domain)
     }
-}
-
-fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })
 }

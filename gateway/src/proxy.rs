@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
+use opencloud_protocol::credentials;
 use opencloud_protocol::routes::{is_valid_sid, HostState, SessionState};
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -159,7 +160,7 @@ impl Gateway {
                 Ok(claims.user_id)
             }
         };
-        if let Some(value) = cookie(req, SESSION_COOKIE) {
+        if let Some(value) = credentials::cookie(&req.headers, SESSION_COOKIE) {
             let claims = token::verify(&self.config.keys, value, TokenKind::SessionCookie, now)
                 .map_err(|e| e.reason())?;
             if claims.sid.as_deref() != Some(sid) {
@@ -167,7 +168,7 @@ impl Gateway {
             }
             return check(claims);
         }
-        if let Some(bearer) = bearer(req) {
+        if let Some(bearer) = credentials::bearer(&req.headers) {
             let claims = token::verify(&self.config.keys, bearer, TokenKind::Platform, now)
                 .map_err(|e| e.reason())?;
             return check(claims);
@@ -177,13 +178,7 @@ impl Gateway {
 
     async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let Some(sid) = ctx.sid.clone() else {
-            return respond(
-                session,
-                404,
-                &[],
-                page("Not found", "There is no session at this address.", None),
-            )
-            .await;
+            return no_session_here(session).await;
         };
         if session.req_header().uri.path() == "/_oc/enter" {
             return self.enter(session, &sid).await;
@@ -221,13 +216,7 @@ impl Gateway {
             .cloned()
         else {
             // Someone else's session answers exactly like a missing one.
-            return respond(
-                session,
-                404,
-                &[],
-                page("Not found", "There is no session at this address.", None),
-            )
-            .await;
+            return no_session_here(session).await;
         };
         let back = format!("{}/projects", self.config.public_origin);
         match route.state {
@@ -524,26 +513,6 @@ fn request_host(req: &RequestHeader) -> String {
         .to_ascii_lowercase()
 }
 
-fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-fn bearer(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
 /// A page navigation (redirect to log in) rather than an API or WebSocket
 /// call (401).
 fn is_navigation(req: &RequestHeader, upgrade: bool) -> bool {
@@ -608,6 +577,12 @@ fn sets_domain(set_cookie: &[u8]) -> bool {
         .split(';')
         .skip(1)
         .any(|attr| attr.trim().to_ascii_lowercase().starts_with("domain"))
+}
+
+/// The answer for a missing session and for someone else's alike.
+async fn no_session_here(session: &mut Session) -> Result<bool> {
+    let html = page("Not found", "There is no session at this address.", None);
+    respond(session, 404, &[], html).await
 }
 
 /// Writes a complete response and ends the request.

@@ -9,8 +9,19 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
+    /// A value that parsed but is not acceptable.
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Keys(#[from] crate::KeyringError),
     #[error("{file}: key `{key}`{origin}: {message}")]
     Key {
         file: String,
@@ -19,6 +30,14 @@ pub enum ConfigError {
         origin: String,
         message: String,
     },
+}
+
+/// Reads a config (or keys) file, naming it when that fails.
+pub fn read_file(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Parses `text` (from the file called `file`), applies the overrides among

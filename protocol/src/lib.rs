@@ -3,6 +3,7 @@
 //! pass in the time, the file text and the environment.
 
 pub mod config;
+pub mod credentials;
 pub mod keys;
 pub mod routes;
 pub mod token;

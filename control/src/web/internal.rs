@@ -16,11 +16,12 @@ use opencloud_protocol::routes::{Version, WatchMessage};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{bearer_token, ApiJson, ApiQuery};
+use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, AppError};
 use crate::hosts::{self, HostHealth};
 use crate::sessions::{self, SessionUsage};
 use crate::{routes, App};
+use opencloud_protocol::credentials;
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -36,7 +37,7 @@ impl FromRequestParts<App> for Gateway {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
-        match bearer_token(&parts.headers) {
+        match credentials::bearer(&parts.headers) {
             Some(key) if app.config.gateway_keys.accepts(key) => Ok(Gateway),
             Some(_) => {
                 metrics::counter!("opencloud_gateway_auth_failures_total").increment(1);

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Form, Json, Router};
 use axum_extra::extract::cookie::{Cookie, SameSite};
+use opencloud_protocol::credentials;
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
@@ -231,26 +232,6 @@ fn client_ip(app: &App, peer: Option<IpAddr>, headers: &HeaderMap) -> IpAddr {
         .unwrap_or(peer)
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
 fn cookie_header(
     app: &App,
     name: &str,
@@ -317,10 +298,10 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
     let is_api = parts.uri.path().starts_with("/api/");
     let mut set_cookies: Vec<HeaderValue> = Vec::new();
 
-    let bearer = bearer_token(&parts.headers).map(str::to_owned);
+    let bearer = credentials::bearer(&parts.headers).map(str::to_owned);
     let from_cookie = bearer.is_none();
     let presented =
-        bearer.or_else(|| cookie_value(&parts.headers, SESSION_COOKIE).map(str::to_owned));
+        bearer.or_else(|| credentials::cookie(&parts.headers, SESSION_COOKIE).map(str::to_owned));
     let now = now_unix();
     let mut user = None;
     let mut login_session = None;
@@ -364,7 +345,7 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
 
     let binding = match &login_session {
         Some(id) => id.clone(),
-        None => match cookie_value(&parts.headers, CSRF_COOKIE) {
+        None => match credentials::cookie(&parts.headers, CSRF_COOKIE) {
             Some(value) if value.len() >= 16 => value.to_owned(),
             _ => {
                 let fresh = accounts::random_id();
