@@ -54,6 +54,8 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let server_conf = ServerConf {
         // One worker thread: the gateway is measured on one core.
         threads: 1,
+        // With one thread there is nothing to steal; skipping it is cheaper.
+        work_stealing: false,
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(10),
         upgrade_sock: config.state_dir.join("upgrade.sock").display().to_string(),

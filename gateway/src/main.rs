@@ -3,6 +3,11 @@ use std::path::PathBuf;
 use clap::Parser;
 use opencloud_gateway::{build_server, Config};
 
+// The proxy allocates per request; mimalloc is markedly faster than the
+// system allocator for that pattern.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// OpenCloud gateway.
 #[derive(Parser)]
 #[command(version, about)]
