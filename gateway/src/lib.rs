@@ -14,6 +14,7 @@ pub mod store;
 pub mod table;
 pub mod tickets;
 pub mod usage;
+pub mod verified;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,8 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         used_tickets: tickets::UsedTickets::default(),
         health: health.clone(),
         usage: usage.clone(),
+        metrics: proxy::RequestMetrics::default(),
+        verified: verified::VerifiedTokens::default(),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {

@@ -25,12 +25,14 @@ use crate::table::Routes;
 use crate::tickets::UsedTickets;
 use crate::unix_now;
 use crate::usage::UsageBook;
+use crate::verified::VerifiedTokens;
+use std::sync::Arc;
 
 pub const SESSION_COOKIE: &str = "oc_s";
 const PLATFORM_COOKIE: &str = "oc_session";
 
 /// What kind of request this is, for routing and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
     Unknown,
     Platform,
@@ -68,6 +70,41 @@ pub struct Gateway {
     pub used_tickets: UsedTickets,
     pub health: HostHealth,
     pub usage: UsageBook,
+    pub metrics: RequestMetrics,
+    pub verified: VerifiedTokens,
+}
+
+/// Request counters and latency histograms, registered once per label set
+/// so the request path only bumps atomics.
+#[derive(Default)]
+pub struct RequestMetrics {
+    counters: std::sync::Mutex<std::collections::HashMap<(Class, u16), metrics::Counter>>,
+    cached: [std::sync::OnceLock<(metrics::Counter, metrics::Histogram)>; 4],
+}
+
+impl RequestMetrics {
+    fn observe(&self, class: Class, status: u16, elapsed: Duration) {
+        let slot = class as usize;
+        // The usual case (200 for this class) needs no lock at all.
+        let (ok, histogram) = self.cached[slot].get_or_init(|| {
+            (
+                metrics::counter!("opencloud_gateway_requests_total", "class" => class.label(), "status" => "200"),
+                metrics::histogram!("opencloud_gateway_request_duration_seconds", "class" => class.label()),
+            )
+        });
+        histogram.record(elapsed.as_secs_f64());
+        if status == 200 {
+            ok.increment(1);
+            return;
+        }
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        counters
+            .entry((class, status))
+            .or_insert_with(|| {
+                metrics::counter!("opencloud_gateway_requests_total", "class" => class.label(), "status" => status.to_string())
+            })
+            .increment(1);
+    }
 }
 
 impl Gateway {
@@ -153,7 +190,7 @@ impl Gateway {
     /// a platform bearer token.
     fn session_user(&self, req: &RequestHeader, sid: &str, now: u64) -> Result<u64, &'static str> {
         let table = self.routes.load();
-        let check = |claims: Claims| {
+        let check = |claims: Arc<Claims>| {
             if table.is_revoked(&claims.login_session) {
                 Err("revoked")
             } else {
@@ -161,7 +198,9 @@ impl Gateway {
             }
         };
         if let Some(value) = credentials::cookie(&req.headers, SESSION_COOKIE) {
-            let claims = token::verify(&self.config.keys, value, TokenKind::SessionCookie, now)
+            let claims = self
+                .verified
+                .verify(&self.config.keys, value, TokenKind::SessionCookie, now)
                 .map_err(|e| e.reason())?;
             if claims.sid.as_deref() != Some(sid) {
                 return Err("wrong_sid");
@@ -169,7 +208,9 @@ impl Gateway {
             return check(claims);
         }
         if let Some(bearer) = credentials::bearer(&req.headers) {
-            let claims = token::verify(&self.config.keys, bearer, TokenKind::Platform, now)
+            let claims = self
+                .verified
+                .verify(&self.config.keys, bearer, TokenKind::Platform, now)
                 .map_err(|e| e.reason())?;
             return check(claims);
         }
@@ -218,13 +259,13 @@ impl Gateway {
             // Someone else's session answers exactly like a missing one.
             return no_session_here(session).await;
         };
-        let back = format!("{}/projects", self.config.public_origin);
+        let back = || format!("{}/projects", self.config.public_origin);
         match route.state {
             SessionState::Lost => {
                 let html = page(
                     "This session's host went offline",
                     "The computer serving this session stopped answering. Your project can be opened again on another host.",
-                    Some((&back, "Back to my projects")),
+                    Some((&back(), "Back to my projects")),
                 );
                 return respond(session, 410, &[], html).await;
             }
@@ -232,7 +273,7 @@ impl Gateway {
                 let html = page(
                     "This session has ended",
                     "Open the project again to start a new session.",
-                    Some((&back, "Back to my projects")),
+                    Some((&back(), "Back to my projects")),
                 );
                 return respond(session, 410, &[], html).await;
             }
@@ -250,7 +291,7 @@ impl Gateway {
             let html = page(
                 "This session's host is offline",
                 "The computer serving this session is not reachable right now.",
-                Some((&back, "Back to my projects")),
+                Some((&back(), "Back to my projects")),
             );
             return respond(session, 503, &[], html).await;
         }
@@ -491,14 +532,8 @@ impl ProxyHttp for Gateway {
         if ctx.is_upgrade && status == 101 {
             metrics::gauge!("opencloud_gateway_active_websockets").decrement(1.0);
         }
-        metrics::counter!(
-            "opencloud_gateway_requests_total",
-            "class" => ctx.class.label(),
-            "status" => status.to_string()
-        )
-        .increment(1);
-        metrics::histogram!("opencloud_gateway_request_duration_seconds", "class" => ctx.class.label())
-            .record(ctx.started.elapsed().as_secs_f64());
+        self.metrics
+            .observe(ctx.class, status, ctx.started.elapsed());
     }
 }
 

@@ -24,10 +24,19 @@ pub struct UsageBook(Arc<Mutex<HashMap<String, SessionUsage>>>);
 impl UsageBook {
     pub fn record(&self, sid: &str, now: u64, bytes_in: u64, bytes_out: u64) {
         let mut book = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = book.entry(sid.to_owned()).or_insert_with(|| SessionUsage {
-            sid: sid.to_owned(),
-            ..Default::default()
-        });
+        // Look up by &str first: no allocation on the common path.
+        if !book.contains_key(sid) {
+            book.insert(
+                sid.to_owned(),
+                SessionUsage {
+                    sid: sid.to_owned(),
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(entry) = book.get_mut(sid) else {
+            return;
+        };
         entry.last_activity = entry.last_activity.max(now);
         entry.bytes_in += bytes_in;
         entry.bytes_out += bytes_out;

@@ -1,0 +1,94 @@
+//! Tokens already verified by this gateway. A browser sends the same `oc_s`
+//! cookie with every request; verifying it once (HMAC, base64, JSON) and
+//! remembering the claims until they expire takes that work off the
+//! request path. Only good tokens are remembered, expiry is checked on
+//! every hit, and revocation is always checked against the route table.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use opencloud_protocol::token::{self, Claims, TokenError, TokenKind};
+use opencloud_protocol::Keyring;
+
+/// Entries kept at most; the map is cleared when it is full.
+const CAPACITY: usize = 16_384;
+
+#[derive(Clone, Default)]
+pub struct VerifiedTokens(Arc<Mutex<HashMap<String, Arc<Claims>>>>);
+
+impl VerifiedTokens {
+    /// Like [`token::verify`], answered from memory when `token` was
+    /// verified before.
+    pub fn verify(
+        &self,
+        keys: &Keyring,
+        token: &str,
+        kind: TokenKind,
+        now: u64,
+    ) -> Result<Arc<Claims>, TokenError> {
+        if let Some(claims) = self.lock().get(token).cloned() {
+            if claims.kind != kind {
+                return Err(TokenError::WrongKind);
+            }
+            if now >= claims.expires_at {
+                return Err(TokenError::Expired);
+            }
+            return Ok(claims);
+        }
+        let claims = Arc::new(token::verify(keys, token, kind, now)?);
+        let mut cache = self.lock();
+        if cache.len() >= CAPACITY {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Claims>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keyring {
+        Keyring::from_toml("k", &Keyring::generate_toml("k1")).unwrap()
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_and_keeps_its_kind() {
+        let keys = keys();
+        let cache = VerifiedTokens::default();
+        let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
+        assert!(cache
+            .verify(&keys, &token, TokenKind::Platform, 101)
+            .is_ok());
+        assert_eq!(
+            cache
+                .verify(&keys, &token, TokenKind::SessionCookie, 101)
+                .unwrap_err(),
+            TokenError::WrongKind
+        );
+        let expiry = 100 + token::PLATFORM_TOKEN_SECONDS;
+        assert_eq!(
+            cache
+                .verify(&keys, &token, TokenKind::Platform, expiry)
+                .unwrap_err(),
+            TokenError::Expired
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_never_remembered() {
+        let keys = keys();
+        let cache = VerifiedTokens::default();
+        let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
+        let forged = format!("{}x", token);
+        assert!(cache
+            .verify(&keys, &forged, TokenKind::Platform, 101)
+            .is_err());
+        assert!(cache.lock().is_empty());
+    }
+}
