@@ -197,6 +197,13 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     println!("snapshot_serialize_s {:.2}", t.elapsed().as_secs_f64());
     println!("snapshot_mib {:.0}", bytes.len() as f64 / 1048576.0);
     drop(snapshot);
+    // The gateway's own store writing that snapshot (write, fsync, rename).
+    let dir = std::env::temp_dir().join(format!("oc-bench-store-{}", std::process::id()));
+    let mut store = opencloud_gateway::store::Store::open(&dir)?;
+    let t = Instant::now();
+    store.save_snapshot(&table)?;
+    println!("store_save_snapshot_s {:.2}", t.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&dir);
     let t = Instant::now();
     let parsed: Snapshot = serde_json::from_slice(&bytes)?;
     println!("snapshot_parse_s {:.2}", t.elapsed().as_secs_f64());
