@@ -2,6 +2,12 @@
 //! header as a whole, so a client sending one byte every few seconds could
 //! hold a connection forever. Every request head on a connection must
 //! arrive complete within the limit, or the connection is closed.
+//!
+//! Pingora keeps an HTTP/1 connection alive inside its own loop, so the
+//! stream re-arms itself: after a final response head is written, the next
+//! read starts the next request head. A `101 Switching Protocols` ends all
+//! of this (WebSocket frames are not HTTP heads), and `1xx` interim answers
+//! such as `100 Continue` are followed by a body, not a head.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +66,9 @@ pub fn wrap(stream: Stream, limit: Duration) -> Stream {
         inner: stream,
         deadline: None,
         tail: [0; 3],
+        limit,
+        answered: false,
+        upgraded: false,
     };
     wrapped.arm(limit);
     Box::new(wrapped)
@@ -72,12 +81,34 @@ pub struct DeadlineStream {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The last bytes read, to find `\r\n\r\n` across reads.
     tail: [u8; 3],
+    limit: Duration,
+    /// A final response head was written: the next read begins a new head.
+    answered: bool,
+    /// The connection switched protocols; no more heads will come.
+    upgraded: bool,
 }
 
 impl DeadlineStream {
     fn arm(&mut self, limit: Duration) {
+        self.limit = limit;
         self.deadline = Some(Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
         self.tail = [0; 3];
+        self.answered = false;
+    }
+
+    /// Notes a write: a response head tells what the next read will be.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if self.upgraded || !bytes.starts_with(b"HTTP/1.") || bytes.len() < 12 {
+            return;
+        }
+        match &bytes[9..12] {
+            b"101" => {
+                self.upgraded = true;
+                self.deadline = None;
+            }
+            code if code[0] == b'1' => {}
+            _ => self.answered = true,
+        }
     }
 
     /// Notes bytes read; the head is complete at the first blank line.
@@ -98,6 +129,10 @@ impl AsyncRead for DeadlineStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.answered && !self.upgraded && self.deadline.is_none() {
+            let limit = self.limit;
+            self.arm(limit);
+        }
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
                 metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header").increment(1);
@@ -125,7 +160,11 @@ impl AsyncWrite for DeadlineStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.wrote(buf);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -141,7 +180,14 @@ impl AsyncWrite for DeadlineStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+                let first = first.to_vec();
+                self.wrote(&first);
+            }
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -222,6 +268,9 @@ mod tests {
             inner: Box::new(client),
             deadline: None,
             tail: [0; 3],
+            limit: Duration::from_secs(10),
+            answered: false,
+            upgraded: false,
         };
         stream.arm(Duration::from_secs(10));
         stream.saw(b"GET / HTTP/1.1\r\nHost: x\r");
@@ -245,5 +294,72 @@ mod tests {
         assert!(stream.read(&mut buf).await.is_ok());
         let err = stream.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn the_next_head_on_a_kept_alive_connection_is_timed_too() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut stream = wrap(Box::new(client), Duration::from_millis(200));
+        server
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        stream.read(&mut buf).await.unwrap();
+        // Idle between requests is fine until the response is written...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // ...then the next head must come in time.
+        server.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        stream.read(&mut buf).await.unwrap();
+        let err = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn websockets_and_interim_answers_are_not_timed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut stream = wrap(Box::new(client), Duration::from_millis(100));
+        server
+            .write_all(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        stream.read(&mut buf).await.unwrap();
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.write_all(b"frame").await.unwrap();
+        assert_eq!(
+            stream.read(&mut buf).await.unwrap(),
+            5,
+            "frames flow after the deadline"
+        );
+
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut stream = wrap(Box::new(client), Duration::from_millis(100));
+        server
+            .write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        stream.read(&mut buf).await.unwrap();
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.write_all(b"body").await.unwrap();
+        assert_eq!(
+            stream.read(&mut buf).await.unwrap(),
+            4,
+            "a body after 100 Continue is not a head"
+        );
     }
 }
