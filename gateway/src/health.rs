@@ -8,16 +8,25 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::table::Routes;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Probes in flight at once, so a large table cannot exhaust sockets.
+const PROBES_AT_ONCE: usize = 256;
+/// Failed probes in a row before an active check marks a host down (a
+/// failed connect while proxying marks it down at once).
+const FAILURES_TO_MARK_DOWN: u8 = 2;
 
 /// Host id → reachable, as last seen by this gateway.
 #[derive(Clone, Default)]
 pub struct HostHealth(Arc<RwLock<HashMap<u64, bool>>>);
+
+/// Failed probes in a row, per host (owned by the checker task).
+type Streaks = HashMap<u64, u8>;
 
 impl HostHealth {
     /// False only when the host is known to be down.
@@ -71,20 +80,34 @@ impl HealthChecker {
             .build()
             .expect("probe client");
         let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut streaks = Streaks::new();
         loop {
             ticker.tick().await;
             let table = self.routes.current();
-            let probes = table.hosts.values().map(|host| {
+            let hosts: Vec<_> = table.hosts.values().cloned().collect();
+            let probes = hosts.into_iter().map(|host| {
                 let probe = probe.clone();
-                let host = host.clone();
                 async move { (host.id, probe.get(&host.health_url).send().await.is_ok()) }
             });
-            // All probes at once: a dead host costs its timeout, not everyone's.
-            let results = futures_util::future::join_all(probes).await;
+            // Concurrent but bounded: a dead host costs its timeout, not
+            // everyone's, and a huge table cannot exhaust the sockets.
+            let results: Vec<(u64, bool)> = futures_util::stream::iter(probes)
+                .buffer_unordered(PROBES_AT_ONCE)
+                .collect()
+                .await;
+            streaks.retain(|id, _| table.hosts.contains_key(id));
             let mut up = 0;
-            for (id, reachable) in &results {
-                self.health.mark(*id, *reachable);
-                up += usize::from(*reachable);
+            for (id, answered) in &results {
+                let streak = streaks.entry(*id).or_default();
+                *streak = if *answered {
+                    0
+                } else {
+                    streak.saturating_add(1)
+                };
+                let reachable = *streak < FAILURES_TO_MARK_DOWN;
+                self.health.mark(*id, reachable);
+                up += usize::from(reachable);
             }
             metrics::gauge!("opencloud_gateway_hosts", "reachable" => "true").set(up as f64);
             metrics::gauge!("opencloud_gateway_hosts", "reachable" => "false")

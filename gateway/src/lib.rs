@@ -41,10 +41,13 @@ pub fn unix_now() -> u64 {
 /// Builds the Pingora server with every gateway service added.
 pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let metrics = install_metrics()?;
-    let store = store::Store::open(&config.state_dir)
+    let mut store = store::Store::open(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
     // Serve the last good table at once, before control answers.
     let loaded = store.load();
+    store
+        .resume_log()
+        .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
     tracing::info!(
         version = loaded.version,
         sessions = loaded.sessions.len(),

@@ -12,13 +12,17 @@ use crate::table::RouteTable;
 
 const SNAPSHOT: &str = "routes.snapshot.json";
 const LOG: &str = "routes.deltas.ndjson";
-/// Deltas appended before the log is folded into a new snapshot.
-const COMPACT_AFTER: usize = 1000;
+/// The log is folded into a new snapshot once it is larger than the
+/// snapshot itself (and at least this), so compaction cost stays
+/// proportional to the changes, whatever the table's size.
+const MIN_LOG_BYTES: u64 = 1 << 20;
 
 pub struct Store {
     dir: PathBuf,
     log: Option<File>,
-    logged: usize,
+    /// Bytes in the delta log and in the last snapshot.
+    log_bytes: u64,
+    snapshot_bytes: u64,
 }
 
 impl Store {
@@ -27,7 +31,8 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             log: None,
-            logged: 0,
+            log_bytes: 0,
+            snapshot_bytes: 0,
         })
     }
 
@@ -47,8 +52,10 @@ impl Store {
         if let Ok(file) = File::open(self.dir.join(LOG)) {
             for line in BufReader::new(file).lines() {
                 let Ok(line) = line else { break };
+                // A torn line (a crash mid-write) is skipped; version
+                // continuity below still refuses any gap.
                 let Ok(delta) = serde_json::from_str::<Delta>(&line) else {
-                    break;
+                    continue;
                 };
                 if delta.version <= table.version {
                     continue;
@@ -66,40 +73,59 @@ impl Store {
     pub fn save_snapshot(&mut self, table: &RouteTable) -> std::io::Result<()> {
         let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
         {
-            let mut file = File::create(&tmp)?;
+            let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
             serde_json::to_writer(&mut file, &table.to_snapshot())?;
+            let file = file.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
+            self.snapshot_bytes = file.metadata()?.len();
         }
         fs::rename(&tmp, self.dir.join(SNAPSHOT))?;
         self.log = Some(File::create(self.dir.join(LOG))?);
-        self.logged = 0;
+        self.log_bytes = 0;
         Ok(())
     }
 
-    /// Appends a delta; folds the log into a snapshot now and then.
+    /// Continues the existing log after a restart instead of rewriting the
+    /// whole table on the first delta.
+    pub fn resume_log(&mut self) -> std::io::Result<()> {
+        let path = self.dir.join(LOG);
+        if self.dir.join(SNAPSHOT).exists() {
+            let mut log = OpenOptions::new().create(true).append(true).open(&path)?;
+            self.log_bytes = log.metadata()?.len();
+            // Close off a torn last line so the next delta starts on its own.
+            if self.log_bytes > 0 && !ends_with_newline(&path)? {
+                log.write_all(b"\n")?;
+            }
+            self.snapshot_bytes = fs::metadata(self.dir.join(SNAPSHOT))?.len();
+            self.log = Some(log);
+        }
+        Ok(())
+    }
+
+    /// Appends a delta; folds the log into a snapshot when it has grown
+    /// larger than the snapshot.
     pub fn append(&mut self, delta: &Delta, table_after: &RouteTable) -> std::io::Result<()> {
-        if self.logged >= COMPACT_AFTER || self.log.is_none() {
+        if self.log_bytes > self.snapshot_bytes.max(MIN_LOG_BYTES) {
             return self.save_snapshot(table_after);
         }
-        let log = match &mut self.log {
-            Some(log) => log,
-            None => {
-                self.log = Some(
-                    OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(self.dir.join(LOG))?,
-                );
-                self.log.as_mut().expect("just set")
-            }
+        let Some(log) = self.log.as_mut() else {
+            return self.save_snapshot(table_after);
         };
         let mut line = serde_json::to_vec(delta)?;
         line.push(b'\n');
         log.write_all(&line)?;
-        log.flush()?;
-        self.logged += 1;
+        self.log_bytes += line.len() as u64;
         Ok(())
     }
+}
+
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 #[cfg(test)]
@@ -135,9 +161,15 @@ mod tests {
             .unwrap()
             .write_all(b"{\"vers")
             .unwrap();
-        let loaded = Store::open(&dir).unwrap().load();
+        let mut reopened = Store::open(&dir).unwrap();
+        let loaded = reopened.load();
         assert_eq!(loaded.version, 4);
         assert!(loaded.is_revoked("ls1") && loaded.is_revoked("ls4"));
+        // After a restart the log goes on past the torn line.
+        reopened.resume_log().unwrap();
+        let five = loaded.apply(&delta(5)).unwrap();
+        reopened.append(&delta(5), &five).unwrap();
+        assert_eq!(Store::open(&dir).unwrap().load().version, 5);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
