@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{binary, free_port, unique, Control, ControlOptions, TestDatabase};
+use serde_json::{json, Value};
+
+use crate::{binary, free_port, unique, Control, ControlOptions, TestDatabase, PASSWORD};
 
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -241,5 +243,119 @@ impl GatewayStack {
 
     pub fn control(&self) -> &Control {
         self.control.as_ref().expect("control is running")
+    }
+}
+
+/// A user registered and logged in through the gateway.
+pub struct GatewayUser {
+    pub email: String,
+    pub token: String,
+    pub id: u64,
+}
+
+impl GatewayStack {
+    /// Registers and logs in a new user through the gateway.
+    pub async fn new_user(&self) -> GatewayUser {
+        let http = self.gateway.client(&[], false);
+        let platform = self.gateway.platform();
+        let email = format!("{}@example.com", unique("gw"));
+        let r = http
+            .post(format!("{platform}/api/v1/auth/register"))
+            .json(&json!({"email": email, "password": PASSWORD, "name": "Gateway User"}))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(
+            r.status(),
+            reqwest::StatusCode::CREATED,
+            "register through the gateway"
+        );
+        let login: Value = http
+            .post(format!("{platform}/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": PASSWORD}))
+            .send()
+            .await
+            .expect("login")
+            .json()
+            .await
+            .expect("login body");
+        GatewayUser {
+            token: login["token"].as_str().expect("token").to_owned(),
+            id: login["user"]["id"].as_u64().expect("user id"),
+            email,
+        }
+    }
+
+    /// Creates a project for `user` and a session on the upstream at
+    /// `port` (as the agent will), and waits until the gateway routes it.
+    pub async fn session_for(&self, user: &GatewayUser, port: u16, upstream_token: &str) -> String {
+        let project: Value = self
+            .gateway
+            .client(&[], false)
+            .post(format!("{}/api/v1/projects", self.gateway.platform()))
+            .bearer_auth(&user.token)
+            .json(&json!({"name": "Analysis"}))
+            .send()
+            .await
+            .expect("create project")
+            .json()
+            .await
+            .expect("project body");
+        let pool = mysql_async::Pool::new(self.db.url.as_str());
+        let session = opencloud_control::sessions::register_external(
+            &pool,
+            user.id,
+            project["project"]["id"].as_u64().expect("project id"),
+            "127.0.0.1",
+            port,
+            upstream_token,
+        )
+        .await
+        .expect("register the session");
+        let _ = pool.disconnect().await;
+        let client = self.gateway.client(&[&session.sid], false);
+        let probe = format!("{}/api/status", self.gateway.session_origin(&session.sid));
+        let started = Instant::now();
+        while client
+            .get(&probe)
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("probe")
+            .status()
+            == reqwest::StatusCode::NOT_FOUND
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the route never reached the gateway"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        session.sid
+    }
+
+    /// Enters session `sid` as `user` through a fresh ticket; returns the
+    /// `oc_s` cookie pair (`oc_s=…`).
+    pub async fn enter(&self, user: &GatewayUser, sid: &str) -> String {
+        let client = self.gateway.client(&[sid], false);
+        let body: Value = client
+            .get(format!("{}/api/v1/sessions/{sid}", self.gateway.platform()))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("session")
+            .json()
+            .await
+            .expect("session body");
+        let url = body["url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no url in {body}"));
+        let r = client.get(url).send().await.expect("enter");
+        assert_eq!(r.status(), reqwest::StatusCode::FOUND);
+        assert_eq!(r.headers()[reqwest::header::LOCATION], "/lab");
+        let cookie = r.headers()[reqwest::header::SET_COOKIE]
+            .to_str()
+            .expect("cookie");
+        cookie.split(';').next().expect("cookie pair").to_owned()
     }
 }

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
 use opencloud_e2e::jupyter::JupyterServer;
+use opencloud_e2e::kernel;
 use opencloud_e2e::upstream::capture_upstream;
-use opencloud_e2e::{kernel, unique, PASSWORD};
 use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -15,76 +15,18 @@ use serde_json::{json, Value};
 /// A user with a project and a session pointing at `port`.
 struct Fixture {
     stack: GatewayStack,
-    token: String,
-    user_id: u64,
+    user: GatewayUser,
     sid: String,
-}
-
-async fn login(stack: &GatewayStack, email: &str) -> (String, u64) {
-    let http = stack.gateway.client(&[], false);
-    let platform = stack.gateway.platform();
-    let r = http
-        .post(format!("{platform}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Gateway User"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "register through the gateway"
-    );
-    let body: Value = http
-        .post(format!("{platform}/api/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        body["token"].as_str().unwrap().to_owned(),
-        body["user"]["id"].as_u64().unwrap(),
-    )
 }
 
 impl Fixture {
     async fn new(upstream_port: u16, upstream_token: &str) -> Self {
         let stack = GatewayStack::start().await.unwrap();
-        let (token, user_id) = login(&stack, &format!("{}@example.com", unique("gw"))).await;
-        let http = stack.gateway.client(&[], false);
-        let project: Value = http
-            .post(format!("{}/api/v1/projects", stack.gateway.platform()))
-            .bearer_auth(&token)
-            .json(&json!({"name": "Analysis"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let project_id = project["project"]["id"].as_u64().unwrap();
-        let pool = mysql_async::Pool::new(stack.db.url.as_str());
-        let session = opencloud_control::sessions::register_external(
-            &pool,
-            user_id,
-            project_id,
-            "127.0.0.1",
-            upstream_port,
-            upstream_token,
-        )
-        .await
-        .unwrap();
-        pool.disconnect().await.unwrap();
-        let fixture = Self {
-            stack,
-            token,
-            user_id,
-            sid: session.sid,
-        };
-        fixture.wait_for_route().await;
-        fixture
+        let user = stack.new_user().await;
+        let sid = stack
+            .session_for(&user, upstream_port, upstream_token)
+            .await;
+        Self { stack, user, sid }
     }
 
     fn origin(&self) -> String {
@@ -93,28 +35,6 @@ impl Fixture {
 
     fn client(&self, cookies: bool) -> reqwest::Client {
         self.stack.gateway.client(&[&self.sid], cookies)
-    }
-
-    /// Polls until the gateway knows the session (the route stream delivered it).
-    async fn wait_for_route(&self) {
-        let started = Instant::now();
-        loop {
-            let r = self
-                .client(false)
-                .get(format!("{}/api/status", self.origin()))
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
-            if r.status() != StatusCode::NOT_FOUND {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the route never reached the gateway"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// The enter URL control hands out for this session.
@@ -126,7 +46,7 @@ impl Fixture {
                 self.stack.gateway.platform(),
                 self.sid
             ))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.user.token)
             .send()
             .await
             .unwrap()
@@ -141,12 +61,7 @@ impl Fixture {
 
     /// Enters the session; returns the `oc_s` cookie pair (`oc_s=…`).
     async fn enter(&self) -> String {
-        let url = self.enter_url().await;
-        let r = self.client(false).get(&url).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::FOUND, "{:?}", r.text().await);
-        assert_eq!(r.headers()[LOCATION], "/lab");
-        let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_owned();
-        cookie.split(';').next().unwrap().to_owned()
+        self.stack.enter(&self.user, &self.sid).await
     }
 }
 
@@ -262,14 +177,14 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
 
     assert_eq!(
         http.get(format!("{origin}/api/contents"))
-            .bearer_auth(&f.token)
+            .bearer_auth(&f.user.token)
             .send()
             .await
             .unwrap()
             .status(),
         StatusCode::OK
     );
-    let (stranger, _) = login(&f.stack, &format!("{}@example.com", unique("stranger"))).await;
+    let stranger = f.stack.new_user().await.token;
     let r = http
         .get(format!("{origin}/api/contents"))
         .bearer_auth(&stranger)
@@ -298,7 +213,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
             "http://{prefix}.nb.localhost:{}/api/contents",
             f.stack.gateway.port
         ))
-        .bearer_auth(&f.token)
+        .bearer_auth(&f.user.token)
         .send()
         .await
         .unwrap();
@@ -319,7 +234,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
     }
-    assert!(f.user_id > 0);
+    assert!(f.user.id > 0);
 }
 
 #[tokio::test]
@@ -332,7 +247,7 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
         .get(format!("{}/api/contents", f.origin()))
         .header(
             "cookie",
-            format!("{cookie}; oc_session={}; theme=dark", f.token),
+            format!("{cookie}; oc_session={}; theme=dark", f.user.token),
         )
         .header("connection", "keep-alive, X-Hop-Secret")
         .header("x-hop-secret", "must not pass")
@@ -375,12 +290,12 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     // A bearer platform token is replaced too.
     f.client(false)
         .get(format!("{}/api/contents", f.origin()))
-        .bearer_auth(&f.token)
+        .bearer_auth(&f.user.token)
         .send()
         .await
         .unwrap();
     let head = captured.last();
-    assert!(!head.contains(&f.token), "{head}");
+    assert!(!head.contains(&f.user.token), "{head}");
 }
 
 #[tokio::test]
@@ -402,7 +317,7 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
 
     let r = http
         .post(format!("{}/api/v1/auth/logout", f.stack.gateway.platform()))
-        .bearer_auth(&f.token)
+        .bearer_auth(&f.user.token)
         .header("content-type", "application/json")
         .send()
         .await
@@ -430,7 +345,7 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     println!("revoked cookie refused {took:?} after logout");
     assert_eq!(
         http.get(&api)
-            .bearer_auth(&f.token)
+            .bearer_auth(&f.user.token)
             .send()
             .await
             .unwrap()

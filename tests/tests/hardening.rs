@@ -6,14 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
+use opencloud_e2e::unique;
 use opencloud_e2e::upstream::{
     capture_upstream, capture_upstream_on, silent_upstream, stoppable_upstream, Captured,
 };
-use opencloud_e2e::{unique, PASSWORD};
-use reqwest::header::{LOCATION, SET_COOKIE};
-use reqwest::StatusCode;
-use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -173,8 +170,7 @@ async fn exchange(port: u16, request: &[u8]) -> Answer {
 /// A user with a project and a session pointing at `upstream_port`.
 struct Fixture {
     stack: GatewayStack,
-    token: String,
-    email: String,
+    user: GatewayUser,
     sid: String,
     upstream_port: u16,
 }
@@ -182,70 +178,16 @@ struct Fixture {
 impl Fixture {
     async fn new(upstream_port: u16) -> Self {
         let stack = GatewayStack::start().await.unwrap();
-        let http = stack.gateway.client(&[], false);
-        let platform = stack.gateway.platform();
-        let email = format!("{}@example.com", unique("hardening"));
-        let r = http
-            .post(format!("{platform}/api/v1/auth/register"))
-            .json(&json!({"email": email, "password": PASSWORD, "name": "Hardening"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        let login: Value = http
-            .post(format!("{platform}/api/v1/auth/login"))
-            .json(&json!({"email": email, "password": PASSWORD}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = login["token"].as_str().unwrap().to_owned();
-        let user_id = login["user"]["id"].as_u64().unwrap();
-        let project: Value = http
-            .post(format!("{platform}/api/v1/projects"))
-            .bearer_auth(&token)
-            .json(&json!({"name": "Hardening"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let pool = mysql_async::Pool::new(stack.db.url.as_str());
-        let session = opencloud_control::sessions::register_external(
-            &pool,
-            user_id,
-            project["project"]["id"].as_u64().unwrap(),
-            "127.0.0.1",
-            upstream_port,
-            "upstream-token",
-        )
-        .await
-        .unwrap();
-        pool.disconnect().await.unwrap();
-        let f = Self {
+        let user = stack.new_user().await;
+        let sid = stack
+            .session_for(&user, upstream_port, "upstream-token")
+            .await;
+        Self {
             stack,
-            token,
-            email,
-            sid: session.sid,
+            user,
+            sid,
             upstream_port,
-        };
-        // Poll until the route stream has brought the session to the gateway.
-        let started = Instant::now();
-        loop {
-            let status = f.get(&f.session_host(), "/api/status", "").await.status;
-            if status != 404 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the route never reached the gateway"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        f
     }
 
     fn port(&self) -> u16 {
@@ -265,7 +207,7 @@ impl Fixture {
     async fn get(&self, host: &str, path: &str, extra: &str) -> Answer {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n{extra}Connection: close\r\n\r\n",
-            self.token
+            self.user.token
         );
         exchange(self.port(), request.as_bytes()).await
     }
@@ -313,29 +255,7 @@ impl Fixture {
 
     /// Enters the session; returns the `oc_s` cookie pair.
     async fn enter(&self) -> String {
-        let client = self.stack.gateway.client(&[&self.sid], false);
-        let body: Value = client
-            .get(format!(
-                "{}/api/v1/sessions/{}",
-                self.stack.gateway.platform(),
-                self.sid
-            ))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let r = client
-            .get(body["url"].as_str().unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::FOUND);
-        assert_eq!(r.headers()[LOCATION], "/lab");
-        let cookie = r.headers()[SET_COOKIE].to_str().unwrap();
-        cookie.split(';').next().unwrap().to_owned()
+        self.stack.enter(&self.user, &self.sid).await
     }
 
     /// A request on the session origin carrying `headers` and `body`.
@@ -343,7 +263,7 @@ impl Fixture {
         format!(
             "POST /api/contents HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n{headers}\r\n{body}",
             self.session_host(),
-            self.token
+            self.user.token
         )
     }
 }
@@ -356,7 +276,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
     let smuggled = format!(
         "GET /smuggled HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
         f.session_host(),
-        f.token
+        f.user.token
     );
     let body = format!("0\r\n\r\n{smuggled}");
     let len = body.len();
@@ -585,7 +505,7 @@ async fn dot_dot_paths_on_a_session_origin_never_reach_the_platform() {
     // The user's credentials do reach control on the platform origin.
     let me = f.get(&f.platform_host(), "/api/v1/me", "").await;
     assert_eq!(me.status, 200);
-    assert!(me.body.contains(&f.email), "{me:?}");
+    assert!(me.body.contains(&f.user.email), "{me:?}");
 
     for path in [
         "/../api/v1/me",
@@ -594,11 +514,11 @@ async fn dot_dot_paths_on_a_session_origin_never_reach_the_platform() {
         "/%2E%2E%2Fapi/v1/me",
         "/./../../api/v1/me",
     ] {
-        let extra = format!("Cookie: {cookie}; oc_session={}\r\n", f.token);
+        let extra = format!("Cookie: {cookie}; oc_session={}\r\n", f.user.token);
         let answer = f.get(&f.session_host(), path, &extra).await;
         println!("{path}: {} {:?}", answer.status, answer.body);
         assert!(
-            !answer.body.contains(&f.email),
+            !answer.body.contains(&f.user.email),
             "{path} reached control: {answer:?}"
         );
         assert_eq!(answer.status, 200, "{path}: {answer:?}");
@@ -608,7 +528,7 @@ async fn dot_dot_paths_on_a_session_origin_never_reach_the_platform() {
             head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
             "{path} went to the session's upstream unchanged: {head}"
         );
-        assert!(!head.contains(&f.token), "{head}");
+        assert!(!head.contains(&f.user.token), "{head}");
     }
 }
 
@@ -652,7 +572,7 @@ async fn headers_named_in_connection_are_not_forwarded() {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n{headers}X-Kept: 4\r\n\r\n",
             f.session_host(),
-            f.token
+            f.user.token
         );
         let answer = exchange(f.port(), request.as_bytes()).await;
         assert_eq!(answer.status, 200, "{answer:?}");
@@ -677,7 +597,7 @@ async fn headers_named_in_connection_are_not_forwarded() {
         )
         .await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    assert!(answer.body.contains(&f.email));
+    assert!(answer.body.contains(&f.user.email));
 }
 
 #[tokio::test]

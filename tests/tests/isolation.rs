@@ -8,7 +8,7 @@ use opencloud_e2e::browser::{login_in_browser, Browser};
 use opencloud_e2e::gateway::GatewayStack;
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::upstream::capture_upstream;
-use opencloud_e2e::{unique, PASSWORD};
+use opencloud_e2e::PASSWORD;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -38,53 +38,10 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
     let jupyter = JupyterServer::start().await.unwrap();
     let (other_port, other_captured) = capture_upstream().await;
     let platform = stack.gateway.platform();
-    let email = format!("{}@example.com", unique("iso"));
-    let http = stack.gateway.client(&[], false);
-    http.post(format!("{platform}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Iso"}))
-        .send()
-        .await
-        .unwrap();
-    let login: Value = http
-        .post(format!("{platform}/api/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["token"].as_str().unwrap().to_owned();
-    let user_id = login["user"]["id"].as_u64().unwrap();
-    let pool = mysql_async::Pool::new(stack.db.url.as_str());
-    let mut sids = Vec::new();
-    for (name, port, upstream_token) in [
-        ("Mine", jupyter.port, jupyter.token.as_str()),
-        ("Other", other_port, "x"),
-    ] {
-        let project: Value = http
-            .post(format!("{platform}/api/v1/projects"))
-            .bearer_auth(&token)
-            .json(&json!({"name": name}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let session = opencloud_control::sessions::register_external(
-            &pool,
-            user_id,
-            project["project"]["id"].as_u64().unwrap(),
-            "127.0.0.1",
-            port,
-            upstream_token,
-        )
-        .await
-        .unwrap();
-        sids.push(session.sid);
-    }
-    let (mine, other) = (sids[0].clone(), sids[1].clone());
+    let user = stack.new_user().await;
+    let (email, token) = (user.email.clone(), user.token.clone());
+    let mine = stack.session_for(&user, jupyter.port, &jupyter.token).await;
+    let other = stack.session_for(&user, other_port, "x").await;
     let mine_origin = stack.gateway.session_origin(&mine);
     let other_origin = stack.gateway.session_origin(&other);
 
@@ -189,5 +146,4 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
         assert!(!head.contains("oc_s="), "{head}");
     }
     browser.close().await;
-    pool.disconnect().await.unwrap();
 }

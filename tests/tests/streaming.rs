@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use opencloud_e2e::gateway::GatewayStack;
-use opencloud_e2e::{unique, PASSWORD};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -72,61 +70,11 @@ async fn sink_upstream() -> u16 {
 async fn a_large_upload_and_download_stream_through_without_filling_memory() {
     let stack = GatewayStack::start().await.unwrap();
     let port = sink_upstream().await;
-    let platform = stack.gateway.platform();
-    let http = stack.gateway.client(&[], false);
-    let email = format!("{}@example.com", unique("big"));
-    http.post(format!("{platform}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Big"}))
-        .send()
-        .await
-        .unwrap();
-    let login: Value = http
-        .post(format!("{platform}/api/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["token"].as_str().unwrap().to_owned();
-    let project: Value = http
-        .post(format!("{platform}/api/v1/projects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Data"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let pool = mysql_async::Pool::new(stack.db.url.as_str());
-    let session = opencloud_control::sessions::register_external(
-        &pool,
-        login["user"]["id"].as_u64().unwrap(),
-        project["project"]["id"].as_u64().unwrap(),
-        "127.0.0.1",
-        port,
-        "t",
-    )
-    .await
-    .unwrap();
-    pool.disconnect().await.unwrap();
-    let origin = stack.gateway.session_origin(&session.sid);
-    let client = stack.gateway.client(&[&session.sid], false);
-    let started = Instant::now();
-    while client
-        .get(format!("{origin}/x"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        == StatusCode::NOT_FOUND
-    {
-        assert!(started.elapsed().as_secs() < 20, "route never arrived");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let user = stack.new_user().await;
+    let token = user.token.clone();
+    let sid = stack.session_for(&user, port, "t").await;
+    let origin = stack.gateway.session_origin(&sid);
+    let client = stack.gateway.client(&[&sid], false);
     let baseline = stack.gateway.rss_kib().unwrap();
 
     // Upload: a body produced on the fly, 1 MiB at a time.
