@@ -2,6 +2,7 @@
 //! sign it, and the way config files are read. Pure functions only: callers
 //! pass in the time, the file text and the environment.
 
+pub mod agent;
 pub mod config;
 pub mod credentials;
 pub mod keys;

@@ -1,0 +1,251 @@
+//! What a host agent and control say to each other, on control's public
+//! listener under `/agent/v1/`. Every call carries the host's key as
+//! `Authorization: HostKey <key>`; control stores only its SHA-256 digest.
+//!
+//! The conversation:
+//! 1. `POST /agent/v1/register` with [`AgentHello`] → [`Registered`]. A wrong
+//!    key gets 401 with code `host_key_invalid`, a revoked one 403 with code
+//!    `host_key_revoked` (the agent then exits with status 2).
+//! 2. `POST /agent/v1/heartbeat` with [`Heartbeat`] every
+//!    [`Registered::heartbeat_ms`] → [`HeartbeatReply`]. Control marks a host
+//!    offline after [`HOST_LOST_AFTER_MS`] without one.
+//! 3. `GET /agent/v1/commands?after=ID` long-polls (up to
+//!    [`COMMAND_POLL_SECONDS`]) for [`CommandBatch`]: commands with an id
+//!    above `after`, oldest first. Commands are idempotent: starting a session
+//!    the agent already runs reports it ready again; stopping one it does not
+//!    know reports it stopped.
+//! 4. `POST /agent/v1/events` with [`AgentEvent`] when a session becomes
+//!    ready, fails to start, exits by itself, or has stopped.
+
+use serde::{Deserialize, Serialize};
+
+/// The `Authorization` scheme agents use.
+pub const HOST_KEY_SCHEME: &str = "HostKey";
+/// How often agents send heartbeats.
+pub const HEARTBEAT_MS: u64 = 2_000;
+/// A host with no heartbeat for this long is offline and its sessions lost.
+pub const HOST_LOST_AFTER_MS: u64 = 6_000;
+/// How long one `GET /agent/v1/commands` waits for something to do.
+pub const COMMAND_POLL_SECONDS: u64 = 25;
+/// Error codes control answers with for keys it will not accept.
+pub const HOST_KEY_INVALID: &str = "host_key_invalid";
+pub const HOST_KEY_REVOKED: &str = "host_key_revoked";
+
+/// What a host offers. Placement never puts more sessions on a host than
+/// `max_sessions`; cgroup limits give each session its share of the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub max_sessions: u32,
+    pub cpu_cores: f32,
+    pub memory_mib: u64,
+}
+
+/// How much of the machine is in use, measured by the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    /// Whole machine, 0–100.
+    pub cpu_percent: f32,
+    pub memory_used_mib: u64,
+    pub memory_total_mib: u64,
+    /// Free space where the agent keeps project directories.
+    pub disk_free_mib: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentSessionState {
+    /// Jupyter launched, `/api/status` not answering yet.
+    Starting,
+    Running,
+    /// SIGTERM sent, waiting for the process group to exit.
+    Stopping,
+}
+
+/// One Jupyter server the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSession {
+    pub sid: String,
+    pub port: u16,
+    pub state: AgentSessionState,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Jupyter's own idea of its last activity (`/api/status`), unix seconds.
+    pub last_activity: Option<u64>,
+    /// Kernels currently executing code.
+    pub busy_kernels: u32,
+}
+
+/// `POST /agent/v1/register`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHello {
+    /// The agent's version.
+    pub version: String,
+    /// An IP address the gateways can connect to.
+    pub address: String,
+    /// Port of the agent's own listener on `address` (`/healthz`).
+    pub health_port: u16,
+    /// First and last port Jupyter servers may use.
+    pub port_range: [u16; 2],
+    pub capacity: Capacity,
+    /// Whether each session's memory and CPU are limited with cgroup v2.
+    pub cgroup_limits: bool,
+    /// Servers the agent found still running from before a restart and kept.
+    pub sessions: Vec<AgentSession>,
+}
+
+/// Control's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registered {
+    pub host_id: u64,
+    pub name: String,
+    pub heartbeat_ms: u64,
+    /// Sessions from the hello that control no longer wants: stop them.
+    pub stop: Vec<String>,
+}
+
+/// `POST /agent/v1/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub version: String,
+    pub load: Load,
+    pub sessions: Vec<AgentSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatReply {
+    /// The owner asked for no new sessions on this host.
+    pub draining: bool,
+    /// Sessions the agent reported that control considers ended: stop them.
+    pub stop: Vec<String>,
+}
+
+/// Start one Jupyter server.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSession {
+    pub sid: String,
+    pub project_id: u64,
+    /// Given to Jupyter in `JUPYTER_TOKEN`; never on a command line or in a log.
+    pub upstream_token: String,
+    /// This session's share of the host, applied with cgroup v2 where present.
+    pub memory_limit_mib: u64,
+    pub cpu_limit_cores: f32,
+}
+
+impl std::fmt::Debug for StartSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartSession")
+            .field("sid", &self.sid)
+            .field("project_id", &self.project_id)
+            .field("memory_limit_mib", &self.memory_limit_mib)
+            .field("cpu_limit_cores", &self.cpu_limit_cores)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    Start(StartSession),
+    /// SIGTERM the server's process group, SIGKILL after `grace_ms`.
+    Stop { sid: String, grace_ms: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: u64,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// Answer to `GET /agent/v1/commands?after=ID`; empty when the poll timed out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBatch {
+    pub commands: Vec<Command>,
+}
+
+/// `POST /agent/v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentEvent {
+    /// `/api/status` answered on `port`.
+    Ready { sid: String, port: u16, spawn_ms: u64 },
+    /// The server could not be started (or exited before it was ready).
+    Failed {
+        sid: String,
+        reason: String,
+        exit_code: Option<i32>,
+        log_tail: String,
+    },
+    /// A running server exited without being asked to.
+    Exited {
+        sid: String,
+        exit_code: Option<i32>,
+        log_tail: String,
+    },
+    /// Stopped on command; its processes are gone and its port is free.
+    Stopped { sid: String },
+}
+
+impl AgentEvent {
+    pub fn sid(&self) -> &str {
+        match self {
+            AgentEvent::Ready { sid, .. }
+            | AgentEvent::Failed { sid, .. }
+            | AgentEvent::Exited { sid, .. }
+            | AgentEvent::Stopped { sid } => sid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_flat_json() {
+        let command = Command {
+            id: 7,
+            action: Action::Stop {
+                sid: "abc".into(),
+                grace_ms: 5000,
+            },
+        };
+        let json = serde_json::to_string(&command).unwrap();
+        assert_eq!(json, r#"{"id":7,"action":"stop","sid":"abc","grace_ms":5000}"#);
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), command);
+    }
+
+    #[test]
+    fn start_commands_never_print_the_token() {
+        let start = StartSession {
+            sid: "abc".into(),
+            project_id: 1,
+            upstream_token: "secret-token".into(),
+            memory_limit_mib: 1024,
+            cpu_limit_cores: 1.0,
+        };
+        assert!(!format!("{start:?}").contains("secret-token"));
+        assert!(!format!("{:?}", Action::Start(start)).contains("secret-token"));
+    }
+
+    #[test]
+    fn events_name_their_kind() {
+        let event = AgentEvent::Ready {
+            sid: "abc".into(),
+            port: 9000,
+            spawn_ms: 1500,
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(json.starts_with(r#"{"event":"ready""#), "{json}");
+        assert_eq!(event.sid(), "abc");
+    }
+}
