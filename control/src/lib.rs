@@ -104,6 +104,16 @@ pub async fn serve(
         );
     }
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
+    // Histograms buffer every sample until drained; without a scrape they
+    // would grow without bound.
+    let metrics = app.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
 
     // One signal fans out to both servers, the watch streams and the jobs.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

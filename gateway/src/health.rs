@@ -88,7 +88,10 @@ impl HealthChecker {
             let hosts: Vec<_> = table.hosts.values().cloned().collect();
             let probes = hosts.into_iter().map(|host| {
                 let probe = probe.clone();
-                async move { (host.id, probe.get(&host.health_url).send().await.is_ok()) }
+                async move {
+                    let answered = probe.get(&host.route.health_url).send().await.is_ok();
+                    (host.route.id, answered)
+                }
             });
             // Concurrent but bounded: a dead host costs its timeout, not
             // everyone's, and a huge table cannot exhaust the sockets.

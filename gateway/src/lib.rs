@@ -99,6 +99,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     }
     server.add_service(proxy_service);
 
+    server.add_service(background_service(
+        "metrics upkeep",
+        Once::new(MetricsUpkeep(metrics.clone())),
+    ));
     let mut metrics_service = Service::new("metrics".to_owned(), MetricsApp(metrics));
     metrics_service.add_tcp(&config.listen_metrics.to_string());
     server.add_service(metrics_service);
@@ -198,6 +202,21 @@ impl Task for health::HealthChecker {
 impl Task for usage::UsageReporter {
     async fn run(self) {
         usage::UsageReporter::run(self).await
+    }
+}
+
+/// Drains histogram samples into their buckets: they are buffered until
+/// then, and would grow without bound on a gateway nobody scrapes.
+struct MetricsUpkeep(PrometheusHandle);
+
+#[async_trait]
+impl Task for MetricsUpkeep {
+    async fn run(self) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            self.0.run_upkeep();
+        }
     }
 }
 

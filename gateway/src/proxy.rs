@@ -3,14 +3,15 @@
 //! the class: the platform origin goes to control, `{sid}.{session_domain}`
 //! to that session's Jupyter server, anything else is refused.
 
-use std::net::IpAddr;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
 use opencloud_protocol::credentials;
-use opencloud_protocol::routes::{is_valid_sid, HostState, SessionState};
+use opencloud_protocol::routes::{HostState, SessionState};
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -21,7 +22,7 @@ use crate::config::Config;
 use crate::hardening::check_raw_head;
 use crate::health::HostHealth;
 use crate::pages::page;
-use crate::table::Routes;
+use crate::table::{Routes, SessionKey, UpstreamToken};
 use crate::tickets::UsedTickets;
 use crate::unix_now;
 use crate::usage::UsageBook;
@@ -56,11 +57,11 @@ pub struct RequestCtx {
     pub class: Class,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
-    pub sid: Option<String>,
+    pub sid: Option<SessionKey>,
     pub user_id: Option<u64>,
-    upstream: Option<(String, u16)>,
+    upstream: Option<SocketAddr>,
     upstream_host: Option<u64>,
-    upstream_token: Option<String>,
+    upstream_token: Option<UpstreamToken>,
     is_upgrade: bool,
 }
 
@@ -108,7 +109,7 @@ impl RequestMetrics {
 }
 
 impl Gateway {
-    fn classify(&self, host: &str) -> (Class, Option<String>) {
+    fn classify(&self, host: &str) -> (Class, Option<SessionKey>) {
         if host == self.config.platform_host {
             return (Class::Platform, None);
         }
@@ -118,21 +119,18 @@ impl Gateway {
         {
             // Exactly one fixed-length label: a sid that is a prefix of
             // another can never match it.
-            if is_valid_sid(label) {
-                return (Class::Session, Some(label.to_owned()));
-            }
-            return (Class::Session, None);
+            return (Class::Session, SessionKey::parse(label));
         }
         (Class::Rejected, None)
     }
 
-    fn enter_url(&self, sid: &str) -> String {
+    fn enter_url(&self, sid: SessionKey) -> String {
         format!("{}/sessions/{sid}/enter", self.config.public_origin)
     }
 
     /// Handles `/_oc/enter?ticket=…`: verify, refuse reuse, set `oc_s`,
     /// send the browser to Lab.
-    async fn enter(&self, session: &mut Session, sid: &str) -> Result<bool> {
+    async fn enter(&self, session: &mut Session, sid: SessionKey) -> Result<bool> {
         let query = session.req_header().uri.query().unwrap_or("").to_owned();
         let ticket = query
             .split('&')
@@ -145,7 +143,7 @@ impl Gateway {
         let verdict = token::verify(&self.config.keys, &ticket, TokenKind::Ticket, now)
             .map_err(|e| e.reason())
             .and_then(|claims| {
-                if claims.sid.as_deref() != Some(sid) {
+                if !claims_for(&claims, sid) {
                     Err("wrong_sid")
                 } else if table.is_revoked(&claims.login_session) {
                     Err("revoked")
@@ -188,7 +186,12 @@ impl Gateway {
 
     /// Who is asking on a session origin: the `oc_s` cookie for this sid, or
     /// a platform bearer token.
-    fn session_user(&self, req: &RequestHeader, sid: &str, now: u64) -> Result<u64, &'static str> {
+    fn session_user(
+        &self,
+        req: &RequestHeader,
+        sid: SessionKey,
+        now: u64,
+    ) -> Result<u64, &'static str> {
         let table = self.routes.load();
         let check = |claims: Arc<Claims>| {
             if table.is_revoked(&claims.login_session) {
@@ -202,7 +205,7 @@ impl Gateway {
                 .verified
                 .verify(&self.config.keys, value, TokenKind::SessionCookie, now)
                 .map_err(|e| e.reason())?;
-            if claims.sid.as_deref() != Some(sid) {
+            if !claims_for(&claims, sid) {
                 return Err("wrong_sid");
             }
             return check(claims);
@@ -218,13 +221,13 @@ impl Gateway {
     }
 
     async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let Some(sid) = ctx.sid.clone() else {
+        let Some(sid) = ctx.sid else {
             return no_session_here(session).await;
         };
         if session.req_header().uri.path() == "/_oc/enter" {
-            return self.enter(session, &sid).await;
+            return self.enter(session, sid).await;
         }
-        let user = match self.session_user(session.req_header(), &sid, unix_now()) {
+        let user = match self.session_user(session.req_header(), sid, unix_now()) {
             Ok(user) => user,
             Err(reason) => {
                 if reason != "missing" {
@@ -232,7 +235,7 @@ impl Gateway {
                         .increment(1);
                 }
                 if is_navigation(session.req_header(), ctx.is_upgrade) {
-                    let location = self.enter_url(&sid);
+                    let location = self.enter_url(sid);
                     return respond(
                         session,
                         302,
@@ -250,12 +253,7 @@ impl Gateway {
         };
         ctx.user_id = Some(user);
         let table = self.routes.load();
-        let Some(route) = table
-            .sessions
-            .get(&sid)
-            .filter(|s| s.owner == user)
-            .cloned()
-        else {
+        let Some(route) = table.sessions.get(&sid).filter(|s| s.owner == user) else {
             // Someone else's session answers exactly like a missing one.
             return no_session_here(session).await;
         };
@@ -279,7 +277,11 @@ impl Gateway {
             }
             SessionState::Starting | SessionState::Running => {}
         }
-        let Some(host) = table.hosts.get(&route.host) else {
+        let Some((host, ip)) = table
+            .hosts
+            .get(&route.host)
+            .and_then(|h| Some((&h.route, h.ip?)))
+        else {
             let html = page(
                 "Host unknown",
                 "This session's host is not known to this gateway yet. Try again in a moment.",
@@ -295,9 +297,9 @@ impl Gateway {
             );
             return respond(session, 503, &[], html).await;
         }
-        ctx.upstream = Some((host.address.clone(), route.port));
+        ctx.upstream = Some(SocketAddr::new(ip, route.port));
         ctx.upstream_host = Some(host.id);
-        ctx.upstream_token = Some(route.upstream_token.clone());
+        ctx.upstream_token = Some(route.token.clone());
         Ok(false)
     }
 }
@@ -384,9 +386,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<Box<HttpPeer>> {
         let mut peer = match (ctx.class, &ctx.upstream) {
             (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
-            (Class::Session, Some((address, port))) => {
-                HttpPeer::new((address.as_str(), *port), false, String::new())
-            }
+            (Class::Session, Some(address)) => HttpPeer::new(*address, false, String::new()),
             _ => {
                 return Err(Error::explain(
                     ErrorType::InternalError,
@@ -426,7 +426,7 @@ impl ProxyHttp for Gateway {
             upstream.remove_header(&header::AUTHORIZATION);
             strip_cookies(upstream, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
             if let Some(token) = &ctx.upstream_token {
-                upstream.insert_header(header::AUTHORIZATION, format!("token {token}"))?;
+                upstream.insert_header(header::AUTHORIZATION, format!("token {}", token.as_str()))?;
             }
         }
         Ok(())
@@ -510,7 +510,8 @@ impl ProxyHttp for Gateway {
             },
         };
         if ctx.class == Class::Session && code >= 500 {
-            tracing::warn!(sid = ctx.sid.as_deref().unwrap_or(""), error = %e, "session upstream failed");
+            let sid = ctx.sid.map(|s| s.sid()).unwrap_or_default();
+            tracing::warn!(%sid, error = %e, "session upstream failed");
         }
         let written = respond(session, code, &[], page(title, message, None)).await;
         FailToProxy {
@@ -524,7 +525,7 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        if let (Class::Session, Some(sid), Some(_)) = (ctx.class, &ctx.sid, ctx.upstream_host) {
+        if let (Class::Session, Some(sid), Some(_)) = (ctx.class, ctx.sid, ctx.upstream_host) {
             let bytes_in = session.body_bytes_read() as u64;
             let bytes_out = session.body_bytes_sent() as u64;
             self.usage.record(sid, unix_now(), bytes_in, bytes_out);
@@ -538,14 +539,24 @@ impl ProxyHttp for Gateway {
 }
 
 /// The Host header (or the authority of an absolute-form target), lower case.
-fn request_host(req: &RequestHeader) -> String {
-    req.headers
+fn request_host(req: &RequestHeader) -> Cow<'_, str> {
+    let host = req
+        .headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
+        .trim();
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Whether a cookie or ticket's claims name this session.
+fn claims_for(claims: &Claims, sid: SessionKey) -> bool {
+    claims.sid.as_deref().and_then(SessionKey::parse) == Some(sid)
 }
 
 /// A page navigation (redirect to log in) rather than an API or WebSocket
@@ -568,24 +579,28 @@ fn is_navigation(req: &RequestHeader, upgrade: bool) -> bool {
 
 /// Removes the given cookies from the request, keeping the others.
 fn strip_cookies(req: &mut RequestHeader, names: &[&str]) -> Result<()> {
-    let kept: Vec<String> = req
+    let mut kept = String::new();
+    let pairs = req
         .headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|pair| !pair.is_empty())
-        .filter(|pair| {
-            !names
-                .iter()
-                .any(|n| pair.split_once('=').map(|(k, _)| k) == Some(*n))
-        })
-        .map(str::to_owned)
-        .collect();
+        .filter(|pair| !pair.is_empty());
+    for pair in pairs {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if names.contains(&name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     req.remove_header(&header::COOKIE);
     if !kept.is_empty() {
-        req.insert_header(header::COOKIE, kept.join("; "))?;
+        req.insert_header(header::COOKIE, kept)?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use opencloud_protocol::routes::{Delta, Snapshot};
+use opencloud_protocol::routes::Delta;
 
 use crate::table::RouteTable;
 
@@ -39,9 +39,9 @@ impl Store {
     /// The last persisted table: the snapshot with every following delta
     /// applied. A torn last line (a crash mid-write) is ignored.
     pub fn load(&self) -> RouteTable {
-        let mut table = match fs::read(self.dir.join(SNAPSHOT)) {
-            Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {
-                Ok(snapshot) => RouteTable::from_snapshot(snapshot),
+        let mut table = match File::open(self.dir.join(SNAPSHOT)) {
+            Ok(file) => match RouteTable::read_snapshot(BufReader::with_capacity(1 << 20, file)) {
+                Ok(table) => table,
                 Err(e) => {
                     tracing::warn!(error = %e, "ignoring an unreadable route snapshot");
                     return RouteTable::default();
@@ -74,7 +74,7 @@ impl Store {
         let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
         {
             let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-            serde_json::to_writer(&mut file, &table.to_snapshot())?;
+            table.write_snapshot(&mut file)?;
             let file = file.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             self.snapshot_bytes = file.metadata()?.len();

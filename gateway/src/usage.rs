@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::table::SessionKey;
+
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -18,45 +20,46 @@ pub struct SessionUsage {
     pub bytes_out: u64,
 }
 
+/// What the request path adds up per session between two reports.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    last_activity: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
 #[derive(Clone, Default)]
-pub struct UsageBook(Arc<Mutex<HashMap<String, SessionUsage>>>);
+pub struct UsageBook(Arc<Mutex<HashMap<SessionKey, Tally>>>);
 
 impl UsageBook {
-    pub fn record(&self, sid: &str, now: u64, bytes_in: u64, bytes_out: u64) {
+    pub fn record(&self, sid: SessionKey, now: u64, bytes_in: u64, bytes_out: u64) {
         let mut book = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Look up by &str first: no allocation on the common path.
-        if !book.contains_key(sid) {
-            book.insert(
-                sid.to_owned(),
-                SessionUsage {
-                    sid: sid.to_owned(),
-                    ..Default::default()
-                },
-            );
-        }
-        let Some(entry) = book.get_mut(sid) else {
-            return;
-        };
-        entry.last_activity = entry.last_activity.max(now);
-        entry.bytes_in += bytes_in;
-        entry.bytes_out += bytes_out;
+        let tally = book.entry(sid).or_default();
+        tally.last_activity = tally.last_activity.max(now);
+        tally.bytes_in += bytes_in;
+        tally.bytes_out += bytes_out;
     }
 
     /// Takes everything recorded since the last call.
     pub fn drain(&self) -> Vec<SessionUsage> {
-        let mut book = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        book.drain().map(|(_, usage)| usage).collect()
+        let drained = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        drained
+            .into_iter()
+            .map(|(sid, tally)| SessionUsage {
+                sid: sid.sid(),
+                last_activity: tally.last_activity,
+                bytes_in: tally.bytes_in,
+                bytes_out: tally.bytes_out,
+            })
+            .collect()
     }
 
     /// Puts back a batch that could not be delivered.
     fn restore(&self, batch: Vec<SessionUsage>) {
         for usage in batch {
-            self.record(
-                &usage.sid,
-                usage.last_activity,
-                usage.bytes_in,
-                usage.bytes_out,
-            );
+            if let Some(sid) = SessionKey::parse(&usage.sid) {
+                self.record(sid, usage.last_activity, usage.bytes_in, usage.bytes_out);
+            }
         }
     }
 }
@@ -105,19 +108,22 @@ impl UsageReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opencloud_protocol::routes::new_sid;
 
     #[test]
     fn usage_adds_up_per_session_and_drains() {
         let book = UsageBook::default();
-        book.record("a", 10, 100, 1000);
-        book.record("a", 5, 1, 2);
-        book.record("b", 7, 0, 0);
+        let (a, b) = (new_sid(), new_sid());
+        let key = |sid: &str| SessionKey::parse(sid).unwrap();
+        book.record(key(&a), 10, 100, 1000);
+        book.record(key(&a), 5, 1, 2);
+        book.record(key(&b), 7, 0, 0);
         let mut batch = book.drain();
-        batch.sort_by(|x, y| x.sid.cmp(&y.sid));
+        batch.sort_by_key(|u| u.sid != a);
         assert_eq!(
             batch[0],
             SessionUsage {
-                sid: "a".into(),
+                sid: a.clone(),
                 last_activity: 10,
                 bytes_in: 101,
                 bytes_out: 1002

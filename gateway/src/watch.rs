@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use opencloud_protocol::routes::WatchMessage;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::store::Store;
-use crate::table::Routes;
+use crate::table::{Incoming, Routes};
 use crate::unix_now;
 
 /// No line at all for this long means the stream is dead (control sends a
@@ -58,6 +57,9 @@ impl Watcher {
             anyhow::bail!("control answered {}", response.status());
         }
         let mut pending: Vec<u8> = Vec::new();
+        // Bytes of `pending` already searched for a newline: a snapshot line
+        // can be hundreds of megabytes, so never scan it again per chunk.
+        let mut scanned = 0;
         loop {
             let chunk = match timeout(SILENCE_LIMIT, response.chunk()).await {
                 Err(_) => anyhow::bail!("no data for {}s", SILENCE_LIMIT.as_secs()),
@@ -65,28 +67,34 @@ impl Watcher {
             };
             let Some(chunk) = chunk else { return Ok(()) };
             pending.extend_from_slice(&chunk);
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
+            let mut start = 0;
+            while let Some(offset) = pending[scanned..].iter().position(|b| *b == b'\n') {
+                let end = scanned + offset;
+                let line = &pending[start..end];
+                scanned = end + 1;
+                start = scanned;
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let message: WatchMessage = serde_json::from_slice(&line)?;
+                let message: Incoming = serde_json::from_slice(line)?;
                 self.handle(message)?;
             }
+            scanned = pending.len();
+            pending.drain(..start);
+            scanned -= start;
         }
     }
 
-    fn handle(&mut self, message: WatchMessage) -> anyhow::Result<()> {
+    fn handle(&mut self, message: Incoming) -> anyhow::Result<()> {
         let current = self.routes.current();
         let next = match message {
-            WatchMessage::Snapshot(snapshot) => {
-                let table = crate::table::RouteTable::from_snapshot(snapshot);
+            Incoming::Snapshot(table) => {
                 if let Err(e) = self.store.save_snapshot(&table) {
                     tracing::error!(error = %e, "could not persist the route snapshot");
                 }
                 table
             }
-            WatchMessage::Delta(delta) => {
+            Incoming::Delta(delta) => {
                 if delta.version <= current.version {
                     return Ok(());
                 }
@@ -96,7 +104,7 @@ impl Watcher {
                 }
                 table
             }
-            WatchMessage::Heartbeat { .. } => match current.without_expired_revocations(unix_now())
+            Incoming::Heartbeat => match current.without_expired_revocations(unix_now())
             {
                 Some(table) => table,
                 None => {

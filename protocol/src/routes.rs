@@ -154,6 +154,32 @@ pub fn sid_from_bytes(bytes: [u8; 16]) -> String {
     out
 }
 
+/// The 16 bytes a sid encodes, for sids made by [`sid_from_bytes`]; `None`
+/// for anything else (wrong length, alphabet, or stray padding bits), so
+/// each sid has exactly one byte form.
+pub fn sid_to_bytes(sid: &str) -> Option<[u8; 16]> {
+    if !is_valid_sid(sid) {
+        return None;
+    }
+    let value = |b: u8| -> u128 {
+        if b.is_ascii_lowercase() {
+            u128::from(b - b'a')
+        } else {
+            u128::from(b - b'2' + 26)
+        }
+    };
+    let bytes = sid.as_bytes();
+    let mut acc: u128 = 0;
+    for &b in &bytes[..SID_LEN - 1] {
+        acc = (acc << 5) | value(b);
+    }
+    let last = value(bytes[SID_LEN - 1]);
+    if last & 0b11 != 0 {
+        return None;
+    }
+    Some(((acc << 3) | (last >> 2)).to_be_bytes())
+}
+
 /// A new random sid.
 pub fn new_sid() -> String {
     let mut bytes = [0u8; 16];
@@ -174,6 +200,18 @@ mod tests {
         assert_eq!(sid_from_bytes([0; 16]), "a".repeat(26));
         assert!(!is_valid_sid("ABCDEFGHIJKLMNOPQRSTUVWXYZ"));
         assert!(!is_valid_sid(&"a".repeat(25)));
+    }
+
+    #[test]
+    fn sids_and_their_bytes_convert_both_ways() {
+        for _ in 0..100 {
+            let mut bytes = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            let sid = sid_from_bytes(bytes);
+            assert_eq!(sid_to_bytes(&sid), Some(bytes));
+        }
+        assert_eq!(sid_to_bytes(&"7".repeat(26)), None, "padding bits set");
+        assert_eq!(sid_to_bytes("short"), None);
     }
 
     #[test]

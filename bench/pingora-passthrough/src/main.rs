@@ -9,8 +9,13 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::{Opt, ServerConf};
 
+// The same allocator and runtime settings as the gateway, so the difference
+// between the two is only the gateway's own work.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Passthrough {
-    upstream: String,
+    upstream: std::net::SocketAddr,
 }
 
 #[async_trait]
@@ -25,7 +30,7 @@ impl ProxyHttp for Passthrough {
         _ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         Ok(Box::new(HttpPeer::new(
-            self.upstream.as_str(),
+            self.upstream,
             false,
             String::new(),
         )))
@@ -40,6 +45,7 @@ fn main() -> std::process::ExitCode {
     };
     let conf = ServerConf {
         threads: 1,
+        work_stealing: false,
         pid_file: format!("{state_dir}/pingora.pid"),
         upgrade_sock: format!("{state_dir}/pingora-upgrade.sock"),
         grace_period_seconds: Some(0),
@@ -51,7 +57,13 @@ fn main() -> std::process::ExitCode {
     let mut proxy = http_proxy_service(
         &server.configuration,
         Passthrough {
-            upstream: upstream.clone(),
+            upstream: match upstream.parse() {
+                Ok(address) => address,
+                Err(e) => {
+                    eprintln!("UPSTREAM {upstream}: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            },
         },
     );
     proxy.add_tcp(listen);
