@@ -1,0 +1,396 @@
+//! The agent's config: what the file says (strict) and the validated form the
+//! agent runs on.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use opencloud_protocol::agent::Capacity;
+use opencloud_protocol::config;
+use serde::Deserialize;
+
+pub use opencloud_protocol::config::ConfigError;
+
+/// Environment overrides look like `OPENCLOUD_AGENT__CAPACITY__MAX_SESSIONS`.
+pub const ENV_PREFIX: &str = "OPENCLOUD_AGENT";
+
+/// Where `scripts/test` and `scripts/up` build the Jupyter venv.
+pub const DEFAULT_VENV: &str = "/opt/opencloud/venv";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    /// Control's public URL, e.g. `http://127.0.0.1:8081`.
+    control_url: String,
+    host_key: String,
+    /// The IP address gateways connect to (Jupyter and `/healthz` listen on it).
+    address: String,
+    health_port: u16,
+    port_range: [u16; 2],
+    capacity: CapacityFile,
+    /// Project files, homes, logs and session state (relative to this file).
+    work_dir: PathBuf,
+    #[serde(default = "default_venv")]
+    venv: PathBuf,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default = "default_stop_grace")]
+    stop_grace_seconds: u64,
+    #[serde(default = "default_start_timeout")]
+    start_timeout_seconds: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapacityFile {
+    max_sessions: u32,
+    cpu_cores: f32,
+    memory_mib: u64,
+}
+
+fn default_venv() -> PathBuf {
+    PathBuf::from(DEFAULT_VENV)
+}
+
+fn default_stop_grace() -> u64 {
+    10
+}
+
+fn default_start_timeout() -> u64 {
+    60
+}
+
+/// The validated config the agent runs on.
+#[derive(Clone)]
+pub struct Config {
+    /// No trailing slash.
+    pub control_url: String,
+    pub host_key: String,
+    pub address: IpAddr,
+    pub health_port: u16,
+    /// First and last port, inclusive, first ≤ last.
+    pub port_range: (u16, u16),
+    pub capacity: Capacity,
+    /// Absolute.
+    pub work_dir: PathBuf,
+    /// Absolute; `bin/jupyter` exists in it.
+    pub venv: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    /// SIGTERM → SIGKILL when control does not say otherwise.
+    pub stop_grace: Duration,
+    /// Spawn → `/api/status` answering, or the start failed.
+    pub start_timeout: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the host key.
+        f.debug_struct("Config")
+            .field("control_url", &self.control_url)
+            .field("address", &self.address)
+            .field("health_port", &self.health_port)
+            .field("port_range", &self.port_range)
+            .field("capacity", &self.capacity)
+            .field("work_dir", &self.work_dir)
+            .field("venv", &self.venv)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("stop_grace", &self.stop_grace)
+            .field("start_timeout", &self.start_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Reads `path` with `OPENCLOUD_AGENT__…` overrides from the environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = config::read_file(path)?;
+        Self::from_toml(path, &text, std::env::vars())
+    }
+
+    /// Parses and validates `text` as if read from `path` (relative paths in
+    /// it are taken from the file's directory).
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file_name = path.display().to_string();
+        let file: AgentFile = config::parse(&file_name, text, ENV_PREFIX, env)?;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            file: file_name.clone(),
+            key,
+            message,
+        };
+
+        let control_url = file.control_url.trim_end_matches('/').to_owned();
+        match control_url.split_once("://") {
+            Some(("http", rest)) if !rest.is_empty() => {}
+            Some(("https", _)) => {
+                return Err(invalid(
+                    "control_url",
+                    "https is not supported by this build yet; use http:// (e.g. through a local TLS terminator)".into(),
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "control_url",
+                    "must be a URL like http://127.0.0.1:8081".into(),
+                ))
+            }
+        }
+
+        if file.host_key.is_empty() || !file.host_key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "host_key",
+                "must be the key shown when the host was added (printable characters, no spaces)"
+                    .into(),
+            ));
+        }
+
+        let address: IpAddr = file.address.parse().map_err(|_| {
+            invalid(
+                "address",
+                format!("`{}` is not an IP address", file.address),
+            )
+        })?;
+        if address.is_unspecified() {
+            return Err(invalid(
+                "address",
+                "must be an address gateways can connect to, not an unspecified one".into(),
+            ));
+        }
+
+        if file.health_port == 0 {
+            return Err(invalid("health_port", "must be a port above 0".into()));
+        }
+
+        let [first, last] = file.port_range;
+        if first == 0 || first > last {
+            return Err(invalid(
+                "port_range",
+                format!("[{first}, {last}] is empty: give [first, last] with 0 < first ≤ last"),
+            ));
+        }
+        if (first..=last).contains(&file.health_port) {
+            return Err(invalid(
+                "port_range",
+                format!(
+                    "[{first}, {last}] contains health_port {}",
+                    file.health_port
+                ),
+            ));
+        }
+
+        let capacity = &file.capacity;
+        if capacity.max_sessions == 0 {
+            return Err(invalid("capacity.max_sessions", "must be above 0".into()));
+        }
+        if !(capacity.cpu_cores.is_finite() && capacity.cpu_cores > 0.0) {
+            return Err(invalid("capacity.cpu_cores", "must be above 0".into()));
+        }
+        if capacity.memory_mib == 0 {
+            return Err(invalid("capacity.memory_mib", "must be above 0".into()));
+        }
+        let ports = u32::from(last - first) + 1;
+        if ports < capacity.max_sessions {
+            return Err(invalid(
+                "port_range",
+                format!(
+                    "[{first}, {last}] holds {ports} ports, fewer than capacity.max_sessions ({})",
+                    capacity.max_sessions
+                ),
+            ));
+        }
+
+        if file.stop_grace_seconds == 0 {
+            return Err(invalid("stop_grace_seconds", "must be above 0".into()));
+        }
+        if file.start_timeout_seconds == 0 {
+            return Err(invalid("start_timeout_seconds", "must be above 0".into()));
+        }
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let absolute = |key: &'static str, p: &Path| {
+            std::path::absolute(base.join(p))
+                .map_err(|e| invalid(key, format!("{}: {e}", p.display())))
+        };
+        let work_dir = absolute("work_dir", &file.work_dir)?;
+        let venv = absolute("venv", &file.venv)?;
+        if !venv.join("bin/jupyter").is_file() {
+            return Err(invalid(
+                "venv",
+                format!(
+                    "{} has no bin/jupyter (scripts/test and scripts/up build the venv)",
+                    venv.display()
+                ),
+            ));
+        }
+
+        Ok(Self {
+            control_url,
+            host_key: file.host_key,
+            address,
+            health_port: file.health_port,
+            port_range: (first, last),
+            capacity: Capacity {
+                max_sessions: capacity.max_sessions,
+                cpu_cores: capacity.cpu_cores,
+                memory_mib: capacity.memory_mib,
+            },
+            work_dir,
+            venv,
+            metrics_listen: file.metrics_listen,
+            stop_grace: Duration::from_secs(file.stop_grace_seconds),
+            start_timeout: Duration::from_secs(file.start_timeout_seconds),
+        })
+    }
+
+    /// Where the agent's own `/healthz` listens.
+    pub fn health_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.health_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A venv stand-in: the config only checks that `bin/jupyter` exists.
+    fn fake_venv() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("oc-agent-config-venv-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/jupyter"), "#!/bin/sh\n").unwrap();
+        dir
+    }
+
+    fn text(extra: &str) -> String {
+        format!(
+            r#"
+control_url = "http://127.0.0.1:8081/"
+host_key = "hk_0123456789abcdef"
+address = "127.0.0.1"
+health_port = 9300
+port_range = [9400, 9499]
+work_dir = "work"
+venv = "{}"
+{extra}
+[capacity]
+max_sessions = 4
+cpu_cores = 2.0
+memory_mib = 4096
+"#,
+            fake_venv().display()
+        )
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/etc/oc/agent.toml"), text, Vec::new())
+    }
+
+    fn error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_config_is_read_with_defaults() {
+        let config = load(&text("")).unwrap();
+        assert_eq!(config.control_url, "http://127.0.0.1:8081");
+        assert_eq!(config.port_range, (9400, 9499));
+        assert_eq!(config.work_dir, PathBuf::from("/etc/oc/work"));
+        assert_eq!(config.stop_grace, Duration::from_secs(10));
+        assert_eq!(config.start_timeout, Duration::from_secs(60));
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.capacity.max_sessions, 4);
+        assert_eq!(config.health_addr().to_string(), "127.0.0.1:9300");
+    }
+
+    #[test]
+    fn the_default_venv_is_the_shared_one() {
+        assert_eq!(default_venv(), PathBuf::from("/opt/opencloud/venv"));
+    }
+
+    #[test]
+    fn the_host_key_is_never_printed() {
+        let config = load(&text("")).unwrap();
+        assert!(!format!("{config:?}").contains("hk_0123"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = error(&text("colour = \"blue\""));
+        assert!(err.starts_with("/etc/oc/agent.toml: key `colour`"), "{err}");
+        let err = error(&text("").replace("max_sessions = 4", "max_sessions = 4\ndisks = 2"));
+        assert!(err.contains("key `capacity.disks`"), "{err}");
+    }
+
+    #[test]
+    fn a_reversed_or_empty_port_range_is_named() {
+        let err = error(&text("").replace("[9400, 9499]", "[9499, 9400]"));
+        assert!(err.contains("key `port_range`"), "{err}");
+        assert!(err.contains("is empty"), "{err}");
+        let err = error(&text("").replace("[9400, 9499]", "[0, 10]"));
+        assert!(err.contains("key `port_range`"), "{err}");
+        let err = error(&text("").replace("[9400, 9499]", "[9400, 9401]"));
+        assert!(
+            err.contains("key `port_range`") && err.contains("fewer than"),
+            "{err}"
+        );
+        let err = error(&text("").replace("[9400, 9499]", "[9300, 9310]"));
+        assert!(err.contains("contains health_port"), "{err}");
+        let err = error(&text("").replace("[9400, 9499]", "[9400]"));
+        assert!(err.contains("key `port_range`"), "{err}");
+    }
+
+    #[test]
+    fn capacity_must_be_above_zero() {
+        let err = error(&text("").replace("max_sessions = 4", "max_sessions = 0"));
+        assert!(err.contains("key `capacity.max_sessions`"), "{err}");
+        let err = error(&text("").replace("cpu_cores = 2.0", "cpu_cores = 0.0"));
+        assert!(err.contains("key `capacity.cpu_cores`"), "{err}");
+        let err = error(&text("").replace("memory_mib = 4096", "memory_mib = 0"));
+        assert!(err.contains("key `capacity.memory_mib`"), "{err}");
+    }
+
+    #[test]
+    fn the_address_must_be_a_connectable_ip() {
+        let err = error(&text("").replace("\"127.0.0.1\"", "\"localhost\""));
+        assert!(err.contains("key `address`"), "{err}");
+        let err = error(&text("").replace("\"127.0.0.1\"", "\"0.0.0.0\""));
+        assert!(err.contains("key `address`"), "{err}");
+    }
+
+    #[test]
+    fn the_venv_must_hold_jupyter() {
+        let err = error(&text("").replace(&fake_venv().display().to_string(), "/nonexistent"));
+        assert!(err.contains("key `venv`"), "{err}");
+        assert!(err.contains("/nonexistent has no bin/jupyter"), "{err}");
+    }
+
+    #[test]
+    fn the_control_url_must_be_http() {
+        let err = error(&text("").replace("http://127.0.0.1:8081/", "127.0.0.1:8081"));
+        assert!(err.contains("key `control_url`"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_are_named_when_bad() {
+        let config = Config::from_toml(
+            Path::new("agent.toml"),
+            &text(""),
+            vec![("OPENCLOUD_AGENT__CAPACITY__MAX_SESSIONS".into(), "7".into())],
+        )
+        .unwrap();
+        assert_eq!(config.capacity.max_sessions, 7);
+        let err = Config::from_toml(
+            Path::new("agent.toml"),
+            &text(""),
+            vec![("OPENCLOUD_AGENT__HEALTH_PORT".into(), "many".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("key `health_port` (from OPENCLOUD_AGENT__HEALTH_PORT)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Processes as `/proc` shows them: which ones belong to a session, and
+//! signalling them.
+//!
+//! A session is more than the server's process group: Jupyter starts each
+//! kernel in a session of its own (so it can interrupt it), and a kernel
+//! outlives a server that was killed. So a session's processes are found from
+//! several sides, always restricted to the session's uid: the server's
+//! process group, the server's descendants, anything carrying the
+//! `JPY_PARENT_PID=<server pid>` Jupyter gives its kernels (inherited by what
+//! they start, and kept when they are orphaned), and the process groups and
+//! sessions those lead.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// One process, as `/proc/<pid>/stat` describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgrp: i32,
+    /// The Linux session (`setsid`), not an OpenCloud one.
+    pub session: i32,
+    /// `R`, `S`, `Z`, …
+    pub state: char,
+    /// Clock ticks after boot; with the pid, names a process across pid reuse.
+    pub start_ticks: u64,
+    /// Effective uid (the owner of `/proc/<pid>`).
+    pub uid: u32,
+}
+
+impl ProcInfo {
+    /// Zombies and dead tasks hold a pid but nothing else.
+    pub fn is_alive(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the fields after the command name of `/proc/<pid>/stat`.
+/// The command name is in parentheses and may itself contain `)`.
+pub fn parse_stat(pid: i32, stat: &str, uid: u32) -> Option<ProcInfo> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 of proc(5): state; starttime is field 22.
+    Some(ProcInfo {
+        pid,
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+        uid,
+    })
+}
+
+/// The process `pid`, if it exists (zombies included: see [`ProcInfo::is_alive`]).
+pub fn proc_info(pid: i32) -> Option<ProcInfo> {
+    let dir = format!("/proc/{pid}");
+    let uid = std::fs::metadata(&dir).ok()?.uid();
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    parse_stat(pid, &stat, uid)
+}
+
+/// Every process on the machine.
+pub fn snapshot() -> Vec<ProcInfo> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_info)
+        .collect()
+}
+
+/// Whether `pid`'s environment (as it was at exec) holds `NAME=value`.
+pub fn environ_has(pid: i32, entry: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// What identifies one session's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// The Jupyter server (its pid is also its process group).
+    pub pid: i32,
+    pub pgid: i32,
+    pub start_ticks: u64,
+    pub uid: u32,
+}
+
+/// The live processes of `scope` among `procs`. `has_marker(pid)` says
+/// whether a process carries the server's `JPY_PARENT_PID`.
+pub fn members(
+    procs: &[ProcInfo],
+    scope: &Scope,
+    own_pid: i32,
+    has_marker: impl Fn(i32) -> bool,
+) -> Vec<ProcInfo> {
+    let candidates: Vec<&ProcInfo> = procs
+        .iter()
+        .filter(|p| p.uid == scope.uid && p.pid != own_pid && p.is_alive())
+        .collect();
+    let mut found: HashSet<i32> = candidates
+        .iter()
+        .filter(|p| {
+            p.pgrp == scope.pgid
+                || (p.pid == scope.pid && p.start_ticks == scope.start_ticks)
+                || (p.start_ticks >= scope.start_ticks && has_marker(p.pid))
+        })
+        .map(|p| p.pid)
+        .collect();
+    // Descendants, and what members lead as groups or sessions, until nothing new.
+    loop {
+        let before = found.len();
+        for p in &candidates {
+            if !found.contains(&p.pid)
+                && (found.contains(&p.ppid)
+                    || found.contains(&p.pgrp)
+                    || found.contains(&p.session))
+            {
+                found.insert(p.pid);
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    candidates
+        .into_iter()
+        .filter(|p| found.contains(&p.pid))
+        .copied()
+        .collect()
+}
+
+/// The live processes of `scope` right now.
+pub fn session_members(scope: &Scope) -> Vec<ProcInfo> {
+    let marker = format!("JPY_PARENT_PID={}", scope.pid);
+    let own = std::process::id() as i32;
+    members(&snapshot(), scope, own, |pid| environ_has(pid, &marker))
+}
+
+/// Sends `signal` to every process of `scope`; returns how many there were.
+pub fn signal_members(scope: &Scope, signal: Signal) -> usize {
+    let members = session_members(scope);
+    // The group in one call where it is wholly ours, so a process forking
+    // right now is not missed; then each member, wherever it is.
+    let group: Vec<&ProcInfo> = members.iter().filter(|p| p.pgrp == scope.pgid).collect();
+    if !group.is_empty() && scope.pgid > 1 {
+        let _ = killpg(Pid::from_raw(scope.pgid), signal);
+    }
+    for p in &members {
+        if p.pid > 1 {
+            let _ = kill(Pid::from_raw(p.pid), signal);
+        }
+    }
+    members.len()
+}
+
+/// Waits until `scope` has no live process, up to `limit`. True when none is left.
+pub async fn wait_gone(scope: &Scope, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if session_members(scope).is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace` to whatever is left; true when
+/// nothing of the session is left.
+pub async fn terminate(scope: &Scope, grace: Duration) -> bool {
+    if signal_members(scope, Signal::SIGTERM) == 0 {
+        return true;
+    }
+    if wait_gone(scope, grace).await {
+        return true;
+    }
+    for _ in 0..5 {
+        signal_members(scope, Signal::SIGKILL);
+        if wait_gone(scope, Duration::from_secs(2)).await {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a server could listen on `address:port` now.
+pub fn port_is_free(address: IpAddr, port: u16) -> bool {
+    TcpListener::bind(SocketAddr::new(address, port)).is_ok()
+}
+
+/// Waits until `address:port` can be bound, up to `limit`.
+pub async fn wait_port_free(address: IpAddr, port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if port_is_free(address, port) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: i32, ppid: i32, pgrp: i32, session: i32, uid: u32) -> ProcInfo {
+        ProcInfo {
+            pid,
+            ppid,
+            pgrp,
+            session,
+            state: 'S',
+            start_ticks: 1000 + pid as u64,
+            uid,
+        }
+    }
+
+    const SCOPE: Scope = Scope {
+        pid: 100,
+        pgid: 100,
+        start_ticks: 1100,
+        uid: 1001,
+    };
+
+    fn pids(found: Vec<ProcInfo>) -> Vec<i32> {
+        let mut pids: Vec<i32> = found.into_iter().map(|p| p.pid).collect();
+        pids.sort();
+        pids
+    }
+
+    #[test]
+    fn stat_lines_parse_even_with_odd_command_names() {
+        let stat = "4242 (jupyter (x) y) S 1 4242 17 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 987654 1000000 200";
+        let info = parse_stat(4242, stat, 1001).unwrap();
+        assert_eq!(info.state, 'S');
+        assert_eq!(info.ppid, 1);
+        assert_eq!(info.pgrp, 4242);
+        assert_eq!(info.session, 17);
+        assert_eq!(info.start_ticks, 987654);
+        assert!(info.is_alive());
+        assert!(parse_stat(1, "1 (init) S 0", 0).is_none());
+    }
+
+    #[test]
+    fn this_process_is_visible() {
+        let me = proc_info(std::process::id() as i32).unwrap();
+        assert!(me.is_alive());
+        assert!(me.start_ticks > 0);
+    }
+
+    #[test]
+    fn a_session_is_its_group_its_descendants_and_their_sessions() {
+        let procs = vec![
+            p(1, 0, 1, 1, 0),
+            p(50, 1, 50, 50, 0),         // the agent
+            p(100, 50, 100, 50, 1001),   // the server, own group, agent's session
+            p(101, 100, 100, 50, 1001),  // a helper in the server's group
+            p(200, 100, 200, 200, 1001), // a kernel: own session
+            p(201, 200, 200, 200, 1001), // something the kernel ran
+            p(300, 1, 300, 300, 1001),   // an orphaned kernel of this server (marker)
+            p(301, 300, 300, 300, 1001),
+            p(400, 1, 400, 400, 1002), // another project's process
+            p(500, 1, 500, 500, 1001), // same uid, unrelated, no marker
+        ];
+        let found = members(&procs, &SCOPE, 50, |pid| pid == 300);
+        assert_eq!(pids(found), vec![100, 101, 200, 201, 300, 301]);
+    }
+
+    #[test]
+    fn other_users_zombies_and_older_markers_are_never_members() {
+        let mut zombie = p(102, 100, 100, 50, 1001);
+        zombie.state = 'Z';
+        let mut old = p(20, 1, 20, 20, 1001); // started before the server: pid reuse
+        old.start_ticks = 5;
+        let procs = vec![
+            p(100, 50, 100, 50, 1001),
+            p(101, 100, 100, 50, 0), // root in the group (setuid helper): left alone
+            zombie,
+            old,
+        ];
+        let found = members(&procs, &SCOPE, 50, |_| true);
+        assert_eq!(pids(found), vec![100]);
+    }
+
+    #[test]
+    fn the_agent_itself_is_never_a_member() {
+        // Running as the session's user (no root): the agent shares the uid.
+        let procs = vec![p(50, 1, 100, 50, 1001), p(100, 50, 100, 50, 1001)];
+        assert_eq!(pids(members(&procs, &SCOPE, 50, |_| false)), vec![100]);
+    }
+}

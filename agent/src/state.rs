@@ -1,0 +1,203 @@
+//! One file per running session under `work_dir/sessions/`, readable by root
+//! only (it holds the upstream token), so that an agent that restarts finds
+//! the servers it left and can either keep them or clean them up.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::Scope;
+use crate::Error;
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRecord {
+    pub sid: String,
+    pub project_id: u64,
+    /// The Jupyter server; it leads its own process group.
+    pub pid: i32,
+    pub pgid: i32,
+    /// With the pid, tells this server from a later process with its pid.
+    pub start_ticks: u64,
+    pub port: u16,
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// The upstream token, which Jupyter got in `JUPYTER_TOKEN`.
+    pub token: String,
+    /// Unix seconds.
+    pub started_at: u64,
+}
+
+impl std::fmt::Debug for SessionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRecord")
+            .field("sid", &self.sid)
+            .field("project_id", &self.project_id)
+            .field("pid", &self.pid)
+            .field("pgid", &self.pgid)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("started_at", &self.started_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionRecord {
+    pub fn scope(&self) -> Scope {
+        Scope {
+            pid: self.pid,
+            pgid: self.pgid,
+            start_ticks: self.start_ticks,
+            uid: self.uid,
+        }
+    }
+}
+
+/// The `sessions/` directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(dir: PathBuf) -> Result<Self, Error> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(&dir, e))?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, sid: &str) -> PathBuf {
+        self.dir.join(format!("{sid}.json"))
+    }
+
+    /// Writes the record atomically, mode 0600.
+    pub fn save(&self, record: &SessionRecord) -> Result<(), Error> {
+        let path = self.path(&record.sid);
+        let temp = self.dir.join(format!("{}.json.tmp", record.sid));
+        let json = serde_json::to_vec_pretty(record).map_err(|e| Error::io(&path, e.into()))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)?;
+            file.write_all(&json)?;
+            file.sync_all()?;
+            std::fs::rename(&temp, &path)
+        };
+        write().map_err(|e| Error::io(&path, e))
+    }
+
+    pub fn remove(&self, sid: &str) {
+        let path = self.path(sid);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sid, error = %e, "cannot remove the session's state file");
+            }
+        }
+    }
+
+    /// Every record, and the files that could not be read (removed, logged).
+    pub fn load_all(&self) -> Vec<SessionRecord> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut records = Vec::new();
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json.tmp") {
+                // A write cut short by a crash: only complete files count.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match read_record(&path) {
+                Ok(record) if path == self.path(&record.sid) => records.push(record),
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "state file names another session; removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable state file; removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.sid.cmp(&b.sid));
+        records
+    }
+}
+
+fn read_record(path: &Path) -> Result<SessionRecord, String> {
+    let text = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sid: &str) -> SessionRecord {
+        SessionRecord {
+            sid: sid.into(),
+            project_id: 7,
+            pid: 1234,
+            pgid: 1234,
+            start_ticks: 99,
+            port: 9400,
+            user: "oc-p7".into(),
+            uid: 998,
+            gid: 998,
+            token: "secret-upstream-token".into(),
+            started_at: 1_800_000_000,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("oc-agent-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn records_round_trip_privately() {
+        let dir = StateDir::open(temp_dir("round")).unwrap();
+        dir.save(&record("aaaa")).unwrap();
+        dir.save(&record("bbbb")).unwrap();
+        let mode = std::fs::metadata(dir.path("aaaa"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(dir.load_all(), vec![record("aaaa"), record("bbbb")]);
+        dir.remove("aaaa");
+        dir.remove("aaaa");
+        assert_eq!(dir.load_all(), vec![record("bbbb")]);
+    }
+
+    #[test]
+    fn broken_and_half_written_files_are_dropped() {
+        let dir = StateDir::open(temp_dir("broken")).unwrap();
+        std::fs::write(dir.path("cccc"), "{not json").unwrap();
+        std::fs::write(dir.dir.join("dddd.json.tmp"), "{").unwrap();
+        dir.save(&record("eeee")).unwrap();
+        std::fs::copy(dir.path("eeee"), dir.path("ffff")).unwrap();
+        assert_eq!(dir.load_all(), vec![record("eeee")]);
+        assert!(!dir.path("cccc").exists());
+        assert!(!dir.path("ffff").exists());
+    }
+
+    #[test]
+    fn the_token_is_never_printed() {
+        assert!(!format!("{:?}", record("a")).contains("secret"));
+    }
+}

@@ -1,0 +1,138 @@
+//! Who a session's Jupyter runs as. An agent running as root gives each
+//! project a system user of its own (`oc-p<project_id>`, no login shell), so
+//! notebooks never run as root and projects cannot read each other's files.
+//! An agent started by an ordinary user runs Jupyter as that user.
+
+use std::path::Path;
+
+use nix::unistd::{Gid, Uid, User};
+
+use crate::Error;
+
+/// The account a session runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Whether the agent switches to this user (it is root) or already is it.
+    pub switch: bool,
+}
+
+/// The user name for a project's sessions.
+pub fn project_user(project_id: u64) -> String {
+    format!("oc-p{project_id}")
+}
+
+pub fn running_as_root() -> bool {
+    Uid::effective().is_root()
+}
+
+/// The current user, for an agent that is not root.
+pub fn current() -> RunAs {
+    let uid = Uid::effective();
+    let gid = Gid::effective();
+    let name = User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"));
+    RunAs {
+        name,
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
+        switch: false,
+    }
+}
+
+/// The project's user, created with `useradd` when missing. Callers
+/// serialise calls (useradd locks /etc/passwd and fails when it is busy).
+pub async fn ensure_project_user(project_id: u64, home: &Path) -> Result<RunAs, Error> {
+    let name = project_user(project_id);
+    if let Some(user) = lookup(&name)? {
+        return Ok(user);
+    }
+    let shell = ["/usr/sbin/nologin", "/sbin/nologin", "/bin/false"]
+        .into_iter()
+        .find(|s| Path::new(s).exists())
+        .unwrap_or("/bin/false");
+    let output = tokio::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            shell,
+        ])
+        .arg("--home-dir")
+        .arg(home)
+        .arg(&name)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .await
+        .map_err(|e| Error::User {
+            user: name.clone(),
+            message: format!("cannot run useradd: {e}"),
+        })?;
+    // Another agent on this machine may have created it meanwhile.
+    if let Some(user) = lookup(&name)? {
+        tracing::info!(user = %name, "created the project's user");
+        return Ok(user);
+    }
+    Err(Error::User {
+        user: name,
+        message: format!(
+            "useradd failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    })
+}
+
+fn lookup(name: &str) -> Result<Option<RunAs>, Error> {
+    let user = User::from_name(name).map_err(|e| Error::User {
+        user: name.to_owned(),
+        message: format!("cannot look it up: {e}"),
+    })?;
+    let Some(user) = user else {
+        return Ok(None);
+    };
+    if user.uid.is_root() || user.gid.as_raw() == 0 {
+        return Err(Error::User {
+            user: name.to_owned(),
+            message: "exists with uid or gid 0; refusing to run notebooks as it".into(),
+        });
+    }
+    Ok(Some(RunAs {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        switch: true,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn project_users_are_short_valid_names() {
+        let name = project_user(u64::MAX);
+        assert_eq!(name, "oc-p18446744073709551615");
+        assert!(name.len() <= 32);
+    }
+
+    #[test]
+    fn root_is_never_a_project_user() {
+        let err = lookup("root").unwrap_err().to_string();
+        assert!(err.contains("uid or gid 0"), "{err}");
+    }
+
+    #[test]
+    fn the_current_user_is_not_switched_to() {
+        let me = current();
+        assert!(!me.switch);
+        assert_eq!(me.uid, Uid::effective().as_raw());
+    }
+}
