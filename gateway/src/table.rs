@@ -204,7 +204,8 @@ impl RouteTable {
         Ok(next)
     }
 
-    fn upsert_session(&mut self, session: &SessionRoute) {
+    /// Adds or replaces one session in place (building a table).
+    pub fn upsert_session(&mut self, session: &SessionRoute) {
         match SessionKey::parse(&session.sid) {
             Some(key) => {
                 self.sessions.insert(key, SessionEntry::from_route(session));
@@ -213,11 +214,14 @@ impl RouteTable {
         }
     }
 
+    /// Adds or replaces one host in place (building a table).
+    pub fn upsert_host(&mut self, host: HostRoute) {
+        self.hosts.insert(host.id, HostEntry::new(host));
+    }
+
     fn change(&mut self, change: Change) {
         match change {
-            Change::UpsertHost(host) => {
-                self.hosts.insert(host.id, HostEntry::new(host));
-            }
+            Change::UpsertHost(host) => self.upsert_host(host),
             Change::RemoveHost { id } => {
                 self.hosts.remove(&id);
             }

@@ -113,19 +113,16 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     // Built straight from the routes, so no snapshot is alive beside it and
     // the RSS growth is the table's own.
-    let table = RouteTable {
+    let mut table = RouteTable {
         version: SNAPSHOT_VERSION,
-        hosts: (1..=hosts)
-            .map(|id| (id, Arc::new(host(id, 9000))))
-            .collect(),
-        sessions: (0..n)
-            .map(|i| {
-                let s = session(i, 9000, hosts);
-                (s.sid.clone(), Arc::new(s))
-            })
-            .collect(),
-        revocations: Default::default(),
+        ..RouteTable::default()
     };
+    for id in 1..=hosts {
+        table.upsert_host(host(id, 9000));
+    }
+    for i in 0..n {
+        table.upsert_session(&session(i, 9000, hosts));
+    }
     let build = started.elapsed();
     let rss_table = proc_status_kib("VmRSS:")?;
     println!("sessions {sessions}");
@@ -192,11 +189,10 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     // start (load).
     let table = routes.current();
     let t = Instant::now();
-    let snapshot = table.to_snapshot();
-    let bytes = serde_json::to_vec(&snapshot)?;
+    let mut bytes = Vec::new();
+    table.write_snapshot(&mut bytes)?;
     println!("snapshot_serialize_s {:.2}", t.elapsed().as_secs_f64());
     println!("snapshot_mib {:.0}", bytes.len() as f64 / 1048576.0);
-    drop(snapshot);
     // The gateway's own store writing that snapshot (write, fsync, rename).
     let dir = std::env::temp_dir().join(format!("oc-bench-store-{}", std::process::id()));
     let mut store = opencloud_gateway::store::Store::open(&dir)?;
@@ -205,11 +201,8 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     println!("store_save_snapshot_s {:.2}", t.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&dir);
     let t = Instant::now();
-    let parsed: Snapshot = serde_json::from_slice(&bytes)?;
-    println!("snapshot_parse_s {:.2}", t.elapsed().as_secs_f64());
-    let t = Instant::now();
-    let loaded = RouteTable::from_snapshot(parsed);
-    println!("from_snapshot_s {:.2}", t.elapsed().as_secs_f64());
+    let loaded = RouteTable::read_snapshot(&bytes[..])?;
+    println!("snapshot_load_s {:.2}", t.elapsed().as_secs_f64());
     anyhow::ensure!(
         loaded.sessions.len() == table.sessions.len(),
         "the snapshot lost sessions"
