@@ -200,10 +200,10 @@ mod tests {
 
     #[test]
     fn the_token_is_in_the_environment_not_the_arguments() {
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("oc-agent-cmd-{}.log", std::process::id())),
-        )
-        .unwrap();
+        let log_path =
+            std::env::temp_dir().join(format!("oc-agent-cmd-{}.log", std::process::id()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        std::fs::remove_file(&log_path).unwrap();
         let run_as = crate::users::current();
         let command = command(Launch {
             venv: Path::new("/opt/venv"),
@@ -270,6 +270,7 @@ mod tests {
         assert_eq!(tail.lines().count(), 20);
         assert!(tail.starts_with("line 31 [token]"), "{tail}");
         assert!(!tail.contains("tok-123"));
+        std::fs::remove_file(&path).unwrap();
         assert_eq!(log_tail(Path::new("/nonexistent"), 20, "x"), "");
     }
 }

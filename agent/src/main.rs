@@ -23,7 +23,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Logs on stderr; stdout is for what a subcommand answers.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

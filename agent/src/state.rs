@@ -182,6 +182,7 @@ mod tests {
         dir.remove("aaaa");
         dir.remove("aaaa");
         assert_eq!(dir.load_all(), vec![record("bbbb")]);
+        std::fs::remove_dir_all(&dir.dir).unwrap();
     }
 
     #[test]
@@ -194,6 +195,7 @@ mod tests {
         assert_eq!(dir.load_all(), vec![record("eeee")]);
         assert!(!dir.path("cccc").exists());
         assert!(!dir.path("ffff").exists());
+        std::fs::remove_dir_all(&dir.dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,660 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+//! The agent with real Jupyter servers from the project's venv: sessions run
+//! as their project's own unprivileged user, stop without leftovers, survive
+//! an agent restart (or are cleaned up when they cannot be trusted), and
+//! report failures and exits with their logs. Nothing here needs control.
+
+use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use opencloud_agent::process::snapshot;
+use opencloud_agent::{Config, Supervisor};
+use opencloud_e2e::{binary, free_port, jupyter::venv, unique};
+use opencloud_protocol::agent::{AgentEvent, AgentSessionState, StartSession};
+use opencloud_protocol::routes::new_sid;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// A host's work dir and config, on ports nothing else uses right now.
+struct Host {
+    base: PathBuf,
+    config_path: PathBuf,
+    config: Config,
+}
+
+impl Host {
+    fn new(max_sessions: u32) -> Self {
+        Self::with(max_sessions, &venv(), "")
+    }
+
+    fn with(max_sessions: u32, venv: &Path, extra: &str) -> Self {
+        let base = std::env::temp_dir().join(unique("oc-agent-"));
+        std::fs::create_dir_all(&base).unwrap();
+        let (first, last) = free_port_range(max_sessions as u16 + 2);
+        let text = format!(
+            r#"
+control_url = "http://127.0.0.1:{control}"
+host_key = "test-host-key"
+address = "127.0.0.1"
+health_port = {health}
+port_range = [{first}, {last}]
+work_dir = "work"
+venv = "{venv}"
+stop_grace_seconds = 5
+{extra}
+
+[capacity]
+max_sessions = {max_sessions}
+cpu_cores = 2.0
+memory_mib = 2048
+"#,
+            // Nothing listens there: these tests never need control.
+            control = free_port(),
+            health = free_port(),
+            venv = venv.display(),
+        );
+        let config_path = base.join("agent.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::from_toml(&config_path, &text, Vec::new()).unwrap();
+        Self {
+            base,
+            config_path,
+            config,
+        }
+    }
+
+    async fn supervisor(&self) -> (Supervisor, UnboundedReceiver<AgentEvent>) {
+        Supervisor::open(self.config.clone()).await.unwrap()
+    }
+
+    fn work(&self) -> PathBuf {
+        self.config.work_dir.clone()
+    }
+
+    fn state_file(&self, sid: &str) -> PathBuf {
+        self.work().join("sessions").join(format!("{sid}.json"))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+/// `n` consecutive ports that were free a moment ago, found from the
+/// harness's free-port helper.
+fn free_port_range(n: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let first = free_port();
+        let Some(last) = first.checked_add(n - 1) else {
+            continue;
+        };
+        if (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return (first, last);
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+fn start_command(project_id: u64) -> StartSession {
+    StartSession {
+        sid: new_sid(),
+        project_id,
+        upstream_token: unique("tok-"),
+        memory_limit_mib: 1024,
+        cpu_limit_cores: 1.0,
+    }
+}
+
+fn ready(event: AgentEvent) -> (String, u16, u64) {
+    match event {
+        AgentEvent::Ready {
+            sid,
+            port,
+            spawn_ms,
+        } => (sid, port, spawn_ms),
+        other => panic!("expected Ready, got {other:?}"),
+    }
+}
+
+async fn api_status(port: u16, token: Option<&str>) -> Option<u16> {
+    let mut request = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/api/status"));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("token {token}"));
+    }
+    request.send().await.ok().map(|r| r.status().as_u16())
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The uid `/etc/passwd` gives a user.
+fn passwd_uid(user: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(':').next() == Some(user))
+        .and_then(|l| l.split(':').nth(2)?.parse().ok())
+}
+
+/// Live processes of a user (each test uses its own project users).
+fn processes_of(uid: u32) -> Vec<i32> {
+    snapshot()
+        .into_iter()
+        .filter(|p| p.uid == uid && p.is_alive())
+        .map(|p| p.pid)
+        .collect()
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The next event, within `limit`.
+async fn next_event(events: &mut UnboundedReceiver<AgentEvent>, limit: Duration) -> AgentEvent {
+    tokio::time::timeout(limit, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("the supervisor is alive")
+}
+
+fn kill(signal: &str, target: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", target])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Starts a kernel in a session, so that stopping it has more to stop.
+async fn start_kernel(port: u16, token: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/kernels"))
+        .header("authorization", format!("token {token}"))
+        .json(&serde_json::json!({ "name": "python3" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        201,
+        "{:?}",
+        response.text().await
+    );
+}
+
+#[tokio::test]
+async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
+    let host = Host::new(2);
+    let (supervisor, mut events) = host.supervisor().await;
+    println!(
+        "cgroup limits: {} ({})",
+        supervisor.cgroup_limits(),
+        supervisor
+            .cgroup_unavailable_reason()
+            .unwrap_or("available")
+    );
+    let start = start_command(910_001);
+    let token = start.upstream_token.clone();
+
+    let (sid, port, spawn_ms) = ready(supervisor.start(start.clone()).await);
+    println!("spawn to ready: {spawn_ms} ms");
+    assert_eq!(sid, start.sid);
+    assert!(spawn_ms < 60_000, "{spawn_ms}");
+    let (first, last) = host.config.port_range;
+    assert!(
+        (first..=last).contains(&port),
+        "{port} not in {first}–{last}"
+    );
+    assert!(matches!(
+        next_event(&mut events, Duration::from_secs(1)).await,
+        AgentEvent::Ready { .. }
+    ));
+
+    assert_eq!(api_status(port, Some(&token)).await, Some(200));
+    assert_ne!(
+        api_status(port, None).await,
+        Some(200),
+        "no token, no answer"
+    );
+
+    let pid = supervisor.pid_of(&sid).unwrap();
+    let uid = uid_of(pid);
+    assert_ne!(uid, 0, "jupyter must not run as root");
+    assert_eq!(
+        Some(uid),
+        passwd_uid("oc-p910001"),
+        "runs as the project's user"
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(&token),
+        "the token is on the command line"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains(&format!("JUPYTER_TOKEN={token}")));
+
+    let project = std::fs::metadata(host.work().join("projects/910001")).unwrap();
+    assert_eq!((project.uid(), project.mode() & 0o777), (uid, 0o700));
+    let home = std::fs::metadata(host.work().join("homes/oc-p910001")).unwrap();
+    assert_eq!((home.uid(), home.mode() & 0o777), (uid, 0o700));
+    let state = std::fs::metadata(host.state_file(&sid)).unwrap();
+    assert_eq!((state.uid(), state.mode() & 0o777), (0, 0o600));
+    assert!(
+        !std::fs::read_to_string(host.work().join(format!("logs/{sid}.log")))
+            .unwrap()
+            .contains(&token)
+    );
+
+    let sessions = supervisor.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(
+        (
+            sessions[0].sid.as_str(),
+            sessions[0].port,
+            sessions[0].state
+        ),
+        (sid.as_str(), port, AgentSessionState::Running)
+    );
+
+    // A kernel runs in a process session of its own: stopping must find it too.
+    start_kernel(port, &token).await;
+    eventually("the kernel starts", Duration::from_secs(30), || {
+        processes_of(uid).len() >= 2
+    })
+    .await;
+    supervisor.refresh_activity().await;
+    assert!(supervisor.sessions()[0].last_activity.is_some());
+
+    let stopped = supervisor.stop(&sid, Duration::from_secs(5)).await;
+    assert_eq!(stopped, AgentEvent::Stopped { sid: sid.clone() });
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(1)).await,
+        stopped
+    );
+    assert!(port_free(port), "port {port} is still taken");
+    assert_eq!(
+        processes_of(uid),
+        Vec::<i32>::new(),
+        "processes left behind"
+    );
+    assert!(!host.state_file(&sid).exists());
+    assert!(supervisor.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn starting_a_running_session_again_reports_it_ready_and_a_full_host_says_so() {
+    let host = Host::new(1);
+    let (supervisor, _events) = host.supervisor().await;
+    let start = start_command(910_002);
+
+    // Twice at once, then once more: one server, one port.
+    let (a, b) = tokio::join!(
+        supervisor.start(start.clone()),
+        supervisor.start(start.clone())
+    );
+    let (_, port_a, _) = ready(a);
+    let (_, port_b, _) = ready(b);
+    assert_eq!(port_a, port_b);
+    let pid = supervisor.pid_of(&start.sid).unwrap();
+    let (_, port_c, _) = ready(supervisor.start(start.clone()).await);
+    assert_eq!(port_c, port_a);
+    assert_eq!(supervisor.pid_of(&start.sid), Some(pid));
+    assert_eq!(supervisor.sessions().len(), 1);
+
+    match supervisor.start(start_command(910_012)).await {
+        AgentEvent::Failed { reason, .. } => assert!(reason.contains("host is full"), "{reason}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+
+    let unknown = new_sid();
+    assert_eq!(
+        supervisor.stop(&unknown, Duration::from_secs(1)).await,
+        AgentEvent::Stopped { sid: unknown }
+    );
+    supervisor.stop(&start.sid, Duration::from_secs(5)).await;
+    assert!(port_free(port_a));
+}
+
+#[tokio::test]
+async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
+    let host = Host::new(3);
+    let (first, _events) = host.supervisor().await;
+    let (keep, wrong_token, dead) = (
+        start_command(910_003),
+        start_command(910_004),
+        start_command(910_005),
+    );
+    let (a, b, c) = tokio::join!(
+        first.start(keep.clone()),
+        first.start(wrong_token.clone()),
+        first.start(dead.clone())
+    );
+    let (keep_port, wrong_port, dead_port) = (ready(a).1, ready(b).1, ready(c).1);
+    let keep_pid = first.pid_of(&keep.sid).unwrap();
+    let wrong_uid = uid_of(first.pid_of(&wrong_token.sid).unwrap());
+    let dead_pid = first.pid_of(&dead.sid).unwrap();
+    let dead_uid = uid_of(dead_pid);
+
+    // The agent goes away; its servers keep running.
+    first.detach();
+    assert_eq!(
+        api_status(keep_port, Some(&keep.upstream_token)).await,
+        Some(200)
+    );
+    // One record no longer matches its server, one server dies meanwhile.
+    let path = host.state_file(&wrong_token.sid);
+    let record = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        record.replace(&wrong_token.upstream_token, "not-the-token"),
+    )
+    .unwrap();
+    kill("-KILL", &format!("-{dead_pid}"));
+    eventually("the killed server is gone", Duration::from_secs(10), || {
+        processes_of(dead_uid).is_empty()
+    })
+    .await;
+
+    let (second, _events) = host.supervisor().await;
+    let sessions = second.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(
+        (
+            sessions[0].sid.as_str(),
+            sessions[0].port,
+            sessions[0].state
+        ),
+        (keep.sid.as_str(), keep_port, AgentSessionState::Running)
+    );
+    assert_eq!(second.pid_of(&keep.sid), Some(keep_pid));
+    assert_eq!(
+        api_status(keep_port, Some(&keep.upstream_token)).await,
+        Some(200)
+    );
+
+    assert!(!host.state_file(&wrong_token.sid).exists());
+    assert_eq!(
+        processes_of(wrong_uid),
+        Vec::<i32>::new(),
+        "untrusted server left running"
+    );
+    assert!(port_free(wrong_port));
+    assert!(!host.state_file(&dead.sid).exists());
+    assert!(port_free(dead_port));
+
+    // Starting the adopted session again is idempotent; stopping it works.
+    assert_eq!(ready(second.start(keep.clone()).await).1, keep_port);
+    let keep_uid = uid_of(keep_pid);
+    second.stop(&keep.sid, Duration::from_secs(5)).await;
+    assert!(port_free(keep_port));
+    assert_eq!(processes_of(keep_uid), Vec::<i32>::new());
+}
+
+#[tokio::test]
+async fn a_server_killed_from_outside_is_reported_as_exited_with_its_log() {
+    let host = Host::new(1);
+    let (supervisor, mut events) = host.supervisor().await;
+    let start = start_command(910_006);
+    let (sid, port, _) = ready(supervisor.start(start.clone()).await);
+    next_event(&mut events, Duration::from_secs(1)).await;
+    let pid = supervisor.pid_of(&sid).unwrap();
+    let uid = uid_of(pid);
+    // A kernel outlives a server killed this way; the agent must end it.
+    start_kernel(port, &start.upstream_token).await;
+    eventually("the kernel starts", Duration::from_secs(30), || {
+        processes_of(uid).len() >= 2
+    })
+    .await;
+
+    kill("-KILL", &pid.to_string());
+    match next_event(&mut events, Duration::from_secs(20)).await {
+        AgentEvent::Exited {
+            sid: exited,
+            exit_code,
+            log_tail,
+        } => {
+            assert_eq!(exited, sid);
+            assert_eq!(exit_code, Some(137), "SIGKILL reads as 128 + 9");
+            assert!(log_tail.contains("Jupyter Server"), "{log_tail}");
+            assert!(log_tail.lines().count() <= 20);
+            assert!(!log_tail.contains(&start.upstream_token));
+        }
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    assert!(supervisor.sessions().is_empty());
+    assert!(port_free(port));
+    assert_eq!(processes_of(uid), Vec::<i32>::new());
+    assert!(!host.state_file(&sid).exists());
+}
+
+/// A venv whose `jupyter` is a shell script.
+fn fake_venv(base: &Path, script: &str) -> PathBuf {
+    let venv = base.join("venv");
+    std::fs::create_dir_all(venv.join("bin")).unwrap();
+    let jupyter = venv.join("bin/jupyter");
+    std::fs::write(&jupyter, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&jupyter, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [base, &venv, &venv.join("bin")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    venv
+}
+
+#[tokio::test]
+async fn a_server_that_exits_early_fails_with_its_exit_code_and_log() {
+    let scripts = std::env::temp_dir().join(unique("oc-agent-fake-"));
+    let venv = fake_venv(
+        &scripts,
+        "echo 'ModuleNotFoundError: the venv is broken' >&2\nexit 3",
+    );
+    let host = Host::with(1, &venv, "");
+    let (supervisor, mut events) = host.supervisor().await;
+    let start = start_command(910_007);
+    match supervisor.start(start.clone()).await {
+        AgentEvent::Failed {
+            sid,
+            reason,
+            exit_code,
+            log_tail,
+        } => {
+            assert_eq!(sid, start.sid);
+            assert_eq!(exit_code, Some(3));
+            assert!(reason.contains("exited with code 3"), "{reason}");
+            assert!(log_tail.contains("the venv is broken"), "{log_tail}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert!(matches!(
+        next_event(&mut events, Duration::from_secs(1)).await,
+        AgentEvent::Failed { .. }
+    ));
+    assert!(supervisor.sessions().is_empty());
+    assert!(!host.state_file(&start.sid).exists());
+    std::fs::remove_dir_all(&scripts).unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_fails_after_the_start_timeout_and_is_killed() {
+    let scripts = std::env::temp_dir().join(unique("oc-agent-fake-"));
+    let venv = fake_venv(&scripts, "echo starting\nexec sleep 600");
+    let host = Host::with(1, &venv, "start_timeout_seconds = 2");
+    let (supervisor, _events) = host.supervisor().await;
+    let started = Instant::now();
+    match supervisor.start(start_command(910_008)).await {
+        AgentEvent::Failed {
+            reason,
+            exit_code,
+            log_tail,
+            ..
+        } => {
+            assert!(
+                reason.contains("did not answer /api/status within 2 s"),
+                "{reason}"
+            );
+            assert_eq!(exit_code, None);
+            assert!(log_tail.contains("starting"), "{log_tail}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let uid = passwd_uid("oc-p910008").unwrap();
+    assert_eq!(
+        processes_of(uid),
+        Vec::<i32>::new(),
+        "the hung server was left running"
+    );
+    std::fs::remove_dir_all(&scripts).unwrap();
+}
+
+#[test]
+fn bad_configs_name_the_key_in_the_library_and_the_binary() {
+    let host = Host::new(1);
+    let good = std::fs::read_to_string(&host.config_path).unwrap();
+
+    let unknown = format!("colour = \"blue\"\n{good}");
+    let err = Config::from_toml(&host.config_path, &unknown, Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key `colour`"), "{err}");
+
+    let (first, last) = host.config.port_range;
+    let reversed = good.replace(&format!("[{first}, {last}]"), &format!("[{last}, {first}]"));
+    let err = Config::from_toml(&host.config_path, &reversed, Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key `port_range`"), "{err}");
+
+    let bad_path = host.base.join("bad.toml");
+    std::fs::write(&bad_path, &reversed).unwrap();
+    let output = Command::new(binary("opencloud-agent"))
+        .arg("--config")
+        .arg(&bad_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("key `port_range`"),
+        "{stderr}"
+    );
+}
+
+/// The binary, killed (politely) when dropped.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        kill("-KILL", &self.0.id().to_string());
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_waits_for_control_serving_its_health_and_exits_on_sigterm() {
+    let host = Host::with(
+        1,
+        &venv(),
+        &format!("metrics_listen = \"127.0.0.1:{}\"", free_port()),
+    );
+    let metrics = host.config.metrics_listen.unwrap();
+    let mut agent = AgentProcess(
+        Command::new(binary("opencloud-agent"))
+            .arg("--config")
+            .arg(&host.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let health = format!("http://{}/healthz", host.config.health_addr());
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(&health).send().await {
+            assert_eq!(r.status().as_u16(), 200);
+            break;
+        }
+        assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+        assert!(Instant::now() < deadline, "no /healthz");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = http
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("opencloud_agent_sessions"), "{text}");
+
+    // Control is unreachable: the agent keeps trying rather than giving up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.0.try_wait().unwrap().is_none(), "gave up on control");
+
+    kill("-TERM", &agent.0.id().to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("cannot register yet"), "{stderr}");
+}
+
+#[tokio::test]
+async fn stop_all_stops_what_the_work_dir_records_but_not_under_a_running_agent() {
+    let host = Host::new(1);
+    let (supervisor, _events) = host.supervisor().await;
+    let start = start_command(910_009);
+    let (sid, port, _) = ready(supervisor.start(start).await);
+    let uid = uid_of(supervisor.pid_of(&sid).unwrap());
+
+    let stop_all = || {
+        Command::new(binary("opencloud-agent"))
+            .arg("--config")
+            .arg(&host.config_path)
+            .arg("stop-all")
+            .output()
+            .unwrap()
+    };
+    let refused = stop_all();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another agent"), "{stderr}");
+
+    supervisor.detach();
+    let output = stop_all();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("stopped 1 Jupyter server"), "{stdout}");
+    assert!(port_free(port));
+    assert_eq!(processes_of(uid), Vec::<i32>::new());
+    assert!(!host.state_file(&sid).exists());
+}
