@@ -373,6 +373,29 @@ memory_mib = 4096
     }
 
     #[test]
+    fn the_example_host_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts.d");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // The venv may not be built where unit tests run.
+            let env = vec![(
+                "OPENCLOUD_AGENT__VENV".to_owned(),
+                fake_venv().display().to_string(),
+            )];
+            let config = Config::from_toml(&path, &text, env)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(config.metrics_listen.is_none_or(|a| a.ip().is_loopback()));
+            loaded += 1;
+        }
+        assert!(loaded > 0, "no example config in {}", dir.display());
+    }
+
+    #[test]
     fn environment_overrides_apply_and_are_named_when_bad() {
         let config = Config::from_toml(
             Path::new("agent.toml"),

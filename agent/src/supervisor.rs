@@ -42,6 +42,8 @@ const LOG_TAIL_LINES: usize = 20;
 const PORT_RELEASE: Duration = Duration::from_secs(10);
 /// Launch attempts when the chosen port is taken between check and bind.
 const LAUNCH_ATTEMPTS: u32 = 3;
+/// Logs of ended sessions are kept this long, for the owner to read.
+const LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Grace given to what is left of a server that exited or failed.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
@@ -525,6 +527,11 @@ impl Supervisor {
             log,
         })
         .map_err(|e| Error::io(&log_path, e))?;
+        if !matches!(session.phase(), Phase::Starting) {
+            // Stopped while the user and directories were being made.
+            session.status.send_modify(|st| st.spawning = false);
+            return Ok(());
+        }
         let mut child = jupyter
             .spawn()
             .map_err(|e| Error::Setup(format!("cannot start jupyter: {e}")))?;
@@ -997,10 +1004,35 @@ fn prepare_work_dir(layout: &Layout, root: bool) -> Result<(), Error> {
                 .map_err(|e| Error::io(&dir, e))?;
         }
     }
+    remove_old_logs(layout);
     let config = layout.server_config();
     std::fs::write(&config, jupyter::SERVER_CONFIG).map_err(|e| Error::io(&config, e))?;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::io(&config, e))
+}
+
+/// Logs of sessions that ended long ago (never of one still recorded:
+/// an idle server may not write for days).
+fn remove_old_logs(layout: &Layout) {
+    let Ok(entries) = std::fs::read_dir(layout.logs()) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let sid = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if layout.sessions().join(format!("{sid}.json")).exists() {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > LOG_RETENTION);
+        if old {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// One agent per work dir: two would adopt and kill each other's servers.
