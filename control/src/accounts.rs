@@ -72,6 +72,11 @@ impl User {
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
+
+    /// Host owners (and admins) may add hosts.
+    pub fn may_host(&self) -> bool {
+        matches!(self.role, Role::HostOwner | Role::Admin)
+    }
 }
 
 const USER_COLUMNS: &str =

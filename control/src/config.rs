@@ -38,6 +38,8 @@ struct ControlFile {
     login: LoginFile,
     #[serde(default)]
     passwords: PasswordsFile,
+    #[serde(default)]
+    sessions: SessionsFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +102,21 @@ impl Default for PasswordsFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SessionsFile {
+    /// A running session with no traffic and no busy kernel for this long is stopped.
+    idle_timeout_seconds: u64,
+}
+
+impl Default for SessionsFile {
+    fn default() -> Self {
+        Self {
+            idle_timeout_seconds: 30 * 60,
+        }
+    }
+}
+
 /// The validated config control runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -119,6 +136,7 @@ pub struct Config {
     pub pool_max: usize,
     pub login: LoginPolicy,
     pub pbkdf2_iterations: u32,
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -235,6 +253,13 @@ impl Config {
             ));
         }
 
+        if file.sessions.idle_timeout_seconds < 10 {
+            return Err(invalid(
+                "sessions.idle_timeout_seconds",
+                "must be at least 10".into(),
+            ));
+        }
+
         let keys_path = path
             .parent()
             .unwrap_or(Path::new("."))
@@ -264,6 +289,7 @@ impl Config {
                 client_failure_cap: login.client_failure_cap,
             },
             pbkdf2_iterations: file.passwords.pbkdf2_iterations,
+            idle_timeout: std::time::Duration::from_secs(file.sessions.idle_timeout_seconds),
         })
     }
 }

@@ -46,6 +46,15 @@ pub enum AppError {
     TooManyAttempts { retry_after: u64, message: String },
     #[error("the service is briefly unavailable; try again in a moment")]
     Unavailable,
+    /// No host can take a new session right now.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// An agent presented a HostKey no host has.
+    #[error("this HostKey belongs to no host; copy it again from My hosts")]
+    HostKeyInvalid,
+    /// An agent presented the key of a host whose key was revoked.
+    #[error("this host's HostKey was revoked; rotate it on My hosts to get a new one")]
+    HostKeyRevoked,
     #[error("something went wrong on our side; it has been logged")]
     Internal(String),
 }
@@ -72,7 +81,9 @@ impl AppError {
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Conflict { .. } => StatusCode::CONFLICT,
             AppError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unavailable | AppError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::HostKeyInvalid => StatusCode::UNAUTHORIZED,
+            AppError::HostKeyRevoked => StatusCode::FORBIDDEN,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,6 +103,9 @@ impl AppError {
             AppError::Conflict { .. } => "conflict",
             AppError::TooManyAttempts { .. } => "too_many_attempts",
             AppError::Unavailable => "unavailable",
+            AppError::NoCapacity(_) => "no_capacity",
+            AppError::HostKeyInvalid => opencloud_protocol::agent::HOST_KEY_INVALID,
+            AppError::HostKeyRevoked => opencloud_protocol::agent::HOST_KEY_REVOKED,
             AppError::Internal(_) => "internal",
         }
     }

@@ -1,11 +1,20 @@
-//! Hosts as the gateways see them: which ones each gateway can reach.
-//! (Registration with a HostKey and heartbeats arrive with the agent.)
+//! Hosts: what their owners do with them (add with a HostKey, rotate or
+//! revoke the key, drain), what their agents report (registration,
+//! heartbeats), when they count as lost, and which ones each gateway can
+//! reach.
 
+use std::net::IpAddr;
+
+use base64::Engine;
 use mysql_async::prelude::*;
-use mysql_async::Pool;
-use serde::Deserialize;
+use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::agent::{AgentHello, Heartbeat, HeartbeatReply, Registered};
+use opencloud_protocol::routes::{Change, HostRoute, HostState, SessionState};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
+use crate::routes::{commit, publish, session_route, SESSION_COLUMNS};
 
 pub const GATEWAY_NAME_MAX_CHARS: usize = 100;
 /// Hosts one health report may carry.
@@ -74,9 +83,640 @@ fn check_gateway_name(raw: &str) -> Result<String, AppError> {
     Ok(name.to_owned())
 }
 
+pub const HOST_NAME_MAX_CHARS: usize = 100;
+/// Prefix of every HostKey, so a pasted key is recognisable.
+const KEY_PREFIX: &str = "ochk_";
+/// Session states that hold a place on a host.
+pub const LIVE_STATES: &str = "'starting', 'running', 'stopping'";
+/// A heartbeat older than this (seconds) means the host is lost.
+pub const HEARTBEAT_FRESH_SECONDS: u64 = opencloud_protocol::agent::HOST_LOST_AFTER_MS / 1000;
+
+/// A new HostKey: 256 random bits. Only its digest is stored.
+fn new_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+fn key_digest(key: &str) -> Vec<u8> {
+    Sha256::digest(key.trim().as_bytes()).to_vec()
+}
+
+fn check_host_name(raw: &str) -> Result<String, AppError> {
+    let name = raw.trim();
+    if name.is_empty()
+        || name.chars().count() > HOST_NAME_MAX_CHARS
+        || name.chars().any(char::is_control)
+    {
+        return Err(AppError::invalid(
+            "name",
+            format!("Give the host a name of 1 to {HOST_NAME_MAX_CHARS} characters."),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// A host as its owner (and admins) see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub id: u64,
+    pub owner_id: u64,
+    pub owner_email: String,
+    pub name: String,
+    /// online, offline, draining, revoked, or new (never registered).
+    pub state: String,
+    pub address: String,
+    pub draining: bool,
+    pub key_revoked: bool,
+    pub max_sessions: u32,
+    pub cpu_cores: f64,
+    pub memory_mib: u64,
+    pub sessions: u64,
+    pub cpu_percent: f64,
+    pub memory_used_mib: u64,
+    pub memory_total_mib: u64,
+    pub disk_free_mib: u64,
+    /// Placement load, 0–100.
+    pub load_percent: u32,
+    /// Share of the last 30 days (or of the host's life, if shorter) it was online.
+    pub uptime_percent: f64,
+    pub cgroup_limits: bool,
+    pub agent_version: String,
+    pub last_heartbeat: Option<String>,
+    /// Filled in by the payments issue.
+    pub earnings: String,
+}
+
+/// Placement load of a host, 0.0–1.0: sessions weigh most, then CPU and
+/// memory, each against what the host offers.
+pub fn load_score(
+    sessions: u64,
+    max_sessions: u32,
+    cpu_percent: f64,
+    used_mib: u64,
+    total_mib: u64,
+) -> f64 {
+    let share = |used: f64, total: f64| {
+        if total > 0.0 {
+            (used / total).clamp(0.0, 1.0)
+        } else {
+            1.0
+        }
+    };
+    0.6 * share(sessions as f64, f64::from(max_sessions))
+        + 0.2 * (cpu_percent / 100.0).clamp(0.0, 1.0)
+        + 0.2 * share(used_mib as f64, total_mib as f64)
+}
+
+const VIEW_COLUMNS: &str = "h.id, h.owner_id, u.email, h.name, h.state, h.address, h.draining, \
+    h.key_revoked_at IS NOT NULL, h.registered_at IS NOT NULL, h.max_sessions, h.cpu_cores, h.memory_mib, \
+    (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ('starting', 'running', 'stopping')), \
+    h.cpu_percent, h.memory_used_mib, h.memory_total_mib, h.disk_free_mib, h.cgroup_limits, h.agent_version, \
+    DATE_FORMAT(h.last_heartbeat_at, '%Y-%m-%d %H:%i:%s'), \
+    (SELECT COALESCE(SUM(t.online_seconds), 0) FROM host_uptime t \
+       WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY), \
+    LEAST(30 * 86400, GREATEST(1, TIMESTAMPDIFF(SECOND, h.created_at, UTC_TIMESTAMP(6))))";
+
+fn view_from_row(mut row: mysql_async::Row) -> HostView {
+    let mut take = |i: usize| {
+        row.take::<mysql_async::Value, _>(i)
+            .unwrap_or(mysql_async::Value::NULL)
+    };
+    use mysql_async::from_value as v;
+    let id: u64 = v(take(0));
+    let owner_id: u64 = v(take(1));
+    let owner_email: String = v(take(2));
+    let name: String = v(take(3));
+    let raw_state: String = v(take(4));
+    let address: String = v(take(5));
+    let draining: bool = v(take(6));
+    let key_revoked: bool = v(take(7));
+    let registered: bool = v(take(8));
+    let max_sessions: u32 = v(take(9));
+    let cpu_cores: f64 = v(take(10));
+    let memory_mib: u64 = v(take(11));
+    let sessions: u64 = v(take(12));
+    let cpu_percent: f64 = v(take(13));
+    let memory_used_mib: u64 = v(take(14));
+    let memory_total_mib: u64 = v(take(15));
+    let disk_free_mib: u64 = v(take(16));
+    let cgroup_limits: bool = v(take(17));
+    let agent_version: String = v(take(18));
+    let last_heartbeat: Option<String> = v(take(19));
+    let online_seconds: f64 = v(take(20));
+    let window_seconds: f64 = v(take(21));
+    let state = if key_revoked {
+        "revoked"
+    } else if !registered {
+        "new"
+    } else if raw_state == "online" && draining {
+        "draining"
+    } else {
+        raw_state.as_str()
+    }
+    .to_owned();
+    HostView {
+        id,
+        owner_id,
+        owner_email,
+        name,
+        state,
+        address,
+        draining,
+        key_revoked,
+        max_sessions,
+        cpu_cores,
+        memory_mib,
+        sessions,
+        cpu_percent,
+        memory_used_mib,
+        memory_total_mib,
+        disk_free_mib,
+        load_percent: (100.0
+            * load_score(
+                sessions,
+                max_sessions,
+                cpu_percent,
+                memory_used_mib,
+                memory_total_mib,
+            ))
+        .round() as u32,
+        uptime_percent: (1000.0 * (online_seconds / window_seconds).clamp(0.0, 1.0)).round() / 10.0,
+        cgroup_limits,
+        agent_version,
+        last_heartbeat,
+        earnings: "—".into(),
+    }
+}
+
+/// Adds a host for `owner_id`; returns it with its HostKey, which is shown
+/// this once and never stored.
+pub async fn create(
+    pool: &Pool,
+    owner_id: u64,
+    name: &str,
+) -> Result<(HostView, String), AppError> {
+    let name = check_host_name(name)?;
+    let key = new_key();
+    let mut conn = pool.get_conn().await?;
+    conn.exec_drop(
+        "INSERT INTO hosts (owner_id, name, address, health_url, state, key_digest, created_at, updated_at)
+         VALUES (?, ?, '', '', 'offline', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+        (owner_id, &name, key_digest(&key)),
+    )
+    .await?;
+    let id = conn
+        .last_insert_id()
+        .ok_or_else(|| AppError::Internal("no id for the new host".into()))?;
+    drop(conn);
+    tracing::info!(host = id, owner = owner_id, "host added");
+    Ok((get(pool, Some(owner_id), id).await?, key))
+}
+
+/// One host; with `owner`, only if that user owns it.
+pub async fn get(pool: &Pool, owner: Option<u64>, id: u64) -> Result<HostView, AppError> {
+    let row: Option<mysql_async::Row> = pool
+        .get_conn()
+        .await?
+        .exec_first(
+            format!(
+                "SELECT {VIEW_COLUMNS} FROM hosts h JOIN users u ON u.id = h.owner_id
+                 WHERE h.id = ? AND (? IS NULL OR h.owner_id = ?)"
+            ),
+            (id, owner, owner),
+        )
+        .await?;
+    row.map(view_from_row).ok_or(AppError::NotFound("host"))
+}
+
+/// The hosts `owner` has (all hosts for `None`), newest first.
+pub async fn list(pool: &Pool, owner: Option<u64>) -> Result<Vec<HostView>, AppError> {
+    let rows: Vec<mysql_async::Row> = pool
+        .get_conn()
+        .await?
+        .exec(
+            format!(
+                "SELECT {VIEW_COLUMNS} FROM hosts h JOIN users u ON u.id = h.owner_id
+                 WHERE h.key_digest IS NOT NULL AND (? IS NULL OR h.owner_id = ?)
+                 ORDER BY h.id DESC LIMIT 1000"
+            ),
+            (owner, owner),
+        )
+        .await?;
+    Ok(rows.into_iter().map(view_from_row).collect())
+}
+
+/// A new HostKey for the host; the old one stops working at once. Also
+/// lifts a revocation.
+pub async fn rotate_key(pool: &Pool, owner_id: u64, id: u64) -> Result<String, AppError> {
+    get(pool, Some(owner_id), id).await?;
+    let key = new_key();
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE hosts SET key_digest = ?, key_revoked_at = NULL, updated_at = UTC_TIMESTAMP(6)
+             WHERE id = ? AND owner_id = ?",
+            (key_digest(&key), id, owner_id),
+        )
+        .await?;
+    tracing::info!(host = id, "host key rotated");
+    Ok(key)
+}
+
+/// Revokes the host's key: its agent is refused from now on, the host goes
+/// offline and its sessions are lost.
+pub async fn revoke_key(pool: &Pool, owner_id: u64, id: u64) -> Result<(), AppError> {
+    get(pool, Some(owner_id), id).await?;
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE hosts SET key_revoked_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6)
+             WHERE id = ? AND owner_id = ? AND key_revoked_at IS NULL",
+            (id, owner_id),
+        )
+        .await?;
+    take_offline(pool, id, "host_revoked").await?;
+    tracing::info!(host = id, "host key revoked");
+    Ok(())
+}
+
+/// Draining: no new sessions; running ones go on.
+pub async fn set_draining(
+    pool: &Pool,
+    owner: Option<u64>,
+    id: u64,
+    draining: bool,
+) -> Result<(), AppError> {
+    get(pool, owner, id).await?;
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    tx.exec_drop(
+        "UPDATE hosts SET draining = ?, updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        (draining, id),
+    )
+    .await?;
+    if let Some(route) = host_route_tx(&mut tx, id).await? {
+        publish(&mut tx, &[Change::UpsertHost(route)]).await?;
+    }
+    commit(tx).await?;
+    Ok(())
+}
+
+/// The host as the route table carries it.
+async fn host_route_tx(
+    tx: &mut mysql_async::Transaction<'_>,
+    id: u64,
+) -> Result<Option<HostRoute>, AppError> {
+    let row: Option<(u64, String, String, String, bool)> = tx
+        .exec_first(
+            "SELECT id, address, health_url, state, draining FROM hosts WHERE id = ?",
+            (id,),
+        )
+        .await?;
+    Ok(
+        row.map(|(id, address, health_url, state, draining)| HostRoute {
+            id,
+            address,
+            health_url,
+            state: match (state.as_str(), draining) {
+                ("online", false) => HostState::Online,
+                ("online", true) => HostState::Draining,
+                _ => HostState::Offline,
+            },
+        }),
+    )
+}
+
+/// The host an agent's key names. Unknown keys and revoked hosts are refused
+/// with the error codes agents recognise.
+pub async fn authenticate(pool: &Pool, key: &str) -> Result<u64, AppError> {
+    if !key.trim().starts_with(KEY_PREFIX) {
+        return Err(AppError::HostKeyInvalid);
+    }
+    let row: Option<(u64, bool)> = pool
+        .get_conn()
+        .await?
+        .exec_first(
+            "SELECT id, key_revoked_at IS NOT NULL FROM hosts WHERE key_digest = ?",
+            (key_digest(key),),
+        )
+        .await?;
+    match row {
+        None => Err(AppError::HostKeyInvalid),
+        Some((_, true)) => Err(AppError::HostKeyRevoked),
+        Some((id, false)) => Ok(id),
+    }
+}
+
+fn check_hello(hello: &AgentHello) -> Result<IpAddr, AppError> {
+    let address: IpAddr = hello.address.parse().map_err(|_| {
+        AppError::invalid("address", "The advertised address must be an IP address.")
+    })?;
+    if address.is_unspecified() {
+        return Err(AppError::invalid(
+            "address",
+            "Advertise an address gateways can connect to, not 0.0.0.0.",
+        ));
+    }
+    let [first, last] = hello.port_range;
+    if first == 0 || first > last {
+        return Err(AppError::invalid(
+            "port_range",
+            "The port range must be [first, last] with 0 < first <= last.",
+        ));
+    }
+    if hello.health_port == 0 {
+        return Err(AppError::invalid(
+            "health_port",
+            "The health port must be between 1 and 65535.",
+        ));
+    }
+    let c = hello.capacity;
+    if c.max_sessions == 0 || c.cpu_cores.is_nan() || c.cpu_cores <= 0.0 || c.memory_mib == 0 {
+        return Err(AppError::invalid(
+            "capacity",
+            "Capacity needs at least one session, some CPU and some memory.",
+        ));
+    }
+    if hello.version.len() > 64 {
+        return Err(AppError::invalid(
+            "version",
+            "The version is at most 64 characters.",
+        ));
+    }
+    Ok(address)
+}
+
+/// An agent (re)starts: record what it offers, bring the host online, and
+/// reconcile sessions. Running sessions the agent no longer has are ended;
+/// servers it kept that control no longer wants are listed for stopping.
+pub async fn register(
+    pool: &Pool,
+    host_id: u64,
+    hello: &AgentHello,
+) -> Result<Registered, AppError> {
+    let address = check_hello(hello)?.to_string();
+    let health_url = if address.contains(':') {
+        format!("http://[{address}]:{}/healthz", hello.health_port)
+    } else {
+        format!("http://{address}:{}/healthz", hello.health_port)
+    };
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let name: String = tx
+        .exec_first("SELECT name FROM hosts WHERE id = ? FOR UPDATE", (host_id,))
+        .await?
+        .ok_or(AppError::HostKeyInvalid)?;
+    tx.exec_drop(
+        "UPDATE hosts SET address = ?, health_url = ?, state = 'online', max_sessions = ?, cpu_cores = ?,
+            memory_mib = ?, port_first = ?, port_last = ?, cgroup_limits = ?, agent_version = ?,
+            registered_at = UTC_TIMESTAMP(6), last_heartbeat_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6)
+         WHERE id = ?",
+        (
+            &address,
+            &health_url,
+            hello.capacity.max_sessions,
+            f64::from(hello.capacity.cpu_cores),
+            hello.capacity.memory_mib,
+            hello.port_range[0],
+            hello.port_range[1],
+            hello.cgroup_limits,
+            &hello.version,
+            host_id,
+        ),
+    )
+    .await?;
+    let mut changes = Vec::new();
+    if let Some(route) = host_route_tx(&mut tx, host_id).await? {
+        changes.push(Change::UpsertHost(route));
+    }
+    // Running sessions the agent did not keep are gone; starting ones will
+    // be started again from the command queue; stopping ones are done.
+    let kept: Vec<&str> = hello.sessions.iter().map(|s| s.sid.as_str()).collect();
+    let live: Vec<(String, String)> = tx
+        .exec(
+            format!("SELECT sid, state FROM sessions WHERE host_id = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
+            (host_id,),
+        )
+        .await?;
+    for (sid, state) in &live {
+        if kept.contains(&sid.as_str()) || state == "starting" {
+            continue;
+        }
+        let (new_state, reason) = if state == "stopping" {
+            ("stopped", None)
+        } else {
+            ("failed", Some("agent_restarted"))
+        };
+        changes.extend(end_session_tx(&mut tx, sid, new_state, reason, None).await?);
+    }
+    let stop = kept
+        .iter()
+        .filter(|sid| !live.iter().any(|(live_sid, _)| live_sid == *sid))
+        .map(|sid| sid.to_string())
+        .collect();
+    publish(&mut tx, &changes).await?;
+    commit(tx).await?;
+    tracing::info!(host = host_id, %address, sessions = hello.sessions.len(), "agent registered");
+    Ok(Registered {
+        host_id,
+        name,
+        heartbeat_ms: opencloud_protocol::agent::HEARTBEAT_MS,
+        stop,
+    })
+}
+
+/// Ends a live session in an open transaction: state, end time, reason,
+/// the project freed for a new session. Returns the route change to
+/// publish (a tombstone), or nothing when it had already ended.
+pub(crate) async fn end_session_tx(
+    tx: &mut mysql_async::Transaction<'_>,
+    sid: &str,
+    state: &str,
+    reason: Option<&str>,
+    detail: Option<&str>,
+) -> Result<Option<Change>, AppError> {
+    let row = tx
+        .exec_first(
+            format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
+            (sid,),
+        )
+        .await?
+        .map(session_route);
+    let Some(mut route) = row else {
+        return Ok(None);
+    };
+    tx.exec_drop(
+        "UPDATE sessions SET state = ?, ended_at = UTC_TIMESTAMP(6), live_project_id = NULL,
+            end_reason = COALESCE(end_reason, ?), failure_detail = COALESCE(?, failure_detail)
+         WHERE sid = ?",
+        (state, reason, detail, sid),
+    )
+    .await?;
+    let was = route.state;
+    route.state = if state == "lost" {
+        SessionState::Lost
+    } else {
+        SessionState::Stopped
+    };
+    // A stopping session already shows its tombstone.
+    Ok((was != route.state).then_some(Change::UpsertSession(route)))
+}
+
+/// A heartbeat: load, liveness, per-session activity. Brings an offline
+/// host back online; answers with sessions the agent should stop.
+pub async fn heartbeat(
+    pool: &Pool,
+    host_id: u64,
+    beat: &Heartbeat,
+) -> Result<HeartbeatReply, AppError> {
+    let load = beat.load;
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let row: Option<(String, bool, Option<f64>)> = tx
+        .exec_first(
+            "SELECT state, draining, TIMESTAMPDIFF(MICROSECOND, last_heartbeat_at, UTC_TIMESTAMP(6)) / 1e6
+             FROM hosts WHERE id = ? FOR UPDATE",
+            (host_id,),
+        )
+        .await?;
+    let Some((state, draining, since_last)) = row else {
+        return Err(AppError::HostKeyInvalid);
+    };
+    tx.exec_drop(
+        "UPDATE hosts SET state = 'online', last_heartbeat_at = UTC_TIMESTAMP(6), cpu_percent = ?,
+            memory_used_mib = ?, memory_total_mib = ?, disk_free_mib = ?, agent_version = ?
+         WHERE id = ?",
+        (
+            f64::from(load.cpu_percent),
+            load.memory_used_mib,
+            load.memory_total_mib,
+            load.disk_free_mib,
+            beat.version.chars().take(64).collect::<String>(),
+            host_id,
+        ),
+    )
+    .await?;
+    // Uptime: the time since the last heartbeat, if it was recent enough
+    // that the host was online all along.
+    if let Some(seconds) = since_last.filter(|s| *s > 0.0 && *s <= HEARTBEAT_FRESH_SECONDS as f64) {
+        tx.exec_drop(
+            "INSERT INTO host_uptime (host_id, day, online_seconds) VALUES (?, UTC_DATE(), ?)
+             ON DUPLICATE KEY UPDATE online_seconds = online_seconds + VALUES(online_seconds)",
+            (host_id, seconds),
+        )
+        .await?;
+    }
+    let mut changes = Vec::new();
+    if state != "online" {
+        if let Some(route) = host_route_tx(&mut tx, host_id).await? {
+            changes.push(Change::UpsertHost(route));
+        }
+        tracing::info!(host = host_id, "host back online");
+    }
+    let mut stop = Vec::new();
+    for session in &beat.sessions {
+        let live: Option<String> = tx
+            .exec_first(
+                format!("SELECT state FROM sessions WHERE sid = ? AND host_id = ? AND state IN ({LIVE_STATES})"),
+                (&session.sid, host_id),
+            )
+            .await?;
+        if live.is_none() {
+            stop.push(session.sid.clone());
+            continue;
+        }
+        tx.exec_drop(
+            "UPDATE sessions SET busy_kernels = ?,
+                kernel_activity_at = GREATEST(COALESCE(kernel_activity_at, FROM_UNIXTIME(0)), FROM_UNIXTIME(?))
+             WHERE sid = ?",
+            (session.busy_kernels, session.last_activity.unwrap_or(0), &session.sid),
+        )
+        .await?;
+    }
+    publish(&mut tx, &changes).await?;
+    commit(tx).await?;
+    Ok(HeartbeatReply { draining, stop })
+}
+
+/// Takes a host offline now: its live sessions are lost (with `reason`) and
+/// become tombstones the gateways show as such.
+pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usize, AppError> {
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    tx.exec_drop(
+        "UPDATE hosts SET state = 'offline', updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        (host_id,),
+    )
+    .await?;
+    let mut changes = Vec::new();
+    if let Some(route) = host_route_tx(&mut tx, host_id).await? {
+        changes.push(Change::UpsertHost(route));
+    }
+    let live: Vec<String> = tx
+        .exec(
+            format!("SELECT sid FROM sessions WHERE host_id = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
+            (host_id,),
+        )
+        .await?;
+    for sid in &live {
+        changes.extend(end_session_tx(&mut tx, sid, "lost", Some(reason), None).await?);
+    }
+    publish(&mut tx, &changes).await?;
+    commit(tx).await?;
+    if !live.is_empty() {
+        metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned())
+            .increment(live.len() as u64);
+    }
+    Ok(live.len())
+}
+
+/// Hosts online whose last heartbeat is older than the limit.
+pub async fn find_silent(pool: &Pool) -> Result<Vec<u64>, AppError> {
+    Ok(pool
+        .get_conn()
+        .await?
+        .exec(
+            "SELECT id FROM hosts WHERE state = 'online'
+             AND (last_heartbeat_at IS NULL OR last_heartbeat_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND)",
+            (HEARTBEAT_FRESH_SECONDS * 1_000_000,),
+        )
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_keys_are_long_random_and_prefixed() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        assert!(a.starts_with(KEY_PREFIX));
+        assert_eq!(a.len(), KEY_PREFIX.len() + 43);
+        assert_eq!(key_digest(&a).len(), 32);
+        assert_eq!(
+            key_digest(&format!(" {a}\n")),
+            key_digest(&a),
+            "pasted whitespace is ignored"
+        );
+    }
+
+    #[test]
+    fn fuller_hosts_score_higher() {
+        let empty = load_score(0, 4, 10.0, 1000, 8000);
+        let two = load_score(2, 4, 10.0, 1000, 8000);
+        assert!(two > empty);
+        assert!(load_score(4, 4, 100.0, 8000, 8000) <= 1.0);
+        assert_eq!(
+            load_score(0, 0, 0.0, 0, 0),
+            0.6 + 0.2,
+            "nothing offered counts as full"
+        );
+    }
 
     #[test]
     fn gateway_names_are_short_and_printable() {

@@ -7,9 +7,11 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod hosts;
+pub mod lifecycle;
 pub mod packages;
 pub mod projects;
 pub mod routes;
+pub mod session_data;
 pub mod sessions;
 pub mod web;
 
@@ -33,6 +35,8 @@ pub struct App {
     /// Turns true when the service is shutting down, so long-lived
     /// responses (route watch streams) and background jobs end.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Wakes agents' command polls when their host gets a command.
+    pub wakeups: lifecycle::Wakeups,
 }
 
 impl App {
@@ -44,6 +48,7 @@ impl App {
             passwords,
             metrics,
             stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
+            wakeups: lifecycle::Wakeups::default(),
         }
     }
 }
@@ -104,6 +109,12 @@ pub async fn serve(
         );
     }
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
+    tokio::spawn(lifecycle::watch(
+        app.pool.clone(),
+        app.wakeups.clone(),
+        app.config.idle_timeout,
+        app.stopping.subscribe(),
+    ));
     // Histograms buffer every sample until drained; without a scrape they
     // would grow without bound.
     let metrics = app.metrics.clone();

@@ -19,20 +19,68 @@ pub struct Project {
     pub description: String,
     pub created_at: String,
     pub updated_at: String,
+    /// The project's latest session, if it ever had one.
+    pub session: Option<LatestSession>,
 }
 
-type ProjectRow = (u64, String, String, String, String);
+/// A project's newest session, as My projects shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatestSession {
+    pub sid: String,
+    /// starting, running, stopping, stopped, failed or lost.
+    pub state: String,
+    /// Why it ended, in words; `None` while it is live.
+    pub ended_because: Option<String>,
+}
 
-const COLUMNS: &str = "id, name, description, DATE_FORMAT(created_at, '%Y-%m-%d %H:%i'), \
-                       DATE_FORMAT(updated_at, '%Y-%m-%d %H:%i')";
+impl LatestSession {
+    pub fn is_live(&self) -> bool {
+        matches!(self.state.as_str(), "starting" | "running" | "stopping")
+    }
+}
 
-fn from_row((id, name, description, created_at, updated_at): ProjectRow) -> Project {
+type ProjectRow = (
+    u64,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+const COLUMNS: &str = "p.id, p.name, p.description, DATE_FORMAT(p.created_at, '%Y-%m-%d %H:%i'), \
+    DATE_FORMAT(p.updated_at, '%Y-%m-%d %H:%i'), s.sid, s.state, s.end_reason";
+
+/// The projects table joined with each project's newest session.
+const FROM: &str = "projects p LEFT JOIN sessions s ON s.sid = (SELECT l.sid FROM sessions l \
+    WHERE l.project_id = p.id ORDER BY l.created_at DESC, l.sid LIMIT 1)";
+
+fn from_row(
+    (id, name, description, created_at, updated_at, sid, state, end_reason): ProjectRow,
+) -> Project {
+    let session = sid.zip(state).map(|(sid, state)| {
+        let ended_because =
+            (!matches!(state.as_str(), "starting" | "running" | "stopping")).then(|| {
+                crate::sessions::explain_end(
+                    crate::routes::session_state(&state),
+                    end_reason.as_deref(),
+                )
+            });
+        LatestSession {
+            sid,
+            state,
+            ended_because,
+        }
+    });
     Project {
         id,
         name,
         description,
         created_at,
         updated_at,
+        session,
     }
 }
 
@@ -72,7 +120,7 @@ pub async fn list(pool: &Pool, owner: u64) -> Result<Vec<Project>, AppError> {
         .get_conn()
         .await?
         .exec(
-            format!("SELECT {COLUMNS} FROM projects WHERE owner_id = ? AND deleted_at IS NULL ORDER BY updated_at DESC, id DESC"),
+            format!("SELECT {COLUMNS} FROM {FROM} WHERE p.owner_id = ? AND p.deleted_at IS NULL ORDER BY p.updated_at DESC, p.id DESC"),
             (owner,),
         )
         .await?;
@@ -84,7 +132,7 @@ pub async fn get(pool: &Pool, owner: u64, id: u64) -> Result<Project, AppError> 
         .get_conn()
         .await?
         .exec_first(
-            format!("SELECT {COLUMNS} FROM projects WHERE id = ? AND owner_id = ? AND deleted_at IS NULL"),
+            format!("SELECT {COLUMNS} FROM {FROM} WHERE p.id = ? AND p.owner_id = ? AND p.deleted_at IS NULL"),
             (id, owner),
         )
         .await?;

@@ -29,7 +29,11 @@ pub const END_REASON_MAX_CHARS: usize = 64;
 pub struct Session {
     pub sid: String,
     pub project_id: u64,
+    /// What the route table says (starting, running, lost, stopped).
     pub state: SessionState,
+    /// The finer state owners see: starting, running, stopping, stopped,
+    /// failed or lost.
+    pub phase: String,
     pub created_at: String,
     pub ended_at: Option<String>,
     pub end_reason: Option<String>,
@@ -56,6 +60,11 @@ pub fn explain_end(state: SessionState, reason: Option<&str>) -> String {
         (_, Some("idle")) => "It was stopped after a long time without activity.".into(),
         (_, Some("out_of_time" | "no_compute_time")) => "Your compute time ran out.".into(),
         (_, Some("host_draining")) => "The host owner took the computer out of service.".into(),
+        (_, Some("host_revoked")) => "The host owner removed the computer from OpenCloud.".into(),
+        (_, Some("stopped_by_admin" | "admin")) => "An administrator stopped it.".into(),
+        (_, Some("failed_to_start")) => "The notebook server could not start.".into(),
+        (_, Some("jupyter_exited")) => "The notebook server exited unexpectedly.".into(),
+        (_, Some("agent_restarted")) => "The host's agent restarted without it.".into(),
         (_, Some(other)) => format!("It was stopped ({}).", other.replace('_', " ")),
         (_, None) => "It was stopped.".into(),
     }
@@ -71,6 +80,7 @@ fn from_row((sid, project_id, state, created_at, ended_at, end_reason): SessionR
         sid,
         project_id,
         state: session_state(&state),
+        phase: state,
         created_at,
         ended_at,
         end_reason,

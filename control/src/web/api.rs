@@ -12,7 +12,7 @@ use super::{ApiJson, ApiQuery, Ctx};
 use crate::accounts::{self, LoginAttempt, NewUser, Role};
 use crate::error::{ApiError, AppError};
 use crate::packages::{self, PackageInput};
-use crate::{projects, sessions, App};
+use crate::{hosts, lifecycle, projects, session_data, sessions, App};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -28,7 +28,17 @@ pub fn routes() -> Router<App> {
                 .patch(update_project)
                 .delete(delete_project),
         )
+        .route("/projects/{id}/open", post(open_project))
         .route("/sessions/{sid}", get(get_session))
+        .route("/sessions/{sid}/stop", post(stop_session))
+        .route("/hosts", get(list_hosts).post(create_host))
+        .route("/hosts/{id}", get(get_host))
+        .route("/hosts/{id}/key", post(rotate_host_key))
+        .route("/hosts/{id}/revoke", post(revoke_host_key))
+        .route("/hosts/{id}/drain", post(drain_host))
+        .route("/admin/hosts", get(admin_hosts))
+        .route("/admin/sessions", get(admin_sessions))
+        .route("/admin/sessions/{sid}/stop", post(admin_stop_session))
         .route("/packages", get(list_packages))
         .route("/admin/users", get(admin_users))
         .route("/admin/users/{id}", patch(admin_update_user))
@@ -220,8 +230,148 @@ async fn update_project(
 
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    projects::delete(&app.pool, user.id, parse_id(&id, "project")?).await?;
+    let id = parse_id(&id, "project")?;
+    lifecycle::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
+    projects::delete(&app.pool, user.id, id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Opens a project: its live session, or a new one placed on a host.
+/// `url` enters the session's own origin (a ticket valid one minute).
+async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
+    let (user, login_session) = ctx.require_user()?;
+    let opened =
+        lifecycle::open(&app.pool, &app.wakeups, user.id, parse_id(&id, "project")?).await?;
+    let url = sessions::enter_url(
+        &app.config,
+        user.id,
+        login_session,
+        &opened.session_id,
+        super::now_unix(),
+    );
+    let status = if opened.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({
+            "session_id": opened.session_id,
+            "url": url,
+            "state": opened.state,
+        })),
+    )
+        .into_response())
+}
+
+async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    let state = lifecycle::stop(
+        &app.pool,
+        &app.wakeups,
+        Some(user.id),
+        &sid,
+        "stopped_by_user",
+    )
+    .await?;
+    Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
+}
+
+async fn admin_stop_session(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(sid): Path<String>,
+) -> ApiResult {
+    ctx.require_admin()?;
+    let state = lifecycle::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
+}
+
+async fn list_hosts(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    let list = hosts::list(&app.pool, Some(user.id)).await?;
+    Ok(Json(json!({ "hosts": list })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateHost {
+    name: String,
+}
+
+/// Adds a host; the answer carries its HostKey, shown this once.
+async fn create_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<CreateHost>,
+) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    let (host, key) = hosts::create(&app.pool, user.id, &body.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({ "host": host, "host_key": key })),
+    )
+        .into_response())
+}
+
+async fn get_host(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    let host = hosts::get(&app.pool, Some(user.id), parse_id(&id, "host")?).await?;
+    Ok(Json(json!({ "host": host })).into_response())
+}
+
+async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    let key = hosts::rotate_key(&app.pool, user.id, parse_id(&id, "host")?).await?;
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({ "host_key": key })),
+    )
+        .into_response())
+}
+
+async fn revoke_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    hosts::revoke_key(&app.pool, user.id, parse_id(&id, "host")?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Drain {
+    draining: bool,
+}
+
+async fn drain_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Drain>,
+) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    let id = parse_id(&id, "host")?;
+    hosts::set_draining(&app.pool, Some(user.id), id, body.draining).await?;
+    let host = hosts::get(&app.pool, Some(user.id), id).await?;
+    Ok(Json(json!({ "host": host })).into_response())
+}
+
+async fn admin_hosts(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    ctx.require_admin()?;
+    let list = hosts::list(&app.pool, None).await?;
+    Ok(Json(json!({ "hosts": list })).into_response())
+}
+
+async fn admin_sessions(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiQuery(filter): ApiQuery<session_data::Filter>,
+) -> ApiResult {
+    ctx.require_admin()?;
+    let page = session_data::page(&app.pool, &filter).await?;
+    Ok(Json(page).into_response())
 }
 
 /// A session and, while it is live, the URL that enters it (with a fresh

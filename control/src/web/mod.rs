@@ -2,6 +2,7 @@
 //! extractors that turn bad input into our error type. Handlers here only
 //! parse input and render output; the domain modules do the work.
 
+mod agent;
 mod api;
 mod internal;
 mod pages;
@@ -39,7 +40,7 @@ const CSRF_COOKIE: &str = "oc_csrf";
 const CSRF_FIELD: &str = "csrf";
 
 pub fn public_router(app: App) -> Router {
-    Router::new()
+    let platform = Router::new()
         .merge(pages::routes())
         .nest("/api/v1", api::routes())
         .route("/healthz", get(healthz))
@@ -50,7 +51,14 @@ pub fn public_router(app: App) -> Router {
         .layer(middleware::from_fn_with_state(
             app.clone(),
             platform_context,
-        ))
+        ));
+    // Agents authenticate with their HostKey: no cookies, so no CSRF rules.
+    let agents = Router::new()
+        .nest("/agent/v1", agent::routes())
+        .route_layer(middleware::from_fn(track_metrics));
+    Router::new()
+        .merge(agents)
+        .merge(platform)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }
@@ -170,6 +178,19 @@ impl Ctx {
         match (&self.user, &self.login_session) {
             (Some(user), Some(session)) => Ok((user, session)),
             _ => Err(AppError::Unauthenticated),
+        }
+    }
+
+    /// A host owner (or admin), or 403.
+    pub fn require_host_owner(&self) -> Result<&User, AppError> {
+        let (user, _) = self.require_user()?;
+        if user.may_host() {
+            Ok(user)
+        } else {
+            Err(AppError::Forbidden(
+                "My hosts is for host owners. Register as a host owner to rent out a computer."
+                    .into(),
+            ))
         }
     }
 

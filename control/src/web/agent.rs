@@ -1,0 +1,97 @@
+//! `/agent/v1/…`: what host agents call, authenticated by their HostKey
+//! (`Authorization: HostKey <key>`), never by cookies.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use opencloud_protocol::agent::{
+    AgentEvent, AgentHello, CommandBatch, Heartbeat, COMMAND_POLL_SECONDS, HOST_KEY_SCHEME,
+};
+use serde::Deserialize;
+
+use super::{ApiJson, ApiQuery};
+use crate::error::{ApiError, AppError};
+use crate::{hosts, lifecycle, App};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/register", post(register))
+        .route("/heartbeat", post(heartbeat))
+        .route("/commands", get(commands))
+        .route("/events", post(event))
+}
+
+/// The host whose key the request carries.
+pub struct Agent(u64);
+
+impl FromRequestParts<App> for Agent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(HOST_KEY_SCHEME))
+            .map(|(_, key)| key.trim())
+            .ok_or(ApiError(AppError::HostKeyInvalid))?;
+        Ok(Agent(hosts::authenticate(&app.pool, key).await?))
+    }
+}
+
+async fn register(
+    State(app): State<App>,
+    Agent(host): Agent,
+    ApiJson(hello): ApiJson<AgentHello>,
+) -> Result<Response, ApiError> {
+    let registered = hosts::register(&app.pool, host, &hello).await?;
+    app.wakeups.wake(host);
+    Ok(Json(registered).into_response())
+}
+
+async fn heartbeat(
+    State(app): State<App>,
+    Agent(host): Agent,
+    ApiJson(beat): ApiJson<Heartbeat>,
+) -> Result<Response, ApiError> {
+    Ok(Json(hosts::heartbeat(&app.pool, host, &beat).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandQuery {
+    #[serde(default)]
+    after: u64,
+    /// How long to wait for a command, at most the protocol's limit.
+    wait_ms: Option<u64>,
+}
+
+async fn commands(
+    State(app): State<App>,
+    Agent(host): Agent,
+    ApiQuery(query): ApiQuery<CommandQuery>,
+) -> Result<Response, ApiError> {
+    let wait = Duration::from_millis(query.wait_ms.unwrap_or(COMMAND_POLL_SECONDS * 1000));
+    let mut stopping = app.stopping.subscribe();
+    let commands = tokio::select! {
+        found = lifecycle::commands(&app.pool, &app.wakeups, host, query.after, wait) => found?,
+        // Shutting down: answer now so the agent reconnects elsewhere.
+        _ = stopping.wait_for(|stop| *stop) => Vec::new(),
+    };
+    Ok(Json(CommandBatch { commands }).into_response())
+}
+
+async fn event(
+    State(app): State<App>,
+    Agent(host): Agent,
+    ApiJson(event): ApiJson<AgentEvent>,
+) -> Result<Response, ApiError> {
+    lifecycle::handle_event(&app.pool, &app.wakeups, host, &event).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
