@@ -56,37 +56,46 @@ pub async fn ensure_project_user(project_id: u64, home: &Path) -> Result<RunAs, 
         .into_iter()
         .find(|s| Path::new(s).exists())
         .unwrap_or("/bin/false");
-    let output = tokio::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--user-group",
-            "--no-create-home",
-            "--shell",
-            shell,
-        ])
-        .arg("--home-dir")
-        .arg(home)
-        .arg(&name)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .await
-        .map_err(|e| Error::User {
-            user: name.clone(),
-            message: format!("cannot run useradd: {e}"),
-        })?;
-    // Another agent on this machine may have created it meanwhile.
-    if let Some(user) = lookup(&name)? {
-        tracing::info!(user = %name, "created the project's user");
-        return Ok(user);
-    }
-    Err(Error::User {
-        user: name,
-        message: format!(
+    let mut failure = String::new();
+    // useradd fails while another process (another agent, a package
+    // install) holds /etc/passwd's lock: a few tries.
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+        }
+        let output = tokio::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--shell",
+                shell,
+            ])
+            .arg("--home-dir")
+            .arg(home)
+            .arg(&name)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .await
+            .map_err(|e| Error::User {
+                user: name.clone(),
+                message: format!("cannot run useradd: {e}"),
+            })?;
+        // Made by us, or by another agent on this machine meanwhile.
+        if let Some(user) = lookup(&name)? {
+            tracing::info!(user = %name, "created the project's user");
+            return Ok(user);
+        }
+        failure = format!(
             "useradd failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
-        ),
+        );
+    }
+    Err(Error::User {
+        user: name,
+        message: failure,
     })
 }
 
