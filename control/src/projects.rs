@@ -37,6 +37,11 @@ impl LatestSession {
     pub fn is_live(&self) -> bool {
         matches!(self.state.as_str(), "starting" | "running" | "stopping")
     }
+
+    /// Starting or running: the owner can go in (or wait at the door).
+    pub fn enterable(&self) -> bool {
+        matches!(self.state.as_str(), "starting" | "running")
+    }
 }
 
 type ProjectRow = (

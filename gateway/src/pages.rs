@@ -19,6 +19,21 @@ pub fn escape(text: &str) -> String {
 
 /// A page with a title, a message and an optional link (href, label).
 pub fn page(title: &str, message: &str, link: Option<(&str, &str)>) -> String {
+    page_with_head(title, message, link, "")
+}
+
+/// The page shown while a session's server starts: it reloads itself every
+/// second, so the browser lands in Lab as soon as the route is ready.
+pub fn starting_page() -> String {
+    page_with_head(
+        "Starting your notebook server…",
+        "This usually takes a couple of seconds. The page reloads by itself.",
+        None,
+        "<meta http-equiv=\"refresh\" content=\"1\">",
+    )
+}
+
+fn page_with_head(title: &str, message: &str, link: Option<(&str, &str)>, head: &str) -> String {
     let link = link
         .map(|(href, label)| {
             format!(
@@ -31,7 +46,7 @@ pub fn page(title: &str, message: &str, link: Option<(&str, &str)>) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} · OpenCloud</title><style>\
+         {head}<title>{title} · OpenCloud</title><style>\
          body{{font-family:system-ui,sans-serif;background:#f6f7fb;color:#1b1f2a;margin:0}}\
          main{{max-width:520px;margin:12vh auto;background:#fff;border:1px solid #e3e7ef;border-radius:10px;padding:28px}}\
          h1{{font-size:1.5rem;margin:0 0 .5em}}p{{color:#5f6b7a;line-height:1.5}}\

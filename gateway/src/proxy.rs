@@ -21,7 +21,7 @@ use pingora::{Error, ErrorType, Result};
 use crate::config::Config;
 use crate::hardening::check_raw_head;
 use crate::health::HostHealth;
-use crate::pages::page;
+use crate::pages::{page, starting_page};
 use crate::table::{Routes, SessionKey, UpstreamToken};
 use crate::tickets::UsedTickets;
 use crate::unix_now;
@@ -277,6 +277,19 @@ impl Gateway {
             }
             SessionState::Starting | SessionState::Running => {}
         }
+        if route.port == 0 {
+            // Placed but not ready: pages wait here, API calls retry.
+            if is_navigation(session.req_header(), ctx.is_upgrade) {
+                return respond(
+                    session,
+                    200,
+                    &[("cache-control", "no-store")],
+                    starting_page(),
+                )
+                .await;
+            }
+            return respond_text(session, 503, "the session is starting; retry in a second\n").await;
+        }
         let Some((host, ip)) = table
             .hosts
             .get(&route.host)
@@ -426,7 +439,8 @@ impl ProxyHttp for Gateway {
             upstream.remove_header(&header::AUTHORIZATION);
             strip_cookies(upstream, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
             if let Some(token) = &ctx.upstream_token {
-                upstream.insert_header(header::AUTHORIZATION, format!("token {}", token.as_str()))?;
+                upstream
+                    .insert_header(header::AUTHORIZATION, format!("token {}", token.as_str()))?;
             }
         }
         Ok(())

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use imbl::HashMap;
 use opencloud_protocol::routes::{
-    sid_from_bytes, sid_to_bytes, Change, Delta, HostRoute, Revocation, SessionRoute,
-    SessionState, Snapshot, Version,
+    sid_from_bytes, sid_to_bytes, Change, Delta, HostRoute, Revocation, SessionRoute, SessionState,
+    Snapshot, Version,
 };
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::SerializeStruct;
@@ -295,12 +295,15 @@ impl Serialize for SnapshotOut<'_> {
         )?;
         out.serialize_field(
             "revocations",
-            &each(table.revocations.iter().map(|(login_session, expires_at)| {
-                Revocation {
-                    login_session: login_session.clone(),
-                    expires_at: *expires_at,
-                }
-            })),
+            &each(
+                table
+                    .revocations
+                    .iter()
+                    .map(|(login_session, expires_at)| Revocation {
+                        login_session: login_session.clone(),
+                        expires_at: *expires_at,
+                    }),
+            ),
         )?;
         out.end()
     }

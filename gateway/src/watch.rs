@@ -104,8 +104,7 @@ impl Watcher {
                 }
                 table
             }
-            Incoming::Heartbeat => match current.without_expired_revocations(unix_now())
-            {
+            Incoming::Heartbeat => match current.without_expired_revocations(unix_now()) {
                 Some(table) => table,
                 None => {
                     mark_updated();

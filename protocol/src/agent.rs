@@ -155,7 +155,10 @@ impl std::fmt::Debug for StartSession {
 pub enum Action {
     Start(StartSession),
     /// SIGTERM the server's process group, SIGKILL after `grace_ms`.
-    Stop { sid: String, grace_ms: u64 },
+    Stop {
+        sid: String,
+        grace_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,7 +180,11 @@ pub struct CommandBatch {
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentEvent {
     /// `/api/status` answered on `port`.
-    Ready { sid: String, port: u16, spawn_ms: u64 },
+    Ready {
+        sid: String,
+        port: u16,
+        spawn_ms: u64,
+    },
     /// The server could not be started (or exited before it was ready).
     Failed {
         sid: String,
@@ -220,7 +227,10 @@ mod tests {
             },
         };
         let json = serde_json::to_string(&command).unwrap();
-        assert_eq!(json, r#"{"id":7,"action":"stop","sid":"abc","grace_ms":5000}"#);
+        assert_eq!(
+            json,
+            r#"{"id":7,"action":"stop","sid":"abc","grace_ms":5000}"#
+        );
         assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), command);
     }
 

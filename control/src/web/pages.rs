@@ -14,6 +14,8 @@ use super::{safe_next, Ctx, FormError, Layout, PageForm};
 use crate::accounts::{self, LoginAttempt, NewUser, Role, User};
 use crate::error::{AppError, PageError};
 use crate::packages::{self, Package, PackageInput};
+use crate::hosts::{self, HostView};
+use crate::lifecycle;
 use crate::projects::{self, Project};
 use crate::sessions::{self, Session};
 use crate::App;
@@ -28,6 +30,12 @@ pub fn routes() -> Router<App> {
         .route("/projects", get(projects_page).post(create_project))
         .route("/projects/{id}", get(project_page).post(update_project))
         .route("/projects/{id}/delete", post(delete_project))
+        .route("/projects/{id}/open", post(open_project))
+        .route("/sessions/{sid}/stop", post(stop_session))
+        .route("/hosts", get(hosts_page).post(create_host))
+        .route("/hosts/{id}/key", post(rotate_host_key))
+        .route("/hosts/{id}/revoke", post(revoke_host_key))
+        .route("/hosts/{id}/drain", post(drain_host))
         .route("/sessions/{sid}/enter", get(enter_session))
         .route("/account", get(account_page))
         .route("/account/password", post(change_password))
@@ -44,18 +52,18 @@ pub fn routes() -> Router<App> {
         )
 }
 
-type PageResult = Result<Response, PageError>;
+pub(super) type PageResult = Result<Response, PageError>;
 
-fn render(status: StatusCode, page: impl Template) -> PageResult {
+pub(super) fn render(status: StatusCode, page: impl Template) -> PageResult {
     Ok((status, Html(page.render()?)).into_response())
 }
 
-fn ok(page: impl Template) -> PageResult {
+pub(super) fn ok(page: impl Template) -> PageResult {
     render(StatusCode::OK, page)
 }
 
 /// After a successful POST: go elsewhere so a reload does not resubmit.
-fn see_other(to: &str) -> PageResult {
+pub(super) fn see_other(to: &str) -> PageResult {
     Ok(Redirect::to(to).into_response())
 }
 
@@ -286,6 +294,19 @@ struct ProjectsPage {
     error: FormError,
     name: String,
     description: String,
+    /// Why the last Open did not work (no host with room, …).
+    open_error: Option<String>,
+}
+
+impl ProjectsPage {
+    /// While a session starts or stops the page refreshes itself.
+    fn changing(&self) -> bool {
+        self.projects.iter().any(|p| {
+            p.session
+                .as_ref()
+                .is_some_and(|s| matches!(s.state.as_str(), "starting" | "stopping"))
+        })
+    }
 }
 
 async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
@@ -296,7 +317,137 @@ async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
         error: FormError::none(),
         name: String::new(),
         description: String::new(),
+        open_error: None,
     })
+}
+
+/// Open: place (or find) the session and go straight to its origin; the
+/// gateway shows a "starting" page there until Jupyter is ready.
+async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let (user, login_session) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    match lifecycle::open(&app.pool, &app.wakeups, user.id, id).await {
+        Ok(opened) => {
+            let url = sessions::enter_url(
+                &app.config,
+                user.id,
+                login_session,
+                &opened.session_id,
+                super::now_unix(),
+            );
+            Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
+        }
+        Err(e @ (AppError::NoCapacity(_) | AppError::Conflict { .. })) => render(
+            e.status(),
+            ProjectsPage {
+                projects: projects::list(&app.pool, user.id).await?,
+                layout: ctx.layout(),
+                error: FormError::none(),
+                name: String::new(),
+                description: String::new(),
+                open_error: Some(e.to_string()),
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    lifecycle::stop(&app.pool, &app.wakeups, Some(user.id), &sid, "stopped_by_user").await?;
+    see_other("/projects")
+}
+
+// ----- my hosts -----
+
+#[derive(Template)]
+#[template(path = "hosts.html")]
+struct HostsPage {
+    layout: Layout,
+    hosts: Vec<HostView>,
+    error: FormError,
+    name: String,
+    /// A key just made: shown this once.
+    new_key: Option<(String, String)>,
+    control_url: String,
+}
+
+async fn hosts_view(
+    app: &App,
+    ctx: &Ctx,
+    owner: u64,
+    error: FormError,
+    name: String,
+    new_key: Option<(String, String)>,
+) -> Result<HostsPage, AppError> {
+    Ok(HostsPage {
+        hosts: hosts::list(&app.pool, Some(owner)).await?,
+        layout: ctx.layout(),
+        error,
+        name,
+        new_key,
+        control_url: app.config.public_origin.clone(),
+    })
+}
+
+async fn hosts_page(State(app): State<App>, ctx: Ctx) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    ok(hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), None).await?)
+}
+
+#[derive(Deserialize)]
+struct HostForm {
+    name: String,
+}
+
+async fn create_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<HostForm>,
+) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    match hosts::create(&app.pool, user.id, &form.name).await {
+        Ok((host, key)) => render(
+            StatusCode::CREATED,
+            hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), Some((host.name, key))).await?,
+        ),
+        Err(e @ AppError::Invalid { .. }) => render(
+            e.status(),
+            hosts_view(&app, &ctx, user.id, FormError::from(&e), form.name, None).await?,
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    let id = parse_id(&id, "host")?;
+    let key = hosts::rotate_key(&app.pool, user.id, id).await?;
+    let name = hosts::get(&app.pool, Some(user.id), id).await?.name;
+    ok(hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), Some((name, key))).await?)
+}
+
+async fn revoke_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    hosts::revoke_key(&app.pool, user.id, parse_id(&id, "host")?).await?;
+    see_other("/hosts")
+}
+
+#[derive(Deserialize)]
+struct DrainForm {
+    draining: String,
+}
+
+async fn drain_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    PageForm(form): PageForm<DrainForm>,
+) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    let draining = form.draining == "true";
+    hosts::set_draining(&app.pool, Some(user.id), parse_id(&id, "host")?, draining).await?;
+    see_other("/hosts")
 }
 
 #[derive(Deserialize)]
@@ -322,6 +473,7 @@ async fn create_project(
                 error: FormError::from(&e),
                 name: form.name,
                 description: form.description,
+                open_error: None,
             },
         ),
         Err(e) => Err(e.into()),
@@ -397,7 +549,9 @@ async fn update_project(
 
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    projects::delete(&app.pool, user.id, parse_id(&id, "project")?).await?;
+    let id = parse_id(&id, "project")?;
+    lifecycle::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
+    projects::delete(&app.pool, user.id, id).await?;
     see_other("/projects")
 }
 
