@@ -257,7 +257,8 @@ mod tests {
 
     /// A venv stand-in: the config only checks that `bin/jupyter` exists.
     fn fake_venv() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("oc-agent-config-venv-{}", std::process::id()));
+        // One fixed place, so runs do not pile up copies.
+        let dir = std::env::temp_dir().join("oc-agent-config-venv");
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         std::fs::write(dir.join("bin/jupyter"), "#!/bin/sh\n").unwrap();
         dir
