@@ -214,6 +214,15 @@ pub fn mysql_message(e: &mysql_async::Error) -> String {
 }
 
 /// A held row in `leases`.
+/// A column value as `T`; one of an unexpected type reads as the default
+/// (and is logged) instead of panicking in a request.
+pub fn lenient<T: mysql_async::prelude::FromValue + Default>(value: mysql_async::Value) -> T {
+    mysql_async::from_value_opt(value).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "unexpected column type");
+        T::default()
+    })
+}
+
 pub struct Lease {
     name: String,
     holder: String,

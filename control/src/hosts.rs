@@ -177,15 +177,15 @@ const VIEW_COLUMNS: &str = "h.id, h.owner_id, u.email, h.name, h.state, h.addres
     h.cpu_percent, h.memory_used_mib, h.memory_total_mib, h.disk_free_mib, h.cgroup_limits, h.agent_version, \
     DATE_FORMAT(h.last_heartbeat_at, '%Y-%m-%d %H:%i:%s'), \
     (SELECT COALESCE(SUM(t.online_seconds), 0) FROM host_uptime t \
-       WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY), \
-    LEAST(30 * 86400, GREATEST(1, TIMESTAMPDIFF(SECOND, h.created_at, UTC_TIMESTAMP(6))))";
+       WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY) * 1e0, \
+    LEAST(30 * 86400, GREATEST(1, TIMESTAMPDIFF(SECOND, h.created_at, UTC_TIMESTAMP(6)))) * 1e0";
 
 fn view_from_row(mut row: mysql_async::Row) -> HostView {
     let mut take = |i: usize| {
         row.take::<mysql_async::Value, _>(i)
             .unwrap_or(mysql_async::Value::NULL)
     };
-    use mysql_async::from_value as v;
+    use crate::db::lenient as v;
     let id: u64 = v(take(0));
     let owner_id: u64 = v(take(1));
     let owner_email: String = v(take(2));

@@ -204,7 +204,7 @@ async fn fetch(
     for row in rows.into_iter().take(limit as usize) {
         let mut v = row.unwrap().into_iter();
         let mut next = || v.next().unwrap_or(mysql_async::Value::NULL);
-        use mysql_async::from_value as f;
+        use crate::db::lenient as f;
         let sid: String = f(next());
         let row = Row {
             sid: sid.clone(),

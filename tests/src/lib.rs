@@ -4,6 +4,7 @@
 //!
 //! This is the only place that knows ports, paths and processes.
 
+pub mod agents;
 pub mod browser;
 pub mod gateway;
 pub mod jupyter;

@@ -13,9 +13,9 @@ use super::api::{parse_id, UserSearch};
 use super::{safe_next, Ctx, FormError, Layout, PageForm};
 use crate::accounts::{self, LoginAttempt, NewUser, Role, User};
 use crate::error::{AppError, PageError};
-use crate::packages::{self, Package, PackageInput};
 use crate::hosts::{self, HostView};
 use crate::lifecycle;
+use crate::packages::{self, Package, PackageInput};
 use crate::projects::{self, Project};
 use crate::sessions::{self, Session};
 use crate::App;
@@ -354,7 +354,14 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    lifecycle::stop(&app.pool, &app.wakeups, Some(user.id), &sid, "stopped_by_user").await?;
+    lifecycle::stop(
+        &app.pool,
+        &app.wakeups,
+        Some(user.id),
+        &sid,
+        "stopped_by_user",
+    )
+    .await?;
     see_other("/projects")
 }
 
@@ -409,7 +416,15 @@ async fn create_host(
     match hosts::create(&app.pool, user.id, &form.name).await {
         Ok((host, key)) => render(
             StatusCode::CREATED,
-            hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), Some((host.name, key))).await?,
+            hosts_view(
+                &app,
+                &ctx,
+                user.id,
+                FormError::none(),
+                String::new(),
+                Some((host.name, key)),
+            )
+            .await?,
         ),
         Err(e @ AppError::Invalid { .. }) => render(
             e.status(),
@@ -424,7 +439,15 @@ async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String
     let id = parse_id(&id, "host")?;
     let key = hosts::rotate_key(&app.pool, user.id, id).await?;
     let name = hosts::get(&app.pool, Some(user.id), id).await?.name;
-    ok(hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), Some((name, key))).await?)
+    ok(hosts_view(
+        &app,
+        &ctx,
+        user.id,
+        FormError::none(),
+        String::new(),
+        Some((name, key)),
+    )
+    .await?)
 }
 
 async fn revoke_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {

@@ -1,0 +1,583 @@
+#![allow(clippy::unwrap_used)]
+//! Hosts and sessions end to end: real agents registered with their
+//! HostKeys, control placing sessions, real Jupyter servers, and the
+//! gateway in front. Times that have deadlines are polled with generous
+//! slack and printed.
+
+use std::time::{Duration, Instant};
+
+use opencloud_e2e::agents::{eventually, port_free, AgentProcess};
+use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
+use opencloud_e2e::{kernel, unique, PASSWORD};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Requests to the platform through the gateway as `user`.
+async fn api(
+    stack: &GatewayStack,
+    user: &GatewayUser,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = stack
+        .gateway
+        .client(&[], false)
+        .request(method, format!("{}{path}", stack.gateway.platform()))
+        .bearer_auth(&user.token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(
+    stack: &GatewayStack,
+    user: &GatewayUser,
+    path: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    api(stack, user, reqwest::Method::POST, path, Some(body)).await
+}
+
+async fn get(stack: &GatewayStack, user: &GatewayUser, path: &str) -> (StatusCode, Value) {
+    api(stack, user, reqwest::Method::GET, path, None).await
+}
+
+/// A host owner, registered through the gateway.
+async fn host_owner(stack: &GatewayStack) -> GatewayUser {
+    let http = stack.gateway.client(&[], false);
+    let platform = stack.gateway.platform();
+    let email = format!("{}@example.com", unique("owner"));
+    let r = http
+        .post(format!("{platform}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Host Owner", "role": "host_owner"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let login: Value = http
+        .post(format!("{platform}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    GatewayUser {
+        token: login["token"].as_str().unwrap().to_owned(),
+        id: login["user"]["id"].as_u64().unwrap(),
+        email,
+    }
+}
+
+/// Adds a host on My hosts and returns (host id, HostKey).
+async fn add_host(stack: &GatewayStack, owner: &GatewayUser, name: &str) -> (u64, String) {
+    let (status, body) = post(stack, owner, "/api/v1/hosts", json!({"name": name})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    (
+        body["host"]["id"].as_u64().unwrap(),
+        body["host_key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Waits until the host is online and a gateway has found it reachable,
+/// so placement may use it.
+async fn wait_placeable(stack: &GatewayStack, host_id: u64) {
+    let db = &stack.db;
+    let (_, took) = eventually(
+        "the host becoming placeable",
+        Duration::from_secs(60),
+        || async {
+            let n = db
+                .count(&format!(
+                    "hosts h JOIN host_reachability r ON r.host_id = h.id \
+                 WHERE h.id = {host_id} AND h.state = 'online' AND r.reachable"
+                ))
+                .await;
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+    println!("host {host_id} placeable after {took:?}");
+}
+
+async fn create_project(stack: &GatewayStack, user: &GatewayUser, name: &str) -> u64 {
+    let (status, body) = post(stack, user, "/api/v1/projects", json!({"name": name})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["project"]["id"].as_u64().unwrap()
+}
+
+/// Opens a project; returns (sid, enter url).
+async fn open(stack: &GatewayStack, user: &GatewayUser, project: u64) -> (String, String) {
+    let (status, body) = post(
+        stack,
+        user,
+        &format!("/api/v1/projects/{project}/open"),
+        json!({}),
+    )
+    .await;
+    assert!(
+        status == StatusCode::CREATED || status == StatusCode::OK,
+        "{status} {body}"
+    );
+    (
+        body["session_id"].as_str().unwrap().to_owned(),
+        body["url"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn session_row(stack: &GatewayStack, sid: &str) -> (u64, String, u16, String) {
+    let mut conn = stack.db.conn().await;
+    mysql_async::prelude::Queryable::exec_first(
+        &mut conn,
+        "SELECT host_id, state, port, upstream_token FROM sessions WHERE sid = ?",
+        (sid,),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// Waits until session `sid` is running; returns the time it took.
+async fn wait_running(stack: &GatewayStack, sid: &str) -> Duration {
+    let (_, took) = eventually(
+        "the session becoming ready",
+        Duration::from_secs(90),
+        || async {
+            let (_, state, _, _) = session_row(stack, sid).await;
+            assert!(
+                matches!(state.as_str(), "starting" | "running"),
+                "the session ended while starting: {state}"
+            );
+            (state == "running").then_some(())
+        },
+    )
+    .await;
+    took
+}
+
+async fn wait_state(stack: &GatewayStack, sid: &str, wanted: &str, limit: Duration) -> Duration {
+    let (_, took) = eventually(
+        &format!("session {sid} becoming {wanted}"),
+        limit,
+        || async { (session_row(stack, sid).await.1 == wanted).then_some(()) },
+    )
+    .await;
+    took
+}
+
+/// Enters a session through its ticket URL; returns the `oc_s` cookie pair.
+async fn enter(stack: &GatewayStack, sid: &str, url: &str) -> String {
+    let r = stack
+        .gateway
+        .client(&[sid], false)
+        .get(url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(r.headers()["location"], "/lab");
+    r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gateway() {
+    let stack = GatewayStack::start().await.unwrap();
+    let owner = host_owner(&stack).await;
+    let (host_a, key_a) = add_host(&stack, &owner, "host-a").await;
+    let (host_b, key_b) = add_host(&stack, &owner, "host-b").await;
+    let control = stack.control().public.clone();
+    let _agent_a = AgentProcess::start(&control, &key_a, 4).unwrap();
+    let _agent_b = AgentProcess::start(&control, &key_b, 2).unwrap();
+    wait_placeable(&stack, host_a).await;
+    wait_placeable(&stack, host_b).await;
+
+    // host-b drains: both sessions go to host-a.
+    let (status, _) = post(
+        &stack,
+        &owner,
+        &format!("/api/v1/hosts/{host_b}/drain"),
+        json!({"draining": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let alice = stack.new_user().await;
+    let mut on_a = Vec::new();
+    for n in 0..2 {
+        let project = create_project(&stack, &alice, &format!("Project {n}")).await;
+        let started = Instant::now();
+        let (sid, _) = open(&stack, &alice, project).await;
+        assert_eq!(
+            session_row(&stack, &sid).await.0,
+            host_a,
+            "a draining host gets no sessions"
+        );
+        let took = wait_running(&stack, &sid).await;
+        println!(
+            "open → ready on host-a: {:?} (placement answered in {:?})",
+            took,
+            started.elapsed() - took
+        );
+        on_a.push(sid);
+    }
+    // Opening a running project again returns the same session.
+    let (again, _) = open(&stack, &alice, {
+        let (_, body) = get(&stack, &alice, "/api/v1/projects").await;
+        body["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["session"]["sid"] == on_a[0].as_str())
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(again, on_a[0]);
+
+    // host-b back in service: with host-a holding two sessions, it gets the next.
+    post(
+        &stack,
+        &owner,
+        &format!("/api/v1/hosts/{host_b}/drain"),
+        json!({"draining": false}),
+    )
+    .await;
+    let project = create_project(&stack, &alice, "Analysis").await;
+    let opened_at = Instant::now();
+    let (sid, url) = open(&stack, &alice, project).await;
+    assert_eq!(
+        session_row(&stack, &sid).await.0,
+        host_b,
+        "the least-loaded host"
+    );
+
+    // Entering at once lands on the "starting" page, then on Lab.
+    let cookie = enter(&stack, &sid, &url).await;
+    let client = stack.gateway.client(&[&sid], false);
+    let origin = stack.gateway.session_origin(&sid);
+    let (_, took) = eventually(
+        "Lab through the gateway",
+        Duration::from_secs(90),
+        || async {
+            let r = client
+                .get(format!("{origin}/lab"))
+                .header("cookie", &cookie)
+                .header("accept", "text/html")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            (status == StatusCode::OK && body.contains("jupyter-config-data")).then_some(body)
+        },
+    )
+    .await;
+    println!(
+        "click → Lab page through the gateway: {:?}",
+        opened_at.elapsed().max(took)
+    );
+    let (_, _, port, token) = session_row(&stack, &sid).await;
+    let lab = client
+        .get(format!("{origin}/lab"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !lab.contains(&token),
+        "the upstream token reached the browser"
+    );
+    let contents = client
+        .get(format!("{origin}/api/contents"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(contents.status(), StatusCode::OK);
+    assert!(!contents.text().await.unwrap().contains(&token));
+
+    // A kernel through the gateway's WebSocket.
+    let kernel: Value = client
+        .post(format!("{origin}/api/kernels"))
+        .header("cookie", &cookie)
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ws = format!(
+        "{}/api/kernels/{}/channels",
+        origin.replacen("http://", "ws://", 1),
+        kernel["id"].as_str().unwrap()
+    );
+    let out = kernel::execute(&ws, stack.gateway.addr(), &cookie, "print(6*7)")
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "42");
+
+    // Someone else, even knowing the sid, gets 404.
+    let mallory = stack.new_user().await;
+    let r = client
+        .get(format!("{origin}/api/contents"))
+        .bearer_auth(&mallory.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let (status, _) = post(
+        &stack,
+        &mallory,
+        &format!("/api/v1/sessions/{sid}/stop"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // My hosts shows the load.
+    let (_, hosts) = get(&stack, &owner, "/api/v1/hosts").await;
+    let a = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == host_a)
+        .unwrap()
+        .clone();
+    assert_eq!(a["sessions"], 2);
+    assert_eq!(a["state"], "online");
+
+    // Stop: the port is freed and no process of the session is left.
+    let pid = _agent_b
+        .session_pid(&sid)
+        .expect("the agent records the server");
+    let (status, body) = post(
+        &stack,
+        &alice,
+        &format!("/api/v1/sessions/{sid}/stop"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let took = wait_state(&stack, &sid, "stopped", Duration::from_secs(60)).await;
+    println!("stop → stopped: {took:?}");
+    assert!(port_free(port), "port {port} is still taken after stop");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the Jupyter server {pid} is still running"
+    );
+    let r = client
+        .get(format!("{origin}/lab"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::GONE,
+        "a stopped session gets its page"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
+    let stack = GatewayStack::start().await.unwrap();
+    let owner = host_owner(&stack).await;
+    let (host_a, key_a) = add_host(&stack, &owner, "host-a").await;
+    let (host_b, key_b) = add_host(&stack, &owner, "host-b").await;
+    let control = stack.control().public.clone();
+    let mut agent_a = AgentProcess::start(&control, &key_a, 2).unwrap();
+    let _agent_b = AgentProcess::start(&control, &key_b, 2).unwrap();
+    wait_placeable(&stack, host_a).await;
+    wait_placeable(&stack, host_b).await;
+    // Only host-a takes the first session.
+    post(
+        &stack,
+        &owner,
+        &format!("/api/v1/hosts/{host_b}/drain"),
+        json!({"draining": true}),
+    )
+    .await;
+    let alice = stack.new_user().await;
+    let project = create_project(&stack, &alice, "Thesis").await;
+    let (sid, url) = open(&stack, &alice, project).await;
+    wait_running(&stack, &sid).await;
+    let cookie = enter(&stack, &sid, &url).await;
+    post(
+        &stack,
+        &owner,
+        &format!("/api/v1/hosts/{host_b}/drain"),
+        json!({"draining": false}),
+    )
+    .await;
+
+    agent_a.kill_hard();
+    let killed = Instant::now();
+    let took = wait_state(&stack, &sid, "lost", Duration::from_secs(60)).await;
+    println!("host killed → its session marked lost: {took:?}");
+    // The gateway shows the host-lost page at once.
+    let client = stack.gateway.client(&[&sid], false);
+    let origin = stack.gateway.session_origin(&sid);
+    let (_, took) = eventually("the lost page", Duration::from_secs(30), || async {
+        let r = client
+            .get(format!("{origin}/lab"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status() == StatusCode::GONE).then_some(())
+    })
+    .await;
+    let asked = Instant::now();
+    let r = client
+        .get(format!("{origin}/lab"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GONE);
+    assert!(r.text().await.unwrap().contains("went offline"));
+    println!(
+        "lost page: seen {:?} after the kill, answered in {:?}",
+        killed.elapsed() - took.min(killed.elapsed()),
+        asked.elapsed()
+    );
+    // My projects tells the user; reopening lands on host-b.
+    let (_, projects) = get(&stack, &alice, "/api/v1/projects").await;
+    let p = &projects["projects"][0];
+    assert_eq!(p["session"]["state"], "lost");
+    assert!(p["session"]["ended_because"]
+        .as_str()
+        .unwrap()
+        .contains("offline"));
+    let (again, _) = open(&stack, &alice, project).await;
+    assert_ne!(again, sid);
+    assert_eq!(session_row(&stack, &again).await.0, host_b);
+    wait_running(&stack, &again).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_opens_and_bad_agents_get_clear_answers() {
+    let stack = GatewayStack::start().await.unwrap();
+    let owner = host_owner(&stack).await;
+    let alice = stack.new_user().await;
+    let bob = stack.new_user().await;
+    let project = create_project(&stack, &alice, "Private").await;
+
+    // Someone else's project: 404, like a missing one.
+    let (status, body) = post(
+        &stack,
+        &bob,
+        &format!("/api/v1/projects/{project}/open"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // No host at all: a clear 503, not a 500.
+    let (status, body) = post(
+        &stack,
+        &alice,
+        &format!("/api/v1/projects/{project}/open"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "no_capacity");
+    // A deleted project.
+    let (status, _) = api(
+        &stack,
+        &alice,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/projects/{project}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = post(
+        &stack,
+        &alice,
+        &format!("/api/v1/projects/{project}/open"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("deleted"));
+    // Customers cannot add hosts.
+    let (status, _) = post(&stack, &alice, "/api/v1/hosts", json!({"name": "mine"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = post(&stack, &owner, "/api/v1/hosts", json!({"name": "  "})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "name");
+
+    let control = stack.control().public.clone();
+    // A key no host has: exit 2, nothing started.
+    let mut agent = AgentProcess::start(
+        &control,
+        "ochk_not-a-real-key-at-all-0000000000000000000",
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(30)),
+        Some(2),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().to_lowercase().contains("hostkey") || agent.log().contains("host key"),
+        "{}",
+        agent.log()
+    );
+    // A revoked host's key: exit 2 with a message saying so.
+    let (host, key) = add_host(&stack, &owner, "old-pc").await;
+    let (status, _) = post(
+        &stack,
+        &owner,
+        &format!("/api/v1/hosts/{host}/revoke"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let mut agent = AgentProcess::start(&control, &key, 1).unwrap();
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(30)),
+        Some(2),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("revoked"), "{}", agent.log());
+    // A malformed config names the key.
+    let mut agent = AgentProcess::start(&control, &key, 1).unwrap();
+    agent.wait_exit(Duration::from_secs(30));
+    let config = std::fs::read_to_string(&agent.config_path).unwrap();
+    std::fs::write(
+        &agent.config_path,
+        config.replace("[capacity]", "colour = \"blue\"\n[capacity]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(opencloud_e2e::binary("opencloud-agent"))
+        .arg("--config")
+        .arg(&agent.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("colour"), "{stderr}");
+}
