@@ -63,6 +63,9 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// The cursor counts microseconds from here (times are UTC).
+const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00'";
+
 const STATES: [&str; 6] = [
     "starting", "running", "stopping", "stopped", "failed", "lost",
 ];
@@ -136,10 +139,12 @@ fn conditions(
                     "This page link is damaged; start from the first page.",
                 )
             })?;
-        sql.push(
-            "(s.created_at < FROM_UNIXTIME(? / 1000000) OR (s.created_at = FROM_UNIXTIME(? / 1000000) AND s.sid < ?))"
-                .into(),
-        );
+        // Exact to the microsecond: `FROM_UNIXTIME(? / 1000000)` would keep
+        // only div_precision_increment (4) decimals and skip rows.
+        sql.push(format!(
+            "(s.created_at < {EPOCH} + INTERVAL ? MICROSECOND \
+              OR (s.created_at = {EPOCH} + INTERVAL ? MICROSECOND AND s.sid < ?))"
+        ));
         params.extend([micros.into(), micros.into(), sid.into()]);
     }
     Ok((sql.join(" AND "), params))
@@ -169,7 +174,7 @@ async fn user_filter(pool: &Pool, raw: &str) -> Result<Option<Option<u64>>, AppE
 const SELECT: &str = "SELECT s.sid, s.user_id, u.email, s.project_id, p.name, s.host_id, h.name,
         DATE_FORMAT(s.created_at, '%Y-%m-%d %H:%i:%s'), DATE_FORMAT(s.ended_at, '%Y-%m-%d %H:%i:%s'),
         TIMESTAMPDIFF(SECOND, s.created_at, COALESCE(s.ended_at, UTC_TIMESTAMP(6))), s.state, s.end_reason,
-        s.bytes_in, s.bytes_out, CAST(UNIX_TIMESTAMP(s.created_at) * 1000000 AS SIGNED)
+        s.bytes_in, s.bytes_out, TIMESTAMPDIFF(MICROSECOND, TIMESTAMP'1970-01-01 00:00:00', s.created_at)
      FROM sessions s
      JOIN users u ON u.id = s.user_id
      JOIN projects p ON p.id = s.project_id
@@ -182,6 +187,8 @@ async fn fetch(
     filter: &Filter,
     limit: u64,
 ) -> Result<(Vec<Row>, Option<String>), AppError> {
+    // Checked first, so an unknown user does not hide a bad date.
+    conditions(None, filter)?;
     let user = match user_filter(pool, &filter.user).await? {
         None => None,
         Some(Some(id)) => Some(id),
