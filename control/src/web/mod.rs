@@ -2,6 +2,7 @@
 //! extractors that turn bad input into our error type. Handlers here only
 //! parse input and render output; the domain modules do the work.
 
+mod admin;
 mod agent;
 mod api;
 mod internal;
@@ -42,6 +43,7 @@ const CSRF_FIELD: &str = "csrf";
 pub fn public_router(app: App) -> Router {
     let platform = Router::new()
         .merge(pages::routes())
+        .merge(admin::routes())
         .nest("/api/v1", api::routes())
         .route("/healthz", get(healthz))
         .route("/static/style.css", get(stylesheet))

@@ -1,0 +1,500 @@
+//! The admin panel's data pages: every host, and Session data (filters,
+//! keyset pages, CSV export, stopping a live session). Handlers parse the
+//! query or form and render; `hosts`, `session_data` and `lifecycle` do the
+//! work.
+
+use askama::Template;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::{Ctx, FormError, Layout, PageForm};
+use crate::error::{AppError, PageError};
+use crate::hosts::{self, HostView};
+use crate::session_data::{self, Filter, Row};
+use crate::sessions::explain_end;
+use crate::{lifecycle, App};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/admin/hosts", get(hosts_page))
+        .route("/admin/sessions", get(sessions_page))
+        .route("/admin/sessions.csv", get(sessions_csv))
+        .route("/admin/sessions/{sid}/stop", post(stop_session))
+}
+
+type PageResult = Result<Response, PageError>;
+
+fn render(status: StatusCode, page: impl Template) -> PageResult {
+    Ok((status, Html(page.render()?)).into_response())
+}
+
+// ----- hosts -----
+
+/// A host with the numbers the table shows, formatted.
+struct HostLine {
+    host: HostView,
+    offered: String,
+    in_use: String,
+}
+
+impl From<HostView> for HostLine {
+    fn from(host: HostView) -> Self {
+        let offered = if host.max_sessions == 0 {
+            "—".to_owned()
+        } else {
+            format!(
+                "{} cores · {}",
+                trim_float(host.cpu_cores),
+                human_bytes(host.memory_mib.saturating_mul(MIB))
+            )
+        };
+        let in_use = if host.last_heartbeat.is_none() {
+            String::new()
+        } else {
+            format!(
+                "{:.0} % · {} of {}",
+                host.cpu_percent,
+                human_bytes(host.memory_used_mib.saturating_mul(MIB)),
+                human_bytes(host.memory_total_mib.saturating_mul(MIB))
+            )
+        };
+        Self {
+            host,
+            offered,
+            in_use,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "admin_hosts.html")]
+struct HostsPage {
+    layout: Layout,
+    hosts: Vec<HostLine>,
+}
+
+async fn hosts_page(State(app): State<App>, ctx: Ctx) -> PageResult {
+    ctx.require_admin()?;
+    let hosts = hosts::list(&app.pool, None).await?;
+    render(
+        StatusCode::OK,
+        HostsPage {
+            layout: ctx.layout(),
+            hosts: hosts.into_iter().map(HostLine::from).collect(),
+        },
+    )
+}
+
+// ----- session data -----
+
+/// The states the filter offers, in the order a session goes through them.
+const STATES: [&str; 6] = [
+    "starting", "running", "stopping", "stopped", "failed", "lost",
+];
+
+/// The fields the filter form shows; errors about any other parameter
+/// (`after`, `per_page`) are shown above the form.
+const FORM_FIELDS: [&str; 6] = ["user", "project", "host", "state", "from", "to"];
+
+/// Reads the filter from the query string. Unknown parameters are ignored
+/// (an old bookmark still works); a `per_page` that is not a number is
+/// reported, with the rest of the filter kept for the form.
+fn filter_from_query(raw: Option<&str>) -> (Filter, Option<AppError>) {
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(raw.unwrap_or("")) {
+        Ok(pairs) => pairs,
+        Err(_) => {
+            let error = AppError::BadRequest("This address's filters cannot be read.".into());
+            return (Filter::default(), Some(error));
+        }
+    };
+    let mut filter = Filter::default();
+    let mut error = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "user" => filter.user = value,
+            "project" => filter.project = value,
+            "host" => filter.host = value,
+            "state" => filter.state = value,
+            "from" => filter.from = value,
+            "to" => filter.to = value,
+            "after" => filter.after = value,
+            "per_page" if !value.trim().is_empty() => match value.trim().parse() {
+                Ok(n) => filter.per_page = Some(n),
+                Err(_) => {
+                    error = Some(AppError::invalid(
+                        "per_page",
+                        format!(
+                            "Show between 1 and {} sessions a page.",
+                            session_data::MAX_PER_PAGE
+                        ),
+                    ))
+                }
+            },
+            _ => {}
+        }
+    }
+    (filter, error)
+}
+
+/// The filter as a query string (`user=…&state=…`), with the page size and
+/// cursor when asked for.
+fn filter_query(filter: &Filter, per_page: bool, after: Option<&str>) -> String {
+    let mut pairs: Vec<(&str, String)> = [
+        ("user", &filter.user),
+        ("project", &filter.project),
+        ("host", &filter.host),
+        ("state", &filter.state),
+        ("from", &filter.from),
+        ("to", &filter.to),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.trim().is_empty())
+    .map(|(k, v)| (k, v.trim().to_owned()))
+    .collect();
+    if let Some(n) = filter.per_page.filter(|_| per_page) {
+        pairs.push(("per_page", n.to_string()));
+    }
+    if let Some(after) = after.filter(|a| !a.is_empty()) {
+        pairs.push(("after", after.to_owned()));
+    }
+    serde_urlencoded::to_string(&pairs).unwrap_or_default()
+}
+
+fn with_query(path: &str, query: String) -> String {
+    if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// A session row with its numbers in words.
+struct SessionLine {
+    row: Row,
+    duration: String,
+    bytes_in: String,
+    bytes_out: String,
+    /// What the end reason means, for the cell's tooltip.
+    explanation: String,
+    /// Starting or running: an admin can stop it.
+    live: bool,
+}
+
+impl From<Row> for SessionLine {
+    fn from(row: Row) -> Self {
+        let explanation = match &row.end_reason {
+            Some(reason) => explain_end(
+                crate::routes::session_state(&row.state),
+                Some(reason.as_str()),
+            ),
+            None => String::new(),
+        };
+        Self {
+            duration: human_duration(row.duration_seconds),
+            bytes_in: human_bytes(row.bytes_in),
+            bytes_out: human_bytes(row.bytes_out),
+            explanation,
+            live: matches!(row.state.as_str(), "starting" | "running"),
+            row,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "admin_sessions.html")]
+struct SessionsPage {
+    layout: Layout,
+    filter: Filter,
+    /// (state, selected) for the select.
+    states: Vec<(&'static str, bool)>,
+    sessions: Vec<SessionLine>,
+    error: FormError,
+    /// The filter was refused, so no rows are shown.
+    failed: bool,
+    next_link: Option<String>,
+    first_link: Option<String>,
+    csv_link: String,
+    /// This page, for the stop forms to come back to.
+    here: String,
+}
+
+impl SessionsPage {
+    fn new(layout: Layout, filter: Filter) -> Self {
+        let states = STATES
+            .iter()
+            .map(|s| (*s, filter.state.trim() == *s))
+            .collect();
+        let csv_link = with_query("/admin/sessions.csv", filter_query(&filter, false, None));
+        let here = with_query(
+            "/admin/sessions",
+            filter_query(&filter, true, Some(&filter.after)),
+        );
+        let first_link = (!filter.after.trim().is_empty())
+            .then(|| with_query("/admin/sessions", filter_query(&filter, true, None)));
+        Self {
+            layout,
+            filter,
+            states,
+            sessions: Vec::new(),
+            error: FormError::none(),
+            failed: false,
+            next_link: None,
+            first_link,
+            csv_link,
+            here,
+        }
+    }
+
+    /// `date` for the day fields, `text` when the value was refused, so
+    /// the browser shows what it cannot read as a date.
+    fn input_type(&self, field: &str) -> &'static str {
+        if self.error.on(field).is_some() {
+            "text"
+        } else {
+            "date"
+        }
+    }
+
+    /// Shows `e` next to its field, or above the form when the form has no
+    /// such field.
+    fn with_error(mut self, e: &AppError) -> Self {
+        self.failed = true;
+        self.error = match e.field() {
+            Some(field) if FORM_FIELDS.contains(&field) => FormError::from(e),
+            _ => FormError::from(&AppError::Invalid {
+                field: None,
+                message: e.to_string(),
+            }),
+        };
+        self
+    }
+}
+
+async fn sessions_page(State(app): State<App>, ctx: Ctx, RawQuery(raw): RawQuery) -> PageResult {
+    ctx.require_admin()?;
+    let (filter, error) = filter_from_query(raw.as_deref());
+    let mut page = SessionsPage::new(ctx.layout(), filter);
+    if let Some(e) = error {
+        return render(e.status(), page.with_error(&e));
+    }
+    match session_data::page(&app.pool, &page.filter).await {
+        Ok(found) => {
+            page.next_link = found.next.map(|after| {
+                with_query(
+                    "/admin/sessions",
+                    filter_query(&page.filter, true, Some(&after)),
+                )
+            });
+            page.sessions = found.sessions.into_iter().map(SessionLine::from).collect();
+            render(StatusCode::OK, page)
+        }
+        Err(e @ AppError::Invalid { .. }) => render(e.status(), page.with_error(&e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Every session the filter matches, as CSV, streamed batch by batch so a
+/// million rows never sit in memory. The filter is checked before the
+/// first byte; a database error later cuts the download off (the client
+/// sees an incomplete transfer, not a file that looks whole).
+async fn sessions_csv(State(app): State<App>, ctx: Ctx, RawQuery(raw): RawQuery) -> PageResult {
+    let admin = ctx.require_admin()?;
+    let (filter, error) = filter_from_query(raw.as_deref());
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    session_data::check(&filter).map_err(named_field)?;
+    tracing::info!(admin = admin.id, "session data exported as CSV");
+    let pool = app.pool.clone();
+    let batches = futures_util::stream::unfold(Some(filter), move |state| {
+        let pool = pool.clone();
+        async move {
+            let filter = state?;
+            match session_data::csv_batch(&pool, &filter).await {
+                Ok((text, next)) => {
+                    let following = next.map(|after| Filter { after, ..filter });
+                    Some((Ok(Bytes::from(text)), following))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "CSV export cut off");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        }
+    });
+    let header_line = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(Bytes::from_static(session_data::CSV_HEADER.as_bytes()))
+    });
+    let body = Body::from_stream(header_line.chain(batches));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"sessions.csv\"",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// On a page without the form, an error must say which filter it is about.
+fn named_field(e: AppError) -> AppError {
+    match e {
+        AppError::Invalid {
+            field: Some(field),
+            message,
+        } => AppError::Invalid {
+            field: Some(field),
+            message: format!("The “{field}” filter: {}", lower_first(&message)),
+        },
+        other => other,
+    }
+}
+
+fn lower_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[derive(Deserialize)]
+struct StopForm {
+    /// The Session data page to return to, with its filters.
+    #[serde(default)]
+    back: String,
+}
+
+async fn stop_session(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(sid): Path<String>,
+    PageForm(form): PageForm<StopForm>,
+) -> PageResult {
+    let admin = ctx.require_admin()?;
+    let state = lifecycle::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    tracing::info!(
+        sid,
+        admin = admin.id,
+        state,
+        "session stopped by an administrator"
+    );
+    let back = form.back;
+    let back = if back == "/admin/sessions" || back.starts_with("/admin/sessions?") {
+        super::safe_next(Some(&back))
+    } else {
+        "/admin/sessions".to_owned()
+    };
+    Ok(Redirect::to(&back).into_response())
+}
+
+// ----- numbers in words -----
+
+const MIB: u64 = 1 << 20;
+
+/// `42 s`, `5 min 07 s`, `1 h 02 min`, `3 d 04 h`.
+fn human_duration(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match seconds {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{m} min {s:02} s"),
+        3600..86_400 => format!("{h} h {m:02} min"),
+        _ => format!("{d} d {h:02} h"),
+    }
+}
+
+/// `512 B`, `1.2 MiB`, `3.0 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    // 1023.96 KiB would print as "1024.0 KiB"; say 1.0 MiB instead.
+    if format!("{value:.1}") == "1024.0" && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `4`, `0.5`, `1.25`.
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_clock() {
+        assert_eq!(human_duration(0), "0 s");
+        assert_eq!(human_duration(59), "59 s");
+        assert_eq!(human_duration(307), "5 min 07 s");
+        assert_eq!(human_duration(3720), "1 h 02 min");
+        assert_eq!(human_duration(86_399), "23 h 59 min");
+        assert_eq!(human_duration(3 * 86_400 + 4 * 3600 + 59), "3 d 04 h");
+    }
+
+    #[test]
+    fn byte_counts_use_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1_258_291), "1.2 MiB");
+        assert_eq!(human_bytes(MIB - 1), "1.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn filters_survive_the_round_trip_through_links() {
+        let (filter, error) = filter_from_query(Some(
+            "user=a%2Bb%40example.com&state=lost&from=2026-01-02&per_page=20&after=123.abc&junk=1",
+        ));
+        assert!(error.is_none());
+        assert_eq!(filter.user, "a+b@example.com");
+        assert_eq!(filter.per_page, Some(20));
+        let next = filter_query(&filter, true, Some("456.def"));
+        assert_eq!(
+            next,
+            "user=a%2Bb%40example.com&state=lost&from=2026-01-02&per_page=20&after=456.def"
+        );
+        let (again, _) = filter_from_query(Some(&next));
+        assert_eq!((again.user, again.after), (filter.user, "456.def".into()));
+        assert_eq!(
+            filter_query(&Filter::default(), true, None),
+            "",
+            "no filter, no query"
+        );
+    }
+
+    #[test]
+    fn a_page_size_that_is_no_number_is_named() {
+        let (filter, error) = filter_from_query(Some("state=running&per_page=lots"));
+        assert_eq!(filter.state, "running", "the rest of the filter is kept");
+        assert_eq!(error.unwrap().field(), Some("per_page"));
+    }
+}
