@@ -276,6 +276,31 @@ pub async fn create(
     Ok((get(pool, Some(owner_id), id).await?, key))
 }
 
+/// A HostKey for `owner_email`'s host `name`: the host is added if it is
+/// missing, otherwise it gets a new key (the old one stops working).
+pub async fn issue_key(pool: &Pool, owner_email: &str, name: &str) -> Result<String, AppError> {
+    let name = check_host_name(name)?;
+    let mut conn = pool.get_conn().await?;
+    let owner: u64 = conn
+        .exec_first(
+            "SELECT id FROM users WHERE email = ?",
+            (owner_email.trim().to_lowercase(),),
+        )
+        .await?
+        .ok_or(AppError::NotFound("user"))?;
+    let existing: Option<u64> = conn
+        .exec_first(
+            "SELECT id FROM hosts WHERE owner_id = ? AND name = ? AND key_digest IS NOT NULL ORDER BY id LIMIT 1",
+            (owner, &name),
+        )
+        .await?;
+    drop(conn);
+    match existing {
+        Some(id) => rotate_key(pool, owner, id).await,
+        None => Ok(create(pool, owner, &name).await?.1),
+    }
+}
+
 /// One host; with `owner`, only if that user owns it.
 pub async fn get(pool: &Pool, owner: Option<u64>, id: u64) -> Result<HostView, AppError> {
     let row: Option<mysql_async::Row> = pool

@@ -38,6 +38,14 @@ enum Command {
         #[arg(long)]
         reset_password: bool,
     },
+    /// Print a HostKey for the owner's host NAME (added if missing; a new
+    /// key otherwise, which retires the old one). For scripts/up.
+    HostKey {
+        #[arg(long)]
+        owner_email: String,
+        #[arg(long)]
+        name: String,
+    },
     /// Print a new keys file with one random signing key.
     Keygen {
         #[arg(long, default_value = "k1")]
@@ -59,7 +67,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
+    // Logs on stderr: stdout carries what subcommands print (a HostKey).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,mysql_async=warn".into()),
@@ -108,6 +118,13 @@ async fn run() -> anyhow::Result<()> {
                 (false, _) => println!("admin {admin_email}: exists (password unchanged)"),
             }
             println!("starter packages added: {added}");
+            Ok(())
+        }
+        Command::HostKey { owner_email, name } => {
+            let key = opencloud_control::hosts::issue_key(&pool, &owner_email, &name)
+                .await
+                .map_err(|e| anyhow::anyhow!("host {name}: {e}"))?;
+            println!("{key}");
             Ok(())
         }
         Command::Keygen { .. } => unreachable!("handled above"),
