@@ -699,6 +699,20 @@ pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usi
     Ok(live.len())
 }
 
+/// Registered hosts by state (online, draining, offline, revoked).
+pub async fn count_by_state(pool: &Pool) -> Result<Vec<(String, u64)>, AppError> {
+    Ok(pool
+        .get_conn()
+        .await?
+        .query(
+            "SELECT CASE WHEN key_revoked_at IS NOT NULL THEN 'revoked'
+                         WHEN state = 'online' AND draining THEN 'draining'
+                         ELSE state END AS s, COUNT(*)
+             FROM hosts WHERE key_digest IS NOT NULL GROUP BY s",
+        )
+        .await?)
+}
+
 /// Hosts online whose last heartbeat is older than the limit.
 pub async fn find_silent(pool: &Pool) -> Result<Vec<u64>, AppError> {
     Ok(pool

@@ -94,6 +94,19 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     metrics::gauge!("opencloud_db_pool_connections", "state" => "in_use")
         .set(open.saturating_sub(idle) as f64);
     metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
+    // Sessions and hosts by state, read at scrape time.
+    if let Ok(counts) = crate::lifecycle::count_by_state(&app.pool).await {
+        for state in ["starting", "running", "stopping"] {
+            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+            metrics::gauge!("opencloud_sessions", "state" => state).set(n as f64);
+        }
+    }
+    if let Ok(counts) = crate::hosts::count_by_state(&app.pool).await {
+        for state in ["online", "draining", "offline", "revoked"] {
+            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+            metrics::gauge!("opencloud_hosts", "state" => state).set(n as f64);
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
