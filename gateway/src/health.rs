@@ -5,6 +5,8 @@
 //! Results are reported to control in batches.
 
 use std::collections::HashMap;
+
+use crate::FastMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ const FAILURES_TO_MARK_DOWN: u8 = 2;
 
 /// Host id → reachable, as last seen by this gateway.
 #[derive(Clone, Default)]
-pub struct HostHealth(Arc<RwLock<HashMap<u64, bool>>>);
+pub struct HostHealth(Arc<RwLock<FastMap<u64, bool>>>);
 
 /// Failed probes in a row, per host (owned by the checker task).
 type Streaks = HashMap<u64, u8>;

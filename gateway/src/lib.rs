@@ -12,6 +12,10 @@ pub mod pages;
 pub mod proxy;
 pub mod store;
 pub mod table;
+
+/// Maps the request path reads: keys come from control or were verified,
+/// so a fast seeded hash is enough.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub mod tickets;
 pub mod usage;
 pub mod verified;

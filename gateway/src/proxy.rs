@@ -288,7 +288,8 @@ impl Gateway {
                 )
                 .await;
             }
-            return respond_text(session, 503, "the session is starting; retry in a second\n").await;
+            return respond_text(session, 503, "the session is starting; retry in a second\n")
+                .await;
         }
         let Some((host, ip)) = table
             .hosts

@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use imbl::HashMap;
+/// A persistent map with a fast seeded hash (keys come from control).
+type HashMap<K, V> =
+    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 use opencloud_protocol::routes::{
     sid_from_bytes, sid_to_bytes, Change, Delta, HostRoute, Revocation, SessionRoute, SessionState,
     Snapshot, Version,

@@ -2,7 +2,7 @@
 //! out), collected on the request path into a small map and sent to control
 //! in batches, so idle culling and metering need no call per request.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ struct Tally {
 }
 
 #[derive(Clone, Default)]
-pub struct UsageBook(Arc<Mutex<HashMap<SessionKey, Tally>>>);
+pub struct UsageBook(Arc<Mutex<FastMap<SessionKey, Tally>>>);
 
 impl UsageBook {
     pub fn record(&self, sid: SessionKey, now: u64, bytes_in: u64, bytes_out: u64) {

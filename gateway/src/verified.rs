@@ -4,7 +4,7 @@
 //! request path. Only good tokens are remembered, expiry is checked on
 //! every hit, and revocation is always checked against the route table.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::{Arc, Mutex};
 
 use opencloud_protocol::token::{self, Claims, TokenError, TokenKind};
@@ -14,7 +14,7 @@ use opencloud_protocol::Keyring;
 const CAPACITY: usize = 16_384;
 
 #[derive(Clone, Default)]
-pub struct VerifiedTokens(Arc<Mutex<HashMap<String, Arc<Claims>>>>);
+pub struct VerifiedTokens(Arc<Mutex<FastMap<String, Arc<Claims>>>>);
 
 impl VerifiedTokens {
     /// Like [`token::verify`], answered from memory when `token` was
@@ -44,7 +44,7 @@ impl VerifiedTokens {
         Ok(claims)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Claims>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<String, Arc<Claims>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
