@@ -713,13 +713,15 @@ pub async fn count_by_state(pool: &Pool) -> Result<Vec<(String, u64)>, AppError>
         .await?)
 }
 
-/// Hosts online whose last heartbeat is older than the limit.
+/// Agent-run hosts online whose last heartbeat is older than the limit.
 pub async fn find_silent(pool: &Pool) -> Result<Vec<u64>, AppError> {
     Ok(pool
         .get_conn()
         .await?
         .exec(
-            "SELECT id FROM hosts WHERE state = 'online'
+            // Only hosts run by an agent heartbeat; hosts recorded for
+            // servers started elsewhere (`register_external`) do not.
+            "SELECT id FROM hosts WHERE state = 'online' AND key_digest IS NOT NULL
              AND (last_heartbeat_at IS NULL OR last_heartbeat_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND)",
             (HEARTBEAT_FRESH_SECONDS * 1_000_000,),
         )
