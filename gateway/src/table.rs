@@ -25,7 +25,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A session, keyed by the 16 bytes of its sid.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionKey([u8; 16]);
 
 impl SessionKey {
@@ -136,7 +136,9 @@ impl HostEntry {
 pub struct RouteTable {
     pub version: Version,
     pub hosts: HashMap<u64, Arc<HostEntry>>,
-    pub sessions: HashMap<SessionKey, SessionEntry>,
+    /// A B-tree: its nodes stay at least half full, where a hash trie's
+    /// sparse leaves would waste most of their slots on inline entries.
+    pub sessions: imbl::OrdMap<SessionKey, SessionEntry>,
     /// Revoked login session → when its tokens expire (Unix seconds).
     pub revocations: HashMap<String, u64>,
 }
