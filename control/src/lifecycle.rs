@@ -116,6 +116,35 @@ fn placement_order(mut list: Vec<Candidate>, last_host: Option<u64>) -> Vec<Cand
     list
 }
 
+/// Queues `action` (`start` or `stop`) for the host's agent.
+async fn queue_command(
+    tx: &mut mysql_async::Transaction<'_>,
+    host_id: u64,
+    sid: &str,
+    action: &str,
+) -> Result<(), AppError> {
+    tx.exec_drop(
+        "INSERT INTO host_commands (host_id, sid, action, created_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
+        (host_id, sid, action),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The session's route as its row says now.
+async fn route_tx(
+    tx: &mut mysql_async::Transaction<'_>,
+    sid: &str,
+) -> Result<Option<SessionRoute>, AppError> {
+    Ok(tx
+        .exec_first(
+            format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ?"),
+            (sid,),
+        )
+        .await?
+        .map(session_route))
+}
+
 fn new_upstream_token() -> String {
     let mut bytes = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
@@ -210,11 +239,7 @@ pub async fn open(
         (&sid, project_id, user_id, host.id, &token, project_id),
     )
     .await?;
-    tx.exec_drop(
-        "INSERT INTO host_commands (host_id, sid, action, created_at) VALUES (?, ?, 'start', UTC_TIMESTAMP(6))",
-        (host.id, &sid),
-    )
-    .await?;
+    queue_command(&mut tx, host.id, &sid, "start").await?;
     // The gateway shows a "starting" page until the route has a port.
     let route = SessionRoute {
         sid: sid.clone(),
@@ -277,18 +302,8 @@ pub async fn stop(
             (reason, sid),
         )
         .await?;
-        tx.exec_drop(
-            "INSERT INTO host_commands (host_id, sid, action, created_at) VALUES (?, ?, 'stop', UTC_TIMESTAMP(6))",
-            (host_id, sid),
-        )
-        .await?;
-        let route = tx
-            .exec_first(
-                format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ?"),
-                (sid,),
-            )
-            .await?
-            .map(session_route);
+        queue_command(&mut tx, host_id, sid, "stop").await?;
+        let route = route_tx(&mut tx, sid).await?;
         if let Some(mut route) = route {
             route.state = SessionState::Stopped;
             changes.push(Change::UpsertSession(route));
@@ -454,26 +469,15 @@ pub async fn handle_event(
                     (sid,),
                 )
                 .await?;
-                let route = tx
-                    .exec_first(
-                        format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ?"),
-                        (sid,),
-                    )
-                    .await?
-                    .map(session_route);
+                let route = route_tx(&mut tx, sid).await?;
                 changes.extend(route.map(Change::UpsertSession));
                 metrics::histogram!("opencloud_session_open_to_ready_seconds")
                     .record(age_ms.unwrap_or(0) as f64 / 1000.0);
                 metrics::histogram!("opencloud_session_spawn_seconds")
                     .record(*spawn_ms as f64 / 1000.0);
-            } else if !matches!(state.as_str(), "running") {
+            } else if state == "stopping" {
                 // Ready after a stop was asked for: ask again.
-                tx.exec_drop(
-                    "INSERT INTO host_commands (host_id, sid, action, created_at)
-                     SELECT ?, ?, 'stop', UTC_TIMESTAMP(6) FROM DUAL WHERE ? = 'stopping'",
-                    (host_id, sid, &state),
-                )
-                .await?;
+                queue_command(&mut tx, host_id, sid, "stop").await?;
             }
         }
         AgentEvent::Failed {
