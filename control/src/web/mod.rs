@@ -96,21 +96,31 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
     // Sessions and hosts by state, read at scrape time.
     if let Ok(counts) = crate::lifecycle::count_by_state(&app.pool).await {
-        for state in ["starting", "running", "stopping"] {
-            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-            metrics::gauge!("opencloud_sessions", "state" => state).set(n as f64);
-        }
+        set_state_gauges(
+            "opencloud_sessions",
+            &["starting", "running", "stopping"],
+            &counts,
+        );
     }
     if let Ok(counts) = crate::hosts::count_by_state(&app.pool).await {
-        for state in ["online", "draining", "offline", "revoked"] {
-            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-            metrics::gauge!("opencloud_hosts", "state" => state).set(n as f64);
-        }
+        let states = ["online", "draining", "offline", "revoked"];
+        set_state_gauges("opencloud_hosts", &states, &counts);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
     )
+}
+
+/// One gauge per state, zero for states with no rows.
+fn set_state_gauges(name: &'static str, states: &[&'static str], counts: &[(String, u64)]) {
+    for state in states {
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!(name, "state" => *state).set(n as f64);
+    }
 }
 
 /// Healthy when a pooled connection answers a ping.
