@@ -256,12 +256,22 @@ pub struct GatewayUser {
 impl GatewayStack {
     /// Registers and logs in a new user through the gateway.
     pub async fn new_user(&self) -> GatewayUser {
+        self.registered("gw", "Gateway User", None).await
+    }
+
+    /// Registers (with `role`, or the default customer role) and logs in a
+    /// user through the gateway; `prefix` starts the unique email.
+    pub async fn registered(&self, prefix: &str, name: &str, role: Option<&str>) -> GatewayUser {
         let http = self.gateway.client(&[], false);
         let platform = self.gateway.platform();
-        let email = format!("{}@example.com", unique("gw"));
+        let email = format!("{}@example.com", unique(prefix));
+        let mut form = json!({"email": email, "password": PASSWORD, "name": name});
+        if let Some(role) = role {
+            form["role"] = json!(role);
+        }
         let r = http
             .post(format!("{platform}/api/v1/auth/register"))
-            .json(&json!({"email": email, "password": PASSWORD, "name": "Gateway User"}))
+            .json(&form)
             .send()
             .await
             .expect("register");
@@ -284,6 +294,42 @@ impl GatewayStack {
             id: login["user"]["id"].as_u64().expect("user id"),
             email,
         }
+    }
+
+    /// A request to the platform's API through the gateway as `user`; the
+    /// status and the JSON body (`Null` when there is none).
+    pub async fn api(
+        &self,
+        user: &GatewayUser,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (reqwest::StatusCode, Value) {
+        let mut request = self
+            .gateway
+            .client(&[], false)
+            .request(method, format!("{}{path}", self.gateway.platform()))
+            .bearer_auth(&user.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let r = request.send().await.expect("request through the gateway");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(
+        &self,
+        user: &GatewayUser,
+        path: &str,
+        body: Value,
+    ) -> (reqwest::StatusCode, Value) {
+        self.api(user, reqwest::Method::POST, path, Some(body))
+            .await
+    }
+
+    pub async fn get(&self, user: &GatewayUser, path: &str) -> (reqwest::StatusCode, Value) {
+        self.api(user, reqwest::Method::GET, path, None).await
     }
 
     /// Creates a project for `user` and a session on the upstream at

@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod browser;
 pub mod gateway;
+pub mod hosts;
 pub mod jupyter;
 pub mod kernel;
 pub mod upstream;

@@ -8,118 +8,16 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::agents::{eventually, port_free, AgentProcess};
 use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
-use opencloud_e2e::{kernel, unique, PASSWORD};
+use opencloud_e2e::hosts::{add_host, create_project, host_owner, session_row, wait_placeable};
+use opencloud_e2e::kernel;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-/// Requests to the platform through the gateway as `user`.
-async fn api(
-    stack: &GatewayStack,
-    user: &GatewayUser,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut request = stack
-        .gateway
-        .client(&[], false)
-        .request(method, format!("{}{path}", stack.gateway.platform()))
-        .bearer_auth(&user.token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let r = request.send().await.unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn post(
-    stack: &GatewayStack,
-    user: &GatewayUser,
-    path: &str,
-    body: Value,
-) -> (StatusCode, Value) {
-    api(stack, user, reqwest::Method::POST, path, Some(body)).await
-}
-
-async fn get(stack: &GatewayStack, user: &GatewayUser, path: &str) -> (StatusCode, Value) {
-    api(stack, user, reqwest::Method::GET, path, None).await
-}
-
-/// A host owner, registered through the gateway.
-async fn host_owner(stack: &GatewayStack) -> GatewayUser {
-    let http = stack.gateway.client(&[], false);
-    let platform = stack.gateway.platform();
-    let email = format!("{}@example.com", unique("owner"));
-    let r = http
-        .post(format!("{platform}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Host Owner", "role": "host_owner"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let login: Value = http
-        .post(format!("{platform}/api/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    GatewayUser {
-        token: login["token"].as_str().unwrap().to_owned(),
-        id: login["user"]["id"].as_u64().unwrap(),
-        email,
-    }
-}
-
-/// Adds a host on My hosts and returns (host id, HostKey).
-async fn add_host(stack: &GatewayStack, owner: &GatewayUser, name: &str) -> (u64, String) {
-    let (status, body) = post(stack, owner, "/api/v1/hosts", json!({"name": name})).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    (
-        body["host"]["id"].as_u64().unwrap(),
-        body["host_key"].as_str().unwrap().to_owned(),
-    )
-}
-
-/// Waits until the host is online and a gateway has found it reachable,
-/// so placement may use it.
-async fn wait_placeable(stack: &GatewayStack, host_id: u64) {
-    let db = &stack.db;
-    let (_, took) = eventually(
-        "the host becoming placeable",
-        Duration::from_secs(60),
-        || async {
-            let n = db
-                .count(&format!(
-                    "hosts h JOIN host_reachability r ON r.host_id = h.id \
-                 WHERE h.id = {host_id} AND h.state = 'online' AND r.reachable"
-                ))
-                .await;
-            (n > 0).then_some(())
-        },
-    )
-    .await;
-    println!("host {host_id} placeable after {took:?}");
-}
-
-async fn create_project(stack: &GatewayStack, user: &GatewayUser, name: &str) -> u64 {
-    let (status, body) = post(stack, user, "/api/v1/projects", json!({"name": name})).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    body["project"]["id"].as_u64().unwrap()
-}
-
 /// Opens a project; returns (sid, enter url).
 async fn open(stack: &GatewayStack, user: &GatewayUser, project: u64) -> (String, String) {
-    let (status, body) = post(
-        stack,
-        user,
-        &format!("/api/v1/projects/{project}/open"),
-        json!({}),
-    )
-    .await;
+    let (status, body) = stack
+        .post(user, &format!("/api/v1/projects/{project}/open"), json!({}))
+        .await;
     assert!(
         status == StatusCode::CREATED || status == StatusCode::OK,
         "{status} {body}"
@@ -128,18 +26,6 @@ async fn open(stack: &GatewayStack, user: &GatewayUser, project: u64) -> (String
         body["session_id"].as_str().unwrap().to_owned(),
         body["url"].as_str().unwrap().to_owned(),
     )
-}
-
-async fn session_row(stack: &GatewayStack, sid: &str) -> (u64, String, u16, String) {
-    let mut conn = stack.db.conn().await;
-    mysql_async::prelude::Queryable::exec_first(
-        &mut conn,
-        "SELECT host_id, state, port, upstream_token FROM sessions WHERE sid = ?",
-        (sid,),
-    )
-    .await
-    .unwrap()
-    .unwrap()
 }
 
 /// Waits until session `sid` is running; returns the time it took.
@@ -203,13 +89,13 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     wait_placeable(&stack, host_b).await;
 
     // host-b drains: both sessions go to host-a.
-    let (status, _) = post(
-        &stack,
-        &owner,
-        &format!("/api/v1/hosts/{host_b}/drain"),
-        json!({"draining": true}),
-    )
-    .await;
+    let (status, _) = stack
+        .post(
+            &owner,
+            &format!("/api/v1/hosts/{host_b}/drain"),
+            json!({"draining": true}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     let alice = stack.new_user().await;
     let mut on_a = Vec::new();
@@ -232,7 +118,7 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     }
     // Opening a running project again returns the same session.
     let (again, _) = open(&stack, &alice, {
-        let (_, body) = get(&stack, &alice, "/api/v1/projects").await;
+        let (_, body) = stack.get(&alice, "/api/v1/projects").await;
         body["projects"]
             .as_array()
             .unwrap()
@@ -246,13 +132,13 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     assert_eq!(again, on_a[0]);
 
     // host-b back in service: with host-a holding two sessions, it gets the next.
-    post(
-        &stack,
-        &owner,
-        &format!("/api/v1/hosts/{host_b}/drain"),
-        json!({"draining": false}),
-    )
-    .await;
+    stack
+        .post(
+            &owner,
+            &format!("/api/v1/hosts/{host_b}/drain"),
+            json!({"draining": false}),
+        )
+        .await;
     let project = create_project(&stack, &alice, "Analysis").await;
     let opened_at = Instant::now();
     let (sid, url) = open(&stack, &alice, project).await;
@@ -340,17 +226,13 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let (status, _) = post(
-        &stack,
-        &mallory,
-        &format!("/api/v1/sessions/{sid}/stop"),
-        json!({}),
-    )
-    .await;
+    let (status, _) = stack
+        .post(&mallory, &format!("/api/v1/sessions/{sid}/stop"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // My hosts shows the load.
-    let (_, hosts) = get(&stack, &owner, "/api/v1/hosts").await;
+    let (_, hosts) = stack.get(&owner, "/api/v1/hosts").await;
     let a = hosts["hosts"]
         .as_array()
         .unwrap()
@@ -365,13 +247,9 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     let pid = _agent_b
         .session_pid(&sid)
         .expect("the agent records the server");
-    let (status, body) = post(
-        &stack,
-        &alice,
-        &format!("/api/v1/sessions/{sid}/stop"),
-        json!({}),
-    )
-    .await;
+    let (status, body) = stack
+        .post(&alice, &format!("/api/v1/sessions/{sid}/stop"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let took = wait_state(&stack, &sid, "stopped", Duration::from_secs(60)).await;
     println!("stop → stopped: {took:?}");
@@ -405,25 +283,25 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
     wait_placeable(&stack, host_a).await;
     wait_placeable(&stack, host_b).await;
     // Only host-a takes the first session.
-    post(
-        &stack,
-        &owner,
-        &format!("/api/v1/hosts/{host_b}/drain"),
-        json!({"draining": true}),
-    )
-    .await;
+    stack
+        .post(
+            &owner,
+            &format!("/api/v1/hosts/{host_b}/drain"),
+            json!({"draining": true}),
+        )
+        .await;
     let alice = stack.new_user().await;
     let project = create_project(&stack, &alice, "Thesis").await;
     let (sid, url) = open(&stack, &alice, project).await;
     wait_running(&stack, &sid).await;
     let cookie = enter(&stack, &sid, &url).await;
-    post(
-        &stack,
-        &owner,
-        &format!("/api/v1/hosts/{host_b}/drain"),
-        json!({"draining": false}),
-    )
-    .await;
+    stack
+        .post(
+            &owner,
+            &format!("/api/v1/hosts/{host_b}/drain"),
+            json!({"draining": false}),
+        )
+        .await;
 
     agent_a.kill_hard();
     let killed = Instant::now();
@@ -457,7 +335,7 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
         asked.elapsed()
     );
     // My projects tells the user; reopening lands on host-b.
-    let (_, projects) = get(&stack, &alice, "/api/v1/projects").await;
+    let (_, projects) = stack.get(&alice, "/api/v1/projects").await;
     let p = &projects["projects"][0];
     assert_eq!(p["session"]["state"], "lost");
     assert!(p["session"]["ended_because"]
@@ -479,50 +357,50 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
     let project = create_project(&stack, &alice, "Private").await;
 
     // Someone else's project: 404, like a missing one.
-    let (status, body) = post(
-        &stack,
-        &bob,
-        &format!("/api/v1/projects/{project}/open"),
-        json!({}),
-    )
-    .await;
+    let (status, body) = stack
+        .post(&bob, &format!("/api/v1/projects/{project}/open"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // No host at all: a clear 503, not a 500.
-    let (status, body) = post(
-        &stack,
-        &alice,
-        &format!("/api/v1/projects/{project}/open"),
-        json!({}),
-    )
-    .await;
+    let (status, body) = stack
+        .post(
+            &alice,
+            &format!("/api/v1/projects/{project}/open"),
+            json!({}),
+        )
+        .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "no_capacity");
     // A deleted project.
-    let (status, _) = api(
-        &stack,
-        &alice,
-        reqwest::Method::DELETE,
-        &format!("/api/v1/projects/{project}"),
-        None,
-    )
-    .await;
+    let (status, _) = stack
+        .api(
+            &alice,
+            reqwest::Method::DELETE,
+            &format!("/api/v1/projects/{project}"),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = post(
-        &stack,
-        &alice,
-        &format!("/api/v1/projects/{project}/open"),
-        json!({}),
-    )
-    .await;
+    let (status, body) = stack
+        .post(
+            &alice,
+            &format!("/api/v1/projects/{project}/open"),
+            json!({}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("deleted"));
     // Customers cannot add hosts.
-    let (status, _) = post(&stack, &alice, "/api/v1/hosts", json!({"name": "mine"})).await;
+    let (status, _) = stack
+        .post(&alice, "/api/v1/hosts", json!({"name": "mine"}))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, body) = post(&stack, &owner, "/api/v1/hosts", json!({"name": "  "})).await;
+    let (status, body) = stack
+        .post(&owner, "/api/v1/hosts", json!({"name": "  "}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "name");
 
@@ -547,13 +425,9 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
     );
     // A revoked host's key: exit 2 with a message saying so.
     let (host, key) = add_host(&stack, &owner, "old-pc").await;
-    let (status, _) = post(
-        &stack,
-        &owner,
-        &format!("/api/v1/hosts/{host}/revoke"),
-        json!({}),
-    )
-    .await;
+    let (status, _) = stack
+        .post(&owner, &format!("/api/v1/hosts/{host}/revoke"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let mut agent = AgentProcess::start(&control, &key, 1).unwrap();
     assert_eq!(
