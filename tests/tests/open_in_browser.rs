@@ -135,6 +135,7 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     // not reload itself: a user would be stuck there. The test reloads, as
     // that user would, counts it and says so; the route must come soon.
     let not_yet_routed = Cell::new(0u32);
+    let lab_page_at = Cell::new(None);
     let clicked = Instant::now();
     browser
         .click(&format!(
@@ -161,7 +162,11 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
             if browser.count(NOTEBOOK_CARD).await? > 0 {
                 return Ok(Some(sid));
             }
-            if browser.page_source().await?.contains(NO_ROUTE) {
+            let source = browser.page_source().await?;
+            if lab_page_at.get().is_none() && source.contains("jupyter-config-data") {
+                lab_page_at.set(Some(clicked.elapsed()));
+            }
+            if source.contains(NO_ROUTE) {
                 not_yet_routed.set(not_yet_routed.get() + 1);
                 assert!(
                     not_yet_routed.get() < 50,
@@ -215,7 +220,10 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", tails(&stack, &agent)));
     let usable = clicked.elapsed();
-    println!("click Open → Lab's launcher: {to_lab:?}; → first cell usable: {usable:?}");
+    println!(
+        "click Open → Lab's page: {:?}; → Lab's launcher: {to_lab:?}; → first cell usable: {usable:?}",
+        lab_page_at.get().unwrap_or(to_lab)
+    );
 
     let editor = browser
         .wait_for(&format!("{FIRST_CELL} .cm-content"))
