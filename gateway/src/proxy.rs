@@ -30,6 +30,8 @@ use crate::verified::VerifiedTokens;
 use std::sync::Arc;
 
 pub const SESSION_COOKIE: &str = "oc_s";
+/// How long after entering a session its route may still be on its way.
+const ROUTE_ARRIVAL_SECONDS: u64 = 30;
 const PLATFORM_COOKIE: &str = "oc_session";
 
 /// What kind of request this is, for routing and metrics.
@@ -191,13 +193,13 @@ impl Gateway {
         req: &RequestHeader,
         sid: SessionKey,
         now: u64,
-    ) -> Result<u64, &'static str> {
+    ) -> Result<Arc<Claims>, &'static str> {
         let table = self.routes.load();
         let check = |claims: Arc<Claims>| {
             if table.is_revoked(&claims.login_session) {
                 Err("revoked")
             } else {
-                Ok(claims.user_id)
+                Ok(claims)
             }
         };
         if let Some(value) = credentials::cookie(&req.headers, SESSION_COOKIE) {
@@ -220,6 +222,21 @@ impl Gateway {
         Err("missing")
     }
 
+    /// Placed but not ready: pages wait on a page that reloads itself, API
+    /// calls are told to retry.
+    async fn starting(&self, session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
+        if is_navigation(session.req_header(), ctx.is_upgrade) {
+            return respond(
+                session,
+                200,
+                &[("cache-control", "no-store")],
+                starting_page(),
+            )
+            .await;
+        }
+        respond_text(session, 503, "the session is starting; retry in a second\n").await
+    }
+
     async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let Some(sid) = ctx.sid else {
             return no_session_here(session).await;
@@ -227,8 +244,9 @@ impl Gateway {
         if session.req_header().uri.path() == "/_oc/enter" {
             return self.enter(session, sid).await;
         }
-        let user = match self.session_user(session.req_header(), sid, unix_now()) {
-            Ok(user) => user,
+        let now = unix_now();
+        let claims = match self.session_user(session.req_header(), sid, now) {
+            Ok(claims) => claims,
             Err(reason) => {
                 if reason != "missing" {
                     metrics::counter!("opencloud_gateway_token_rejections_total", "kind" => "session", "reason" => reason)
@@ -251,9 +269,18 @@ impl Gateway {
                     .await;
             }
         };
+        let user = claims.user_id;
         ctx.user_id = Some(user);
         let table = self.routes.load();
         let Some(route) = table.sessions.get(&sid).filter(|s| s.owner == user) else {
+            // A cookie for this very sid, minted moments ago from a ticket
+            // control signed after creating the session: its route is on
+            // its way, so wait for it like for a starting server.
+            let just_entered = claims.kind == TokenKind::SessionCookie
+                && now.saturating_sub(claims.issued_at) <= ROUTE_ARRIVAL_SECONDS;
+            if just_entered {
+                return self.starting(session, ctx).await;
+            }
             // Someone else's session answers exactly like a missing one.
             return no_session_here(session).await;
         };
@@ -278,18 +305,7 @@ impl Gateway {
             SessionState::Starting | SessionState::Running => {}
         }
         if route.port == 0 {
-            // Placed but not ready: pages wait here, API calls retry.
-            if is_navigation(session.req_header(), ctx.is_upgrade) {
-                return respond(
-                    session,
-                    200,
-                    &[("cache-control", "no-store")],
-                    starting_page(),
-                )
-                .await;
-            }
-            return respond_text(session, 503, "the session is starting; retry in a second\n")
-                .await;
+            return self.starting(session, ctx).await;
         }
         let Some((host, ip)) = table
             .hosts
