@@ -29,11 +29,7 @@ impl ProxyHttp for Passthrough {
         _session: &mut Session,
         _ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(
-            self.upstream,
-            false,
-            String::new(),
-        )))
+        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
     }
 }
 
