@@ -216,19 +216,27 @@ pub struct GatewayStack {
 
 impl GatewayStack {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_env(Vec::new()).await
+    }
+
+    /// Like [`GatewayStack::start`], with more environment overrides for
+    /// control (`OPENCLOUD_CONTROL__…`).
+    pub async fn start_with_env(control_env: Vec<(String, String)>) -> anyhow::Result<Self> {
         let db = TestDatabase::create().await?;
         let port = free_port();
+        let mut env = vec![
+            (
+                "OPENCLOUD_CONTROL__PUBLIC_URL".into(),
+                format!("http://localhost:{port}"),
+            ),
+            (
+                "OPENCLOUD_CONTROL__SESSION_DOMAIN".into(),
+                format!("nb.localhost:{port}"),
+            ),
+        ];
+        env.extend(control_env);
         let options = ControlOptions {
-            env: vec![
-                (
-                    "OPENCLOUD_CONTROL__PUBLIC_URL".into(),
-                    format!("http://localhost:{port}"),
-                ),
-                (
-                    "OPENCLOUD_CONTROL__SESSION_DOMAIN".into(),
-                    format!("nb.localhost:{port}"),
-                ),
-            ],
+            env,
             ..Default::default()
         };
         let control = Control::start(&db, &options).await?;

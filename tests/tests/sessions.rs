@@ -455,3 +455,43 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("colour"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_is_stopped_and_its_owner_told_why() {
+    let stack = GatewayStack::start_with_env(vec![(
+        "OPENCLOUD_CONTROL__SESSIONS__IDLE_TIMEOUT_SECONDS".into(),
+        "10".into(),
+    )])
+    .await
+    .unwrap();
+    let owner = host_owner(&stack).await;
+    let (host, key) = add_host(&stack, &owner, "host-a").await;
+    let _agent = AgentProcess::start(&stack.control().public, &key, 2).unwrap();
+    wait_placeable(&stack, host).await;
+    let alice = stack.new_user().await;
+    let project = create_project(&stack, &alice, "Forgotten").await;
+    let (sid, _) = open(&stack, &alice, project).await;
+    wait_running(&stack, &sid).await;
+    // Nobody uses it: no traffic through the gateway, no kernel.
+    let took = wait_state(&stack, &sid, "stopped", Duration::from_secs(90)).await;
+    println!("idle timeout 10 s: stopped {took:?} after it became ready");
+    assert!(
+        took >= Duration::from_secs(8),
+        "stopped before it was idle: {took:?}"
+    );
+    let mut conn = stack.db.conn().await;
+    let reason: Option<String> = mysql_async::prelude::Queryable::exec_first(
+        &mut conn,
+        "SELECT end_reason FROM sessions WHERE sid = ?",
+        (&sid,),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("idle"));
+    let (_, projects) = stack.get(&alice, "/api/v1/projects").await;
+    let why = projects["projects"][0]["session"]["ended_because"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(why.contains("without activity"), "{why}");
+}
