@@ -109,7 +109,9 @@ pub async fn status(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Op
 /// How many kernels are executing code (`GET /api/kernels`).
 pub async fn busy_kernels(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Option<u32> {
     let response = http
-        .get(format!("http://{addr}/api/kernels"))
+        // Our own polling must not count as the user's activity, or the
+        // idle culler could never stop the session.
+        .get(format!("http://{addr}/api/kernels?no_track_activity=1"))
         .header("authorization", format!("token {token}"))
         .send()
         .await
