@@ -56,24 +56,47 @@ async fn wait_state(stack: &GatewayStack, sid: &str, wanted: &str, limit: Durati
     took
 }
 
-/// Enters a session through its ticket URL; returns the `oc_s` cookie pair.
-async fn enter(stack: &GatewayStack, sid: &str, url: &str) -> String {
-    let r = stack
-        .gateway
-        .client(&[sid], false)
-        .get(url)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FOUND);
-    assert_eq!(r.headers()["location"], "/lab");
-    r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned()
+/// A browser that entered one session: its client, the session's origin
+/// and the `oc_s` cookie the ticket gave it.
+struct Entered {
+    client: reqwest::Client,
+    origin: String,
+    cookie: String,
+}
+
+impl Entered {
+    /// Follows the ticket URL, as the browser does after Open.
+    async fn new(stack: &GatewayStack, sid: &str, url: &str) -> Self {
+        let client = stack.gateway.client(&[sid], false);
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        assert_eq!(r.headers()["location"], "/lab");
+        let cookie = r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        Self {
+            client,
+            origin: stack.gateway.session_origin(sid),
+            cookie,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.origin))
+            .header("cookie", &self.cookie)
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,16 +172,13 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     );
 
     // Entering at once lands on the "starting" page, then on Lab.
-    let cookie = enter(&stack, &sid, &url).await;
-    let client = stack.gateway.client(&[&sid], false);
-    let origin = stack.gateway.session_origin(&sid);
+    let entered = Entered::new(&stack, &sid, &url).await;
     let (_, took) = eventually(
         "Lab through the gateway",
         Duration::from_secs(90),
         || async {
-            let r = client
-                .get(format!("{origin}/lab"))
-                .header("cookie", &cookie)
+            let r = entered
+                .request(reqwest::Method::GET, "/lab")
                 .header("accept", "text/html")
                 .send()
                 .await
@@ -174,32 +194,18 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         opened_at.elapsed().max(took)
     );
     let (_, _, port, token) = session_row(&stack, &sid).await;
-    let lab = client
-        .get(format!("{origin}/lab"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let lab = entered.get("/lab").await.text().await.unwrap();
     assert!(
         !lab.contains(&token),
         "the upstream token reached the browser"
     );
-    let contents = client
-        .get(format!("{origin}/api/contents"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let contents = entered.get("/api/contents").await;
     assert_eq!(contents.status(), StatusCode::OK);
     assert!(!contents.text().await.unwrap().contains(&token));
 
     // A kernel through the gateway's WebSocket.
-    let kernel: Value = client
-        .post(format!("{origin}/api/kernels"))
-        .header("cookie", &cookie)
+    let kernel: Value = entered
+        .request(reqwest::Method::POST, "/api/kernels")
         .json(&json!({"name": "python3"}))
         .send()
         .await
@@ -209,18 +215,19 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         .unwrap();
     let ws = format!(
         "{}/api/kernels/{}/channels",
-        origin.replacen("http://", "ws://", 1),
+        entered.origin.replacen("http://", "ws://", 1),
         kernel["id"].as_str().unwrap()
     );
-    let out = kernel::execute(&ws, stack.gateway.addr(), &cookie, "print(6*7)")
+    let out = kernel::execute(&ws, stack.gateway.addr(), &entered.cookie, "print(6*7)")
         .await
         .unwrap();
     assert_eq!(out.trim(), "42");
 
     // Someone else, even knowing the sid, gets 404.
     let mallory = stack.new_user().await;
-    let r = client
-        .get(format!("{origin}/api/contents"))
+    let r = entered
+        .client
+        .get(format!("{}/api/contents", entered.origin))
         .bearer_auth(&mallory.token)
         .send()
         .await
@@ -258,12 +265,7 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the Jupyter server {pid} is still running"
     );
-    let r = client
-        .get(format!("{origin}/lab"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = entered.get("/lab").await;
     assert_eq!(
         r.status(),
         StatusCode::GONE,
@@ -294,7 +296,7 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
     let project = create_project(&stack, &alice, "Thesis").await;
     let (sid, url) = open(&stack, &alice, project).await;
     wait_running(&stack, &sid).await;
-    let cookie = enter(&stack, &sid, &url).await;
+    let entered = Entered::new(&stack, &sid, &url).await;
     stack
         .post(
             &owner,
@@ -308,25 +310,13 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
     let took = wait_state(&stack, &sid, "lost", Duration::from_secs(60)).await;
     println!("host killed → its session marked lost: {took:?}");
     // The gateway shows the host-lost page at once.
-    let client = stack.gateway.client(&[&sid], false);
-    let origin = stack.gateway.session_origin(&sid);
     let (_, took) = eventually("the lost page", Duration::from_secs(30), || async {
-        let r = client
-            .get(format!("{origin}/lab"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let r = entered.get("/lab").await;
         (r.status() == StatusCode::GONE).then_some(())
     })
     .await;
     let asked = Instant::now();
-    let r = client
-        .get(format!("{origin}/lab"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = entered.get("/lab").await;
     assert_eq!(r.status(), StatusCode::GONE);
     assert!(r.text().await.unwrap().contains("went offline"));
     println!(
