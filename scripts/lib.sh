@@ -11,6 +11,7 @@ step() {
   printf '\n\033[1;34m==> [%d] %s\033[0m\n' "$STEP_NO" "$*"
 }
 info() { printf '    %s\n' "$*"; }
+warn() { printf '\033[1;33mwarning:\033[0m %s\n' "$*" >&2; }
 die() {
   printf '\033[1;31merror:\033[0m %s\n' "$*" >&2
   exit 1
