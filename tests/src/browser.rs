@@ -89,14 +89,21 @@ impl Browser {
         Ok(())
     }
 
-    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        self.client
-            .wait()
-            .for_element(Locator::Css(css))
-            .await?
-            .click()
-            .await?;
-        Ok(())
+    /// Clicks the first element matching `css` once it exists and takes
+    /// clicks: pages that render in steps (Lab) cover, hide or replace an
+    /// element for a moment after it appears.
+    pub async fn click(&self, css: &str) -> anyhow::Result<Element> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let element = self.wait_for(css).await?;
+            match element.click().await {
+                Ok(()) => return Ok(element),
+                Err(e) if Instant::now() < deadline && not_clickable_yet(&e) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("clicking {css}"))),
+            }
+        }
     }
 
     /// The visible text of the first element matching `css`.
@@ -182,7 +189,8 @@ impl Browser {
         self.fill("form[action='/login'] #password", password)
             .await?;
         self.click("form[action='/login'] button[type=submit]")
-            .await
+            .await?;
+        Ok(())
     }
 
     /// Clicks "Log out" in the top bar and waits for the home page.
@@ -230,4 +238,16 @@ pub async fn login_in_browser(
 ) -> anyhow::Result<()> {
     browser.goto(&format!("{base}/login")).await?;
     browser.submit_login(email, password).await
+}
+
+/// WebDriver's answers for an element that is there but covered, hidden
+/// or just replaced.
+fn not_clickable_yet(error: &fantoccini::error::CmdError) -> bool {
+    use fantoccini::error::{CmdError, ErrorStatus};
+    matches!(error, CmdError::Standard(w) if matches!(
+        w.error,
+        ErrorStatus::ElementNotInteractable
+            | ErrorStatus::ElementClickIntercepted
+            | ErrorStatus::StaleElementReference
+    ))
 }

@@ -77,10 +77,7 @@ async fn first_cell_output(browser: &Browser) -> anyhow::Result<String> {
 
 /// Shift+Enter in the first cell's editor.
 async fn run_first_cell(browser: &Browser) -> anyhow::Result<()> {
-    let editor = browser
-        .wait_for(&format!("{FIRST_CELL} .cm-content"))
-        .await?;
-    editor.click().await?;
+    let editor = browser.click(&format!("{FIRST_CELL} .cm-content")).await?;
     editor
         .send_keys(&format!("{}{}", Key::Shift, Key::Enter))
         .await?;
@@ -211,10 +208,9 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     );
 
     let editor = browser
-        .wait_for(&format!("{FIRST_CELL} .cm-content"))
+        .click(&format!("{FIRST_CELL} .cm-content"))
         .await
         .unwrap();
-    editor.click().await.unwrap();
     editor.send_keys("print(6*7)").await.unwrap();
     assert_eq!(editor.text().await.unwrap(), "print(6*7)");
 
