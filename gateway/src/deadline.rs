@@ -62,14 +62,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 
 /// Wraps a fresh connection; `HeaderDeadline` re-arms it per request.
 pub fn wrap(stream: Stream, limit: Duration) -> Stream {
-    let mut wrapped = DeadlineStream {
-        inner: stream,
-        deadline: None,
-        tail: [0; 3],
-        limit,
-        answered: false,
-        upgraded: false,
-    };
+    let mut wrapped = DeadlineStream::new(stream, limit);
     wrapped.arm(limit);
     Box::new(wrapped)
 }
@@ -77,8 +70,13 @@ pub fn wrap(stream: Stream, limit: Duration) -> Stream {
 #[derive(Debug)]
 pub struct DeadlineStream {
     inner: Stream,
-    /// Set while a request head is being read.
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// When the request head being read must be complete; `None` while no
+    /// head is being read.
+    deadline: Option<Instant>,
+    /// Wakes a read that waits past the deadline. Created on the first wait
+    /// and moved on from then on: most heads arrive in one read and never
+    /// touch the timer wheel.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The last bytes read, to find `\r\n\r\n` across reads.
     tail: [u8; 3],
     limit: Duration,
@@ -89,11 +87,32 @@ pub struct DeadlineStream {
 }
 
 impl DeadlineStream {
+    fn new(inner: Stream, limit: Duration) -> Self {
+        DeadlineStream {
+            inner,
+            deadline: None,
+            timer: None,
+            tail: [0; 3],
+            limit,
+            answered: false,
+            upgraded: false,
+        }
+    }
+
     fn arm(&mut self, limit: Duration) {
         self.limit = limit;
-        self.deadline = Some(Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
+        self.deadline = Some(Instant::now() + limit);
         self.tail = [0; 3];
         self.answered = false;
+    }
+
+    fn timed_out() -> std::io::Error {
+        metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header")
+            .increment(1);
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "request head not complete in time",
+        )
     }
 
     /// Notes a write: a response head tells what the next read will be.
@@ -111,15 +130,23 @@ impl DeadlineStream {
         }
     }
 
-    /// Notes bytes read; the head is complete at the first blank line.
+    /// Notes bytes read; the head is complete at the first blank line,
+    /// which may straddle two reads.
     fn saw(&mut self, bytes: &[u8]) {
-        let mut window = self.tail.to_vec();
-        window.extend_from_slice(bytes);
-        if window.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut seam = [0u8; 6];
+        let start = bytes.len().min(3);
+        seam[..3].copy_from_slice(&self.tail);
+        seam[3..3 + start].copy_from_slice(&bytes[..start]);
+        let seam = &seam[..3 + start];
+        if memchr::memmem::find(seam, b"\r\n\r\n").is_some()
+            || memchr::memmem::find(bytes, b"\r\n\r\n").is_some()
+        {
             self.deadline = None;
         }
-        let keep = window.len().saturating_sub(3);
-        self.tail.copy_from_slice(&window[keep..keep + 3]);
+        let from_bytes = bytes.len().min(3);
+        let from_tail = 3 - from_bytes;
+        self.tail.copy_within(3 - from_tail.., 0);
+        self.tail[from_tail..].copy_from_slice(&bytes[bytes.len() - from_bytes..]);
     }
 }
 
@@ -133,22 +160,29 @@ impl AsyncRead for DeadlineStream {
             let limit = self.limit;
             self.arm(limit);
         }
-        if let Some(deadline) = self.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header").increment(1);
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "request head not complete in time",
-                )));
-            }
+        let Some(deadline) = self.deadline else {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        };
+        // A client that sends a byte at a time never makes a read wait.
+        if Instant::now() >= deadline {
+            return Poll::Ready(Err(Self::timed_out()));
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            if self.deadline.is_some() {
-                let fresh = buf.filled()[before..].to_vec();
-                self.saw(&fresh);
+        match polled {
+            Poll::Ready(Ok(())) => self.saw(&buf.filled()[before..]),
+            Poll::Pending => {
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(Self::timed_out()));
+                }
             }
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }
@@ -183,8 +217,7 @@ impl AsyncWrite for DeadlineStream {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-                let first = first.to_vec();
-                self.wrote(&first);
+                self.wrote(first);
             }
         }
         polled
@@ -264,14 +297,7 @@ mod tests {
     #[tokio::test]
     async fn the_head_ends_at_the_first_blank_line_even_across_reads() {
         let (client, _server) = tokio::io::duplex(64);
-        let mut stream = DeadlineStream {
-            inner: Box::new(client),
-            deadline: None,
-            tail: [0; 3],
-            limit: Duration::from_secs(10),
-            answered: false,
-            upgraded: false,
-        };
+        let mut stream = DeadlineStream::new(Box::new(client), Duration::from_secs(10));
         stream.arm(Duration::from_secs(10));
         stream.saw(b"GET / HTTP/1.1\r\nHost: x\r");
         assert!(stream.deadline.is_some());
@@ -282,6 +308,21 @@ mod tests {
             stream.deadline.is_none(),
             "armed until the blank line, then released"
         );
+        for split in 0..=4 {
+            stream.arm(Duration::from_secs(10));
+            let (a, b) = b"x\r\n\r\ny".split_at(split + 1);
+            stream.saw(b"GET / HTTP/1.1\r\nHost: x");
+            stream.saw(a);
+            stream.saw(b);
+            assert!(stream.deadline.is_none(), "split at {split}");
+        }
+        stream.arm(Duration::from_secs(10));
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\n\r" {
+            stream.saw(std::slice::from_ref(byte));
+            assert!(stream.deadline.is_some());
+        }
+        stream.saw(b"\n");
+        assert!(stream.deadline.is_none(), "one byte at a time");
     }
 
     #[tokio::test]
