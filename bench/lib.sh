@@ -25,6 +25,8 @@ fi
 
 STARTED_PIDS=()
 DATABASES=()
+# A command the proxies under test start under (bench/proxy's CALLGRIND=1).
+UNDER_CALLGRIND=()
 
 progress() { printf '\033[1;34m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -276,7 +278,7 @@ EOF
   done
   curl -fsS "http://127.0.0.1:$cp/healthz" >/dev/null || die "control is not healthy; see $TMP/control.log"
   progress "gateway (CPU 1) on :$GW_PORT"
-  RUST_LOG=warn start gateway "${ON_TEST[@]}" "$RELEASE/opencloud-gateway" --config "$dir/gateway.toml"
+  RUST_LOG=warn start gateway "${ON_TEST[@]}" "${UNDER_CALLGRIND[@]}" "$RELEASE/opencloud-gateway" --config "$dir/gateway.toml"
   GW_PID=$LAST_PID
   wait_port "$GW_PORT" gateway
 }
