@@ -70,8 +70,11 @@ pub fn wrap(stream: Stream, limit: Duration) -> Stream {
 #[derive(Debug)]
 pub struct DeadlineStream {
     inner: Stream,
-    /// When the request head being read must be complete; `None` while no
-    /// head is being read.
+    /// A request head is expected or partly read.
+    reading_head: bool,
+    /// When that head must be complete. The clock starts at the first read
+    /// that waits or ends short of the blank line, so a head that arrives in
+    /// one read never asks for the time.
     deadline: Option<Instant>,
     /// Wakes a read that waits past the deadline. Created on the first wait
     /// and moved on from then on: most heads arrive in one read and never
@@ -90,6 +93,7 @@ impl DeadlineStream {
     fn new(inner: Stream, limit: Duration) -> Self {
         DeadlineStream {
             inner,
+            reading_head: false,
             deadline: None,
             timer: None,
             tail: [0; 3],
@@ -101,9 +105,20 @@ impl DeadlineStream {
 
     fn arm(&mut self, limit: Duration) {
         self.limit = limit;
-        self.deadline = Some(Instant::now() + limit);
+        self.reading_head = true;
+        self.deadline = None;
         self.tail = [0; 3];
         self.answered = false;
+    }
+
+    fn head_done(&mut self) {
+        self.reading_head = false;
+        self.deadline = None;
+    }
+
+    fn deadline(&mut self) -> Instant {
+        let limit = self.limit;
+        *self.deadline.get_or_insert_with(|| Instant::now() + limit)
     }
 
     fn timed_out() -> std::io::Error {
@@ -123,7 +138,7 @@ impl DeadlineStream {
         match &bytes[9..12] {
             b"101" => {
                 self.upgraded = true;
-                self.deadline = None;
+                self.head_done();
             }
             code if code[0] == b'1' => {}
             _ => self.answered = true,
@@ -137,11 +152,8 @@ impl DeadlineStream {
         let start = bytes.len().min(3);
         seam[..3].copy_from_slice(&self.tail);
         seam[3..3 + start].copy_from_slice(&bytes[..start]);
-        let seam = &seam[..3 + start];
-        if memchr::memmem::find(seam, b"\r\n\r\n").is_some()
-            || memchr::memmem::find(bytes, b"\r\n\r\n").is_some()
-        {
-            self.deadline = None;
+        if has_blank_line(&seam[..3 + start]) || has_blank_line(bytes) {
+            self.head_done();
         }
         let from_bytes = bytes.len().min(3);
         let from_tail = 3 - from_bytes;
@@ -150,28 +162,41 @@ impl DeadlineStream {
     }
 }
 
+/// Whether `bytes` hold `\r\n\r\n`. A head read whole ends with it, so that
+/// is looked at first; otherwise every line feed is a candidate end.
+fn has_blank_line(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"\r\n\r\n")
+        || memchr::memchr_iter(b'\n', bytes).any(|at| at >= 3 && &bytes[at - 3..=at] == b"\r\n\r\n")
+}
+
 impl AsyncRead for DeadlineStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.answered && !self.upgraded && self.deadline.is_none() {
+        if self.answered && !self.upgraded && !self.reading_head {
             let limit = self.limit;
             self.arm(limit);
         }
-        let Some(deadline) = self.deadline else {
+        if !self.reading_head {
             return Pin::new(&mut self.inner).poll_read(cx, buf);
-        };
+        }
         // A client that sends a byte at a time never makes a read wait.
-        if Instant::now() >= deadline {
+        if self.deadline.is_some_and(|due| Instant::now() >= due) {
             return Poll::Ready(Err(Self::timed_out()));
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         match polled {
-            Poll::Ready(Ok(())) => self.saw(&buf.filled()[before..]),
+            Poll::Ready(Ok(())) => {
+                self.saw(&buf.filled()[before..]);
+                if self.reading_head {
+                    self.deadline();
+                }
+            }
             Poll::Pending => {
+                let deadline = self.deadline();
                 let timer = self
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -300,12 +325,12 @@ mod tests {
         let mut stream = DeadlineStream::new(Box::new(client), Duration::from_secs(10));
         stream.arm(Duration::from_secs(10));
         stream.saw(b"GET / HTTP/1.1\r\nHost: x\r");
-        assert!(stream.deadline.is_some());
+        assert!(stream.reading_head);
         stream.saw(b"\n\r");
-        assert!(stream.deadline.is_some());
+        assert!(stream.reading_head);
         stream.saw(b"\nbody");
         assert!(
-            stream.deadline.is_none(),
+            !stream.reading_head,
             "armed until the blank line, then released"
         );
         for split in 0..=4 {
@@ -314,15 +339,15 @@ mod tests {
             stream.saw(b"GET / HTTP/1.1\r\nHost: x");
             stream.saw(a);
             stream.saw(b);
-            assert!(stream.deadline.is_none(), "split at {split}");
+            assert!(!stream.reading_head, "split at {split}");
         }
         stream.arm(Duration::from_secs(10));
         for byte in b"GET / HTTP/1.1\r\nHost: x\r\n\r" {
             stream.saw(std::slice::from_ref(byte));
-            assert!(stream.deadline.is_some());
+            assert!(stream.reading_head);
         }
         stream.saw(b"\n");
-        assert!(stream.deadline.is_none(), "one byte at a time");
+        assert!(!stream.reading_head, "one byte at a time");
     }
 
     #[tokio::test]

@@ -64,6 +64,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         threads: 1,
         // With one thread there is nothing to steal; skipping it is cheaper.
         work_stealing: false,
+        // The upstream read timeout (60 s) is armed for nearly every response
+        // and almost never fires: Tokio's timer drops a cancelled one at once,
+        // Pingora's fast timer keeps it until its deadline.
+        fast_timeout_to_tokio_threshold_seconds: Some(5),
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(10),
         upgrade_sock: config.state_dir.join("upgrade.sock").display().to_string(),

@@ -8,18 +8,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::header;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use opencloud_protocol::credentials;
-use opencloud_protocol::routes::{HostState, SessionState};
+use opencloud_protocol::routes::{HostState, SessionState, SID_LEN};
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::config::Config;
-use crate::hardening::check_raw_head;
+use crate::hardening::{check_raw_head, parsed_head_is_plain, MAX_HEADER_BYTES};
 use crate::health::HostHealth;
 use crate::pages::{page, starting_page};
 use crate::table::{Routes, SessionKey, UpstreamToken};
@@ -30,6 +30,8 @@ use crate::verified::VerifiedTokens;
 use std::sync::Arc;
 
 pub const SESSION_COOKIE: &str = "oc_s";
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 /// How long after entering a session its route may still be on its way.
 const ROUTE_ARRIVAL_SECONDS: u64 = 30;
 const PLATFORM_COOKIE: &str = "oc_session";
@@ -54,12 +56,35 @@ impl Class {
     }
 }
 
+/// A session origin's sid, decoded (the table's key) and as the host name
+/// spells it (compared with the sid in signed claims without decoding them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionName {
+    pub key: SessionKey,
+    text: [u8; SID_LEN],
+}
+
+impl SessionName {
+    fn parse(label: &str) -> Option<Self> {
+        Some(SessionName {
+            key: SessionKey::parse(label)?,
+            text: label.as_bytes().try_into().ok()?,
+        })
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text).expect("a parsed sid is ASCII")
+    }
+}
+
 /// Per-request state, filled phase by phase.
 pub struct RequestCtx {
     pub class: Class,
     pub started: Instant,
     pub client_ip: Option<IpAddr>,
-    pub sid: Option<SessionKey>,
+    pub sid: Option<SessionName>,
+    /// Seconds since the epoch when the session's credentials were checked.
+    unix_time: u64,
     pub user_id: Option<u64>,
     upstream: Option<SocketAddr>,
     upstream_host: Option<u64>,
@@ -111,7 +136,7 @@ impl RequestMetrics {
 }
 
 impl Gateway {
-    fn classify(&self, host: &str) -> (Class, Option<SessionKey>) {
+    fn classify(&self, host: &str) -> (Class, Option<SessionName>) {
         if host == self.config.platform_host {
             return (Class::Platform, None);
         }
@@ -121,18 +146,22 @@ impl Gateway {
         {
             // Exactly one fixed-length label: a sid that is a prefix of
             // another can never match it.
-            return (Class::Session, SessionKey::parse(label));
+            return (Class::Session, SessionName::parse(label));
         }
         (Class::Rejected, None)
     }
 
-    fn enter_url(&self, sid: SessionKey) -> String {
-        format!("{}/sessions/{sid}/enter", self.config.public_origin)
+    fn enter_url(&self, sid: SessionName) -> String {
+        format!(
+            "{}/sessions/{}/enter",
+            self.config.public_origin,
+            sid.as_str()
+        )
     }
 
     /// Handles `/_oc/enter?ticket=…`: verify, refuse reuse, set `oc_s`,
     /// send the browser to Lab.
-    async fn enter(&self, session: &mut Session, sid: SessionKey) -> Result<bool> {
+    async fn enter(&self, session: &mut Session, sid: SessionName) -> Result<bool> {
         let query = session.req_header().uri.query().unwrap_or("").to_owned();
         let ticket = query
             .split('&')
@@ -191,7 +220,7 @@ impl Gateway {
     fn session_user(
         &self,
         req: &RequestHeader,
-        sid: SessionKey,
+        sid: SessionName,
         now: u64,
     ) -> Result<Arc<Claims>, &'static str> {
         let table = self.routes.load();
@@ -245,6 +274,7 @@ impl Gateway {
             return self.enter(session, sid).await;
         }
         let now = unix_now();
+        ctx.unix_time = now;
         let claims = match self.session_user(session.req_header(), sid, now) {
             Ok(claims) => claims,
             Err(reason) => {
@@ -272,7 +302,7 @@ impl Gateway {
         let user = claims.user_id;
         ctx.user_id = Some(user);
         let table = self.routes.load();
-        let Some(route) = table.sessions.get(&sid).filter(|s| s.owner == user) else {
+        let Some(route) = table.sessions.get(&sid.key).filter(|s| s.owner == user) else {
             // A cookie for this very sid, minted moments ago from a ticket
             // control signed after creating the session: its route is on
             // its way, so wait for it like for a starting server.
@@ -338,12 +368,17 @@ impl Gateway {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No downstream modules: the gateway never compresses, and Pingora's
+    /// default adds a disabled compression module to every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             class: Class::Unknown,
             started: Instant::now(),
             client_ip: None,
             sid: None,
+            unix_time: 0,
             user_id: None,
             upstream: None,
             upstream_host: None,
@@ -358,12 +393,19 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.is_upgrade = session.is_upgrade_req();
-        if let Some(raw) = session
+        let raw_head = session
             .as_downstream()
             .as_http1()
-            .map(|h1| h1.get_headers_raw_bytes())
-        {
-            if let Err(refusal) = check_raw_head(&raw) {
+            .map(|h1| h1.get_headers_raw_bytes());
+        if let Some(raw) = raw_head {
+            let checked = if raw.len() > MAX_HEADER_BYTES
+                || !parsed_head_is_plain(&session.req_header().headers)
+            {
+                check_raw_head(&raw)
+            } else {
+                Ok(())
+            };
+            if let Err(refusal) = checked {
                 ctx.class = Class::Rejected;
                 metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => refusal.reason).increment(1);
                 session.set_keepalive(None);
@@ -427,38 +469,41 @@ impl ProxyHttp for Gateway {
         peer.options.connection_timeout = Some(self.config.connect_timeout);
         // WebSockets may stay quiet for long; HTTP answers must come in time.
         peer.options.read_timeout = (!ctx.is_upgrade).then_some(self.config.read_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // No idle timeout on pooled upstream connections: Pingora would arm a
+        // timer for every connection it puts back, that is every request.
+        // Jupyter closes idle ones itself, and the pool notices.
         Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        remove_connection_listed(upstream);
-        let proto = if self.config.https { "https" } else { "http" };
-        if let Some(ip) = ctx.client_ip {
-            let forwarded = match session
-                .req_header()
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(earlier) if ctx.class == Class::Platform => format!("{earlier}, {ip}"),
-                _ => ip.to_string(),
-            };
-            upstream.insert_header("x-forwarded-for", forwarded)?;
-        }
-        upstream.insert_header("x-forwarded-proto", proto)?;
-        if ctx.class == Class::Session {
-            upstream.remove_header(&header::AUTHORIZATION);
-            strip_cookies(upstream, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
-            if let Some(token) = &ctx.upstream_token {
-                upstream
-                    .insert_header(header::AUTHORIZATION, format!("token {}", token.as_str()))?;
-            }
+        // Pingora's case-preserving header calls parse every name and keep
+        // a second map; editing the plain `http` parts costs a fraction.
+        // Only a target the URI does not reproduce (absolute-form) is kept
+        // aside and put back.
+        let verbatim_target = (upstream.raw_path()
+            != upstream
+                .uri
+                .path_and_query()
+                .map_or(&b""[..], |p| p.as_str().as_bytes()))
+        .then(|| upstream.raw_path().to_vec());
+        let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+        let mut parts: http::request::Parts = std::mem::replace(upstream, placeholder).into();
+        let forwarding = Forwarding {
+            class: ctx.class,
+            client_ip: ctx.client_ip,
+            https: self.config.https,
+            upstream_token: ctx.upstream_token.as_ref(),
+        };
+        let edited = forwarding.apply(&mut parts.headers);
+        *upstream = RequestHeader::from(parts);
+        edited?;
+        if let Some(target) = verbatim_target {
+            upstream.set_raw_path(&target)?;
         }
         Ok(())
     }
@@ -541,7 +586,7 @@ impl ProxyHttp for Gateway {
             },
         };
         if ctx.class == Class::Session && code >= 500 {
-            let sid = ctx.sid.map(|s| s.sid()).unwrap_or_default();
+            let sid = ctx.sid.as_ref().map_or("", SessionName::as_str);
             tracing::warn!(%sid, error = %e, "session upstream failed");
         }
         let written = respond(session, code, &[], page(title, message, None)).await;
@@ -559,7 +604,13 @@ impl ProxyHttp for Gateway {
         if let (Class::Session, Some(sid), Some(_)) = (ctx.class, ctx.sid, ctx.upstream_host) {
             let bytes_in = session.body_bytes_read() as u64;
             let bytes_out = session.body_bytes_sent() as u64;
-            self.usage.record(sid, unix_now(), bytes_in, bytes_out);
+            // A WebSocket was active until it closed, just now.
+            let active_at = if ctx.is_upgrade {
+                unix_now()
+            } else {
+                ctx.unix_time
+            };
+            self.usage.record(sid.key, active_at, bytes_in, bytes_out);
         }
         if ctx.is_upgrade && status == 101 {
             metrics::gauge!("opencloud_gateway_active_websockets").decrement(1.0);
@@ -585,9 +636,10 @@ fn request_host(req: &RequestHeader) -> Cow<'_, str> {
     }
 }
 
-/// Whether a cookie or ticket's claims name this session.
-fn claims_for(claims: &Claims, sid: SessionKey) -> bool {
-    claims.sid.as_deref().and_then(SessionKey::parse) == Some(sid)
+/// Whether a cookie or ticket's claims name this session. A sid has one
+/// spelling only, so comparing the text is comparing the sessions.
+fn claims_for(claims: &Claims, sid: SessionName) -> bool {
+    claims.sid.as_deref() == Some(sid.as_str())
 }
 
 /// A page navigation (redirect to log in) rather than an API or WebSocket
@@ -608,39 +660,87 @@ fn is_navigation(req: &RequestHeader, upgrade: bool) -> bool {
     }
 }
 
-/// Removes the given cookies from the request, keeping the others.
-fn strip_cookies(req: &mut RequestHeader, names: &[&str]) -> Result<()> {
-    let mut kept = String::new();
-    let pairs = req
-        .headers
+/// What the gateway changes in a request it forwards.
+struct Forwarding<'a> {
+    class: Class,
+    client_ip: Option<IpAddr>,
+    https: bool,
+    upstream_token: Option<&'a UpstreamToken>,
+}
+
+impl Forwarding<'_> {
+    fn apply(&self, headers: &mut HeaderMap) -> Result<()> {
+        remove_connection_listed(headers);
+        headers.reserve(3);
+        if let Some(ip) = self.client_ip {
+            let x_forwarded_for = HeaderName::from_static(X_FORWARDED_FOR);
+            // Control believes the chain only from its gateways; a session
+            // sees the client as this gateway saw it.
+            let earlier = (self.class == Class::Platform)
+                .then(|| headers.get(&x_forwarded_for)?.to_str().ok())
+                .flatten();
+            let forwarded = match earlier {
+                Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {ip}"))
+                    .or_err(ErrorType::InvalidHTTPHeader, "x-forwarded-for")?,
+                None => ip_header_value(ip),
+            };
+            headers.insert(x_forwarded_for, forwarded);
+        }
+        headers.insert(
+            HeaderName::from_static(X_FORWARDED_PROTO),
+            HeaderValue::from_static(if self.https { "https" } else { "http" }),
+        );
+        if self.class == Class::Session {
+            strip_cookies(headers, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
+            match self.upstream_token {
+                // Replaces any Authorization the browser sent.
+                Some(token) => {
+                    headers.insert(header::AUTHORIZATION, token_header(token));
+                }
+                None => {
+                    headers.remove(header::AUTHORIZATION);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `name=value` pairs of every `Cookie` header.
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty());
-    for pair in pairs {
-        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        if names.contains(&name) {
-            continue;
-        }
-        if !kept.is_empty() {
-            kept.push_str("; ");
-        }
-        kept.push_str(pair);
+        .flat_map(|v| credentials::cookie_pairs(v.as_bytes()))
+}
+
+/// Removes the given cookies, keeping the others. Headers without them are
+/// left alone.
+fn strip_cookies(headers: &mut HeaderMap, names: &[&str]) -> Result<()> {
+    let stripped = |pair: &[u8]| {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or_default();
+        names.iter().any(|n| n.as_bytes() == name)
+    };
+    if !cookie_pairs(headers).any(stripped) {
+        return Ok(());
     }
-    req.remove_header(&header::COOKIE);
-    if !kept.is_empty() {
-        req.insert_header(header::COOKIE, kept)?;
+    let kept = cookie_pairs(headers)
+        .filter(|pair| !stripped(pair))
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if kept.is_empty() {
+        headers.remove(header::COOKIE);
+        return Ok(());
     }
+    let value = HeaderValue::from_bytes(&kept).or_err(ErrorType::InvalidHTTPHeader, "cookie")?;
+    headers.insert(header::COOKIE, value);
     Ok(())
 }
 
 /// Headers named in `Connection` are hop-by-hop: they go no further.
 /// `Upgrade` stays, since WebSocket handshakes need it.
-fn remove_connection_listed(req: &mut RequestHeader) {
-    let listed: Vec<String> = req
-        .headers
+fn remove_connection_listed(headers: &mut HeaderMap) {
+    let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -649,8 +749,43 @@ fn remove_connection_listed(req: &mut RequestHeader) {
         .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
         .collect();
     for name in listed {
-        req.remove_header(name.as_str());
+        headers.remove(name.as_str());
     }
+}
+
+/// `Authorization: token <upstream token>`, built without formatting.
+fn token_header(token: &UpstreamToken) -> HeaderValue {
+    let token = token.as_bytes();
+    let mut value = BytesMut::with_capacity(6 + token.len());
+    value.extend_from_slice(b"token ");
+    value.extend_from_slice(token);
+    HeaderValue::from_maybe_shared(value.freeze()).expect("an upstream token is URL-safe text")
+}
+
+/// `ip` as a header value; IPv4, the usual case, without `fmt`.
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).expect("an address is a valid value");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots")
 }
 
 fn sets_domain(set_cookie: &[u8]) -> bool {
@@ -720,22 +855,111 @@ mod tests {
 
     #[test]
     fn platform_and_session_cookies_are_stripped_and_others_kept() {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("cookie", "oc_s=x; _xsrf=abc; oc_session=y; theme=dark")
-            .unwrap();
-        strip_cookies(&mut req, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
-        assert_eq!(req.headers["cookie"], "_xsrf=abc; theme=dark");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "cookie",
+            "oc_s=x; _xsrf=abc; oc_session=y; theme=dark"
+                .parse()
+                .unwrap(),
+        );
+        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        assert_eq!(headers["cookie"], "_xsrf=abc; theme=dark");
+    }
+
+    #[test]
+    fn a_request_without_those_cookies_keeps_its_cookie_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", "_xsrf=abc; oc_sx=1".parse().unwrap());
+        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        assert_eq!(headers["cookie"], "_xsrf=abc; oc_sx=1");
+        headers.insert("cookie", "oc_s=x".parse().unwrap());
+        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        assert!(headers.get("cookie").is_none());
+    }
+
+    #[test]
+    fn addresses_become_header_values_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "100.9.99.199",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header_value(ip), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn claims_name_a_session_by_its_one_spelling() {
+        let sid = opencloud_protocol::routes::new_sid();
+        let name = SessionName::parse(&sid).unwrap();
+        assert_eq!(name.as_str(), sid);
+        let mut claims = Claims::platform(1, "ls", 100);
+        assert!(!claims_for(&claims, name));
+        claims.sid = Some(sid.clone());
+        assert!(claims_for(&claims, name));
+        claims.sid = Some(opencloud_protocol::routes::new_sid());
+        assert!(!claims_for(&claims, name));
     }
 
     #[test]
     fn connection_listed_headers_are_removed_but_upgrade_stays() {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("connection", "Upgrade, X-Secret")
-            .unwrap();
-        req.insert_header("x-secret", "1").unwrap();
-        req.insert_header("upgrade", "websocket").unwrap();
-        remove_connection_listed(&mut req);
-        assert!(req.headers.get("x-secret").is_none());
-        assert!(req.headers.get("upgrade").is_some());
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "Upgrade, X-Secret".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert("upgrade", "websocket".parse().unwrap());
+        remove_connection_listed(&mut headers);
+        assert!(headers.get("x-secret").is_none());
+        assert!(headers.get("upgrade").is_some());
+    }
+
+    fn browser_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer platform-token".parse().unwrap());
+        headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        headers.insert("cookie", "oc_s=c; _xsrf=x".parse().unwrap());
+        headers.insert("accept", "*/*".parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn a_session_request_carries_the_upstream_token_and_no_platform_credentials() {
+        let token = UpstreamToken::new("upstream-secret");
+        let mut headers = browser_headers();
+        Forwarding {
+            class: Class::Session,
+            client_ip: Some("10.0.0.7".parse().unwrap()),
+            https: true,
+            upstream_token: Some(&token),
+        }
+        .apply(&mut headers)
+        .unwrap();
+        assert_eq!(headers["authorization"], "token upstream-secret");
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["cookie"], "_xsrf=x");
+        assert_eq!(headers["accept"], "*/*");
+        assert_eq!(headers.len(), 5);
+    }
+
+    #[test]
+    fn a_platform_request_extends_the_forwarded_chain_and_keeps_its_credentials() {
+        let mut headers = browser_headers();
+        Forwarding {
+            class: Class::Platform,
+            client_ip: Some("10.0.0.7".parse().unwrap()),
+            https: false,
+            upstream_token: None,
+        }
+        .apply(&mut headers)
+        .unwrap();
+        assert_eq!(headers["authorization"], "Bearer platform-token");
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 10.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["cookie"], "oc_s=c; _xsrf=x");
     }
 }

@@ -76,12 +76,14 @@ impl UpstreamToken {
     }
 
     pub fn as_str(&self) -> &str {
+        // Built from a `&str`, so always valid UTF-8.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
         match self {
-            // Built from a `&str`, so always valid UTF-8.
-            UpstreamToken::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
-            }
-            UpstreamToken::Boxed(token) => token,
+            UpstreamToken::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            UpstreamToken::Boxed(token) => token.as_bytes(),
         }
     }
 }

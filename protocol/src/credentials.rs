@@ -4,16 +4,33 @@
 use http::header::{AUTHORIZATION, COOKIE};
 use http::HeaderMap;
 
-/// The value of cookie `name`, from any `Cookie` header.
+/// The value of cookie `name`, from any `Cookie` header. The gateway looks
+/// up a cookie on every request, so this works on bytes.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+    headers.get_all(COOKIE).iter().find_map(|header| {
+        cookie_pairs(header.as_bytes()).find_map(|pair| {
+            let value = pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+            std::str::from_utf8(value).ok()
+        })
+    })
+}
+
+/// The `name=value` pairs of one `Cookie` header, trimmed, empty ones
+/// skipped.
+pub fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(header);
+    std::iter::from_fn(move || loop {
+        let current = rest?;
+        let (pair, next) = match memchr::memchr(b';', current) {
+            Some(at) => (&current[..at], Some(&current[at + 1..])),
+            None => (current, None),
+        };
+        rest = next;
+        let pair = pair.trim_ascii();
+        if !pair.is_empty() {
+            return Some(pair);
+        }
+    })
 }
 
 /// The token of `Authorization: Bearer <token>`.
@@ -33,7 +50,10 @@ mod tests {
     #[test]
     fn cookies_and_bearer_tokens_are_found() {
         let mut headers = HeaderMap::new();
-        headers.append(COOKIE, "a=1; oc_s=tok".parse().unwrap());
+        headers.append(
+            COOKIE,
+            "xoc_s=no; oc_s_x=no; a=1;  oc_s=tok ".parse().unwrap(),
+        );
         headers.append(COOKIE, "b=2".parse().unwrap());
         headers.insert(AUTHORIZATION, "Bearer  v1.x ".parse().unwrap());
         assert_eq!(cookie(&headers, "oc_s"), Some("tok"));
@@ -42,5 +62,13 @@ mod tests {
         assert_eq!(bearer(&headers), Some("v1.x"));
         headers.insert(AUTHORIZATION, "token abc".parse().unwrap());
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn cookie_pairs_are_trimmed_and_empty_ones_skipped() {
+        let pairs: Vec<&[u8]> = cookie_pairs(b" a=1;;b=2 ; ; c").collect();
+        assert_eq!(pairs, [&b"a=1"[..], b"b=2", b"c"]);
+        assert_eq!(cookie_pairs(b"").count(), 0);
+        assert_eq!(cookie_pairs(b" ; ").count(), 0);
     }
 }

@@ -154,30 +154,41 @@ pub fn sid_from_bytes(bytes: [u8; 16]) -> String {
     out
 }
 
+/// Each byte's value in the sid alphabet, or `INVALID`: decoding is on the
+/// gateway's request path, so validation and decoding are one table walk.
+const SID_VALUES: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 26 {
+        table[b'a' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut d = 0;
+    while d < 6 {
+        table[b'2' as usize + d] = 26 + d as u8;
+        d += 1;
+    }
+    table
+};
+const INVALID: u8 = 0x80;
+
 /// The 16 bytes a sid encodes, for sids made by [`sid_from_bytes`]; `None`
 /// for anything else (wrong length, alphabet, or stray padding bits), so
 /// each sid has exactly one byte form.
 pub fn sid_to_bytes(sid: &str) -> Option<[u8; 16]> {
-    if !is_valid_sid(sid) {
-        return None;
-    }
-    let value = |b: u8| -> u128 {
-        if b.is_ascii_lowercase() {
-            u128::from(b - b'a')
-        } else {
-            u128::from(b - b'2' + 26)
-        }
-    };
-    let bytes = sid.as_bytes();
+    let bytes: &[u8; SID_LEN] = sid.as_bytes().try_into().ok()?;
     let mut acc: u128 = 0;
+    let mut seen = 0u8;
     for &b in &bytes[..SID_LEN - 1] {
-        acc = (acc << 5) | value(b);
+        let value = SID_VALUES[usize::from(b)];
+        seen |= value;
+        acc = (acc << 5) | u128::from(value);
     }
-    let last = value(bytes[SID_LEN - 1]);
-    if last & 0b11 != 0 {
+    let last = SID_VALUES[usize::from(bytes[SID_LEN - 1])];
+    if (seen | last) & INVALID != 0 || last & 0b11 != 0 {
         return None;
     }
-    Some(((acc << 3) | (last >> 2)).to_be_bytes())
+    Some(((acc << 3) | u128::from(last >> 2)).to_be_bytes())
 }
 
 /// A new random sid.
@@ -212,6 +223,14 @@ mod tests {
         }
         assert_eq!(sid_to_bytes(&"7".repeat(26)), None, "padding bits set");
         assert_eq!(sid_to_bytes("short"), None);
+        let valid = sid_from_bytes([7; 16]);
+        for (at, stray) in [(0, 'A'), (5, '1'), (12, '8'), (25, '='), (3, 'é')] {
+            let mut sid: Vec<char> = valid.chars().collect();
+            sid[at] = stray;
+            let sid: String = sid.into_iter().collect();
+            assert_eq!(sid_to_bytes(&sid), None, "{sid}");
+            assert!(!is_valid_sid(&sid));
+        }
     }
 
     #[test]
