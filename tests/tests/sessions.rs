@@ -447,7 +447,7 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_session_is_stopped_and_its_owner_told_why() {
+async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_lives_on() {
     let stack = GatewayStack::start_with_env(vec![(
         "OPENCLOUD_CONTROL__SESSIONS__IDLE_TIMEOUT_SECONDS".into(),
         "10".into(),
@@ -461,14 +461,34 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why() {
     let alice = stack.new_user().await;
     let project = create_project(&stack, &alice, "Forgotten").await;
     let (sid, _) = open(&stack, &alice, project).await;
+    let used_project = create_project(&stack, &alice, "In use").await;
+    let (used_sid, used_url) = open(&stack, &alice, used_project).await;
     wait_running(&stack, &sid).await;
-    // Nobody uses it: no traffic through the gateway, no kernel.
+    wait_running(&stack, &used_sid).await;
+    // The other one is used through the gateway every second, with no
+    // kernel running: the gateway's usage reports alone must keep it.
+    let used = Entered::new(&stack, &used_sid, &used_url).await;
+    let traffic = tokio::spawn(async move {
+        loop {
+            assert_eq!(used.get("/api/status").await.status(), StatusCode::OK);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    // Nobody uses the first: no traffic through the gateway, no kernel.
     let took = wait_state(&stack, &sid, "stopped", Duration::from_secs(90)).await;
     println!("idle timeout 10 s: stopped {took:?} after it became ready");
     assert!(
         took >= Duration::from_secs(8),
         "stopped before it was idle: {took:?}"
     );
+    // Two more timeouts' worth of traffic, and the used one still runs.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        !traffic.is_finished(),
+        "requests to the used session failed"
+    );
+    traffic.abort();
+    assert_eq!(session_row(&stack, &used_sid).await.1, "running");
     let mut conn = stack.db.conn().await;
     let reason: Option<String> = mysql_async::prelude::Queryable::exec_first(
         &mut conn,
@@ -479,7 +499,13 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why() {
     .unwrap();
     assert_eq!(reason.as_deref(), Some("idle"));
     let (_, projects) = stack.get(&alice, "/api/v1/projects").await;
-    let why = projects["projects"][0]["session"]["ended_because"]
+    let forgotten = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == project)
+        .unwrap();
+    let why = forgotten["session"]["ended_because"]
         .as_str()
         .unwrap()
         .to_owned();
