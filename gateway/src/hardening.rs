@@ -6,6 +6,7 @@
 
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::HeaderMap;
+use opencloud_protocol::credentials::split_at_byte;
 
 /// The largest header section we accept.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -86,16 +87,9 @@ pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
 
 /// The header lines after the request line, without their line ends.
 fn header_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = memchr::memchr(b'\n', raw).map(|end| &raw[end + 1..]);
-    std::iter::from_fn(move || {
-        let current = rest.filter(|r| !r.is_empty())?;
-        let (line, next) = match memchr::memchr(b'\n', current) {
-            Some(end) => (&current[..end], Some(&current[end + 1..])),
-            None => (current, None),
-        };
-        rest = next;
-        Some(line.strip_suffix(b"\r").unwrap_or(line))
-    })
+    split_at_byte(raw, b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {

@@ -18,18 +18,23 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The `name=value` pairs of one `Cookie` header, trimmed, empty ones
 /// skipped.
 pub fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = Some(header);
-    std::iter::from_fn(move || loop {
+    split_at_byte(header, b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+}
+
+/// The pieces of `bytes` between occurrences of `separator`, found with
+/// memchr (the request path splits cookies and header lines).
+pub fn split_at_byte(bytes: &[u8], separator: u8) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(bytes);
+    std::iter::from_fn(move || {
         let current = rest?;
-        let (pair, next) = match memchr::memchr(b';', current) {
+        let (piece, next) = match memchr::memchr(separator, current) {
             Some(at) => (&current[..at], Some(&current[at + 1..])),
             None => (current, None),
         };
         rest = next;
-        let pair = pair.trim_ascii();
-        if !pair.is_empty() {
-            return Some(pair);
-        }
+        Some(piece)
     })
 }
 
@@ -70,5 +75,7 @@ mod tests {
         assert_eq!(pairs, [&b"a=1"[..], b"b=2", b"c"]);
         assert_eq!(cookie_pairs(b"").count(), 0);
         assert_eq!(cookie_pairs(b" ; ").count(), 0);
+        let pieces: Vec<&[u8]> = split_at_byte(b"a\nb\n", b'\n').collect();
+        assert_eq!(pieces, [&b"a"[..], b"b", b""]);
     }
 }
