@@ -317,21 +317,54 @@ pub async fn get(pool: &Pool, owner: Option<u64>, id: u64) -> Result<HostView, A
     row.map(view_from_row).ok_or(AppError::NotFound("host"))
 }
 
-/// The hosts `owner` has (all hosts for `None`), newest first.
-pub async fn list(pool: &Pool, owner: Option<u64>) -> Result<Vec<HostView>, AppError> {
-    let rows: Vec<mysql_async::Row> = pool
-        .get_conn()
-        .await?
+/// Hosts on one page of a list.
+pub const HOSTS_PER_PAGE: usize = 200;
+
+/// One page of a host list, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPage {
+    pub hosts: Vec<HostView>,
+    /// Hosts on all pages together.
+    pub total: u64,
+    /// `before` for the next page; `None` on the last one.
+    pub next_before: Option<u64>,
+}
+
+/// The hosts `owner` has (all hosts for `None`), newest first, one page:
+/// those with an id below `before`, if given.
+pub async fn list(
+    pool: &Pool,
+    owner: Option<u64>,
+    before: Option<u64>,
+) -> Result<HostPage, AppError> {
+    let mut conn = pool.get_conn().await?;
+    let rows: Vec<mysql_async::Row> = conn
         .exec(
             format!(
                 "SELECT {VIEW_COLUMNS} FROM hosts h JOIN users u ON u.id = h.owner_id
                  WHERE h.key_digest IS NOT NULL AND (? IS NULL OR h.owner_id = ?)
-                 ORDER BY h.id DESC LIMIT 1000"
+                   AND (? IS NULL OR h.id < ?)
+                 ORDER BY h.id DESC LIMIT {}",
+                HOSTS_PER_PAGE + 1
             ),
+            (owner, owner, before, before),
+        )
+        .await?;
+    let total: Option<u64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM hosts WHERE key_digest IS NOT NULL AND (? IS NULL OR owner_id = ?)",
             (owner, owner),
         )
         .await?;
-    Ok(rows.into_iter().map(view_from_row).collect())
+    let mut hosts: Vec<HostView> = rows.into_iter().map(view_from_row).collect();
+    let more = hosts.len() > HOSTS_PER_PAGE;
+    hosts.truncate(HOSTS_PER_PAGE);
+    let next_before = more.then(|| hosts.last().map(|h| h.id)).flatten();
+    Ok(HostPage {
+        hosts,
+        total: total.unwrap_or_default(),
+        next_before,
+    })
 }
 
 /// A new HostKey for the host; the old one stops working at once. Also

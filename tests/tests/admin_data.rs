@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
+use opencloud_control::hosts;
 use opencloud_control::sessions::{self, SessionUsage};
 use opencloud_e2e::browser::{login_in_browser, Browser};
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
@@ -485,6 +486,84 @@ async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
         status,
         StatusCode::FORBIDDEN,
         "host owners see only My hosts"
+    );
+}
+
+#[tokio::test]
+async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
+    let stack = TestStack::start().await.unwrap();
+    let admin = stack.admin().await;
+    let ann = stack.new_user().await;
+    let (status, body) = admin
+        .patch(
+            &format!("/api/v1/admin/users/{}", ann.id),
+            json!({"role": "host_owner"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pool = mysql_async::Pool::new(stack.db.url.as_str());
+    let count = hosts::HOSTS_PER_PAGE + 5;
+    for i in 0..count {
+        hosts::create(&pool, ann.id, &format!("rig-{i:03}"))
+            .await
+            .unwrap();
+    }
+
+    // The API, for the admin and for the owner: two pages, newest first,
+    // every host exactly once.
+    let mut second_page = String::new();
+    for (user, path) in [(&admin, "/api/v1/admin/hosts"), (&ann, "/api/v1/hosts")] {
+        let (status, first) = user.get(path).await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        assert_eq!(first["total"], count as u64);
+        let before = first["next_before"].as_u64().expect("a next page");
+        let (status, second) = user.get(&format!("{path}?before={before}")).await;
+        assert_eq!(status, StatusCode::OK, "{second}");
+        assert!(second["next_before"].is_null(), "two pages: {second}");
+        let ids: Vec<u64> = [&first, &second]
+            .iter()
+            .flat_map(|page| page["hosts"].as_array().unwrap().iter())
+            .map(|h| h["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            first["hosts"].as_array().unwrap().len(),
+            hosts::HOSTS_PER_PAGE
+        );
+        assert_eq!(ids.len(), count);
+        assert!(
+            ids.windows(2).all(|w| w[0] > w[1]),
+            "newest first, no repeats"
+        );
+        second_page = format!("?before={before}");
+    }
+
+    // The pages link the older hosts and back.
+    for (user, base) in [(&admin, "/admin/hosts"), (&ann, "/hosts")] {
+        let (status, html) = page(user, base).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        assert_eq!(html.matches("data-host-id=").count(), hosts::HOSTS_PER_PAGE);
+        let next = link(&html, "next-page").expect("a link to older hosts");
+        assert_eq!(next, format!("{base}{second_page}"));
+        let (status, html) = page(user, &next).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        assert_eq!(html.matches("data-host-id=").count(), 5);
+        assert!(html.contains(&format!("5 of {count} hosts")), "{html}");
+        assert_eq!(link(&html, "first-page").as_deref(), Some(base));
+        assert!(link(&html, "next-page").is_none());
+    }
+
+    // A page that is not a number gets a clear answer.
+    let (status, html) = page(&admin, "/admin/hosts?before=soon").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(html.contains("before"), "{html}");
+    let (status, body) = admin.get("/api/v1/admin/hosts?before=-1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("before"),
+        "{body}"
     );
 }
 

@@ -13,7 +13,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::{Ctx, FormError, Layout, PageForm};
+use super::{BeforeQuery, Ctx, FormError, Layout, PageForm, PageQuery};
 use crate::error::{AppError, PageError};
 use crate::hosts::{self, HostView};
 use crate::session_data::{self, Filter, Row};
@@ -77,16 +77,29 @@ impl From<HostView> for HostLine {
 struct HostsPage {
     layout: Layout,
     hosts: Vec<HostLine>,
+    total: u64,
+    /// Not on the first page: a link back to it.
+    first_link: Option<String>,
+    next_link: Option<String>,
 }
 
-async fn hosts_page(State(app): State<App>, ctx: Ctx) -> PageResult {
+async fn hosts_page(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageQuery(query): PageQuery<BeforeQuery>,
+) -> PageResult {
     ctx.require_admin()?;
-    let hosts = hosts::list(&app.pool, None).await?;
+    let page = hosts::list(&app.pool, None, query.before).await?;
     render(
         StatusCode::OK,
         HostsPage {
             layout: ctx.layout(),
-            hosts: hosts.into_iter().map(HostLine::from).collect(),
+            hosts: page.hosts.into_iter().map(HostLine::from).collect(),
+            total: page.total,
+            first_link: query.before.map(|_| "/admin/hosts".to_owned()),
+            next_link: page
+                .next_before
+                .map(|before| format!("/admin/hosts?before={before}")),
         },
     )
 }

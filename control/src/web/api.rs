@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiJson, ApiQuery, Ctx};
+use super::{ApiJson, ApiQuery, BeforeQuery, Ctx};
 use crate::accounts::{self, LoginAttempt, NewUser, Role};
 use crate::error::{ApiError, AppError};
 use crate::packages::{self, PackageInput};
@@ -289,10 +289,14 @@ async fn admin_stop_session(
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }
 
-async fn list_hosts(State(app): State<App>, ctx: Ctx) -> ApiResult {
+async fn list_hosts(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiQuery(page): ApiQuery<BeforeQuery>,
+) -> ApiResult {
     let user = ctx.require_host_owner()?;
-    let list = hosts::list(&app.pool, Some(user.id)).await?;
-    Ok(Json(json!({ "hosts": list })).into_response())
+    let page = hosts::list(&app.pool, Some(user.id), page.before).await?;
+    Ok(Json(page).into_response())
 }
 
 #[derive(Deserialize)]
@@ -358,10 +362,14 @@ async fn drain_host(
     Ok(Json(json!({ "host": host })).into_response())
 }
 
-async fn admin_hosts(State(app): State<App>, ctx: Ctx) -> ApiResult {
+async fn admin_hosts(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiQuery(page): ApiQuery<BeforeQuery>,
+) -> ApiResult {
     ctx.require_admin()?;
-    let list = hosts::list(&app.pool, None).await?;
-    Ok(Json(json!({ "hosts": list })).into_response())
+    let page = hosts::list(&app.pool, None, page.before).await?;
+    Ok(Json(page).into_response())
 }
 
 async fn admin_sessions(

@@ -539,6 +539,29 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// Which page of a newest-first list: the items older than `before`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeforeQuery {
+    pub before: Option<u64>,
+}
+
+/// `Query<T>` whose rejections are error pages.
+pub struct PageQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for PageQuery<T> {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| PageQuery(q.0))
+            .map_err(|r: QueryRejection| {
+                PageError(rejection_error(StatusCode::BAD_REQUEST, r.body_text()))
+            })
+    }
+}
+
 /// `Form<T>` whose rejections are error pages.
 pub struct PageForm<T>(pub T);
 

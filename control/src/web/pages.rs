@@ -10,7 +10,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use super::api::{parse_id, UserSearch};
-use super::{safe_next, Ctx, FormError, Layout, PageForm};
+use super::{safe_next, BeforeQuery, Ctx, FormError, Layout, PageForm, PageQuery};
 use crate::accounts::{self, LoginAttempt, NewUser, Role, User};
 use crate::error::{AppError, PageError};
 use crate::hosts::{self, HostView};
@@ -372,6 +372,9 @@ async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>)
 struct HostsPage {
     layout: Layout,
     hosts: Vec<HostView>,
+    total: u64,
+    first_link: Option<String>,
+    next_link: Option<String>,
     error: FormError,
     name: String,
     /// A key just made: shown this once.
@@ -387,8 +390,25 @@ async fn hosts_view(
     name: String,
     new_key: Option<(String, String)>,
 ) -> Result<HostsPage, AppError> {
+    hosts_view_page(app, ctx, owner, error, name, new_key, None).await
+}
+
+/// My hosts showing the page of hosts older than `before`.
+async fn hosts_view_page(
+    app: &App,
+    ctx: &Ctx,
+    owner: u64,
+    error: FormError,
+    name: String,
+    new_key: Option<(String, String)>,
+    before: Option<u64>,
+) -> Result<HostsPage, AppError> {
+    let page = hosts::list(&app.pool, Some(owner), before).await?;
     Ok(HostsPage {
-        hosts: hosts::list(&app.pool, Some(owner)).await?,
+        hosts: page.hosts,
+        total: page.total,
+        first_link: before.map(|_| "/hosts".to_owned()),
+        next_link: page.next_before.map(|b| format!("/hosts?before={b}")),
         layout: ctx.layout(),
         error,
         name,
@@ -397,9 +417,23 @@ async fn hosts_view(
     })
 }
 
-async fn hosts_page(State(app): State<App>, ctx: Ctx) -> PageResult {
+async fn hosts_page(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageQuery(query): PageQuery<BeforeQuery>,
+) -> PageResult {
     let user = ctx.require_host_owner()?;
-    ok(hosts_view(&app, &ctx, user.id, FormError::none(), String::new(), None).await?)
+    let view = hosts_view_page(
+        &app,
+        &ctx,
+        user.id,
+        FormError::none(),
+        String::new(),
+        None,
+        query.before,
+    )
+    .await?;
+    ok(view)
 }
 
 #[derive(Deserialize)]
