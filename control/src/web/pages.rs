@@ -382,19 +382,8 @@ struct HostsPage {
     control_url: String,
 }
 
-async fn hosts_view(
-    app: &App,
-    ctx: &Ctx,
-    owner: u64,
-    error: FormError,
-    name: String,
-    new_key: Option<(String, String)>,
-) -> Result<HostsPage, AppError> {
-    hosts_view_page(app, ctx, owner, error, name, new_key, None).await
-}
-
 /// My hosts showing the page of hosts older than `before`.
-async fn hosts_view_page(
+async fn hosts_view(
     app: &App,
     ctx: &Ctx,
     owner: u64,
@@ -423,7 +412,7 @@ async fn hosts_page(
     PageQuery(query): PageQuery<BeforeQuery>,
 ) -> PageResult {
     let user = ctx.require_host_owner()?;
-    let view = hosts_view_page(
+    let view = hosts_view(
         &app,
         &ctx,
         user.id,
@@ -457,12 +446,22 @@ async fn create_host(
                 FormError::none(),
                 String::new(),
                 Some((host.name, key)),
+                None,
             )
             .await?,
         ),
         Err(e @ AppError::Invalid { .. }) => render(
             e.status(),
-            hosts_view(&app, &ctx, user.id, FormError::from(&e), form.name, None).await?,
+            hosts_view(
+                &app,
+                &ctx,
+                user.id,
+                FormError::from(&e),
+                form.name,
+                None,
+                None,
+            )
+            .await?,
         ),
         Err(e) => Err(e.into()),
     }
@@ -480,6 +479,7 @@ async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String
         FormError::none(),
         String::new(),
         Some((name, key)),
+        None,
     )
     .await?)
 }
