@@ -11,24 +11,9 @@ use anyhow::Context;
 
 use crate::{binary, free_port, jupyter::venv, unique};
 
-/// Where port ranges are looked for: below Linux's ephemeral ports
-/// (32768 and up), which busy test runs fill with outgoing connections, so
-/// runs of consecutive free ones are rare there.
-const RANGE_PORTS: std::ops::Range<u16> = 20_000..32_000;
-
 /// `n` consecutive ports that were free a moment ago.
 pub fn free_port_range(n: u16) -> (u16, u16) {
-    for _ in 0..500 {
-        let first = rand::Rng::gen_range(
-            &mut rand::thread_rng(),
-            RANGE_PORTS.start..RANGE_PORTS.end - n,
-        );
-        let last = first + n - 1;
-        if (first..=last).all(port_free) {
-            return (first, last);
-        }
-    }
-    panic!("no {n} consecutive free ports in {RANGE_PORTS:?}");
+    crate::free_ports_in_a_row(n)
 }
 
 pub fn port_free(port: u16) -> bool {

@@ -49,12 +49,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Where test servers listen: below Linux's ephemeral ports (32768 and
+/// up). A port the kernel just handed out as ephemeral is soon handed out
+/// again to some outgoing connection, and a server started there a moment
+/// later finds it taken (a CI run lost control's start-up that way).
+pub const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    free_ports_in_a_row(1).0
+}
+
+/// `n` consecutive ports that were free a moment ago: (first, last).
+pub fn free_ports_in_a_row(n: u16) -> (u16, u16) {
+    for _ in 0..500 {
+        let first = rand::Rng::gen_range(
+            &mut rand::thread_rng(),
+            TEST_PORTS.start..TEST_PORTS.end - n,
+        );
+        let last = first + n - 1;
+        if (first..=last).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return (first, last);
+        }
+    }
+    panic!("no {n} consecutive free ports in {TEST_PORTS:?}");
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
