@@ -83,6 +83,8 @@ build_release() {
   if [ "${SKIP_BUILD:-0}" = 1 ]; then
     progress "SKIP_BUILD=1: using the binaries in target/release"
   else
+    # What Pingora's build needs, as scripts/up installs it on a fresh machine.
+    ensure_packages build-essential cmake pkg-config
     progress "cargo build --release --bins (waits for other cargo runs)"
     (cd "$ROOT" && cargo build --release --bins) >&2 || die "release build failed"
   fi
