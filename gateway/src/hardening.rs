@@ -22,22 +22,26 @@ const fn refuse(status: u16, reason: &'static str) -> Refusal {
     Refusal { status, reason }
 }
 
-/// Whether the parsed headers leave nothing for [`check_raw_head`] to find.
+/// How the parsed headers frame the request body, when they leave nothing
+/// for [`check_raw_head`] to find: `Some(whether a body follows)`.
 /// Pingora drops Content-Length when Transfer-Encoding is present, so any
 /// Transfer-Encoding, or a Content-Length that is not one plain number,
-/// sends the request through the raw check; the usual request has neither.
-/// (Whitespace in a header name never gets this far: the parser refuses it.)
-pub fn parsed_head_is_plain(headers: &HeaderMap) -> bool {
+/// gives `None` and sends the request through the raw check; the usual
+/// request has neither. (Whitespace in a header name never gets this far:
+/// the parser refuses it.)
+pub fn plain_body_framing(headers: &HeaderMap) -> Option<bool> {
     if headers.contains_key(TRANSFER_ENCODING) {
-        return false;
+        return None;
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
     match (lengths.next(), lengths.next()) {
-        (None, _) => true,
-        (Some(length), None) => {
-            !length.is_empty() && length.as_bytes().iter().all(u8::is_ascii_digit)
+        (None, _) => Some(false),
+        (Some(length), None)
+            if !length.is_empty() && length.as_bytes().iter().all(u8::is_ascii_digit) =>
+        {
+            Some(length.as_bytes().iter().any(|digit| *digit != b'0'))
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -166,14 +170,18 @@ mod tests {
             for (name, value) in pairs {
                 headers.append(*name, value.parse().unwrap());
             }
-            parsed_head_is_plain(&headers)
+            plain_body_framing(&headers)
         };
-        assert!(parsed(&[("host", "x")]));
-        assert!(parsed(&[("content-length", "5")]));
-        assert!(!parsed(&[("transfer-encoding", "chunked")]));
-        assert!(!parsed(&[("content-length", "5, 6")]));
-        assert!(!parsed(&[("content-length", "5"), ("content-length", "5")]));
-        assert!(!parsed(&[("content-length", "")]));
+        assert_eq!(parsed(&[("host", "x")]), Some(false));
+        assert_eq!(parsed(&[("content-length", "5")]), Some(true));
+        assert_eq!(parsed(&[("content-length", "00")]), Some(false));
+        assert_eq!(parsed(&[("transfer-encoding", "chunked")]), None);
+        assert_eq!(parsed(&[("content-length", "5, 6")]), None);
+        assert_eq!(
+            parsed(&[("content-length", "5"), ("content-length", "5")]),
+            None
+        );
+        assert_eq!(parsed(&[("content-length", "")]), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod deadline;
+pub mod forwarding;
 pub mod hardening;
 pub mod health;
 pub mod pages;
@@ -91,7 +92,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {
         inner: Arc::new(proxy),
-        limit: config.header_timeout,
+        limits: deadline::Limits {
+            head: config.header_timeout,
+            answer: config.read_timeout,
+        },
     };
     let mut proxy_service = Service::new("gateway".to_owned(), app);
     let public = config.listen_public.to_string();

@@ -13,8 +13,11 @@ use opencloud_protocol::Keyring;
 /// Entries kept at most; the map is cleared when it is full.
 const CAPACITY: usize = 16_384;
 
+/// Claims by the token bytes they were verified from.
+type ClaimsByToken = FastMap<Box<[u8]>, Arc<Claims>>;
+
 #[derive(Clone, Default)]
-pub struct VerifiedTokens(Arc<Mutex<FastMap<String, Arc<Claims>>>>);
+pub struct VerifiedTokens(Arc<Mutex<ClaimsByToken>>);
 
 impl VerifiedTokens {
     /// Like [`token::verify`], answered from memory when `token` was
@@ -22,7 +25,7 @@ impl VerifiedTokens {
     pub fn verify(
         &self,
         keys: &Keyring,
-        token: &str,
+        token: &[u8],
         kind: TokenKind,
         now: u64,
     ) -> Result<Arc<Claims>, TokenError> {
@@ -35,16 +38,17 @@ impl VerifiedTokens {
             }
             return Ok(claims);
         }
-        let claims = Arc::new(token::verify(keys, token, kind, now)?);
+        let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed)?;
+        let claims = Arc::new(token::verify(keys, text, kind, now)?);
         let mut cache = self.lock();
         if cache.len() >= CAPACITY {
             cache.clear();
         }
-        cache.insert(token.to_owned(), claims.clone());
+        cache.insert(token.into(), claims.clone());
         Ok(claims)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<String, Arc<Claims>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClaimsByToken> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -63,18 +67,18 @@ mod tests {
         let cache = VerifiedTokens::default();
         let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
         assert!(cache
-            .verify(&keys, &token, TokenKind::Platform, 101)
+            .verify(&keys, token.as_bytes(), TokenKind::Platform, 101)
             .is_ok());
         assert_eq!(
             cache
-                .verify(&keys, &token, TokenKind::SessionCookie, 101)
+                .verify(&keys, token.as_bytes(), TokenKind::SessionCookie, 101)
                 .unwrap_err(),
             TokenError::WrongKind
         );
         let expiry = 100 + token::PLATFORM_TOKEN_SECONDS;
         assert_eq!(
             cache
-                .verify(&keys, &token, TokenKind::Platform, expiry)
+                .verify(&keys, token.as_bytes(), TokenKind::Platform, expiry)
                 .unwrap_err(),
             TokenError::Expired
         );
@@ -87,7 +91,7 @@ mod tests {
         let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
         let forged = format!("{}x", token);
         assert!(cache
-            .verify(&keys, &forged, TokenKind::Platform, 101)
+            .verify(&keys, forged.as_bytes(), TokenKind::Platform, 101)
             .is_err());
         assert!(cache.lock().is_empty());
     }

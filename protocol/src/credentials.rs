@@ -7,11 +7,15 @@ use http::HeaderMap;
 /// The value of cookie `name`, from any `Cookie` header. The gateway looks
 /// up a cookie on every request, so this works on bytes.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    std::str::from_utf8(cookie_bytes(headers, name)?).ok()
+}
+
+/// Like [`cookie`], without checking that the value is text (a cache
+/// keyed by the bytes need not look at them twice).
+pub fn cookie_bytes<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers.get_all(COOKIE).iter().find_map(|header| {
-        cookie_pairs(header.as_bytes()).find_map(|pair| {
-            let value = pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
-            std::str::from_utf8(value).ok()
-        })
+        cookie_pairs(header.as_bytes())
+            .find_map(|pair| pair.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
     })
 }
 

@@ -448,12 +448,9 @@ async fn a_slow_header_is_cut_off_after_the_header_deadline() {
     assert_cut_off_at_the_deadline(took);
 }
 
-/// PRODUCT DEFECT (fails against the gateway as of this commit): the
-/// deadline is armed only once per connection. `HeaderDeadline::process_new`
-/// (gateway/src/deadline.rs) expects kept-alive connections to come back
-/// through it, but Pingora 0.9.1 loops over the requests of an HTTP/1
-/// connection inside its own `process_new` (pingora-core apps/mod.rs), so
-/// after one complete request a client can trickle the next head forever.
+/// Pingora 0.9.1 loops over the requests of an HTTP/1 connection inside
+/// its own `process_new`, so the deadline stream itself must notice where
+/// the next head begins.
 #[tokio::test]
 async fn a_slow_header_on_a_kept_alive_connection_is_cut_off_too() {
     let stack = GatewayStack::start().await.unwrap();
@@ -567,6 +564,19 @@ async fn headers_named_in_connection_are_not_forwarded() {
             "Connection: keep-alive\r\nConnection: X-Other ,x-secret-two\r\nX-Other: 2\r\nX-Secret-Two: 3\r\n",
             &["x-other", "x-secret-two"][..],
         ),
+        (
+            3,
+            "Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\nTE: trailers\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+            &[
+                "keep-alive",
+                "proxy-connection",
+                "proxy-authorization",
+                "te",
+                "trailer",
+                "upgrade",
+                "http2-settings",
+            ][..],
+        ),
     ] {
         let path = format!("/api/contents?case={case}");
         let request = format!(
@@ -583,10 +593,29 @@ async fn headers_named_in_connection_are_not_forwarded() {
             .unwrap()
             .to_ascii_lowercase();
         for name in hidden {
-            assert!(!head.contains(&format!("{name}:")), "{name} in {head}");
+            assert!(!head.contains(&format!("\r\n{name}:")), "{name} in {head}");
         }
         assert!(head.contains("x-kept: 4"), "{head}");
     }
+
+    // Nominating where the request came from would hide it: refused.
+    let before = f.forwarded(&captured).len();
+    for nominated in ["Host", "X-Forwarded-For", "x-forwarded-proto"] {
+        let answer = f
+            .get(
+                &f.session_host(),
+                "/api/contents?nominated",
+                &format!("Connection: keep-alive, {nominated}\r\n"),
+            )
+            .await;
+        println!("Connection: {nominated}: {}", answer.status);
+        assert_eq!(answer.status, 400, "{nominated}: {answer:?}");
+        assert!(
+            answer.body.contains("may not name Host or X-Forwarded-*"),
+            "{nominated}: {answer:?}"
+        );
+    }
+    f.only_the_canary_got_through(&captured, before).await;
 
     // On the platform origin control is the upstream: the request still works.
     let answer = f
@@ -654,17 +683,33 @@ async fn a_pipelined_request_cannot_reach_internal_paths() {
     }
 }
 
+/// A GET is timed by the client's connection, a request with a body by
+/// Pingora's timer on the upstream reads: both end in the same 504 page.
 #[tokio::test]
 async fn a_host_that_stops_answering_gets_a_504_page_after_the_read_timeout() {
     let (port, captured) = silent_upstream().await;
     let f = Fixture::new(port).await;
-    let before = f.forwarded(&captured).len();
-    let request = f.session_post("Content-Length: 5\r\n", "hello");
+    let get = format!(
+        "GET /api/contents HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+        f.session_host(),
+        f.user.token
+    );
+    for request in [get, f.session_post("Content-Length: 5\r\n", "hello")] {
+        silent_host_answers_504_once(&f, &captured, &request).await;
+    }
+}
+
+async fn silent_host_answers_504_once(f: &Fixture, captured: &Captured, request: &str) {
+    let method = request.split(' ').next().unwrap_or_default();
+    let before = f.forwarded(captured).len();
     let started = Instant::now();
     let answer = exchange(f.port(), request.as_bytes()).await;
     let took = started.elapsed();
-    println!("silent host answered {} after {took:?}", answer.status);
-    assert_eq!(answer.status, 504, "{answer:?}");
+    println!(
+        "silent host answered a {method} {} after {took:?}",
+        answer.status
+    );
+    assert_eq!(answer.status, 504, "{method}: {answer:?}");
     assert!(
         answer
             .header("content-type")
@@ -676,11 +721,11 @@ async fn a_host_that_stops_answering_gets_a_504_page_after_the_read_timeout() {
         took >= Duration::from_millis(4500) && took < Duration::from_secs(12),
         "read_seconds = 5, answered after {took:?}"
     );
-    let since = f.forwarded(&captured).split_off(before);
+    let since = f.forwarded(captured).split_off(before);
     assert_eq!(
         since.len(),
         1,
-        "the POST reached the host exactly once (not retried): {since:#?}"
+        "the {method} reached the host exactly once (not retried): {since:#?}"
     );
 }
 
