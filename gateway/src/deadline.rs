@@ -389,6 +389,17 @@ mod tests {
         (DeadlineStream::new(Box::new(client), LIMITS), server)
     }
 
+    /// The client sends `head`; the stream reads it.
+    async fn send_head(
+        stream: &mut (impl AsyncRead + Unpin),
+        server: &mut tokio::io::DuplexStream,
+        head: &[u8],
+    ) {
+        server.write_all(head).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+    }
+
     #[tokio::test]
     async fn the_head_ends_at_the_first_blank_line_even_across_reads() {
         let (mut stream, _server) = stream();
@@ -436,12 +447,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_next_head_on_a_kept_alive_connection_is_timed_too() {
         let (mut stream, mut server) = stream();
-        server
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        send_head(
+            &mut stream,
+            &mut server,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
         let mut buf = [0u8; 256];
-        assert!(stream.read(&mut buf).await.unwrap() > 0);
         stream
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
@@ -461,12 +473,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_exchange_that_stands_still_times_out_with_answer_timed_out() {
         let (mut stream, mut server) = stream();
-        server
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        send_head(
+            &mut stream,
+            &mut server,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
         let mut buf = [0u8; 256];
-        assert!(stream.read(&mut buf).await.unwrap() > 0);
         let started = Instant::now();
         let err = stream.read(&mut buf).await.unwrap_err();
         let took = started.elapsed();
@@ -484,12 +497,12 @@ mod tests {
     async fn a_response_that_keeps_moving_is_never_cut() {
         let (stream, mut server) = stream();
         let (mut reader, mut writer) = tokio::io::split(stream);
-        server
-            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 256];
-        assert!(reader.read(&mut buf).await.unwrap() > 0);
+        send_head(
+            &mut reader,
+            &mut server,
+            b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
         // Pingora keeps a read waiting (to notice a client leaving) while
         // it streams the answer, for far longer than either limit.
         let idle_read = tokio::spawn(async move {
@@ -517,12 +530,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn websockets_and_interim_answers_are_not_timed() {
         let (mut stream, mut server) = stream();
-        server
-            .write_all(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
-            .await
-            .unwrap();
+        send_head(
+            &mut stream,
+            &mut server,
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await;
         let mut buf = [0u8; 256];
-        assert!(stream.read(&mut buf).await.unwrap() > 0);
         stream
             .write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
             .await
@@ -533,11 +547,12 @@ mod tests {
         assert_eq!(stream.read(&mut buf).await.unwrap(), 5, "frames still flow");
 
         let (mut stream, mut server) = self::stream();
-        server
-            .write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        send_head(
+            &mut stream,
+            &mut server,
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await;
         stream
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
