@@ -27,7 +27,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -137,6 +137,9 @@ pub struct DeadlineStream {
     last_moved: u32,
     /// Created by the first read that waits, then moved on tick by tick.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The task the timer wakes when it fires. While the same task waits,
+    /// polling the timer again would only register it again.
+    timer_wakes: Option<Waker>,
     /// The last bytes read, to find `\r\n\r\n` across reads.
     tail: [u8; 3],
     /// A final response head was written: the next byte read begins a
@@ -158,6 +161,7 @@ impl DeadlineStream {
             head_began: 0,
             last_moved: 0,
             timer: None,
+            timer_wakes: None,
             tail: [0; 3],
             answered: false,
         }
@@ -180,9 +184,18 @@ impl DeadlineStream {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(tick)));
-        while timer.as_mut().poll(cx).is_ready() {
-            self.ticks += 1;
-            timer.as_mut().reset(Instant::now() + tick);
+        let registered = self
+            .timer_wakes
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !registered || timer.is_elapsed() {
+            while timer.as_mut().poll(cx).is_ready() {
+                self.ticks += 1;
+                timer.as_mut().reset(Instant::now() + tick);
+            }
+            if !registered {
+                self.timer_wakes = Some(cx.waker().clone());
+            }
         }
         // More ticks than the limit holds: more than the limit has passed.
         match self.phase {

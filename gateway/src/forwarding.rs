@@ -12,8 +12,9 @@ use pingora::{Error, ErrorType, OrErr, Result};
 use crate::proxy::{Class, SESSION_COOKIE};
 use crate::table::UpstreamToken;
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+// Built at compile time: `from_static` checks every byte when it runs.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const PLATFORM_COOKIE: &str = "oc_session";
 /// More `Connection` tokens than a client has reason to send.
 const MAX_CONNECTION_NOMINATIONS: usize = 10;
@@ -34,21 +35,20 @@ impl Forwarding<'_> {
         strip_hop_by_hop(headers, self.http11)?;
         headers.reserve(3);
         if let Some(ip) = self.client_ip {
-            let x_forwarded_for = HeaderName::from_static(X_FORWARDED_FOR);
             // Control believes the chain only from its gateways; a session
             // sees the client as this gateway saw it.
             let earlier = (self.class == Class::Platform)
-                .then(|| headers.get(&x_forwarded_for)?.to_str().ok())
+                .then(|| headers.get(&X_FORWARDED_FOR)?.to_str().ok())
                 .flatten();
             let forwarded = match earlier {
                 Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {ip}"))
                     .or_err(ErrorType::InvalidHTTPHeader, "x-forwarded-for")?,
                 None => ip_header_value(ip),
             };
-            headers.insert(x_forwarded_for, forwarded);
+            headers.insert(X_FORWARDED_FOR, forwarded);
         }
         headers.insert(
-            HeaderName::from_static(X_FORWARDED_PROTO),
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if self.https { "https" } else { "http" }),
         );
         if self.class == Class::Session {
@@ -82,18 +82,32 @@ fn strip_cookies(headers: &mut HeaderMap, names: &[&str]) -> Result<()> {
         let name = pair.split(|b| *b == b'=').next().unwrap_or_default();
         names.iter().any(|n| n.as_bytes() == name)
     };
-    if !cookie_pairs(headers).any(stripped) {
+    // One pass decides; a second builds the header only when some of the
+    // cookies stay and some go.
+    let (mut strip, mut keep) = (0, 0);
+    for pair in cookie_pairs(headers) {
+        if stripped(pair) {
+            strip += 1;
+        } else {
+            keep += pair.len() + 2;
+        }
+    }
+    if strip == 0 {
         return Ok(());
     }
-    let kept = cookie_pairs(headers)
-        .filter(|pair| !stripped(pair))
-        .collect::<Vec<_>>()
-        .join(&b"; "[..]);
-    if kept.is_empty() {
+    if keep == 0 {
         headers.remove(header::COOKIE);
         return Ok(());
     }
-    let value = HeaderValue::from_bytes(&kept).or_err(ErrorType::InvalidHTTPHeader, "cookie")?;
+    let mut kept = BytesMut::with_capacity(keep);
+    for pair in cookie_pairs(headers).filter(|pair| !stripped(pair)) {
+        if !kept.is_empty() {
+            kept.extend_from_slice(b"; ");
+        }
+        kept.extend_from_slice(pair);
+    }
+    let value = HeaderValue::from_maybe_shared(kept.freeze())
+        .or_err(ErrorType::InvalidHTTPHeader, "cookie")?;
     headers.insert(header::COOKIE, value);
     Ok(())
 }
@@ -172,7 +186,7 @@ fn connection_nominations(headers: &HeaderMap) -> Result<Vec<HeaderName>> {
         };
         if matches!(
             name.as_str(),
-            "host" | X_FORWARDED_FOR | "x-forwarded-host" | X_FORWARDED_PROTO
+            "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
         ) {
             return refuse("the Connection header may not name Host or X-Forwarded-* headers");
         }

@@ -30,18 +30,23 @@ const fn refuse(status: u16, reason: &'static str) -> Refusal {
 /// request has neither. (Whitespace in a header name never gets this far:
 /// the parser refuses it.)
 pub fn plain_body_framing(headers: &HeaderMap) -> Option<bool> {
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return None;
-    }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    match (lengths.next(), lengths.next()) {
-        (None, _) => Some(false),
-        (Some(length), None)
-            if !length.is_empty() && length.as_bytes().iter().all(u8::is_ascii_digit) =>
-        {
-            Some(length.as_bytes().iter().any(|digit| *digit != b'0'))
+    // One walk comparing standard names costs less than two hashed lookups
+    // for the few headers of a usual request.
+    let mut length = None;
+    for (name, value) in headers {
+        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && length.is_some()) {
+            return None;
         }
-        _ => None,
+        if name == CONTENT_LENGTH {
+            length = Some(value.as_bytes());
+        }
+    }
+    match length {
+        None => Some(false),
+        Some(digits) if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) => {
+            Some(digits.iter().any(|digit| *digit != b'0'))
+        }
+        Some(_) => None,
     }
 }
 

@@ -26,7 +26,7 @@ use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
 use crate::health::HostHealth;
 use crate::pages::{page, starting_page};
-use crate::table::{Routes, SessionKey, UpstreamToken};
+use crate::table::{RouteTable, Routes, SessionKey, UpstreamToken};
 use crate::tickets::UsedTickets;
 use crate::unix_now;
 use crate::usage::UsageBook;
@@ -222,11 +222,11 @@ impl Gateway {
     /// a platform bearer token.
     fn session_user(
         &self,
+        table: &RouteTable,
         req: &RequestHeader,
         sid: SessionName,
         now: u64,
     ) -> Result<Arc<Claims>, &'static str> {
-        let table = self.routes.load();
         let check = |claims: Arc<Claims>| {
             if table.is_revoked(&claims.login_session) {
                 Err("revoked")
@@ -283,7 +283,8 @@ impl Gateway {
         }
         let now = unix_now();
         ctx.unix_time = now;
-        let claims = match self.session_user(session.req_header(), sid, now) {
+        let table = self.routes.load();
+        let claims = match self.session_user(&table, session.req_header(), sid, now) {
             Ok(claims) => claims,
             Err(reason) => {
                 if reason != "missing" {
@@ -309,7 +310,6 @@ impl Gateway {
         };
         let user = claims.user_id;
         ctx.user_id = Some(user);
-        let table = self.routes.load();
         let Some(route) = table.sessions.get(&sid.key).filter(|s| s.owner == user) else {
             // A cookie for this very sid, minted moments ago from a ticket
             // control signed after creating the session: its route is on

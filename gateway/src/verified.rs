@@ -13,8 +13,17 @@ use opencloud_protocol::Keyring;
 /// Entries kept at most; the map is cleared when it is full.
 const CAPACITY: usize = 16_384;
 
-/// Claims by the token bytes they were verified from.
-type ClaimsByToken = FastMap<Box<[u8]>, Arc<Claims>>;
+/// Claims with the whole token they were verified from, by the token's
+/// last bytes: its signature, which nobody can choose for a good token, so
+/// hashing 16 bytes spreads the entries as well as hashing all of them.
+type ClaimsByToken = FastMap<u128, (Box<[u8]>, Arc<Claims>)>;
+
+fn tail_key(token: &[u8]) -> u128 {
+    let mut tail = [0u8; 16];
+    let taken = token.len().min(tail.len());
+    tail[16 - taken..].copy_from_slice(&token[token.len() - taken..]);
+    u128::from_ne_bytes(tail)
+}
 
 #[derive(Clone, Default)]
 pub struct VerifiedTokens(Arc<Mutex<ClaimsByToken>>);
@@ -29,7 +38,13 @@ impl VerifiedTokens {
         kind: TokenKind,
         now: u64,
     ) -> Result<Arc<Claims>, TokenError> {
-        if let Some(claims) = self.lock().get(token).cloned() {
+        let key = tail_key(token);
+        let remembered = self
+            .lock()
+            .get(&key)
+            .filter(|(whole, _)| **whole == *token)
+            .map(|(_, claims)| claims.clone());
+        if let Some(claims) = remembered {
             if claims.kind != kind {
                 return Err(TokenError::WrongKind);
             }
@@ -44,7 +59,7 @@ impl VerifiedTokens {
         if cache.len() >= CAPACITY {
             cache.clear();
         }
-        cache.insert(token.into(), claims.clone());
+        cache.insert(key, (token.into(), claims.clone()));
         Ok(claims)
     }
 
@@ -82,6 +97,22 @@ mod tests {
                 .unwrap_err(),
             TokenError::Expired
         );
+    }
+
+    #[test]
+    fn a_token_ending_like_a_remembered_one_is_verified_in_full() {
+        let keys = keys();
+        let cache = VerifiedTokens::default();
+        let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
+        assert!(cache
+            .verify(&keys, token.as_bytes(), TokenKind::Platform, 101)
+            .is_ok());
+        let mut forged = token.clone().into_bytes();
+        forged[2] = if forged[2] == b'A' { b'B' } else { b'A' };
+        assert_eq!(tail_key(&forged), tail_key(token.as_bytes()));
+        assert!(cache
+            .verify(&keys, &forged, TokenKind::Platform, 101)
+            .is_err());
     }
 
     #[test]
