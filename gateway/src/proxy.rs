@@ -66,10 +66,10 @@ pub struct SessionName {
 }
 
 impl SessionName {
-    fn parse(label: &str) -> Option<Self> {
+    fn parse(label: &[u8]) -> Option<Self> {
         Some(SessionName {
             key: SessionKey::parse(label)?,
-            text: label.as_bytes().try_into().ok()?,
+            text: label.try_into().ok()?,
         })
     }
 
@@ -139,13 +139,13 @@ impl RequestMetrics {
 }
 
 impl Gateway {
-    fn classify(&self, host: &str) -> (Class, Option<SessionName>) {
-        if host == self.config.platform_host {
+    fn classify(&self, host: &[u8]) -> (Class, Option<SessionName>) {
+        if host == self.config.platform_host.as_bytes() {
             return (Class::Platform, None);
         }
         if let Some(label) = host
-            .strip_suffix(self.config.session_domain.as_str())
-            .and_then(|rest| rest.strip_suffix('.'))
+            .strip_suffix(self.config.session_domain.as_bytes())
+            .and_then(|rest| rest.strip_suffix(b"."))
         {
             // Exactly one fixed-length label: a sid that is a prefix of
             // another can never match it.
@@ -667,15 +667,16 @@ fn innermost_context(e: &Error) -> Option<&str> {
 }
 
 /// The Host header (or the authority of an absolute-form target), lower case.
-fn request_host(req: &RequestHeader) -> Cow<'_, str> {
+fn request_host(req: &RequestHeader) -> Cow<'_, [u8]> {
+    // Compared byte for byte with ASCII names: anything else matches none.
     let host = req
         .headers
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("")
-        .trim();
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        .map(|v| v.as_bytes())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or_default()
+        .trim_ascii();
+    if host.iter().any(u8::is_ascii_uppercase) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
@@ -783,7 +784,7 @@ mod tests {
     #[test]
     fn claims_name_a_session_by_its_one_spelling() {
         let sid = opencloud_protocol::routes::new_sid();
-        let name = SessionName::parse(&sid).unwrap();
+        let name = SessionName::parse(sid.as_bytes()).unwrap();
         assert_eq!(name.as_str(), sid);
         let mut claims = Claims::platform(1, "ls", 100);
         assert!(!claims_for(&claims, name));

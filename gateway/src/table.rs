@@ -30,8 +30,8 @@ pub struct SessionKey([u8; 16]);
 
 impl SessionKey {
     /// `None` for anything that is not a sid control could have made.
-    pub fn parse(sid: &str) -> Option<Self> {
-        sid_to_bytes(sid).map(Self)
+    pub fn parse(sid: impl AsRef<[u8]>) -> Option<Self> {
+        sid_to_bytes(sid.as_ref()).map(Self)
     }
 
     pub fn sid(&self) -> String {

@@ -72,18 +72,20 @@ impl VerifiedTokens {
 mod tests {
     use super::*;
 
-    fn keys() -> Keyring {
-        Keyring::from_toml("k", &Keyring::generate_toml("k1")).unwrap()
-    }
-
-    #[test]
-    fn a_remembered_token_still_expires_and_keeps_its_kind() {
-        let keys = keys();
+    /// A cache that has verified one platform token, with its keys.
+    fn remembering_one_token() -> (Keyring, VerifiedTokens, String) {
+        let keys = Keyring::from_toml("k", &Keyring::generate_toml("k1")).unwrap();
         let cache = VerifiedTokens::default();
         let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
         assert!(cache
             .verify(&keys, token.as_bytes(), TokenKind::Platform, 101)
             .is_ok());
+        (keys, cache, token)
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_and_keeps_its_kind() {
+        let (keys, cache, token) = remembering_one_token();
         assert_eq!(
             cache
                 .verify(&keys, token.as_bytes(), TokenKind::SessionCookie, 101)
@@ -101,12 +103,7 @@ mod tests {
 
     #[test]
     fn a_token_ending_like_a_remembered_one_is_verified_in_full() {
-        let keys = keys();
-        let cache = VerifiedTokens::default();
-        let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
-        assert!(cache
-            .verify(&keys, token.as_bytes(), TokenKind::Platform, 101)
-            .is_ok());
+        let (keys, cache, token) = remembering_one_token();
         let mut forged = token.clone().into_bytes();
         forged[2] = if forged[2] == b'A' { b'B' } else { b'A' };
         assert_eq!(tail_key(&forged), tail_key(token.as_bytes()));
@@ -117,13 +114,11 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_never_remembered() {
-        let keys = keys();
-        let cache = VerifiedTokens::default();
-        let token = token::sign(&keys, &Claims::platform(1, "ls", 100));
+        let (keys, cache, token) = remembering_one_token();
         let forged = format!("{}x", token);
         assert!(cache
             .verify(&keys, forged.as_bytes(), TokenKind::Platform, 101)
             .is_err());
-        assert!(cache.lock().is_empty());
+        assert_eq!(cache.lock().len(), 1);
     }
 }
