@@ -573,6 +573,20 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
+        // The client hung up: nobody is left to answer, and it was no bad
+        // request (logged with status 0, as Pingora does).
+        let client_gone = e.esource() == &pingora::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+            && !is_answer_timeout(e);
+        if client_gone {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let (code, title, message) = match e.etype() {
             ErrorType::ConnectTimedout
             | ErrorType::ConnectRefused

@@ -817,13 +817,21 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
     );
     assert_eq!(exchange(port, big.as_bytes()).await.status, 431);
 
-    // Metrics are recorded after the answer is sent: poll.
-    let wanted = [
-        "opencloud_gateway_rejected_requests_total{reason=\"content-length with transfer-encoding\"} 1",
-        "opencloud_gateway_rejected_requests_total{reason=\"header section too large\"} 1",
-        "opencloud_gateway_requests_total{class=\"rejected\",status=\"400\"} 1",
-        "opencloud_gateway_requests_total{class=\"rejected\",status=\"431\"} 1",
-    ];
+    metrics_show(
+        &stack,
+        &[
+            "opencloud_gateway_rejected_requests_total{reason=\"content-length with transfer-encoding\"} 1",
+            "opencloud_gateway_rejected_requests_total{reason=\"header section too large\"} 1",
+            "opencloud_gateway_requests_total{class=\"rejected\",status=\"400\"} 1",
+            "opencloud_gateway_requests_total{class=\"rejected\",status=\"431\"} 1",
+        ],
+    )
+    .await;
+}
+
+/// Waits until the gateway's metrics hold every line of `wanted` (they are
+/// recorded after the answer is sent); returns them.
+async fn metrics_show(stack: &GatewayStack, wanted: &[&str]) -> String {
     let started = Instant::now();
     loop {
         let metrics = stack.gateway.metrics().await;
@@ -833,7 +841,7 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
             .filter(|w| !metrics.lines().any(|l| l == *w))
             .collect();
         if missing.is_empty() {
-            break;
+            return metrics;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -841,4 +849,38 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that hangs up while its host is still working made no bad
+/// request: nothing is written to the dead connection, and the request
+/// counts with status 0 (no answer), not 400.
+#[tokio::test]
+async fn a_client_that_hangs_up_before_its_answer_is_not_a_bad_request() {
+    let (port, captured) = silent_upstream().await;
+    let f = Fixture::new(port).await;
+    let mut raw = Raw::connect(f.port()).await;
+    raw.send(
+        format!(
+            "GET /api/contents HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            f.session_host(),
+            f.user.token
+        )
+        .as_bytes(),
+    )
+    .await;
+    let started = Instant::now();
+    while f.forwarded(&captured).is_empty() {
+        assert!(started.elapsed() < ANSWER_LIMIT, "the host never got it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(raw);
+    let metrics = metrics_show(
+        &f.stack,
+        &["opencloud_gateway_requests_total{class=\"session\",status=\"0\"} 1"],
+    )
+    .await;
+    assert!(
+        !metrics.contains("class=\"session\",status=\"400\""),
+        "{metrics}"
+    );
 }
