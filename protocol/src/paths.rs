@@ -1,0 +1,35 @@
+//! The HTTP paths one part calls on another. Both the caller and the router
+//! use these constants, so a path is spelled once.
+
+/// Control's internal listener, for gateways (bearer gateway key).
+pub mod internal {
+    /// `GET ?since=V`: the route table as a stream of
+    /// [`WatchMessage`](crate::routes::WatchMessage) lines.
+    pub const ROUTES_WATCH: &str = "/internal/v1/routes/watch";
+    /// `POST` a [`HealthReport`](crate::reports::HealthReport).
+    pub const HEALTH: &str = "/internal/v1/health";
+    /// `POST` a [`UsageReport`](crate::reports::UsageReport).
+    pub const USAGE: &str = "/internal/v1/usage";
+}
+
+/// Control's public listener, for host agents (`Authorization: HostKey`);
+/// the conversation is described in [`crate::agent`].
+pub mod agent {
+    pub const REGISTER: &str = "/agent/v1/register";
+    pub const HEARTBEAT: &str = "/agent/v1/heartbeat";
+    pub const COMMANDS: &str = "/agent/v1/commands";
+    pub const EVENTS: &str = "/agent/v1/events";
+}
+
+/// Entering a session (see ARCHITECTURE "Entering a session").
+pub mod enter {
+    /// On the session origin, served by the gateway: `?ticket=…` redeems a
+    /// ticket for the session cookie.
+    pub const TICKET: &str = "/_oc/enter";
+
+    /// On the platform origin, served by control: logs the user in if
+    /// needed and sends them back with a fresh ticket.
+    pub fn platform_page(sid: &str) -> String {
+        format!("/sessions/{sid}/enter")
+    }
+}

@@ -1,0 +1,76 @@
+//! What gateways report to control on its internal listener: host
+//! reachability ([`HealthReport`], every probe round) and per-session
+//! traffic ([`UsageReport`], in batches). Control refuses unknown fields and
+//! reports larger than the limits here.
+
+use serde::{Deserialize, Serialize};
+
+/// Hosts one health report may carry.
+pub const MAX_HEALTH_ENTRIES: usize = 200_000;
+
+/// Sessions one usage report may carry.
+pub const MAX_USAGE_ENTRIES: usize = 50_000;
+
+/// `POST` [`paths::internal::HEALTH`](crate::paths::internal::HEALTH).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    /// The reporting gateway's name, as configured.
+    pub gateway: String,
+    pub hosts: Vec<HostReachability>,
+}
+
+/// One host as a gateway's health check found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostReachability {
+    pub id: u64,
+    pub reachable: bool,
+}
+
+/// `POST` [`paths::internal::USAGE`](crate::paths::internal::USAGE).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReport {
+    pub sessions: Vec<SessionUsage>,
+}
+
+/// One session's traffic since the gateway's previous report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionUsage {
+    pub sid: String,
+    /// Unix seconds of the last request or WebSocket frame; 0 for none.
+    pub last_activity: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_refuse_unknown_fields() {
+        let err = serde_json::from_str::<HealthReport>(
+            r#"{"gateway":"g","hosts":[{"id":1,"reachable":true,"port":1}]}"#,
+        );
+        assert!(err.is_err());
+        let err = serde_json::from_str::<UsageReport>(r#"{"sessions":[],"extra":1}"#);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_usage_report_reads_back_what_was_written() {
+        let report = UsageReport {
+            sessions: vec![SessionUsage {
+                sid: "abc".into(),
+                last_activity: 7,
+                bytes_in: 1,
+                bytes_out: 2,
+            }],
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<UsageReport>(&text).unwrap(), report);
+    }
+}
