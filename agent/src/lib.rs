@@ -19,6 +19,7 @@ pub mod process;
 pub mod state;
 pub mod supervisor;
 pub mod users;
+pub mod workdir;
 
 use std::future::Future;
 use std::time::Duration;
