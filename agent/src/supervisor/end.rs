@@ -8,10 +8,8 @@ use std::time::Duration;
 use opencloud_protocol::agent::AgentEvent;
 
 use super::{
-    describe_exit, starting_or_running, Phase, Session, Supervisor, LEFTOVER_GRACE, LOG_TAIL_LINES,
-    PORT_RELEASE,
+    describe_exit, starting_or_running, Phase, Session, Supervisor, LEFTOVER_GRACE, PORT_RELEASE,
 };
-use crate::jupyter;
 use crate::process;
 use crate::state::SessionRecord;
 
@@ -107,15 +105,7 @@ impl Supervisor {
         }
         self.publish_gauges();
         let record = session.status.borrow().process.clone();
-        if let Some(record) = &record {
-            // Kernels outlive a killed server.
-            process::terminate(&record.scope(), LEFTOVER_GRACE).await;
-        }
-        let log_tail = jupyter::log_tail(
-            &self.inner.layout.log(&session.sid),
-            LOG_TAIL_LINES,
-            &session.token,
-        );
+        let log_tail = self.clear_leftovers(&session, record.as_ref()).await;
         tracing::warn!(
             sid = session.sid,
             exit = describe_exit(code),
@@ -129,5 +119,18 @@ impl Supervisor {
         };
         self.finish(&session, record.as_ref(), event.clone()).await;
         self.emit(event);
+    }
+
+    /// Kills what is left of a server that exited or failed to start
+    /// (kernels outlive a killed server) and reads the tail of its log.
+    pub(super) async fn clear_leftovers(
+        &self,
+        session: &Session,
+        record: Option<&SessionRecord>,
+    ) -> String {
+        if let Some(record) = record {
+            process::terminate(&record.scope(), LEFTOVER_GRACE).await;
+        }
+        self.log_tail(session)
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::{
     describe_exit, exit_code, unix_now, Activity, Phase, Session, Status, Supervisor,
-    LEFTOVER_GRACE, LOG_TAIL_LINES,
+    LEFTOVER_GRACE,
 };
 use crate::error::Error;
 use crate::jupyter;
@@ -207,11 +207,7 @@ impl Supervisor {
                         .await;
                 }
                 Readiness::Exited(code) => {
-                    let tail = jupyter::log_tail(
-                        &self.inner.layout.log(&sid),
-                        LOG_TAIL_LINES,
-                        &session.token,
-                    );
+                    let tail = self.log_tail(&session);
                     if attempt < LAUNCH_ATTEMPTS
                         && tail.contains("already in use")
                         && self.retry_on_another_port(&session).await
@@ -417,14 +413,7 @@ impl Supervisor {
         }
         metrics::counter!("opencloud_agent_spawn_failures_total").increment(1);
         let record = self.settled_process(session).await;
-        if let Some(record) = &record {
-            process::terminate(&record.scope(), LEFTOVER_GRACE).await;
-        }
-        let log_tail = jupyter::log_tail(
-            &self.inner.layout.log(&session.sid),
-            LOG_TAIL_LINES,
-            &session.token,
-        );
+        let log_tail = self.clear_leftovers(session, record.as_ref()).await;
         tracing::warn!(sid = session.sid, %reason, "session failed to start");
         let event = AgentEvent::Failed {
             sid: session.sid.clone(),

@@ -239,6 +239,16 @@ impl Supervisor {
         }
     }
 
+    /// The last lines of a session's log, its token masked: sent with a
+    /// failure or an exit.
+    fn log_tail(&self, session: &Session) -> String {
+        jupyter::log_tail(
+            &self.inner.layout.log(&session.sid),
+            LOG_TAIL_LINES,
+            &session.token,
+        )
+    }
+
     fn emit(&self, event: AgentEvent) {
         let _ = self.inner.events.send(event);
     }
