@@ -6,6 +6,7 @@ use opencloud_protocol::agent::{
     AgentEvent, AgentHello, CommandBatch, Heartbeat, HeartbeatReply, Registered,
     COMMAND_POLL_SECONDS, HOST_KEY_SCHEME,
 };
+use opencloud_protocol::paths::agent::{COMMANDS, EVENTS, HEARTBEAT, REGISTER};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -72,28 +73,25 @@ impl ControlClient {
     }
 
     pub async fn register(&self, hello: &AgentHello) -> Result<Registered, ClientError> {
-        self.post("/agent/v1/register", hello).await
+        self.post(REGISTER, hello).await
     }
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ClientError> {
-        self.post("/agent/v1/heartbeat", heartbeat).await
+        self.post(HEARTBEAT, heartbeat).await
     }
 
     /// Long-polls for commands with ids above `after`.
     pub async fn commands(&self, after: u64) -> Result<CommandBatch, ClientError> {
         let request = self
             .http
-            .get(format!("{}/agent/v1/commands", self.base))
+            .get(format!("{}{COMMANDS}", self.base))
             .query(&[("after", after)])
             .timeout(Duration::from_secs(COMMAND_POLL_SECONDS + 10));
         self.send(request).await
     }
 
     pub async fn event(&self, event: &AgentEvent) -> Result<(), ClientError> {
-        let request = self
-            .http
-            .post(format!("{}/agent/v1/events", self.base))
-            .json(event);
+        let request = self.http.post(format!("{}{EVENTS}", self.base)).json(event);
         self.send::<serde::de::IgnoredAny>(request)
             .await
             .map(|_| ())

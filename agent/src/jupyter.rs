@@ -2,7 +2,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -153,39 +153,6 @@ pub fn log_tail(path: &Path, lines: usize, secret: &str) -> String {
         tail
     } else {
         tail.replace(secret, "[token]")
-    }
-}
-
-/// Where a session keeps its files.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub work_dir: PathBuf,
-}
-
-impl Layout {
-    pub fn projects(&self) -> PathBuf {
-        self.work_dir.join("projects")
-    }
-    pub fn project(&self, project_id: u64) -> PathBuf {
-        self.projects().join(project_id.to_string())
-    }
-    pub fn homes(&self) -> PathBuf {
-        self.work_dir.join("homes")
-    }
-    pub fn home(&self, user: &str) -> PathBuf {
-        self.homes().join(user)
-    }
-    pub fn logs(&self) -> PathBuf {
-        self.work_dir.join("logs")
-    }
-    pub fn log(&self, sid: &str) -> PathBuf {
-        self.logs().join(format!("{sid}.log"))
-    }
-    pub fn sessions(&self) -> PathBuf {
-        self.work_dir.join("sessions")
-    }
-    pub fn server_config(&self) -> PathBuf {
-        self.work_dir.join("jupyter_server_config.py")
     }
 }
 

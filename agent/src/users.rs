@@ -7,7 +7,7 @@ use std::path::Path;
 
 use nix::unistd::{Gid, Uid, User};
 
-use crate::Error;
+use crate::error::Error;
 
 /// The account a session runs under.
 #[derive(Debug, Clone, PartialEq, Eq)]

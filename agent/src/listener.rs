@@ -1,0 +1,117 @@
+//! The agent's own listeners: `/healthz` on the health port (gateways
+//! probe it) and, when configured, Prometheus `/metrics`. Both are bound
+//! before anything else starts, so a taken port stops the agent at once.
+
+use std::sync::OnceLock;
+
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::Error;
+
+/// The bound listeners, not yet serving.
+pub struct Listeners {
+    health: TcpListener,
+    /// The metrics listener and the recorder it renders (`None`: metrics
+    /// could not be installed, so nothing is served).
+    metrics: Option<(TcpListener, Option<PrometheusHandle>)>,
+}
+
+/// Binds the metrics listener (if configured) and the health listener.
+pub async fn bind(config: &Config) -> Result<Listeners, Error> {
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Setup(format!("metrics_listen {addr}: {e}")))?;
+            Some((listener, install_metrics()))
+        }
+        None => None,
+    };
+    let health_addr = config.health_addr();
+    let health = TcpListener::bind(health_addr)
+        .await
+        .map_err(|e| Error::Setup(format!("health_port: cannot listen on {health_addr}: {e}")))?;
+    Ok(Listeners { health, metrics })
+}
+
+impl Listeners {
+    /// Serves both until `stop` turns true.
+    pub fn spawn(self, tasks: &mut tokio::task::JoinSet<()>, stop: &watch::Receiver<bool>) {
+        tasks.spawn(serve_health(self.health, stop.clone()));
+        if let Some((listener, Some(handle))) = self.metrics {
+            tasks.spawn(serve_metrics(listener, handle, stop.clone()));
+        }
+    }
+}
+
+async fn serve_health(listener: TcpListener, stop: watch::Receiver<bool>) {
+    let app = axum::Router::new().route("/healthz", get(|| async { "ok\n" }));
+    serve("health", listener, app, stop).await;
+}
+
+async fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    stop: watch::Receiver<bool>,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    serve("metrics", listener, app, stop).await;
+}
+
+/// Serves `app` until `stop` turns true; `name` names the listener in logs.
+async fn serve(
+    name: &str,
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!("{name} listener failed: {e}");
+    }
+}
+
+/// The process-wide Prometheus recorder (installed once, even when an
+/// embedding process runs several agents).
+fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let installed = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("opencloud_agent_spawn_seconds".into()),
+                    &[0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0],
+                )
+                .and_then(|b| b.install_recorder());
+            match installed {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!("metrics are off: {e}");
+                    None
+                }
+            }
+        })
+        .clone()
+}

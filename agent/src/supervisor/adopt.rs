@@ -1,0 +1,116 @@
+//! Taking over what an earlier agent left in the work dir: servers that
+//! are still ours and answer with their stored token run on as `Running`
+//! sessions; everything else (processes, ports, cgroups, state files) is
+//! cleaned up.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU16;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opencloud_protocol::routes::is_valid_sid;
+use tokio::sync::watch;
+
+use super::{Activity, Phase, Session, Status, Supervisor, LEFTOVER_GRACE, PORT_RELEASE};
+use crate::jupyter;
+use crate::process;
+use crate::state::SessionRecord;
+
+impl Supervisor {
+    pub(super) async fn adopt_leftovers(&self) {
+        let records = self.inner.state.load_all();
+        let mut kept = HashSet::new();
+        for record in records {
+            let sid = record.sid.clone();
+            if is_valid_sid(&sid) && self.answers(&record).await {
+                tracing::info!(
+                    sid,
+                    pid = record.pid,
+                    port = record.port,
+                    "adopted a running server"
+                );
+                let session = Arc::new(Session {
+                    sid: sid.clone(),
+                    project_id: record.project_id,
+                    token: record.token.clone(),
+                    started_at: record.started_at,
+                    port: AtomicU16::new(record.port),
+                    status: watch::channel(Status {
+                        phase: Phase::Running { spawn_ms: 0 },
+                        spawning: false,
+                        process: Some(record.clone()),
+                        exit: None,
+                    })
+                    .0,
+                    activity: Mutex::new(Activity::default()),
+                });
+                self.lock_sessions().insert(sid.clone(), session.clone());
+                self.watch_adopted(session, record);
+                kept.insert(sid);
+            } else {
+                tracing::info!(sid, pid = record.pid, "cleaning up a server left behind");
+                if !process::terminate(&record.scope(), LEFTOVER_GRACE).await {
+                    tracing::error!(sid, "processes left behind survived SIGKILL");
+                }
+                process::wait_port_free(self.inner.config.address, record.port, PORT_RELEASE).await;
+                if let Some(cgroups) = self.inner.cgroups.cgroups() {
+                    cgroups.remove(&sid).await;
+                }
+                self.inner.state.remove(&sid);
+            }
+        }
+        if let Some(cgroups) = self.inner.cgroups.cgroups() {
+            for sid in cgroups.existing() {
+                if !kept.contains(&sid) {
+                    cgroups.remove(&sid).await;
+                }
+            }
+        }
+        self.publish_gauges();
+    }
+
+    /// Whether a recorded server is the one we started and answers with its token.
+    async fn answers(&self, record: &SessionRecord) -> bool {
+        let ours = process::proc_info(record.pid).is_some_and(|p| {
+            p.is_alive() && p.start_ticks == record.start_ticks && p.uid == record.uid
+        });
+        if !ours {
+            return false;
+        }
+        let addr = SocketAddr::new(self.inner.config.address, record.port);
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            if jupyter::status(&self.inner.http, addr, &record.token)
+                .await
+                .is_some()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Watches a server this process did not start (adopted after a restart).
+    fn watch_adopted(&self, session: Arc<Session>, record: SessionRecord) {
+        let supervisor = self.clone();
+        let mut detached = self.inner.detached.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let alive = process::proc_info(record.pid)
+                    .is_some_and(|p| p.is_alive() && p.start_ticks == record.start_ticks);
+                if !alive {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = detached.wait_for(|d| *d) => return,
+                }
+            }
+            // Not our child: its exit code went to its new parent.
+            supervisor.exited(session, None).await;
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! Every way a session ends — stopped, or exited by itself — and the
+//! teardown all endings share (`finish`): whoever moved the session out of
+//! `Starting`/`Running` runs it once; everyone else waits for `Gone`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opencloud_protocol::agent::AgentEvent;
+
+use super::{
+    describe_exit, starting_or_running, Phase, Session, Supervisor, LEFTOVER_GRACE, PORT_RELEASE,
+};
+use crate::process;
+use crate::state::SessionRecord;
+
+impl Supervisor {
+    /// The session's process once spawning is over (`None`: never launched).
+    pub(super) async fn settled_process(&self, session: &Session) -> Option<SessionRecord> {
+        let mut rx = session.status.subscribe();
+        let status = rx.wait_for(|st| !st.spawning).await.map(|st| st.clone());
+        status.ok().and_then(|st| st.process)
+    }
+
+    /// Last step of every ending: port free, cgroup and state gone, removed
+    /// from the map, waiters told.
+    pub(super) async fn finish(
+        &self,
+        session: &Arc<Session>,
+        record: Option<&SessionRecord>,
+        event: AgentEvent,
+    ) {
+        if let Some(record) = record {
+            if !process::wait_port_free(self.inner.config.address, record.port, PORT_RELEASE).await
+            {
+                tracing::warn!(
+                    sid = session.sid,
+                    port = record.port,
+                    "port still busy after the session ended"
+                );
+            }
+        }
+        if let Some(cgroups) = self.inner.cgroups.cgroups() {
+            cgroups.remove(&session.sid).await;
+        }
+        self.inner.state.remove(&session.sid);
+        {
+            let mut sessions = self.lock_sessions();
+            if sessions
+                .get(&session.sid)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.sid);
+            }
+        }
+        session
+            .status
+            .send_modify(|st| st.phase = Phase::Gone(event));
+        self.publish_gauges();
+    }
+
+    /// Stops a session: SIGTERM to its processes, SIGKILL after `grace`,
+    /// waits for its port, and reports `Stopped`. Unknown sessions are
+    /// reported stopped at once.
+    pub async fn stop(&self, sid: &str, grace: Duration) -> AgentEvent {
+        let event = AgentEvent::Stopped {
+            sid: sid.to_owned(),
+        };
+        if let Some(session) = self.lookup(sid) {
+            if session.take_over(starting_or_running, Phase::Stopping) {
+                self.publish_gauges();
+                let record = self.settled_process(&session).await;
+                if let Some(record) = &record {
+                    tracing::info!(sid, pid = record.pid, "stopping session");
+                    if !process::terminate(&record.scope(), grace).await {
+                        tracing::error!(sid, "processes of the session survived SIGKILL");
+                    }
+                }
+                self.finish(&session, record.as_ref(), event.clone()).await;
+                tracing::info!(sid, "session stopped");
+            } else {
+                // Already ending: wait for that to finish.
+                session.gone().await;
+            }
+        }
+        self.emit(event.clone());
+        event
+    }
+
+    /// Stops every session, `grace` each, all at once.
+    pub async fn stop_all(&self, grace: Duration) {
+        let sids: Vec<String> = self.lock_sessions().keys().cloned().collect();
+        let mut stops = tokio::task::JoinSet::new();
+        for sid in sids {
+            let supervisor = self.clone();
+            stops.spawn(async move { supervisor.stop(&sid, grace).await });
+        }
+        while stops.join_next().await.is_some() {}
+    }
+
+    pub(super) async fn exited(&self, session: Arc<Session>, code: Option<i32>) {
+        session.status.send_modify(|st| st.exit = Some(code));
+        if !session.take_over(|p| matches!(p, Phase::Running { .. }), Phase::Ending) {
+            // Starting: the start reports it; stopping: expected.
+            return;
+        }
+        self.publish_gauges();
+        let record = session.status.borrow().process.clone();
+        let log_tail = self.clear_leftovers(&session, record.as_ref()).await;
+        tracing::warn!(
+            sid = session.sid,
+            exit = describe_exit(code),
+            "jupyter exited by itself"
+        );
+        metrics::counter!("opencloud_agent_exits_total").increment(1);
+        let event = AgentEvent::Exited {
+            sid: session.sid.clone(),
+            exit_code: code,
+            log_tail,
+        };
+        self.finish(&session, record.as_ref(), event.clone()).await;
+        self.emit(event);
+    }
+
+    /// Kills what is left of a server that exited or failed to start
+    /// (kernels outlive a killed server) and reads the tail of its log.
+    pub(super) async fn clear_leftovers(
+        &self,
+        session: &Session,
+        record: Option<&SessionRecord>,
+    ) -> String {
+        if let Some(record) = record {
+            process::terminate(&record.scope(), LEFTOVER_GRACE).await;
+        }
+        self.log_tail(session)
+    }
+}

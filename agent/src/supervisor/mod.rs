@@ -1,0 +1,387 @@
+//! Starts, watches and stops the Jupyter servers of one host.
+//!
+//! Every session moves through phases kept in one `watch` channel, so each
+//! change is atomic and anyone waiting sees it:
+//!
+//! ```text
+//!  Starting ──ready──► Running ──exits by itself──► Ending ──► Gone(Exited)
+//!     │  └─exits / times out──► Ending ──► Gone(Failed)
+//!     └──────────────┴──stop──► Stopping ──► Gone(Stopped)
+//! ```
+//!
+//! Whoever moves a session out of `Starting`/`Running` owns its teardown
+//! (kill what is left, free the port, drop the cgroup and state file, report
+//! one event); everyone else waits for `Gone`. The session map and each
+//! session's status are behind std locks held only for a few instructions,
+//! never across an `.await`.
+//!
+//! This module holds the supervisor, its sessions and what can be asked of
+//! them; the ways in and out live beside it: `launch` (starting and
+//! readiness), `adopt` (taking over servers after a restart) and `end`
+//! (stopping, exits and the teardown every ending shares). The work dir's
+//! layout is [`crate::workdir`].
+
+mod adopt;
+mod end;
+mod launch;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opencloud_protocol::agent::{AgentEvent, AgentSession, AgentSessionState};
+use tokio::sync::{mpsc, watch};
+
+use crate::cgroups::{self, Support};
+use crate::config::Config;
+use crate::error::Error;
+use crate::jupyter;
+use crate::state::{SessionRecord, StateDir};
+use crate::users;
+use crate::workdir::{self, Layout};
+
+/// Log lines sent with a failure or an exit.
+const LOG_TAIL_LINES: usize = 20;
+/// How long a stopped server's port may take to become free again.
+const PORT_RELEASE: Duration = Duration::from_secs(10);
+/// Grace given to what is left of a server that exited or failed.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
+/// Starts, watches and stops sessions; cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    layout: Layout,
+    state: StateDir,
+    cgroups: Support,
+    root: bool,
+    http: reqwest::Client,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    next_port: Mutex<u16>,
+    /// Serialises `useradd`.
+    users: tokio::sync::Mutex<()>,
+    /// Set by [`Supervisor::detach`]: watchers stop, servers keep running.
+    detached: watch::Sender<bool>,
+    /// `work_dir/agent.lock`, held while this supervisor owns the work dir.
+    lock: Mutex<Option<std::fs::File>>,
+}
+
+struct Session {
+    sid: String,
+    project_id: u64,
+    token: String,
+    started_at: u64,
+    port: AtomicU16,
+    status: watch::Sender<Status>,
+    activity: Mutex<Activity>,
+}
+
+#[derive(Clone)]
+struct Status {
+    phase: Phase,
+    /// Set while the user, directories and process are being made.
+    spawning: bool,
+    process: Option<SessionRecord>,
+    /// Set once the server has exited: its exit code (128 + n for signal n).
+    exit: Option<Option<i32>>,
+}
+
+#[derive(Clone)]
+enum Phase {
+    Starting,
+    Running { spawn_ms: u64 },
+    Stopping,
+    Ending,
+    Gone(AgentEvent),
+}
+
+#[derive(Clone, Copy, Default)]
+struct Activity {
+    last_activity: Option<u64>,
+    busy_kernels: u32,
+}
+
+impl Session {
+    fn port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+
+    fn phase(&self) -> Phase {
+        self.status.borrow().phase.clone()
+    }
+
+    /// Moves `from` phases to `to`; true when this call made the move.
+    fn take_over(&self, from: impl Fn(&Phase) -> bool, to: Phase) -> bool {
+        self.status.send_if_modified(|st| {
+            if from(&st.phase) {
+                st.phase = to.clone();
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    async fn gone(&self) -> AgentEvent {
+        let mut rx = self.status.subscribe();
+        let status = rx
+            .wait_for(|st| matches!(st.phase, Phase::Gone(_)))
+            .await
+            .map(|st| st.clone());
+        match status {
+            Ok(Status {
+                phase: Phase::Gone(event),
+                ..
+            }) => event,
+            _ => AgentEvent::Stopped {
+                sid: self.sid.clone(),
+            },
+        }
+    }
+}
+
+fn starting_or_running(phase: &Phase) -> bool {
+    matches!(phase, Phase::Starting | Phase::Running { .. })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn exit_code(status: std::process::ExitStatus) -> Option<i32> {
+    status.code().or_else(|| status.signal().map(|s| 128 + s))
+}
+
+fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        Some(code) if code > 128 => format!("was killed by signal {}", code - 128),
+        Some(code) => format!("exited with code {code}"),
+        None => "exited".into(),
+    }
+}
+
+impl Supervisor {
+    /// Prepares the work dir and takes over what an earlier agent left in
+    /// it: servers that are alive and answer with their stored token are
+    /// kept (and reported by [`Supervisor::sessions`]); the rest are killed
+    /// and cleaned up. Events go to the returned receiver.
+    pub async fn open(
+        config: Config,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<AgentEvent>), Error> {
+        let cgroups = cgroups::detect();
+        Self::open_with(config, cgroups).await
+    }
+
+    /// [`Supervisor::open`] with a given cgroup decision.
+    pub async fn open_with(
+        config: Config,
+        cgroups: Support,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<AgentEvent>), Error> {
+        let root = users::running_as_root();
+        let layout = Layout {
+            work_dir: config.work_dir.clone(),
+        };
+        workdir::prepare_work_dir(&layout, root)?;
+        let lock = workdir::lock_work_dir(&layout.work_dir)?;
+        if root {
+            for path in [&config.work_dir, &config.venv] {
+                workdir::ensure_reachable(path)?;
+            }
+        }
+        let state = StateDir::open(layout.sessions())?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let (detached, _) = watch::channel(false);
+        let supervisor = Self {
+            inner: Arc::new(Inner {
+                next_port: Mutex::new(config.port_range.0),
+                config,
+                layout,
+                state,
+                cgroups,
+                root,
+                http: jupyter::http_client(),
+                events,
+                sessions: Mutex::new(HashMap::new()),
+                users: tokio::sync::Mutex::new(()),
+                detached,
+                lock: Mutex::new(Some(lock)),
+            }),
+        };
+        supervisor.adopt_leftovers().await;
+        Ok((supervisor, receiver))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Whether sessions get cgroup v2 memory and CPU limits.
+    pub fn cgroup_limits(&self) -> bool {
+        self.inner.cgroups.cgroups().is_some()
+    }
+
+    /// Why sessions get no limits, when they do not.
+    pub fn cgroup_unavailable_reason(&self) -> Option<&str> {
+        match &self.inner.cgroups {
+            Support::Available(_) => None,
+            Support::Unavailable(reason) => Some(reason),
+        }
+    }
+
+    /// The last lines of a session's log, its token masked: sent with a
+    /// failure or an exit.
+    fn log_tail(&self, session: &Session) -> String {
+        jupyter::log_tail(
+            &self.inner.layout.log(&session.sid),
+            LOG_TAIL_LINES,
+            &session.token,
+        )
+    }
+
+    fn emit(&self, event: AgentEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
+    fn lookup(&self, sid: &str) -> Option<Arc<Session>> {
+        self.lock_sessions().get(sid).cloned()
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        // A panic while holding the lock leaves the map itself consistent.
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The sessions as control sees them in hellos and heartbeats.
+    pub fn sessions(&self) -> Vec<AgentSession> {
+        let sessions: Vec<Arc<Session>> = self.lock_sessions().values().cloned().collect();
+        let mut list: Vec<AgentSession> = sessions
+            .iter()
+            .filter_map(|s| {
+                let state = match s.phase() {
+                    Phase::Starting => AgentSessionState::Starting,
+                    Phase::Running { .. } => AgentSessionState::Running,
+                    Phase::Stopping | Phase::Ending => AgentSessionState::Stopping,
+                    Phase::Gone(_) => return None,
+                };
+                let activity = *s
+                    .activity
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                Some(AgentSession {
+                    sid: s.sid.clone(),
+                    port: s.port(),
+                    state,
+                    started_at: s.started_at,
+                    last_activity: activity.last_activity,
+                    busy_kernels: activity.busy_kernels,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.sid.cmp(&b.sid));
+        list
+    }
+
+    /// The project a session serves, while it exists.
+    pub fn project_of(&self, sid: &str) -> Option<u64> {
+        self.lookup(sid).map(|s| s.project_id)
+    }
+
+    /// The server process of a session, once launched (for tests and logs).
+    pub fn pid_of(&self, sid: &str) -> Option<i32> {
+        self.lookup(sid)
+            .and_then(|s| s.status.borrow().process.as_ref().map(|p| p.pid))
+    }
+
+    /// Asks every running server for its last activity and busy kernels.
+    pub async fn refresh_activity(&self) {
+        let running: Vec<Arc<Session>> = self
+            .lock_sessions()
+            .values()
+            .filter(|s| matches!(s.phase(), Phase::Running { .. }))
+            .cloned()
+            .collect();
+        let mut probes = tokio::task::JoinSet::new();
+        for session in running {
+            let http = self.inner.http.clone();
+            let addr = SocketAddr::new(self.inner.config.address, session.port());
+            probes.spawn(async move {
+                let (status, busy) = tokio::join!(
+                    jupyter::status(&http, addr, &session.token),
+                    jupyter::busy_kernels(&http, addr, &session.token)
+                );
+                let mut activity = session
+                    .activity
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some(last) = status {
+                    activity.last_activity = last.or(activity.last_activity);
+                }
+                if let Some(busy) = busy {
+                    activity.busy_kernels = busy;
+                }
+            });
+        }
+        while probes.join_next().await.is_some() {}
+    }
+
+    /// Stops watching without touching the servers: they keep running and
+    /// the next supervisor over the same work dir adopts them.
+    pub fn detach(self) {
+        self.inner.detached.send_replace(true);
+        // Closing the file releases the lock for the next supervisor.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+    }
+
+    fn publish_gauges(&self) {
+        let (mut starting, mut running, mut stopping) = (0u32, 0u32, 0u32);
+        for session in self.lock_sessions().values() {
+            match session.phase() {
+                Phase::Starting => starting += 1,
+                Phase::Running { .. } => running += 1,
+                Phase::Stopping | Phase::Ending => stopping += 1,
+                Phase::Gone(_) => {}
+            }
+        }
+        for (state, count) in [
+            ("starting", starting),
+            ("running", running),
+            ("stopping", stopping),
+        ] {
+            metrics::gauge!("opencloud_agent_sessions", "state" => state).set(f64::from(count));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_described_like_a_shell_would() {
+        assert_eq!(describe_exit(Some(1)), "exited with code 1");
+        assert_eq!(describe_exit(Some(137)), "was killed by signal 9");
+        assert_eq!(describe_exit(None), "exited");
+        let killed = std::process::ExitStatus::from_raw(9);
+        assert_eq!(exit_code(killed), Some(137));
+        let failed = std::process::ExitStatus::from_raw(3 << 8);
+        assert_eq!(exit_code(failed), Some(3));
+    }
+}

@@ -1,0 +1,175 @@
+//! The work dir's layout and its upkeep: where projects, homes, logs,
+//! session records and the Jupyter config live, with the permissions that
+//! let session users reach their own directories and nothing else, and the
+//! lock that keeps a second agent out.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::jupyter;
+use crate::users::RunAs;
+
+/// Logs of ended sessions are kept this long, for the owner to read.
+const LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Where a session keeps its files.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub work_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn projects(&self) -> PathBuf {
+        self.work_dir.join("projects")
+    }
+    pub fn project(&self, project_id: u64) -> PathBuf {
+        self.projects().join(project_id.to_string())
+    }
+    pub fn homes(&self) -> PathBuf {
+        self.work_dir.join("homes")
+    }
+    pub fn home(&self, user: &str) -> PathBuf {
+        self.homes().join(user)
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.work_dir.join("logs")
+    }
+    pub fn log(&self, sid: &str) -> PathBuf {
+        self.logs().join(format!("{sid}.log"))
+    }
+    pub fn sessions(&self) -> PathBuf {
+        self.work_dir.join("sessions")
+    }
+    pub fn server_config(&self) -> PathBuf {
+        self.work_dir.join("jupyter_server_config.py")
+    }
+}
+
+/// `work_dir` with its parts: project and home directories reachable (not
+/// listable) by session users, logs and state for the agent only, and the
+/// Jupyter config every server loads.
+pub(crate) fn prepare_work_dir(layout: &Layout, root: bool) -> Result<(), Error> {
+    let dirs = [
+        (layout.work_dir.clone(), 0o711),
+        (layout.projects(), 0o711),
+        (layout.homes(), 0o711),
+        (layout.logs(), 0o700),
+    ];
+    for (dir, mode) in dirs {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if root || dir != layout.work_dir {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io(&dir, e))?;
+        }
+    }
+    remove_old_logs(layout);
+    let config = layout.server_config();
+    std::fs::write(&config, jupyter::SERVER_CONFIG).map_err(|e| Error::io(&config, e))?;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::io(&config, e))
+}
+
+/// Logs of sessions that ended long ago (never of one still recorded:
+/// an idle server may not write for days).
+fn remove_old_logs(layout: &Layout) {
+    let Ok(entries) = std::fs::read_dir(layout.logs()) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let sid = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if layout.sessions().join(format!("{sid}.json")).exists() {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > LOG_RETENTION);
+        if old {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// One agent per work dir: two would adopt and kill each other's servers.
+pub(crate) fn lock_work_dir(work_dir: &Path) -> Result<std::fs::File, Error> {
+    let path = work_dir.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::Setup(format!(
+                "another agent (pid {}) is using {}; stop it first",
+                holder.trim(),
+                work_dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    use std::io::Write;
+    file.set_len(0).map_err(|e| Error::io(&path, e))?;
+    write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+    Ok(file)
+}
+
+/// Session users must be able to walk down to their project and the venv.
+pub(crate) fn ensure_reachable(path: &Path) -> Result<(), Error> {
+    for dir in path.ancestors() {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.is_dir() && meta.permissions().mode() & 0o001 == 0 {
+            return Err(Error::Setup(format!(
+                "{} (mode {:o}) cannot be entered by other users, so session users cannot reach {}; \
+                 use a world-searchable place (chmod o+x) for work_dir and venv",
+                dir.display(),
+                meta.permissions().mode() & 0o777,
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A directory only `run_as` may enter.
+pub(crate) fn private_dir(dir: &Path, run_as: &RunAs) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if run_as.switch {
+        std::os::unix::fs::chown(dir, Some(run_as.uid), Some(run_as.gid))
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_directories_on_the_way_are_named() {
+        let base = std::env::temp_dir().join(format!("oc-agent-reach-{}", std::process::id()));
+        let closed = base.join("closed");
+        std::fs::create_dir_all(closed.join("work")).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = ensure_reachable(&closed.join("work"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("closed (mode 700)"), "{err}");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_reachable(&closed.join("work")).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
