@@ -893,6 +893,39 @@ async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
 }
 
 #[tokio::test]
+async fn ending_a_stopping_session_finishes_it_and_keeps_why_it_was_stopped() {
+    let stack = TestStack::start().await.unwrap();
+    let user = stack.new_user().await;
+    let session = external_session(&stack, &user, 18_005).await;
+    let mut conn = stack.db.conn().await;
+    // As a stop leaves it while the agent stops the server.
+    conn.exec_drop(
+        "UPDATE sessions SET state = 'stopping', end_reason = 'stopped_by_user',
+            live_project_id = project_id WHERE sid = ?",
+        (&session.sid,),
+    )
+    .await
+    .unwrap();
+    let pool = pool(&stack);
+    let ended = sessions::ending::end(&pool, &session.sid, SessionState::Lost, "host_lost")
+        .await
+        .unwrap();
+    pool.disconnect().await.unwrap();
+    assert_eq!(ended.state, SessionState::Lost);
+    let row: Option<(String, Option<String>, bool, Option<u64>)> = conn
+        .exec_first(
+            "SELECT state, end_reason, ended_at IS NOT NULL, live_project_id FROM sessions WHERE sid = ?",
+            (&session.sid,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row,
+        Some(("lost".into(), Some("stopped_by_user".into()), true, None))
+    );
+}
+
+#[tokio::test]
 async fn control_stops_promptly_with_watch_streams_open() {
     let stack = TestStack::start().await.unwrap();
     let mut watch = Watch::open(&stack, 0).await;
