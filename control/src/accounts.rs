@@ -2,29 +2,20 @@
 
 use std::sync::Arc;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, Transaction};
 use opencloud_protocol::routes::Change;
-use rand::RngCore;
 use serde::Serialize;
 
 use crate::config::LoginPolicy;
 use crate::error::AppError;
+use crate::ids::random_id;
 use crate::routes;
 
 pub const PASSWORD_MIN_CHARS: usize = 10;
 pub const PASSWORD_MAX_CHARS: usize = 256;
 pub const NAME_MAX_CHARS: usize = 100;
 pub const EMAIL_MAX_CHARS: usize = 254;
-
-/// 128 random bits, base64url: login session ids, lease holders.
-pub fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

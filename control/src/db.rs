@@ -213,7 +213,6 @@ pub fn mysql_message(e: &mysql_async::Error) -> String {
     }
 }
 
-/// A held row in `leases`.
 /// A column value as `T`; one of an unexpected type reads as the default
 /// (and is logged) instead of panicking in a request.
 pub fn lenient<T: mysql_async::prelude::FromValue + Default>(value: mysql_async::Value) -> T {
@@ -223,6 +222,7 @@ pub fn lenient<T: mysql_async::prelude::FromValue + Default>(value: mysql_async:
     })
 }
 
+/// A held row in `leases`.
 pub struct Lease {
     name: String,
     holder: String,
@@ -232,7 +232,7 @@ impl Lease {
     /// Takes the lease, waiting up to `wait` for the current holder to
     /// release it or let it expire.
     pub async fn acquire(conn: &mut Conn, name: &str, wait: Duration) -> Result<Self, DbError> {
-        let holder = crate::accounts::random_id();
+        let holder = crate::ids::random_id();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if Self::try_take(conn, name, &holder).await? {

@@ -4,29 +4,23 @@
 //! reach.
 
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::agent::{AgentHello, Heartbeat, HeartbeatReply, Registered};
-use opencloud_protocol::routes::{Change, HostRoute, HostState, SessionState};
-use serde::{Deserialize, Serialize};
+use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
+use opencloud_protocol::routes::{Change, HostRoute, HostState};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
-use crate::routes::{commit, publish, session_route, SESSION_COLUMNS};
+use crate::routes::{commit, publish};
+use crate::sessions::ending::end_tx;
+use crate::sessions::state::{live_sql, Phase};
 
 pub const GATEWAY_NAME_MAX_CHARS: usize = 100;
-/// Hosts one health report may carry.
-pub const MAX_HEALTH_ENTRIES: usize = 200_000;
-
-/// One host as a gateway's health check found it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostHealth {
-    pub id: u64,
-    pub reachable: bool,
-}
 
 /// Records what gateway `gateway` found. Ids that name no host are skipped
 /// (the host may have been removed since the gateway's table was built);
@@ -34,7 +28,7 @@ pub struct HostHealth {
 pub async fn record_reachability(
     pool: &Pool,
     gateway: &str,
-    hosts: &[HostHealth],
+    hosts: &[HostReachability],
 ) -> Result<(), AppError> {
     let gateway = check_gateway_name(gateway)?;
     if hosts.len() > MAX_HEALTH_ENTRIES {
@@ -86,8 +80,6 @@ fn check_gateway_name(raw: &str) -> Result<String, AppError> {
 pub const HOST_NAME_MAX_CHARS: usize = 100;
 /// Prefix of every HostKey, so a pasted key is recognisable.
 const KEY_PREFIX: &str = "ochk_";
-/// Session states that hold a place on a host.
-pub const LIVE_STATES: &str = "'starting', 'running', 'stopping'";
 /// A heartbeat older than this (seconds) means the host is lost.
 pub const HEARTBEAT_FRESH_SECONDS: u64 = opencloud_protocol::agent::HOST_LOST_AFTER_MS / 1000;
 
@@ -171,14 +163,19 @@ pub fn load_score(
         + 0.2 * share(used_mib as f64, total_mib as f64)
 }
 
-const VIEW_COLUMNS: &str = "h.id, h.owner_id, u.email, h.name, h.state, h.address, h.draining, \
+static VIEW_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "h.id, h.owner_id, u.email, h.name, h.state, h.address, h.draining, \
     h.key_revoked_at IS NOT NULL, h.registered_at IS NOT NULL, h.max_sessions, h.cpu_cores, h.memory_mib, \
-    (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ('starting', 'running', 'stopping')), \
+    (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({})), \
     h.cpu_percent, h.memory_used_mib, h.memory_total_mib, h.disk_free_mib, h.cgroup_limits, h.agent_version, \
     DATE_FORMAT(h.last_heartbeat_at, '%Y-%m-%d %H:%i:%s'), \
     (SELECT COALESCE(SUM(t.online_seconds), 0) FROM host_uptime t \
        WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY) * 1e0, \
-    LEAST(30 * 86400, GREATEST(1, TIMESTAMPDIFF(SECOND, h.created_at, UTC_TIMESTAMP(6)))) * 1e0";
+    LEAST(30 * 86400, GREATEST(1, TIMESTAMPDIFF(SECOND, h.created_at, UTC_TIMESTAMP(6)))) * 1e0",
+        live_sql()
+    )
+});
 
 fn view_from_row(mut row: mysql_async::Row) -> HostView {
     let mut take = |i: usize| {
@@ -308,8 +305,9 @@ pub async fn get(pool: &Pool, owner: Option<u64>, id: u64) -> Result<HostView, A
         .await?
         .exec_first(
             format!(
-                "SELECT {VIEW_COLUMNS} FROM hosts h JOIN users u ON u.id = h.owner_id
-                 WHERE h.id = ? AND (? IS NULL OR h.owner_id = ?)"
+                "SELECT {} FROM hosts h JOIN users u ON u.id = h.owner_id
+                 WHERE h.id = ? AND (? IS NULL OR h.owner_id = ?)",
+                VIEW_COLUMNS.as_str()
             ),
             (id, owner, owner),
         )
@@ -341,10 +339,11 @@ pub async fn list(
     let rows: Vec<mysql_async::Row> = conn
         .exec(
             format!(
-                "SELECT {VIEW_COLUMNS} FROM hosts h JOIN users u ON u.id = h.owner_id
+                "SELECT {} FROM hosts h JOIN users u ON u.id = h.owner_id
                  WHERE h.key_digest IS NOT NULL AND (? IS NULL OR h.owner_id = ?)
                    AND (? IS NULL OR h.id < ?)
                  ORDER BY h.id DESC LIMIT {}",
+                VIEW_COLUMNS.as_str(),
                 HOSTS_PER_PAGE + 1
             ),
             (owner, owner, before, before),
@@ -556,20 +555,24 @@ pub async fn register(
     let kept: Vec<&str> = hello.sessions.iter().map(|s| s.sid.as_str()).collect();
     let live: Vec<(String, String)> = tx
         .exec(
-            format!("SELECT sid, state FROM sessions WHERE host_id = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
+            format!(
+                "SELECT sid, state FROM sessions WHERE host_id = ? AND state IN ({}) FOR UPDATE",
+                live_sql()
+            ),
             (host_id,),
         )
         .await?;
     for (sid, state) in &live {
-        if kept.contains(&sid.as_str()) || state == "starting" {
+        let state = Phase::from_column(state);
+        if kept.contains(&sid.as_str()) || state == Some(Phase::Starting) {
             continue;
         }
-        let (new_state, reason) = if state == "stopping" {
-            ("stopped", None)
+        let (phase, reason) = if state == Some(Phase::Stopping) {
+            (Phase::Stopped, None)
         } else {
-            ("failed", Some("agent_restarted"))
+            (Phase::Failed, Some("agent_restarted"))
         };
-        changes.extend(end_session_tx(&mut tx, sid, new_state, reason, None).await?);
+        changes.extend(end_tx(&mut tx, sid, phase, reason, None).await?);
     }
     let stop = kept
         .iter()
@@ -585,43 +588,6 @@ pub async fn register(
         heartbeat_ms: opencloud_protocol::agent::HEARTBEAT_MS,
         stop,
     })
-}
-
-/// Ends a live session in an open transaction: state, end time, reason,
-/// the project freed for a new session. Returns the route change to
-/// publish (a tombstone), or nothing when it had already ended.
-pub(crate) async fn end_session_tx(
-    tx: &mut mysql_async::Transaction<'_>,
-    sid: &str,
-    state: &str,
-    reason: Option<&str>,
-    detail: Option<&str>,
-) -> Result<Option<Change>, AppError> {
-    let row = tx
-        .exec_first(
-            format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
-            (sid,),
-        )
-        .await?
-        .map(session_route);
-    let Some(mut route) = row else {
-        return Ok(None);
-    };
-    tx.exec_drop(
-        "UPDATE sessions SET state = ?, ended_at = UTC_TIMESTAMP(6), live_project_id = NULL,
-            end_reason = COALESCE(end_reason, ?), failure_detail = COALESCE(?, failure_detail)
-         WHERE sid = ?",
-        (state, reason, detail, sid),
-    )
-    .await?;
-    let was = route.state;
-    route.state = if state == "lost" {
-        SessionState::Lost
-    } else {
-        SessionState::Stopped
-    };
-    // A stopping session already shows its tombstone.
-    Ok((was != route.state).then_some(Change::UpsertSession(route)))
 }
 
 /// A heartbeat: load, liveness, per-session activity. Brings an offline
@@ -679,7 +645,10 @@ pub async fn heartbeat(
     for session in &beat.sessions {
         let live: Option<String> = tx
             .exec_first(
-                format!("SELECT state FROM sessions WHERE sid = ? AND host_id = ? AND state IN ({LIVE_STATES})"),
+                format!(
+                    "SELECT state FROM sessions WHERE sid = ? AND host_id = ? AND state IN ({})",
+                    live_sql()
+                ),
                 (&session.sid, host_id),
             )
             .await?;
@@ -716,12 +685,15 @@ pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usi
     }
     let live: Vec<String> = tx
         .exec(
-            format!("SELECT sid FROM sessions WHERE host_id = ? AND state IN ({LIVE_STATES}) FOR UPDATE"),
+            format!(
+                "SELECT sid FROM sessions WHERE host_id = ? AND state IN ({}) FOR UPDATE",
+                live_sql()
+            ),
             (host_id,),
         )
         .await?;
     for sid in &live {
-        changes.extend(end_session_tx(&mut tx, sid, "lost", Some(reason), None).await?);
+        changes.extend(end_tx(&mut tx, sid, Phase::Lost, Some(reason), None).await?);
     }
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
@@ -753,7 +725,7 @@ pub async fn find_silent(pool: &Pool) -> Result<Vec<u64>, AppError> {
         .await?
         .exec(
             // Only hosts run by an agent heartbeat; hosts recorded for
-            // servers started elsewhere (`register_external`) do not.
+            // servers started elsewhere (tests' stand-ins) do not.
             "SELECT id FROM hosts WHERE state = 'online' AND key_digest IS NOT NULL
              AND (last_heartbeat_at IS NULL OR last_heartbeat_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND)",
             (HEARTBEAT_FRESH_SECONDS * 1_000_000,),

@@ -7,11 +7,10 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod hosts;
-pub mod lifecycle;
+pub mod ids;
 pub mod packages;
 pub mod projects;
 pub mod routes;
-pub mod session_data;
 pub mod sessions;
 pub mod web;
 
@@ -36,7 +35,7 @@ pub struct App {
     /// responses (route watch streams) and background jobs end.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
     /// Wakes agents' command polls when their host gets a command.
-    pub wakeups: lifecycle::Wakeups,
+    pub wakeups: sessions::commands::Wakeups,
 }
 
 impl App {
@@ -48,7 +47,7 @@ impl App {
             passwords,
             metrics,
             stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
-            wakeups: lifecycle::Wakeups::default(),
+            wakeups: sessions::commands::Wakeups::default(),
         }
     }
 }
@@ -109,7 +108,7 @@ pub async fn serve(
         );
     }
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
-    tokio::spawn(lifecycle::watch(
+    tokio::spawn(sessions::watch::watch(
         app.pool.clone(),
         app.wakeups.clone(),
         app.config.idle_timeout,

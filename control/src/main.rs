@@ -102,7 +102,7 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
             let generated = admin_password.is_none();
-            let password = admin_password.unwrap_or_else(accounts::random_id);
+            let password = admin_password.unwrap_or_else(opencloud_control::ids::random_id);
             let created =
                 accounts::ensure_admin(&pool, &passwords, &admin_email, &password, reset_password)
                     .await

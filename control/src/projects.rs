@@ -6,6 +6,8 @@ use mysql_async::Pool;
 use serde::Serialize;
 
 use crate::error::AppError;
+use crate::sessions::explain_end;
+use crate::sessions::state::{self, Phase};
 
 pub const NAME_MAX_CHARS: usize = 100;
 pub const DESCRIPTION_MAX_CHARS: usize = 2000;
@@ -35,12 +37,12 @@ pub struct LatestSession {
 
 impl LatestSession {
     pub fn is_live(&self) -> bool {
-        matches!(self.state.as_str(), "starting" | "running" | "stopping")
+        state::is_live_column(&self.state)
     }
 
     /// Starting or running: the owner can go in (or wait at the door).
     pub fn enterable(&self) -> bool {
-        matches!(self.state.as_str(), "starting" | "running")
+        Phase::from_column(&self.state).is_some_and(Phase::is_enterable)
     }
 }
 
@@ -66,13 +68,8 @@ fn from_row(
     (id, name, description, created_at, updated_at, sid, state, end_reason): ProjectRow,
 ) -> Project {
     let session = sid.zip(state).map(|(sid, state)| {
-        let ended_because =
-            (!matches!(state.as_str(), "starting" | "running" | "stopping")).then(|| {
-                crate::sessions::explain_end(
-                    crate::routes::session_state(&state),
-                    end_reason.as_deref(),
-                )
-            });
+        let ended_because = (!state::is_live_column(&state))
+            .then(|| explain_end(state::route_state(&state), end_reason.as_deref()));
         LatestSession {
             sid,
             state,

@@ -17,8 +17,7 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use mysql_async::{IsolationLevel, Pool, Transaction, TxOpts};
 use opencloud_protocol::routes::{
-    Change, Delta, HostRoute, HostState, Revocation, SessionRoute, SessionState, Snapshot,
-    WatchMessage,
+    Change, Delta, HostRoute, HostState, Revocation, SessionRoute, Snapshot, WatchMessage,
 };
 use opencloud_protocol::token::{PLATFORM_TOKEN_SECONDS, TICKET_SECONDS};
 use tokio::sync::{mpsc, watch, Notify};
@@ -28,6 +27,7 @@ pub use opencloud_protocol::routes::Version;
 
 use crate::db::Lease;
 use crate::error::AppError;
+use crate::sessions::state;
 
 /// Ended sessions stay in the table this long, so users get a clear page.
 pub const TOMBSTONE_SECONDS: u64 = 3600;
@@ -115,24 +115,6 @@ pub(crate) fn host_state(raw: &str) -> HostState {
     }
 }
 
-pub(crate) fn session_state(raw: &str) -> SessionState {
-    match raw {
-        "starting" => SessionState::Starting,
-        "running" => SessionState::Running,
-        "lost" => SessionState::Lost,
-        _ => SessionState::Stopped,
-    }
-}
-
-pub(crate) fn session_state_str(state: SessionState) -> &'static str {
-    match state {
-        SessionState::Starting => "starting",
-        SessionState::Running => "running",
-        SessionState::Lost => "lost",
-        SessionState::Stopped => "stopped",
-    }
-}
-
 type HostRow = (u64, String, String, String);
 type SessionRow = (String, u64, u64, u16, String, String);
 
@@ -157,7 +139,7 @@ pub(crate) fn session_route(
         host,
         port,
         upstream_token,
-        state: session_state(&state),
+        state: state::route_state(&state),
     }
 }
 
@@ -485,15 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn states_round_trip_through_their_column_values() {
-        for state in [
-            SessionState::Starting,
-            SessionState::Running,
-            SessionState::Lost,
-            SessionState::Stopped,
-        ] {
-            assert_eq!(session_state(session_state_str(state)), state);
-        }
+    fn host_states_read_from_their_column_values() {
         assert_eq!(host_state("draining"), HostState::Draining);
         assert_eq!(host_state("online"), HostState::Online);
     }

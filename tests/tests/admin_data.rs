@@ -5,7 +5,7 @@
 //!
 //! Hosts are added by their owners and kept alive by a stand-in agent that
 //! registers with the HostKey and heartbeats; sessions come from
-//! `sessions::register_external` and end through `sessions::end`, and the
+//! `sessions::register_external` and end through `sessions::ending::end`, and the
 //! bulk of old rows is inserted with SQL.
 
 use std::collections::HashSet;
@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use mysql_async::prelude::*;
 use opencloud_control::hosts;
-use opencloud_control::sessions::{self, SessionUsage};
+use opencloud_control::sessions;
 use opencloud_e2e::browser::{login_in_browser, Browser};
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
 use opencloud_protocol::agent::{AgentHello, Capacity, Heartbeat, Load, HOST_KEY_SCHEME};
+use opencloud_protocol::reports::SessionUsage;
 use opencloud_protocol::routes::{new_sid, SessionState};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -199,7 +200,7 @@ impl Fixture {
         reason: &str,
     ) -> String {
         let sid = self.session(user, project, address).await;
-        let ended = sessions::end(&self.pool, &sid, state, reason)
+        let ended = sessions::ending::end(&self.pool, &sid, state, reason)
             .await
             .unwrap();
         assert_eq!(ended.state, state);
@@ -581,7 +582,7 @@ async fn session_data_shows_sessions_newest_first_with_user_project_host_and_tra
             "idle",
         )
         .await;
-    sessions::record_usage(
+    sessions::usage::record_usage(
         &f.pool,
         &[SessionUsage {
             sid: first.clone(),
@@ -870,7 +871,7 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         format!("{}\n", lines[0]),
-        opencloud_control::session_data::CSV_HEADER
+        opencloud_control::sessions::data::CSV_HEADER
     );
     let everything = f.sids_where("TRUE").await;
     assert_eq!(lines.len(), 1 + everything.len(), "one line per session");

@@ -404,7 +404,7 @@ async fn a_lost_session_gets_the_clear_page_at_once() {
     let f = Fixture::new(port, "t").await;
     let cookie = f.enter().await;
     let pool = mysql_async::Pool::new(f.stack.db.url.as_str());
-    opencloud_control::sessions::end(
+    opencloud_control::sessions::ending::end(
         &pool,
         &f.sid,
         opencloud_protocol::routes::SessionState::Lost,

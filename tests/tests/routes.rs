@@ -762,7 +762,7 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
 
     // Ended from another process: control finds it by polling.
     let started = Instant::now();
-    let ended = sessions::end(&pool, &session.sid, SessionState::Lost, "host_lost")
+    let ended = sessions::ending::end(&pool, &session.sid, SessionState::Lost, "host_lost")
         .await
         .unwrap();
     assert_eq!(ended.state, SessionState::Lost);
@@ -775,11 +775,11 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
         "the tombstone is published: {changes:?}"
     );
     // Ending it again changes nothing.
-    sessions::end(&pool, &session.sid, SessionState::Stopped, "user")
+    sessions::ending::end(&pool, &session.sid, SessionState::Stopped, "user")
         .await
         .unwrap();
     assert_eq!(version(&stack).await, 2);
-    let err = sessions::end(&pool, &session.sid, SessionState::Running, "x")
+    let err = sessions::ending::end(&pool, &session.sid, SessionState::Running, "x")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("lost or stopped"), "{err}");
@@ -842,6 +842,87 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
     let mut recent = Watch::open(&stack, 2).await;
     assert_eq!(recent.delta(3).await.len(), 1, "the latest change is kept");
     pool.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
+    let stack = TestStack::start().await.unwrap();
+    let user = stack.new_user().await;
+    let session = external_session(&stack, &user, 18_004).await;
+    let mut conn = stack.db.conn().await;
+    // As `open` leaves it: the project's live session.
+    conn.exec_drop(
+        "UPDATE sessions SET live_project_id = project_id WHERE sid = ?",
+        (&session.sid,),
+    )
+    .await
+    .unwrap();
+    let project: u64 = conn
+        .exec_first(
+            "SELECT project_id FROM sessions WHERE sid = ?",
+            (&session.sid,),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, body) = user
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["session_id"], session.sid.as_str(), "its live session");
+
+    let pool = pool(&stack);
+    sessions::ending::end(&pool, &session.sid, SessionState::Stopped, "user")
+        .await
+        .unwrap();
+    pool.disconnect().await.unwrap();
+    let live: Option<Option<u64>> = conn
+        .exec_first(
+            "SELECT live_project_id FROM sessions WHERE sid = ?",
+            (&session.sid,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(live, Some(None), "the project is freed");
+    // Opening it again places a new session instead of answering the
+    // ended one (here no host has room, so it says so).
+    let (status, body) = user
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+#[tokio::test]
+async fn ending_a_stopping_session_finishes_it_and_keeps_why_it_was_stopped() {
+    let stack = TestStack::start().await.unwrap();
+    let user = stack.new_user().await;
+    let session = external_session(&stack, &user, 18_005).await;
+    let mut conn = stack.db.conn().await;
+    // As a stop leaves it while the agent stops the server.
+    conn.exec_drop(
+        "UPDATE sessions SET state = 'stopping', end_reason = 'stopped_by_user',
+            live_project_id = project_id WHERE sid = ?",
+        (&session.sid,),
+    )
+    .await
+    .unwrap();
+    let pool = pool(&stack);
+    let ended = sessions::ending::end(&pool, &session.sid, SessionState::Lost, "host_lost")
+        .await
+        .unwrap();
+    pool.disconnect().await.unwrap();
+    assert_eq!(ended.state, SessionState::Lost);
+    let row: Option<(String, Option<String>, bool, Option<u64>)> = conn
+        .exec_first(
+            "SELECT state, end_reason, ended_at IS NOT NULL, live_project_id FROM sessions WHERE sid = ?",
+            (&session.sid,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row,
+        Some(("lost".into(), Some("stopped_by_user".into()), true, None))
+    );
 }
 
 #[tokio::test]

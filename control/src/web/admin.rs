@@ -1,6 +1,6 @@
 //! The admin panel's data pages: every host, and Session data (filters,
 //! keyset pages, CSV export, stopping a live session). Handlers parse the
-//! query or form and render; `hosts`, `session_data` and `lifecycle` do the
+//! query or form and render; `hosts` and `sessions` do the
 //! work.
 
 use askama::Template;
@@ -16,9 +16,9 @@ use serde::Deserialize;
 use super::{BeforeQuery, Ctx, FormError, Layout, PageForm, PageQuery};
 use crate::error::{AppError, PageError};
 use crate::hosts::{self, HostView};
-use crate::session_data::{self, Filter, Row};
-use crate::sessions::explain_end;
-use crate::{lifecycle, App};
+use crate::sessions::data::{self, Filter, Row};
+use crate::sessions::{ending, explain_end, state};
+use crate::App;
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -142,10 +142,7 @@ fn filter_from_query(raw: Option<&str>) -> (Filter, Option<AppError>) {
                 Err(_) => {
                     error = Some(AppError::invalid(
                         "per_page",
-                        format!(
-                            "Show between 1 and {} sessions a page.",
-                            session_data::MAX_PER_PAGE
-                        ),
+                        format!("Show between 1 and {} sessions a page.", data::MAX_PER_PAGE),
                     ))
                 }
             },
@@ -202,10 +199,7 @@ struct SessionLine {
 impl From<Row> for SessionLine {
     fn from(row: Row) -> Self {
         let explanation = match &row.end_reason {
-            Some(reason) => explain_end(
-                crate::routes::session_state(&row.state),
-                Some(reason.as_str()),
-            ),
+            Some(reason) => explain_end(state::route_state(&row.state), Some(reason.as_str())),
             None => String::new(),
         };
         Self {
@@ -296,7 +290,7 @@ async fn sessions_page(State(app): State<App>, ctx: Ctx, RawQuery(raw): RawQuery
     if let Some(e) = error {
         return render(e.status(), page.with_error(&e));
     }
-    match session_data::page(&app.pool, &page.filter).await {
+    match data::page(&app.pool, &page.filter).await {
         Ok(found) => {
             page.next_link = found.next.map(|after| {
                 with_query(
@@ -322,14 +316,14 @@ async fn sessions_csv(State(app): State<App>, ctx: Ctx, RawQuery(raw): RawQuery)
     if let Some(e) = error {
         return Err(e.into());
     }
-    session_data::check(&filter).map_err(named_field)?;
+    data::check(&filter).map_err(named_field)?;
     tracing::info!(admin = admin.id, "session data exported as CSV");
     let pool = app.pool.clone();
     let batches = futures_util::stream::unfold(Some(filter), move |state| {
         let pool = pool.clone();
         async move {
             let filter = state?;
-            match session_data::csv_batch(&pool, &filter).await {
+            match data::csv_batch(&pool, &filter).await {
                 Ok((text, next)) => {
                     let following = next.map(|after| Filter { after, ..filter });
                     Some((Ok(Bytes::from(text)), following))
@@ -342,7 +336,7 @@ async fn sessions_csv(State(app): State<App>, ctx: Ctx, RawQuery(raw): RawQuery)
         }
     });
     let header_line = futures_util::stream::once(async {
-        Ok::<_, std::io::Error>(Bytes::from_static(session_data::CSV_HEADER.as_bytes()))
+        Ok::<_, std::io::Error>(Bytes::from_static(data::CSV_HEADER.as_bytes()))
     });
     let body = Body::from_stream(header_line.chain(batches));
     Ok((
@@ -395,7 +389,7 @@ async fn stop_session(
     PageForm(form): PageForm<StopForm>,
 ) -> PageResult {
     let admin = ctx.require_admin()?;
-    let state = lifecycle::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    let state = ending::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
     tracing::info!(
         sid,
         admin = admin.id,

@@ -16,7 +16,8 @@ use serde::Deserialize;
 
 use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, AppError};
-use crate::{hosts, lifecycle, App};
+use crate::sessions::{commands, events};
+use crate::{hosts, App};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -80,7 +81,7 @@ async fn commands(
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(COMMAND_POLL_SECONDS * 1000));
     let mut stopping = app.stopping.subscribe();
     let commands = tokio::select! {
-        found = lifecycle::commands(&app.pool, &app.wakeups, host, query.after, wait) => found?,
+        found = commands::commands(&app.pool, &app.wakeups, host, query.after, wait) => found?,
         // Shutting down: answer now so the agent reconnects elsewhere.
         _ = stopping.wait_for(|stop| *stop) => Vec::new(),
     };
@@ -92,6 +93,6 @@ async fn event(
     Agent(host): Agent,
     ApiJson(event): ApiJson<AgentEvent>,
 ) -> Result<Response, ApiError> {
-    lifecycle::handle_event(&app.pool, &app.wakeups, host, &event).await?;
+    events::handle_event(&app.pool, &app.wakeups, host, &event).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

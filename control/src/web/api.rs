@@ -12,7 +12,8 @@ use super::{ApiJson, ApiQuery, BeforeQuery, Ctx};
 use crate::accounts::{self, LoginAttempt, NewUser, Role};
 use crate::error::{ApiError, AppError};
 use crate::packages::{self, PackageInput};
-use crate::{hosts, lifecycle, projects, session_data, sessions, App};
+use crate::sessions::{data, ending, placement};
+use crate::{hosts, projects, sessions, App};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -231,7 +232,7 @@ async fn update_project(
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    lifecycle::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
+    ending::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
     projects::delete(&app.pool, user.id, id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -241,7 +242,7 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, login_session) = ctx.require_user()?;
     let opened =
-        lifecycle::open(&app.pool, &app.wakeups, user.id, parse_id(&id, "project")?).await?;
+        placement::open(&app.pool, &app.wakeups, user.id, parse_id(&id, "project")?).await?;
     let url = sessions::enter_url(
         &app.config,
         user.id,
@@ -268,7 +269,7 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    let state = lifecycle::stop(
+    let state = ending::stop(
         &app.pool,
         &app.wakeups,
         Some(user.id),
@@ -285,7 +286,7 @@ async fn admin_stop_session(
     Path(sid): Path<String>,
 ) -> ApiResult {
     ctx.require_admin()?;
-    let state = lifecycle::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    let state = ending::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }
 
@@ -375,10 +376,10 @@ async fn admin_hosts(
 async fn admin_sessions(
     State(app): State<App>,
     ctx: Ctx,
-    ApiQuery(filter): ApiQuery<session_data::Filter>,
+    ApiQuery(filter): ApiQuery<data::Filter>,
 ) -> ApiResult {
     ctx.require_admin()?;
-    let page = session_data::page(&app.pool, &filter).await?;
+    let page = data::page(&app.pool, &filter).await?;
     Ok(Json(page).into_response())
 }
 

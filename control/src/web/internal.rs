@@ -18,10 +18,11 @@ use tokio::sync::mpsc;
 
 use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, AppError};
-use crate::hosts::{self, HostHealth};
-use crate::sessions::{self, SessionUsage};
+use crate::hosts;
+use crate::sessions::usage;
 use crate::{routes, App};
 use opencloud_protocol::credentials;
+use opencloud_protocol::reports::{HostReachability, SessionUsage};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -103,7 +104,7 @@ async fn watch(
 #[serde(deny_unknown_fields)]
 struct HealthReport {
     gateway: String,
-    hosts: Vec<HostHealth>,
+    hosts: Vec<HostReachability>,
 }
 
 async fn health(
@@ -126,6 +127,6 @@ async fn usage(
     State(app): State<App>,
     ApiJson(report): ApiJson<UsageReport>,
 ) -> Result<Response, ApiError> {
-    sessions::record_usage(&app.pool, &report.sessions, crate::now_unix()).await?;
+    usage::record_usage(&app.pool, &report.sessions, crate::now_unix()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

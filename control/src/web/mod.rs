@@ -95,7 +95,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
         .set(open.saturating_sub(idle) as f64);
     metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
     // Sessions and hosts by state, read at scrape time.
-    if let Ok(counts) = crate::lifecycle::count_by_state(&app.pool).await {
+    if let Ok(counts) = crate::sessions::count_by_state(&app.pool).await {
         set_state_gauges(
             "opencloud_sessions",
             &["starting", "running", "stopping"],
@@ -394,7 +394,7 @@ async fn platform_context(State(app): State<App>, request: Request, next: Next) 
         None => match credentials::cookie(&parts.headers, CSRF_COOKIE) {
             Some(value) if value.len() >= 16 => value.to_owned(),
             _ => {
-                let fresh = accounts::random_id();
+                let fresh = crate::ids::random_id();
                 set_cookies.push(cookie_header(&app, CSRF_COOKIE, fresh.clone(), None));
                 fresh
             }

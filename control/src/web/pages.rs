@@ -14,10 +14,9 @@ use super::{safe_next, BeforeQuery, Ctx, FormError, Layout, PageForm, PageQuery}
 use crate::accounts::{self, LoginAttempt, NewUser, Role, User};
 use crate::error::{AppError, PageError};
 use crate::hosts::{self, HostView};
-use crate::lifecycle;
 use crate::packages::{self, Package, PackageInput};
 use crate::projects::{self, Project};
-use crate::sessions::{self, Session};
+use crate::sessions::{self, ending, placement, Session};
 use crate::App;
 
 pub fn routes() -> Router<App> {
@@ -326,7 +325,7 @@ async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, login_session) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    match lifecycle::open(&app.pool, &app.wakeups, user.id, id).await {
+    match placement::open(&app.pool, &app.wakeups, user.id, id).await {
         Ok(opened) => {
             let url = sessions::enter_url(
                 &app.config,
@@ -354,7 +353,7 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    lifecycle::stop(
+    ending::stop(
         &app.pool,
         &app.wakeups,
         Some(user.id),
@@ -607,7 +606,7 @@ async fn update_project(
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    lifecycle::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
+    ending::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
     projects::delete(&app.pool, user.id, id).await?;
     see_other("/projects")
 }

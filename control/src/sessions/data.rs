@@ -7,6 +7,7 @@ use mysql_async::prelude::*;
 use mysql_async::Pool;
 use serde::{Deserialize, Serialize};
 
+use super::state::Phase;
 use crate::error::AppError;
 
 pub const MAX_PER_PAGE: u64 = 500;
@@ -66,10 +67,6 @@ pub struct Page {
 /// The cursor counts microseconds from here (times are UTC).
 const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00'";
 
-const STATES: [&str; 6] = [
-    "starting", "running", "stopping", "stopped", "failed", "lost",
-];
-
 /// The WHERE clause and its parameters for `filter`, checked.
 fn conditions(
     pool_user: Option<u64>,
@@ -100,10 +97,11 @@ fn conditions(
     }
     let state = filter.state.trim();
     if !state.is_empty() {
-        if !STATES.contains(&state) {
+        if Phase::from_column(state).is_none() {
+            let states: Vec<&str> = Phase::ALL.iter().map(|p| p.as_column()).collect();
             return Err(AppError::invalid(
                 "state",
-                format!("The state is one of {}.", STATES.join(", ")),
+                format!("The state is one of {}.", states.join(", ")),
             ));
         }
         sql.push("s.state = ?".into());

@@ -1,0 +1,196 @@
+//! How a session ends. [`end_tx`] is the one end: every path that ends a
+//! session (a stop on a lost host, the agent's failed, exited and stopped
+//! events, an agent restarting without it, a host going offline, and the
+//! public [`end`]) goes through it. [`stop`] asks the agent to stop the
+//! server first (by its owner, an admin or the idle culler).
+//!
+//! Invariants of an ended session: a final state, `ended_at` set, its
+//! project freed (`live_project_id = NULL`) so it can be opened again, the
+//! first end reason kept, and its tombstone published in the same
+//! transaction.
+
+use mysql_async::prelude::*;
+use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
+
+use super::commands::{queue_command, Wakeups};
+use super::state::{live_sql, Phase};
+use crate::error::AppError;
+use crate::routes::{commit, publish, session_route, SESSION_COLUMNS};
+
+pub const END_REASON_MAX_CHARS: usize = 64;
+
+/// Ends a live session in an open transaction: state, end time, reason,
+/// the project freed for a new session. Returns the route change to
+/// publish (a tombstone), or nothing when it had already ended.
+pub(crate) async fn end_tx(
+    tx: &mut mysql_async::Transaction<'_>,
+    sid: &str,
+    phase: Phase,
+    reason: Option<&str>,
+    detail: Option<&str>,
+) -> Result<Option<Change>, AppError> {
+    debug_assert!(!phase.is_live(), "a session ends in a final state");
+    let row = tx
+        .exec_first(
+            format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ? AND state IN ({}) FOR UPDATE",
+                live_sql()
+            ),
+            (sid,),
+        )
+        .await?
+        .map(session_route);
+    let Some(mut route) = row else {
+        return Ok(None);
+    };
+    tx.exec_drop(
+        "UPDATE sessions SET state = ?, ended_at = UTC_TIMESTAMP(6), live_project_id = NULL,
+            end_reason = COALESCE(end_reason, ?), failure_detail = COALESCE(?, failure_detail)
+         WHERE sid = ?",
+        (phase.as_column(), reason, detail, sid),
+    )
+    .await?;
+    tracing::info!(sid, state = phase.as_column(), reason, "session ended");
+    let was = route.state;
+    route.state = phase.route_state();
+    // A stopping session already shows its tombstone.
+    Ok((was != route.state).then_some(Change::UpsertSession(route)))
+}
+
+/// Ends a session as `Lost` or `Stopped` with a short reason
+/// (`host_lost`, `idle`, …), through [`end_tx`]. Ending an ended session
+/// changes nothing and returns its tombstone.
+pub async fn end(
+    pool: &Pool,
+    sid: &str,
+    state: SessionState,
+    reason: &str,
+) -> Result<SessionRoute, AppError> {
+    if state.is_live() {
+        return Err(AppError::invalid(
+            "state",
+            "A session ends as lost or stopped.",
+        ));
+    }
+    if reason.is_empty()
+        || reason.len() > END_REASON_MAX_CHARS
+        || !reason.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(AppError::invalid(
+            "reason",
+            format!("The reason is 1 to {END_REASON_MAX_CHARS} printable ASCII characters, like host_lost."),
+        ));
+    }
+    if !routes::is_valid_sid(sid) {
+        return Err(AppError::NotFound("session"));
+    }
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let change = end_tx(&mut tx, sid, Phase::from_route(state), Some(reason), None).await?;
+    let route = match &change {
+        Some(Change::UpsertSession(route)) => route.clone(),
+        _ => route_tx(&mut tx, sid)
+            .await?
+            .ok_or(AppError::NotFound("session"))?,
+    };
+    publish(&mut tx, change.as_slice()).await?;
+    commit(tx).await?;
+    Ok(route)
+}
+
+/// The session's route as its row says now.
+pub(crate) async fn route_tx(
+    tx: &mut mysql_async::Transaction<'_>,
+    sid: &str,
+) -> Result<Option<SessionRoute>, AppError> {
+    Ok(tx
+        .exec_first(
+            format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ?"),
+            (sid,),
+        )
+        .await?
+        .map(session_route))
+}
+
+/// Stops a session for `reason` (`stopped_by_user`, `stopped_by_admin`,
+/// `idle`). With `owner`, only that user's session. The route becomes a
+/// tombstone at once; the agent is told to stop the server. Stopping an
+/// ended session changes nothing.
+pub async fn stop(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    owner: Option<u64>,
+    sid: &str,
+    reason: &str,
+) -> Result<String, AppError> {
+    if !routes::is_valid_sid(sid) {
+        return Err(AppError::NotFound("session"));
+    }
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let row: Option<(u64, String, String)> = tx
+        .exec_first(
+            "SELECT s.host_id, s.state, h.state FROM sessions s JOIN hosts h ON h.id = s.host_id
+             WHERE s.sid = ? AND (? IS NULL OR s.user_id = ?) FOR UPDATE",
+            (sid, owner, owner),
+        )
+        .await?;
+    let Some((host_id, state, host_state)) = row else {
+        return Err(AppError::NotFound("session"));
+    };
+    if !matches!(
+        Phase::from_column(&state),
+        Some(Phase::Starting | Phase::Running)
+    ) {
+        tx.rollback().await?;
+        return Ok(state);
+    }
+    let mut changes = Vec::new();
+    let new_state = if host_state == "online" {
+        tx.exec_drop(
+            "UPDATE sessions SET state = ?, stop_requested_at = UTC_TIMESTAMP(6), end_reason = ?
+             WHERE sid = ?",
+            (Phase::Stopping.as_column(), reason, sid),
+        )
+        .await?;
+        queue_command(&mut tx, host_id, sid, "stop").await?;
+        let route = route_tx(&mut tx, sid).await?;
+        if let Some(mut route) = route {
+            route.state = SessionState::Stopped;
+            changes.push(Change::UpsertSession(route));
+        }
+        Phase::Stopping
+    } else {
+        // Nobody to ask: the host is gone, so the session simply ends.
+        changes.extend(end_tx(&mut tx, sid, Phase::Stopped, Some(reason), None).await?);
+        Phase::Stopped
+    };
+    publish(&mut tx, &changes).await?;
+    commit(tx).await?;
+    wakeups.wake(host_id);
+    metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned()).increment(1);
+    tracing::info!(sid, reason, "session stop requested");
+    Ok(new_state.as_column().into())
+}
+
+/// Stops the project's live session, if any (before deleting it).
+pub async fn stop_project(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    owner: u64,
+    project_id: u64,
+) -> Result<(), AppError> {
+    let live: Option<String> = pool
+        .get_conn()
+        .await?
+        .exec_first(
+            "SELECT sid FROM sessions WHERE live_project_id = ? AND user_id = ?",
+            (project_id, owner),
+        )
+        .await?;
+    if let Some(sid) = live {
+        stop(pool, wakeups, Some(owner), &sid, "project_deleted").await?;
+    }
+    Ok(())
+}

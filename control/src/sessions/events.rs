@@ -1,0 +1,149 @@
+//! What agents report about their sessions (ready, failed, exited,
+//! stopped), applied to the session and its route in one transaction.
+
+use mysql_async::prelude::*;
+use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::agent::AgentEvent;
+use opencloud_protocol::routes::{self, Change};
+
+use super::commands::{queue_command, Wakeups};
+use super::ending::{end_tx, route_tx};
+use super::state::Phase;
+use crate::error::AppError;
+use crate::routes::{commit, publish};
+
+/// Failure details kept per session (the last lines of Jupyter's log).
+const FAILURE_DETAIL_MAX_CHARS: usize = 4000;
+
+fn clip(detail: &str) -> String {
+    let chars: Vec<char> = detail.chars().collect();
+    let start = chars.len().saturating_sub(FAILURE_DETAIL_MAX_CHARS);
+    chars[start..].iter().collect()
+}
+
+/// Applies an agent's report about one of its sessions. Events for
+/// sessions on other hosts are refused; late events for ended sessions
+/// change nothing.
+pub async fn handle_event(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    host_id: u64,
+    event: &AgentEvent,
+) -> Result<(), AppError> {
+    let sid = event.sid();
+    if !routes::is_valid_sid(sid) {
+        return Err(AppError::invalid(
+            "sid",
+            "The sid is not a session id (26 characters a-z, 2-7).",
+        ));
+    }
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let row: Option<(u64, String, Option<u64>)> = tx
+        .exec_first(
+            "SELECT host_id, state, TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) DIV 1000
+             FROM sessions WHERE sid = ? FOR UPDATE",
+            (sid,),
+        )
+        .await?;
+    let Some((owner_host, state, age_ms)) = row else {
+        return Err(AppError::NotFound("session"));
+    };
+    if owner_host != host_id {
+        return Err(AppError::NotFound("session"));
+    }
+    let state = Phase::from_column(&state);
+    let mut changes = Vec::new();
+    match event {
+        AgentEvent::Ready { port, spawn_ms, .. } => {
+            if state == Some(Phase::Starting) {
+                if *port == 0 {
+                    return Err(AppError::invalid("port", "A ready session has a port."));
+                }
+                tx.exec_drop(
+                    "UPDATE sessions SET state = ?, port = ?, ready_at = UTC_TIMESTAMP(6), spawn_ms = ?
+                     WHERE sid = ?",
+                    (Phase::Running.as_column(), port, spawn_ms, sid),
+                )
+                .await?;
+                tx.exec_drop(
+                    "UPDATE projects p JOIN sessions s ON s.project_id = p.id SET p.last_host_id = s.host_id
+                     WHERE s.sid = ?",
+                    (sid,),
+                )
+                .await?;
+                let route = route_tx(&mut tx, sid).await?;
+                changes.extend(route.map(Change::UpsertSession));
+                metrics::histogram!("opencloud_session_open_to_ready_seconds")
+                    .record(age_ms.unwrap_or(0) as f64 / 1000.0);
+                metrics::histogram!("opencloud_session_spawn_seconds")
+                    .record(*spawn_ms as f64 / 1000.0);
+            } else if state == Some(Phase::Stopping) {
+                // Ready after a stop was asked for: ask again.
+                queue_command(&mut tx, host_id, sid, "stop").await?;
+            }
+        }
+        AgentEvent::Failed {
+            reason,
+            exit_code,
+            log_tail,
+            ..
+        } => {
+            let detail = clip(&format!(
+                "{reason}{}\n{log_tail}",
+                exit_code
+                    .map(|c| format!(" (exit code {c})"))
+                    .unwrap_or_default()
+            ));
+            changes.extend(
+                end_tx(
+                    &mut tx,
+                    sid,
+                    Phase::Failed,
+                    Some("failed_to_start"),
+                    Some(&detail),
+                )
+                .await?,
+            );
+        }
+        AgentEvent::Exited {
+            exit_code,
+            log_tail,
+            ..
+        } => {
+            let detail = clip(&format!(
+                "exited{}\n{log_tail}",
+                exit_code
+                    .map(|c| format!(" with code {c}"))
+                    .unwrap_or_default()
+            ));
+            let (phase, reason) = if state == Some(Phase::Stopping) {
+                (Phase::Stopped, None)
+            } else {
+                (Phase::Failed, Some("jupyter_exited"))
+            };
+            changes.extend(end_tx(&mut tx, sid, phase, reason, Some(&detail)).await?);
+        }
+        AgentEvent::Stopped { .. } => {
+            changes.extend(end_tx(&mut tx, sid, Phase::Stopped, Some("stopped"), None).await?);
+        }
+    }
+    publish(&mut tx, &changes).await?;
+    commit(tx).await?;
+    wakeups.wake(host_id);
+    tracing::info!(sid, host = host_id, event = ?std::mem::discriminant(event), "agent event");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_details_keep_the_end_of_the_log() {
+        let long = format!("{}END", "x".repeat(10_000));
+        let clipped = clip(&long);
+        assert_eq!(clipped.chars().count(), FAILURE_DETAIL_MAX_CHARS);
+        assert!(clipped.ends_with("END"));
+    }
+}

@@ -1,0 +1,251 @@
+//! Opening a project: its live session if it has one, otherwise a new
+//! session placed on a host that can take it (the project's last host
+//! first, then the least loaded), the agent's start command queued and a
+//! `starting` route published, all in one transaction.
+
+use std::time::Instant;
+
+use base64::Engine;
+use mysql_async::prelude::*;
+use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
+use serde::Serialize;
+
+use super::commands::{queue_command, Wakeups};
+use super::state::{live_sql, Phase};
+use crate::error::AppError;
+use crate::hosts::{load_score, HEARTBEAT_FRESH_SECONDS};
+use crate::routes::{commit, publish};
+
+/// A gateway's reachability report counts for this long.
+const REACHABILITY_FRESH_SECONDS: u64 = 30;
+
+/// What an open answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Opened {
+    pub session_id: String,
+    pub host_id: u64,
+    /// starting, running, stopping.
+    pub state: String,
+    /// True when the project already had this session.
+    pub existing: bool,
+}
+
+/// A host that may take a session, with what placement weighs.
+#[derive(Debug, Clone)]
+struct Candidate {
+    id: u64,
+    live: u64,
+    max_sessions: u32,
+    score: f64,
+}
+
+/// Hosts that can take a session now, least loaded first: registered, key
+/// not revoked, online with a fresh heartbeat, not draining, reported
+/// reachable by a gateway (and unreachable by none) recently, with room.
+async fn candidates(conn: &mut mysql_async::Conn) -> Result<Vec<Candidate>, AppError> {
+    let rows: Vec<(u64, u64, u32, f64, u64, u64)> = conn
+        .exec(
+            format!(
+                "SELECT h.id,
+                    (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({})),
+                    h.max_sessions, h.cpu_percent, h.memory_used_mib, h.memory_total_mib
+                 FROM hosts h
+                 WHERE h.state = 'online' AND NOT h.draining AND h.key_revoked_at IS NULL
+                   AND h.key_digest IS NOT NULL
+                   AND h.last_heartbeat_at > UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
+                   AND EXISTS (SELECT 1 FROM host_reachability r WHERE r.host_id = h.id AND r.reachable
+                               AND r.checked_at > UTC_TIMESTAMP(6) - INTERVAL ? SECOND)
+                   AND NOT EXISTS (SELECT 1 FROM host_reachability r WHERE r.host_id = h.id AND NOT r.reachable
+                               AND r.checked_at > UTC_TIMESTAMP(6) - INTERVAL ? SECOND)",
+                live_sql()
+            ),
+            (
+                HEARTBEAT_FRESH_SECONDS * 1_000_000,
+                REACHABILITY_FRESH_SECONDS,
+                REACHABILITY_FRESH_SECONDS,
+            ),
+        )
+        .await?;
+    let mut list: Vec<Candidate> = rows
+        .into_iter()
+        .filter(|(_, live, max, ..)| *live < u64::from(*max))
+        .map(|(id, live, max_sessions, cpu, used, total)| Candidate {
+            id,
+            live,
+            max_sessions,
+            score: load_score(live, max_sessions, cpu, used, total),
+        })
+        .collect();
+    list.sort_by(|a, b| a.score.total_cmp(&b.score).then(a.id.cmp(&b.id)));
+    Ok(list)
+}
+
+/// The order to try hosts in: the project's last host first when it can
+/// take the session (its files are there), then the least loaded.
+fn placement_order(mut list: Vec<Candidate>, last_host: Option<u64>) -> Vec<Candidate> {
+    if let Some(last) = last_host {
+        if let Some(i) = list.iter().position(|c| c.id == last) {
+            let preferred = list.remove(i);
+            list.insert(0, preferred);
+        }
+    }
+    list
+}
+
+fn new_upstream_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Opens `project_id` for its owner: returns the project's live session if
+/// it has one, otherwise places a new one and tells the host's agent.
+pub async fn open(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    user_id: u64,
+    project_id: u64,
+) -> Result<Opened, AppError> {
+    let started = Instant::now();
+    let mut conn = pool.get_conn().await?;
+    // Opening the same project twice at once: the project row lock makes
+    // the second wait and then find the first's session.
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let project: Option<(Option<u64>, bool)> = tx
+        .exec_first(
+            "SELECT last_host_id, deleted_at IS NOT NULL FROM projects WHERE id = ? AND owner_id = ? FOR UPDATE",
+            (project_id, user_id),
+        )
+        .await?;
+    let last_host = match project {
+        None => return Err(AppError::NotFound("project")),
+        Some((_, true)) => {
+            return Err(AppError::Conflict {
+                field: None,
+                message: "This project was deleted, so it cannot be opened.".into(),
+            })
+        }
+        Some((last_host, false)) => last_host,
+    };
+    let existing: Option<(String, u64, String)> = tx
+        .exec_first(
+            "SELECT sid, host_id, state FROM sessions WHERE live_project_id = ?",
+            (project_id,),
+        )
+        .await?;
+    if let Some((sid, host_id, state)) = existing {
+        tx.rollback().await?;
+        if Phase::from_column(&state) == Some(Phase::Stopping) {
+            return Err(AppError::Conflict {
+                field: None,
+                message:
+                    "This project's last session is still stopping; open it again in a moment."
+                        .into(),
+            });
+        }
+        return Ok(Opened {
+            session_id: sid,
+            host_id,
+            state,
+            existing: true,
+        });
+    }
+    // Candidates are read without locks; the chosen host's row is then
+    // locked and its sessions recounted, so capacity holds under races.
+    let mut reader = pool.get_conn().await?;
+    let order = placement_order(candidates(&mut reader).await?, last_host);
+    drop(reader);
+    let mut chosen = None;
+    for candidate in order {
+        let live: Option<u64> = tx
+            .exec_first(
+                format!(
+                    "SELECT (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({}))
+                     FROM hosts h WHERE h.id = ? AND h.state = 'online' AND NOT h.draining FOR UPDATE",
+                    live_sql()
+                ),
+                (candidate.id,),
+            )
+            .await?;
+        if live.is_some_and(|live| live < u64::from(candidate.max_sessions)) {
+            chosen = Some(candidate);
+            break;
+        }
+    }
+    let Some(host) = chosen else {
+        tx.rollback().await?;
+        metrics::counter!("opencloud_placements_total", "outcome" => "no_capacity").increment(1);
+        return Err(AppError::NoCapacity(
+            "No host has room for a new session right now. Try again in a few minutes.".into(),
+        ));
+    };
+    let sid = routes::new_sid();
+    let token = new_upstream_token();
+    tx.exec_drop(
+        "INSERT INTO sessions (sid, project_id, user_id, host_id, port, upstream_token, state, live_project_id, created_at)
+         VALUES (?, ?, ?, ?, 0, ?, ?, ?, UTC_TIMESTAMP(6))",
+        (
+            &sid,
+            project_id,
+            user_id,
+            host.id,
+            &token,
+            Phase::Starting.as_column(),
+            project_id,
+        ),
+    )
+    .await?;
+    queue_command(&mut tx, host.id, &sid, "start").await?;
+    // The gateway shows a "starting" page until the route has a port.
+    let route = SessionRoute {
+        sid: sid.clone(),
+        owner: user_id,
+        host: host.id,
+        port: 0,
+        upstream_token: token,
+        state: SessionState::Starting,
+    };
+    publish(&mut tx, &[Change::UpsertSession(route)]).await?;
+    commit(tx).await?;
+    wakeups.wake(host.id);
+    metrics::counter!("opencloud_placements_total", "outcome" => "placed").increment(1);
+    metrics::histogram!("opencloud_placement_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    tracing::info!(%sid, project = project_id, host = host.id, live = host.live, "session placed");
+    Ok(Opened {
+        session_id: sid,
+        host_id: host.id,
+        state: Phase::Starting.as_column().into(),
+        existing: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(id: u64, score: f64) -> Candidate {
+        Candidate {
+            id,
+            live: 0,
+            max_sessions: 4,
+            score,
+        }
+    }
+
+    #[test]
+    fn the_last_host_goes_first_when_it_can_take_the_session() {
+        let order = placement_order(vec![candidate(1, 0.1), candidate(2, 0.5)], Some(2));
+        assert_eq!(order.iter().map(|c| c.id).collect::<Vec<_>>(), [2, 1]);
+        let order = placement_order(vec![candidate(1, 0.1), candidate(2, 0.5)], Some(9));
+        assert_eq!(order.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn upstream_tokens_fit_the_gateways_inline_form() {
+        let token = new_upstream_token();
+        assert_eq!(token.len(), 43);
+        assert_ne!(token, new_upstream_token());
+    }
+}

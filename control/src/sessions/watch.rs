@@ -1,0 +1,91 @@
+//! The background job that ends sessions nobody asked to end: every
+//! second, hosts whose heartbeat stopped go offline and their sessions are
+//! lost; every 30 s, idle sessions are stopped. Each part runs on one
+//! replica at a time (its lease).
+
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use mysql_async::Pool;
+
+use super::commands::Wakeups;
+use super::ending::stop;
+use super::state::Phase;
+use crate::db::Lease;
+use crate::error::AppError;
+use crate::hosts::{find_silent, take_offline};
+
+/// Runs until `stopping` turns true.
+pub async fn watch(
+    pool: Pool,
+    wakeups: Wakeups,
+    idle_timeout: Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_cull = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = lose_silent_hosts(&pool).await {
+            tracing::warn!(error = %e, "host loss check failed");
+        }
+        if last_cull.elapsed() >= Duration::from_secs(30).min(idle_timeout / 4) {
+            last_cull = Instant::now();
+            if let Err(e) = cull_idle(&pool, &wakeups, idle_timeout).await {
+                tracing::warn!(error = %e, "idle culling failed");
+            }
+        }
+    }
+}
+
+async fn lose_silent_hosts(pool: &Pool) -> Result<(), AppError> {
+    let mut conn = pool.get_conn().await?;
+    let Ok(lease) = Lease::acquire(&mut conn, "host_monitor", Duration::ZERO).await else {
+        return Ok(());
+    };
+    let result = async {
+        for host in find_silent(pool).await? {
+            let lost = take_offline(pool, host, "host_lost").await?;
+            tracing::warn!(host, lost, "host missed its heartbeats; offline");
+        }
+        Ok::<_, AppError>(())
+    }
+    .await;
+    lease.release(&mut conn).await?;
+    result
+}
+
+/// Stops running sessions with no traffic through a gateway and no kernel
+/// activity for `idle_timeout`, and no kernel busy right now.
+pub async fn cull_idle(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    idle_timeout: Duration,
+) -> Result<usize, AppError> {
+    let mut conn = pool.get_conn().await?;
+    let Ok(lease) = Lease::acquire(&mut conn, "session_culler", Duration::ZERO).await else {
+        return Ok(0);
+    };
+    let result = async {
+        let idle: Vec<String> = pool
+            .get_conn()
+            .await?
+            .exec(
+                "SELECT sid FROM sessions WHERE state = ? AND busy_kernels = 0
+                   AND GREATEST(COALESCE(last_activity_at, ready_at), COALESCE(kernel_activity_at, ready_at), ready_at)
+                       < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
+                 LIMIT 1000",
+                (Phase::Running.as_column(), idle_timeout.as_micros() as u64),
+            )
+            .await?;
+        for sid in &idle {
+            stop(pool, wakeups, None, sid, "idle").await?;
+        }
+        Ok::<_, AppError>(idle.len())
+    }
+    .await;
+    lease.release(&mut conn).await?;
+    result
+}
