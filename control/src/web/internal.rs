@@ -1,6 +1,7 @@
-//! `/internal/v1/…` on the internal listener, for gateways only: the route
-//! stream, and the health and usage reports gateways send back. Every call
-//! carries `Authorization: Bearer <gateway key>`.
+//! `/internal/v1/…` (the protocol's `paths::internal`) on the internal
+//! listener, for gateways only: the route stream, and the health and usage
+//! reports (the protocol's `reports`) gateways send back. Every call carries
+//! `Authorization: Bearer <gateway key>`.
 
 use std::convert::Infallible;
 
@@ -12,22 +13,25 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
+use opencloud_protocol::credentials;
+use opencloud_protocol::paths::internal as paths;
+use opencloud_protocol::reports::{HealthReport, UsageReport};
 use opencloud_protocol::routes::{Version, WatchMessage};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{ApiJson, ApiQuery};
-use crate::error::{ApiError, AppError};
+use super::errors::ApiError;
+use super::extract::{ApiJson, ApiQuery};
+use crate::error::AppError;
 use crate::hosts::{self, HostHealth};
 use crate::sessions::{self, SessionUsage};
 use crate::{routes, App};
-use opencloud_protocol::credentials;
 
 pub fn routes() -> Router<App> {
     Router::new()
-        .route("/routes/watch", get(watch))
-        .route("/health", post(health))
-        .route("/usage", post(usage))
+        .route(paths::ROUTES_WATCH, get(watch))
+        .route(paths::HEALTH, post(health))
+        .route(paths::USAGE, post(usage))
 }
 
 /// A caller that presented one of the configured gateway keys.
@@ -99,26 +103,22 @@ async fn watch(
         .into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HealthReport {
-    gateway: String,
-    hosts: Vec<HostHealth>,
-}
-
 async fn health(
     _: Gateway,
     State(app): State<App>,
     ApiJson(report): ApiJson<HealthReport>,
 ) -> Result<Response, ApiError> {
-    hosts::record_reachability(&app.pool, &report.gateway, &report.hosts).await?;
+    // Adapter until `hosts` takes the protocol's report items itself.
+    let found: Vec<HostHealth> = report
+        .hosts
+        .iter()
+        .map(|h| HostHealth {
+            id: h.id,
+            reachable: h.reachable,
+        })
+        .collect();
+    hosts::record_reachability(&app.pool, &report.gateway, &found).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageReport {
-    sessions: Vec<SessionUsage>,
 }
 
 async fn usage(
@@ -126,6 +126,17 @@ async fn usage(
     State(app): State<App>,
     ApiJson(report): ApiJson<UsageReport>,
 ) -> Result<Response, ApiError> {
-    sessions::record_usage(&app.pool, &report.sessions, crate::now_unix()).await?;
+    // Adapter until `sessions` takes the protocol's report items itself.
+    let usage: Vec<SessionUsage> = report
+        .sessions
+        .into_iter()
+        .map(|u| SessionUsage {
+            sid: u.sid,
+            last_activity: u.last_activity,
+            bytes_in: u.bytes_in,
+            bytes_out: u.bytes_out,
+        })
+        .collect();
+    sessions::record_usage(&app.pool, &usage, crate::now_unix()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
