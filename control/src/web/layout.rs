@@ -1,12 +1,10 @@
 //! The page layout every page shares (who is logged in, the logout form's
-//! CSRF token), the helpers that render a page into an answer, and the
-//! stylesheet the layout links to.
+//! CSRF token), the stylesheet it links to, and escaping for the links
+//! pages build.
 
-use askama::Template;
-use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect};
+use axum::http::header;
+use axum::response::IntoResponse;
 
-use super::errors::PageResult;
 use crate::accounts::User;
 
 /// What the shared page layout shows: who is logged in, the logout form's
@@ -25,19 +23,6 @@ impl Layout {
     pub fn is_admin(&self) -> bool {
         self.user.as_ref().is_some_and(User::is_admin)
     }
-}
-
-pub fn render(status: StatusCode, page: impl Template) -> PageResult {
-    Ok((status, Html(page.render()?)).into_response())
-}
-
-pub fn ok(page: impl Template) -> PageResult {
-    render(StatusCode::OK, page)
-}
-
-/// After a successful POST: go elsewhere so a reload does not resubmit.
-pub fn see_other(to: &str) -> PageResult {
-    Ok(Redirect::to(to).into_response())
 }
 
 /// `s` escaped for a query string value.

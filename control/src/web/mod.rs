@@ -6,8 +6,8 @@
 //! (gateways). They share the small modules and never each other:
 //! `context` (the middleware before every platform request) on `auth` (who
 //! is calling), `cookies` and `csrf`; `errors` (errors as HTTP answers),
-//! `extract` (reading input), `layout` (the page layout) and `ops` (health
-//! and metrics).
+//! `extract` (reading input), `layout` (the page layout), `render`
+//! (answering with a page) and `ops` (health and metrics).
 
 mod admin;
 mod agent;
@@ -22,6 +22,7 @@ mod internal;
 mod layout;
 mod ops;
 mod pages;
+mod render;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware;

@@ -10,7 +10,8 @@ use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
 use crate::web::errors::PageResult;
 use crate::web::extract::{BeforeQuery, PageQuery};
-use crate::web::layout::{ok, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::ok;
 use crate::App;
 
 pub fn routes() -> Router<App> {

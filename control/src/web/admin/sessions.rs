@@ -19,7 +19,8 @@ use crate::sessions::explain_end;
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{safe_next, PageForm};
-use crate::web::layout::{render, see_other, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::{render, see_other};
 use crate::{lifecycle, App};
 
 pub fn routes() -> Router<App> {

@@ -12,7 +12,8 @@ use crate::error::AppError;
 use crate::web::auth::Ctx;
 use crate::web::errors::PageResult;
 use crate::web::extract::{parse_id, safe_next, PageForm, UserSearch};
-use crate::web::layout::{ok, see_other, urlencode, Layout};
+use crate::web::layout::{urlencode, Layout};
+use crate::web::render::{ok, see_other};
 use crate::App;
 
 pub fn routes() -> Router<App> {

@@ -13,7 +13,8 @@ use crate::error::AppError;
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::PageForm;
-use crate::web::layout::{ok, render, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::{ok, render};
 use crate::App;
 
 pub fn routes() -> Router<App> {

@@ -13,7 +13,8 @@ use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, BeforeQuery, PageForm, PageQuery};
-use crate::web::layout::{ok, render, see_other, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::{ok, render, see_other};
 use crate::App;
 
 pub fn routes() -> Router<App> {

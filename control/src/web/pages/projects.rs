@@ -14,7 +14,8 @@ use crate::projects::{self, Project};
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, PageForm};
-use crate::web::layout::{ok, render, see_other, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::{ok, render, see_other};
 use crate::{lifecycle, now_unix, sessions, App};
 
 pub fn routes() -> Router<App> {

@@ -16,7 +16,8 @@ use crate::web::auth::{self, Ctx};
 use crate::web::cookies;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{safe_next, PageForm};
-use crate::web::layout::{ok, render, see_other, urlencode, Layout};
+use crate::web::layout::{urlencode, Layout};
+use crate::web::render::{ok, render, see_other};
 use crate::App;
 
 pub fn routes() -> Router<App> {

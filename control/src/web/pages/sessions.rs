@@ -11,7 +11,8 @@ use axum::Router;
 use crate::sessions::{self, Session};
 use crate::web::auth::Ctx;
 use crate::web::errors::PageResult;
-use crate::web::layout::{render, see_other, Layout};
+use crate::web::layout::Layout;
+use crate::web::render::{render, see_other};
 use crate::{lifecycle, now_unix, App};
 
 pub fn routes() -> Router<App> {
