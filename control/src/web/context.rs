@@ -86,3 +86,21 @@ fn login_redirect(response: Response, wanted: &str) -> Response {
     let target = serde_urlencoded::to_string([("next", wanted)]).unwrap_or_default();
     Redirect::to(&format!("/login?{target}")).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_that_needs_a_login_sends_the_browser_to_log_in_and_back() {
+        let refused = StatusCode::UNAUTHORIZED.into_response();
+        let redirect = login_redirect(refused, "/projects/3?x=1");
+        assert_eq!(redirect.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            redirect.headers()[header::LOCATION],
+            "/login?next=%2Fprojects%2F3%3Fx%3D1"
+        );
+        let fine = login_redirect(StatusCode::OK.into_response(), "/projects");
+        assert_eq!(fine.status(), StatusCode::OK);
+    }
+}

@@ -73,3 +73,40 @@ pub fn append(response: &mut Response, mut cookies: Vec<HeaderValue>) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_cookies(response: &Response) -> Vec<&str> {
+        response
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_platform_cookie_the_handler_set_wins() {
+        let decided = || {
+            vec![
+                HeaderValue::from_static("oc_session=renewed"),
+                HeaderValue::from_static("oc_csrf=fresh"),
+            ]
+        };
+        let mut untouched = Response::default();
+        append(&mut untouched, decided());
+        assert_eq!(
+            set_cookies(&untouched),
+            ["oc_session=renewed", "oc_csrf=fresh"]
+        );
+
+        let mut logged_out = Response::default();
+        logged_out
+            .headers_mut()
+            .insert(header::SET_COOKIE, HeaderValue::from_static("oc_session="));
+        append(&mut logged_out, decided());
+        assert_eq!(set_cookies(&logged_out), ["oc_session=", "oc_csrf=fresh"]);
+    }
+}

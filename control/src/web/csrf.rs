@@ -127,3 +127,22 @@ pub async fn check(
     }
     Ok(Body::from(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_json_counts_as_json() {
+        let typed = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            is_json(&headers)
+        };
+        assert!(typed("application/json"));
+        assert!(typed("Application/JSON; charset=utf-8"));
+        assert!(!typed("text/plain"));
+        assert!(!typed("application/x-www-form-urlencoded"));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+}

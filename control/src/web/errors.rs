@@ -70,7 +70,9 @@ impl AppError {
         }
     }
 
-    fn with_retry_after(&self, mut response: Response) -> Response {
+    /// `response` with the `Retry-After` a refusal for too many attempts
+    /// carries.
+    pub fn with_retry_after(&self, mut response: Response) -> Response {
         if let AppError::TooManyAttempts { retry_after, .. } = self {
             response
                 .headers_mut()

@@ -34,6 +34,7 @@ use crate::App;
 use errors::ApiError;
 use extract::{BODY_LIMIT, INTERNAL_BODY_LIMIT};
 
+/// The public listener: the site, the API and the agents' calls.
 pub fn public_router(app: App) -> Router {
     let platform = Router::new()
         .merge(pages::routes())
@@ -57,6 +58,7 @@ pub fn public_router(app: App) -> Router {
         .with_state(app)
 }
 
+/// The internal listener: metrics, health and the gateways' calls.
 pub fn internal_router(app: App) -> Router {
     Router::new()
         .route("/metrics", get(ops::metrics))

@@ -204,7 +204,7 @@ async fn login(
             | AppError::Forbidden(_)
             | AppError::TooManyAttempts { .. }),
         ) => {
-            let mut response = render(
+            let page = render(
                 e.status(),
                 LoginPage {
                     layout: ctx.layout(),
@@ -214,12 +214,7 @@ async fn login(
                     notice: None,
                 },
             )?;
-            if let AppError::TooManyAttempts { retry_after, .. } = e {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, retry_after.into());
-            }
-            Ok(response)
+            Ok(e.with_retry_after(page))
         }
         Err(e) => Err(e.into()),
     }
