@@ -504,7 +504,7 @@ async fn revoke_where(
         update,
     )
     .await?;
-    let now = crate::now_unix();
+    let now = crate::clock::now_unix();
     let changes: Vec<Change> = rows
         .into_iter()
         .map(|(id, expires)| routes::revocation(id, expires))

@@ -1,8 +1,11 @@
-//! OpenCloud control: accounts, packages, projects, pages and the JSON API.
-//!
-//! `main.rs` only parses arguments; everything here is what the tests drive.
+//! OpenCloud control: accounts, packages, projects, hosts, sessions, the
+//! route stream, pages and the JSON API. This file only wires them together
+//! and serves; `main.rs` only parses arguments. Every module below has one
+//! concern, stated in its opening comment; `docs/architecture.md` maps them.
 
 pub mod accounts;
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -15,50 +18,13 @@ pub mod sessions;
 pub mod web;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use mysql_async::Pool;
 use tokio::net::TcpListener;
 
+pub use app::App;
+pub use clock::now_unix;
 pub use config::Config;
-
-/// Everything a request handler may need, cheap to clone.
-#[derive(Clone)]
-pub struct App {
-    pub config: Arc<Config>,
-    pub pool: Pool,
-    pub passwords: accounts::Passwords,
-    pub metrics: PrometheusHandle,
-    /// Turns true when the service is shutting down, so long-lived
-    /// responses (route watch streams) and background jobs end.
-    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Wakes agents' command polls when their host gets a command.
-    pub wakeups: sessions::commands::Wakeups,
-}
-
-impl App {
-    pub fn new(config: Config, pool: Pool, metrics: PrometheusHandle) -> Self {
-        let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
-        Self {
-            config: Arc::new(config),
-            pool,
-            passwords,
-            metrics,
-            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
-            wakeups: sessions::commands::Wakeups::default(),
-        }
-    }
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
 
 /// Installs the process-wide Prometheus recorder (once).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {

@@ -1,5 +1,6 @@
-//! `/agent/v1/…`: what host agents call, authenticated by their HostKey
-//! (`Authorization: HostKey <key>`), never by cookies.
+//! `/agent/v1/…` (the protocol's `paths::agent`): what host agents call,
+//! authenticated by their HostKey (`Authorization: HostKey <key>`), never by
+//! cookies.
 
 use std::time::Duration;
 
@@ -12,19 +13,22 @@ use axum::{Json, Router};
 use opencloud_protocol::agent::{
     AgentEvent, AgentHello, CommandBatch, Heartbeat, COMMAND_POLL_SECONDS, HOST_KEY_SCHEME,
 };
+use opencloud_protocol::paths::agent as paths;
 use serde::Deserialize;
 
-use super::{ApiJson, ApiQuery};
-use crate::error::{ApiError, AppError};
+use super::errors::ApiError;
+use super::extract::{ApiJson, ApiQuery};
+use crate::app::App;
+use crate::error::AppError;
+use crate::hosts;
 use crate::sessions::{commands, events};
-use crate::{hosts, App};
 
 pub fn routes() -> Router<App> {
     Router::new()
-        .route("/register", post(register))
-        .route("/heartbeat", post(heartbeat))
-        .route("/commands", get(commands))
-        .route("/events", post(event))
+        .route(paths::REGISTER, post(register))
+        .route(paths::HEARTBEAT, post(heartbeat))
+        .route(paths::COMMANDS, get(commands))
+        .route(paths::EVENTS, post(event))
 }
 
 /// The host whose key the request carries.

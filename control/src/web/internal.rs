@@ -1,6 +1,7 @@
-//! `/internal/v1/…` on the internal listener, for gateways only: the route
-//! stream, and the health and usage reports gateways send back. Every call
-//! carries `Authorization: Bearer <gateway key>`.
+//! `/internal/v1/…` (the protocol's `paths::internal`) on the internal
+//! listener, for gateways only: the route stream, and the health and usage
+//! reports (the protocol's `reports`) gateways send back. Every call carries
+//! `Authorization: Bearer <gateway key>`.
 
 use std::convert::Infallible;
 
@@ -12,23 +13,26 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
+use opencloud_protocol::credentials;
+use opencloud_protocol::paths::internal as paths;
+use opencloud_protocol::reports::{HealthReport, UsageReport};
 use opencloud_protocol::routes::{Version, WatchMessage};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{ApiJson, ApiQuery};
-use crate::error::{ApiError, AppError};
+use super::errors::ApiError;
+use super::extract::{ApiJson, ApiQuery};
+use crate::app::App;
+use crate::error::AppError;
 use crate::hosts;
-use crate::sessions::usage;
-use crate::{routes, App};
-use opencloud_protocol::credentials;
-use opencloud_protocol::reports::{HostReachability, SessionUsage};
+use crate::routes;
+use crate::sessions;
 
 pub fn routes() -> Router<App> {
     Router::new()
-        .route("/routes/watch", get(watch))
-        .route("/health", post(health))
-        .route("/usage", post(usage))
+        .route(paths::ROUTES_WATCH, get(watch))
+        .route(paths::HEALTH, post(health))
+        .route(paths::USAGE, post(usage))
 }
 
 /// A caller that presented one of the configured gateway keys.
@@ -100,13 +104,6 @@ async fn watch(
         .into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HealthReport {
-    gateway: String,
-    hosts: Vec<HostReachability>,
-}
-
 async fn health(
     _: Gateway,
     State(app): State<App>,
@@ -116,17 +113,11 @@ async fn health(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageReport {
-    sessions: Vec<SessionUsage>,
-}
-
 async fn usage(
     _: Gateway,
     State(app): State<App>,
     ApiJson(report): ApiJson<UsageReport>,
 ) -> Result<Response, ApiError> {
-    usage::record_usage(&app.pool, &report.sessions, crate::now_unix()).await?;
+    sessions::usage::record_usage(&app.pool, &report.sessions, crate::clock::now_unix()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

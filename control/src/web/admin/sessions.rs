@@ -1,115 +1,36 @@
-//! The admin panel's data pages: every host, and Session data (filters,
-//! keyset pages, CSV export, stopping a live session). Handlers parse the
-//! query or form and render; `hosts` and `sessions` do the
-//! work.
+//! Admin: Session data, every session with filters and keyset pages, its
+//! CSV export, and stopping a live session. Handlers parse the query or
+//! form and render; `sessions::data` and `sessions::ending` do the work.
 
 use askama::Template;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::{BeforeQuery, Ctx, FormError, Layout, PageForm, PageQuery};
-use crate::error::{AppError, PageError};
-use crate::hosts::{self, HostView};
+use super::numbers::{human_bytes, human_duration};
+use crate::app::App;
+use crate::error::AppError;
 use crate::sessions::data::{self, Filter, Row};
-use crate::sessions::{ending, explain_end, state};
-use crate::App;
+use crate::sessions::ending;
+use crate::sessions::explain_end;
+use crate::sessions::state::{self, Phase};
+use crate::web::auth::Ctx;
+use crate::web::errors::{FormError, PageResult};
+use crate::web::extract::{safe_next, PageForm};
+use crate::web::layout::Layout;
+use crate::web::render::{render, see_other};
 
 pub fn routes() -> Router<App> {
     Router::new()
-        .route("/admin/hosts", get(hosts_page))
         .route("/admin/sessions", get(sessions_page))
         .route("/admin/sessions.csv", get(sessions_csv))
         .route("/admin/sessions/{sid}/stop", post(stop_session))
 }
-
-type PageResult = Result<Response, PageError>;
-
-fn render(status: StatusCode, page: impl Template) -> PageResult {
-    Ok((status, Html(page.render()?)).into_response())
-}
-
-// ----- hosts -----
-
-/// A host with the numbers the table shows, formatted.
-struct HostLine {
-    host: HostView,
-    offered: String,
-    in_use: String,
-}
-
-impl From<HostView> for HostLine {
-    fn from(host: HostView) -> Self {
-        let offered = if host.max_sessions == 0 {
-            "—".to_owned()
-        } else {
-            format!(
-                "{} cores · {}",
-                trim_float(host.cpu_cores),
-                human_bytes(host.memory_mib.saturating_mul(MIB))
-            )
-        };
-        let in_use = if host.last_heartbeat.is_none() {
-            String::new()
-        } else {
-            format!(
-                "{:.0} % · {} of {}",
-                host.cpu_percent,
-                human_bytes(host.memory_used_mib.saturating_mul(MIB)),
-                human_bytes(host.memory_total_mib.saturating_mul(MIB))
-            )
-        };
-        Self {
-            host,
-            offered,
-            in_use,
-        }
-    }
-}
-
-#[derive(Template)]
-#[template(path = "admin_hosts.html")]
-struct HostsPage {
-    layout: Layout,
-    hosts: Vec<HostLine>,
-    total: u64,
-    /// Not on the first page: a link back to it.
-    first_link: Option<String>,
-    next_link: Option<String>,
-}
-
-async fn hosts_page(
-    State(app): State<App>,
-    ctx: Ctx,
-    PageQuery(query): PageQuery<BeforeQuery>,
-) -> PageResult {
-    ctx.require_admin()?;
-    let page = hosts::list(&app.pool, None, query.before).await?;
-    render(
-        StatusCode::OK,
-        HostsPage {
-            layout: ctx.layout(),
-            hosts: page.hosts.into_iter().map(HostLine::from).collect(),
-            total: page.total,
-            first_link: query.before.map(|_| "/admin/hosts".to_owned()),
-            next_link: page
-                .next_before
-                .map(|before| format!("/admin/hosts?before={before}")),
-        },
-    )
-}
-
-// ----- session data -----
-
-/// The states the filter offers, in the order a session goes through them.
-const STATES: [&str; 6] = [
-    "starting", "running", "stopping", "stopped", "failed", "lost",
-];
 
 /// The fields the filter form shows; errors about any other parameter
 /// (`after`, `per_page`) are shown above the form.
@@ -233,9 +154,10 @@ struct SessionsPage {
 
 impl SessionsPage {
     fn new(layout: Layout, filter: Filter) -> Self {
-        let states = STATES
+        // In the order a session goes through them.
+        let states = Phase::ALL
             .iter()
-            .map(|s| (*s, filter.state.trim() == *s))
+            .map(|p| (p.as_column(), filter.state.trim() == p.as_column()))
             .collect();
         let csv_link = with_query("/admin/sessions.csv", filter_query(&filter, false, None));
         let here = with_query(
@@ -398,83 +320,16 @@ async fn stop_session(
     );
     let back = form.back;
     let back = if back == "/admin/sessions" || back.starts_with("/admin/sessions?") {
-        super::safe_next(Some(&back))
+        safe_next(Some(&back))
     } else {
         "/admin/sessions".to_owned()
     };
-    Ok(Redirect::to(&back).into_response())
-}
-
-// ----- numbers in words -----
-
-const MIB: u64 = 1 << 20;
-
-/// `42 s`, `5 min 07 s`, `1 h 02 min`, `3 d 04 h`.
-fn human_duration(seconds: u64) -> String {
-    let (d, h, m, s) = (
-        seconds / 86_400,
-        seconds / 3600 % 24,
-        seconds / 60 % 60,
-        seconds % 60,
-    );
-    match seconds {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{m} min {s:02} s"),
-        3600..86_400 => format!("{h} h {m:02} min"),
-        _ => format!("{d} d {h:02} h"),
-    }
-}
-
-/// `512 B`, `1.2 MiB`, `3.0 GiB`.
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    // 1023.96 KiB would print as "1024.0 KiB"; say 1.0 MiB instead.
-    if format!("{value:.1}") == "1024.0" && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
-/// `4`, `0.5`, `1.25`.
-fn trim_float(v: f64) -> String {
-    let s = format!("{v:.2}");
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    see_other(&back)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_read_like_a_clock() {
-        assert_eq!(human_duration(0), "0 s");
-        assert_eq!(human_duration(59), "59 s");
-        assert_eq!(human_duration(307), "5 min 07 s");
-        assert_eq!(human_duration(3720), "1 h 02 min");
-        assert_eq!(human_duration(86_399), "23 h 59 min");
-        assert_eq!(human_duration(3 * 86_400 + 4 * 3600 + 59), "3 d 04 h");
-    }
-
-    #[test]
-    fn byte_counts_use_binary_units() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1024), "1.0 KiB");
-        assert_eq!(human_bytes(1_258_291), "1.2 MiB");
-        assert_eq!(human_bytes(MIB - 1), "1.0 MiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
-        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
-    }
 
     #[test]
     fn filters_survive_the_round_trip_through_links() {

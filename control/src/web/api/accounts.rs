@@ -1,0 +1,137 @@
+//! The account calls: registering, logging in and out (token and cookie),
+//! changing the password, and who am I.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::accounts::{self, LoginAttempt, NewUser, Role};
+use crate::app::App;
+use crate::web::auth::{self, Ctx};
+use crate::web::cookies;
+use crate::web::errors::ApiResult;
+use crate::web::extract::{parse_role, ApiJson};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/logout", post(logout))
+        .route("/auth/password", post(change_password))
+        .route("/me", get(me))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    email: String,
+    password: String,
+    name: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult {
+    let role = body
+        .role
+        .as_deref()
+        .map(parse_role)
+        .transpose()?
+        .unwrap_or(Role::Customer);
+    let user = accounts::register(
+        &app.pool,
+        &app.passwords,
+        NewUser {
+            email: body.email,
+            name: body.name,
+            password: body.password,
+            role,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "user": user }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+async fn login(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> ApiResult {
+    let logged_in = accounts::login(
+        &app.pool,
+        &app.passwords,
+        &app.config.login,
+        LoginAttempt {
+            email: &body.email,
+            password: &body.password,
+            client_ip: ctx.client_ip.to_string(),
+            user_agent: &ctx.user_agent,
+        },
+    )
+    .await?;
+    let token = auth::issue_token(&app, logged_in.user.id, &logged_in.login_session);
+    Ok((
+        [(
+            header::SET_COOKIE,
+            cookies::platform_cookie(&app, token.clone()),
+        )],
+        Json(json!({
+            "token": token,
+            "expires_in": opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
+            "user": logged_in.user,
+        })),
+    )
+        .into_response())
+}
+
+async fn logout(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    if let Some(session) = &ctx.login_session {
+        accounts::revoke_login_session(&app.pool, session, "logout").await?;
+    }
+    Ok((
+        [(header::SET_COOKIE, cookies::clear_platform_cookie(&app))],
+        Json(json!({ "logged_out": true })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordRequest {
+    current_password: String,
+    new_password: String,
+}
+
+async fn change_password(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<PasswordRequest>,
+) -> ApiResult {
+    let (user, session) = ctx.require_user()?;
+    accounts::change_password(
+        &app.pool,
+        &app.passwords,
+        user.id,
+        session,
+        &body.current_password,
+        &body.new_password,
+    )
+    .await?;
+    Ok(Json(json!({ "changed": true, "other_sessions_revoked": true })).into_response())
+}
+
+async fn me(ctx: Ctx) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    Ok(Json(json!({ "user": user })).into_response())
+}

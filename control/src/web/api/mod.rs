@@ -1,0 +1,23 @@
+//! The JSON API under `/api/v1`, by area: the same operations as the
+//! pages. Errors are `{"error": {"code", "message", "field"}}`.
+
+mod accounts;
+mod admin;
+mod hosts;
+mod packages;
+mod projects;
+mod sessions;
+
+use axum::Router;
+
+use crate::app::App;
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .merge(accounts::routes())
+        .merge(projects::routes())
+        .merge(sessions::routes())
+        .merge(hosts::routes())
+        .merge(packages::routes())
+        .merge(admin::routes())
+}

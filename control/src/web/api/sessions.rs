@@ -1,0 +1,66 @@
+//! A user's own session: reading it (with a fresh URL to enter it while it
+//! is live) and stopping it.
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::app::App;
+use crate::clock::now_unix;
+use crate::sessions;
+use crate::sessions::ending;
+use crate::web::auth::Ctx;
+use crate::web::errors::ApiResult;
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/sessions/{sid}", get(get_session))
+        .route("/sessions/{sid}/stop", post(stop_session))
+}
+
+/// A session and, while it is live, the URL that enters it (with a fresh
+/// ticket, so fetch it right before navigating).
+async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
+    let (user, login_session) = ctx.require_user()?;
+    let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
+    let url = session.is_live().then(|| {
+        sessions::enter_url(
+            &app.config,
+            user.id,
+            login_session,
+            &session.sid,
+            now_unix(),
+        )
+    });
+    let ended = (!session.is_live()).then(|| session.end_explanation());
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({
+            "session_id": session.sid,
+            "project_id": session.project_id,
+            "state": session.state,
+            "url": url,
+            "created_at": session.created_at,
+            "ended_at": session.ended_at,
+            "end_reason": session.end_reason,
+            "ended_because": ended,
+        })),
+    )
+        .into_response())
+}
+
+async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    let state = ending::stop(
+        &app.pool,
+        &app.wakeups,
+        Some(user.id),
+        &sid,
+        "stopped_by_user",
+    )
+    .await?;
+    Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
+}

@@ -1,0 +1,43 @@
+//! The page layout every page shares (who is logged in, the logout form's
+//! CSRF token), the stylesheet it links to, and escaping for the links
+//! pages build.
+
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::accounts::User;
+
+/// What the shared page layout shows: who is logged in, the logout form's
+/// CSRF token.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub user: Option<User>,
+    pub csrf: String,
+}
+
+impl Layout {
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.user.as_ref().is_some_and(User::is_admin)
+    }
+}
+
+/// `s` escaped for a query string value.
+pub fn urlencode(s: &str) -> String {
+    serde_urlencoded::to_string([("v", s)])
+        .map(|pair| pair[2..].to_owned())
+        .unwrap_or_default()
+}
+
+pub async fn stylesheet() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("../../static/style.css"),
+    )
+}

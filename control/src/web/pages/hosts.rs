@@ -1,0 +1,166 @@
+//! My hosts, for host owners: the list, adding a host (its HostKey shown
+//! once), rotating and revoking a key, draining a host.
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use crate::app::App;
+use crate::error::AppError;
+use crate::hosts::{self, HostView};
+use crate::web::auth::Ctx;
+use crate::web::errors::{FormError, PageResult};
+use crate::web::extract::{parse_id, BeforeQuery, PageForm, PageQuery};
+use crate::web::layout::Layout;
+use crate::web::render::{ok, render, see_other};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/hosts", get(hosts_page).post(create_host))
+        .route("/hosts/{id}/key", post(rotate_host_key))
+        .route("/hosts/{id}/revoke", post(revoke_host_key))
+        .route("/hosts/{id}/drain", post(drain_host))
+}
+
+#[derive(Template)]
+#[template(path = "hosts.html")]
+struct HostsPage {
+    layout: Layout,
+    hosts: Vec<HostView>,
+    total: u64,
+    first_link: Option<String>,
+    next_link: Option<String>,
+    error: FormError,
+    name: String,
+    /// A key just made: shown this once.
+    new_key: Option<(String, String)>,
+    control_url: String,
+}
+
+/// My hosts showing the page of hosts older than `before`.
+async fn hosts_view(
+    app: &App,
+    ctx: &Ctx,
+    owner: u64,
+    error: FormError,
+    name: String,
+    new_key: Option<(String, String)>,
+    before: Option<u64>,
+) -> Result<HostsPage, AppError> {
+    let page = hosts::list(&app.pool, Some(owner), before).await?;
+    Ok(HostsPage {
+        hosts: page.hosts,
+        total: page.total,
+        first_link: before.map(|_| "/hosts".to_owned()),
+        next_link: page.next_before.map(|b| format!("/hosts?before={b}")),
+        layout: ctx.layout(),
+        error,
+        name,
+        new_key,
+        control_url: app.config.public_origin.clone(),
+    })
+}
+
+async fn hosts_page(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageQuery(query): PageQuery<BeforeQuery>,
+) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    let view = hosts_view(
+        &app,
+        &ctx,
+        user.id,
+        FormError::none(),
+        String::new(),
+        None,
+        query.before,
+    )
+    .await?;
+    ok(view)
+}
+
+#[derive(Deserialize)]
+struct HostForm {
+    name: String,
+}
+
+async fn create_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<HostForm>,
+) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    match hosts::create(&app.pool, user.id, &form.name).await {
+        Ok((host, key)) => render(
+            StatusCode::CREATED,
+            hosts_view(
+                &app,
+                &ctx,
+                user.id,
+                FormError::none(),
+                String::new(),
+                Some((host.name, key)),
+                None,
+            )
+            .await?,
+        ),
+        Err(e @ AppError::Invalid { .. }) => render(
+            e.status(),
+            hosts_view(
+                &app,
+                &ctx,
+                user.id,
+                FormError::from(&e),
+                form.name,
+                None,
+                None,
+            )
+            .await?,
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    let id = parse_id(&id, "host")?;
+    let key = hosts::rotate_key(&app.pool, user.id, id).await?;
+    let name = hosts::get(&app.pool, Some(user.id), id).await?.name;
+    ok(hosts_view(
+        &app,
+        &ctx,
+        user.id,
+        FormError::none(),
+        String::new(),
+        Some((name, key)),
+        None,
+    )
+    .await?)
+}
+
+async fn revoke_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    hosts::revoke_key(&app.pool, user.id, parse_id(&id, "host")?).await?;
+    see_other("/hosts")
+}
+
+#[derive(Deserialize)]
+struct DrainForm {
+    draining: String,
+}
+
+async fn drain_host(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    PageForm(form): PageForm<DrainForm>,
+) -> PageResult {
+    let user = ctx.require_host_owner()?;
+    let draining = form.draining == "true";
+    hosts::set_draining(&app.pool, Some(user.id), parse_id(&id, "host")?, draining).await?;
+    see_other("/hosts")
+}

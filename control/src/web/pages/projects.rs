@@ -1,0 +1,201 @@
+//! My projects: the list, creating, editing and deleting a project, and
+//! Open, which places (or finds) its session and goes to it.
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use crate::app::App;
+use crate::clock::now_unix;
+use crate::error::AppError;
+use crate::projects::{self, Project};
+use crate::sessions;
+use crate::sessions::{ending, placement};
+use crate::web::auth::Ctx;
+use crate::web::errors::{FormError, PageResult};
+use crate::web::extract::{parse_id, PageForm};
+use crate::web::layout::Layout;
+use crate::web::render::{ok, render, see_other};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/projects", get(projects_page).post(create_project))
+        .route("/projects/{id}", get(project_page).post(update_project))
+        .route("/projects/{id}/delete", post(delete_project))
+        .route("/projects/{id}/open", post(open_project))
+}
+
+#[derive(Template)]
+#[template(path = "projects.html")]
+struct ProjectsPage {
+    layout: Layout,
+    projects: Vec<Project>,
+    error: FormError,
+    name: String,
+    description: String,
+    /// Why the last Open did not work (no host with room, …).
+    open_error: Option<String>,
+}
+
+impl ProjectsPage {
+    /// While a session starts or stops the page refreshes itself.
+    fn changing(&self) -> bool {
+        self.projects.iter().any(|p| {
+            p.session
+                .as_ref()
+                .is_some_and(|s| matches!(s.state.as_str(), "starting" | "stopping"))
+        })
+    }
+}
+
+async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    ok(ProjectsPage {
+        projects: projects::list(&app.pool, user.id).await?,
+        layout: ctx.layout(),
+        error: FormError::none(),
+        name: String::new(),
+        description: String::new(),
+        open_error: None,
+    })
+}
+
+/// Open: place (or find) the session and go straight to its origin; the
+/// gateway shows a "starting" page there until Jupyter is ready.
+async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let (user, login_session) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    match placement::open(&app.pool, &app.wakeups, user.id, id).await {
+        Ok(opened) => {
+            let url = sessions::enter_url(
+                &app.config,
+                user.id,
+                login_session,
+                &opened.session_id,
+                now_unix(),
+            );
+            Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
+        }
+        Err(e @ (AppError::NoCapacity(_) | AppError::Conflict { .. })) => render(
+            e.status(),
+            ProjectsPage {
+                projects: projects::list(&app.pool, user.id).await?,
+                layout: ctx.layout(),
+                error: FormError::none(),
+                name: String::new(),
+                description: String::new(),
+                open_error: Some(e.to_string()),
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ProjectForm {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_project(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<ProjectForm>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    match projects::create(&app.pool, user.id, &form.name, &form.description).await {
+        Ok(_) => see_other("/projects"),
+        Err(e @ (AppError::Invalid { .. } | AppError::Conflict { .. })) => render(
+            e.status(),
+            ProjectsPage {
+                projects: projects::list(&app.pool, user.id).await?,
+                layout: ctx.layout(),
+                error: FormError::from(&e),
+                name: form.name,
+                description: form.description,
+                open_error: None,
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "project.html")]
+struct ProjectPage {
+    layout: Layout,
+    project: Project,
+    error: FormError,
+    name: String,
+    description: String,
+    notice: Option<&'static str>,
+}
+
+#[derive(Deserialize)]
+struct SavedQuery {
+    saved: Option<String>,
+}
+
+async fn project_page(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(query): Query<SavedQuery>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let project = projects::get(&app.pool, user.id, parse_id(&id, "project")?).await?;
+    ok(ProjectPage {
+        layout: ctx.layout(),
+        name: project.name.clone(),
+        description: project.description.clone(),
+        project,
+        error: FormError::none(),
+        notice: query.saved.map(|_| "Saved."),
+    })
+}
+
+async fn update_project(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    PageForm(form): PageForm<ProjectForm>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    match projects::update(
+        &app.pool,
+        user.id,
+        id,
+        Some(&form.name),
+        Some(&form.description),
+    )
+    .await
+    {
+        Ok(_) => see_other(&format!("/projects/{id}?saved=1")),
+        Err(e @ AppError::Invalid { .. }) => render(
+            e.status(),
+            ProjectPage {
+                layout: ctx.layout(),
+                project: projects::get(&app.pool, user.id, id).await?,
+                error: FormError::from(&e),
+                name: form.name,
+                description: form.description,
+                notice: None,
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    ending::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
+    projects::delete(&app.pool, user.id, id).await?;
+    see_other("/projects")
+}
