@@ -15,9 +15,14 @@ pub mod internal {
 /// Control's public listener, for host agents (`Authorization: HostKey`);
 /// the conversation is described in [`crate::agent`].
 pub mod agent {
+    /// `POST` an [`AgentHello`](crate::agent::AgentHello): the host announces itself.
     pub const REGISTER: &str = "/agent/v1/register";
+    /// `POST` a [`Heartbeat`](crate::agent::Heartbeat) every few seconds.
     pub const HEARTBEAT: &str = "/agent/v1/heartbeat";
+    /// `GET ?after=ID`: long-polls for a
+    /// [`CommandBatch`](crate::agent::CommandBatch).
     pub const COMMANDS: &str = "/agent/v1/commands";
+    /// `POST` an [`AgentEvent`](crate::agent::AgentEvent).
     pub const EVENTS: &str = "/agent/v1/events";
 }
 
