@@ -15,6 +15,7 @@ use bytes::Bytes;
 use opencloud_protocol::paths;
 use opencloud_protocol::reports::{HealthReport, UsageReport};
 use reqwest::StatusCode;
+use serde::Serialize;
 
 /// Control is on the same network: a connect that takes longer failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,23 +70,25 @@ impl ControlClient {
 
     /// Posts which hosts this gateway can reach.
     pub async fn report_health(&self, report: &HealthReport) -> Result<(), ControlError> {
-        let url = format!("{}{}", self.base_url, paths::internal::HEALTH);
-        let request = self
-            .http
-            .post(url)
-            .timeout(HEALTH_REPORT_TIMEOUT)
-            .json(report);
-        self.send(request).await.map(drop)
+        self.post(paths::internal::HEALTH, HEALTH_REPORT_TIMEOUT, report)
+            .await
     }
 
     /// Posts the sessions' traffic since the last report that arrived.
     pub async fn report_usage(&self, report: &UsageReport) -> Result<(), ControlError> {
-        let url = format!("{}{}", self.base_url, paths::internal::USAGE);
-        let request = self
-            .http
-            .post(url)
-            .timeout(USAGE_REPORT_TIMEOUT)
-            .json(report);
+        self.post(paths::internal::USAGE, USAGE_REPORT_TIMEOUT, report)
+            .await
+    }
+
+    /// Posts `body` as JSON to `path`, giving up after `limit`.
+    async fn post(
+        &self,
+        path: &str,
+        limit: Duration,
+        body: &impl Serialize,
+    ) -> Result<(), ControlError> {
+        let url = format!("{}{path}", self.base_url);
+        let request = self.http.post(url).timeout(limit).json(body);
         self.send(request).await.map(drop)
     }
 

@@ -418,7 +418,7 @@ impl ProxyHttp for Gateway {
         match class {
             Class::Platform => {
                 let path = session.req_header().uri.path();
-                if path.starts_with("/internal/") || path == "/metrics" {
+                if path.starts_with(paths::internal::PREFIX) || path == "/metrics" {
                     return respond(
                         session,
                         404,
