@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use opencloud_protocol::origin::{Origins, SessionDomain};
 use opencloud_protocol::{config, Keyring};
 use serde::Deserialize;
 
@@ -124,7 +125,7 @@ pub struct Config {
     pub public_origin: String,
     pub secure_cookies: bool,
     /// Host and optional port under which sessions live: `nb.localhost:8080`.
-    pub session_domain: String,
+    pub session_domain: SessionDomain,
     /// Keys gateways authenticate with on the internal listener.
     pub gateway_keys: GatewayKeys,
     pub keys: Keyring,
@@ -142,8 +143,7 @@ pub struct Config {
 impl Config {
     /// `{scheme}://{sid}.{session_domain}`: where session `sid` is served.
     pub fn session_origin(&self, sid: &str) -> String {
-        let scheme = if self.secure_cookies { "https" } else { "http" };
-        format!("{scheme}://{sid}.{}", self.session_domain)
+        self.session_domain.origin(self.secure_cookies, sid)
     }
 }
 
@@ -205,15 +205,8 @@ impl Config {
             message,
         };
 
-        let public_origin = parse_origin(&file.public_url).map_err(|m| invalid("public_url", m))?;
-        let session_domain =
-            parse_session_domain(&file.session_domain).map_err(|m| invalid("session_domain", m))?;
-        if public_origin.split_once("://").map(|(_, host)| host) == Some(session_domain.as_str()) {
-            return Err(invalid(
-                "session_domain",
-                "must differ from the host of public_url (sessions need their own origin)".into(),
-            ));
-        }
+        let origins = Origins::parse(&file.public_url, &file.session_domain)
+            .map_err(|e| invalid(e.key, e.message))?;
         if let Some(n) = file
             .gateway_keys
             .iter()
@@ -270,9 +263,9 @@ impl Config {
         )?;
 
         Ok(Self {
-            secure_cookies: public_origin.starts_with("https://"),
-            public_origin,
-            session_domain,
+            secure_cookies: origins.platform.https(),
+            public_origin: origins.platform.as_str().to_owned(),
+            session_domain: origins.sessions,
             gateway_keys: GatewayKeys(file.gateway_keys),
             keys,
             trusted_proxies: file.trusted_proxies,
@@ -292,56 +285,6 @@ impl Config {
             idle_timeout: std::time::Duration::from_secs(file.sessions.idle_timeout_seconds),
         })
     }
-}
-
-/// `http(s)://host[:port]` with an optional trailing slash, nothing else.
-fn parse_origin(url: &str) -> Result<String, String> {
-    let trimmed = url.trim_end_matches('/');
-    let rest = trimmed
-        .strip_prefix("http://")
-        .or_else(|| trimmed.strip_prefix("https://"))
-        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
-        return Err(format!(
-            "`{url}` must be a bare origin like https://opencloud.example (no path)"
-        ));
-    }
-    Ok(trimmed.to_ascii_lowercase())
-}
-
-/// `host[:port]`: DNS labels of letters, digits and hyphens, lower-cased;
-/// no scheme, path or leading dot.
-fn parse_session_domain(raw: &str) -> Result<String, String> {
-    let domain = raw.trim().to_ascii_lowercase();
-    let example = "like nb.example.com or nb.localhost:8080 (no scheme, path or leading dot)";
-    if domain.contains("://") {
-        return Err(format!(
-            "`{raw}` must be a host name without a scheme, {example}"
-        ));
-    }
-    let (host, port) = match domain.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (domain.as_str(), None),
-    };
-    if let Some(port) = port {
-        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
-            return Err(format!("`{raw}` has a bad port; use a host name {example}"));
-        }
-    }
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    // A sid label (26 characters) plus a dot must still fit in a DNS name.
-    if host.is_empty() || host.len() > 253 - 27 || !host.split('.').all(label_ok) {
-        return Err(format!("`{raw}` must be a host name {example}"));
-    }
-    Ok(domain)
 }
 
 #[cfg(test)]
@@ -388,33 +331,6 @@ mod tests {
     }
 
     #[test]
-    fn session_domains_are_host_names_with_an_optional_port() {
-        assert_eq!(
-            parse_session_domain("NB.localhost:8080").unwrap(),
-            "nb.localhost:8080"
-        );
-        assert_eq!(
-            parse_session_domain("nb.example.com").unwrap(),
-            "nb.example.com"
-        );
-        for bad in [
-            "",
-            "http://nb.example.com",
-            ".nb.example.com",
-            "nb.example.com/x",
-            "nb.example.com:0",
-            "nb.example.com:99999",
-            "nb..example.com",
-            "nb_x.example.com",
-            "-nb.example.com",
-            "nb.example.com:",
-            "user@nb.example.com",
-        ] {
-            assert!(parse_session_domain(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
     fn short_gateway_keys_and_a_session_domain_equal_to_the_platform_are_refused() {
         let dir = temp_dir("gateway-keys");
         let text =
@@ -443,7 +359,7 @@ mod tests {
         .to_string();
         assert!(err.contains("key `session_domain`"), "{err}");
         let config = Config::from_toml(&path, &text, []).unwrap();
-        assert_eq!(config.session_domain, "nb.localhost:8080");
+        assert_eq!(config.session_domain.as_str(), "nb.localhost:8080");
         assert!(!config.gateway_keys.is_empty());
         assert!(!format!("{config:?}").contains("local-development"));
         assert_eq!(config.session_origin("abc"), "http://abc.nb.localhost:8080");

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use opencloud_protocol::origin::{Origins, SessionDomain};
 use opencloud_protocol::{config, Keyring};
 use serde::Deserialize;
 
@@ -82,7 +83,7 @@ pub struct Config {
     /// The `Host` header of the platform origin, lower case (`localhost:8080`).
     pub platform_host: String,
     /// `nb.localhost:8080`, lower case.
-    pub session_domain: String,
+    pub session_domain: SessionDomain,
     pub https: bool,
     pub keys: Keyring,
     pub state_dir: PathBuf,
@@ -117,39 +118,8 @@ impl Config {
             key,
             message,
         };
-        let public_origin = file.public_url.trim_end_matches('/').to_ascii_lowercase();
-        let (https, platform_host) = match public_origin.split_once("://") {
-            Some(("http", host)) => (false, host.to_owned()),
-            Some(("https", host)) => (true, host.to_owned()),
-            _ => {
-                return Err(invalid(
-                    "public_url",
-                    "must start with http:// or https://".into(),
-                ))
-            }
-        };
-        if platform_host.is_empty() || platform_host.contains(['/', '?', '#', '@']) {
-            return Err(invalid(
-                "public_url",
-                "must be a bare origin like https://opencloud.example".into(),
-            ));
-        }
-        let session_domain = file.session_domain.to_ascii_lowercase();
-        if session_domain.is_empty()
-            || session_domain.starts_with('.')
-            || session_domain.contains(['/', '?', '#', '@'])
-        {
-            return Err(invalid(
-                "session_domain",
-                "must be a host name with an optional port, like nb.example.com (no scheme, no leading dot)".into(),
-            ));
-        }
-        if session_domain == platform_host {
-            return Err(invalid(
-                "session_domain",
-                "must differ from the platform origin".into(),
-            ));
-        }
+        let origins = Origins::parse(&file.public_url, &file.session_domain)
+            .map_err(|e| invalid(e.key, e.message))?;
         if file.control.gateway_key.len() < 32 {
             return Err(invalid(
                 "control.gateway_key",
@@ -177,10 +147,10 @@ impl Config {
         )?;
         Ok(Self {
             name: file.name,
-            public_origin,
-            platform_host,
-            session_domain,
-            https,
+            public_origin: origins.platform.as_str().to_owned(),
+            platform_host: origins.platform.host().to_owned(),
+            https: origins.platform.https(),
+            session_domain: origins.sessions,
             keys,
             state_dir: base.join(&file.state_dir),
             listen_public: file.listen.public,
@@ -197,7 +167,56 @@ impl Config {
 
     /// `{scheme}://{sid}.{session_domain}`.
     pub fn session_origin(&self, sid: &str) -> String {
-        let scheme = if self.https { "https" } else { "http" };
-        format!("{scheme}://{sid}.{}", self.session_domain)
+        self.session_domain.origin(self.https, sid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped config, its keys file next to it in a fresh directory.
+    fn shipped(name: &str) -> (PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!("oc-gw-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
+        let text =
+            include_str!("../../config/gateway.toml").replace("../.local/keys.toml", "keys.toml");
+        (dir.join("gateway.toml"), text)
+    }
+
+    fn refused_key(name: &str, key: &str, value: &str) -> String {
+        let (path, text) = shipped(name);
+        let env = [(
+            format!("{ENV_PREFIX}__{}", key.to_ascii_uppercase()),
+            value.to_owned(),
+        )];
+        Config::from_toml(&path, &text, env)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_default_config_loads() {
+        let (path, text) = shipped("default");
+        let config = Config::from_toml(&path, &text, []).unwrap();
+        assert_eq!(config.public_origin, "http://localhost:8080");
+        assert_eq!(config.platform_host, "localhost:8080");
+        assert_eq!(config.session_domain.as_str(), "nb.localhost:8080");
+        assert!(!config.https);
+        assert_eq!(config.session_origin("abc"), "http://abc.nb.localhost:8080");
+    }
+
+    #[test]
+    fn origins_are_checked_as_control_checks_them() {
+        for (key, value) in [
+            ("public_url", "https://x.example/app"),
+            ("session_domain", "nb_x.localhost:8080"),
+            ("session_domain", "nb.localhost:99999"),
+            ("session_domain", "localhost:8080"),
+        ] {
+            let err = refused_key(key, key, value);
+            assert!(err.contains(&format!("key `{key}`")), "{value}: {err}");
+        }
     }
 }

@@ -7,15 +7,15 @@ use std::net::IpAddr;
 use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use opencloud_protocol::credentials;
+use opencloud_protocol::names::{self, PLATFORM_COOKIE, SESSION_COOKIE};
 use pingora::{Error, ErrorType, OrErr, Result};
 
-use crate::proxy::{Class, SESSION_COOKIE};
+use crate::class::Class;
 use crate::table::UpstreamToken;
 
 // Built at compile time: `from_static` checks every byte when it runs.
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const PLATFORM_COOKIE: &str = "oc_session";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(names::FORWARDED_FOR);
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(names::FORWARDED_PROTO);
 /// More `Connection` tokens than a client has reason to send.
 const MAX_CONNECTION_NOMINATIONS: usize = 10;
 
@@ -186,7 +186,7 @@ fn connection_nominations(headers: &HeaderMap) -> Result<Vec<HeaderName>> {
         };
         if matches!(
             name.as_str(),
-            "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+            "host" | names::FORWARDED_FOR | "x-forwarded-host" | names::FORWARDED_PROTO
         ) {
             return refuse("the Connection header may not name Host or X-Forwarded-* headers");
         }

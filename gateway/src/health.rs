@@ -5,14 +5,14 @@
 //! Results are reported to control in batches.
 
 use std::collections::HashMap;
-
-use crate::FastMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Serialize;
+use opencloud_protocol::reports::{HealthReport, HostReachability};
 
+use crate::control_client::ControlClient;
+use crate::fast_map::FastMap;
 use crate::table::Routes;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -53,24 +53,11 @@ impl HostHealth {
     }
 }
 
-#[derive(Serialize)]
-struct HealthReport<'a> {
-    gateway: &'a str,
-    hosts: Vec<HostReachability>,
-}
-
-#[derive(Serialize)]
-struct HostReachability {
-    id: u64,
-    reachable: bool,
-}
-
 pub struct HealthChecker {
     pub routes: Routes,
     pub health: HostHealth,
     pub gateway_name: String,
-    pub control_url: String,
-    pub gateway_key: String,
+    pub control: ControlClient,
 }
 
 impl HealthChecker {
@@ -117,11 +104,11 @@ impl HealthChecker {
             metrics::gauge!("opencloud_gateway_hosts", "reachable" => "true").set(up as f64);
             metrics::gauge!("opencloud_gateway_hosts", "reachable" => "false")
                 .set((results.len() - up) as f64);
-            self.report(&probe).await;
+            self.report().await;
         }
     }
 
-    async fn report(&self, http: &reqwest::Client) {
+    async fn report(&self) {
         let hosts: Vec<HostReachability> = self
             .health
             .snapshot()
@@ -131,17 +118,11 @@ impl HealthChecker {
         if hosts.is_empty() {
             return;
         }
-        let body = HealthReport {
-            gateway: &self.gateway_name,
+        let report = HealthReport {
+            gateway: self.gateway_name.clone(),
             hosts,
         };
-        let sent = http
-            .post(format!("{}/internal/v1/health", self.control_url))
-            .bearer_auth(&self.gateway_key)
-            .json(&body)
-            .send()
-            .await;
-        if let Err(e) = sent {
+        if let Err(e) = self.control.report_health(&report).await {
             tracing::debug!(error = %e, "health report not delivered; control may be down");
         }
     }

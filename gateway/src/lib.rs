@@ -4,8 +4,12 @@
 //! tests also run: the proxy on the public listener, `/metrics` on its own
 //! listener, and the route watch in the background.
 
+pub mod class;
+pub mod clock;
 pub mod config;
+pub mod control_client;
 pub mod deadline;
+pub mod fast_map;
 pub mod forwarding;
 pub mod hardening;
 pub mod health;
@@ -13,17 +17,12 @@ pub mod pages;
 pub mod proxy;
 pub mod store;
 pub mod table;
-
-/// Maps the request path reads: keys come from control or were verified,
-/// so a fast seeded hash is enough.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub mod tickets;
 pub mod usage;
 pub mod verified;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -35,13 +34,6 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 pub use config::Config;
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
 
 /// Builds the Pingora server with every gateway service added.
 pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
@@ -78,6 +70,8 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
+    let control =
+        control_client::ControlClient::new(&config.control_internal_url, &config.gateway_key)?;
     let health = health::HostHealth::default();
     let usage = usage::UsageBook::default();
     let gateway = proxy::Gateway {
@@ -125,26 +119,20 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
             routes: routes.clone(),
             health,
             gateway_name: config.name.clone(),
-            control_url: config.control_internal_url.clone(),
-            gateway_key: config.gateway_key.clone(),
+            control: control.clone(),
         }),
     ));
     server.add_service(background_service(
         "usage reports",
         Once::new(usage::UsageReporter {
             book: usage,
-            control_url: config.control_internal_url.clone(),
-            gateway_key: config.gateway_key.clone(),
+            control: control.clone(),
         }),
     ));
     let watcher = watch::Watcher {
         routes,
         store,
-        url: config.control_internal_url.clone(),
-        gateway_key: config.gateway_key.clone(),
-        http: reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .build()?,
+        control,
     };
     server.add_service(background_service("route watch", Once::new(watcher)));
     Ok(server)

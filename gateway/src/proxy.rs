@@ -12,6 +12,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header;
 use opencloud_protocol::credentials;
+use opencloud_protocol::names::SESSION_COOKIE;
+use opencloud_protocol::paths;
 use opencloud_protocol::routes::{HostState, SessionState, SID_LEN};
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -20,6 +22,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorType, Result};
 
+use crate::class::Class;
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
@@ -28,34 +32,12 @@ use crate::health::HostHealth;
 use crate::pages::{page, starting_page};
 use crate::table::{RouteTable, Routes, SessionKey, UpstreamToken};
 use crate::tickets::UsedTickets;
-use crate::unix_now;
 use crate::usage::UsageBook;
 use crate::verified::VerifiedTokens;
 use std::sync::Arc;
 
-pub const SESSION_COOKIE: &str = "oc_s";
 /// How long after entering a session its route may still be on its way.
 const ROUTE_ARRIVAL_SECONDS: u64 = 30;
-
-/// What kind of request this is, for routing and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Class {
-    Unknown,
-    Platform,
-    Session,
-    Rejected,
-}
-
-impl Class {
-    fn label(self) -> &'static str {
-        match self {
-            Class::Unknown => "unknown",
-            Class::Platform => "platform",
-            Class::Session => "session",
-            Class::Rejected => "rejected",
-        }
-    }
-}
 
 /// A session origin's sid, decoded (the table's key) and as the host name
 /// spells it (compared with the sid in signed claims without decoding them).
@@ -143,10 +125,7 @@ impl Gateway {
         if host == self.config.platform_host.as_bytes() {
             return (Class::Platform, None);
         }
-        if let Some(label) = host
-            .strip_suffix(self.config.session_domain.as_bytes())
-            .and_then(|rest| rest.strip_suffix(b"."))
-        {
+        if let Some(label) = self.config.session_domain.session_label(host) {
             // Exactly one fixed-length label: a sid that is a prefix of
             // another can never match it.
             return (Class::Session, SessionName::parse(label));
@@ -155,11 +134,8 @@ impl Gateway {
     }
 
     fn enter_url(&self, sid: SessionName) -> String {
-        format!(
-            "{}/sessions/{}/enter",
-            self.config.public_origin,
-            sid.as_str()
-        )
+        let page = paths::enter::platform_page(sid.as_str());
+        format!("{}{page}", self.config.public_origin)
     }
 
     /// Handles `/_oc/enter?ticket=…`: verify, refuse reuse, set `oc_s`,
@@ -278,7 +254,7 @@ impl Gateway {
         let Some(sid) = ctx.sid else {
             return no_session_here(session).await;
         };
-        if session.req_header().uri.path() == "/_oc/enter" {
+        if session.req_header().uri.path() == paths::enter::TICKET {
             return self.enter(session, sid).await;
         }
         let now = unix_now();
@@ -442,7 +418,7 @@ impl ProxyHttp for Gateway {
         match class {
             Class::Platform => {
                 let path = session.req_header().uri.path();
-                if path.starts_with("/internal/") || path == "/metrics" {
+                if path.starts_with(paths::internal::PREFIX) || path == "/metrics" {
                     return respond(
                         session,
                         404,

@@ -2,23 +2,16 @@
 //! out), collected on the request path into a small map and sent to control
 //! in batches, so idle culling and metering need no call per request.
 
-use crate::FastMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use opencloud_protocol::reports::{SessionUsage, UsageReport};
 
+use crate::control_client::ControlClient;
+use crate::fast_map::FastMap;
 use crate::table::SessionKey;
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct SessionUsage {
-    pub sid: String,
-    pub last_activity: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
 
 /// What the request path adds up per session between two reports.
 #[derive(Debug, Clone, Copy, Default)]
@@ -64,42 +57,25 @@ impl UsageBook {
     }
 }
 
-#[derive(Serialize)]
-struct UsageReport {
-    sessions: Vec<SessionUsage>,
-}
-
 pub struct UsageReporter {
     pub book: UsageBook,
-    pub control_url: String,
-    pub gateway_key: String,
+    pub control: ControlClient,
 }
 
 impl UsageReporter {
     pub async fn run(self) {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("usage client");
         let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
         loop {
             ticker.tick().await;
-            let batch = self.book.drain();
-            if batch.is_empty() {
+            let report = UsageReport {
+                sessions: self.book.drain(),
+            };
+            if report.sessions.is_empty() {
                 continue;
             }
-            let sent = http
-                .post(format!("{}/internal/v1/usage", self.control_url))
-                .bearer_auth(&self.gateway_key)
-                .json(&UsageReport {
-                    sessions: batch.clone(),
-                })
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {}
+            if self.control.report_usage(&report).await.is_err() {
                 // Kept for the next round: usage is never lost to a blip.
-                _ => self.book.restore(batch),
+                self.book.restore(report.sessions);
             }
         }
     }

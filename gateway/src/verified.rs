@@ -4,11 +4,12 @@
 //! request path. Only good tokens are remembered, expiry is checked on
 //! every hit, and revocation is always checked against the route table.
 
-use crate::FastMap;
 use std::sync::{Arc, Mutex};
 
 use opencloud_protocol::token::{self, Claims, TokenError, TokenKind};
 use opencloud_protocol::Keyring;
+
+use crate::fast_map::FastMap;
 
 /// Entries kept at most; the map is cleared when it is full.
 const CAPACITY: usize = 16_384;

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio::time::{sleep, timeout, Instant};
 
+use crate::clock::unix_now;
+use crate::control_client::ControlClient;
 use crate::store::Store;
 use crate::table::{Incoming, Routes};
-use crate::unix_now;
 
 /// No line at all for this long means the stream is dead (control sends a
 /// heartbeat every few seconds).
@@ -18,9 +19,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Watcher {
     pub routes: Routes,
     pub store: Store,
-    pub url: String,
-    pub gateway_key: String,
-    pub http: reqwest::Client,
+    pub control: ControlClient,
 }
 
 impl Watcher {
@@ -44,24 +43,13 @@ impl Watcher {
 
     async fn follow(&mut self) -> anyhow::Result<()> {
         let since = self.routes.load().version;
-        let mut response = self
-            .http
-            .get(format!(
-                "{}/internal/v1/routes/watch?since={since}",
-                self.url
-            ))
-            .bearer_auth(&self.gateway_key)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            anyhow::bail!("control answered {}", response.status());
-        }
+        let mut stream = self.control.watch_routes(since).await?;
         let mut pending: Vec<u8> = Vec::new();
         // Bytes of `pending` already searched for a newline: a snapshot line
         // can be hundreds of megabytes, so never scan it again per chunk.
         let mut scanned = 0;
         loop {
-            let chunk = match timeout(SILENCE_LIMIT, response.chunk()).await {
+            let chunk = match timeout(SILENCE_LIMIT, stream.chunk()).await {
                 Err(_) => anyhow::bail!("no data for {}s", SILENCE_LIMIT.as_secs()),
                 Ok(chunk) => chunk?,
             };

@@ -27,8 +27,9 @@ pub const HEARTBEAT_MS: u64 = 2_000;
 pub const HOST_LOST_AFTER_MS: u64 = 6_000;
 /// How long one `GET /agent/v1/commands` waits for something to do.
 pub const COMMAND_POLL_SECONDS: u64 = 25;
-/// Error codes control answers with for keys it will not accept.
+/// Error code control answers with for a host key it does not know (401).
 pub const HOST_KEY_INVALID: &str = "host_key_invalid";
+/// Error code control answers with for a revoked host key (403).
 pub const HOST_KEY_REVOKED: &str = "host_key_revoked";
 
 /// What a host offers. Placement never puts more sessions on a host than
@@ -53,6 +54,7 @@ pub struct Load {
     pub disk_free_mib: u64,
 }
 
+/// A Jupyter server's state as its agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentSessionState {
@@ -117,6 +119,7 @@ pub struct Heartbeat {
     pub sessions: Vec<AgentSession>,
 }
 
+/// Control's answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatReply {
@@ -150,6 +153,7 @@ impl std::fmt::Debug for StartSession {
     }
 }
 
+/// What a command asks the agent to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
@@ -161,6 +165,7 @@ pub enum Action {
     },
 }
 
+/// One command for an agent, numbered so the agent asks only for newer ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     pub id: u64,
@@ -203,6 +208,7 @@ pub enum AgentEvent {
 }
 
 impl AgentEvent {
+    /// The session the event is about.
     pub fn sid(&self) -> &str {
         match self {
             AgentEvent::Ready { sid, .. }

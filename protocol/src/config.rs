@@ -7,10 +7,14 @@
 
 use serde::de::DeserializeOwned;
 
+/// Why a config could not be loaded; every variant names the file, and
+/// the key where there is one.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read {path}: {message}")]
     Read { path: String, message: String },
+    /// The file is not valid TOML.
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     /// A value that parsed but is not acceptable.
@@ -20,8 +24,11 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// The keys file the config points to is wrong.
     #[error(transparent)]
     Keys(#[from] crate::KeyringError),
+    /// A value of the wrong type or an unknown key, in the file or the
+    /// environment.
     #[error("{file}: key `{key}`{origin}: {message}")]
     Key {
         file: String,

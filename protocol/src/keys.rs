@@ -57,10 +57,13 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// Why a keys file was refused; names the file, and the key where there is one.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyringError {
+    /// Not valid TOML or not the keys file's shape.
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
+    /// A key that parsed but is not acceptable.
     #[error("{file}: key `{key}`: {message}")]
     Invalid {
         file: String,
@@ -140,6 +143,7 @@ impl Keyring {
         )
     }
 
+    /// The id of the key new tokens are signed with.
     pub fn signing_key_id(&self) -> &str {
         &self.keys[self.signing].0
     }

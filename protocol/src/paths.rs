@@ -3,6 +3,9 @@
 
 /// Control's internal listener, for gateways (bearer gateway key).
 pub mod internal {
+    /// What every internal path starts with; the gateway refuses it on the
+    /// platform origin, so a request through it can never reach one.
+    pub const PREFIX: &str = "/internal/";
     /// `GET ?since=V`: the route table as a stream of
     /// [`WatchMessage`](crate::routes::WatchMessage) lines.
     pub const ROUTES_WATCH: &str = "/internal/v1/routes/watch";
@@ -15,9 +18,14 @@ pub mod internal {
 /// Control's public listener, for host agents (`Authorization: HostKey`);
 /// the conversation is described in [`crate::agent`].
 pub mod agent {
+    /// `POST` an [`AgentHello`](crate::agent::AgentHello): the host announces itself.
     pub const REGISTER: &str = "/agent/v1/register";
+    /// `POST` a [`Heartbeat`](crate::agent::Heartbeat) every few seconds.
     pub const HEARTBEAT: &str = "/agent/v1/heartbeat";
+    /// `GET ?after=ID`: long-polls for a
+    /// [`CommandBatch`](crate::agent::CommandBatch).
     pub const COMMANDS: &str = "/agent/v1/commands";
+    /// `POST` an [`AgentEvent`](crate::agent::AgentEvent).
     pub const EVENTS: &str = "/agent/v1/events";
 }
 
@@ -31,5 +39,17 @@ pub mod enter {
     /// needed and sends them back with a fresh ticket.
     pub fn platform_page(sid: &str) -> String {
         format!("/sessions/{sid}/enter")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_internal_path_is_under_the_prefix_the_gateway_refuses() {
+        for path in [internal::ROUTES_WATCH, internal::HEALTH, internal::USAGE] {
+            assert!(path.starts_with(internal::PREFIX), "{path}");
+        }
     }
 }

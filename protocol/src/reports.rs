@@ -17,6 +17,7 @@ pub const MAX_USAGE_ENTRIES: usize = 50_000;
 pub struct HealthReport {
     /// The reporting gateway's name, as configured.
     pub gateway: String,
+    /// Every host the gateway has an opinion about.
     pub hosts: Vec<HostReachability>,
 }
 
@@ -24,7 +25,9 @@ pub struct HealthReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostReachability {
+    /// The host's id in the route table.
     pub id: u64,
+    /// False after failed probes in a row, or a failed connect while proxying.
     pub reachable: bool,
 }
 
@@ -32,6 +35,7 @@ pub struct HostReachability {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageReport {
+    /// Sessions with traffic since the previous report, one entry each.
     pub sessions: Vec<SessionUsage>,
 }
 
@@ -39,10 +43,13 @@ pub struct UsageReport {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionUsage {
+    /// The session's id.
     pub sid: String,
     /// Unix seconds of the last request or WebSocket frame; 0 for none.
     pub last_activity: u64,
+    /// Request body bytes read from clients.
     pub bytes_in: u64,
+    /// Response body bytes sent to clients.
     pub bytes_out: u64,
 }
 

@@ -12,11 +12,15 @@ use serde::{Deserialize, Serialize};
 /// A route table version: the counter control bumps with each change.
 pub type Version = u64;
 
+/// Whether a host takes sessions, as control last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
+    /// Heartbeating and taking new sessions.
     Online,
+    /// Heartbeating, but the owner asked for no new sessions.
     Draining,
+    /// No heartbeat for too long: its sessions are lost.
     Offline,
 }
 
@@ -31,10 +35,14 @@ pub struct HostRoute {
     pub state: HostState,
 }
 
+/// Where a session is in its life, as far as routing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
+    /// Placed on a host; its server is not answering yet (port 0 until the
+    /// agent reports it ready).
     Starting,
+    /// Its server answers on `port`.
     Running,
     /// The host went away; kept as a tombstone so users get a clear page.
     Lost,
@@ -132,6 +140,7 @@ pub fn is_valid_sid(sid: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
 }
 
+/// The length of every sid, in characters.
 pub const SID_LEN: usize = 26;
 
 /// Encodes 16 random bytes as a sid.
