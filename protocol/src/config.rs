@@ -26,7 +26,7 @@ pub enum ConfigError {
     },
     /// The keys file the config points to is wrong.
     #[error(transparent)]
-    Keys(#[from] crate::KeyringError),
+    Keys(#[from] crate::keys::KeyringError),
     /// A value of the wrong type or an unknown key, in the file or the
     /// environment.
     #[error("{file}: key `{key}`{origin}: {message}")]

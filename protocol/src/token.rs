@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::Keyring;
+use crate::keys::Keyring;
 
 type HmacSha256 = Hmac<Sha256>;
 
