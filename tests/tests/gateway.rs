@@ -4,24 +4,24 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::kernel;
 use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::{TestStack, TestUser};
 use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// A user with a project and a session pointing at `port`.
 struct Fixture {
-    stack: GatewayStack,
-    user: GatewayUser,
+    stack: TestStack,
+    user: TestUser,
     sid: String,
 }
 
 impl Fixture {
     async fn new(upstream_port: u16, upstream_token: &str) -> Self {
-        let stack = GatewayStack::start().await.unwrap();
+        let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
         let sid = stack
             .session_for(&user, upstream_port, upstream_token)
@@ -30,29 +30,19 @@ impl Fixture {
     }
 
     fn origin(&self) -> String {
-        self.stack.gateway.session_origin(&self.sid)
+        self.stack.gateway().session_origin(&self.sid)
     }
 
     fn client(&self, cookies: bool) -> reqwest::Client {
-        self.stack.gateway.client(&[&self.sid], cookies)
+        self.stack.gateway().client(&[&self.sid], cookies)
     }
 
     /// The enter URL control hands out for this session.
     async fn enter_url(&self) -> String {
-        let body: Value = self
-            .client(false)
-            .get(format!(
-                "{}/api/v1/sessions/{}",
-                self.stack.gateway.platform(),
-                self.sid
-            ))
-            .bearer_auth(&self.user.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = self
+            .user
+            .get_json(&format!("/api/v1/sessions/{}", self.sid))
+            .await;
         body["url"]
             .as_str()
             .unwrap_or_else(|| panic!("no url in {body}"))
@@ -124,26 +114,12 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
         "the upstream token leaked"
     );
 
-    let kernel: Value = http
-        .post(format!("{}/api/kernels", f.origin()))
-        .header("cookie", &cookie)
-        .json(&json!({"name": "python3"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kernel_id = kernel["id"].as_str().unwrap_or_else(|| panic!("{kernel}"));
-    let ws_url = format!(
-        "ws://{}.nb.localhost:{}/api/kernels/{kernel_id}/channels",
-        f.sid, f.stack.gateway.port
-    );
-    let result = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "1+1")
+    let ws_url = kernel::start(&http, &f.origin(), &cookie).await.unwrap();
+    let result = kernel::execute(&ws_url, f.stack.gateway().addr(), &cookie, "1+1")
         .await
         .unwrap();
     assert_eq!(result, "2");
-    let printed = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "print(6*7)")
+    let printed = kernel::execute(&ws_url, f.stack.gateway().addr(), &cookie, "print(6*7)")
         .await
         .unwrap();
     assert_eq!(printed, "42");
@@ -165,7 +141,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
     assert_eq!(page.status(), StatusCode::FOUND);
     assert_eq!(
         page.headers()[LOCATION],
-        format!("{}/sessions/{}/enter", f.stack.gateway.platform(), f.sid).as_str()
+        format!("{}/sessions/{}/enter", f.stack.gateway().platform(), f.sid).as_str()
     );
     let api = http
         .get(format!("{origin}/api/contents"))
@@ -207,11 +183,11 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
 
     // A sid that is a prefix of the real one, and unknown hosts.
     let prefix = &f.sid[..25];
-    let other = f.stack.gateway.client(&[prefix, "evil"], false);
+    let other = f.stack.gateway().client(&[prefix, "evil"], false);
     let r = other
         .get(format!(
             "http://{prefix}.nb.localhost:{}/api/contents",
-            f.stack.gateway.port
+            f.stack.gateway().port
         ))
         .bearer_auth(&f.user.token)
         .send()
@@ -219,7 +195,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let r = http
-        .get(format!("http://127.0.0.1:{}/", f.stack.gateway.port))
+        .get(format!("http://127.0.0.1:{}/", f.stack.gateway().port))
         .send()
         .await
         .unwrap();
@@ -228,7 +204,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
     // The platform's internal paths are not reachable through the gateway.
     for path in ["/internal/v1/routes/watch", "/metrics"] {
         let r = http
-            .get(format!("{}{path}", f.stack.gateway.platform()))
+            .get(format!("{}{path}", f.stack.gateway().platform()))
             .send()
             .await
             .unwrap();
@@ -274,7 +250,8 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     assert!(
         head.contains(&format!(
             "host: {}.nb.localhost:{}",
-            f.sid, f.stack.gateway.port
+            f.sid,
+            f.stack.gateway().port
         )),
         "{head}"
     );
@@ -316,7 +293,10 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     );
 
     let r = http
-        .post(format!("{}/api/v1/auth/logout", f.stack.gateway.platform()))
+        .post(format!(
+            "{}/api/v1/auth/logout",
+            f.stack.gateway().platform()
+        ))
         .bearer_auth(&f.user.token)
         .header("content-type", "application/json")
         .send()
@@ -361,7 +341,7 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     let cookie = f.enter().await;
     let api = format!("{}/api/contents", f.origin());
 
-    drop(f.stack.control.take()); // SIGKILL control
+    f.stack.kill_control();
     assert_eq!(
         f.client(false)
             .get(&api)
@@ -373,8 +353,8 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
         StatusCode::OK
     );
 
-    f.stack.gateway.stop();
-    f.stack.gateway.start().await.unwrap();
+    f.stack.gateway_mut().stop();
+    f.stack.gateway_mut().start().await.unwrap();
     let r = f
         .client(false)
         .get(&api)
@@ -390,7 +370,7 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     // The platform itself is down, and says so clearly.
     let r = f
         .client(false)
-        .get(format!("{}/", f.stack.gateway.platform()))
+        .get(format!("{}/", f.stack.gateway().platform()))
         .send()
         .await
         .unwrap();
