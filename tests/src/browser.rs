@@ -198,6 +198,15 @@ impl Browser {
         Ok(())
     }
 
+    /// Fills and submits the new-project form on `/projects`. The caller
+    /// waits for the list entry.
+    pub async fn submit_new_project(&self, name: &str) -> anyhow::Result<()> {
+        self.fill("form[action='/projects'] #name", name).await?;
+        self.click("form[action='/projects'] button[type=submit]")
+            .await?;
+        Ok(())
+    }
+
     /// Fills and submits the login form on the current page. The caller
     /// waits for what should follow (the next page, or an error).
     pub async fn submit_login(&self, email: &str, password: &str) -> anyhow::Result<()> {

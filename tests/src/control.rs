@@ -126,6 +126,16 @@ impl Control {
         }
     }
 
+    /// The text of `/metrics` on the internal listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.internal))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
     }

@@ -75,6 +75,19 @@ async fn add_host(stack: &TestStack, admin: &TestUser, owner: &TestUser, name: &
     }
 }
 
+/// A host added for `owner` whose stand-in agent is online at `address`.
+async fn add_online_host(
+    stack: &TestStack,
+    admin: &TestUser,
+    owner: &TestUser,
+    name: &str,
+    address: &str,
+) -> Host {
+    let mut host = add_host(stack, admin, owner, name).await;
+    host.come_online(stack, address).await;
+    host
+}
+
 impl Host {
     /// Registers the host's agent at `address` and keeps it heartbeating.
     async fn come_online(&mut self, stack: &TestStack, address: &str) {
@@ -157,10 +170,9 @@ impl Fixture {
         let admin = stack.admin().await;
         let alice = stack.new_user().await;
         let bob = stack.new_user().await;
-        let mut alice_host = add_host(&stack, &admin, &alice, "alice-desktop").await;
-        alice_host.come_online(&stack, "127.0.0.1").await;
-        let mut bob_host = add_host(&stack, &admin, &bob, "bob-laptop").await;
-        bob_host.come_online(&stack, "127.0.0.2").await;
+        let alice_host =
+            add_online_host(&stack, &admin, &alice, "alice-desktop", "127.0.0.1").await;
+        let bob_host = add_online_host(&stack, &admin, &bob, "bob-laptop", "127.0.0.2").await;
         let alice_project = alice.create_project("Thesis").await;
         let bob_project = bob.create_project(BOB_PROJECT).await;
         let pool = mysql_async::Pool::new(stack.db.url.as_str());
@@ -415,10 +427,8 @@ async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
     let admin = stack.admin().await;
     let ann = stack.new_user().await;
     let ben = stack.new_user().await;
-    let mut desktop = add_host(&stack, &admin, &ann, "ann-desktop").await;
-    desktop.come_online(&stack, "10.1.2.3").await;
-    let mut attic = add_host(&stack, &admin, &ann, "ann-attic").await;
-    attic.come_online(&stack, "10.1.2.4").await;
+    let desktop = add_online_host(&stack, &admin, &ann, "ann-desktop", "10.1.2.3").await;
+    let attic = add_online_host(&stack, &admin, &ann, "ann-attic", "10.1.2.4").await;
     let (status, body) = ann
         .post(
             &format!("/api/v1/hosts/{}/drain", attic.id),

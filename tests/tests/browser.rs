@@ -17,14 +17,7 @@ fn email() -> String {
 /// and returns its id, read from the list entry that appears.
 async fn create_project_in_browser(browser: &Browser, name: &str) -> u64 {
     let before = browser.count("li.project").await.unwrap();
-    browser
-        .fill("form[action='/projects'] #name", name)
-        .await
-        .unwrap();
-    browser
-        .click("form[action='/projects'] button[type=submit]")
-        .await
-        .unwrap();
+    browser.submit_new_project(name).await.unwrap();
     // The form posts back to /projects, so wait for the list to grow.
     let grown = format!("li.project:nth-child({})", before + 1);
     browser.wait_for(&grown).await.unwrap();

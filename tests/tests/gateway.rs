@@ -9,7 +9,7 @@ use opencloud_e2e::kernel;
 use opencloud_e2e::upstream::capture_upstream;
 use opencloud_e2e::{TestStack, TestUser};
 use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
-use reqwest::StatusCode;
+use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 
 /// A user with a project and a session pointing at `port`.
@@ -27,6 +27,19 @@ impl Fixture {
             .session_for(&user, upstream_port, upstream_token)
             .await;
         Self { stack, user, sid }
+    }
+
+    /// A GET of `path` in the session, with `with` adding credentials
+    /// and headers; the response as it came.
+    async fn get(
+        &self,
+        path: &str,
+        with: impl FnOnce(RequestBuilder) -> RequestBuilder,
+    ) -> Response {
+        with(self.client(false).get(format!("{}{path}", self.origin())))
+            .send()
+            .await
+            .unwrap()
     }
 
     fn origin(&self) -> String {
@@ -87,24 +100,19 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
 
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let http = f.client(false);
-    let contents = http
-        .get(format!("{}/api/contents", f.origin()))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let contents = f
+        .get("/api/contents", |r| r.header("cookie", &cookie))
+        .await;
     assert_eq!(contents.status(), StatusCode::OK);
     let listing: Value = contents.json().await.unwrap();
     assert_eq!(listing["type"], "directory");
 
     // Lab loads, and the upstream token is nowhere in what the browser gets.
-    let lab = http
-        .get(format!("{}/lab", f.origin()))
-        .header("cookie", &cookie)
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let lab = f
+        .get("/lab", |r| {
+            r.header("cookie", &cookie).header(ACCEPT, "text/html")
+        })
+        .await;
     assert_eq!(lab.status(), StatusCode::OK);
     let headers = format!("{:?}", lab.headers());
     let html = lab.text().await.unwrap();
@@ -130,51 +138,33 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
     let (port, _captured) = capture_upstream().await;
     let f = Fixture::new(port, "upstream-secret").await;
     let http = f.client(false);
-    let origin = f.origin();
 
-    let page = http
-        .get(format!("{origin}/lab"))
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let page = f.get("/lab", |r| r.header(ACCEPT, "text/html")).await;
     assert_eq!(page.status(), StatusCode::FOUND);
     assert_eq!(
         page.headers()[LOCATION],
         format!("{}/sessions/{}/enter", f.stack.gateway().platform(), f.sid).as_str()
     );
-    let api = http
-        .get(format!("{origin}/api/contents"))
-        .header(ACCEPT, "application/json")
-        .send()
-        .await
-        .unwrap();
+    let api = f
+        .get("/api/contents", |r| r.header(ACCEPT, "application/json"))
+        .await;
     assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
 
     assert_eq!(
-        http.get(format!("{origin}/api/contents"))
-            .bearer_auth(&f.user.token)
-            .send()
+        f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
     let stranger = f.stack.new_user().await.token;
-    let r = http
-        .get(format!("{origin}/api/contents"))
-        .bearer_auth(&stranger)
-        .send()
-        .await
-        .unwrap();
+    let r = f.get("/api/contents", |r| r.bearer_auth(&stranger)).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = http
-        .get(format!("{origin}/lab"))
-        .bearer_auth("v1.k1.forged.sig")
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let r = f
+        .get("/lab", |r| {
+            r.bearer_auth("v1.k1.forged.sig")
+                .header(ACCEPT, "text/html")
+        })
+        .await;
     assert_eq!(
         r.status(),
         StatusCode::FOUND,
@@ -265,12 +255,8 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     assert!(head.contains("x-forwarded-proto: http"), "{head}");
 
     // A bearer platform token is replaced too.
-    f.client(false)
-        .get(format!("{}/api/contents", f.origin()))
-        .bearer_auth(&f.user.token)
-        .send()
-        .await
-        .unwrap();
+    f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
+        .await;
     let head = captured.last();
     assert!(!head.contains(&f.user.token), "{head}");
 }
@@ -281,13 +267,9 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     let f = Fixture::new(port, "t").await;
     let cookie = f.enter().await;
     let http = f.client(false);
-    let api = format!("{}/api/contents", f.origin());
     assert_eq!(
-        http.get(&api)
-            .header("cookie", &cookie)
-            .send()
+        f.get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
@@ -305,12 +287,9 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     assert_eq!(r.status(), StatusCode::OK);
     let logged_out = Instant::now();
     loop {
-        let status = http
-            .get(&api)
-            .header("cookie", &cookie)
-            .send()
+        let status = f
+            .get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status();
         if status == StatusCode::UNAUTHORIZED {
             break;
@@ -324,11 +303,8 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     let took = logged_out.elapsed();
     println!("revoked cookie refused {took:?} after logout");
     assert_eq!(
-        http.get(&api)
-            .bearer_auth(&f.user.token)
-            .send()
+        f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
             .await
-            .unwrap()
             .status(),
         StatusCode::UNAUTHORIZED
     );
@@ -339,16 +315,11 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     let (port, _captured) = capture_upstream().await;
     let mut f = Fixture::new(port, "t").await;
     let cookie = f.enter().await;
-    let api = format!("{}/api/contents", f.origin());
 
     f.stack.kill_control();
     assert_eq!(
-        f.client(false)
-            .get(&api)
-            .header("cookie", &cookie)
-            .send()
+        f.get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
@@ -356,12 +327,8 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     f.stack.gateway_mut().stop();
     f.stack.gateway_mut().start().await.unwrap();
     let r = f
-        .client(false)
-        .get(&api)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .get("/api/contents", |r| r.header("cookie", &cookie))
+        .await;
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -396,13 +363,10 @@ async fn a_lost_session_gets_the_clear_page_at_once() {
     let started = Instant::now();
     loop {
         let r = f
-            .client(false)
-            .get(format!("{}/lab", f.origin()))
-            .header("cookie", &cookie)
-            .header(ACCEPT, "text/html")
-            .send()
-            .await
-            .unwrap();
+            .get("/lab", |r| {
+                r.header("cookie", &cookie).header(ACCEPT, "text/html")
+            })
+            .await;
         if r.status() == StatusCode::GONE {
             assert!(r.text().await.unwrap().contains("went offline"));
             break;

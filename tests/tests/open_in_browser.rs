@@ -103,14 +103,7 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     browser.wait_for_path("/projects").await.unwrap();
 
     // A project on My projects.
-    browser
-        .fill("form[action='/projects'] #name", "Engine notes")
-        .await
-        .unwrap();
-    browser
-        .click("form[action='/projects'] button[type=submit]")
-        .await
-        .unwrap();
+    browser.submit_new_project("Engine notes").await.unwrap();
     let entry = browser.wait_for("li.project").await.unwrap();
     let id = entry.attr("data-project-id").await.unwrap().unwrap();
     assert_eq!(

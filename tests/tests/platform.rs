@@ -22,15 +22,7 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
             "{path} on the public listener"
         );
     }
-    let metrics = stack
-        .http()
-        .get(format!("{}/metrics", stack.control().internal))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.control().metrics().await;
     for expected in [
         "opencloud_http_requests_total{route=\"/api/v1/auth/login\",method=\"POST\",status=\"200\"}",
         "opencloud_http_request_duration_seconds_bucket",
