@@ -107,13 +107,19 @@ async fn external_session(stack: &TestStack, user: &TestUser, port: u16) -> Sess
 }
 
 // Moved from control's sessions unit tests with `register_external`: the
-// stand-in takes only upstream tokens a session can carry.
-#[test]
-fn upstream_tokens_are_short_printable_ascii() {
+// stand-in takes only upstream tokens a session can carry, and refuses the
+// others before it touches the database.
+#[tokio::test]
+async fn upstream_tokens_are_short_printable_ascii() {
     assert!(check_upstream_token("abc-123").is_ok());
     assert!(check_upstream_token("").is_err());
     assert!(check_upstream_token("a b").is_err());
     assert!(check_upstream_token(&"x".repeat(101)).is_err());
+    let nowhere = mysql_async::Pool::new("mysql://nobody@127.0.0.1:1/none");
+    let err = register_external(&nowhere, 1, 1, "127.0.0.1", 8888, "a b")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("upstream_token"), "{err}");
 }
 
 async fn version(stack: &TestStack) -> u64 {
