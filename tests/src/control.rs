@@ -128,12 +128,7 @@ impl Control {
 
     /// The text of `/metrics` on the internal listener.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.internal))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        crate::metrics(&self.internal).await
     }
 
     pub fn log(&self) -> String {

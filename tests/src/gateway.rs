@@ -128,12 +128,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .unwrap_or_default()
+        crate::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
     }
 
     /// Replaces the running gateway with a new process without closing the

@@ -93,6 +93,16 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{r:08x}", std::process::id())
 }
 
+/// The text of `{listener}/metrics` (empty when the body cannot be read).
+async fn metrics(listener: &str) -> String {
+    reqwest::get(format!("{listener}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default()
+}
+
 /// Asserts an API error's status, code and field, and returns its message.
 pub fn expect_error(
     got: &(StatusCode, Value),
