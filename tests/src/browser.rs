@@ -182,6 +182,31 @@ impl Browser {
         Ok(self.client.find_all(Locator::Css(css)).await?.len())
     }
 
+    /// Fills and submits the registration form on the current page. The
+    /// caller waits for what should follow (the login page, or an error).
+    pub async fn submit_register(
+        &self,
+        name: &str,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<()> {
+        self.fill("#name", name).await?;
+        self.fill("#email", email).await?;
+        self.fill("#password", password).await?;
+        self.click("form[action='/register'] button[type=submit]")
+            .await?;
+        Ok(())
+    }
+
+    /// Fills and submits the new-project form on `/projects`. The caller
+    /// waits for the list entry.
+    pub async fn submit_new_project(&self, name: &str) -> anyhow::Result<()> {
+        self.fill("form[action='/projects'] #name", name).await?;
+        self.click("form[action='/projects'] button[type=submit]")
+            .await?;
+        Ok(())
+    }
+
     /// Fills and submits the login form on the current page. The caller
     /// waits for what should follow (the next page, or an error).
     pub async fn submit_login(&self, email: &str, password: &str) -> anyhow::Result<()> {

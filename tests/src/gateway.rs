@@ -1,5 +1,6 @@
-//! The gateway in front of control, as users meet them: the platform at
-//! `http://localhost:PORT`, sessions at `http://{sid}.nb.localhost:PORT`.
+//! A real `opencloud-gateway` process in front of control, as users meet
+//! them: the platform at `http://localhost:PORT`, sessions at
+//! `http://{sid}.nb.localhost:PORT`; started, upgraded, stopped or killed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use serde_json::{json, Value};
-
-use crate::{binary, free_port, unique, Control, ControlOptions, TestDatabase, PASSWORD};
+use crate::control::Control;
+use crate::{binary, free_port, unique};
 
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -128,12 +128,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .unwrap_or_default()
+        crate::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
     }
 
     /// Replaces the running gateway with a new process without closing the
@@ -204,212 +199,5 @@ impl GatewayProcess {
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Control and a gateway in front of it, on a fresh database.
-pub struct GatewayStack {
-    pub gateway: GatewayProcess,
-    pub control: Option<Control>,
-    pub db: TestDatabase,
-}
-
-impl GatewayStack {
-    pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with_env(Vec::new()).await
-    }
-
-    /// Like [`GatewayStack::start`], with more environment overrides for
-    /// control (`OPENCLOUD_CONTROL__…`).
-    pub async fn start_with_env(control_env: Vec<(String, String)>) -> anyhow::Result<Self> {
-        let db = TestDatabase::create().await?;
-        let port = free_port();
-        let mut env = vec![
-            (
-                "OPENCLOUD_CONTROL__PUBLIC_URL".into(),
-                format!("http://localhost:{port}"),
-            ),
-            (
-                "OPENCLOUD_CONTROL__SESSION_DOMAIN".into(),
-                format!("nb.localhost:{port}"),
-            ),
-        ];
-        env.extend(control_env);
-        let options = ControlOptions {
-            env,
-            ..Default::default()
-        };
-        let control = Control::start(&db, &options).await?;
-        let mut gateway = GatewayProcess::prepare(&control, port)?;
-        gateway.start().await?;
-        Ok(Self {
-            gateway,
-            control: Some(control),
-            db,
-        })
-    }
-
-    pub fn control(&self) -> &Control {
-        self.control.as_ref().expect("control is running")
-    }
-}
-
-/// A user registered and logged in through the gateway.
-pub struct GatewayUser {
-    pub email: String,
-    pub token: String,
-    pub id: u64,
-}
-
-impl GatewayStack {
-    /// Registers and logs in a new user through the gateway.
-    pub async fn new_user(&self) -> GatewayUser {
-        self.registered("gw", "Gateway User", None).await
-    }
-
-    /// Registers (with `role`, or the default customer role) and logs in a
-    /// user through the gateway; `prefix` starts the unique email.
-    pub async fn registered(&self, prefix: &str, name: &str, role: Option<&str>) -> GatewayUser {
-        let http = self.gateway.client(&[], false);
-        let platform = self.gateway.platform();
-        let email = format!("{}@example.com", unique(prefix));
-        let mut form = json!({"email": email, "password": PASSWORD, "name": name});
-        if let Some(role) = role {
-            form["role"] = json!(role);
-        }
-        let r = http
-            .post(format!("{platform}/api/v1/auth/register"))
-            .json(&form)
-            .send()
-            .await
-            .expect("register");
-        assert_eq!(
-            r.status(),
-            reqwest::StatusCode::CREATED,
-            "register through the gateway"
-        );
-        let login: Value = http
-            .post(format!("{platform}/api/v1/auth/login"))
-            .json(&json!({"email": email, "password": PASSWORD}))
-            .send()
-            .await
-            .expect("login")
-            .json()
-            .await
-            .expect("login body");
-        GatewayUser {
-            token: login["token"].as_str().expect("token").to_owned(),
-            id: login["user"]["id"].as_u64().expect("user id"),
-            email,
-        }
-    }
-
-    /// A request to the platform's API through the gateway as `user`; the
-    /// status and the JSON body (`Null` when there is none).
-    pub async fn api(
-        &self,
-        user: &GatewayUser,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (reqwest::StatusCode, Value) {
-        let mut request = self
-            .gateway
-            .client(&[], false)
-            .request(method, format!("{}{path}", self.gateway.platform()))
-            .bearer_auth(&user.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let r = request.send().await.expect("request through the gateway");
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn post(
-        &self,
-        user: &GatewayUser,
-        path: &str,
-        body: Value,
-    ) -> (reqwest::StatusCode, Value) {
-        self.api(user, reqwest::Method::POST, path, Some(body))
-            .await
-    }
-
-    pub async fn get(&self, user: &GatewayUser, path: &str) -> (reqwest::StatusCode, Value) {
-        self.api(user, reqwest::Method::GET, path, None).await
-    }
-
-    /// Creates a project for `user` and a session on the upstream at
-    /// `port` (as the agent will), and waits until the gateway routes it.
-    pub async fn session_for(&self, user: &GatewayUser, port: u16, upstream_token: &str) -> String {
-        let project: Value = self
-            .gateway
-            .client(&[], false)
-            .post(format!("{}/api/v1/projects", self.gateway.platform()))
-            .bearer_auth(&user.token)
-            .json(&json!({"name": "Analysis"}))
-            .send()
-            .await
-            .expect("create project")
-            .json()
-            .await
-            .expect("project body");
-        let pool = mysql_async::Pool::new(self.db.url.as_str());
-        let session = opencloud_control::sessions::register_external(
-            &pool,
-            user.id,
-            project["project"]["id"].as_u64().expect("project id"),
-            "127.0.0.1",
-            port,
-            upstream_token,
-        )
-        .await
-        .expect("register the session");
-        let _ = pool.disconnect().await;
-        let client = self.gateway.client(&[&session.sid], false);
-        let probe = format!("{}/api/status", self.gateway.session_origin(&session.sid));
-        let started = Instant::now();
-        while client
-            .get(&probe)
-            .bearer_auth(&user.token)
-            .send()
-            .await
-            .expect("probe")
-            .status()
-            == reqwest::StatusCode::NOT_FOUND
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the route never reached the gateway"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        session.sid
-    }
-
-    /// Enters session `sid` as `user` through a fresh ticket; returns the
-    /// `oc_s` cookie pair (`oc_s=…`).
-    pub async fn enter(&self, user: &GatewayUser, sid: &str) -> String {
-        let client = self.gateway.client(&[sid], false);
-        let body: Value = client
-            .get(format!("{}/api/v1/sessions/{sid}", self.gateway.platform()))
-            .bearer_auth(&user.token)
-            .send()
-            .await
-            .expect("session")
-            .json()
-            .await
-            .expect("session body");
-        let url = body["url"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no url in {body}"));
-        let r = client.get(url).send().await.expect("enter");
-        assert_eq!(r.status(), reqwest::StatusCode::FOUND);
-        assert_eq!(r.headers()[reqwest::header::LOCATION], "/lab");
-        let cookie = r.headers()[reqwest::header::SET_COOKIE]
-            .to_str()
-            .expect("cookie");
-        cookie.split(';').next().expect("cookie pair").to_owned()
     }
 }

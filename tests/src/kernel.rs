@@ -1,5 +1,6 @@
-//! A raw Jupyter kernel-channel client: one `execute_request` on the shell
-//! channel over the kernel WebSocket, reading iopub until the result.
+//! A raw Jupyter kernel-channel client: a kernel started over a session's
+//! REST API, then one `execute_request` on the shell channel over the
+//! kernel WebSocket, reading iopub until the result.
 
 use std::time::Duration;
 
@@ -8,6 +9,26 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Starts a Python kernel in the session at `origin` (http://…), sending
+/// `cookie`; the URL (ws://…) of its channels.
+pub async fn start(http: &reqwest::Client, origin: &str, cookie: &str) -> anyhow::Result<String> {
+    let kernel: Value = http
+        .post(format!("{origin}/api/kernels"))
+        .header("cookie", cookie)
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = kernel["id"]
+        .as_str()
+        .with_context(|| format!("no kernel id in {kernel}"))?;
+    Ok(format!(
+        "{}/api/kernels/{id}/channels",
+        origin.replacen("http://", "ws://", 1)
+    ))
+}
 
 /// Connects to `url` (ws://…) through `connect_to` (the gateway's address),
 /// sending `cookie`, runs `code` and returns the `text/plain` result.

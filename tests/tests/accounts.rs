@@ -15,7 +15,7 @@ fn email() -> String {
 
 #[tokio::test]
 async fn registration_and_login_work_and_set_a_hardened_cookie() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let address = email();
     let (status, body) = stack
         .register(&address.to_uppercase(), PASSWORD, "Ada")
@@ -62,23 +62,15 @@ async fn registration_and_login_work_and_set_a_hardened_cookie() {
 
     // The token works as a bearer token and as the cookie.
     let me: serde_json::Value = stack
-        .http()
-        .get(stack.url("/api/v1/me"))
-        .bearer_auth(token)
-        .send()
+        .get_with_bearer("/api/v1/me", token)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(me["user"]["email"], address);
     let me = stack
-        .http()
-        .get(stack.url("/api/v1/me"))
-        .header("cookie", format!("oc_session={token}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie("/api/v1/me", &format!("oc_session={token}"))
+        .await;
     assert_eq!(me.status(), StatusCode::OK);
 
     // The password is stored as a PBKDF2 PHC string with 600 000 rounds.
@@ -91,14 +83,14 @@ async fn registration_and_login_work_and_set_a_hardened_cookie() {
     .unwrap();
     assert!(hash.starts_with("$pbkdf2-sha256$i=600000,"), "{hash}");
     assert!(
-        !stack.control.log().contains(PASSWORD),
+        !stack.control().log().contains(PASSWORD),
         "passwords are never logged"
     );
 }
 
 #[tokio::test]
 async fn bad_registration_input_gets_a_clear_error_and_writes_nothing() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let taken = email();
     assert_eq!(
         stack.register(&taken, PASSWORD, "First").await.0,
@@ -171,7 +163,9 @@ async fn bad_registration_input_gets_a_clear_error_and_writes_nothing() {
         ),
     ];
     for (body, status, code, field, says) in cases {
-        let got = stack.post_json("/api/v1/auth/register", body.clone()).await;
+        let got = stack
+            .post_anonymous("/api/v1/auth/register", body.clone())
+            .await;
         let message = expect_error(&got, status, code, field);
         assert!(message.contains(says), "{body} → {message}");
     }
@@ -215,13 +209,13 @@ async fn bad_registration_input_gets_a_clear_error_and_writes_nothing() {
         1,
         "no bad request wrote a user"
     );
-    let log = stack.control.log();
+    let log = stack.control().log();
     assert!(!log.contains("panicked"), "{log}");
 }
 
 #[tokio::test]
 async fn unknown_email_and_wrong_password_get_the_same_answer_in_similar_time() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     // Warm the dummy hash so the first unknown-email attempt is not special.
     let _ = stack.login(&email(), "whatever-password").await;
@@ -258,6 +252,15 @@ async fn unknown_email_and_wrong_password_get_the_same_answer_in_similar_time() 
     );
 }
 
+async fn login_status(
+    stack: &TestStack,
+    client_ip: &str,
+    email: &str,
+    password: &str,
+) -> StatusCode {
+    login_from(stack, client_ip, email, password).await.status()
+}
+
 async fn login_from(
     stack: &TestStack,
     client_ip: &str,
@@ -276,7 +279,7 @@ async fn login_from(
 
 #[tokio::test]
 async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_owner() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let victim = stack.new_user().await;
     let other = stack.new_user().await;
     let attacker = "198.51.100.1";
@@ -302,16 +305,12 @@ async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_
 
     // The owner, from their own address, logs in normally.
     assert_eq!(
-        login_from(&stack, "192.0.2.10", &victim.email, PASSWORD)
-            .await
-            .status(),
+        login_status(&stack, "192.0.2.10", &victim.email, PASSWORD).await,
         StatusCode::OK
     );
     // The attacker's address is not blocked for other accounts.
     assert_eq!(
-        login_from(&stack, attacker, &other.email, PASSWORD)
-            .await
-            .status(),
+        login_status(&stack, attacker, &other.email, PASSWORD).await,
         StatusCode::OK
     );
     assert_eq!(stack.db.count("login_failures").await, 5);
@@ -319,19 +318,16 @@ async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_
 
 #[tokio::test]
 async fn the_back_off_grows_with_each_failure_after_the_wait() {
-    let stack = TestStack::start_with(ControlOptions {
-        extra_config: "[login]\nfailures_before_throttle = 2\nfirst_delay_seconds = 1\n".into(),
-        ..Default::default()
-    })
+    let stack = TestStack::control_only_with(ControlOptions::config(
+        "[login]\nfailures_before_throttle = 2\nfirst_delay_seconds = 1\n",
+    ))
     .await
     .unwrap();
     let user = stack.new_user().await;
     let ip = "198.51.100.2";
     for _ in 0..2 {
         assert_eq!(
-            login_from(&stack, ip, &user.email, "nope nope nope")
-                .await
-                .status(),
+            login_status(&stack, ip, &user.email, "nope nope nope").await,
             StatusCode::UNAUTHORIZED
         );
     }
@@ -341,9 +337,7 @@ async fn the_back_off_grows_with_each_failure_after_the_wait() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // After the wait one more guess is allowed; it fails and doubles the wait.
     assert_eq!(
-        login_from(&stack, ip, &user.email, "nope nope nope")
-            .await
-            .status(),
+        login_status(&stack, ip, &user.email, "nope nope nope").await,
         StatusCode::UNAUTHORIZED
     );
     let r = login_from(&stack, ip, &user.email, "nope nope nope").await;
@@ -353,7 +347,7 @@ async fn the_back_off_grows_with_each_failure_after_the_wait() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // A success clears the pair's failures.
     assert_eq!(
-        login_from(&stack, ip, &user.email, PASSWORD).await.status(),
+        login_status(&stack, ip, &user.email, PASSWORD).await,
         StatusCode::OK
     );
     assert_eq!(stack.db.count("login_failures").await, 0);
@@ -361,12 +355,10 @@ async fn the_back_off_grows_with_each_failure_after_the_wait() {
 
 #[tokio::test]
 async fn a_client_spraying_many_accounts_is_capped() {
-    let stack = TestStack::start_with(ControlOptions {
-        extra_config: "[login]\nclient_failure_cap = 6\n".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let stack =
+        TestStack::control_only_with(ControlOptions::config("[login]\nclient_failure_cap = 6\n"))
+            .await
+            .unwrap();
     let real = stack.new_user().await;
     let sprayer = "198.51.100.3";
     for _ in 0..6 {
@@ -384,16 +376,14 @@ async fn a_client_spraying_many_accounts_is_capped() {
         "{body}"
     );
     assert_eq!(
-        login_from(&stack, "192.0.2.11", &real.email, PASSWORD)
-            .await
-            .status(),
+        login_status(&stack, "192.0.2.11", &real.email, PASSWORD).await,
         StatusCode::OK
     );
 }
 
 #[tokio::test]
 async fn forwarded_for_is_ignored_unless_the_peer_is_a_trusted_gateway() {
-    let stack = TestStack::start_with(ControlOptions {
+    let stack = TestStack::control_only_with(ControlOptions {
         trusted_proxies: Some(vec![]),
         ..Default::default()
     })
@@ -424,7 +414,7 @@ async fn forwarded_for_is_ignored_unless_the_peer_is_a_trusted_gateway() {
 
 #[tokio::test]
 async fn logout_revokes_the_login_session_for_cookie_and_token() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let browser = stack.browser_like();
     let r = browser
@@ -465,12 +455,8 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
     );
     // The old token, replayed, is refused too: the login session is revoked.
     let replay = stack
-        .http()
-        .get(stack.url("/api/v1/me"))
-        .header("cookie", format!("oc_session={token}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie("/api/v1/me", &format!("oc_session={token}"))
+        .await;
     assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
     assert!(
         replay
@@ -493,7 +479,7 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
 
 #[tokio::test]
 async fn changing_the_password_revokes_the_users_other_sessions() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let here = stack.new_user().await;
     let elsewhere = stack.logged_in(&here.email, PASSWORD).await;
     let new_password = "a much better passphrase";
@@ -528,13 +514,11 @@ async fn changing_the_password_revokes_the_users_other_sessions() {
         "failed changes revoke nothing"
     );
 
-    let (status, body) = here
-        .post(
-            "/api/v1/auth/password",
-            json!({"current_password": PASSWORD, "new_password": new_password}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    here.post_json(
+        "/api/v1/auth/password",
+        json!({"current_password": PASSWORD, "new_password": new_password}),
+    )
+    .await;
     assert_eq!(
         here.get("/api/v1/me").await.0,
         StatusCode::OK,
@@ -560,9 +544,9 @@ async fn changing_the_password_revokes_the_users_other_sessions() {
 #[tokio::test]
 async fn a_cookie_past_half_life_is_reissued() {
     use opencloud_protocol::token::{self, Claims};
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
-    let keys_text = std::fs::read_to_string(stack.control.dir.join("keys.toml")).unwrap();
+    let keys_text = std::fs::read_to_string(stack.control().dir.join("keys.toml")).unwrap();
     let keys = opencloud_protocol::Keyring::from_toml("keys.toml", &keys_text).unwrap();
     let claims = token::verify(&keys, &user.token, token::TokenKind::Platform, now()).unwrap();
     let seven_hours_ago = now() - 7 * 3600;
@@ -572,12 +556,8 @@ async fn a_cookie_past_half_life_is_reissued() {
     );
 
     let r = stack
-        .http()
-        .get(stack.url("/api/v1/me"))
-        .header("cookie", format!("oc_session={old}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie("/api/v1/me", &format!("oc_session={old}"))
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let fresh = r
         .headers()
@@ -598,12 +578,8 @@ async fn a_cookie_past_half_life_is_reissued() {
 
     // A young cookie is left alone.
     let r = stack
-        .http()
-        .get(stack.url("/api/v1/me"))
-        .header("cookie", format!("oc_session={}", user.token))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie("/api/v1/me", &format!("oc_session={}", user.token))
+        .await;
     assert!(r.headers().get(SET_COOKIE).is_none());
 }
 

@@ -8,17 +8,16 @@ use serde_json::json;
 
 #[tokio::test]
 async fn an_admin_disables_a_user_who_then_cannot_log_in_and_loses_every_session() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
     let user = stack.new_user().await;
 
-    let (status, body) = admin
-        .patch(
+    let body = admin
+        .patch_json(
             &format!("/api/v1/admin/users/{}", user.id),
             json!({"disabled": true}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["disabled"], true);
     assert_eq!(
         user.get("/api/v1/me").await.0,
@@ -44,7 +43,7 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in_and_loses_every_session
 
 #[tokio::test]
 async fn admins_search_and_page_through_users_and_change_roles() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
     let marker = unique("needle");
     for n in 0..23 {
@@ -57,12 +56,11 @@ async fn admins_search_and_page_through_users_and_change_roles() {
             .await;
         assert_eq!(status, StatusCode::CREATED);
     }
-    let (status, body) = admin
-        .get(&format!(
+    let body = admin
+        .get_json(&format!(
             "/api/v1/admin/users?q={marker}&per_page=10&page=3"
         ))
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["total"], 23);
     assert_eq!(body["users"].as_array().unwrap().len(), 3);
     // LIKE wildcards in the query are literal.
@@ -75,13 +73,12 @@ async fn admins_search_and_page_through_users_and_change_roles() {
             .await
             .1,
     );
-    let (status, body) = admin
-        .patch(
+    let body = admin
+        .patch_json(
             &format!("/api/v1/admin/users/{id}"),
             json!({"role": "host_owner"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["role"], "host_owner");
 
     expect_error(
@@ -144,7 +141,7 @@ fn body_user_id(body: &serde_json::Value) -> u64 {
 
 #[tokio::test]
 async fn only_admins_reach_the_admin_api_and_pages() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     for path in ["/api/v1/admin/users", "/api/v1/admin/packages"] {
         expect_error(
@@ -165,30 +162,16 @@ async fn only_admins_reach_the_admin_api_and_pages() {
         "forbidden",
         None,
     );
-    let page = stack
-        .http()
-        .get(stack.url("/admin/users"))
-        .bearer_auth(&user.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::FORBIDDEN);
+    let (status, _) = user.get_text("/admin/users").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(stack.db.count("users WHERE role = 'admin'").await, 0);
 }
 
 #[tokio::test]
 async fn admins_create_edit_and_retire_packages() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
-    let body: serde_json::Value = stack
-        .http()
-        .get(stack.url("/api/v1/packages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = stack.get_json_anonymous("/api/v1/packages").await;
     assert_eq!(
         body["packages"].as_array().unwrap().len(),
         3,
@@ -242,13 +225,12 @@ async fn admins_create_edit_and_retire_packages() {
         "bad packages wrote nothing"
     );
 
-    let (status, body) = admin
-        .patch(
+    let body = admin
+        .patch_json(
             &format!("/api/v1/admin/packages/{id}"),
             json!({"price_minor": 8900}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["package"]["price_minor"], 8900);
     assert_eq!(
         body["package"]["name"], "GPU-less Pro",
@@ -262,15 +244,7 @@ async fn admins_create_edit_and_retire_packages() {
         )
         .await;
     assert_eq!(body["package"]["retired"], true);
-    let on_sale: serde_json::Value = stack
-        .http()
-        .get(stack.url("/api/v1/packages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let on_sale = stack.get_json_anonymous("/api/v1/packages").await;
     assert!(
         on_sale["packages"]
             .as_array()

@@ -5,7 +5,7 @@
 //!
 //! Hosts are added by their owners and kept alive by a stand-in agent that
 //! registers with the HostKey and heartbeats; sessions come from
-//! `sessions::register_external` and end through `sessions::ending::end`, and the
+//! `external::register_external` and end through `sessions::ending::end`, and the
 //! bulk of old rows is inserted with SQL.
 
 use std::collections::HashSet;
@@ -15,11 +15,12 @@ use mysql_async::prelude::*;
 use opencloud_control::hosts;
 use opencloud_control::sessions;
 use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::external::register_external;
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
 use opencloud_protocol::agent::{AgentHello, Capacity, Heartbeat, Load, HOST_KEY_SCHEME};
 use opencloud_protocol::reports::SessionUsage;
 use opencloud_protocol::routes::{new_sid, SessionState};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 // ----- helpers -----
@@ -59,22 +60,33 @@ fn hello(address: &str) -> AgentHello {
 }
 
 /// Adds a host named `name` for `owner` (made a host owner by `admin`).
-async fn add_host(admin: &TestUser, owner: &TestUser, name: &str) -> Host {
-    let (status, body) = admin
-        .patch(
+async fn add_host(stack: &TestStack, admin: &TestUser, owner: &TestUser, name: &str) -> Host {
+    admin
+        .patch_json(
             &format!("/api/v1/admin/users/{}", owner.id),
             json!({"role": "host_owner"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let (status, body) = owner.post("/api/v1/hosts", json!({"name": name})).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (id, key) = stack.add_host(owner, name).await;
     Host {
-        id: body["host"]["id"].as_u64().unwrap(),
+        id,
         name: name.to_owned(),
-        key: body["host_key"].as_str().unwrap().to_owned(),
+        key,
         heartbeats: None,
     }
+}
+
+/// A host added for `owner` whose stand-in agent is online at `address`.
+async fn add_online_host(
+    stack: &TestStack,
+    admin: &TestUser,
+    owner: &TestUser,
+    name: &str,
+    address: &str,
+) -> Host {
+    let mut host = add_host(stack, admin, owner, name).await;
+    host.come_online(stack, address).await;
+    host
 }
 
 impl Host {
@@ -155,14 +167,13 @@ const BOB_PROJECT: &str = "Survey, wave 2";
 
 impl Fixture {
     async fn start() -> Self {
-        let stack = TestStack::start().await.unwrap();
+        let stack = TestStack::control_only().await.unwrap();
         let admin = stack.admin().await;
         let alice = stack.new_user().await;
         let bob = stack.new_user().await;
-        let mut alice_host = add_host(&admin, &alice, "alice-desktop").await;
-        alice_host.come_online(&stack, "127.0.0.1").await;
-        let mut bob_host = add_host(&admin, &bob, "bob-laptop").await;
-        bob_host.come_online(&stack, "127.0.0.2").await;
+        let alice_host =
+            add_online_host(&stack, &admin, &alice, "alice-desktop", "127.0.0.1").await;
+        let bob_host = add_online_host(&stack, &admin, &bob, "bob-laptop", "127.0.0.2").await;
         let alice_project = alice.create_project("Thesis").await;
         let bob_project = bob.create_project(BOB_PROJECT).await;
         let pool = mysql_async::Pool::new(stack.db.url.as_str());
@@ -183,10 +194,9 @@ impl Fixture {
     /// way a Jupyter server started elsewhere is.
     async fn session(&self, user: &TestUser, project: u64, address: &str) -> String {
         let port = 18000 + rand::random::<u16>() % 1000;
-        let route =
-            sessions::register_external(&self.pool, user.id, project, address, port, "up-token")
-                .await
-                .unwrap();
+        let route = register_external(&self.pool, user.id, project, address, port, "up-token")
+            .await
+            .unwrap();
         route.sid
     }
 
@@ -326,16 +336,13 @@ fn time_add(at: &str, secs: i64) -> String {
     }
 }
 
-/// GET a page with the user's token; the status and the HTML.
-async fn page(user: &TestUser, path: &str) -> (StatusCode, String) {
-    let r = user
-        .http
-        .get(format!("{}{path}", user.base))
-        .bearer_auth(&user.token)
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.text().await.unwrap())
+/// Posts the Stop form of session `sid` as `who`.
+async fn stop(who: &TestUser, sid: &str, csrf: &str, back: &str) -> reqwest::Response {
+    who.post_form(
+        &format!("/admin/sessions/{sid}/stop"),
+        &[("csrf", csrf), ("back", back)],
+    )
+    .await
 }
 
 /// The HTML of each session row, by sid, in page order.
@@ -397,7 +404,7 @@ async fn walk(user: &TestUser, first: &str) -> (Vec<String>, usize) {
     let mut pages = 0;
     let mut next = Some(first.to_owned());
     while let Some(path) = next {
-        let (status, html) = page(user, &path).await;
+        let (status, html) = user.get_text(&path).await;
         assert_eq!(status, StatusCode::OK, "{path}: {html}");
         pages += 1;
         assert!(pages < 1000, "paging never ends");
@@ -417,29 +424,25 @@ async fn walk(user: &TestUser, first: &str) -> (Vec<String>, usize) {
 
 #[tokio::test]
 async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
     let ann = stack.new_user().await;
     let ben = stack.new_user().await;
-    let mut desktop = add_host(&admin, &ann, "ann-desktop").await;
-    desktop.come_online(&stack, "10.1.2.3").await;
-    let mut attic = add_host(&admin, &ann, "ann-attic").await;
-    attic.come_online(&stack, "10.1.2.4").await;
-    let (status, body) = ann
-        .post(
-            &format!("/api/v1/hosts/{}/drain", attic.id),
-            json!({"draining": true}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let fresh = add_host(&admin, &ben, "ben-new-pc").await;
-    let old = add_host(&admin, &ben, "ben-old-pc").await;
+    let desktop = add_online_host(&stack, &admin, &ann, "ann-desktop", "10.1.2.3").await;
+    let attic = add_online_host(&stack, &admin, &ann, "ann-attic", "10.1.2.4").await;
+    ann.post_json(
+        &format!("/api/v1/hosts/{}/drain", attic.id),
+        json!({"draining": true}),
+    )
+    .await;
+    let fresh = add_host(&stack, &admin, &ben, "ben-new-pc").await;
+    let old = add_host(&stack, &admin, &ben, "ben-old-pc").await;
     let (status, body) = ben
         .post(&format!("/api/v1/hosts/{}/revoke", old.id), json!({}))
         .await;
     assert!(status.is_success(), "{status} {body}");
 
-    let (status, html) = page(&admin, "/admin/hosts").await;
+    let (status, html) = admin.get_text("/admin/hosts").await;
     assert_eq!(status, StatusCode::OK, "{html}");
     let host_row = |id: u64| -> String {
         let start = html
@@ -482,7 +485,7 @@ async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
     let at = |id: u64| html.find(&format!("data-host-id=\"{id}\"")).unwrap();
     assert!(at(old.id) < at(fresh.id) && at(fresh.id) < at(desktop.id));
 
-    let (status, _) = page(&ann, "/admin/hosts").await;
+    let (status, _) = ann.get_text("/admin/hosts").await;
     assert_eq!(
         status,
         StatusCode::FORBIDDEN,
@@ -492,16 +495,15 @@ async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
 
 #[tokio::test]
 async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
     let ann = stack.new_user().await;
-    let (status, body) = admin
-        .patch(
+    admin
+        .patch_json(
             &format!("/api/v1/admin/users/{}", ann.id),
             json!({"role": "host_owner"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     let pool = mysql_async::Pool::new(stack.db.url.as_str());
     let count = hosts::HOSTS_PER_PAGE + 5;
     for i in 0..count {
@@ -540,12 +542,12 @@ async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
 
     // The pages link the older hosts and back.
     for (user, base) in [(&admin, "/admin/hosts"), (&ann, "/hosts")] {
-        let (status, html) = page(user, base).await;
+        let (status, html) = user.get_text(base).await;
         assert_eq!(status, StatusCode::OK, "{html}");
         assert_eq!(html.matches("data-host-id=").count(), hosts::HOSTS_PER_PAGE);
         let next = link(&html, "next-page").expect("a link to older hosts");
         assert_eq!(next, format!("{base}{second_page}"));
-        let (status, html) = page(user, &next).await;
+        let (status, html) = user.get_text(&next).await;
         assert_eq!(status, StatusCode::OK, "{html}");
         assert_eq!(html.matches("data-host-id=").count(), 5);
         assert!(html.contains(&format!("5 of {count} hosts")), "{html}");
@@ -554,7 +556,7 @@ async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
     }
 
     // A page that is not a number gets a clear answer.
-    let (status, html) = page(&admin, "/admin/hosts?before=soon").await;
+    let (status, html) = admin.get_text("/admin/hosts?before=soon").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(html.contains("before"), "{html}");
     let (status, body) = admin.get("/api/v1/admin/hosts?before=-1").await;
@@ -605,7 +607,7 @@ async fn session_data_shows_sessions_newest_first_with_user_project_host_and_tra
         )
         .await;
 
-    let (status, html) = page(&f.admin, "/admin/sessions").await;
+    let (status, html) = f.admin.get_text("/admin/sessions").await;
     assert_eq!(status, StatusCode::OK, "{html}");
     assert_eq!(sids(&html), [third.clone(), second.clone(), first.clone()]);
     let rows = rows(&html);
@@ -702,20 +704,23 @@ async fn session_data_filters_by_user_project_state_host_and_dates() {
             .replace("BOBH", &f.bob_host.id.to_string())
             .replace("BOB", &f.bob.id.to_string());
         let want = f.sids_where(&sql).await;
-        let (status, html) = page(&f.admin, &format!("/admin/sessions?{query}")).await;
+        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
         assert_eq!(status, StatusCode::OK, "{query}: {html}");
         assert_eq!(sids(&html), want, "{query}");
         // The form shows the filter, and the CSV link carries it.
         let csv = link(&html, "export-csv").unwrap();
         assert!(csv.starts_with("/admin/sessions.csv?"), "{csv}");
     }
-    let (_, html) = page(&f.admin, "/admin/sessions?state=running").await;
+    let (_, html) = f.admin.get_text("/admin/sessions?state=running").await;
     assert_eq!(sids(&html), [live]);
     assert!(
         html.contains("<option value=\"running\" selected>"),
         "the form keeps the state"
     );
-    let (_, html) = page(&f.admin, "/admin/sessions?from=2025-03-05&to=2025-03-05").await;
+    let (_, html) = f
+        .admin
+        .get_text("/admin/sessions?from=2025-03-05&to=2025-03-05")
+        .await;
     let rows = rows(&html);
     assert_eq!(rows.len(), 2, "one day, both users");
     let alices = rows
@@ -806,11 +811,11 @@ async fn paging_with_after_visits_every_matching_session_once() {
     assert_eq!(seen, filtered);
 
     // The default page holds 50.
-    let (_, html) = page(&f.admin, "/admin/sessions").await;
+    let (_, html) = f.admin.get_text("/admin/sessions").await;
     assert_eq!(sids(&html), everything[..50]);
     let next = link(&html, "next-page").unwrap();
     assert!(next.starts_with("/admin/sessions?after="), "{next}");
-    let (_, html) = page(&f.admin, &next).await;
+    let (_, html) = f.admin.get_text(&next).await;
     assert_eq!(sids(&html), everything[50..100]);
 }
 
@@ -850,9 +855,7 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
         let admin = &f.admin;
         async move {
             let r = admin
-                .http
-                .get(format!("{}/admin/sessions.csv{query}", admin.base))
-                .bearer_auth(&admin.token)
+                .request(Method::GET, &format!("/admin/sessions.csv{query}"))
                 .send()
                 .await
                 .unwrap();
@@ -908,11 +911,10 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
     assert!(text.lines().skip(1).all(|l| l.contains(",lost,host_lost,")));
 
     // The page's Export CSV link is the same export.
-    let (_, html) = page(
-        &f.admin,
-        &format!("/admin/sessions?host={}", f.alice_host.id),
-    )
-    .await;
+    let (_, html) = f
+        .admin
+        .get_text(&format!("/admin/sessions?host={}", f.alice_host.id))
+        .await;
     let href = link(&html, "export-csv").unwrap();
     assert_eq!(
         href,
@@ -932,7 +934,7 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
     let f = Fixture::start().await;
     let sid = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
     let back = format!("/admin/sessions?user={}&state=running", f.bob.id);
-    let (status, html) = page(&f.admin, &back).await;
+    let (status, html) = f.admin.get_text(&back).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(sids(&html), std::slice::from_ref(&sid));
     let token = csrf(&html);
@@ -943,29 +945,17 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
         "the Stop form comes back to this page"
     );
 
-    let stop = |csrf: String, back: String, who: &TestUser| {
-        let (http, base, bearer) = (who.http.clone(), who.base.clone(), who.token.clone());
-        let sid = sid.clone();
-        async move {
-            http.post(format!("{base}/admin/sessions/{sid}/stop"))
-                .bearer_auth(bearer)
-                .form(&[("csrf", csrf.as_str()), ("back", back.as_str())])
-                .send()
-                .await
-                .unwrap()
-        }
-    };
-    let r = stop(String::new(), back.clone(), &f.admin).await;
+    let r = stop(&f.admin, &sid, "", &back).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "no CSRF token, no stop");
-    let (_, own_page) = page(&f.alice, "/projects").await;
-    let r = stop(csrf(&own_page), back.clone(), &f.alice).await;
+    let (_, own_page) = f.alice.get_text("/projects").await;
+    let r = stop(&f.alice, &sid, &csrf(&own_page), &back).await;
     assert_eq!(
         r.status(),
         StatusCode::FORBIDDEN,
         "only admins stop others' sessions"
     );
 
-    let r = stop(token.clone(), back.clone(), &f.admin).await;
+    let r = stop(&f.admin, &sid, &token, &back).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], back.as_str());
     let state: Option<(String, Option<String>)> = f
@@ -984,27 +974,16 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
         Some(("stopping".into(), Some("stopped_by_admin".into()))),
         "the host's agent is told to stop it"
     );
-    let (_, html) = page(&f.admin, "/admin/sessions?state=stopping").await;
+    let (_, html) = f.admin.get_text("/admin/sessions?state=stopping").await;
     let rows = rows(&html);
     assert!(!row(&rows, &sid).contains("/stop\""), "no second Stop");
 
     // A redirect elsewhere is not followed.
     let other = f.session(&f.alice, f.alice_project, "127.0.0.1").await;
-    let r = f
-        .admin
-        .http
-        .post(format!("{}/admin/sessions/{other}/stop", f.admin.base))
-        .bearer_auth(&f.admin.token)
-        .form(&[
-            ("csrf", token.as_str()),
-            ("back", "https://elsewhere.example/"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = stop(&f.admin, &other, &token, "https://elsewhere.example/").await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], "/admin/sessions");
-    let r = stop(token, back, &f.admin).await;
+    let r = stop(&f.admin, &sid, &token, &back).await;
     assert_eq!(
         r.status(),
         StatusCode::SEE_OTHER,
@@ -1016,24 +995,21 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
 async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
     let f = Fixture::start().await;
     for path in ["/admin/sessions", "/admin/sessions.csv", "/admin/hosts"] {
-        let (status, html) = page(&f.bob, path).await;
+        let (status, html) = f.bob.get_text(path).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
         assert!(html.contains("for administrators"), "{html}");
     }
-    let anonymous = f
-        .stack
-        .http()
-        .get(f.stack.url("/admin/sessions?state=lost"))
-        .send()
-        .await
-        .unwrap();
+    let anonymous = f.stack.get_anonymous("/admin/sessions?state=lost").await;
     assert!(anonymous.status().is_redirection());
     assert!(anonymous.headers()["location"]
         .to_str()
         .unwrap()
         .starts_with("/login?next="));
 
-    let (status, html) = page(&f.admin, "/admin/sessions?from=yesterday&state=running").await;
+    let (status, html) = f
+        .admin
+        .get_text("/admin/sessions?from=yesterday&state=running")
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{html}");
     let error = html
         .split("<p class=\"field-error\" id=\"error-from\">")
@@ -1052,7 +1028,7 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         ("host=abc", "host"),
         ("project=-1", "project"),
     ] {
-        let (status, html) = page(&f.admin, &format!("/admin/sessions?{query}")).await;
+        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
         assert!(
             html.contains(&format!("id=\"error-{field}\"")),
@@ -1065,7 +1041,7 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         "per_page=lots",
         "per_page=100000",
     ] {
-        let (status, html) = page(&f.admin, &format!("/admin/sessions?{query}")).await;
+        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
         assert!(
             html.contains("class=\"alert alert-error\""),
@@ -1073,10 +1049,16 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         );
     }
     // An unknown user does not hide a bad date.
-    let (status, _) = page(&f.admin, "/admin/sessions?user=nobody%40example.com&from=x").await;
+    let (status, _) = f
+        .admin
+        .get_text("/admin/sessions?user=nobody%40example.com&from=x")
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let (status, html) = page(&f.admin, "/admin/sessions.csv?from=2025-13-01").await;
+    let (status, html) = f
+        .admin
+        .get_text("/admin/sessions.csv?from=2025-13-01")
+        .await;
     assert_eq!(
         status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -1110,7 +1092,7 @@ async fn an_admin_filters_pages_and_stops_sessions_in_a_browser() {
     let live = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
 
     let browser = Browser::start().await.unwrap();
-    let base = f.stack.control.public.as_str();
+    let base = f.stack.control().public.as_str();
     login_in_browser(&browser, base, &f.admin.email, PASSWORD)
         .await
         .unwrap();

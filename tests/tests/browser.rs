@@ -17,14 +17,7 @@ fn email() -> String {
 /// and returns its id, read from the list entry that appears.
 async fn create_project_in_browser(browser: &Browser, name: &str) -> u64 {
     let before = browser.count("li.project").await.unwrap();
-    browser
-        .fill("form[action='/projects'] #name", name)
-        .await
-        .unwrap();
-    browser
-        .click("form[action='/projects'] button[type=submit]")
-        .await
-        .unwrap();
+    browser.submit_new_project(name).await.unwrap();
     // The form posts back to /projects, so wait for the list to grow.
     let grown = format!("li.project:nth-child({})", before + 1);
     browser.wait_for(&grown).await.unwrap();
@@ -48,16 +41,13 @@ async fn create_project_in_browser(browser: &Browser, name: &str) -> u64 {
 
 #[tokio::test]
 async fn a_new_user_registers_logs_in_creates_and_renames_a_project_and_logs_out() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let browser = Browser::start().await.unwrap();
     let address = email();
 
     browser.goto(&stack.url("/register")).await.unwrap();
-    browser.fill("#name", "Grace Hopper").await.unwrap();
-    browser.fill("#email", &address).await.unwrap();
-    browser.fill("#password", PASSWORD).await.unwrap();
     browser
-        .click("form[action='/register'] button[type=submit]")
+        .submit_register("Grace Hopper", &address, PASSWORD)
         .await
         .unwrap();
     browser.wait_for_path("/login").await.unwrap();
@@ -131,16 +121,13 @@ async fn a_new_user_registers_logs_in_creates_and_renames_a_project_and_logs_out
 
 #[tokio::test]
 async fn registration_errors_show_next_to_the_field_and_keep_what_was_typed() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let browser = Browser::start().await.unwrap();
     let address = email();
 
     browser.goto(&stack.url("/register")).await.unwrap();
-    browser.fill("#name", "Short Password").await.unwrap();
-    browser.fill("#email", &address).await.unwrap();
-    browser.fill("#password", "123456789").await.unwrap();
     browser
-        .click("form[action='/register'] button[type=submit]")
+        .submit_register("Short Password", &address, "123456789")
         .await
         .unwrap();
     // The form posts back to /register; the error appears on the new page.
@@ -182,12 +169,12 @@ async fn registration_errors_show_next_to_the_field_and_keep_what_was_typed() {
 
 #[tokio::test]
 async fn an_admin_disables_a_user_who_then_cannot_log_in() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let admin = stack.admin().await;
     assert_eq!(user.get("/api/v1/me").await.0, StatusCode::OK);
     let browser = Browser::start().await.unwrap();
-    let base = &stack.control.public;
+    let base = &stack.control().public;
 
     login_in_browser(&browser, base, &admin.email, PASSWORD)
         .await
@@ -280,12 +267,12 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in() {
 
 #[tokio::test]
 async fn user_supplied_text_is_escaped_in_pages() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let browser = Browser::start().await.unwrap();
     let hostile = "<img src=x onerror=alert(1)>";
 
-    login_in_browser(&browser, &stack.control.public, &user.email, PASSWORD)
+    login_in_browser(&browser, &stack.control().public, &user.email, PASSWORD)
         .await
         .unwrap();
     browser.wait_for_path("/projects").await.unwrap();
@@ -318,7 +305,7 @@ fn hidden_input(html: &str, name: &str) -> String {
 
 #[tokio::test]
 async fn pages_work_without_javascript_and_look_styled() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let http = stack.browser_like();
     let address = email();
 

@@ -4,24 +4,24 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::kernel;
 use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::{TestStack, TestUser};
 use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
-use reqwest::StatusCode;
-use serde_json::{json, Value};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::Value;
 
 /// A user with a project and a session pointing at `port`.
 struct Fixture {
-    stack: GatewayStack,
-    user: GatewayUser,
+    stack: TestStack,
+    user: TestUser,
     sid: String,
 }
 
 impl Fixture {
     async fn new(upstream_port: u16, upstream_token: &str) -> Self {
-        let stack = GatewayStack::start().await.unwrap();
+        let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
         let sid = stack
             .session_for(&user, upstream_port, upstream_token)
@@ -29,30 +29,33 @@ impl Fixture {
         Self { stack, user, sid }
     }
 
+    /// A GET of `path` in the session, with `with` adding credentials
+    /// and headers; the response as it came.
+    async fn get(
+        &self,
+        path: &str,
+        with: impl FnOnce(RequestBuilder) -> RequestBuilder,
+    ) -> Response {
+        with(self.client(false).get(format!("{}{path}", self.origin())))
+            .send()
+            .await
+            .unwrap()
+    }
+
     fn origin(&self) -> String {
-        self.stack.gateway.session_origin(&self.sid)
+        self.stack.gateway().session_origin(&self.sid)
     }
 
     fn client(&self, cookies: bool) -> reqwest::Client {
-        self.stack.gateway.client(&[&self.sid], cookies)
+        self.stack.gateway().client(&[&self.sid], cookies)
     }
 
     /// The enter URL control hands out for this session.
     async fn enter_url(&self) -> String {
-        let body: Value = self
-            .client(false)
-            .get(format!(
-                "{}/api/v1/sessions/{}",
-                self.stack.gateway.platform(),
-                self.sid
-            ))
-            .bearer_auth(&self.user.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = self
+            .user
+            .get_json(&format!("/api/v1/sessions/{}", self.sid))
+            .await;
         body["url"]
             .as_str()
             .unwrap_or_else(|| panic!("no url in {body}"))
@@ -97,24 +100,19 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
 
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let http = f.client(false);
-    let contents = http
-        .get(format!("{}/api/contents", f.origin()))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let contents = f
+        .get("/api/contents", |r| r.header("cookie", &cookie))
+        .await;
     assert_eq!(contents.status(), StatusCode::OK);
     let listing: Value = contents.json().await.unwrap();
     assert_eq!(listing["type"], "directory");
 
     // Lab loads, and the upstream token is nowhere in what the browser gets.
-    let lab = http
-        .get(format!("{}/lab", f.origin()))
-        .header("cookie", &cookie)
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let lab = f
+        .get("/lab", |r| {
+            r.header("cookie", &cookie).header(ACCEPT, "text/html")
+        })
+        .await;
     assert_eq!(lab.status(), StatusCode::OK);
     let headers = format!("{:?}", lab.headers());
     let html = lab.text().await.unwrap();
@@ -124,26 +122,12 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
         "the upstream token leaked"
     );
 
-    let kernel: Value = http
-        .post(format!("{}/api/kernels", f.origin()))
-        .header("cookie", &cookie)
-        .json(&json!({"name": "python3"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kernel_id = kernel["id"].as_str().unwrap_or_else(|| panic!("{kernel}"));
-    let ws_url = format!(
-        "ws://{}.nb.localhost:{}/api/kernels/{kernel_id}/channels",
-        f.sid, f.stack.gateway.port
-    );
-    let result = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "1+1")
+    let ws_url = kernel::start(&http, &f.origin(), &cookie).await.unwrap();
+    let result = kernel::execute(&ws_url, f.stack.gateway().addr(), &cookie, "1+1")
         .await
         .unwrap();
     assert_eq!(result, "2");
-    let printed = kernel::execute(&ws_url, f.stack.gateway.addr(), &cookie, "print(6*7)")
+    let printed = kernel::execute(&ws_url, f.stack.gateway().addr(), &cookie, "print(6*7)")
         .await
         .unwrap();
     assert_eq!(printed, "42");
@@ -154,51 +138,33 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
     let (port, _captured) = capture_upstream().await;
     let f = Fixture::new(port, "upstream-secret").await;
     let http = f.client(false);
-    let origin = f.origin();
 
-    let page = http
-        .get(format!("{origin}/lab"))
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let page = f.get("/lab", |r| r.header(ACCEPT, "text/html")).await;
     assert_eq!(page.status(), StatusCode::FOUND);
     assert_eq!(
         page.headers()[LOCATION],
-        format!("{}/sessions/{}/enter", f.stack.gateway.platform(), f.sid).as_str()
+        format!("{}/sessions/{}/enter", f.stack.gateway().platform(), f.sid).as_str()
     );
-    let api = http
-        .get(format!("{origin}/api/contents"))
-        .header(ACCEPT, "application/json")
-        .send()
-        .await
-        .unwrap();
+    let api = f
+        .get("/api/contents", |r| r.header(ACCEPT, "application/json"))
+        .await;
     assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
 
     assert_eq!(
-        http.get(format!("{origin}/api/contents"))
-            .bearer_auth(&f.user.token)
-            .send()
+        f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
     let stranger = f.stack.new_user().await.token;
-    let r = http
-        .get(format!("{origin}/api/contents"))
-        .bearer_auth(&stranger)
-        .send()
-        .await
-        .unwrap();
+    let r = f.get("/api/contents", |r| r.bearer_auth(&stranger)).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = http
-        .get(format!("{origin}/lab"))
-        .bearer_auth("v1.k1.forged.sig")
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .unwrap();
+    let r = f
+        .get("/lab", |r| {
+            r.bearer_auth("v1.k1.forged.sig")
+                .header(ACCEPT, "text/html")
+        })
+        .await;
     assert_eq!(
         r.status(),
         StatusCode::FOUND,
@@ -207,11 +173,11 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
 
     // A sid that is a prefix of the real one, and unknown hosts.
     let prefix = &f.sid[..25];
-    let other = f.stack.gateway.client(&[prefix, "evil"], false);
+    let other = f.stack.gateway().client(&[prefix, "evil"], false);
     let r = other
         .get(format!(
             "http://{prefix}.nb.localhost:{}/api/contents",
-            f.stack.gateway.port
+            f.stack.gateway().port
         ))
         .bearer_auth(&f.user.token)
         .send()
@@ -219,7 +185,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let r = http
-        .get(format!("http://127.0.0.1:{}/", f.stack.gateway.port))
+        .get(format!("http://127.0.0.1:{}/", f.stack.gateway().port))
         .send()
         .await
         .unwrap();
@@ -228,7 +194,7 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
     // The platform's internal paths are not reachable through the gateway.
     for path in ["/internal/v1/routes/watch", "/metrics"] {
         let r = http
-            .get(format!("{}{path}", f.stack.gateway.platform()))
+            .get(format!("{}{path}", f.stack.gateway().platform()))
             .send()
             .await
             .unwrap();
@@ -274,7 +240,8 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     assert!(
         head.contains(&format!(
             "host: {}.nb.localhost:{}",
-            f.sid, f.stack.gateway.port
+            f.sid,
+            f.stack.gateway().port
         )),
         "{head}"
     );
@@ -288,12 +255,8 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     assert!(head.contains("x-forwarded-proto: http"), "{head}");
 
     // A bearer platform token is replaced too.
-    f.client(false)
-        .get(format!("{}/api/contents", f.origin()))
-        .bearer_auth(&f.user.token)
-        .send()
-        .await
-        .unwrap();
+    f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
+        .await;
     let head = captured.last();
     assert!(!head.contains(&f.user.token), "{head}");
 }
@@ -304,19 +267,18 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     let f = Fixture::new(port, "t").await;
     let cookie = f.enter().await;
     let http = f.client(false);
-    let api = format!("{}/api/contents", f.origin());
     assert_eq!(
-        http.get(&api)
-            .header("cookie", &cookie)
-            .send()
+        f.get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
 
     let r = http
-        .post(format!("{}/api/v1/auth/logout", f.stack.gateway.platform()))
+        .post(format!(
+            "{}/api/v1/auth/logout",
+            f.stack.gateway().platform()
+        ))
         .bearer_auth(&f.user.token)
         .header("content-type", "application/json")
         .send()
@@ -325,12 +287,9 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     assert_eq!(r.status(), StatusCode::OK);
     let logged_out = Instant::now();
     loop {
-        let status = http
-            .get(&api)
-            .header("cookie", &cookie)
-            .send()
+        let status = f
+            .get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status();
         if status == StatusCode::UNAUTHORIZED {
             break;
@@ -344,11 +303,8 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     let took = logged_out.elapsed();
     println!("revoked cookie refused {took:?} after logout");
     assert_eq!(
-        http.get(&api)
-            .bearer_auth(&f.user.token)
-            .send()
+        f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
             .await
-            .unwrap()
             .status(),
         StatusCode::UNAUTHORIZED
     );
@@ -359,29 +315,20 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     let (port, _captured) = capture_upstream().await;
     let mut f = Fixture::new(port, "t").await;
     let cookie = f.enter().await;
-    let api = format!("{}/api/contents", f.origin());
 
-    drop(f.stack.control.take()); // SIGKILL control
+    f.stack.kill_control();
     assert_eq!(
-        f.client(false)
-            .get(&api)
-            .header("cookie", &cookie)
-            .send()
+        f.get("/api/contents", |r| r.header("cookie", &cookie))
             .await
-            .unwrap()
             .status(),
         StatusCode::OK
     );
 
-    f.stack.gateway.stop();
-    f.stack.gateway.start().await.unwrap();
+    f.stack.gateway_mut().stop();
+    f.stack.gateway_mut().start().await.unwrap();
     let r = f
-        .client(false)
-        .get(&api)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .get("/api/contents", |r| r.header("cookie", &cookie))
+        .await;
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -390,7 +337,7 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
     // The platform itself is down, and says so clearly.
     let r = f
         .client(false)
-        .get(format!("{}/", f.stack.gateway.platform()))
+        .get(format!("{}/", f.stack.gateway().platform()))
         .send()
         .await
         .unwrap();
@@ -416,13 +363,10 @@ async fn a_lost_session_gets_the_clear_page_at_once() {
     let started = Instant::now();
     loop {
         let r = f
-            .client(false)
-            .get(format!("{}/lab", f.origin()))
-            .header("cookie", &cookie)
-            .header(ACCEPT, "text/html")
-            .send()
-            .await
-            .unwrap();
+            .get("/lab", |r| {
+                r.header("cookie", &cookie).header(ACCEPT, "text/html")
+            })
+            .await;
         if r.status() == StatusCode::GONE {
             assert!(r.text().await.unwrap().contains("went offline"));
             break;

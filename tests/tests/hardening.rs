@@ -6,11 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
 use opencloud_e2e::unique;
 use opencloud_e2e::upstream::{
     capture_upstream, capture_upstream_on, silent_upstream, stoppable_upstream, Captured,
 };
+use opencloud_e2e::{TestStack, TestUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -169,15 +169,15 @@ async fn exchange(port: u16, request: &[u8]) -> Answer {
 
 /// A user with a project and a session pointing at `upstream_port`.
 struct Fixture {
-    stack: GatewayStack,
-    user: GatewayUser,
+    stack: TestStack,
+    user: TestUser,
     sid: String,
     upstream_port: u16,
 }
 
 impl Fixture {
     async fn new(upstream_port: u16) -> Self {
-        let stack = GatewayStack::start().await.unwrap();
+        let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
         let sid = stack
             .session_for(&user, upstream_port, "upstream-token")
@@ -191,7 +191,7 @@ impl Fixture {
     }
 
     fn port(&self) -> u16 {
-        self.stack.gateway.port
+        self.stack.gateway().port
     }
 
     fn platform_host(&self) -> String {
@@ -442,8 +442,8 @@ fn assert_cut_off_at_the_deadline(took: Option<Duration>) {
 
 #[tokio::test]
 async fn a_slow_header_is_cut_off_after_the_header_deadline() {
-    let stack = GatewayStack::start().await.unwrap();
-    let port = stack.gateway.port;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
     let took = slow_head(port, &format!("localhost:{port}"), None).await;
     assert_cut_off_at_the_deadline(took);
 }
@@ -453,8 +453,8 @@ async fn a_slow_header_is_cut_off_after_the_header_deadline() {
 /// the next head begins.
 #[tokio::test]
 async fn a_slow_header_on_a_kept_alive_connection_is_cut_off_too() {
-    let stack = GatewayStack::start().await.unwrap();
-    let port = stack.gateway.port;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
     let host = format!("localhost:{port}");
     let first = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let took = slow_head(port, &host, Some(&first)).await;
@@ -463,8 +463,8 @@ async fn a_slow_header_on_a_kept_alive_connection_is_cut_off_too() {
 
 #[tokio::test]
 async fn an_absolute_form_target_for_another_host_is_refused() {
-    let stack = GatewayStack::start().await.unwrap();
-    let port = stack.gateway.port;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
     let platform = format!("localhost:{port}");
     let session = format!("{}.nb.localhost:{port}", "a".repeat(26));
     for (what, request) in [
@@ -631,8 +631,8 @@ async fn headers_named_in_connection_are_not_forwarded() {
 
 #[tokio::test]
 async fn a_pipelined_request_cannot_reach_internal_paths() {
-    let stack = GatewayStack::start().await.unwrap();
-    let port = stack.gateway.port;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
     let host = format!("localhost:{port}");
     let first = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
     let internal = [
@@ -804,8 +804,8 @@ async fn a_host_that_is_down_gets_a_clear_page_at_once() {
 
 #[tokio::test]
 async fn rejections_are_counted_in_the_gateway_metrics() {
-    let stack = GatewayStack::start().await.unwrap();
-    let port = stack.gateway.port;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
     let host = format!("localhost:{port}");
     let smuggle = format!(
         "POST /api/v1/auth/login HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
@@ -831,10 +831,10 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
 
 /// Waits until the gateway's metrics hold every line of `wanted` (they are
 /// recorded after the answer is sent); returns them.
-async fn metrics_show(stack: &GatewayStack, wanted: &[&str]) -> String {
+async fn metrics_show(stack: &TestStack, wanted: &[&str]) -> String {
     let started = Instant::now();
     loop {
-        let metrics = stack.gateway.metrics().await;
+        let metrics = stack.gateway().metrics().await;
         let missing: Vec<&str> = wanted
             .iter()
             .copied()

@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use opencloud_e2e::browser::{login_in_browser, Browser};
-use opencloud_e2e::gateway::GatewayStack;
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::TestStack;
 use opencloud_e2e::PASSWORD;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -34,19 +34,19 @@ async function attempt(url) {
 
 #[tokio::test]
 async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
-    let stack = GatewayStack::start().await.unwrap();
+    let stack = TestStack::with_gateway().await.unwrap();
     let jupyter = JupyterServer::start().await.unwrap();
     let (other_port, other_captured) = capture_upstream().await;
-    let platform = stack.gateway.platform();
+    let platform = stack.gateway().platform();
     let user = stack.new_user().await;
     let (email, token) = (user.email.clone(), user.token.clone());
     let mine = stack.session_for(&user, jupyter.port, &jupyter.token).await;
     let other = stack.session_for(&user, other_port, "x").await;
-    let mine_origin = stack.gateway.session_origin(&mine);
-    let other_origin = stack.gateway.session_origin(&other);
+    let mine_origin = stack.gateway().session_origin(&mine);
+    let other_origin = stack.gateway().session_origin(&other);
 
     // The probe page goes into the project through the Jupyter contents API.
-    let session_http = stack.gateway.client(&[&mine], false);
+    let session_http = stack.gateway().client(&[&mine], false);
     let probe = PROBE
         .replace("PLATFORM", &platform)
         .replace("OTHER", &other_origin);

@@ -13,8 +13,7 @@ use fantoccini::key::Key;
 use fantoccini::Locator;
 use opencloud_e2e::agents::AgentProcess;
 use opencloud_e2e::browser::Browser;
-use opencloud_e2e::gateway::GatewayStack;
-use opencloud_e2e::hosts::{add_host, host_owner, session_row, wait_placeable};
+use opencloud_e2e::TestStack;
 use opencloud_e2e::{unique, PASSWORD};
 
 const NOTEBOOK_CARD: &str = ".jp-LauncherCard[data-category=\"Notebook\"]";
@@ -53,14 +52,14 @@ where
 }
 
 /// The last lines of the gateway's and the agent's logs, for a failure.
-fn tails(stack: &GatewayStack, agent: &AgentProcess) -> String {
+fn tails(stack: &TestStack, agent: &AgentProcess) -> String {
     let tail = |log: String| {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     };
     format!(
         "--- gateway log ---\n{}\n--- agent log ---\n{}",
-        tail(stack.gateway.log()),
+        tail(stack.gateway().log()),
         tail(agent.log())
     )
 }
@@ -86,22 +85,17 @@ async fn run_first_cell(browser: &Browser) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
-    let stack = GatewayStack::start().await.unwrap();
-    let owner = host_owner(&stack).await;
-    let (host, key) = add_host(&stack, &owner, "desk-pc").await;
-    let agent = AgentProcess::start(&stack.control().public, &key, 2).unwrap();
-    wait_placeable(&stack, host).await;
-    let platform = stack.gateway.platform();
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(host, agent)] = stack.online_hosts(&owner, [("desk-pc", 2)]).await;
+    let platform = stack.gateway().platform();
     let browser = Browser::start().await.unwrap();
 
     // A new customer signs up and logs in on the platform's pages.
     let email = format!("{}@example.com", unique("lab"));
     browser.goto(&format!("{platform}/register")).await.unwrap();
-    browser.fill("#name", "Ada Lovelace").await.unwrap();
-    browser.fill("#email", &email).await.unwrap();
-    browser.fill("#password", PASSWORD).await.unwrap();
     browser
-        .click("form[action='/register'] button[type=submit]")
+        .submit_register("Ada Lovelace", &email, PASSWORD)
         .await
         .unwrap();
     browser.wait_for_path("/login").await.unwrap();
@@ -109,14 +103,7 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     browser.wait_for_path("/projects").await.unwrap();
 
     // A project on My projects.
-    browser
-        .fill("form[action='/projects'] #name", "Engine notes")
-        .await
-        .unwrap();
-    browser
-        .click("form[action='/projects'] button[type=submit]")
-        .await
-        .unwrap();
+    browser.submit_new_project("Engine notes").await.unwrap();
     let entry = browser.wait_for("li.project").await.unwrap();
     let id = entry.attr("data-project-id").await.unwrap().unwrap();
     assert_eq!(
@@ -172,10 +159,10 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
     let url = browser.client.current_url().await.unwrap();
     assert_eq!(
         url.port(),
-        Some(stack.gateway.port),
+        Some(stack.gateway().port),
         "Lab is served through the gateway"
     );
-    let (session_host, state, _, upstream_token) = session_row(&stack, &sid).await;
+    let (session_host, state, _, upstream_token) = stack.session_row(&sid).await;
     assert_eq!(session_host, host);
     assert_eq!(state, "running");
 

@@ -11,26 +11,18 @@ use reqwest::StatusCode;
 
 #[tokio::test]
 async fn internal_endpoints_are_never_served_on_the_public_listener() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let _ = stack.login(&user.email, "wrong password here").await;
     for path in ["/metrics", "/internal/v1/routes/watch"] {
-        let r = stack.http().get(stack.url(path)).send().await.unwrap();
+        let r = stack.get_anonymous(path).await;
         assert_eq!(
             r.status(),
             StatusCode::NOT_FOUND,
             "{path} on the public listener"
         );
     }
-    let metrics = stack
-        .http()
-        .get(format!("{}/metrics", stack.control.internal))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.control().metrics().await;
     for expected in [
         "opencloud_http_requests_total{route=\"/api/v1/auth/login\",method=\"POST\",status=\"200\"}",
         "opencloud_http_request_duration_seconds_bucket",
@@ -45,7 +37,7 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
     // The internal listener serves nothing of the public site.
     let r = stack
         .http()
-        .get(format!("{}/api/v1/packages", stack.control.internal))
+        .get(format!("{}/api/v1/packages", stack.control().internal))
         .send()
         .await
         .unwrap();
@@ -54,46 +46,28 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
 
 #[tokio::test]
 async fn pages_and_the_stylesheet_are_served_by_control() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     stack.admin().await; // seeds the starter packages, as scripts/up does
-    let home = stack.http().get(stack.url("/")).send().await.unwrap();
+    let home = stack.get_anonymous("/").await;
     assert_eq!(home.status(), StatusCode::OK);
     let html = home.text().await.unwrap();
     assert!(
         html.contains("/static/style.css") && html.contains("Starter"),
         "{html}"
     );
-    let css = stack
-        .http()
-        .get(stack.url("/static/style.css"))
-        .send()
-        .await
-        .unwrap();
+    let css = stack.get_anonymous("/static/style.css").await;
     assert!(css.headers()[CONTENT_TYPE]
         .to_str()
         .unwrap()
         .starts_with("text/css"));
     for path in ["/packages", "/register", "/login"] {
-        let r = stack.http().get(stack.url(path)).send().await.unwrap();
+        let r = stack.get_anonymous(path).await;
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
-    let missing = stack
-        .http()
-        .get(stack.url("/no/such/page"))
-        .send()
-        .await
-        .unwrap();
+    let missing = stack.get_anonymous("/no/such/page").await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert!(missing.text().await.unwrap().contains("page not found"));
-    let health: serde_json::Value = stack
-        .http()
-        .get(stack.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = stack.get_json_anonymous("/healthz").await;
     assert_eq!(health["status"], "ok");
 }
 
@@ -235,21 +209,20 @@ async fn a_wrong_config_key_is_named_with_its_file() {
 
 #[tokio::test]
 async fn sigterm_stops_control_cleanly() {
-    let stack = TestStack::start().await.unwrap();
+    let mut stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     assert_eq!(user.get("/api/v1/me").await.0, StatusCode::OK);
-    let TestStack { control, db: _db } = stack;
-    let status = control.stop().unwrap();
+    let status = stack.stop_control().unwrap();
     assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test]
 async fn seeding_is_idempotent_and_keeps_the_admins_password() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let admin = stack.admin().await;
     let out = Command::new(binary("opencloud-control"))
         .arg("--config")
-        .arg(&stack.control.config_path)
+        .arg(&stack.control().config_path)
         .args(["seed", "--admin-email", &admin.email])
         .env("OPENCLOUD_ADMIN_PASSWORD", "a different password")
         .output()

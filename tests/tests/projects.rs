@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_user_creates_renames_describes_and_deletes_a_project() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let (status, body) = user
         .post(
@@ -21,13 +21,12 @@ async fn a_user_creates_renames_describes_and_deletes_a_project() {
     assert_eq!(body["project"]["name"], "Thesis");
     let id = body["project"]["id"].as_u64().unwrap();
 
-    let (status, body) = user
-        .patch(
+    let body = user
+        .patch_json(
             &format!("/api/v1/projects/{id}"),
             json!({"name": "Thesis final"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["project"]["name"], "Thesis final");
     assert_eq!(
         body["project"]["description"], "Chapter 3 plots",
@@ -41,8 +40,7 @@ async fn a_user_creates_renames_describes_and_deletes_a_project() {
         .await;
     assert_eq!(body["project"]["description"], "");
 
-    let (status, body) = user.get("/api/v1/projects").await;
-    assert_eq!(status, StatusCode::OK);
+    let body = user.get_json("/api/v1/projects").await;
     assert_eq!(body["projects"].as_array().unwrap().len(), 1);
 
     assert_eq!(
@@ -71,7 +69,7 @@ async fn a_user_creates_renames_describes_and_deletes_a_project() {
 
 #[tokio::test]
 async fn a_user_never_sees_or_changes_another_users_project() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let alice = stack.new_user().await;
     let bob = stack.new_user().await;
     let id = alice.create_project("Alice's secrets").await;
@@ -104,20 +102,14 @@ async fn a_user_never_sees_or_changes_another_users_project() {
         "nothing changed"
     );
     // The pages answer the same way.
-    let page = stack
-        .http()
-        .get(stack.url(&format!("/projects/{id}")))
-        .bearer_auth(&bob.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::NOT_FOUND);
-    assert!(!page.text().await.unwrap().contains("Alice's secrets"));
+    let (status, page) = bob.get_text(&format!("/projects/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!page.contains("Alice's secrets"));
 }
 
 #[tokio::test]
 async fn bad_project_input_gets_a_clear_error_and_writes_nothing() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let id = user.create_project("Keep me").await;
     let path = format!("/api/v1/projects/{id}");
@@ -216,26 +208,17 @@ async fn bad_project_input_gets_a_clear_error_and_writes_nothing() {
 
 #[tokio::test]
 async fn without_a_login_the_api_answers_401_and_pages_send_you_to_log_in() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let got = stack
-        .post_json("/api/v1/projects", json!({"name": "x"}))
+        .post_anonymous("/api/v1/projects", json!({"name": "x"}))
         .await;
     expect_error(&got, StatusCode::UNAUTHORIZED, "unauthenticated", None);
     let r = stack
-        .http()
-        .get(stack.url("/api/v1/projects"))
-        .bearer_auth("v1.k1.forged.token")
-        .send()
-        .await
-        .unwrap();
+        .get_with_bearer("/api/v1/projects", "v1.k1.forged.token")
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
-    let r = stack
-        .http()
-        .get(stack.url("/projects?view=all"))
-        .send()
-        .await
-        .unwrap();
+    let r = stack.get_anonymous("/projects?view=all").await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         r.headers()[LOCATION],
@@ -246,7 +229,7 @@ async fn without_a_login_the_api_answers_401_and_pages_send_you_to_log_in() {
 
 #[tokio::test]
 async fn cookie_authenticated_changes_need_json_and_our_origin() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let browser = stack.browser_like();
     browser
@@ -284,7 +267,7 @@ async fn cookie_authenticated_changes_need_json_and_our_origin() {
 
     let r = browser
         .post(stack.url("/api/v1/projects"))
-        .header(ORIGIN, stack.control.public.as_str())
+        .header(ORIGIN, stack.control().public.as_str())
         .json(&json!({"name": "legit"}))
         .send()
         .await

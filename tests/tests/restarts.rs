@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::TestStack;
 use reqwest::StatusCode;
 
 #[tokio::test]
 async fn an_upgrade_replaces_the_gateway_without_refusing_connections() {
-    let mut stack = GatewayStack::start().await.unwrap();
-    let url = format!("{}/healthz", stack.gateway.platform());
+    let mut stack = TestStack::with_gateway().await.unwrap();
+    let url = format!("{}/healthz", stack.gateway().platform());
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -21,7 +21,7 @@ async fn an_upgrade_replaces_the_gateway_without_refusing_connections() {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         // A fresh connection per request, so every accept is exercised.
         let http = reqwest::Client::builder()
-            .resolve("localhost", stack.gateway.addr())
+            .resolve("localhost", stack.gateway().addr())
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
@@ -44,7 +44,7 @@ async fn an_upgrade_replaces_the_gateway_without_refusing_connections() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = ok.load(Ordering::Relaxed);
-    stack.gateway.upgrade().await.unwrap();
+    stack.gateway_mut().upgrade().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     for task in load {
@@ -56,18 +56,18 @@ async fn an_upgrade_replaces_the_gateway_without_refusing_connections() {
         failed,
         0,
         "requests failed during the upgrade:\n{}",
-        stack.gateway.log()
+        stack.gateway().log()
     );
     assert!(ok > before + 10, "the new gateway answers");
 }
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
-    let mut stack = GatewayStack::start().await.unwrap();
+    let mut stack = TestStack::with_gateway().await.unwrap();
     // A slow request in flight: control's login takes a while (PBKDF2), so
     // start several and stop the gateway while they run.
-    let http = stack.gateway.client(&[], false);
-    let platform = stack.gateway.platform();
+    let http = stack.gateway().client(&[], false);
+    let platform = stack.gateway().platform();
     let mut in_flight = Vec::new();
     for n in 0..4 {
         let http = http.clone();
@@ -86,7 +86,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     }
     tokio::time::sleep(Duration::from_millis(30)).await;
     let stopping = Instant::now();
-    let status = stack.gateway.stop().unwrap();
+    let status = stack.gateway_mut().stop().unwrap();
     println!("gateway stopped in {:?} with {status}", stopping.elapsed());
     for request in in_flight {
         let answered = request.await.unwrap();
@@ -97,7 +97,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         );
     }
     // And afterwards nothing listens any more.
-    assert!(tokio::net::TcpStream::connect(stack.gateway.addr())
+    assert!(tokio::net::TcpStream::connect(stack.gateway().addr())
         .await
         .is_err());
 }

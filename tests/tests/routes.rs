@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 use opencloud_control::{routes, sessions};
+use opencloud_e2e::external::{check_upstream_token, register_external};
 use opencloud_e2e::{expect_error, TestStack, TestUser, PASSWORD};
 use opencloud_protocol::routes::{Change, SessionRoute, SessionState, Snapshot, WatchMessage};
 use opencloud_protocol::token::{self, TokenKind};
 use opencloud_protocol::Keyring;
 use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 /// An open `GET /internal/v1/routes/watch` stream, read line by line.
@@ -24,12 +25,11 @@ struct Watch {
 
 impl Watch {
     async fn open(stack: &TestStack, since: u64) -> Self {
-        let response = reqwest::Client::new()
-            .get(format!(
-                "{}/internal/v1/routes/watch?since={since}",
-                stack.control.internal
-            ))
-            .bearer_auth(&stack.control.gateway_key)
+        let response = stack
+            .as_gateway(
+                Method::GET,
+                &format!("/internal/v1/routes/watch?since={since}"),
+            )
             .send()
             .await
             .unwrap();
@@ -99,12 +99,27 @@ fn pool(stack: &TestStack) -> mysql_async::Pool {
 async fn external_session(stack: &TestStack, user: &TestUser, port: u16) -> SessionRoute {
     let project = user.create_project(&format!("Project on {port}")).await;
     let pool = pool(stack);
-    let session =
-        sessions::register_external(&pool, user.id, project, "127.0.0.1", port, "up-token")
-            .await
-            .unwrap();
+    let session = register_external(&pool, user.id, project, "127.0.0.1", port, "up-token")
+        .await
+        .unwrap();
     pool.disconnect().await.unwrap();
     session
+}
+
+// Moved from control's sessions unit tests with `register_external`: the
+// stand-in takes only upstream tokens a session can carry, and refuses the
+// others before it touches the database.
+#[tokio::test]
+async fn upstream_tokens_are_short_printable_ascii() {
+    assert!(check_upstream_token("abc-123").is_ok());
+    assert!(check_upstream_token("").is_err());
+    assert!(check_upstream_token("a b").is_err());
+    assert!(check_upstream_token(&"x".repeat(101)).is_err());
+    let nowhere = mysql_async::Pool::new("mysql://nobody@127.0.0.1:1/none");
+    let err = register_external(&nowhere, 1, 1, "127.0.0.1", 8888, "a b")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("upstream_token"), "{err}");
 }
 
 async fn version(stack: &TestStack) -> u64 {
@@ -119,7 +134,7 @@ async fn version(stack: &TestStack) -> u64 {
 }
 
 fn keys(stack: &TestStack) -> Keyring {
-    let path = stack.control.dir.join("keys.toml");
+    let path = stack.control().dir.join("keys.toml");
     Keyring::from_toml(
         &path.display().to_string(),
         &std::fs::read_to_string(&path).unwrap(),
@@ -129,7 +144,7 @@ fn keys(stack: &TestStack) -> Keyring {
 
 #[tokio::test]
 async fn a_watch_from_zero_starts_with_a_snapshot_holding_the_session() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_888).await;
 
@@ -180,7 +195,7 @@ async fn a_watch_from_zero_starts_with_a_snapshot_holding_the_session() {
 
 #[tokio::test]
 async fn a_logout_reaches_an_open_watch_stream_within_a_second() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let mut watch = Watch::open(&stack, 0).await;
     let start = watch.snapshot().await;
@@ -190,8 +205,7 @@ async fn a_logout_reaches_an_open_watch_stream_within_a_second() {
         .login_session;
 
     let started = Instant::now();
-    let (status, _) = user.post("/api/v1/auth/logout", json!({})).await;
-    assert_eq!(status, StatusCode::OK);
+    user.post_json("/api/v1/auth/logout", json!({})).await;
     let changes = watch.delta(start.version + 1).await;
     let latency = started.elapsed();
     println!("logout → Revoke on the watch stream: {latency:?}");
@@ -214,13 +228,12 @@ async fn a_logout_reaches_an_open_watch_stream_within_a_second() {
     // A password change revokes the user's other logins.
     let other = stack.new_user().await;
     let second_login = stack.logged_in(&other.email, PASSWORD).await;
-    let (status, body) = other
-        .post(
+    other
+        .post_json(
             "/api/v1/auth/password",
             json!({"current_password": PASSWORD, "new_password": "another good password"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     let changes = watch.delta(start.version + 2).await;
     let revoked = token::verify(
         &keys(&stack),
@@ -237,13 +250,12 @@ async fn a_logout_reaches_an_open_watch_stream_within_a_second() {
 
     // Disabling a user revokes all of their logins.
     let admin = stack.admin().await;
-    let (status, body) = admin
-        .patch(
+    admin
+        .patch_json(
             &format!("/api/v1/admin/users/{}", other.id),
             json!({"disabled": true}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     let changes = watch.delta(start.version + 3).await;
     assert_eq!(changes.len(), 1, "only the login still live: {changes:?}");
     assert_eq!(other.get("/api/v1/me").await.0, StatusCode::UNAUTHORIZED);
@@ -270,7 +282,7 @@ fn now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_changes_get_contiguous_versions_in_commit_order() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let mut projects = Vec::new();
     for n in 0..4 {
@@ -294,10 +306,9 @@ async fn concurrent_changes_get_contiguous_versions_in_commit_order() {
             let mut sids = Vec::new();
             for i in 0..4 {
                 let port = 20_000 + (n * 10 + i) as u16;
-                let s =
-                    sessions::register_external(&pool, user_id, project, "127.0.0.1", port, "t")
-                        .await
-                        .unwrap();
+                let s = register_external(&pool, user_id, project, "127.0.0.1", port, "t")
+                    .await
+                    .unwrap();
                 sids.push(s.sid);
             }
             pool.disconnect().await.unwrap();
@@ -349,9 +360,9 @@ async fn concurrent_changes_get_contiguous_versions_in_commit_order() {
 
 #[tokio::test]
 async fn gateway_endpoints_refuse_a_missing_or_wrong_key() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let http = reqwest::Client::new();
-    let internal = &stack.control.internal;
+    let internal = &stack.control().internal;
     let watch = format!("{internal}/internal/v1/routes/watch?since=0");
     let health = format!("{internal}/internal/v1/health");
     let usage = format!("{internal}/internal/v1/usage");
@@ -396,19 +407,15 @@ async fn gateway_endpoints_refuse_a_missing_or_wrong_key() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // The right key works.
-    let r = http
-        .get(&watch)
-        .bearer_auth(&stack.control.gateway_key)
+    let r = stack
+        .as_gateway(Method::GET, "/internal/v1/routes/watch?since=0")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // A bad `since` is a clear 400.
-    let r = http
-        .get(format!(
-            "{internal}/internal/v1/routes/watch?since=yesterday"
-        ))
-        .bearer_auth(&stack.control.gateway_key)
+    let r = stack
+        .as_gateway(Method::GET, "/internal/v1/routes/watch?since=yesterday")
         .send()
         .await
         .unwrap();
@@ -421,9 +428,8 @@ async fn report(
     body: reqwest::Body,
     json: bool,
 ) -> (StatusCode, Value) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}/internal/v1/{path}", stack.control.internal))
-        .bearer_auth(&stack.control.gateway_key)
+    let mut request = stack
+        .as_gateway(Method::POST, &format!("/internal/v1/{path}"))
         .body(body);
     if json {
         request = request.header(CONTENT_TYPE, "application/json");
@@ -469,7 +475,7 @@ async fn report_json(stack: &TestStack, path: &str, body: Value) -> (StatusCode,
 
 #[tokio::test]
 async fn health_and_usage_reports_update_rows_and_bad_ones_say_why() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_001).await;
 
@@ -653,15 +659,15 @@ fn hidden_input(html: &str, name: &str) -> String {
 
 #[tokio::test]
 async fn entering_a_session_redirects_to_its_origin_with_a_ticket_that_verifies() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_002).await;
     let keys = keys(&stack);
     let login_session = token::verify(&keys, &user.token, TokenKind::Platform, now())
         .unwrap()
         .login_session;
-    let enter = stack.url(&format!("/sessions/{}/enter", session.sid));
-    let port = stack.control.public.rsplit(':').next().unwrap();
+    let enter = format!("/sessions/{}/enter", session.sid);
+    let port = stack.control().public.rsplit(':').next().unwrap();
     let origin = format!("http://{}.nb.localhost:{port}", session.sid);
 
     let check_ticket = |location: &str| {
@@ -680,19 +686,16 @@ async fn entering_a_session_redirects_to_its_origin_with_a_ticket_that_verifies(
 
     // The owner, by cookie: 303 to the session origin with a fresh ticket.
     let r = stack
-        .http()
-        .get(&enter)
-        .header("cookie", format!("oc_session={}", user.token))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie(&enter, &format!("oc_session={}", user.token))
+        .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()[CACHE_CONTROL], "no-store");
     check_ticket(r.headers()[LOCATION].to_str().unwrap());
 
     // The API hands out the same kind of URL.
-    let (status, body) = user.get(&format!("/api/v1/sessions/{}", session.sid)).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = user
+        .get_json(&format!("/api/v1/sessions/{}", session.sid))
+        .await;
     assert_eq!(body["session_id"], session.sid.as_str());
     assert_eq!(body["state"], "running");
     check_ticket(body["url"].as_str().unwrap());
@@ -705,12 +708,11 @@ async fn entering_a_session_redirects_to_its_origin_with_a_ticket_that_verifies(
     let stranger = stack.new_user().await;
     for sid in [session.sid.as_str(), &"b".repeat(26), "not-a-sid"] {
         let r = stack
-            .http()
-            .get(stack.url(&format!("/sessions/{sid}/enter")))
-            .header("cookie", format!("oc_session={}", stranger.token))
-            .send()
-            .await
-            .unwrap();
+            .get_with_cookie(
+                &format!("/sessions/{sid}/enter"),
+                &format!("oc_session={}", stranger.token),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{sid}");
         assert!(r.text().await.unwrap().contains("session not found"));
         let got = stranger.get(&format!("/api/v1/sessions/{sid}")).await;
@@ -719,7 +721,7 @@ async fn entering_a_session_redirects_to_its_origin_with_a_ticket_that_verifies(
 
     // Anonymous: to the login page and, after logging in, back to enter.
     let browser = stack.browser_like();
-    let r = browser.get(&enter).send().await.unwrap();
+    let r = browser.get(stack.url(&enter)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let login_url = r.headers()[LOCATION].to_str().unwrap().to_owned();
     assert_eq!(
@@ -754,7 +756,7 @@ async fn entering_a_session_redirects_to_its_origin_with_a_ticket_that_verifies(
 
 #[tokio::test]
 async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_003).await;
     let mut watch = Watch::open(&stack, 1).await;
@@ -786,18 +788,18 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
 
     // The enter page explains, the API too (and hands out no URL).
     let r = stack
-        .http()
-        .get(stack.url(&format!("/sessions/{}/enter", session.sid)))
-        .header("cookie", format!("oc_session={}", user.token))
-        .send()
-        .await
-        .unwrap();
+        .get_with_cookie(
+            &format!("/sessions/{}/enter", session.sid),
+            &format!("oc_session={}", user.token),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::GONE);
     let html = r.text().await.unwrap();
     assert!(html.contains("This session has ended"), "{html}");
     assert!(html.contains("went offline"), "{html}");
-    let (status, body) = user.get(&format!("/api/v1/sessions/{}", session.sid)).await;
-    assert_eq!(status, StatusCode::OK);
+    let body = user
+        .get_json(&format!("/api/v1/sessions/{}", session.sid))
+        .await;
     assert_eq!(body["state"], "lost");
     assert_eq!(body["url"], Value::Null);
     assert!(body["ended_because"]
@@ -846,7 +848,7 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
 
 #[tokio::test]
 async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_004).await;
     let mut conn = stack.db.conn().await;
@@ -894,7 +896,7 @@ async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
 
 #[tokio::test]
 async fn ending_a_stopping_session_finishes_it_and_keeps_why_it_was_stopped() {
-    let stack = TestStack::start().await.unwrap();
+    let stack = TestStack::control_only().await.unwrap();
     let user = stack.new_user().await;
     let session = external_session(&stack, &user, 18_005).await;
     let mut conn = stack.db.conn().await;
@@ -927,11 +929,11 @@ async fn ending_a_stopping_session_finishes_it_and_keeps_why_it_was_stopped() {
 
 #[tokio::test]
 async fn control_stops_promptly_with_watch_streams_open() {
-    let stack = TestStack::start().await.unwrap();
+    let mut stack = TestStack::control_only().await.unwrap();
     let mut watch = Watch::open(&stack, 0).await;
     watch.snapshot().await;
     let started = Instant::now();
-    let status = stack.control.stop().unwrap();
+    let status = stack.stop_control().unwrap();
     assert!(status.success(), "{status}");
     assert!(
         started.elapsed() < Duration::from_secs(5),

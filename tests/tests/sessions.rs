@@ -6,17 +6,16 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::agents::{eventually, port_free, AgentProcess};
-use opencloud_e2e::gateway::{GatewayStack, GatewayUser};
-use opencloud_e2e::hosts::{add_host, create_project, host_owner, session_row, wait_placeable};
+use opencloud_e2e::agents::{eventually, port_free};
 use opencloud_e2e::kernel;
+use opencloud_e2e::{TestStack, TestUser};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Opens a project; returns (sid, enter url).
-async fn open(stack: &GatewayStack, user: &GatewayUser, project: u64) -> (String, String) {
-    let (status, body) = stack
-        .post(user, &format!("/api/v1/projects/{project}/open"), json!({}))
+async fn open(user: &TestUser, project: u64) -> (String, String) {
+    let (status, body) = user
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
     assert!(
         status == StatusCode::CREATED || status == StatusCode::OK,
@@ -29,12 +28,12 @@ async fn open(stack: &GatewayStack, user: &GatewayUser, project: u64) -> (String
 }
 
 /// Waits until session `sid` is running; returns the time it took.
-async fn wait_running(stack: &GatewayStack, sid: &str) -> Duration {
+async fn wait_running(stack: &TestStack, sid: &str) -> Duration {
     let (_, took) = eventually(
         "the session becoming ready",
         Duration::from_secs(90),
         || async {
-            let (_, state, _, _) = session_row(stack, sid).await;
+            let (_, state, _, _) = stack.session_row(sid).await;
             assert!(
                 matches!(state.as_str(), "starting" | "running"),
                 "the session ended while starting: {state}"
@@ -46,11 +45,11 @@ async fn wait_running(stack: &GatewayStack, sid: &str) -> Duration {
     took
 }
 
-async fn wait_state(stack: &GatewayStack, sid: &str, wanted: &str, limit: Duration) -> Duration {
+async fn wait_state(stack: &TestStack, sid: &str, wanted: &str, limit: Duration) -> Duration {
     let (_, took) = eventually(
         &format!("session {sid} becoming {wanted}"),
         limit,
-        || async { (session_row(stack, sid).await.1 == wanted).then_some(()) },
+        || async { (stack.session_row(sid).await.1 == wanted).then_some(()) },
     )
     .await;
     took
@@ -66,22 +65,11 @@ struct Entered {
 
 impl Entered {
     /// Follows the ticket URL, as the browser does after Open.
-    async fn new(stack: &GatewayStack, sid: &str, url: &str) -> Self {
-        let client = stack.gateway.client(&[sid], false);
-        let r = client.get(url).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::FOUND);
-        assert_eq!(r.headers()["location"], "/lab");
-        let cookie = r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_owned();
+    async fn new(stack: &TestStack, sid: &str, url: &str) -> Self {
         Self {
-            client,
-            origin: stack.gateway.session_origin(sid),
-            cookie,
+            client: stack.gateway().client(&[sid], false),
+            origin: stack.gateway().session_origin(sid),
+            cookie: stack.follow_ticket(sid, url).await,
         }
     }
 
@@ -101,20 +89,15 @@ impl Entered {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gateway() {
-    let stack = GatewayStack::start().await.unwrap();
-    let owner = host_owner(&stack).await;
-    let (host_a, key_a) = add_host(&stack, &owner, "host-a").await;
-    let (host_b, key_b) = add_host(&stack, &owner, "host-b").await;
-    let control = stack.control().public.clone();
-    let _agent_a = AgentProcess::start(&control, &key_a, 4).unwrap();
-    let _agent_b = AgentProcess::start(&control, &key_b, 2).unwrap();
-    wait_placeable(&stack, host_a).await;
-    wait_placeable(&stack, host_b).await;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(host_a, _agent_a), (host_b, _agent_b)] = stack
+        .online_hosts(&owner, [("host-a", 4), ("host-b", 2)])
+        .await;
 
     // host-b drains: both sessions go to host-a.
-    let (status, _) = stack
+    let (status, _) = owner
         .post(
-            &owner,
             &format!("/api/v1/hosts/{host_b}/drain"),
             json!({"draining": true}),
         )
@@ -123,11 +106,11 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     let alice = stack.new_user().await;
     let mut on_a = Vec::new();
     for n in 0..2 {
-        let project = create_project(&stack, &alice, &format!("Project {n}")).await;
+        let project = alice.create_project(&format!("Project {n}")).await;
         let started = Instant::now();
-        let (sid, _) = open(&stack, &alice, project).await;
+        let (sid, _) = open(&alice, project).await;
         assert_eq!(
-            session_row(&stack, &sid).await.0,
+            stack.session_row(&sid).await.0,
             host_a,
             "a draining host gets no sessions"
         );
@@ -140,8 +123,8 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         on_a.push(sid);
     }
     // Opening a running project again returns the same session.
-    let (again, _) = open(&stack, &alice, {
-        let (_, body) = stack.get(&alice, "/api/v1/projects").await;
+    let (again, _) = open(&alice, {
+        let (_, body) = alice.get("/api/v1/projects").await;
         body["projects"]
             .as_array()
             .unwrap()
@@ -155,18 +138,17 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     assert_eq!(again, on_a[0]);
 
     // host-b back in service: with host-a holding two sessions, it gets the next.
-    stack
+    owner
         .post(
-            &owner,
             &format!("/api/v1/hosts/{host_b}/drain"),
             json!({"draining": false}),
         )
         .await;
-    let project = create_project(&stack, &alice, "Analysis").await;
+    let project = alice.create_project("Analysis").await;
     let opened_at = Instant::now();
-    let (sid, url) = open(&stack, &alice, project).await;
+    let (sid, url) = open(&alice, project).await;
     assert_eq!(
-        session_row(&stack, &sid).await.0,
+        stack.session_row(&sid).await.0,
         host_b,
         "the least-loaded host"
     );
@@ -193,7 +175,7 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         "click → Lab page through the gateway: {:?}",
         opened_at.elapsed().max(took)
     );
-    let (_, _, port, token) = session_row(&stack, &sid).await;
+    let (_, _, port, token) = stack.session_row(&sid).await;
     let lab = entered.get("/lab").await.text().await.unwrap();
     assert!(
         !lab.contains(&token),
@@ -204,21 +186,10 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     assert!(!contents.text().await.unwrap().contains(&token));
 
     // A kernel through the gateway's WebSocket.
-    let kernel: Value = entered
-        .request(reqwest::Method::POST, "/api/kernels")
-        .json(&json!({"name": "python3"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let ws = kernel::start(&entered.client, &entered.origin, &entered.cookie)
         .await
         .unwrap();
-    let ws = format!(
-        "{}/api/kernels/{}/channels",
-        entered.origin.replacen("http://", "ws://", 1),
-        kernel["id"].as_str().unwrap()
-    );
-    let out = kernel::execute(&ws, stack.gateway.addr(), &entered.cookie, "print(6*7)")
+    let out = kernel::execute(&ws, stack.gateway().addr(), &entered.cookie, "print(6*7)")
         .await
         .unwrap();
     assert_eq!(out.trim(), "42");
@@ -233,13 +204,13 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let (status, _) = stack
-        .post(&mallory, &format!("/api/v1/sessions/{sid}/stop"), json!({}))
+    let (status, _) = mallory
+        .post(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // My hosts shows the load.
-    let (_, hosts) = stack.get(&owner, "/api/v1/hosts").await;
+    let (_, hosts) = owner.get("/api/v1/hosts").await;
     let a = hosts["hosts"]
         .as_array()
         .unwrap()
@@ -254,8 +225,8 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     let pid = _agent_b
         .session_pid(&sid)
         .expect("the agent records the server");
-    let (status, body) = stack
-        .post(&alice, &format!("/api/v1/sessions/{sid}/stop"), json!({}))
+    let (status, body) = alice
+        .post(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let took = wait_state(&stack, &sid, "stopped", Duration::from_secs(60)).await;
@@ -275,31 +246,25 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
-    let stack = GatewayStack::start().await.unwrap();
-    let owner = host_owner(&stack).await;
-    let (host_a, key_a) = add_host(&stack, &owner, "host-a").await;
-    let (host_b, key_b) = add_host(&stack, &owner, "host-b").await;
-    let control = stack.control().public.clone();
-    let mut agent_a = AgentProcess::start(&control, &key_a, 2).unwrap();
-    let _agent_b = AgentProcess::start(&control, &key_b, 2).unwrap();
-    wait_placeable(&stack, host_a).await;
-    wait_placeable(&stack, host_b).await;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(_, mut agent_a), (host_b, _agent_b)] = stack
+        .online_hosts(&owner, [("host-a", 2), ("host-b", 2)])
+        .await;
     // Only host-a takes the first session.
-    stack
+    owner
         .post(
-            &owner,
             &format!("/api/v1/hosts/{host_b}/drain"),
             json!({"draining": true}),
         )
         .await;
     let alice = stack.new_user().await;
-    let project = create_project(&stack, &alice, "Thesis").await;
-    let (sid, url) = open(&stack, &alice, project).await;
+    let project = alice.create_project("Thesis").await;
+    let (sid, url) = open(&alice, project).await;
     wait_running(&stack, &sid).await;
     let entered = Entered::new(&stack, &sid, &url).await;
-    stack
+    owner
         .post(
-            &owner,
             &format!("/api/v1/hosts/{host_b}/drain"),
             json!({"draining": false}),
         )
@@ -325,58 +290,43 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
         asked.elapsed()
     );
     // My projects tells the user; reopening lands on host-b.
-    let (_, projects) = stack.get(&alice, "/api/v1/projects").await;
+    let (_, projects) = alice.get("/api/v1/projects").await;
     let p = &projects["projects"][0];
     assert_eq!(p["session"]["state"], "lost");
     assert!(p["session"]["ended_because"]
         .as_str()
         .unwrap()
         .contains("offline"));
-    let (again, _) = open(&stack, &alice, project).await;
+    let (again, _) = open(&alice, project).await;
     assert_ne!(again, sid);
-    assert_eq!(session_row(&stack, &again).await.0, host_b);
+    assert_eq!(stack.session_row(&again).await.0, host_b);
     wait_running(&stack, &again).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_opens_and_bad_agents_get_clear_answers() {
-    let stack = GatewayStack::start().await.unwrap();
-    let owner = host_owner(&stack).await;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
     let alice = stack.new_user().await;
     let bob = stack.new_user().await;
-    let project = create_project(&stack, &alice, "Private").await;
+    let project = alice.create_project("Private").await;
 
     // Someone else's project: 404, like a missing one.
-    let (status, body) = stack
-        .post(&bob, &format!("/api/v1/projects/{project}/open"), json!({}))
+    let (status, body) = bob
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // No host at all: a clear 503, not a 500.
-    let (status, body) = stack
-        .post(
-            &alice,
-            &format!("/api/v1/projects/{project}/open"),
-            json!({}),
-        )
+    let (status, body) = alice
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "no_capacity");
     // A deleted project.
-    let (status, _) = stack
-        .api(
-            &alice,
-            reqwest::Method::DELETE,
-            &format!("/api/v1/projects/{project}"),
-            None,
-        )
-        .await;
+    let (status, _) = alice.delete(&format!("/api/v1/projects/{project}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = stack
-        .post(
-            &alice,
-            &format!("/api/v1/projects/{project}/open"),
-            json!({}),
-        )
+    let (status, body) = alice
+        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body["error"]["message"]
@@ -384,24 +334,14 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
         .unwrap()
         .contains("deleted"));
     // Customers cannot add hosts.
-    let (status, _) = stack
-        .post(&alice, "/api/v1/hosts", json!({"name": "mine"}))
-        .await;
+    let (status, _) = alice.post("/api/v1/hosts", json!({"name": "mine"})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, body) = stack
-        .post(&owner, "/api/v1/hosts", json!({"name": "  "}))
-        .await;
+    let (status, body) = owner.post("/api/v1/hosts", json!({"name": "  "})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "name");
 
-    let control = stack.control().public.clone();
     // A key no host has: exit 2, nothing started.
-    let mut agent = AgentProcess::start(
-        &control,
-        "ochk_not-a-real-key-at-all-0000000000000000000",
-        1,
-    )
-    .unwrap();
+    let mut agent = stack.start_agent("ochk_not-a-real-key-at-all-0000000000000000000", 1);
     assert_eq!(
         agent.wait_exit(Duration::from_secs(30)),
         Some(2),
@@ -414,12 +354,12 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
         agent.log()
     );
     // A revoked host's key: exit 2 with a message saying so.
-    let (host, key) = add_host(&stack, &owner, "old-pc").await;
-    let (status, _) = stack
-        .post(&owner, &format!("/api/v1/hosts/{host}/revoke"), json!({}))
+    let (host, key) = stack.add_host(&owner, "old-pc").await;
+    let (status, _) = owner
+        .post(&format!("/api/v1/hosts/{host}/revoke"), json!({}))
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let mut agent = AgentProcess::start(&control, &key, 1).unwrap();
+    let mut agent = stack.start_agent(&key, 1);
     assert_eq!(
         agent.wait_exit(Duration::from_secs(30)),
         Some(2),
@@ -428,7 +368,7 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
     );
     assert!(agent.log().contains("revoked"), "{}", agent.log());
     // A malformed config names the key.
-    let mut agent = AgentProcess::start(&control, &key, 1).unwrap();
+    let mut agent = stack.start_agent(&key, 1);
     agent.wait_exit(Duration::from_secs(30));
     let config = std::fs::read_to_string(&agent.config_path).unwrap();
     std::fs::write(
@@ -448,21 +388,19 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_lives_on() {
-    let stack = GatewayStack::start_with_env(vec![(
+    let stack = TestStack::with_gateway_env(vec![(
         "OPENCLOUD_CONTROL__SESSIONS__IDLE_TIMEOUT_SECONDS".into(),
         "10".into(),
     )])
     .await
     .unwrap();
-    let owner = host_owner(&stack).await;
-    let (host, key) = add_host(&stack, &owner, "host-a").await;
-    let _agent = AgentProcess::start(&stack.control().public, &key, 2).unwrap();
-    wait_placeable(&stack, host).await;
+    let owner = stack.host_owner().await;
+    let [(_, _agent)] = stack.online_hosts(&owner, [("host-a", 2)]).await;
     let alice = stack.new_user().await;
-    let project = create_project(&stack, &alice, "Forgotten").await;
-    let (sid, _) = open(&stack, &alice, project).await;
-    let used_project = create_project(&stack, &alice, "In use").await;
-    let (used_sid, used_url) = open(&stack, &alice, used_project).await;
+    let project = alice.create_project("Forgotten").await;
+    let (sid, _) = open(&alice, project).await;
+    let used_project = alice.create_project("In use").await;
+    let (used_sid, used_url) = open(&alice, used_project).await;
     wait_running(&stack, &sid).await;
     wait_running(&stack, &used_sid).await;
     // The other one is used through the gateway every second, with no
@@ -488,7 +426,7 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_live
         "requests to the used session failed"
     );
     traffic.abort();
-    assert_eq!(session_row(&stack, &used_sid).await.1, "running");
+    assert_eq!(stack.session_row(&used_sid).await.1, "running");
     let mut conn = stack.db.conn().await;
     let reason: Option<String> = mysql_async::prelude::Queryable::exec_first(
         &mut conn,
@@ -498,7 +436,7 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_live
     .await
     .unwrap();
     assert_eq!(reason.as_deref(), Some("idle"));
-    let (_, projects) = stack.get(&alice, "/api/v1/projects").await;
+    let (_, projects) = alice.get("/api/v1/projects").await;
     let forgotten = projects["projects"]
         .as_array()
         .unwrap()

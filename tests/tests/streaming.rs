@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use opencloud_e2e::gateway::GatewayStack;
+use opencloud_e2e::TestStack;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -68,14 +68,14 @@ async fn sink_upstream() -> u16 {
 
 #[tokio::test]
 async fn a_large_upload_and_download_stream_through_without_filling_memory() {
-    let stack = GatewayStack::start().await.unwrap();
+    let stack = TestStack::with_gateway().await.unwrap();
     let port = sink_upstream().await;
     let user = stack.new_user().await;
     let token = user.token.clone();
     let sid = stack.session_for(&user, port, "t").await;
-    let origin = stack.gateway.session_origin(&sid);
-    let client = stack.gateway.client(&[&sid], false);
-    let baseline = stack.gateway.rss_kib().unwrap();
+    let origin = stack.gateway().session_origin(&sid);
+    let client = stack.gateway().client(&[&sid], false);
+    let baseline = stack.gateway().rss_kib().unwrap();
 
     // Upload: a body produced on the fly, 1 MiB at a time.
     let chunks = futures_util::stream::iter(
@@ -97,7 +97,7 @@ async fn a_large_upload_and_download_stream_through_without_filling_memory() {
         "every byte reached the upstream"
     );
     let upload = started.elapsed();
-    let after_upload = stack.gateway.rss_kib().unwrap();
+    let after_upload = stack.gateway().rss_kib().unwrap();
 
     // Download: read it as it comes.
     let started = Instant::now();
@@ -115,7 +115,7 @@ async fn a_large_upload_and_download_stream_through_without_filling_memory() {
     }
     assert_eq!(received, SIZE);
     let download = started.elapsed();
-    let after_download = stack.gateway.rss_kib().unwrap();
+    let after_download = stack.gateway().rss_kib().unwrap();
     println!(
         "512 MiB up in {upload:?}, down in {download:?}; gateway RSS {baseline} KiB → {after_upload} KiB → {after_download} KiB"
     );

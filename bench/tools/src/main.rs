@@ -23,7 +23,7 @@ enum Command {
     /// project, register a session at 127.0.0.1:UPSTREAM_PORT, enter it.
     /// Prints SID=, HOST= and COOKIE= lines.
     Session {
-        /// Control's database (for `sessions::register_external`).
+        /// Control's database (for `external::register_external`).
         #[arg(long)]
         db_url: String,
         /// The gateway's public listener.

@@ -1,6 +1,6 @@
 //! A real session through the real control and gateway: the same steps a
 //! user takes (register, log in, create a project), the session recorded
-//! with `opencloud_control::sessions::register_external`, entered through
+//! with `opencloud_e2e::external::register_external`, entered through
 //! the ticket URL control hands out.
 
 use std::net::SocketAddr;
@@ -80,7 +80,7 @@ pub async fn session(
     let project_id = project["project"]["id"].as_u64().context("no project id")?;
 
     let pool = mysql_async::Pool::new(db_url);
-    let route = opencloud_control::sessions::register_external(
+    let route = opencloud_e2e::external::register_external(
         &pool,
         user_id,
         project_id,
@@ -89,7 +89,7 @@ pub async fn session(
         upstream_token,
     )
     .await
-    .map_err(|e| anyhow::anyhow!("register_external: {e}"))?;
+    .context("register_external")?;
     pool.disconnect().await?;
     let sid = route.sid;
     let host = format!("{sid}.nb.localhost:{port}");

@@ -1,0 +1,160 @@
+//! A real `opencloud-control` process: its config and keys in a temp dir,
+//! listeners on free ports, started against a test database.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use reqwest::StatusCode;
+
+use crate::db::TestDatabase;
+use crate::{binary, free_port, unique};
+
+/// Options for starting control.
+#[derive(Clone, Default)]
+pub struct ControlOptions {
+    /// Lines appended to the generated config file.
+    pub extra_config: String,
+    /// `trusted_proxies`; loopback by default so tests can play gateway.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Environment overrides for the control process.
+    pub env: Vec<(String, String)>,
+}
+
+impl ControlOptions {
+    /// Default options with `text` appended to the config file.
+    pub fn config(text: &str) -> Self {
+        Self {
+            extra_config: text.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A running control process and what it needs.
+pub struct Control {
+    child: Child,
+    pub dir: PathBuf,
+    pub public: String,
+    pub internal: String,
+    pub config_path: PathBuf,
+    /// The key gateways present on the internal listener (`gateway_keys`).
+    pub gateway_key: String,
+}
+
+impl Control {
+    /// Writes a config and keys file for `db` into a temp dir.
+    pub fn prepare(
+        db: &TestDatabase,
+        options: &ControlOptions,
+    ) -> anyhow::Result<(PathBuf, PathBuf, u16, u16)> {
+        let dir = std::env::temp_dir().join(unique("oc-e2e-"));
+        std::fs::create_dir_all(&dir)?;
+        let keys = Command::new(binary("opencloud-control"))
+            .arg("keygen")
+            .output()?;
+        std::fs::write(dir.join("keys.toml"), keys.stdout)?;
+        let (public, internal) = (free_port(), free_port());
+        let trusted = options
+            .trusted_proxies
+            .clone()
+            .unwrap_or_else(|| vec!["127.0.0.1".into()]);
+        let trusted = trusted
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let gateway_key = unique("gateway-key-for-tests-");
+        std::fs::write(dir.join("gateway.key"), &gateway_key)?;
+        let config = format!(
+            "public_url = \"http://127.0.0.1:{public}\"\nkeys_file = \"keys.toml\"\ntrusted_proxies = [{trusted}]\n\
+             session_domain = \"nb.localhost:{public}\"\ngateway_keys = [\"{gateway_key}\"]\n\
+             [listen]\npublic = \"127.0.0.1:{public}\"\ninternal = \"127.0.0.1:{internal}\"\n\
+             [database]\nurl = \"{}\"\npool_min = 1\npool_max = 8\n{}",
+            db.url, options.extra_config
+        );
+        let config_path = dir.join("control.toml");
+        std::fs::write(&config_path, config)?;
+        Ok((dir, config_path, public, internal))
+    }
+
+    /// Starts control and waits until `/healthz` answers.
+    pub async fn start(db: &TestDatabase, options: &ControlOptions) -> anyhow::Result<Self> {
+        let (dir, config_path, public, internal) = Self::prepare(db, options)?;
+        let log = std::fs::File::create(dir.join("control.log"))?;
+        let child = Command::new(binary("opencloud-control"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,mysql_async=warn")
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn opencloud-control")?;
+        let mut control = Self {
+            child,
+            public: format!("http://127.0.0.1:{public}"),
+            internal: format!("http://127.0.0.1:{internal}"),
+            gateway_key: std::fs::read_to_string(dir.join("gateway.key"))?,
+            dir,
+            config_path,
+        };
+        control.wait_healthy().await?;
+        Ok(control)
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "control exited with {status} during start-up:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = client.get(format!("{}/healthz", self.public)).send().await {
+                if r.status() == StatusCode::OK {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("control did not become healthy in 60 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The text of `/metrics` on the internal listener.
+    pub async fn metrics(&self) -> String {
+        crate::metrics(&self.internal).await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow!("control did not stop within 20 s after SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
