@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::{binary, free_port, jupyter::venv, unique};
+use crate::jupyter::venv;
+use crate::machine::{binary, free_port, unique};
 
 /// `n` consecutive ports that were free a moment ago.
 pub fn free_port_range(n: u16) -> (u16, u16) {
-    crate::free_ports_in_a_row(n)
+    crate::machine::free_ports_in_a_row(n)
 }
 
 pub fn port_free(port: u16) -> bool {

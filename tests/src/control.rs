@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 
 use crate::db::TestDatabase;
-use crate::{binary, free_port, unique};
+use crate::machine::{binary, free_port, unique};
 
 /// Options for starting control.
 #[derive(Clone, Default)]
@@ -128,7 +128,7 @@ impl Control {
 
     /// The text of `/metrics` on the internal listener.
     pub async fn metrics(&self) -> String {
-        crate::metrics(&self.internal).await
+        crate::machine::metrics(&self.internal).await
     }
 
     pub fn log(&self) -> String {

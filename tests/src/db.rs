@@ -3,7 +3,12 @@
 use anyhow::Context;
 use mysql_async::prelude::*;
 
-use crate::{mysql_server_url, unique};
+use crate::machine::unique;
+
+/// The MariaDB server tests use; override with `OPENCLOUD_TEST_MYSQL`.
+pub fn mysql_server_url() -> String {
+    std::env::var("OPENCLOUD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
 
 /// A fresh database, dropped when this value is dropped.
 pub struct TestDatabase {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::control::Control;
-use crate::{binary, free_port, unique};
+use crate::machine::{binary, free_port, unique};
 
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -128,7 +128,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        crate::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
+        crate::machine::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
     }
 
     /// Replaces the running gateway with a new process without closing the

@@ -8,7 +8,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::agents::{eventually, AgentProcess};
-use crate::{TestStack, TestUser};
+use crate::stack::TestStack;
+use crate::user::TestUser;
 
 impl TestStack {
     /// A host owner, registered and logged in.

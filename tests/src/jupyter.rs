@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{free_port, unique};
+use crate::machine::{free_port, unique};
 
 /// The venv `scripts/test` builds from the system Python.
 pub fn venv() -> PathBuf {
@@ -44,7 +44,7 @@ impl JupyterServer {
             std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
         }
         let port = free_port();
-        let token = crate::unique("tok").replace('x', "");
+        let token = crate::machine::unique("tok").replace('x', "");
         let config = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../config/jupyter_server_config.py"

@@ -16,92 +16,19 @@ pub mod gateway;
 pub mod hosts;
 pub mod jupyter;
 pub mod kernel;
+pub mod machine;
 pub mod stack;
 pub mod upstream;
 pub mod user;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::Value;
 
 pub use control::{Control, ControlOptions};
-pub use db::TestDatabase;
+pub use db::{mysql_server_url, TestDatabase};
+pub use machine::{bin_dir, binary, free_port, free_ports_in_a_row, unique, TEST_PORTS};
 pub use stack::TestStack;
 pub use user::{TestUser, PASSWORD};
-
-/// The MariaDB server tests use; override with `OPENCLOUD_TEST_MYSQL`.
-pub fn mysql_server_url() -> String {
-    std::env::var("OPENCLOUD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
-}
-
-/// Where cargo put the workspace binaries (`target/debug`).
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/debug/deps/<test> → target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
-}
-
-pub fn binary(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
-
-/// Where test servers listen: below Linux's ephemeral ports (32768 and
-/// up). A port the kernel just handed out as ephemeral is soon handed out
-/// again to some outgoing connection, and a server started there a moment
-/// later finds it taken (a CI run lost control's start-up that way).
-pub const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
-
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    free_ports_in_a_row(1).0
-}
-
-/// `n` consecutive ports that were free a moment ago: (first, last).
-pub fn free_ports_in_a_row(n: u16) -> (u16, u16) {
-    for _ in 0..500 {
-        let first = rand::Rng::gen_range(
-            &mut rand::thread_rng(),
-            TEST_PORTS.start..TEST_PORTS.end - n,
-        );
-        let last = first + n - 1;
-        if (first..=last).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
-            return (first, last);
-        }
-    }
-    panic!("no {n} consecutive free ports in {TEST_PORTS:?}");
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A unique suffix for databases, emails and names within this run.
-pub fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let r: u32 = rand::thread_rng().gen();
-    format!("{prefix}{}x{n}x{r:08x}", std::process::id())
-}
-
-/// The text of `{listener}/metrics` (empty when the body cannot be read).
-async fn metrics(listener: &str) -> String {
-    reqwest::get(format!("{listener}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default()
-}
 
 /// Asserts an API error's status, code and field, and returns its message.
 pub fn expect_error(

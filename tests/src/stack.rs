@@ -14,8 +14,8 @@ use crate::agents::AgentProcess;
 use crate::control::{Control, ControlOptions};
 use crate::db::TestDatabase;
 use crate::gateway::GatewayProcess;
+use crate::machine::{binary, free_port, unique};
 use crate::user::{TestUser, PASSWORD};
-use crate::{binary, free_port, unique};
 
 pub struct TestStack {
     gateway: Option<GatewayProcess>,
