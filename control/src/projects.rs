@@ -44,6 +44,14 @@ impl LatestSession {
     pub fn enterable(&self) -> bool {
         Phase::from_column(&self.state).is_some_and(Phase::is_enterable)
     }
+
+    /// Starting or stopping: about to change by itself.
+    pub fn changing(&self) -> bool {
+        matches!(
+            Phase::from_column(&self.state),
+            Some(Phase::Starting | Phase::Stopping)
+        )
+    }
 }
 
 type ProjectRow = (

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::app::App;
+use crate::sessions::state::Phase;
 
 pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let pool = app.pool.metrics();
@@ -26,11 +27,12 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
     // Sessions and hosts by state, read at scrape time.
     if let Ok(counts) = crate::sessions::count_by_state(&app.pool).await {
-        set_state_gauges(
-            "opencloud_sessions",
-            &["starting", "running", "stopping"],
-            &counts,
-        );
+        let live: Vec<&'static str> = Phase::ALL
+            .into_iter()
+            .filter(|p| p.is_live())
+            .map(Phase::as_column)
+            .collect();
+        set_state_gauges("opencloud_sessions", &live, &counts);
     }
     if let Ok(counts) = crate::hosts::count_by_state(&app.pool).await {
         let states = ["online", "draining", "offline", "revoked"];

@@ -128,7 +128,7 @@ impl From<Row> for SessionLine {
             bytes_in: human_bytes(row.bytes_in),
             bytes_out: human_bytes(row.bytes_out),
             explanation,
-            live: matches!(row.state.as_str(), "starting" | "running"),
+            live: Phase::from_column(&row.state).is_some_and(Phase::is_enterable),
             row,
         }
     }

@@ -47,7 +47,7 @@ impl ProjectsPage {
         self.projects.iter().any(|p| {
             p.session
                 .as_ref()
-                .is_some_and(|s| matches!(s.state.as_str(), "starting" | "stopping"))
+                .is_some_and(projects::LatestSession::changing)
         })
     }
 }
