@@ -410,6 +410,14 @@ mod tests {
         (stream, server)
     }
 
+    /// Like [`after_head`], and the stream (as the proxy) has written
+    /// `answer` back.
+    async fn answered(head: &[u8], answer: &[u8]) -> (DeadlineStream, tokio::io::DuplexStream) {
+        let (mut stream, server) = after_head(head).await;
+        stream.write_all(answer).await.unwrap();
+        (stream, server)
+    }
+
     /// Reads from `stream` for `wait`: nothing may come and nothing may cut
     /// the connection.
     async fn assert_stays_open(stream: &mut DeadlineStream, wait: Duration, what: &str) {
@@ -475,11 +483,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_next_head_on_a_kept_alive_connection_is_timed_too() {
-        let (mut stream, mut server) = after_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut stream, mut server) = answered(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
         // Kept alive: waiting for the next head is not a slow head...
         assert_stays_open(&mut stream, LIMITS.head * 2, "still open").await;
         let mut buf = [0u8; 256];
@@ -545,12 +553,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn websockets_and_interim_answers_are_not_timed() {
-        let (mut stream, mut server) =
-            after_head(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").await;
-        stream
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut stream, mut server) = answered(
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        )
+        .await;
         assert_stays_open(
             &mut stream,
             LIMITS.answer * 10,
@@ -561,12 +568,11 @@ mod tests {
         server.write_all(b"frame").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 5, "frames still flow");
 
-        let (mut stream, mut server) =
-            after_head(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").await;
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut stream, mut server) = answered(
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+        )
+        .await;
         server.write_all(b"body").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 4);
         assert_eq!(
