@@ -117,6 +117,25 @@ impl Browser {
             .await?)
     }
 
+    /// Clicks `css` (a link or a button) and waits until the page's path
+    /// is `path`.
+    pub async fn follow(&self, css: &str, path: &str) -> anyhow::Result<()> {
+        self.click(css).await?;
+        self.wait_for_path(path).await
+    }
+
+    /// Clicks `css` and waits until the URL satisfies `ready` (see
+    /// [`Browser::wait_for_url`]).
+    pub async fn click_until_url(
+        &self,
+        css: &str,
+        what: &str,
+        ready: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        self.click(css).await?;
+        self.wait_for_url(what, ready).await
+    }
+
     pub async fn path(&self) -> anyhow::Result<String> {
         Ok(self.client.current_url().await?.path().to_owned())
     }
@@ -263,6 +282,18 @@ pub async fn login_in_browser(
 ) -> anyhow::Result<()> {
     browser.goto(&format!("{base}/login")).await?;
     browser.submit_login(email, password).await
+}
+
+/// Logs in through the form at `{base}/login` and waits for the project
+/// list a good login lands on.
+pub async fn log_in(
+    browser: &Browser,
+    base: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    login_in_browser(browser, base, email, password).await?;
+    browser.wait_for_path("/projects").await
 }
 
 /// WebDriver's answers for an element that is there but covered, hidden

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::browser::{log_in, Browser};
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::upstream::capture_upstream;
 use opencloud_e2e::TestStack;
@@ -71,10 +71,7 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
     }
 
     let browser = Browser::start().await.unwrap();
-    login_in_browser(&browser, &platform, &email, PASSWORD)
-        .await
-        .unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
+    log_in(&browser, &platform, &email, PASSWORD).await.unwrap();
     // Enter both sessions, so the browser holds cookies for each origin.
     for sid in [&other, &mine] {
         browser
