@@ -9,7 +9,7 @@ use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::machine::{free_port, unique};
+use crate::machine::{free_port, signal_group, unique};
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -261,11 +261,7 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // chromedriver and the Chromium it started share this group. The
         // driver is not reaped yet, so its id cannot name another group.
-        let group = format!("-{}", self.driver.id());
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        signal_group(self.driver.id(), "KILL");
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
