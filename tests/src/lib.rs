@@ -51,3 +51,12 @@ pub fn expect_error(
     );
     message
 }
+
+/// The entry of the JSON list `body[list]` whose `id` is `id`, if listed.
+pub fn listed<'a>(body: &'a Value, list: &str, id: u64) -> Option<&'a Value> {
+    body[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list:?} in {body}"))
+        .iter()
+        .find(|entry| entry["id"] == id)
+}

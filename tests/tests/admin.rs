@@ -2,7 +2,7 @@
 //! The admin API: users (search, paging, disable, roles) and packages
 //! (create, edit, retire), and that nobody else can reach it.
 
-use opencloud_e2e::{expect_error, unique, TestStack, PASSWORD};
+use opencloud_e2e::{expect_error, listed, unique, TestStack, PASSWORD};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -246,20 +246,12 @@ async fn admins_create_edit_and_retire_packages() {
     assert_eq!(body["package"]["retired"], true);
     let on_sale = stack.get_json_anonymous("/api/v1/packages").await;
     assert!(
-        on_sale["packages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["id"] != id),
+        listed(&on_sale, "packages", id).is_none(),
         "retired packages are not sold"
     );
     let (_, all) = admin.get("/api/v1/admin/packages").await;
     assert!(
-        all["packages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["id"] == id),
+        listed(&all, "packages", id).is_some(),
         "admins still see them"
     );
     expect_error(
