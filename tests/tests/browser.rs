@@ -39,17 +39,29 @@ async fn create_project_in_browser(browser: &Browser, name: &str) -> u64 {
     panic!("{name:?} is not in the list after creating it");
 }
 
+/// Opens the registration page and submits it; the caller waits for what
+/// should follow.
+async fn register_in(
+    browser: &Browser,
+    stack: &TestStack,
+    name: &str,
+    email: &str,
+    password: &str,
+) {
+    browser.goto(&stack.url("/register")).await.unwrap();
+    browser
+        .submit_register(name, email, password)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_new_user_registers_logs_in_creates_and_renames_a_project_and_logs_out() {
     let stack = TestStack::control_only().await.unwrap();
     let browser = Browser::start().await.unwrap();
     let address = email();
 
-    browser.goto(&stack.url("/register")).await.unwrap();
-    browser
-        .submit_register("Grace Hopper", &address, PASSWORD)
-        .await
-        .unwrap();
+    register_in(&browser, &stack, "Grace Hopper", &address, PASSWORD).await;
     browser.wait_for_path("/login").await.unwrap();
     let notice = browser.text(".alert-ok").await.unwrap();
     assert!(notice.contains("Your account is ready"), "{notice}");
@@ -127,11 +139,7 @@ async fn registration_errors_show_next_to_the_field_and_keep_what_was_typed() {
     let browser = Browser::start().await.unwrap();
     let address = email();
 
-    browser.goto(&stack.url("/register")).await.unwrap();
-    browser
-        .submit_register("Short Password", &address, "123456789")
-        .await
-        .unwrap();
+    register_in(&browser, &stack, "Short Password", &address, "123456789").await;
     // The form posts back to /register; the error appears on the new page.
     let error = browser.wait_for("#password-error").await.unwrap();
     let message = error.text().await.unwrap();
