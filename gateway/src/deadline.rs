@@ -402,6 +402,30 @@ mod tests {
         (DeadlineStream::new(Box::new(client), LIMITS), server)
     }
 
+    /// A fresh stream whose client has sent `head`, already read by the
+    /// stream.
+    async fn after_head(head: &[u8]) -> (DeadlineStream, tokio::io::DuplexStream) {
+        let (mut stream, mut server) = stream();
+        send_head(&mut stream, &mut server, head).await;
+        (stream, server)
+    }
+
+    /// Like [`after_head`], and the stream (as the proxy) has written
+    /// `answer` back.
+    async fn answered(head: &[u8], answer: &[u8]) -> (DeadlineStream, tokio::io::DuplexStream) {
+        let (mut stream, server) = after_head(head).await;
+        stream.write_all(answer).await.unwrap();
+        (stream, server)
+    }
+
+    /// Reads from `stream` for `wait`: nothing may come and nothing may cut
+    /// the connection.
+    async fn assert_stays_open(stream: &mut DeadlineStream, wait: Duration, what: &str) {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(wait, stream.read(&mut buf)).await;
+        assert!(read.is_err(), "{what}: {read:?}");
+    }
+
     /// The client sends `head`; the stream reads it.
     async fn send_head(
         stream: &mut (impl AsyncRead + Unpin),
@@ -459,21 +483,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_next_head_on_a_kept_alive_connection_is_timed_too() {
-        let (mut stream, mut server) = stream();
-        send_head(
-            &mut stream,
-            &mut server,
+        let (mut stream, mut server) = answered(
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         )
         .await;
-        let mut buf = [0u8; 256];
-        stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
         // Kept alive: waiting for the next head is not a slow head...
-        let idle = tokio::time::timeout(LIMITS.head * 2, stream.read(&mut buf)).await;
-        assert!(idle.is_err(), "still open: {idle:?}");
+        assert_stays_open(&mut stream, LIMITS.head * 2, "still open").await;
+        let mut buf = [0u8; 256];
         // ...but once it begins, it must come in time.
         server.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
         assert!(stream.read(&mut buf).await.unwrap() > 0);
@@ -485,13 +502,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_exchange_that_stands_still_times_out_with_answer_timed_out() {
-        let (mut stream, mut server) = stream();
-        send_head(
-            &mut stream,
-            &mut server,
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await;
+        let (mut stream, _server) = after_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let mut buf = [0u8; 256];
         let started = Instant::now();
         let err = stream.read(&mut buf).await.unwrap_err();
@@ -542,34 +553,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn websockets_and_interim_answers_are_not_timed() {
-        let (mut stream, mut server) = stream();
-        send_head(
-            &mut stream,
-            &mut server,
+        let (mut stream, mut server) = answered(
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        )
+        .await;
+        assert_stays_open(
+            &mut stream,
+            LIMITS.answer * 10,
+            "a quiet WebSocket stays open",
         )
         .await;
         let mut buf = [0u8; 256];
-        stream
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-            .await
-            .unwrap();
-        let quiet = tokio::time::timeout(LIMITS.answer * 10, stream.read(&mut buf)).await;
-        assert!(quiet.is_err(), "a quiet WebSocket stays open: {quiet:?}");
         server.write_all(b"frame").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 5, "frames still flow");
 
-        let (mut stream, mut server) = self::stream();
-        send_head(
-            &mut stream,
-            &mut server,
+        let (mut stream, mut server) = answered(
             b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\n",
         )
         .await;
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .unwrap();
         server.write_all(b"body").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 4);
         assert_eq!(

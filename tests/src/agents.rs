@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::jupyter::venv;
-use crate::machine::{binary, free_port, unique};
+use crate::machine::{binary, free_port, signal_group, unique};
 
 /// `n` consecutive ports that were free a moment ago.
 pub fn free_port_range(n: u16) -> (u16, u16) {
@@ -112,10 +112,7 @@ impl AgentProcess {
         for entry in std::fs::read_dir(sessions).into_iter().flatten().flatten() {
             let sid = entry.file_name().to_string_lossy().replace(".json", "");
             if let Some(pid) = self.session_pid(&sid) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .stderr(Stdio::null())
-                    .status();
+                signal_group(pid as u32, "KILL");
             }
         }
     }

@@ -9,7 +9,7 @@ use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::machine::{free_port, unique};
+use crate::machine::{free_port, signal_group, unique};
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -115,6 +115,25 @@ impl Browser {
             .await?
             .text()
             .await?)
+    }
+
+    /// Clicks `css` (a link or a button) and waits until the page's path
+    /// is `path`.
+    pub async fn follow(&self, css: &str, path: &str) -> anyhow::Result<()> {
+        self.click(css).await?;
+        self.wait_for_path(path).await
+    }
+
+    /// Clicks `css` and waits until the URL satisfies `ready` (see
+    /// [`Browser::wait_for_url`]).
+    pub async fn click_until_url(
+        &self,
+        css: &str,
+        what: &str,
+        ready: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        self.click(css).await?;
+        self.wait_for_url(what, ready).await
     }
 
     pub async fn path(&self) -> anyhow::Result<String> {
@@ -242,11 +261,7 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // chromedriver and the Chromium it started share this group. The
         // driver is not reaped yet, so its id cannot name another group.
-        let group = format!("-{}", self.driver.id());
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        signal_group(self.driver.id(), "KILL");
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
@@ -263,6 +278,18 @@ pub async fn login_in_browser(
 ) -> anyhow::Result<()> {
     browser.goto(&format!("{base}/login")).await?;
     browser.submit_login(email, password).await
+}
+
+/// Logs in through the form at `{base}/login` and waits for the project
+/// list a good login lands on.
+pub async fn log_in(
+    browser: &Browser,
+    base: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    login_in_browser(browser, base, email, password).await?;
+    browser.wait_for_path("/projects").await
 }
 
 /// WebDriver's answers for an element that is there but covered, hidden

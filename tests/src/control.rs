@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use reqwest::StatusCode;
 
 use crate::db::TestDatabase;
-use crate::machine::{binary, free_port, unique};
+use crate::machine::{binary, free_port, unique, wait_until_ready};
 
 /// Options for starting control.
 #[derive(Clone, Default)]
@@ -106,24 +106,22 @@ impl Control {
 
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "control exited with {status} during start-up:\n{}",
-                    self.log()
-                );
-            }
-            if let Ok(r) = client.get(format!("{}/healthz", self.public)).send().await {
-                if r.status() == StatusCode::OK {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("control did not become healthy in 60 s:\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let healthz = format!("{}/healthz", self.public);
+        wait_until_ready(
+            &mut self.child,
+            "control",
+            &self.dir.join("control.log"),
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async {
+                client
+                    .get(&healthz)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == StatusCode::OK)
+            },
+        )
+        .await
     }
 
     /// The text of `/metrics` on the internal listener.

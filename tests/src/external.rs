@@ -46,24 +46,20 @@ pub async fn register_external(
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     // One registration per user at a time, so two cannot both add the host.
-    let user: Option<u64> = tx
-        .exec_first(
-            "SELECT id FROM users WHERE id = ? FOR UPDATE",
-            (owner_user_id,),
-        )
-        .await?;
-    if user.is_none() {
-        bail!("user not found");
-    }
-    let project: Option<u64> = tx
-        .exec_first(
-            "SELECT id FROM projects WHERE id = ? AND owner_id = ? AND deleted_at IS NULL",
-            (project_id, owner_user_id),
-        )
-        .await?;
-    if project.is_none() {
-        bail!("project not found");
-    }
+    require(
+        &mut tx,
+        "user",
+        "SELECT id FROM users WHERE id = ? FOR UPDATE",
+        (owner_user_id,),
+    )
+    .await?;
+    require(
+        &mut tx,
+        "project",
+        "SELECT id FROM projects WHERE id = ? AND owner_id = ? AND deleted_at IS NULL",
+        (project_id, owner_user_id),
+    )
+    .await?;
     let existing: Option<u64> = tx
         .exec_first(
             "SELECT id FROM hosts WHERE owner_id = ? AND address = ? ORDER BY id LIMIT 1 FOR UPDATE",
@@ -130,6 +126,20 @@ pub async fn register_external(
     .await?;
     commit(tx).await?;
     Ok(session)
+}
+
+/// Fails with "{what} not found" unless `sql` finds a row.
+async fn require(
+    tx: &mut mysql_async::Transaction<'_>,
+    what: &str,
+    sql: &str,
+    params: impl Into<mysql_async::Params> + Send,
+) -> anyhow::Result<()> {
+    let found: Option<u64> = tx.exec_first(sql, params).await?;
+    if found.is_none() {
+        bail!("{what} not found");
+    }
+    Ok(())
 }
 
 /// Upstream tokens are 1 to [`UPSTREAM_TOKEN_MAX_CHARS`] printable ASCII

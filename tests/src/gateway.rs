@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::control::Control;
-use crate::machine::{binary, free_port, unique};
+use crate::machine::{binary, free_port, unique, wait_until_ready};
 
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -49,39 +49,39 @@ impl GatewayProcess {
 
     /// Starts (or restarts) the gateway and waits for its listener.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        let child = self.child.insert(self.spawn(&[])?);
+        let port = self.port;
+        wait_until_ready(
+            child,
+            "gateway",
+            &self.dir.join("gateway.log"),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await
+    }
+
+    /// A new gateway process with `args` after its config, logging to the
+    /// end of `gateway.log`.
+    fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("gateway.log"))?;
-        let child = Command::new(binary("opencloud-gateway"))
+        Command::new(binary("opencloud-gateway"))
             .arg("--config")
             .arg(&self.config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("spawn opencloud-gateway")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("gateway exited with {status}:\n{}", self.log());
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("gateway did not listen in 30 s:\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .with_context(|| format!("spawn opencloud-gateway {args:?}"))
     }
 
     /// Resident memory of the running gateway, in KiB (from /proc).
@@ -136,20 +136,7 @@ impl GatewayProcess {
     /// SIGQUIT, hands over its sockets and finishes what it holds.
     pub async fn upgrade(&mut self) -> anyhow::Result<()> {
         let mut old = self.child.take().context("no gateway running")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("gateway.log"))?;
-        let new = Command::new(binary("opencloud-gateway"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--upgrade")
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn the upgraded gateway")?;
-        self.child = Some(new);
+        self.child = Some(self.spawn(&["--upgrade"])?);
         // The new process must be waiting on the upgrade socket before the
         // old one sends its listeners.
         tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::machine::{free_port, unique};
+use crate::machine::{free_port, signal_group, unique, wait_until_ready};
 
 /// The venv `scripts/test` builds from the system Python.
 pub fn venv() -> PathBuf {
@@ -89,36 +89,32 @@ impl JupyterServer {
 
     async fn wait_ready(&mut self, base: &std::path::Path) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(base.join("jupyter.log")).unwrap_or_default();
-                bail!("jupyter exited with {status}:\n{log}");
-            }
-            let answer = client
-                .get(format!("http://127.0.0.1:{}/api/status", self.port))
-                .header("authorization", format!("token {}", self.token))
-                .send()
-                .await;
-            if answer.is_ok_and(|r| r.status().is_success()) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("jupyter did not answer /api/status in 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let status = format!("http://127.0.0.1:{}/api/status", self.port);
+        let authorization = format!("token {}", self.token);
+        wait_until_ready(
+            &mut self.child,
+            "jupyter",
+            &base.join("jupyter.log"),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async {
+                client
+                    .get(&status)
+                    .header("authorization", &authorization)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await
     }
 }
 
 impl Drop for JupyterServer {
     fn drop(&mut self) {
         // The whole group: the server and the kernels it started.
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        let group = self.child.id();
+        signal_group(group, "TERM");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -126,10 +122,7 @@ impl Drop for JupyterServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        signal_group(group, "KILL");
         let _ = self.child.wait();
     }
 }

@@ -51,3 +51,18 @@ pub fn expect_error(
     );
     message
 }
+
+/// Asserts the API's answer for something that is not there (or not the
+/// caller's to see): 404 `not_found`, naming no field; returns its message.
+pub fn expect_not_found(got: &(StatusCode, Value)) -> String {
+    expect_error(got, StatusCode::NOT_FOUND, "not_found", None)
+}
+
+/// The entry of the JSON list `body[list]` whose `id` is `id`, if listed.
+pub fn listed<'a>(body: &'a Value, list: &str, id: u64) -> Option<&'a Value> {
+    body[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list:?} in {body}"))
+        .iter()
+        .find(|entry| entry["id"] == id)
+}

@@ -1,10 +1,14 @@
 //! What the test machine offers every harness module: the workspace
 //! binaries `cargo build` made, free ports below the ephemeral range, names
-//! no other test uses, and a Prometheus scrape.
+//! no other test uses, a Prometheus scrape, and the start-up wait and
+//! process-group signal every spawned server needs.
 
+use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -71,4 +75,44 @@ pub async fn metrics(listener: &str) -> String {
         .text()
         .await
         .unwrap_or_default()
+}
+
+/// Waits until `ready` answers true, polling every `every`: an error at
+/// once when `child` (the server called `name`) exits, or after `within`,
+/// each with the server's log at `log`.
+pub async fn wait_until_ready<F, Fut>(
+    child: &mut Child,
+    name: &str,
+    log: &Path,
+    within: Duration,
+    every: Duration,
+    mut ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{name} exited with {status} during start-up:\n{}", log());
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{name} was not ready within {within:?}:\n{}", log());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Sends `signal` (`TERM`, `KILL`) to the whole process group led by
+/// `leader`: a server and whatever it started.
+pub fn signal_group(leader: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), "--".into(), format!("-{leader}")])
+        .stderr(Stdio::null())
+        .status();
 }

@@ -87,6 +87,18 @@ impl TestUser {
         (r.status(), r.text().await.expect("body"))
     }
 
+    /// A page that must answer 200 OK; its body.
+    pub async fn page(&self, path: &str) -> String {
+        self.page_with_status(path, StatusCode::OK).await
+    }
+
+    /// A page (or any text) that must answer `status`; its body.
+    pub async fn page_with_status(&self, path: &str, status: StatusCode) -> String {
+        let (got, body) = self.get_text(path).await;
+        assert_eq!(got, status, "GET {path}: {body}");
+        body
+    }
+
     /// Posts a form, as a page does; the response as it came.
     pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Response {
         self.request(Method::POST, path)

@@ -35,13 +35,7 @@ async fn registration_and_login_work_and_set_a_hardened_cookie() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let cookie = response
-        .headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .find(|c| c.starts_with("oc_session="))
-        .expect("login sets oc_session");
+    let cookie = set_cookie(&response, "oc_session=").expect("login sets oc_session");
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
         assert!(
             cookie.contains(attribute),
@@ -252,13 +246,16 @@ async fn unknown_email_and_wrong_password_get_the_same_answer_in_similar_time() 
     );
 }
 
-async fn login_status(
+/// Asserts that a login from `client_ip` gets `want`.
+async fn assert_login(
     stack: &TestStack,
     client_ip: &str,
     email: &str,
     password: &str,
-) -> StatusCode {
-    login_from(stack, client_ip, email, password).await.status()
+    want: StatusCode,
+) {
+    let got = login_from(stack, client_ip, email, password).await.status();
+    assert_eq!(got, want, "login as {email} from {client_ip}");
 }
 
 async fn login_from(
@@ -277,6 +274,33 @@ async fn login_from(
         .unwrap()
 }
 
+/// A login from `client_ip` that must be refused as one try too many,
+/// before the password is checked; the response for its headers and body.
+async fn throttled_login(
+    stack: &TestStack,
+    client_ip: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
+    let r = login_from(stack, client_ip, email, password).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    r
+}
+
+/// The whole seconds a throttled answer asks the client to wait.
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap()
+}
+
+/// Asserts the throttled answer's error message says `what`.
+async fn assert_refusal_says(r: reqwest::Response, what: &str) {
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(what),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_owner() {
     let stack = TestStack::control_only().await.unwrap();
@@ -290,29 +314,22 @@ async fn failed_logins_slow_down_per_account_and_client_without_locking_out_the_
     }
     // The sixth try from that client is refused before the password is
     // checked, even with the right password.
-    let r = login_from(&stack, attacker, &victim.email, PASSWORD).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let wait: u64 = r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    let r = throttled_login(&stack, attacker, &victim.email, PASSWORD).await;
+    let wait = retry_after(&r);
     assert!((1..=15).contains(&wait), "Retry-After {wait}");
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("Try again in"),
-        "{body}"
-    );
+    assert_refusal_says(r, "Try again in").await;
 
     // The owner, from their own address, logs in normally.
-    assert_eq!(
-        login_status(&stack, "192.0.2.10", &victim.email, PASSWORD).await,
-        StatusCode::OK
-    );
+    assert_login(
+        &stack,
+        "192.0.2.10",
+        &victim.email,
+        PASSWORD,
+        StatusCode::OK,
+    )
+    .await;
     // The attacker's address is not blocked for other accounts.
-    assert_eq!(
-        login_status(&stack, attacker, &other.email, PASSWORD).await,
-        StatusCode::OK
-    );
+    assert_login(&stack, attacker, &other.email, PASSWORD, StatusCode::OK).await;
     assert_eq!(stack.db.count("login_failures").await, 5);
 }
 
@@ -325,31 +342,29 @@ async fn the_back_off_grows_with_each_failure_after_the_wait() {
     .unwrap();
     let user = stack.new_user().await;
     let ip = "198.51.100.2";
+    let wrong_guess = || {
+        assert_login(
+            &stack,
+            ip,
+            &user.email,
+            "nope nope nope",
+            StatusCode::UNAUTHORIZED,
+        )
+    };
     for _ in 0..2 {
-        assert_eq!(
-            login_status(&stack, ip, &user.email, "nope nope nope").await,
-            StatusCode::UNAUTHORIZED
-        );
+        wrong_guess().await;
     }
-    let r = login_from(&stack, ip, &user.email, "nope nope nope").await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let r = throttled_login(&stack, ip, &user.email, "nope nope nope").await;
     assert_eq!(r.headers()[RETRY_AFTER], "1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // After the wait one more guess is allowed; it fails and doubles the wait.
-    assert_eq!(
-        login_status(&stack, ip, &user.email, "nope nope nope").await,
-        StatusCode::UNAUTHORIZED
-    );
-    let r = login_from(&stack, ip, &user.email, "nope nope nope").await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let wait: u64 = r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    wrong_guess().await;
+    let r = throttled_login(&stack, ip, &user.email, "nope nope nope").await;
+    let wait = retry_after(&r);
     assert!((1..=2).contains(&wait), "second back-off {wait}");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // A success clears the pair's failures.
-    assert_eq!(
-        login_status(&stack, ip, &user.email, PASSWORD).await,
-        StatusCode::OK
-    );
+    assert_login(&stack, ip, &user.email, PASSWORD, StatusCode::OK).await;
     assert_eq!(stack.db.count("login_failures").await, 0);
 }
 
@@ -362,23 +377,18 @@ async fn a_client_spraying_many_accounts_is_capped() {
     let real = stack.new_user().await;
     let sprayer = "198.51.100.3";
     for _ in 0..6 {
-        let r = login_from(&stack, sprayer, &email(), "Password123!").await;
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_login(
+            &stack,
+            sprayer,
+            &email(),
+            "Password123!",
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
     }
-    let r = login_from(&stack, sprayer, &email(), "Password123!").await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("from your address"),
-        "{body}"
-    );
-    assert_eq!(
-        login_status(&stack, "192.0.2.11", &real.email, PASSWORD).await,
-        StatusCode::OK
-    );
+    let r = throttled_login(&stack, sprayer, &email(), "Password123!").await;
+    assert_refusal_says(r, "from your address").await;
+    assert_login(&stack, "192.0.2.11", &real.email, PASSWORD, StatusCode::OK).await;
 }
 
 #[tokio::test]
@@ -391,18 +401,17 @@ async fn forwarded_for_is_ignored_unless_the_peer_is_a_trusted_gateway() {
     .unwrap();
     let user = stack.new_user().await;
     for n in 0..5 {
-        let r = login_from(
+        assert_login(
             &stack,
             &format!("198.51.100.{}", 10 + n),
             &user.email,
             "wrong wrong wrong",
+            StatusCode::UNAUTHORIZED,
         )
         .await;
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
     // A forged header does not make a new client: the peer is.
-    let r = login_from(&stack, "198.51.100.99", &user.email, PASSWORD).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    throttled_login(&stack, "198.51.100.99", &user.email, PASSWORD).await;
     let ips: Vec<String> = mysql_async::prelude::Queryable::query(
         &mut stack.db.conn().await,
         "SELECT DISTINCT client_ip FROM login_failures",
@@ -427,15 +436,15 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(
+    let me = || async {
         browser
             .get(stack.url("/api/v1/me"))
             .send()
             .await
             .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+            .status()
+    };
+    assert_eq!(me().await, StatusCode::OK);
 
     let r = browser
         .post(stack.url("/api/v1/auth/logout"))
@@ -444,26 +453,14 @@ async fn logout_revokes_the_login_session_for_cookie_and_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(
-        browser
-            .get(stack.url("/api/v1/me"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(me().await, StatusCode::UNAUTHORIZED);
     // The old token, replayed, is refused too: the login session is revoked.
     let replay = stack
         .get_with_cookie("/api/v1/me", &format!("oc_session={token}"))
         .await;
     assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
     assert!(
-        replay
-            .headers()
-            .get_all(SET_COOKIE)
-            .iter()
-            .any(|c| c.to_str().unwrap().starts_with("oc_session=;")),
+        set_cookie(&replay, "oc_session=;").is_some(),
         "a dead cookie is cleared"
     );
     // The other login (the helper's token) is unaffected.
@@ -559,13 +556,7 @@ async fn a_cookie_past_half_life_is_reissued() {
         .get_with_cookie("/api/v1/me", &format!("oc_session={old}"))
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let fresh = r
-        .headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .map(|c| c.to_str().unwrap().to_owned())
-        .find(|c| c.starts_with("oc_session=v1."))
-        .expect("a fresh cookie past half life");
+    let fresh = set_cookie(&r, "oc_session=v1.").expect("a fresh cookie past half life");
     let fresh_token = fresh
         .trim_start_matches("oc_session=")
         .split(';')
@@ -581,6 +572,15 @@ async fn a_cookie_past_half_life_is_reissued() {
         .get_with_cookie("/api/v1/me", &format!("oc_session={}", user.token))
         .await;
     assert!(r.headers().get(SET_COOKIE).is_none());
+}
+
+/// The first `Set-Cookie` of `r` that starts with `start`.
+fn set_cookie(r: &reqwest::Response, start: &str) -> Option<String> {
+    r.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with(start))
 }
 
 fn now() -> u64 {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use opencloud_control::hosts;
 use opencloud_control::sessions;
-use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::browser::{log_in, Browser};
 use opencloud_e2e::external::register_external;
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
 use opencloud_protocol::agent::{AgentHello, Capacity, Heartbeat, Load, HOST_KEY_SCHEME};
@@ -164,6 +164,8 @@ struct Fixture {
 }
 
 const BOB_PROJECT: &str = "Survey, wave 2";
+const ALICE_ADDRESS: &str = "127.0.0.1";
+const BOB_ADDRESS: &str = "127.0.0.2";
 
 impl Fixture {
     async fn start() -> Self {
@@ -172,8 +174,8 @@ impl Fixture {
         let alice = stack.new_user().await;
         let bob = stack.new_user().await;
         let alice_host =
-            add_online_host(&stack, &admin, &alice, "alice-desktop", "127.0.0.1").await;
-        let bob_host = add_online_host(&stack, &admin, &bob, "bob-laptop", "127.0.0.2").await;
+            add_online_host(&stack, &admin, &alice, "alice-desktop", ALICE_ADDRESS).await;
+        let bob_host = add_online_host(&stack, &admin, &bob, "bob-laptop", BOB_ADDRESS).await;
         let alice_project = alice.create_project("Thesis").await;
         let bob_project = bob.create_project(BOB_PROJECT).await;
         let pool = mysql_async::Pool::new(stack.db.url.as_str());
@@ -190,9 +192,19 @@ impl Fixture {
         }
     }
 
+    /// `user`'s project and the address of their own host.
+    fn own(&self, user: &TestUser) -> (u64, &'static str) {
+        match user.id {
+            id if id == self.alice.id => (self.alice_project, ALICE_ADDRESS),
+            id if id == self.bob.id => (self.bob_project, BOB_ADDRESS),
+            _ => panic!("only alice and bob have a project and a host"),
+        }
+    }
+
     /// A running session of `user`'s project on their own host, recorded the
     /// way a Jupyter server started elsewhere is.
-    async fn session(&self, user: &TestUser, project: u64, address: &str) -> String {
+    async fn session(&self, user: &TestUser) -> String {
+        let (project, address) = self.own(user);
         let port = 18000 + rand::random::<u16>() % 1000;
         let route = register_external(&self.pool, user.id, project, address, port, "up-token")
             .await
@@ -201,20 +213,29 @@ impl Fixture {
     }
 
     /// A session that has already ended with `state` and `reason`.
-    async fn ended_session(
-        &self,
-        user: &TestUser,
-        project: u64,
-        address: &str,
-        state: SessionState,
-        reason: &str,
-    ) -> String {
-        let sid = self.session(user, project, address).await;
+    async fn ended_session(&self, user: &TestUser, state: SessionState, reason: &str) -> String {
+        let sid = self.session(user).await;
         let ended = sessions::ending::end(&self.pool, &sid, state, reason)
             .await
             .unwrap();
         assert_eq!(ended.state, state);
         sid
+    }
+
+    /// The admin's session list filtered by `query`; it must answer 200 OK.
+    async fn sessions_page(&self, query: &str) -> String {
+        self.admin.page(&format!("/admin/sessions?{query}")).await
+    }
+
+    /// The admin's session list refusing the filter `query` (422); the
+    /// page that names what is wrong.
+    async fn refused_filter(&self, query: &str) -> String {
+        self.admin
+            .page_with_status(
+                &format!("/admin/sessions?{query}"),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
     }
 
     /// Inserts `rows` sessions straight into the database.
@@ -404,8 +425,7 @@ async fn walk(user: &TestUser, first: &str) -> (Vec<String>, usize) {
     let mut pages = 0;
     let mut next = Some(first.to_owned());
     while let Some(path) = next {
-        let (status, html) = user.get_text(&path).await;
-        assert_eq!(status, StatusCode::OK, "{path}: {html}");
+        let html = user.page(&path).await;
         pages += 1;
         assert!(pages < 1000, "paging never ends");
         if pages > 1 {
@@ -442,8 +462,7 @@ async fn the_hosts_page_lists_every_host_with_its_owner_and_state() {
         .await;
     assert!(status.is_success(), "{status} {body}");
 
-    let (status, html) = admin.get_text("/admin/hosts").await;
-    assert_eq!(status, StatusCode::OK, "{html}");
+    let html = admin.page("/admin/hosts").await;
     let host_row = |id: u64| -> String {
         let start = html
             .find(&format!("data-host-id=\"{id}\""))
@@ -542,13 +561,11 @@ async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
 
     // The pages link the older hosts and back.
     for (user, base) in [(&admin, "/admin/hosts"), (&ann, "/hosts")] {
-        let (status, html) = user.get_text(base).await;
-        assert_eq!(status, StatusCode::OK, "{html}");
+        let html = user.page(base).await;
         assert_eq!(html.matches("data-host-id=").count(), hosts::HOSTS_PER_PAGE);
         let next = link(&html, "next-page").expect("a link to older hosts");
         assert_eq!(next, format!("{base}{second_page}"));
-        let (status, html) = user.get_text(&next).await;
-        assert_eq!(status, StatusCode::OK, "{html}");
+        let html = user.page(&next).await;
         assert_eq!(html.matches("data-host-id=").count(), 5);
         assert!(html.contains(&format!("5 of {count} hosts")), "{html}");
         assert_eq!(link(&html, "first-page").as_deref(), Some(base));
@@ -556,8 +573,9 @@ async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
     }
 
     // A page that is not a number gets a clear answer.
-    let (status, html) = admin.get_text("/admin/hosts?before=soon").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let html = admin
+        .page_with_status("/admin/hosts?before=soon", StatusCode::BAD_REQUEST)
+        .await;
     assert!(html.contains("before"), "{html}");
     let (status, body) = admin.get("/api/v1/admin/hosts?before=-1").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -576,13 +594,7 @@ async fn host_lists_page_through_every_host_once_and_name_a_bad_page() {
 async fn session_data_shows_sessions_newest_first_with_user_project_host_and_traffic() {
     let f = Fixture::start().await;
     let first = f
-        .ended_session(
-            &f.alice,
-            f.alice_project,
-            "127.0.0.1",
-            SessionState::Stopped,
-            "idle",
-        )
+        .ended_session(&f.alice, SessionState::Stopped, "idle")
         .await;
     sessions::usage::record_usage(
         &f.pool,
@@ -596,19 +608,12 @@ async fn session_data_shows_sessions_newest_first_with_user_project_host_and_tra
     )
     .await
     .unwrap();
-    let second = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
+    let second = f.session(&f.bob).await;
     let third = f
-        .ended_session(
-            &f.alice,
-            f.alice_project,
-            "127.0.0.1",
-            SessionState::Lost,
-            "host_lost",
-        )
+        .ended_session(&f.alice, SessionState::Lost, "host_lost")
         .await;
 
-    let (status, html) = f.admin.get_text("/admin/sessions").await;
-    assert_eq!(status, StatusCode::OK, "{html}");
+    let html = f.admin.page("/admin/sessions").await;
     assert_eq!(sids(&html), [third.clone(), second.clone(), first.clone()]);
     let rows = rows(&html);
     let stopped = row(&rows, &first);
@@ -648,7 +653,7 @@ async fn session_data_shows_sessions_newest_first_with_user_project_host_and_tra
 #[tokio::test]
 async fn session_data_filters_by_user_project_state_host_and_dates() {
     let f = Fixture::start().await;
-    let live = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
+    let live = f.session(&f.bob).await;
     let mut bulk = Vec::new();
     for day in 1..=10 {
         bulk.push(Bulk::stopped(
@@ -704,23 +709,19 @@ async fn session_data_filters_by_user_project_state_host_and_dates() {
             .replace("BOBH", &f.bob_host.id.to_string())
             .replace("BOB", &f.bob.id.to_string());
         let want = f.sids_where(&sql).await;
-        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
-        assert_eq!(status, StatusCode::OK, "{query}: {html}");
+        let html = f.sessions_page(&query).await;
         assert_eq!(sids(&html), want, "{query}");
         // The form shows the filter, and the CSV link carries it.
         let csv = link(&html, "export-csv").unwrap();
         assert!(csv.starts_with("/admin/sessions.csv?"), "{csv}");
     }
-    let (_, html) = f.admin.get_text("/admin/sessions?state=running").await;
+    let html = f.sessions_page("state=running").await;
     assert_eq!(sids(&html), [live]);
     assert!(
         html.contains("<option value=\"running\" selected>"),
         "the form keeps the state"
     );
-    let (_, html) = f
-        .admin
-        .get_text("/admin/sessions?from=2025-03-05&to=2025-03-05")
-        .await;
+    let html = f.sessions_page("from=2025-03-05&to=2025-03-05").await;
     let rows = rows(&html);
     assert_eq!(rows.len(), 2, "one day, both users");
     let alices = rows
@@ -781,14 +782,8 @@ async fn paging_with_after_visits_every_matching_session_once() {
         *lost = lost.clone().lost();
     }
     f.insert(&bulk).await;
-    f.ended_session(
-        &f.alice,
-        f.alice_project,
-        "127.0.0.1",
-        SessionState::Stopped,
-        "idle",
-    )
-    .await;
+    f.ended_session(&f.alice, SessionState::Stopped, "idle")
+        .await;
 
     let everything = f.sids_where("TRUE").await;
     assert_eq!(everything.len(), 161);
@@ -811,11 +806,11 @@ async fn paging_with_after_visits_every_matching_session_once() {
     assert_eq!(seen, filtered);
 
     // The default page holds 50.
-    let (_, html) = f.admin.get_text("/admin/sessions").await;
+    let html = f.admin.page("/admin/sessions").await;
     assert_eq!(sids(&html), everything[..50]);
     let next = link(&html, "next-page").unwrap();
     assert!(next.starts_with("/admin/sessions?after="), "{next}");
-    let (_, html) = f.admin.get_text(&next).await;
+    let html = f.admin.page(&next).await;
     assert_eq!(sids(&html), everything[50..100]);
 }
 
@@ -842,14 +837,8 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
         bulk.push(if n % 5 == 0 { row.lost() } else { row });
     }
     f.insert(&bulk).await;
-    f.ended_session(
-        &f.bob,
-        f.bob_project,
-        "127.0.0.2",
-        SessionState::Stopped,
-        "stopped_by_user",
-    )
-    .await;
+    f.ended_session(&f.bob, SessionState::Stopped, "stopped_by_user")
+        .await;
 
     let csv = |query: String| {
         let admin = &f.admin;
@@ -911,10 +900,7 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
     assert!(text.lines().skip(1).all(|l| l.contains(",lost,host_lost,")));
 
     // The page's Export CSV link is the same export.
-    let (_, html) = f
-        .admin
-        .get_text(&format!("/admin/sessions?host={}", f.alice_host.id))
-        .await;
+    let html = f.sessions_page(&format!("host={}", f.alice_host.id)).await;
     let href = link(&html, "export-csv").unwrap();
     assert_eq!(
         href,
@@ -932,10 +918,9 @@ async fn csv_export_streams_the_header_and_one_line_per_matching_session() {
 #[tokio::test]
 async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
     let f = Fixture::start().await;
-    let sid = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
+    let sid = f.session(&f.bob).await;
     let back = format!("/admin/sessions?user={}&state=running", f.bob.id);
-    let (status, html) = f.admin.get_text(&back).await;
-    assert_eq!(status, StatusCode::OK);
+    let html = f.admin.page(&back).await;
     assert_eq!(sids(&html), std::slice::from_ref(&sid));
     let token = csrf(&html);
     let back_field = html.split("name=\"back\" value=\"").nth(1).unwrap();
@@ -947,7 +932,7 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
 
     let r = stop(&f.admin, &sid, "", &back).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "no CSRF token, no stop");
-    let (_, own_page) = f.alice.get_text("/projects").await;
+    let own_page = f.alice.page("/projects").await;
     let r = stop(&f.alice, &sid, &csrf(&own_page), &back).await;
     assert_eq!(
         r.status(),
@@ -974,12 +959,12 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
         Some(("stopping".into(), Some("stopped_by_admin".into()))),
         "the host's agent is told to stop it"
     );
-    let (_, html) = f.admin.get_text("/admin/sessions?state=stopping").await;
+    let html = f.sessions_page("state=stopping").await;
     let rows = rows(&html);
     assert!(!row(&rows, &sid).contains("/stop\""), "no second Stop");
 
     // A redirect elsewhere is not followed.
-    let other = f.session(&f.alice, f.alice_project, "127.0.0.1").await;
+    let other = f.session(&f.alice).await;
     let r = stop(&f.admin, &other, &token, "https://elsewhere.example/").await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], "/admin/sessions");
@@ -995,8 +980,7 @@ async fn an_admin_stops_a_live_session_and_comes_back_to_the_same_filters() {
 async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
     let f = Fixture::start().await;
     for path in ["/admin/sessions", "/admin/sessions.csv", "/admin/hosts"] {
-        let (status, html) = f.bob.get_text(path).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        let html = f.bob.page_with_status(path, StatusCode::FORBIDDEN).await;
         assert!(html.contains("for administrators"), "{html}");
     }
     let anonymous = f.stack.get_anonymous("/admin/sessions?state=lost").await;
@@ -1006,11 +990,7 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         .unwrap()
         .starts_with("/login?next="));
 
-    let (status, html) = f
-        .admin
-        .get_text("/admin/sessions?from=yesterday&state=running")
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{html}");
+    let html = f.refused_filter("from=yesterday&state=running").await;
     let error = html
         .split("<p class=\"field-error\" id=\"error-from\">")
         .nth(1)
@@ -1028,8 +1008,7 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         ("host=abc", "host"),
         ("project=-1", "project"),
     ] {
-        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        let html = f.refused_filter(query).await;
         assert!(
             html.contains(&format!("id=\"error-{field}\"")),
             "{query}: {html}"
@@ -1041,19 +1020,14 @@ async fn only_admins_see_session_data_and_bad_filters_are_named_not_fatal() {
         "per_page=lots",
         "per_page=100000",
     ] {
-        let (status, html) = f.admin.get_text(&format!("/admin/sessions?{query}")).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        let html = f.refused_filter(query).await;
         assert!(
             html.contains("class=\"alert alert-error\""),
             "{query}: {html}"
         );
     }
     // An unknown user does not hide a bad date.
-    let (status, _) = f
-        .admin
-        .get_text("/admin/sessions?user=nobody%40example.com&from=x")
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    f.refused_filter("user=nobody%40example.com&from=x").await;
 
     let (status, html) = f
         .admin
@@ -1089,47 +1063,43 @@ async fn an_admin_filters_pages_and_stops_sessions_in_a_browser() {
         bulk.push(Bulk::stopped(f.bob.id, f.bob_project, f.bob_host.id, &at).lost());
     }
     f.insert(&bulk).await;
-    let live = f.session(&f.bob, f.bob_project, "127.0.0.2").await;
+    let live = f.session(&f.bob).await;
 
     let browser = Browser::start().await.unwrap();
     let base = f.stack.control().public.as_str();
-    login_in_browser(&browser, base, &f.admin.email, PASSWORD)
+    log_in(&browser, base, &f.admin.email, PASSWORD)
         .await
         .unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
     browser.goto(&format!("{base}/admin/users")).await.unwrap();
     browser
-        .click("nav.tabs a[href='/admin/hosts']")
+        .follow("nav.tabs a[href='/admin/hosts']", "/admin/hosts")
         .await
         .unwrap();
-    browser.wait_for_path("/admin/hosts").await.unwrap();
     browser
         .wait_for("tr[data-host='bob-laptop']")
         .await
         .unwrap();
     screenshot(&browser, "admin-hosts").await;
     browser
-        .click("nav.tabs a[href='/admin/sessions']")
+        .follow("nav.tabs a[href='/admin/sessions']", "/admin/sessions")
         .await
         .unwrap();
-    browser.wait_for_path("/admin/sessions").await.unwrap();
     assert_eq!(browser.count("tr[data-sid]").await.unwrap(), 50);
 
     // The filter form is a plain GET form.
     browser.fill("#f-user", &f.alice.email).await.unwrap();
     browser
-        .click("form.filters button[type=submit]")
-        .await
-        .unwrap();
-    browser
-        .wait_for_url("filtered by user", |url| url.contains("user="))
+        .click_until_url(
+            "form.filters button[type=submit]",
+            "filtered by user",
+            |url| url.contains("user="),
+        )
         .await
         .unwrap();
     assert_eq!(browser.count("tr[data-sid]").await.unwrap(), 50);
     screenshot(&browser, "admin-sessions").await;
-    browser.click("#next-page").await.unwrap();
     browser
-        .wait_for_url("on page 2", |url| url.contains("after="))
+        .click_until_url("#next-page", "on page 2", |url| url.contains("after="))
         .await
         .unwrap();
     assert_eq!(
@@ -1139,9 +1109,10 @@ async fn an_admin_filters_pages_and_stops_sessions_in_a_browser() {
     );
     assert_eq!(browser.value("#f-user").await.unwrap(), f.alice.email);
     assert_eq!(browser.count("#next-page").await.unwrap(), 0);
-    browser.click("#first-page").await.unwrap();
     browser
-        .wait_for_url("back on page 1", |url| !url.contains("after="))
+        .click_until_url("#first-page", "back on page 1", |url| {
+            !url.contains("after=")
+        })
         .await
         .unwrap();
 
@@ -1160,13 +1131,11 @@ async fn an_admin_filters_pages_and_stops_sessions_in_a_browser() {
         .await
         .unwrap();
     browser
-        .click(&format!("tr[data-sid='{live}'] form button"))
-        .await
-        .unwrap();
-    browser
-        .wait_for_url("back on the filtered page", |url| {
-            url.ends_with("/admin/sessions?state=running")
-        })
+        .click_until_url(
+            &format!("tr[data-sid='{live}'] form button"),
+            "back on the filtered page",
+            |url| url.ends_with("/admin/sessions?state=running"),
+        )
         .await
         .unwrap();
     browser.wait_for(".empty").await.unwrap();

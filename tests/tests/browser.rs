@@ -4,7 +4,7 @@
 //! (`--test-threads=1`): each test drives its own Chromium.
 
 use fantoccini::Locator;
-use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::browser::{log_in, login_in_browser, Browser};
 use opencloud_e2e::{unique, TestStack, PASSWORD};
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
@@ -39,17 +39,29 @@ async fn create_project_in_browser(browser: &Browser, name: &str) -> u64 {
     panic!("{name:?} is not in the list after creating it");
 }
 
+/// Opens the registration page and submits it; the caller waits for what
+/// should follow.
+async fn register_in(
+    browser: &Browser,
+    stack: &TestStack,
+    name: &str,
+    email: &str,
+    password: &str,
+) {
+    browser.goto(&stack.url("/register")).await.unwrap();
+    browser
+        .submit_register(name, email, password)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_new_user_registers_logs_in_creates_and_renames_a_project_and_logs_out() {
     let stack = TestStack::control_only().await.unwrap();
     let browser = Browser::start().await.unwrap();
     let address = email();
 
-    browser.goto(&stack.url("/register")).await.unwrap();
-    browser
-        .submit_register("Grace Hopper", &address, PASSWORD)
-        .await
-        .unwrap();
+    register_in(&browser, &stack, "Grace Hopper", &address, PASSWORD).await;
     browser.wait_for_path("/login").await.unwrap();
     let notice = browser.text(".alert-ok").await.unwrap();
     assert!(notice.contains("Your account is ready"), "{notice}");
@@ -95,8 +107,10 @@ async fn a_new_user_registers_logs_in_creates_and_renames_a_project_and_logs_out
     assert_eq!(browser.text("h1").await.unwrap(), "Dissertation");
     assert_eq!(browser.value("#name").await.unwrap(), "Dissertation");
 
-    browser.click(".crumbs a[href='/projects']").await.unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
+    browser
+        .follow(".crumbs a[href='/projects']", "/projects")
+        .await
+        .unwrap();
     let names = browser.text(".project-list").await.unwrap();
     assert!(names.contains("Dissertation"), "{names}");
     assert!(!names.contains("Thesis notebooks"), "{names}");
@@ -125,11 +139,7 @@ async fn registration_errors_show_next_to_the_field_and_keep_what_was_typed() {
     let browser = Browser::start().await.unwrap();
     let address = email();
 
-    browser.goto(&stack.url("/register")).await.unwrap();
-    browser
-        .submit_register("Short Password", &address, "123456789")
-        .await
-        .unwrap();
+    register_in(&browser, &stack, "Short Password", &address, "123456789").await;
     // The form posts back to /register; the error appears on the new page.
     let error = browser.wait_for("#password-error").await.unwrap();
     let message = error.text().await.unwrap();
@@ -152,13 +162,7 @@ async fn registration_errors_show_next_to_the_field_and_keep_what_was_typed() {
         .click("form[action='/register'] button[type=submit]")
         .await
         .unwrap();
-    let message = browser
-        .wait_for("#email-error")
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let message = browser.text("#email-error").await.unwrap();
     assert!(message.contains("already exists"), "{message}");
     assert_eq!(browser.count("#password-error").await.unwrap(), 0);
     assert_eq!(browser.value("#email").await.unwrap(), taken.email);
@@ -176,15 +180,13 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in() {
     let browser = Browser::start().await.unwrap();
     let base = &stack.control().public;
 
-    login_in_browser(&browser, base, &admin.email, PASSWORD)
+    log_in(&browser, base, &admin.email, PASSWORD)
         .await
         .unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
     browser
-        .click("header.topbar a[href='/admin/users']")
+        .follow("header.topbar a[href='/admin/users']", "/admin/users")
         .await
         .unwrap();
-    browser.wait_for_path("/admin/users").await.unwrap();
 
     browser
         .fill("form.searchbar input[name=q]", &user.email)
@@ -243,13 +245,7 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in() {
     login_in_browser(&browser, base, &user.email, PASSWORD)
         .await
         .unwrap();
-    let message = browser
-        .wait_for("#login-error")
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let message = browser.text("#login-error").await.unwrap();
     assert!(message.contains("disabled"), "{message}");
     assert_eq!(browser.path().await.unwrap(), "/login");
     assert_eq!(browser.value("#email").await.unwrap(), user.email);
@@ -272,10 +268,9 @@ async fn user_supplied_text_is_escaped_in_pages() {
     let browser = Browser::start().await.unwrap();
     let hostile = "<img src=x onerror=alert(1)>";
 
-    login_in_browser(&browser, &stack.control().public, &user.email, PASSWORD)
+    log_in(&browser, &stack.control().public, &user.email, PASSWORD)
         .await
         .unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
     let id = create_project_in_browser(&browser, hostile).await;
 
     assert_eq!(browser.text("li.project h3 a").await.unwrap(), hostile);

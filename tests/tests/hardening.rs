@@ -176,6 +176,12 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// A fixture in front of an upstream that records every head it gets.
+    async fn capturing() -> (Self, Captured) {
+        let (port, captured) = capture_upstream().await;
+        (Self::new(port).await, captured)
+    }
+
     async fn new(upstream_port: u16) -> Self {
         let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
@@ -226,6 +232,19 @@ impl Fixture {
         raw.expect_closed(what).await;
     }
 
+    /// Posts `body` on the session origin once with each case's headers:
+    /// each must be refused with 400 and the connection closed.
+    async fn refuse_posts(
+        &self,
+        body: &str,
+        cases: impl IntoIterator<Item = (impl AsRef<str>, impl AsRef<str>)>,
+    ) {
+        for (what, headers) in cases {
+            let request = self.session_post(headers.as_ref(), body);
+            self.refused(&request, 400, what.as_ref()).await;
+        }
+    }
+
     /// Heads the gateway forwarded (its health probes, sent straight to
     /// `127.0.0.1:port`, left out).
     fn forwarded(&self, captured: &Captured) -> Vec<String> {
@@ -270,8 +289,7 @@ impl Fixture {
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     let before = f.forwarded(&captured).len();
     let smuggled = format!(
         "GET /smuggled HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
@@ -280,7 +298,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
     );
     let body = format!("0\r\n\r\n{smuggled}");
     let len = body.len();
-    for (what, headers) in [
+    let cases = [
         (
             "CL.TE",
             format!("Content-Length: {len}\r\nTransfer-Encoding: chunked\r\n"),
@@ -293,19 +311,17 @@ async fn content_length_with_transfer_encoding_is_refused() {
             "CL 0 with TE",
             "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n".to_owned(),
         ),
-    ] {
-        f.refused(&f.session_post(&headers, &body), 400, what).await;
-    }
+    ];
+    f.refuse_posts(&body, cases).await;
     f.only_the_canary_got_through(&captured, before).await;
 }
 
 #[tokio::test]
 async fn conflicting_content_lengths_are_refused() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     let before = f.forwarded(&captured).len();
     let body = "hello!GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
-    for (what, headers) in [
+    let cases = [
         (
             "two Content-Length lines",
             "Content-Length: 5\r\nContent-Length: 6\r\n",
@@ -313,16 +329,14 @@ async fn conflicting_content_lengths_are_refused() {
         ("Content-Length: 5, 6", "Content-Length: 5, 6\r\n"),
         ("Content-Length: -1", "Content-Length: -1\r\n"),
         ("Content-Length: +6", "Content-Length: +6\r\n"),
-    ] {
-        f.refused(&f.session_post(headers, body), 400, what).await;
-    }
+    ];
+    f.refuse_posts(body, cases).await;
     f.only_the_canary_got_through(&captured, before).await;
 }
 
 #[tokio::test]
 async fn obfuscated_transfer_encoding_is_refused() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     let before = f.forwarded(&captured).len();
     let body = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     let cases = [
@@ -346,21 +360,24 @@ async fn obfuscated_transfer_encoding_is_refused() {
             "X-Pad: 1\r\n Transfer-Encoding: chunked\r\n",
         ),
     ];
-    for (what, headers) in cases {
-        f.refused(&f.session_post(headers, body), 400, what).await;
-        // The same with a Content-Length for the other hop to believe.
-        let with_length = format!("Content-Length: {}\r\n{headers}", body.len());
-        let what = format!("{what}, with Content-Length");
-        f.refused(&f.session_post(&with_length, body), 400, &what)
-            .await;
-    }
+    f.refuse_posts(body, cases).await;
+    // The same with a Content-Length for the other hop to believe.
+    f.refuse_posts(
+        body,
+        cases.map(|(what, headers)| {
+            (
+                format!("{what}, with Content-Length"),
+                format!("Content-Length: {}\r\n{headers}", body.len()),
+            )
+        }),
+    )
+    .await;
     f.only_the_canary_got_through(&captured, before).await;
 }
 
 #[tokio::test]
 async fn a_header_section_over_32_kib_gets_431() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     let before = f.forwarded(&captured).len();
     let one_big = format!("X-Big: {}\r\n", "a".repeat(33 * 1024));
     f.refused(&f.session_post(&one_big, ""), 431, "one 33 KiB header")
@@ -431,7 +448,15 @@ async fn slow_head(port: u16, host: &str, first: Option<&str>) -> Option<Duratio
     Some(took)
 }
 
-fn assert_cut_off_at_the_deadline(took: Option<Duration>) {
+/// Starts a stack with a gateway and sends it a slow head, after a
+/// complete `GET {first}` on the same connection when there is one: the
+/// gateway must cut the connection off at its 10 s header deadline.
+async fn assert_a_slow_head_is_cut_off_at_the_deadline(first: Option<&str>) {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let port = stack.gateway().port;
+    let host = format!("localhost:{port}");
+    let first = first.map(|path| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    let took = slow_head(port, &host, first.as_deref()).await;
     let took = took.expect("the slow head was not cut off within 25 s");
     assert!(
         took >= Duration::from_secs(8),
@@ -442,10 +467,7 @@ fn assert_cut_off_at_the_deadline(took: Option<Duration>) {
 
 #[tokio::test]
 async fn a_slow_header_is_cut_off_after_the_header_deadline() {
-    let stack = TestStack::with_gateway().await.unwrap();
-    let port = stack.gateway().port;
-    let took = slow_head(port, &format!("localhost:{port}"), None).await;
-    assert_cut_off_at_the_deadline(took);
+    assert_a_slow_head_is_cut_off_at_the_deadline(None).await;
 }
 
 /// Pingora 0.9.1 loops over the requests of an HTTP/1 connection inside
@@ -453,12 +475,7 @@ async fn a_slow_header_is_cut_off_after_the_header_deadline() {
 /// the next head begins.
 #[tokio::test]
 async fn a_slow_header_on_a_kept_alive_connection_is_cut_off_too() {
-    let stack = TestStack::with_gateway().await.unwrap();
-    let port = stack.gateway().port;
-    let host = format!("localhost:{port}");
-    let first = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
-    let took = slow_head(port, &host, Some(&first)).await;
-    assert_cut_off_at_the_deadline(took);
+    assert_a_slow_head_is_cut_off_at_the_deadline(Some("/healthz")).await;
 }
 
 #[tokio::test]
@@ -496,8 +513,7 @@ async fn an_absolute_form_target_for_another_host_is_refused() {
 
 #[tokio::test]
 async fn dot_dot_paths_on_a_session_origin_never_reach_the_platform() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     let cookie = f.enter().await;
     // The user's credentials do reach control on the platform origin.
     let me = f.get(&f.platform_host(), "/api/v1/me", "").await;
@@ -531,8 +547,7 @@ async fn dot_dot_paths_on_a_session_origin_never_reach_the_platform() {
 
 #[tokio::test]
 async fn a_sid_only_matches_itself_exactly() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     assert_eq!(f.sid.len(), 26, "{}", f.sid);
     let before = f.forwarded(&captured).len();
     for (what, label) in [
@@ -551,8 +566,7 @@ async fn a_sid_only_matches_itself_exactly() {
 
 #[tokio::test]
 async fn headers_named_in_connection_are_not_forwarded() {
-    let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port).await;
+    let (f, captured) = Fixture::capturing().await;
     for (case, headers, hidden) in [
         (
             1,

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::browser::{login_in_browser, Browser};
+use opencloud_e2e::agents::eventually;
+use opencloud_e2e::browser::{log_in, Browser};
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::upstream::capture_upstream;
 use opencloud_e2e::TestStack;
@@ -50,8 +51,7 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
     let probe = PROBE
         .replace("PLATFORM", &platform)
         .replace("OTHER", &other_origin);
-    let started = Instant::now();
-    loop {
+    eventually("writing the probe", Duration::from_secs(20), || async {
         let r = session_http
             .put(format!("{mine_origin}/api/contents/probe.html"))
             .bearer_auth(&token)
@@ -59,22 +59,14 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
             .send()
             .await
             .unwrap();
-        if r.status() == StatusCode::CREATED || r.status() == StatusCode::OK {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "could not write the probe: {}",
-            r.status()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let status = r.status();
+        println!("writing the probe: {status}");
+        (status == StatusCode::CREATED || status == StatusCode::OK).then_some(())
+    })
+    .await;
 
     let browser = Browser::start().await.unwrap();
-    login_in_browser(&browser, &platform, &email, PASSWORD)
-        .await
-        .unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
+    log_in(&browser, &platform, &email, PASSWORD).await.unwrap();
     // Enter both sessions, so the browser holds cookies for each origin.
     for sid in [&other, &mine] {
         browser

@@ -2,7 +2,7 @@
 //! Projects through the API: the owner's operations, isolation between
 //! users, and bad input that writes nothing.
 
-use opencloud_e2e::{expect_error, TestStack};
+use opencloud_e2e::{expect_error, expect_not_found, TestStack};
 use reqwest::header::{CONTENT_TYPE, LOCATION, ORIGIN};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -77,24 +77,9 @@ async fn a_user_never_sees_or_changes_another_users_project() {
 
     let (_, body) = bob.get("/api/v1/projects").await;
     assert!(body["projects"].as_array().unwrap().is_empty(), "{body}");
-    expect_error(
-        &bob.get(&path).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        None,
-    );
-    expect_error(
-        &bob.patch(&path, json!({"name": "mine now"})).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        None,
-    );
-    expect_error(
-        &bob.delete(&path).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        None,
-    );
+    expect_not_found(&bob.get(&path).await);
+    expect_not_found(&bob.patch(&path, json!({"name": "mine now"})).await);
+    expect_not_found(&bob.delete(&path).await);
 
     let (_, body) = alice.get(&path).await;
     assert_eq!(
@@ -184,18 +169,8 @@ async fn bad_project_input_gets_a_clear_error_and_writes_nothing() {
         "invalid",
         Some("name"),
     );
-    expect_error(
-        &user.get("/api/v1/projects/abc").await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        None,
-    );
-    expect_error(
-        &user.get("/api/v1/projects/99999999").await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        None,
-    );
+    expect_not_found(&user.get("/api/v1/projects/abc").await);
+    expect_not_found(&user.get("/api/v1/projects/99999999").await);
 
     assert_eq!(
         stack.db.count("projects").await,

@@ -106,6 +106,26 @@ async fn external_session(stack: &TestStack, user: &TestUser, port: u16) -> Sess
     session
 }
 
+/// A new user's session on `port` whose row `set` (an SQL `SET` list) has
+/// put in the state a step of its life leaves it in; with a connection to
+/// look at it.
+async fn session_left_as(
+    stack: &TestStack,
+    port: u16,
+    set: &str,
+) -> (TestUser, SessionRoute, mysql_async::Conn) {
+    let user = stack.new_user().await;
+    let session = external_session(stack, &user, port).await;
+    let mut conn = stack.db.conn().await;
+    conn.exec_drop(
+        format!("UPDATE sessions SET {set} WHERE sid = ?"),
+        (&session.sid,),
+    )
+    .await
+    .unwrap();
+    (user, session, conn)
+}
+
 // Moved from control's sessions unit tests with `register_external`: the
 // stand-in takes only upstream tokens a session can carry, and refuses the
 // others before it touches the database.
@@ -406,20 +426,17 @@ async fn gateway_endpoints_refuse_a_missing_or_wrong_key() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let watch_as_gateway = |since: &str| {
+        let request = stack.as_gateway(
+            Method::GET,
+            &format!("/internal/v1/routes/watch?since={since}"),
+        );
+        async move { request.send().await.unwrap().status() }
+    };
     // The right key works.
-    let r = stack
-        .as_gateway(Method::GET, "/internal/v1/routes/watch?since=0")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(watch_as_gateway("0").await, StatusCode::OK);
     // A bad `since` is a clear 400.
-    let r = stack
-        .as_gateway(Method::GET, "/internal/v1/routes/watch?since=yesterday")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(watch_as_gateway("yesterday").await, StatusCode::BAD_REQUEST);
 }
 
 async fn report(
@@ -849,16 +866,9 @@ async fn an_ended_session_says_so_and_leaves_the_table_after_its_tombstone_time(
 #[tokio::test]
 async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
     let stack = TestStack::control_only().await.unwrap();
-    let user = stack.new_user().await;
-    let session = external_session(&stack, &user, 18_004).await;
-    let mut conn = stack.db.conn().await;
     // As `open` leaves it: the project's live session.
-    conn.exec_drop(
-        "UPDATE sessions SET live_project_id = project_id WHERE sid = ?",
-        (&session.sid,),
-    )
-    .await
-    .unwrap();
+    let (user, session, mut conn) =
+        session_left_as(&stack, 18_004, "live_project_id = project_id").await;
     let project: u64 = conn
         .exec_first(
             "SELECT project_id FROM sessions WHERE sid = ?",
@@ -897,17 +907,13 @@ async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
 #[tokio::test]
 async fn ending_a_stopping_session_finishes_it_and_keeps_why_it_was_stopped() {
     let stack = TestStack::control_only().await.unwrap();
-    let user = stack.new_user().await;
-    let session = external_session(&stack, &user, 18_005).await;
-    let mut conn = stack.db.conn().await;
     // As a stop leaves it while the agent stops the server.
-    conn.exec_drop(
-        "UPDATE sessions SET state = 'stopping', end_reason = 'stopped_by_user',
-            live_project_id = project_id WHERE sid = ?",
-        (&session.sid,),
+    let (_user, session, mut conn) = session_left_as(
+        &stack,
+        18_005,
+        "state = 'stopping', end_reason = 'stopped_by_user', live_project_id = project_id",
     )
-    .await
-    .unwrap();
+    .await;
     let pool = pool(&stack);
     let ended = sessions::ending::end(&pool, &session.sid, SessionState::Lost, "host_lost")
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::agents::{eventually, port_free};
 use opencloud_e2e::kernel;
-use opencloud_e2e::{TestStack, TestUser};
+use opencloud_e2e::{listed, TestStack, TestUser};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -25,6 +25,29 @@ async fn open(user: &TestUser, project: u64) -> (String, String) {
         body["session_id"].as_str().unwrap().to_owned(),
         body["url"].as_str().unwrap().to_owned(),
     )
+}
+
+/// Like [`open`], and the session must be placed on `host` (`why`).
+async fn open_on(
+    stack: &TestStack,
+    user: &TestUser,
+    project: u64,
+    host: u64,
+    why: &str,
+) -> (String, String) {
+    let (sid, url) = open(user, project).await;
+    assert_eq!(stack.session_row(&sid).await.0, host, "{why}");
+    (sid, url)
+}
+
+/// The owner takes `host` out of placement (`true`) or back in.
+async fn set_draining(owner: &TestUser, host: u64, draining: bool) {
+    owner
+        .post_json(
+            &format!("/api/v1/hosts/{host}/drain"),
+            json!({"draining": draining}),
+        )
+        .await;
 }
 
 /// Waits until session `sid` is running; returns the time it took.
@@ -96,24 +119,20 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
         .await;
 
     // host-b drains: both sessions go to host-a.
-    let (status, _) = owner
-        .post(
-            &format!("/api/v1/hosts/{host_b}/drain"),
-            json!({"draining": true}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    set_draining(&owner, host_b, true).await;
     let alice = stack.new_user().await;
     let mut on_a = Vec::new();
     for n in 0..2 {
         let project = alice.create_project(&format!("Project {n}")).await;
         let started = Instant::now();
-        let (sid, _) = open(&alice, project).await;
-        assert_eq!(
-            stack.session_row(&sid).await.0,
+        let (sid, _) = open_on(
+            &stack,
+            &alice,
+            project,
             host_a,
-            "a draining host gets no sessions"
-        );
+            "a draining host gets no sessions",
+        )
+        .await;
         let took = wait_running(&stack, &sid).await;
         println!(
             "open → ready on host-a: {:?} (placement answered in {:?})",
@@ -138,20 +157,10 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
     assert_eq!(again, on_a[0]);
 
     // host-b back in service: with host-a holding two sessions, it gets the next.
-    owner
-        .post(
-            &format!("/api/v1/hosts/{host_b}/drain"),
-            json!({"draining": false}),
-        )
-        .await;
+    set_draining(&owner, host_b, false).await;
     let project = alice.create_project("Analysis").await;
     let opened_at = Instant::now();
-    let (sid, url) = open(&alice, project).await;
-    assert_eq!(
-        stack.session_row(&sid).await.0,
-        host_b,
-        "the least-loaded host"
-    );
+    let (sid, url) = open_on(&stack, &alice, project, host_b, "the least-loaded host").await;
 
     // Entering at once lands on the "starting" page, then on Lab.
     let entered = Entered::new(&stack, &sid, &url).await;
@@ -211,13 +220,7 @@ async fn a_project_opens_on_the_least_loaded_host_and_runs_code_through_the_gate
 
     // My hosts shows the load.
     let (_, hosts) = owner.get("/api/v1/hosts").await;
-    let a = hosts["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["id"] == host_a)
-        .unwrap()
-        .clone();
+    let a = listed(&hosts, "hosts", host_a).unwrap().clone();
     assert_eq!(a["sessions"], 2);
     assert_eq!(a["state"], "online");
 
@@ -252,23 +255,13 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
         .online_hosts(&owner, [("host-a", 2), ("host-b", 2)])
         .await;
     // Only host-a takes the first session.
-    owner
-        .post(
-            &format!("/api/v1/hosts/{host_b}/drain"),
-            json!({"draining": true}),
-        )
-        .await;
+    set_draining(&owner, host_b, true).await;
     let alice = stack.new_user().await;
     let project = alice.create_project("Thesis").await;
     let (sid, url) = open(&alice, project).await;
     wait_running(&stack, &sid).await;
     let entered = Entered::new(&stack, &sid, &url).await;
-    owner
-        .post(
-            &format!("/api/v1/hosts/{host_b}/drain"),
-            json!({"draining": false}),
-        )
-        .await;
+    set_draining(&owner, host_b, false).await;
 
     agent_a.kill_hard();
     let killed = Instant::now();
@@ -297,9 +290,8 @@ async fn a_dead_host_loses_its_sessions_and_the_project_reopens_elsewhere() {
         .as_str()
         .unwrap()
         .contains("offline"));
-    let (again, _) = open(&alice, project).await;
+    let (again, _) = open_on(&stack, &alice, project, host_b, "the host still online").await;
     assert_ne!(again, sid);
-    assert_eq!(stack.session_row(&again).await.0, host_b);
     wait_running(&stack, &again).await;
 }
 
@@ -437,12 +429,7 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_live
     .unwrap();
     assert_eq!(reason.as_deref(), Some("idle"));
     let (_, projects) = alice.get("/api/v1/projects").await;
-    let forgotten = projects["projects"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == project)
-        .unwrap();
+    let forgotten = listed(&projects, "projects", project).unwrap();
     let why = forgotten["session"]["ended_because"]
         .as_str()
         .unwrap()
