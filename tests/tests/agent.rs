@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use opencloud_agent::process::snapshot;
 use opencloud_agent::{Config, Supervisor};
+use opencloud_e2e::agents::AgentPorts;
 use opencloud_e2e::{binary, free_port, jupyter::venv, unique};
 use opencloud_protocol::agent::{AgentEvent, AgentSessionState, StartSession};
 use opencloud_protocol::routes::new_sid;
@@ -32,7 +33,11 @@ impl Host {
     fn with(max_sessions: u32, venv: &Path, extra: &str) -> Self {
         let base = std::env::temp_dir().join(unique("oc-agent-"));
         std::fs::create_dir_all(&base).unwrap();
-        let (first, last) = free_port_range(max_sessions as u16 + 2);
+        let AgentPorts {
+            health,
+            first,
+            last,
+        } = AgentPorts::free(max_sessions as u16 + 2);
         let text = format!(
             r#"
 control_url = "http://127.0.0.1:{control}"
@@ -52,7 +57,6 @@ memory_mib = 2048
 "#,
             // Nothing listens there: these tests never need control.
             control = free_port(),
-            health = free_port(),
             venv = venv.display(),
         );
         let config_path = base.join("agent.toml");
@@ -82,21 +86,6 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.base);
     }
-}
-
-/// `n` consecutive ports that were free a moment ago, found from the
-/// harness's free-port helper.
-fn free_port_range(n: u16) -> (u16, u16) {
-    for _ in 0..200 {
-        let first = free_port();
-        let Some(last) = first.checked_add(n - 1) else {
-            continue;
-        };
-        if (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return (first, last);
-        }
-    }
-    panic!("no {n} consecutive free ports");
 }
 
 fn start_command(project_id: u64) -> StartSession {
