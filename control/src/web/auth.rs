@@ -19,6 +19,7 @@ use crate::accounts::{self, User};
 use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
+use crate::sessions;
 
 /// What every handler knows about the request: who asks, from where, and
 /// the CSRF token its forms must carry.
@@ -45,6 +46,19 @@ impl Ctx {
             (Some(user), Some(session)) => Ok((user, session)),
             _ => Err(AppError::Unauthenticated),
         }
+    }
+
+    /// The URL that enters the caller's session `sid`, with a ticket signed
+    /// now (see [`sessions::enter_url`]), or 401.
+    pub fn enter_url(&self, app: &App, sid: &str) -> Result<String, AppError> {
+        let (user, login_session) = self.require_user()?;
+        Ok(sessions::enter_url(
+            &app.config,
+            user.id,
+            login_session,
+            sid,
+            now_unix(),
+        ))
     }
 
     /// A host owner (or admin), or 403.
