@@ -15,7 +15,7 @@ use opencloud_protocol::token::{self, Claims, TokenKind};
 use super::cookies;
 use super::errors::PageError;
 use super::layout::Layout;
-use crate::accounts::{self, User};
+use crate::accounts::{self, LoggedIn, LoginAttempt, User};
 use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
@@ -113,6 +113,30 @@ pub fn client_ip(app: &App, peer: Option<IpAddr>, headers: &HeaderMap) -> IpAddr
         .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
         .next_back()
         .unwrap_or(peer)
+}
+
+/// Logs the caller in with `email` and `password` (throttled by their
+/// address): the new login session and a platform token for it.
+pub async fn log_in(
+    app: &App,
+    ctx: &Ctx,
+    email: &str,
+    password: &str,
+) -> Result<(LoggedIn, String), AppError> {
+    let logged_in = accounts::login(
+        &app.pool,
+        &app.passwords,
+        &app.config.login,
+        LoginAttempt {
+            email,
+            password,
+            client_ip: ctx.client_ip.to_string(),
+            user_agent: &ctx.user_agent,
+        },
+    )
+    .await?;
+    let token = issue_token(app, logged_in.user.id, &logged_in.login_session);
+    Ok((logged_in, token))
 }
 
 /// Signs a platform token for a login session, issued now.

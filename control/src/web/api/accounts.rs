@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::accounts::{self, LoginAttempt, NewUser, Role};
+use crate::accounts::{self, NewUser, Role};
 use crate::app::App;
 use crate::web::auth::{self, Ctx};
 use crate::web::cookies;
@@ -68,19 +68,7 @@ async fn login(
     ctx: Ctx,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult {
-    let logged_in = accounts::login(
-        &app.pool,
-        &app.passwords,
-        &app.config.login,
-        LoginAttempt {
-            email: &body.email,
-            password: &body.password,
-            client_ip: ctx.client_ip.to_string(),
-            user_agent: &ctx.user_agent,
-        },
-    )
-    .await?;
-    let token = auth::issue_token(&app, logged_in.user.id, &logged_in.login_session);
+    let (logged_in, token) = auth::log_in(&app, &ctx, &body.email, &body.password).await?;
     Ok((
         [(
             header::SET_COOKIE,
