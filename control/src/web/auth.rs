@@ -139,6 +139,15 @@ pub async fn log_in(
     Ok((logged_in, token))
 }
 
+/// Ends the caller's login session, if any: the `Set-Cookie` value that
+/// clears the platform cookie.
+pub async fn log_out(app: &App, ctx: &Ctx) -> Result<HeaderValue, AppError> {
+    if let Some(session) = &ctx.login_session {
+        accounts::revoke_login_session(&app.pool, session, "logout").await?;
+    }
+    Ok(cookies::clear_platform_cookie(app))
+}
+
 /// Signs a platform token for a login session, issued now.
 pub fn issue_token(app: &App, user_id: u64, login_session: &str) -> String {
     token::sign(

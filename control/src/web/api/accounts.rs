@@ -84,11 +84,9 @@ async fn login(
 }
 
 async fn logout(State(app): State<App>, ctx: Ctx) -> ApiResult {
-    if let Some(session) = &ctx.login_session {
-        accounts::revoke_login_session(&app.pool, session, "logout").await?;
-    }
+    let cleared = auth::log_out(&app, &ctx).await?;
     Ok((
-        [(header::SET_COOKIE, cookies::clear_platform_cookie(&app))],
+        [(header::SET_COOKIE, cleared)],
         Json(json!({ "logged_out": true })),
     )
         .into_response())

@@ -206,12 +206,6 @@ async fn login(
 }
 
 async fn logout(State(app): State<App>, ctx: Ctx) -> PageResult {
-    if let Some(session) = &ctx.login_session {
-        accounts::revoke_login_session(&app.pool, session, "logout").await?;
-    }
-    Ok((
-        [(header::SET_COOKIE, cookies::clear_platform_cookie(&app))],
-        Redirect::to("/"),
-    )
-        .into_response())
+    let cleared = auth::log_out(&app, &ctx).await?;
+    Ok(([(header::SET_COOKIE, cleared)], Redirect::to("/")).into_response())
 }
