@@ -37,7 +37,7 @@ async fn admin_stop_session(
     Path(sid): Path<String>,
 ) -> ApiResult {
     ctx.require_admin()?;
-    let state = ending::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    let state = ending::stop_as_admin(&app.pool, &app.wakeups, &sid).await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }
 
