@@ -14,7 +14,7 @@ use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, BeforeQuery, PageForm, PageQuery};
-use crate::web::layout::Layout;
+use crate::web::layout::{pager_links, Layout};
 use crate::web::render::{ok, render, see_other};
 
 pub fn routes() -> Router<App> {
@@ -45,11 +45,12 @@ impl HostsPage {
     /// empty form, no error and no new key.
     async fn of(app: &App, ctx: &Ctx, owner: u64, before: Option<u64>) -> Result<Self, AppError> {
         let page = hosts::list(&app.pool, Some(owner), before).await?;
+        let (first_link, next_link) = pager_links("/hosts", before, page.next_before);
         Ok(Self {
             hosts: page.hosts,
             total: page.total,
-            first_link: before.map(|_| "/hosts".to_owned()),
-            next_link: page.next_before.map(|b| format!("/hosts?before={b}")),
+            first_link,
+            next_link,
             layout: ctx.layout(),
             error: FormError::none(),
             name: String::new(),
