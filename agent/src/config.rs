@@ -103,8 +103,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads `path` with `OPENCLOUD_AGENT__…` overrides from the environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = config::read_file(path)?;
-        Self::from_toml(path, &text, std::env::vars())
+        config::load(path, Self::from_toml)
     }
 
     /// Parses and validates `text` as if read from `path` (relative paths in
@@ -114,13 +113,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let file_name = path.display().to_string();
-        let file: AgentFile = config::parse(&file_name, text, ENV_PREFIX, env)?;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            file: file_name.clone(),
-            key,
-            message,
-        };
+        let (file, invalid) = config::parse_file::<AgentFile>(path, text, ENV_PREFIX, env)?;
 
         let control_url = file.control_url.trim_end_matches('/').to_owned();
         match control_url.split_once("://") {

@@ -93,25 +93,28 @@ struct KernelBody {
 
 /// `GET /api/status` with the token: `Some(last activity)` when it answers 200.
 pub async fn status(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Option<Option<u64>> {
-    let response = http
-        .get(format!("http://{addr}/api/status"))
-        .header("authorization", format!("token {token}"))
-        .send()
-        .await
-        .ok()?;
-    if response.status() != reqwest::StatusCode::OK {
-        return None;
-    }
-    let body: StatusBody = response.json().await.ok()?;
+    let body: StatusBody = get_json(http, addr, "/api/status", token).await?;
     Some(body.last_activity.as_deref().and_then(parse_timestamp))
 }
 
 /// How many kernels are executing code (`GET /api/kernels`).
 pub async fn busy_kernels(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Option<u32> {
+    // Our own polling must not count as the user's activity, or the idle
+    // culler could never stop the session.
+    let kernels: Vec<KernelBody> =
+        get_json(http, addr, "/api/kernels?no_track_activity=1", token).await?;
+    Some(count_busy(&kernels))
+}
+
+/// `GET path` on the server with the token: the body when it answers 200.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+) -> Option<T> {
     let response = http
-        // Our own polling must not count as the user's activity, or the
-        // idle culler could never stop the session.
-        .get(format!("http://{addr}/api/kernels?no_track_activity=1"))
+        .get(format!("http://{addr}{path}"))
         .header("authorization", format!("token {token}"))
         .send()
         .await
@@ -119,8 +122,7 @@ pub async fn busy_kernels(http: &reqwest::Client, addr: SocketAddr, token: &str)
     if response.status() != reqwest::StatusCode::OK {
         return None;
     }
-    let kernels: Vec<KernelBody> = response.json().await.ok()?;
-    Some(count_busy(&kernels))
+    response.json().await.ok()
 }
 
 fn count_busy(kernels: &[KernelBody]) -> u32 {

@@ -364,38 +364,52 @@ async fn throttle(
     email: &str,
     client_ip: &str,
 ) -> Result<(), AppError> {
-    let pair: (u64, Option<i64>) = conn
+    refuse_while_backing_off(
+        conn,
+        policy,
+        "email = ? AND client_ip = ?",
+        (email, client_ip, policy.window_seconds),
+        policy.failures_before_throttle,
+        |wait| format!("Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."),
+    )
+    .await?;
+    refuse_while_backing_off(
+        conn,
+        policy,
+        "client_ip = ?",
+        (client_ip, policy.window_seconds),
+        policy.client_failure_cap,
+        |wait| format!("Too many failed logins from your address. Try again in {wait} seconds."),
+    )
+    .await
+}
+
+/// 429 with `message(wait)` while the failed logins that `filter` matches
+/// (its `params` end with the window) are inside the back-off past
+/// `threshold`.
+async fn refuse_while_backing_off(
+    conn: &mut mysql_async::Conn,
+    policy: &LoginPolicy,
+    filter: &str,
+    params: impl Into<mysql_async::Params> + Send,
+    threshold: u32,
+    message: impl FnOnce(u64) -> String,
+) -> Result<(), AppError> {
+    let (failures, since_last): (u64, Option<i64>) = conn
         .exec_first(
-            "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
-             WHERE email = ? AND client_ip = ? AND failed_at > NOW(6) - INTERVAL ? SECOND",
-            (email, client_ip, policy.window_seconds),
+            format!(
+                "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
+             WHERE {filter} AND failed_at > NOW(6) - INTERVAL ? SECOND"
+            ),
+            params,
         )
         .await?
         .unwrap_or((0, None));
-    if let Some(wait) = backoff(policy, pair.0, policy.failures_before_throttle, pair.1) {
+    if let Some(wait) = backoff(policy, failures, threshold, since_last) {
         metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
         return Err(AppError::TooManyAttempts {
             retry_after: wait,
-            message: format!(
-                "Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."
-            ),
-        });
-    }
-    let client: (u64, Option<i64>) = conn
-        .exec_first(
-            "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
-             WHERE client_ip = ? AND failed_at > NOW(6) - INTERVAL ? SECOND",
-            (client_ip, policy.window_seconds),
-        )
-        .await?
-        .unwrap_or((0, None));
-    if let Some(wait) = backoff(policy, client.0, policy.client_failure_cap, client.1) {
-        metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
-        return Err(AppError::TooManyAttempts {
-            retry_after: wait,
-            message: format!(
-                "Too many failed logins from your address. Try again in {wait} seconds."
-            ),
+            message: message(wait),
         });
     }
     Ok(())

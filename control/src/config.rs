@@ -188,8 +188,7 @@ impl Config {
     /// Loads `path`, applies `OPENCLOUD_CONTROL__…` overrides from the
     /// process environment, reads the keys file and validates everything.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = config::read_file(path)?;
-        Self::from_toml(path, &text, std::env::vars())
+        config::load(path, Self::from_toml)
     }
 
     pub fn from_toml(
@@ -197,13 +196,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let file_name = path.display().to_string();
-        let file: ControlFile = config::parse(&file_name, text, ENV_PREFIX, env)?;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            file: file_name.clone(),
-            key,
-            message,
-        };
+        let (file, invalid) = config::parse_file::<ControlFile>(path, text, ENV_PREFIX, env)?;
 
         let origins = Origins::parse(&file.public_url, &file.session_domain)
             .map_err(|e| invalid(e.key, e.message))?;
@@ -253,14 +246,7 @@ impl Config {
             ));
         }
 
-        let keys_path = path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(&file.keys_file);
-        let keys = Keyring::from_toml(
-            &keys_path.display().to_string(),
-            &config::read_file(&keys_path)?,
-        )?;
+        let keys = config::load_keys(path, &file.keys_file)?;
 
         Ok(Self {
             secure_cookies: origins.platform.https(),

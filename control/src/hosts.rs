@@ -64,17 +64,22 @@ pub async fn record_reachability(
 }
 
 fn check_gateway_name(raw: &str) -> Result<String, AppError> {
-    let name = raw.trim();
-    if name.is_empty()
-        || name.chars().count() > GATEWAY_NAME_MAX_CHARS
-        || name.chars().any(char::is_control)
-    {
-        return Err(AppError::invalid(
+    trimmed_name(raw, GATEWAY_NAME_MAX_CHARS).ok_or_else(|| {
+        AppError::invalid(
             "gateway",
             format!("Name the gateway in 1 to {GATEWAY_NAME_MAX_CHARS} characters, without control characters."),
-        ));
-    }
-    Ok(name.to_owned())
+        )
+    })
+}
+
+/// `raw` trimmed, when that is 1 to `max_chars` characters without control
+/// characters (the rule for host and gateway names).
+fn trimmed_name(raw: &str, max_chars: usize) -> Option<String> {
+    let name = raw.trim();
+    let fits = !name.is_empty()
+        && name.chars().count() <= max_chars
+        && !name.chars().any(char::is_control);
+    fits.then(|| name.to_owned())
 }
 
 pub const HOST_NAME_MAX_CHARS: usize = 100;
@@ -98,17 +103,12 @@ fn key_digest(key: &str) -> Vec<u8> {
 }
 
 fn check_host_name(raw: &str) -> Result<String, AppError> {
-    let name = raw.trim();
-    if name.is_empty()
-        || name.chars().count() > HOST_NAME_MAX_CHARS
-        || name.chars().any(char::is_control)
-    {
-        return Err(AppError::invalid(
+    trimmed_name(raw, HOST_NAME_MAX_CHARS).ok_or_else(|| {
+        AppError::invalid(
             "name",
             format!("Give the host a name of 1 to {HOST_NAME_MAX_CHARS} characters."),
-        ));
-    }
-    Ok(name.to_owned())
+        )
+    })
 }
 
 /// A host as its owner (and admins) see it.

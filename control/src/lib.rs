@@ -39,28 +39,21 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Listens on `addr`, naming the config `key` it came from when that fails.
+async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
+}
+
 /// Binds both listeners, then serves until `shutdown` resolves; in-flight
 /// requests finish before this returns.
 pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let public = TcpListener::bind(app.config.listen_public)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (listen.public): {e}",
-                app.config.listen_public
-            )
-        })?;
-    let internal = TcpListener::bind(app.config.listen_internal)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (listen.internal): {e}",
-                app.config.listen_internal
-            )
-        })?;
+    let public = bind(app.config.listen_public, "listen.public").await?;
+    let internal = bind(app.config.listen_internal, "listen.internal").await?;
     tracing::info!(
         public = %public.local_addr()?,
         internal = %internal.local_addr()?,

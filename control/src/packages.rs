@@ -2,7 +2,7 @@
 //! tier, storage, validity). Admins create, edit and retire them.
 
 use mysql_async::prelude::*;
-use mysql_async::Pool;
+use mysql_async::{Pool, Transaction, TxOpts};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AppError;
@@ -147,6 +147,23 @@ impl PackageInput {
         self.cpu_cores = (self.cpu_cores * 100.0).round() / 100.0;
         Ok(self)
     }
+
+    /// The values in the column order of the `INSERT` and `UPDATE` below.
+    fn values(&self) -> Vec<mysql_async::Value> {
+        vec![
+            self.name.as_str().into(),
+            self.description.as_str().into(),
+            self.price_minor.into(),
+            self.currency.as_str().into(),
+            self.compute_minutes.into(),
+            self.max_concurrent_sessions.into(),
+            self.cpu_cores.into(),
+            self.memory_mib.into(),
+            self.storage_quota_mib.into(),
+            self.validity_days.into(),
+            self.retired.into(),
+        ]
+    }
 }
 
 type PackageRow = (
@@ -168,33 +185,19 @@ const COLUMNS: &str = "id, name, description, price_minor, currency, compute_min
      max_concurrent_sessions, CAST(cpu_cores AS DOUBLE), memory_mib, storage_quota_mib, validity_days, retired";
 
 fn from_row(row: PackageRow) -> Package {
-    let (
-        id,
-        name,
-        description,
-        price_minor,
-        currency,
-        compute_minutes,
-        max_concurrent_sessions,
-        cpu_cores,
-        memory_mib,
-        storage_quota_mib,
-        validity_days,
-        retired,
-    ) = row;
     Package {
-        id,
-        name,
-        description,
-        price_minor,
-        currency,
-        compute_minutes,
-        max_concurrent_sessions,
-        cpu_cores,
-        memory_mib,
-        storage_quota_mib,
-        validity_days,
-        retired,
+        id: row.0,
+        name: row.1,
+        description: row.2,
+        price_minor: row.3,
+        currency: row.4,
+        compute_minutes: row.5,
+        max_concurrent_sessions: row.6,
+        cpu_cores: row.7,
+        memory_mib: row.8,
+        storage_quota_mib: row.9,
+        validity_days: row.10,
+        retired: row.11,
     }
 }
 
@@ -212,11 +215,15 @@ pub async fn list(pool: &Pool, include_retired: bool) -> Result<Vec<Package>, Ap
 }
 
 pub async fn get(pool: &Pool, id: u64) -> Result<Package, AppError> {
-    let row: Option<PackageRow> = pool
-        .get_conn()
-        .await?
+    find(&mut pool.get_conn().await?, id, "").await
+}
+
+/// The package `id`, read on `conn` with `suffix` (`FOR UPDATE` in a
+/// transaction) after the query.
+async fn find(conn: &mut impl Queryable, id: u64, suffix: &str) -> Result<Package, AppError> {
+    let row: Option<PackageRow> = conn
         .exec_first(
-            format!("SELECT {COLUMNS} FROM packages WHERE id = ?"),
+            format!("SELECT {COLUMNS} FROM packages WHERE id = ?{suffix}"),
             (id,),
         )
         .await?;
@@ -240,11 +247,7 @@ pub async fn create(pool: &Pool, input: PackageInput) -> Result<Package, AppErro
         "INSERT INTO packages (name, description, price_minor, currency, compute_minutes,
             max_concurrent_sessions, cpu_cores, memory_mib, storage_quota_mib, validity_days, retired)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            &p.name, &p.description, p.price_minor, &p.currency, p.compute_minutes,
-            p.max_concurrent_sessions, p.cpu_cores, p.memory_mib, p.storage_quota_mib,
-            p.validity_days, p.retired,
-        ),
+        p.values(),
     )
     .await
     .map_err(duplicate_name)?;
@@ -255,37 +258,75 @@ pub async fn create(pool: &Pool, input: PackageInput) -> Result<Package, AppErro
 
 pub async fn update(pool: &Pool, id: u64, input: PackageInput) -> Result<Package, AppError> {
     let p = input.check()?;
-    let mut conn = pool.get_conn().await?;
-    let exists: Option<u64> = conn
-        .exec_first("SELECT id FROM packages WHERE id = ?", (id,))
-        .await?;
-    if exists.is_none() {
-        return Err(AppError::NotFound("package"));
-    }
-    conn.exec_drop(
+    let mut tx = pool.start_transaction(TxOpts::default()).await?;
+    find(&mut tx, id, "").await?;
+    write(&mut tx, id, &p).await?;
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Replaces the fields `patch` sends and keeps the rest, in one transaction.
+pub async fn patch(pool: &Pool, id: u64, patch: PackagePatch) -> Result<Package, AppError> {
+    let mut tx = pool.start_transaction(TxOpts::default()).await?;
+    let current = PackageInput::from(find(&mut tx, id, " FOR UPDATE").await?);
+    let p = patch.over(current).check()?;
+    write(&mut tx, id, &p).await?;
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Stores the checked `p` as package `id`.
+async fn write(tx: &mut Transaction<'_>, id: u64, p: &PackageInput) -> Result<(), AppError> {
+    let mut values = p.values();
+    values.push(id.into());
+    tx.exec_drop(
         "UPDATE packages SET name = ?, description = ?, price_minor = ?, currency = ?,
             compute_minutes = ?, max_concurrent_sessions = ?, cpu_cores = ?, memory_mib = ?,
             storage_quota_mib = ?, validity_days = ?, retired = ?, updated_at = NOW(6)
          WHERE id = ?",
-        (
-            &p.name,
-            &p.description,
-            p.price_minor,
-            &p.currency,
-            p.compute_minutes,
-            p.max_concurrent_sessions,
-            p.cpu_cores,
-            p.memory_mib,
-            p.storage_quota_mib,
-            p.validity_days,
-            p.retired,
-            id,
-        ),
+        values,
     )
     .await
-    .map_err(duplicate_name)?;
-    drop(conn);
-    get(pool, id).await
+    .map_err(duplicate_name)
+}
+
+/// A package change where every field is optional: what is sent replaces,
+/// the rest stays.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagePatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price_minor: Option<u64>,
+    pub currency: Option<String>,
+    pub compute_minutes: Option<u32>,
+    pub max_concurrent_sessions: Option<u32>,
+    pub cpu_cores: Option<f64>,
+    pub memory_mib: Option<u32>,
+    pub storage_quota_mib: Option<u32>,
+    pub validity_days: Option<u32>,
+    pub retired: Option<bool>,
+}
+
+impl PackagePatch {
+    /// `current` with the sent fields replaced (not yet checked).
+    fn over(self, current: PackageInput) -> PackageInput {
+        PackageInput {
+            name: self.name.unwrap_or(current.name),
+            description: self.description.unwrap_or(current.description),
+            price_minor: self.price_minor.unwrap_or(current.price_minor),
+            currency: self.currency.unwrap_or(current.currency),
+            compute_minutes: self.compute_minutes.unwrap_or(current.compute_minutes),
+            max_concurrent_sessions: self
+                .max_concurrent_sessions
+                .unwrap_or(current.max_concurrent_sessions),
+            cpu_cores: self.cpu_cores.unwrap_or(current.cpu_cores),
+            memory_mib: self.memory_mib.unwrap_or(current.memory_mib),
+            storage_quota_mib: self.storage_quota_mib.unwrap_or(current.storage_quota_mib),
+            validity_days: self.validity_days.unwrap_or(current.validity_days),
+            retired: self.retired.unwrap_or(current.retired),
+        }
+    }
 }
 
 impl From<Package> for PackageInput {

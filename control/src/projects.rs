@@ -6,6 +6,8 @@ use mysql_async::Pool;
 use serde::Serialize;
 
 use crate::error::AppError;
+use crate::sessions::commands::Wakeups;
+use crate::sessions::ending;
 use crate::sessions::explain_end;
 use crate::sessions::state::{self, Phase};
 
@@ -209,7 +211,9 @@ pub async fn update(
     get(pool, owner, id).await
 }
 
-pub async fn delete(pool: &Pool, owner: u64, id: u64) -> Result<(), AppError> {
+/// Stops the project's live session, if any, then deletes the project.
+pub async fn delete(pool: &Pool, wakeups: &Wakeups, owner: u64, id: u64) -> Result<(), AppError> {
+    ending::stop_project(pool, wakeups, owner, id).await?;
     let mut conn = pool.get_conn().await?;
     let result = conn
         .exec_iter(

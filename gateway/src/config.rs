@@ -102,8 +102,7 @@ pub use opencloud_protocol::config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = config::read_file(path)?;
-        Self::from_toml(path, &text, std::env::vars())
+        config::load(path, Self::from_toml)
     }
 
     pub fn from_toml(
@@ -111,13 +110,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let file_name = path.display().to_string();
-        let file: GatewayFile = config::parse(&file_name, text, ENV_PREFIX, env)?;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            file: file_name.clone(),
-            key,
-            message,
-        };
+        let (file, invalid) = config::parse_file::<GatewayFile>(path, text, ENV_PREFIX, env)?;
         let origins = Origins::parse(&file.public_url, &file.session_domain)
             .map_err(|e| invalid(e.key, e.message))?;
         if file.control.gateway_key.len() < 32 {
@@ -140,11 +133,7 @@ impl Config {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let keys_path = base.join(&file.keys_file);
-        let keys = Keyring::from_toml(
-            &keys_path.display().to_string(),
-            &config::read_file(&keys_path)?,
-        )?;
+        let keys = config::load_keys(path, &file.keys_file)?;
         Ok(Self {
             name: file.name,
             public_origin: origins.platform.as_str().to_owned(),

@@ -299,24 +299,20 @@ impl Gateway {
             return no_session_here(session).await;
         };
         let back = || format!("{}/projects", self.config.public_origin);
-        match route.state {
-            SessionState::Lost => {
-                let html = page(
-                    "This session's host went offline",
-                    "The computer serving this session stopped answering. Your project can be opened again on another host.",
-                    Some((&back(), "Back to my projects")),
-                );
-                return respond(session, 410, &[], html).await;
-            }
-            SessionState::Stopped => {
-                let html = page(
-                    "This session has ended",
-                    "Open the project again to start a new session.",
-                    Some((&back(), "Back to my projects")),
-                );
-                return respond(session, 410, &[], html).await;
-            }
-            SessionState::Starting | SessionState::Running => {}
+        let ended = match route.state {
+            SessionState::Lost => Some((
+                "This session's host went offline",
+                "The computer serving this session stopped answering. Your project can be opened again on another host.",
+            )),
+            SessionState::Stopped => Some((
+                "This session has ended",
+                "Open the project again to start a new session.",
+            )),
+            SessionState::Starting | SessionState::Running => None,
+        };
+        if let Some((title, text)) = ended {
+            let html = page(title, text, Some((&back(), "Back to my projects")));
+            return respond(session, 410, &[], html).await;
         }
         if route.port == 0 {
             return self.starting(session, ctx).await;

@@ -5,7 +5,11 @@
 //! read as a TOML value when it parses as one (`20`, `true`, `["a"]`) and as
 //! a plain string otherwise.
 
+use std::path::Path;
+
 use serde::de::DeserializeOwned;
+
+use crate::keys::Keyring;
 
 /// Why a config could not be loaded; every variant names the file, and
 /// the key where there is one.
@@ -40,11 +44,52 @@ pub enum ConfigError {
 }
 
 /// Reads a config (or keys) file, naming it when that fails.
-pub fn read_file(path: &std::path::Path) -> Result<String, ConfigError> {
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.display().to_string(),
         message: e.to_string(),
     })
+}
+
+/// Reads the config file at `path` and hands its text, with the process
+/// environment, to `from_toml`: the binary's own parse-and-validate step.
+pub fn load<C>(
+    path: &Path,
+    from_toml: impl FnOnce(&Path, &str, std::env::Vars) -> Result<C, ConfigError>,
+) -> Result<C, ConfigError> {
+    from_toml(path, &read_file(path)?, std::env::vars())
+}
+
+/// Parses the config `text` read from `path` with the overrides among `env`
+/// (see [`parse`]), and returns it with the maker of the error for a value in
+/// it that parsed but is not acceptable: `invalid(key, message)`.
+pub fn parse_file<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(T, impl Fn(&'static str, String) -> ConfigError), ConfigError> {
+    let file = path.display().to_string();
+    let parsed = parse(&file, text, prefix, env)?;
+    let invalid = move |key, message| ConfigError::Invalid {
+        file: file.clone(),
+        key,
+        message,
+    };
+    Ok((parsed, invalid))
+}
+
+/// Reads the keys file that the config file at `config_path` names as
+/// `keys_file` (relative to the config file's folder).
+pub fn load_keys(config_path: &Path, keys_file: &Path) -> Result<Keyring, ConfigError> {
+    let keys_path = config_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(keys_file);
+    Ok(Keyring::from_toml(
+        &keys_path.display().to_string(),
+        &read_file(&keys_path)?,
+    )?)
 }
 
 /// Parses `text` (from the file called `file`), applies the overrides among

@@ -61,25 +61,7 @@ enum Command {
     },
     /// N connections, each sending a message and waiting for its echo, for
     /// a fixed time. Prints `msgs_per_s p50_us p99_us errors`.
-    WsLoad {
-        /// Where to connect, e.g. 127.0.0.1:9000.
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Host header (default: the connect address).
-        #[arg(long)]
-        host: Option<String>,
-        #[arg(long)]
-        cookie: Option<String>,
-        #[arg(long, default_value = "/ws")]
-        path: String,
-        #[arg(long, default_value_t = 64)]
-        connections: usize,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Message size in bytes.
-        #[arg(long, default_value_t = 128)]
-        size: usize,
-    },
+    WsLoad(ws::LoadOptions),
     /// The route table in this process: memory, load time, delta apply time,
     /// snapshot (compaction) time. Prints a small report.
     Table {
@@ -160,23 +142,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::WsEcho { listen } => runtime.block_on(ws::echo(listen)),
-        Command::WsLoad {
-            connect,
-            host,
-            cookie,
-            path,
-            connections,
-            seconds,
-            size,
-        } => runtime.block_on(ws::load(ws::LoadOptions {
-            connect,
-            host,
-            cookie,
-            path,
-            connections,
-            seconds,
-            size,
-        })),
+        Command::WsLoad(options) => runtime.block_on(ws::load(options)),
         Command::Table {
             sessions,
             hosts,

@@ -67,13 +67,25 @@ async fn is_upgrade(stream: &TcpStream) -> Option<bool> {
     }
 }
 
+/// `ws-load`: where to connect and how hard to push.
+#[derive(clap::Args)]
 pub struct LoadOptions {
+    /// Where to connect, e.g. 127.0.0.1:9000.
+    #[arg(long)]
     pub connect: SocketAddr,
+    /// Host header (default: the connect address).
+    #[arg(long)]
     pub host: Option<String>,
+    #[arg(long)]
     pub cookie: Option<String>,
+    #[arg(long, default_value = "/ws")]
     pub path: String,
+    #[arg(long, default_value_t = 64)]
     pub connections: usize,
+    #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 128)]
     pub size: usize,
 }
 

@@ -174,6 +174,21 @@ pub async fn stop(
     Ok(new_state.as_column().into())
 }
 
+/// A user stops their own session `sid`; returns its new state.
+pub async fn stop_own(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    user_id: u64,
+    sid: &str,
+) -> Result<String, AppError> {
+    stop(pool, wakeups, Some(user_id), sid, "stopped_by_user").await
+}
+
+/// An administrator stops anyone's session `sid`; returns its new state.
+pub async fn stop_as_admin(pool: &Pool, wakeups: &Wakeups, sid: &str) -> Result<String, AppError> {
+    stop(pool, wakeups, None, sid, "stopped_by_admin").await
+}
+
 /// Stops the project's live session, if any (before deleting it).
 pub async fn stop_project(
     pool: &Pool,

@@ -15,10 +15,11 @@ use opencloud_protocol::token::{self, Claims, TokenKind};
 use super::cookies;
 use super::errors::PageError;
 use super::layout::Layout;
-use crate::accounts::{self, User};
+use crate::accounts::{self, LoggedIn, LoginAttempt, User};
 use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
+use crate::sessions;
 
 /// What every handler knows about the request: who asks, from where, and
 /// the CSRF token its forms must carry.
@@ -45,6 +46,19 @@ impl Ctx {
             (Some(user), Some(session)) => Ok((user, session)),
             _ => Err(AppError::Unauthenticated),
         }
+    }
+
+    /// The URL that enters the caller's session `sid`, with a ticket signed
+    /// now (see [`sessions::enter_url`]), or 401.
+    pub fn enter_url(&self, app: &App, sid: &str) -> Result<String, AppError> {
+        let (user, login_session) = self.require_user()?;
+        Ok(sessions::enter_url(
+            &app.config,
+            user.id,
+            login_session,
+            sid,
+            now_unix(),
+        ))
     }
 
     /// A host owner (or admin), or 403.
@@ -99,6 +113,39 @@ pub fn client_ip(app: &App, peer: Option<IpAddr>, headers: &HeaderMap) -> IpAddr
         .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
         .next_back()
         .unwrap_or(peer)
+}
+
+/// Logs the caller in with `email` and `password` (throttled by their
+/// address): the new login session and a platform token for it.
+pub async fn log_in(
+    app: &App,
+    ctx: &Ctx,
+    email: &str,
+    password: &str,
+) -> Result<(LoggedIn, String), AppError> {
+    let logged_in = accounts::login(
+        &app.pool,
+        &app.passwords,
+        &app.config.login,
+        LoginAttempt {
+            email,
+            password,
+            client_ip: ctx.client_ip.to_string(),
+            user_agent: &ctx.user_agent,
+        },
+    )
+    .await?;
+    let token = issue_token(app, logged_in.user.id, &logged_in.login_session);
+    Ok((logged_in, token))
+}
+
+/// Ends the caller's login session, if any: the `Set-Cookie` value that
+/// clears the platform cookie.
+pub async fn log_out(app: &App, ctx: &Ctx) -> Result<HeaderValue, AppError> {
+    if let Some(session) = &ctx.login_session {
+        accounts::revoke_login_session(&app.pool, session, "logout").await?;
+    }
+    Ok(cookies::clear_platform_cookie(app))
 }
 
 /// Signs a platform token for a login session, issued now.

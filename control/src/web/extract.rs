@@ -47,6 +47,17 @@ fn json_rejection(rejection: JsonRejection) -> AppError {
     rejection_error(rejection.status(), rejection.body_text())
 }
 
+/// The query string as `T`; a bad one is a 400 naming the problem.
+async fn query<S: Send + Sync, T: DeserializeOwned>(
+    parts: &mut Parts,
+    state: &S,
+) -> Result<T, AppError> {
+    axum::extract::Query::<T>::from_request_parts(parts, state)
+        .await
+        .map(|q| q.0)
+        .map_err(|r: QueryRejection| rejection_error(StatusCode::BAD_REQUEST, r.body_text()))
+}
+
 /// `Query<T>` for the API.
 pub struct ApiQuery<T>(pub T);
 
@@ -54,12 +65,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|r: QueryRejection| {
-                ApiError(rejection_error(StatusCode::BAD_REQUEST, r.body_text()))
-            })
+        query(parts, state).await.map(ApiQuery).map_err(ApiError)
     }
 }
 
@@ -77,12 +83,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for PageQuery<T> {
     type Rejection = PageError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| PageQuery(q.0))
-            .map_err(|r: QueryRejection| {
-                PageError(rejection_error(StatusCode::BAD_REQUEST, r.body_text()))
-            })
+        query(parts, state).await.map(PageQuery).map_err(PageError)
     }
 }
 

@@ -26,6 +26,20 @@ impl Layout {
 }
 
 /// `s` escaped for a query string value.
+/// The pager links of a newest-first list at `base`: back to the newest
+/// page when showing older ones (`before` is set), and on to the older
+/// items when there are more (`next_before`).
+pub fn pager_links(
+    base: &str,
+    before: Option<u64>,
+    next_before: Option<u64>,
+) -> (Option<String>, Option<String>) {
+    (
+        before.map(|_| base.to_owned()),
+        next_before.map(|b| format!("{base}?before={b}")),
+    )
+}
+
 pub fn urlencode(s: &str) -> String {
     serde_urlencoded::to_string([("v", s)])
         .map(|pair| pair[2..].to_owned())

@@ -11,7 +11,7 @@ use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
 use crate::web::errors::PageResult;
 use crate::web::extract::{BeforeQuery, PageQuery};
-use crate::web::layout::Layout;
+use crate::web::layout::{pager_links, Layout};
 use crate::web::render::ok;
 
 pub fn routes() -> Router<App> {
@@ -72,13 +72,12 @@ async fn hosts_page(
 ) -> PageResult {
     ctx.require_admin()?;
     let page = hosts::list(&app.pool, None, query.before).await?;
+    let (first_link, next_link) = pager_links("/admin/hosts", query.before, page.next_before);
     ok(HostsPage {
         layout: ctx.layout(),
         hosts: page.hosts.into_iter().map(HostLine::from).collect(),
         total: page.total,
-        first_link: query.before.map(|_| "/admin/hosts".to_owned()),
-        next_link: page
-            .next_before
-            .map(|before| format!("/admin/hosts?before={before}")),
+        first_link,
+        next_link,
     })
 }

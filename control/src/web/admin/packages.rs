@@ -159,10 +159,11 @@ async fn admin_create_package(
     PageForm(form): PageForm<PackageForm>,
 ) -> PageResult {
     ctx.require_admin()?;
-    let created = match form.to_input() {
-        Ok(input) => packages::create(&app.pool, input).await,
-        Err(e) => Err(e),
-    };
+    let created = async {
+        let input = form.to_input()?;
+        packages::create(&app.pool, input).await
+    }
+    .await;
     match created {
         Ok(_) => see_other("/admin/packages"),
         Err(e @ (AppError::Invalid { .. } | AppError::Conflict { .. })) => render(
@@ -206,10 +207,11 @@ async fn admin_update_package(
 ) -> PageResult {
     ctx.require_admin()?;
     let id = parse_id(&id, "package")?;
-    let updated = match form.to_input() {
-        Ok(input) => packages::update(&app.pool, id, input).await,
-        Err(e) => Err(e),
-    };
+    let updated = async {
+        let input = form.to_input()?;
+        packages::update(&app.pool, id, input).await
+    }
+    .await;
     match updated {
         Ok(_) => see_other("/admin/packages"),
         Err(e @ (AppError::Invalid { .. } | AppError::Conflict { .. })) => render(

@@ -311,7 +311,7 @@ async fn stop_session(
     PageForm(form): PageForm<StopForm>,
 ) -> PageResult {
     let admin = ctx.require_admin()?;
-    let state = ending::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    let state = ending::stop_as_admin(&app.pool, &app.wakeups, &sid).await?;
     tracing::info!(
         sid,
         admin = admin.id,

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::accounts::{self, LoginAttempt, NewUser, Role};
+use crate::accounts::{self, NewUser, Role};
 use crate::app::App;
 use crate::web::auth::{self, Ctx};
 use crate::web::cookies;
@@ -68,19 +68,7 @@ async fn login(
     ctx: Ctx,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult {
-    let logged_in = accounts::login(
-        &app.pool,
-        &app.passwords,
-        &app.config.login,
-        LoginAttempt {
-            email: &body.email,
-            password: &body.password,
-            client_ip: ctx.client_ip.to_string(),
-            user_agent: &ctx.user_agent,
-        },
-    )
-    .await?;
-    let token = auth::issue_token(&app, logged_in.user.id, &logged_in.login_session);
+    let (logged_in, token) = auth::log_in(&app, &ctx, &body.email, &body.password).await?;
     Ok((
         [(
             header::SET_COOKIE,
@@ -96,11 +84,9 @@ async fn login(
 }
 
 async fn logout(State(app): State<App>, ctx: Ctx) -> ApiResult {
-    if let Some(session) = &ctx.login_session {
-        accounts::revoke_login_session(&app.pool, session, "logout").await?;
-    }
+    let cleared = auth::log_out(&app, &ctx).await?;
     Ok((
-        [(header::SET_COOKIE, cookies::clear_platform_cookie(&app))],
+        [(header::SET_COOKIE, cleared)],
         Json(json!({ "logged_out": true })),
     )
         .into_response())

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
-use crate::packages::{self, PackageInput};
+use crate::packages::{self, PackageInput, PackagePatch};
 use crate::sessions::{data, ending};
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
@@ -37,7 +37,7 @@ async fn admin_stop_session(
     Path(sid): Path<String>,
 ) -> ApiResult {
     ctx.require_admin()?;
-    let state = ending::stop(&app.pool, &app.wakeups, None, &sid, "stopped_by_admin").await?;
+    let state = ending::stop_as_admin(&app.pool, &app.wakeups, &sid).await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }
 
@@ -120,23 +120,6 @@ async fn admin_create_package(
     Ok((StatusCode::CREATED, Json(json!({ "package": package }))).into_response())
 }
 
-/// Every field optional: what is sent replaces, the rest stays.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PackagePatch {
-    name: Option<String>,
-    description: Option<String>,
-    price_minor: Option<u64>,
-    currency: Option<String>,
-    compute_minutes: Option<u32>,
-    max_concurrent_sessions: Option<u32>,
-    cpu_cores: Option<f64>,
-    memory_mib: Option<u32>,
-    storage_quota_mib: Option<u32>,
-    validity_days: Option<u32>,
-    retired: Option<bool>,
-}
-
 async fn admin_update_package(
     State(app): State<App>,
     ctx: Ctx,
@@ -144,23 +127,6 @@ async fn admin_update_package(
     ApiJson(patch): ApiJson<PackagePatch>,
 ) -> ApiResult {
     ctx.require_admin()?;
-    let id = parse_id(&id, "package")?;
-    let current = PackageInput::from(packages::get(&app.pool, id).await?);
-    let merged = PackageInput {
-        name: patch.name.unwrap_or(current.name),
-        description: patch.description.unwrap_or(current.description),
-        price_minor: patch.price_minor.unwrap_or(current.price_minor),
-        currency: patch.currency.unwrap_or(current.currency),
-        compute_minutes: patch.compute_minutes.unwrap_or(current.compute_minutes),
-        max_concurrent_sessions: patch
-            .max_concurrent_sessions
-            .unwrap_or(current.max_concurrent_sessions),
-        cpu_cores: patch.cpu_cores.unwrap_or(current.cpu_cores),
-        memory_mib: patch.memory_mib.unwrap_or(current.memory_mib),
-        storage_quota_mib: patch.storage_quota_mib.unwrap_or(current.storage_quota_mib),
-        validity_days: patch.validity_days.unwrap_or(current.validity_days),
-        retired: patch.retired.unwrap_or(current.retired),
-    };
-    let package = packages::update(&app.pool, id, merged).await?;
+    let package = packages::patch(&app.pool, parse_id(&id, "package")?, patch).await?;
     Ok(Json(json!({ "package": package })).into_response())
 }

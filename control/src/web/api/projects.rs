@@ -9,12 +9,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
-use crate::clock::now_unix;
-use crate::sessions::{ending, placement};
+use crate::projects;
+use crate::sessions::placement;
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
 use crate::web::extract::{parse_id, ApiJson};
-use crate::{projects, sessions};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -87,24 +86,17 @@ async fn update_project(
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    ending::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
-    projects::delete(&app.pool, user.id, id).await?;
+    projects::delete(&app.pool, &app.wakeups, user.id, id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Opens a project: its live session, or a new one placed on a host.
 /// `url` enters the session's own origin (a ticket valid one minute).
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
-    let (user, login_session) = ctx.require_user()?;
+    let (user, _) = ctx.require_user()?;
     let opened =
         placement::open(&app.pool, &app.wakeups, user.id, parse_id(&id, "project")?).await?;
-    let url = sessions::enter_url(
-        &app.config,
-        user.id,
-        login_session,
-        &opened.session_id,
-        now_unix(),
-    );
+    let url = ctx.enter_url(&app, &opened.session_id)?;
     let status = if opened.existing {
         StatusCode::OK
     } else {

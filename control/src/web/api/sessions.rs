@@ -9,7 +9,6 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::App;
-use crate::clock::now_unix;
 use crate::sessions;
 use crate::sessions::ending;
 use crate::web::auth::Ctx;
@@ -24,17 +23,12 @@ pub fn routes() -> Router<App> {
 /// A session and, while it is live, the URL that enters it (with a fresh
 /// ticket, so fetch it right before navigating).
 async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
-    let (user, login_session) = ctx.require_user()?;
+    let (user, _) = ctx.require_user()?;
     let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
-    let url = session.is_live().then(|| {
-        sessions::enter_url(
-            &app.config,
-            user.id,
-            login_session,
-            &session.sid,
-            now_unix(),
-        )
-    });
+    let url = session
+        .is_live()
+        .then(|| ctx.enter_url(&app, &session.sid))
+        .transpose()?;
     let ended = (!session.is_live()).then(|| session.end_explanation());
     Ok((
         [(header::CACHE_CONTROL, "no-store")],
@@ -54,13 +48,6 @@ async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) 
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    let state = ending::stop(
-        &app.pool,
-        &app.wakeups,
-        Some(user.id),
-        &sid,
-        "stopped_by_user",
-    )
-    .await?;
+    let state = ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }

@@ -14,7 +14,7 @@ use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, BeforeQuery, PageForm, PageQuery};
-use crate::web::layout::Layout;
+use crate::web::layout::{pager_links, Layout};
 use crate::web::render::{ok, render, see_other};
 
 pub fn routes() -> Router<App> {
@@ -40,28 +40,24 @@ struct HostsPage {
     control_url: String,
 }
 
-/// My hosts showing the page of hosts older than `before`.
-async fn hosts_view(
-    app: &App,
-    ctx: &Ctx,
-    owner: u64,
-    error: FormError,
-    name: String,
-    new_key: Option<(String, String)>,
-    before: Option<u64>,
-) -> Result<HostsPage, AppError> {
-    let page = hosts::list(&app.pool, Some(owner), before).await?;
-    Ok(HostsPage {
-        hosts: page.hosts,
-        total: page.total,
-        first_link: before.map(|_| "/hosts".to_owned()),
-        next_link: page.next_before.map(|b| format!("/hosts?before={b}")),
-        layout: ctx.layout(),
-        error,
-        name,
-        new_key,
-        control_url: app.config.public_origin.clone(),
-    })
+impl HostsPage {
+    /// My hosts showing the page of hosts older than `before`, with an
+    /// empty form, no error and no new key.
+    async fn of(app: &App, ctx: &Ctx, owner: u64, before: Option<u64>) -> Result<Self, AppError> {
+        let page = hosts::list(&app.pool, Some(owner), before).await?;
+        let (first_link, next_link) = pager_links("/hosts", before, page.next_before);
+        Ok(Self {
+            hosts: page.hosts,
+            total: page.total,
+            first_link,
+            next_link,
+            layout: ctx.layout(),
+            error: FormError::none(),
+            name: String::new(),
+            new_key: None,
+            control_url: app.config.public_origin.clone(),
+        })
+    }
 }
 
 async fn hosts_page(
@@ -70,17 +66,7 @@ async fn hosts_page(
     PageQuery(query): PageQuery<BeforeQuery>,
 ) -> PageResult {
     let user = ctx.require_host_owner()?;
-    let view = hosts_view(
-        &app,
-        &ctx,
-        user.id,
-        FormError::none(),
-        String::new(),
-        None,
-        query.before,
-    )
-    .await?;
-    ok(view)
+    ok(HostsPage::of(&app, &ctx, user.id, query.before).await?)
 }
 
 #[derive(Deserialize)]
@@ -97,29 +83,18 @@ async fn create_host(
     match hosts::create(&app.pool, user.id, &form.name).await {
         Ok((host, key)) => render(
             StatusCode::CREATED,
-            hosts_view(
-                &app,
-                &ctx,
-                user.id,
-                FormError::none(),
-                String::new(),
-                Some((host.name, key)),
-                None,
-            )
-            .await?,
+            HostsPage {
+                new_key: Some((host.name, key)),
+                ..HostsPage::of(&app, &ctx, user.id, None).await?
+            },
         ),
         Err(e @ AppError::Invalid { .. }) => render(
             e.status(),
-            hosts_view(
-                &app,
-                &ctx,
-                user.id,
-                FormError::from(&e),
-                form.name,
-                None,
-                None,
-            )
-            .await?,
+            HostsPage {
+                error: FormError::from(&e),
+                name: form.name,
+                ..HostsPage::of(&app, &ctx, user.id, None).await?
+            },
         ),
         Err(e) => Err(e.into()),
     }
@@ -130,16 +105,10 @@ async fn rotate_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String
     let id = parse_id(&id, "host")?;
     let key = hosts::rotate_key(&app.pool, user.id, id).await?;
     let name = hosts::get(&app.pool, Some(user.id), id).await?.name;
-    ok(hosts_view(
-        &app,
-        &ctx,
-        user.id,
-        FormError::none(),
-        String::new(),
-        Some((name, key)),
-        None,
-    )
-    .await?)
+    ok(HostsPage {
+        new_key: Some((name, key)),
+        ..HostsPage::of(&app, &ctx, user.id, None).await?
+    })
 }
 
 async fn revoke_host_key(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {

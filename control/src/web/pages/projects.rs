@@ -10,11 +10,9 @@ use axum::Router;
 use serde::Deserialize;
 
 use crate::app::App;
-use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::projects::{self, Project};
-use crate::sessions;
-use crate::sessions::{ending, placement};
+use crate::sessions::placement;
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, PageForm};
@@ -42,6 +40,18 @@ struct ProjectsPage {
 }
 
 impl ProjectsPage {
+    /// The user's projects with an empty form and no error.
+    async fn of(app: &App, ctx: &Ctx, user_id: u64) -> Result<Self, AppError> {
+        Ok(Self {
+            projects: projects::list(&app.pool, user_id).await?,
+            layout: ctx.layout(),
+            error: FormError::none(),
+            name: String::new(),
+            description: String::new(),
+            open_error: None,
+        })
+    }
+
     /// While a session starts or stops the page refreshes itself.
     fn changing(&self) -> bool {
         self.projects.iter().any(|p| {
@@ -54,41 +64,24 @@ impl ProjectsPage {
 
 async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    ok(ProjectsPage {
-        projects: projects::list(&app.pool, user.id).await?,
-        layout: ctx.layout(),
-        error: FormError::none(),
-        name: String::new(),
-        description: String::new(),
-        open_error: None,
-    })
+    ok(ProjectsPage::of(&app, &ctx, user.id).await?)
 }
 
 /// Open: place (or find) the session and go straight to its origin; the
 /// gateway shows a "starting" page there until Jupyter is ready.
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
-    let (user, login_session) = ctx.require_user()?;
+    let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
     match placement::open(&app.pool, &app.wakeups, user.id, id).await {
         Ok(opened) => {
-            let url = sessions::enter_url(
-                &app.config,
-                user.id,
-                login_session,
-                &opened.session_id,
-                now_unix(),
-            );
+            let url = ctx.enter_url(&app, &opened.session_id)?;
             Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
         }
         Err(e @ (AppError::NoCapacity(_) | AppError::Conflict { .. })) => render(
             e.status(),
             ProjectsPage {
-                projects: projects::list(&app.pool, user.id).await?,
-                layout: ctx.layout(),
-                error: FormError::none(),
-                name: String::new(),
-                description: String::new(),
                 open_error: Some(e.to_string()),
+                ..ProjectsPage::of(&app, &ctx, user.id).await?
             },
         ),
         Err(e) => Err(e.into()),
@@ -113,12 +106,10 @@ async fn create_project(
         Err(e @ (AppError::Invalid { .. } | AppError::Conflict { .. })) => render(
             e.status(),
             ProjectsPage {
-                projects: projects::list(&app.pool, user.id).await?,
-                layout: ctx.layout(),
                 error: FormError::from(&e),
                 name: form.name,
                 description: form.description,
-                open_error: None,
+                ..ProjectsPage::of(&app, &ctx, user.id).await?
             },
         ),
         Err(e) => Err(e.into()),
@@ -195,7 +186,6 @@ async fn update_project(
 async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    ending::stop_project(&app.pool, &app.wakeups, user.id, id).await?;
-    projects::delete(&app.pool, user.id, id).await?;
+    projects::delete(&app.pool, &app.wakeups, user.id, id).await?;
     see_other("/projects")
 }

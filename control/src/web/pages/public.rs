@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use crate::accounts::{self, LoginAttempt, NewUser, Role};
+use crate::accounts::{self, NewUser, Role};
 use crate::app::App;
 use crate::error::AppError;
 use crate::packages::{self, Package};
@@ -177,27 +177,12 @@ async fn login(
     PageForm(form): PageForm<LoginForm>,
 ) -> PageResult {
     let next = safe_next(form.next.as_deref());
-    let result = accounts::login(
-        &app.pool,
-        &app.passwords,
-        &app.config.login,
-        LoginAttempt {
-            email: &form.email,
-            password: &form.password,
-            client_ip: ctx.client_ip.to_string(),
-            user_agent: &ctx.user_agent,
-        },
-    )
-    .await;
-    match result {
-        Ok(logged_in) => {
-            let token = auth::issue_token(&app, logged_in.user.id, &logged_in.login_session);
-            Ok((
-                [(header::SET_COOKIE, cookies::platform_cookie(&app, token))],
-                Redirect::to(&next),
-            )
-                .into_response())
-        }
+    match auth::log_in(&app, &ctx, &form.email, &form.password).await {
+        Ok((_, token)) => Ok((
+            [(header::SET_COOKIE, cookies::platform_cookie(&app, token))],
+            Redirect::to(&next),
+        )
+            .into_response()),
         Err(
             e @ (AppError::Invalid { .. }
             | AppError::BadCredentials
@@ -221,12 +206,6 @@ async fn login(
 }
 
 async fn logout(State(app): State<App>, ctx: Ctx) -> PageResult {
-    if let Some(session) = &ctx.login_session {
-        accounts::revoke_login_session(&app.pool, session, "logout").await?;
-    }
-    Ok((
-        [(header::SET_COOKIE, cookies::clear_platform_cookie(&app))],
-        Redirect::to("/"),
-    )
-        .into_response())
+    let cleared = auth::log_out(&app, &ctx).await?;
+    Ok(([(header::SET_COOKIE, cleared)], Redirect::to("/")).into_response())
 }

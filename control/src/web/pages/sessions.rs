@@ -9,7 +9,6 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
-use crate::clock::now_unix;
 use crate::sessions::ending;
 use crate::sessions::{self, Session};
 use crate::web::auth::Ctx;
@@ -36,7 +35,7 @@ struct SessionEndedPage {
 /// an ended one with a page that says so. Logged-out browsers are sent to
 /// log in first (the 401 becomes a redirect in `platform_context`).
 async fn enter_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
-    let (user, login_session) = ctx.require_user()?;
+    let (user, _) = ctx.require_user()?;
     let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
     if !session.is_live() {
         let explanation = session.end_explanation();
@@ -49,25 +48,12 @@ async fn enter_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>
             },
         );
     }
-    let url = sessions::enter_url(
-        &app.config,
-        user.id,
-        login_session,
-        &session.sid,
-        now_unix(),
-    );
+    let url = ctx.enter_url(&app, &session.sid)?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
 }
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    ending::stop(
-        &app.pool,
-        &app.wakeups,
-        Some(user.id),
-        &sid,
-        "stopped_by_user",
-    )
-    .await?;
+    ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
     see_other("/projects")
 }
