@@ -104,6 +104,28 @@ impl Fixture {
         }
     }
 
+    /// `method path` must pass: 200 from the host, which got it.
+    async fn passes(
+        &self,
+        method: Method,
+        path: &str,
+        credential: Credential,
+        origin: Option<&str>,
+    ) {
+        let r = self
+            .request(method.clone(), path, credential, origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{method} {path} from {origin:?}"
+        );
+        let head = self.forwarded().pop().unwrap();
+        assert!(head.starts_with(&format!("{method} {path} ")), "{head}");
+    }
+
     /// A WebSocket handshake to a kernel's channels; the status it got.
     async fn upgrade(&self, credential: Credential, origin: Option<&str>) -> u16 {
         let url = format!(
@@ -218,31 +240,17 @@ async fn the_sessions_own_origin_still_changes_and_upgrades_and_reads_need_no_or
     let f = Fixture::new().await;
     let own = f.origin();
     for (method, path) in changes() {
-        let r = f
-            .request(method.clone(), path, Credential::Cookie, Some(&own))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::OK,
-            "{method} {path} from its own origin"
-        );
-        let head = f.forwarded().pop().unwrap();
-        assert!(head.starts_with(&format!("{method} {path} ")), "{head}");
+        f.passes(method, path, Credential::Cookie, Some(&own)).await;
     }
     // Browsers spell origins in lower case; the gateway compares ignoring case.
-    let r = f
-        .request(
-            Method::POST,
-            "/api/contents",
-            Credential::Cookie,
-            Some(&own.to_ascii_uppercase()),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    let shouted = own.to_ascii_uppercase();
+    f.passes(
+        Method::POST,
+        "/api/contents",
+        Credential::Cookie,
+        Some(&shouted),
+    )
+    .await;
 
     // The upgrade reaches the host (which, recording only, does not switch).
     let before = f.forwarded().len();
@@ -261,12 +269,8 @@ async fn the_sessions_own_origin_still_changes_and_upgrades_and_reads_need_no_or
         (Method::OPTIONS, None),
         (Method::GET, Some(f.attacker_origin.as_str())),
     ] {
-        let r = f
-            .request(method.clone(), "/api/contents", Credential::Cookie, origin)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{method} from {origin:?}");
+        f.passes(method, "/api/contents", Credential::Cookie, origin)
+            .await;
     }
 }
 
@@ -276,16 +280,7 @@ async fn bearer_calls_are_not_subject_to_the_origin_rule() {
     let attacker = f.attacker_origin.clone();
     for origin in [None, Some(attacker.as_str())] {
         for (method, path) in changes() {
-            let r = f
-                .request(method.clone(), path, Credential::Bearer, origin)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                r.status(),
-                StatusCode::OK,
-                "{method} {path} by bearer from {origin:?}"
-            );
+            f.passes(method, path, Credential::Bearer, origin).await;
         }
         let before = f.forwarded().len();
         f.upgrade(Credential::Bearer, origin).await;
