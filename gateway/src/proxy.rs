@@ -235,6 +235,35 @@ impl Gateway {
         Err("missing")
     }
 
+    /// Why a request authenticated by `oc_s` may not go on, if it may not:
+    /// every session origin is on one site, so SameSite lets pages of other
+    /// sessions send the cookie; a change or an upgrade must name the
+    /// session's own origin (browsers send `Origin` on both). Reads pass
+    /// without looking at the header.
+    fn origin_refusal(
+        &self,
+        req: &RequestHeader,
+        upgrade: bool,
+        sid: SessionName,
+    ) -> Option<&'static str> {
+        let method = &req.method;
+        let safe = method == http::Method::GET
+            || method == http::Method::HEAD
+            || method == http::Method::OPTIONS;
+        if safe && !upgrade {
+            return None;
+        }
+        let Some(origin) = req.headers.get(header::ORIGIN) else {
+            return Some("missing");
+        };
+        let own = self.config.session_domain.is_origin_of(
+            self.config.https,
+            &sid.text,
+            origin.as_bytes(),
+        );
+        (!own).then_some("foreign")
+    }
+
     /// Placed but not ready: pages wait on a page that reloads itself, API
     /// calls are told to retry.
     async fn starting(&self, session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
@@ -284,6 +313,18 @@ impl Gateway {
                     .await;
             }
         };
+        if claims.kind == TokenKind::SessionCookie {
+            if let Some(reason) = self.origin_refusal(session.req_header(), ctx.is_upgrade, sid) {
+                metrics::counter!("opencloud_gateway_origin_refusals_total", "reason" => reason)
+                    .increment(1);
+                return respond_text(
+                    session,
+                    403,
+                    "refused: changes and WebSockets in this session must come from the session's own page\n",
+                )
+                .await;
+            }
+        }
         let user = claims.user_id;
         ctx.user_id = Some(user);
         let Some(route) = table.sessions.get(&sid.key).filter(|s| s.owner == user) else {

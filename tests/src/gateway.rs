@@ -131,6 +131,28 @@ impl GatewayProcess {
         crate::machine::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
     }
 
+    /// Waits until the metrics hold every line of `wanted` (they are
+    /// recorded after the answer is sent); returns them.
+    pub async fn metrics_show(&self, wanted: &[&str]) -> String {
+        let started = Instant::now();
+        loop {
+            let metrics = self.metrics().await;
+            let missing: Vec<&str> = wanted
+                .iter()
+                .copied()
+                .filter(|w| !metrics.lines().any(|l| l == *w))
+                .collect();
+            if missing.is_empty() {
+                return metrics;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "missing {missing:#?} in\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Replaces the running gateway with a new process without closing the
     /// listener: the new one starts with `--upgrade`, the old one gets
     /// SIGQUIT, hands over its sockets and finishes what it holds.

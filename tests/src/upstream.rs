@@ -20,6 +20,16 @@ impl Captured {
     pub fn last(&self) -> String {
         self.heads().pop().unwrap_or_default()
     }
+
+    /// The heads the gateway forwarded to the upstream on `port`: its
+    /// health probes, sent straight to `127.0.0.1:port`, left out.
+    pub fn forwarded(&self, port: u16) -> Vec<String> {
+        let probe = format!("host: 127.0.0.1:{port}");
+        self.heads()
+            .into_iter()
+            .filter(|h| !h.to_ascii_lowercase().contains(&probe))
+            .collect()
+    }
 }
 
 /// Listens on a free loopback port; answers every request with `ok` and two

@@ -394,6 +394,7 @@ async fn the_gateway_reports_host_reachability_and_session_usage_to_control() {
             .client(false)
             .post(format!("{}/api/contents", f.origin()))
             .header("cookie", &cookie)
+            .header("origin", f.origin())
             .body("0123456789")
             .send()
             .await

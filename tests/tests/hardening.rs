@@ -245,15 +245,9 @@ impl Fixture {
         }
     }
 
-    /// Heads the gateway forwarded (its health probes, sent straight to
-    /// `127.0.0.1:port`, left out).
+    /// Heads the gateway forwarded to the host.
     fn forwarded(&self, captured: &Captured) -> Vec<String> {
-        let probe = format!("host: 127.0.0.1:{}", self.upstream_port);
-        captured
-            .heads()
-            .into_iter()
-            .filter(|h| !h.to_ascii_lowercase().contains(&probe))
-            .collect()
+        captured.forwarded(self.upstream_port)
     }
 
     /// A well-formed request after the attacks; once its answer is back,
@@ -831,8 +825,7 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
     );
     assert_eq!(exchange(port, big.as_bytes()).await.status, 431);
 
-    metrics_show(
-        &stack,
+    stack.gateway().metrics_show(
         &[
             "opencloud_gateway_rejected_requests_total{reason=\"content-length with transfer-encoding\"} 1",
             "opencloud_gateway_rejected_requests_total{reason=\"header section too large\"} 1",
@@ -841,28 +834,6 @@ async fn rejections_are_counted_in_the_gateway_metrics() {
         ],
     )
     .await;
-}
-
-/// Waits until the gateway's metrics hold every line of `wanted` (they are
-/// recorded after the answer is sent); returns them.
-async fn metrics_show(stack: &TestStack, wanted: &[&str]) -> String {
-    let started = Instant::now();
-    loop {
-        let metrics = stack.gateway().metrics().await;
-        let missing: Vec<&str> = wanted
-            .iter()
-            .copied()
-            .filter(|w| !metrics.lines().any(|l| l == *w))
-            .collect();
-        if missing.is_empty() {
-            return metrics;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "missing {missing:#?} in\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A client that hangs up while its host is still working made no bad
@@ -888,11 +859,11 @@ async fn a_client_that_hangs_up_before_its_answer_is_not_a_bad_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(raw);
-    let metrics = metrics_show(
-        &f.stack,
-        &["opencloud_gateway_requests_total{class=\"session\",status=\"0\"} 1"],
-    )
-    .await;
+    let metrics = f
+        .stack
+        .gateway()
+        .metrics_show(&["opencloud_gateway_requests_total{class=\"session\",status=\"0\"} 1"])
+        .await;
     assert!(
         !metrics.contains("class=\"session\",status=\"400\""),
         "{metrics}"

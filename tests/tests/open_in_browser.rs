@@ -223,6 +223,16 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
         "print(6*7) → 42 after {runs} run(s); click → output: {:?}",
         clicked.elapsed()
     );
+    // Lab sent its own Origin with every change and WebSocket: none refused.
+    let metrics = stack.gateway().metrics().await;
+    let refused: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("opencloud_gateway_origin_refusals_total"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "Lab was refused for its Origin: {refused:?}"
+    );
 
     // Back on the platform, My projects shows the session running.
     browser.goto(&format!("{platform}/projects")).await.unwrap();
