@@ -100,6 +100,11 @@ pub async fn load(options: LoadOptions) -> anyhow::Result<()> {
     let mut sockets = Vec::with_capacity(options.connections);
     for _ in 0..options.connections {
         let mut request = format!("ws://{host}{}", options.path).into_client_request()?;
+        // As a browser on the session's own page: the gateway refuses a
+        // cookie-authenticated upgrade from any other Origin.
+        request
+            .headers_mut()
+            .insert("origin", HeaderValue::from_str(&format!("http://{host}"))?);
         if let Some(cookie) = &options.cookie {
             request
                 .headers_mut()
