@@ -128,7 +128,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        crate::machine::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
+        crate::machine::metrics(&format!("http://127.0.0.1:{}", self.metrics_port), None).await
     }
 
     /// Replaces the running gateway with a new process without closing the
