@@ -603,23 +603,25 @@ fn check_heartbeat(beat: &Heartbeat, now: u64) -> Result<(), AppError> {
             "cpu_percent is the whole machine's use, 0 to 100.",
         ));
     }
-    if load.memory_total_mib > MAX_HOST_MEMORY_MIB {
-        return Err(AppError::invalid(
+    for (field, value, max) in [
+        (
             "memory_total_mib",
-            format!("memory_total_mib is at most {MAX_HOST_MEMORY_MIB}."),
-        ));
-    }
-    if load.memory_used_mib > load.memory_total_mib {
-        return Err(AppError::invalid(
+            load.memory_total_mib,
+            MAX_HOST_MEMORY_MIB,
+        ),
+        (
             "memory_used_mib",
-            "memory_used_mib cannot exceed memory_total_mib.",
-        ));
-    }
-    if load.disk_free_mib > MAX_HOST_DISK_MIB {
-        return Err(AppError::invalid(
-            "disk_free_mib",
-            format!("disk_free_mib is at most {MAX_HOST_DISK_MIB}."),
-        ));
+            load.memory_used_mib,
+            load.memory_total_mib,
+        ),
+        ("disk_free_mib", load.disk_free_mib, MAX_HOST_DISK_MIB),
+    ] {
+        if value > max {
+            return Err(AppError::invalid(
+                field,
+                format!("{field} is at most {max} here."),
+            ));
+        }
     }
     check_agent_sessions(&beat.sessions, now)
 }
