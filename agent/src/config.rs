@@ -34,6 +34,9 @@ struct AgentFile {
     venv: PathBuf,
     #[serde(default)]
     metrics_listen: Option<SocketAddr>,
+    /// When set, a scrape must send `Authorization: Bearer <metrics_key>`.
+    #[serde(default)]
+    metrics_key: Option<String>,
     #[serde(default = "default_stop_grace")]
     stop_grace_seconds: u64,
     #[serde(default = "default_start_timeout")]
@@ -47,6 +50,9 @@ struct CapacityFile {
     cpu_cores: f32,
     memory_mib: u64,
 }
+
+/// The shortest metrics key accepted.
+pub const METRICS_KEY_MIN_CHARS: usize = 32;
 
 fn default_venv() -> PathBuf {
     PathBuf::from(DEFAULT_VENV)
@@ -76,6 +82,8 @@ pub struct Config {
     /// Absolute; `bin/jupyter` exists in it.
     pub venv: PathBuf,
     pub metrics_listen: Option<SocketAddr>,
+    /// What a scrape of `/metrics` must present; never printed.
+    pub metrics_key: Option<String>,
     /// SIGTERM → SIGKILL when control does not say otherwise.
     pub stop_grace: Duration,
     /// Spawn → `/api/status` answering, or the start failed.
@@ -94,6 +102,7 @@ impl std::fmt::Debug for Config {
             .field("work_dir", &self.work_dir)
             .field("venv", &self.venv)
             .field("metrics_listen", &self.metrics_listen)
+            .field("metrics_key", &self.metrics_key.as_ref().map(|_| "…"))
             .field("stop_grace", &self.stop_grace)
             .field("start_timeout", &self.start_timeout)
             .finish_non_exhaustive()
@@ -201,6 +210,15 @@ impl Config {
         if file.start_timeout_seconds == 0 {
             return Err(invalid("start_timeout_seconds", "must be above 0".into()));
         }
+        let metrics_key = match file.metrics_key {
+            Some(key) if key.len() < METRICS_KEY_MIN_CHARS => {
+                return Err(invalid(
+                    "metrics_key",
+                    format!("must be at least {METRICS_KEY_MIN_CHARS} characters"),
+                ))
+            }
+            key => key,
+        };
 
         let base = path.parent().unwrap_or(Path::new("."));
         let absolute = |key: &'static str, p: &Path| {
@@ -233,6 +251,7 @@ impl Config {
             work_dir,
             venv,
             metrics_listen: file.metrics_listen,
+            metrics_key,
             stop_grace: Duration::from_secs(file.stop_grace_seconds),
             start_timeout: Duration::from_secs(file.start_timeout_seconds),
         })

@@ -1,11 +1,15 @@
 //! The agent's own listeners: `/healthz` on the health port (gateways
-//! probe it) and, when configured, Prometheus `/metrics`. Both are bound
-//! before anything else starts, so a taken port stops the agent at once.
+//! probe it) and, when configured, Prometheus `/metrics` (behind
+//! `metrics_key` when one is set). Both are bound before anything else
+//! starts, so a taken port stops the agent at once.
 
 use std::sync::OnceLock;
 
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opencloud_protocol::credentials::bearer_is;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -18,6 +22,7 @@ pub struct Listeners {
     /// The metrics listener and the recorder it renders (`None`: metrics
     /// could not be installed, so nothing is served).
     metrics: Option<(TcpListener, Option<PrometheusHandle>)>,
+    metrics_key: Option<String>,
 }
 
 /// Binds the metrics listener (if configured) and the health listener.
@@ -35,7 +40,11 @@ pub async fn bind(config: &Config) -> Result<Listeners, Error> {
     let health = TcpListener::bind(health_addr)
         .await
         .map_err(|e| Error::Setup(format!("health_port: cannot listen on {health_addr}: {e}")))?;
-    Ok(Listeners { health, metrics })
+    Ok(Listeners {
+        health,
+        metrics,
+        metrics_key: config.metrics_key.clone(),
+    })
 }
 
 impl Listeners {
@@ -43,7 +52,12 @@ impl Listeners {
     pub fn spawn(self, tasks: &mut tokio::task::JoinSet<()>, stop: &watch::Receiver<bool>) {
         tasks.spawn(serve_health(self.health, stop.clone()));
         if let Some((listener, Some(handle))) = self.metrics {
-            tasks.spawn(serve_metrics(listener, handle, stop.clone()));
+            tasks.spawn(serve_metrics(
+                listener,
+                handle,
+                self.metrics_key,
+                stop.clone(),
+            ));
         }
     }
 }
@@ -56,13 +70,22 @@ async fn serve_health(listener: TcpListener, stop: watch::Receiver<bool>) {
 async fn serve_metrics(
     listener: TcpListener,
     handle: PrometheusHandle,
+    key: Option<String>,
     stop: watch::Receiver<bool>,
 ) {
     let app = axum::Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let handle = handle.clone();
+            let admitted = key.as_deref().is_none_or(|key| bearer_is(&headers, key));
             async move {
+                if !admitted {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        "send the metrics key as Authorization: Bearer <key>\n",
+                    )
+                        .into_response();
+                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
@@ -70,6 +93,7 @@ async fn serve_metrics(
                     )],
                     handle.render(),
                 )
+                    .into_response()
             }
         }),
     );

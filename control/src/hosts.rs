@@ -9,12 +9,13 @@ use std::sync::LazyLock;
 use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
-use opencloud_protocol::agent::{AgentHello, Heartbeat, HeartbeatReply, Registered};
+use opencloud_protocol::agent::{AgentHello, AgentSession, Heartbeat, HeartbeatReply, Registered};
 use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
-use opencloud_protocol::routes::{Change, HostRoute, HostState};
+use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute, HostState};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::routes::{commit, publish};
 use crate::sessions::ending::end_tx;
@@ -78,8 +79,14 @@ fn trimmed_name(raw: &str, max_chars: usize) -> Option<String> {
     let name = raw.trim();
     let fits = !name.is_empty()
         && name.chars().count() <= max_chars
-        && !name.chars().any(char::is_control);
+        && !name.chars().any(|c| c.is_control() || is_bidi_control(c));
     fits.then(|| name.to_owned())
+}
+
+/// Characters that reorder the text around them, so a name can read as
+/// another one.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 pub const HOST_NAME_MAX_CHARS: usize = 100;
@@ -468,7 +475,78 @@ pub async fn authenticate(pool: &Pool, key: &str) -> Result<u64, AppError> {
     }
 }
 
-fn check_hello(hello: &AgentHello) -> Result<IpAddr, AppError> {
+// What a host reports is untrusted input: every figure is bounded so a
+// bad or hostile agent gets a 400 naming the field, never a 500 from the
+// database and never a figure that skews placement.
+
+/// The most sessions one host may offer.
+pub const MAX_HOST_SESSIONS: u32 = 1_000;
+/// The most CPU cores one host may offer.
+const MAX_HOST_CPU_CORES: f32 = 1_024.0;
+/// The most memory one host may have: 64 TiB.
+const MAX_HOST_MEMORY_MIB: u64 = 64 << 20;
+/// The most free disk one host may report: 1 EiB.
+const MAX_HOST_DISK_MIB: u64 = 1 << 40;
+/// The most kernels one session may report busy.
+const MAX_BUSY_KERNELS: u32 = 1_000;
+/// How far ahead of control's clock an agent's timestamps may be.
+pub const CLOCK_SKEW_SECONDS: u64 = 300;
+const VERSION_MAX_CHARS: usize = 64;
+
+fn check_version(version: &str) -> Result<(), AppError> {
+    trimmed_name(version, VERSION_MAX_CHARS).map(drop).ok_or_else(|| {
+        AppError::invalid(
+            "version",
+            format!("The version is 1 to {VERSION_MAX_CHARS} characters without control characters."),
+        )
+    })
+}
+
+/// A unix time an agent reports: not after control's `now` (give or take
+/// the clock skew allowed).
+fn check_timestamp(field: &'static str, at: u64, now: u64) -> Result<(), AppError> {
+    if at > now + CLOCK_SKEW_SECONDS {
+        return Err(AppError::invalid(
+            field,
+            format!("{field} {at} is in the future (control's clock says {now})."),
+        ));
+    }
+    Ok(())
+}
+
+/// The sessions an agent lists in its hello or heartbeat.
+fn check_agent_sessions(sessions: &[AgentSession], now: u64) -> Result<(), AppError> {
+    if sessions.len() > MAX_HOST_SESSIONS as usize {
+        return Err(AppError::invalid(
+            "sessions",
+            format!("A host runs at most {MAX_HOST_SESSIONS} sessions."),
+        ));
+    }
+    for session in sessions {
+        if !is_valid_sid(&session.sid) {
+            return Err(AppError::invalid(
+                "sid",
+                "The sid is not a session id (26 characters a-z, 2-7).",
+            ));
+        }
+        if session.port == 0 {
+            return Err(AppError::invalid("port", "A session's port is 1 to 65535."));
+        }
+        check_timestamp("started_at", session.started_at, now)?;
+        if let Some(at) = session.last_activity {
+            check_timestamp("last_activity", at, now)?;
+        }
+        if session.busy_kernels > MAX_BUSY_KERNELS {
+            return Err(AppError::invalid(
+                "busy_kernels",
+                format!("A session has at most {MAX_BUSY_KERNELS} busy kernels."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_hello(hello: &AgentHello, now: u64) -> Result<IpAddr, AppError> {
     let address: IpAddr = hello.address.parse().map_err(|_| {
         AppError::invalid("address", "The advertised address must be an IP address.")
     })?;
@@ -492,19 +570,60 @@ fn check_hello(hello: &AgentHello) -> Result<IpAddr, AppError> {
         ));
     }
     let c = hello.capacity;
-    if c.max_sessions == 0 || c.cpu_cores.is_nan() || c.cpu_cores <= 0.0 || c.memory_mib == 0 {
+    if c.max_sessions == 0 || c.max_sessions > MAX_HOST_SESSIONS {
         return Err(AppError::invalid(
-            "capacity",
-            "Capacity needs at least one session, some CPU and some memory.",
+            "max_sessions",
+            format!("A host offers 1 to {MAX_HOST_SESSIONS} sessions."),
         ));
     }
-    if hello.version.len() > 64 {
+    if !(c.cpu_cores > 0.0 && c.cpu_cores <= MAX_HOST_CPU_CORES) {
         return Err(AppError::invalid(
-            "version",
-            "The version is at most 64 characters.",
+            "cpu_cores",
+            format!("A host offers more than 0 and at most {MAX_HOST_CPU_CORES} CPU cores."),
         ));
     }
+    if c.memory_mib == 0 || c.memory_mib > MAX_HOST_MEMORY_MIB {
+        return Err(AppError::invalid(
+            "memory_mib",
+            format!("A host offers 1 to {MAX_HOST_MEMORY_MIB} MiB of memory."),
+        ));
+    }
+    check_version(&hello.version)?;
+    check_agent_sessions(&hello.sessions, now)?;
     Ok(address)
+}
+
+fn check_heartbeat(beat: &Heartbeat, now: u64) -> Result<(), AppError> {
+    check_version(&beat.version)?;
+    let load = beat.load;
+    // Written so that NaN fails too.
+    if !(0.0..=100.0).contains(&load.cpu_percent) {
+        return Err(AppError::invalid(
+            "cpu_percent",
+            "cpu_percent is the whole machine's use, 0 to 100.",
+        ));
+    }
+    for (field, value, max) in [
+        (
+            "memory_total_mib",
+            load.memory_total_mib,
+            MAX_HOST_MEMORY_MIB,
+        ),
+        (
+            "memory_used_mib",
+            load.memory_used_mib,
+            load.memory_total_mib,
+        ),
+        ("disk_free_mib", load.disk_free_mib, MAX_HOST_DISK_MIB),
+    ] {
+        if value > max {
+            return Err(AppError::invalid(
+                field,
+                format!("{field} is at most {max} here."),
+            ));
+        }
+    }
+    check_agent_sessions(&beat.sessions, now)
 }
 
 /// An agent (re)starts: record what it offers, bring the host online, and
@@ -515,7 +634,7 @@ pub async fn register(
     host_id: u64,
     hello: &AgentHello,
 ) -> Result<Registered, AppError> {
-    let address = check_hello(hello)?.to_string();
+    let address = check_hello(hello, now_unix())?.to_string();
     let health_url = if address.contains(':') {
         format!("http://[{address}]:{}/healthz", hello.health_port)
     } else {
@@ -541,7 +660,7 @@ pub async fn register(
             hello.port_range[0],
             hello.port_range[1],
             hello.cgroup_limits,
-            &hello.version,
+            hello.version.trim(),
             host_id,
         ),
     )
@@ -597,6 +716,7 @@ pub async fn heartbeat(
     host_id: u64,
     beat: &Heartbeat,
 ) -> Result<HeartbeatReply, AppError> {
+    check_heartbeat(beat, now_unix())?;
     let load = beat.load;
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -619,7 +739,7 @@ pub async fn heartbeat(
             load.memory_used_mib,
             load.memory_total_mib,
             load.disk_free_mib,
-            beat.version.chars().take(64).collect::<String>(),
+            beat.version.trim(),
             host_id,
         ),
     )
@@ -658,9 +778,14 @@ pub async fn heartbeat(
         }
         tx.exec_drop(
             "UPDATE sessions SET busy_kernels = ?,
-                kernel_activity_at = GREATEST(COALESCE(kernel_activity_at, FROM_UNIXTIME(0)), FROM_UNIXTIME(?))
+                kernel_activity_at = GREATEST(COALESCE(kernel_activity_at, FROM_UNIXTIME(0)),
+                    LEAST(FROM_UNIXTIME(?), UTC_TIMESTAMP(6)))
              WHERE sid = ?",
-            (session.busy_kernels, session.last_activity.unwrap_or(0), &session.sid),
+            (
+                session.busy_kernels,
+                session.last_activity.unwrap_or(0),
+                &session.sid,
+            ),
         )
         .await?;
     }
@@ -736,6 +861,44 @@ pub async fn find_silent(pool: &Pool) -> Result<Vec<u64>, AppError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opencloud_protocol::agent::{AgentSessionState, Load};
+
+    fn beat(cpu_percent: f32, last_activity: u64) -> Heartbeat {
+        Heartbeat {
+            version: "1.0".into(),
+            load: Load {
+                cpu_percent,
+                memory_used_mib: 1,
+                memory_total_mib: 2,
+                disk_free_mib: 3,
+            },
+            sessions: vec![AgentSession {
+                sid: "a".repeat(26),
+                port: 20000,
+                state: AgentSessionState::Running,
+                started_at: 1,
+                last_activity: Some(last_activity),
+                busy_kernels: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_bounded_and_nan_is_refused() {
+        let now = 1_800_000_000;
+        assert!(check_heartbeat(&beat(50.0, now + CLOCK_SKEW_SECONDS), now).is_ok());
+        let field = |b: Heartbeat| check_heartbeat(&b, now).unwrap_err().field();
+        assert_eq!(field(beat(f32::NAN, now)), Some("cpu_percent"));
+        assert_eq!(field(beat(100.5, now)), Some("cpu_percent"));
+        assert_eq!(field(beat(1.0, 4_102_444_800)), Some("last_activity"));
+    }
+
+    #[test]
+    fn names_with_bidirectional_overrides_are_refused() {
+        assert_eq!(trimmed_name(" lab ", 10).as_deref(), Some("lab"));
+        assert_eq!(trimmed_name("lab\u{202e}gpj", 10), None);
+        assert_eq!(trimmed_name("lab\u{2067}", 10), None);
+    }
 
     #[test]
     fn host_keys_are_long_random_and_prefixed() {

@@ -35,8 +35,20 @@ struct GatewayFile {
 #[serde(deny_unknown_fields)]
 struct ListenFile {
     public: SocketAddr,
+    /// Prometheus `/metrics`; loopback unless the operator says otherwise.
+    #[serde(default = "loopback_metrics")]
     metrics: SocketAddr,
+    /// When set, a scrape must send `Authorization: Bearer <metrics_key>`.
+    #[serde(default)]
+    metrics_key: Option<String>,
 }
+
+fn loopback_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9101))
+}
+
+/// The shortest metrics key accepted.
+pub const METRICS_KEY_MIN_CHARS: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +101,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub listen_public: SocketAddr,
     pub listen_metrics: SocketAddr,
+    pub metrics_key: Option<MetricsKey>,
     pub control_public: SocketAddr,
     pub control_internal_url: String,
     pub gateway_key: String,
@@ -99,6 +112,23 @@ pub struct Config {
 }
 
 pub use opencloud_protocol::config::ConfigError;
+
+/// The key a Prometheus scrape must present; never printed.
+#[derive(Clone)]
+pub struct MetricsKey(String);
+
+impl MetricsKey {
+    /// Whether a scrape's headers present the key.
+    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+        opencloud_protocol::credentials::bearer_is(headers, &self.0)
+    }
+}
+
+impl std::fmt::Debug for MetricsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsKey(…)")
+    }
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -119,6 +149,15 @@ impl Config {
                 "must be at least 32 characters".into(),
             ));
         }
+        let metrics_key = match file.listen.metrics_key {
+            Some(key) if key.len() < METRICS_KEY_MIN_CHARS => {
+                return Err(invalid(
+                    "listen.metrics_key",
+                    format!("must be at least {METRICS_KEY_MIN_CHARS} characters"),
+                ))
+            }
+            key => key.map(MetricsKey),
+        };
         let internal_url = file.control.internal_url.trim_end_matches('/').to_owned();
         if !internal_url.starts_with("http://") && !internal_url.starts_with("https://") {
             return Err(invalid(
@@ -144,6 +183,7 @@ impl Config {
             state_dir: base.join(&file.state_dir),
             listen_public: file.listen.public,
             listen_metrics: file.listen.metrics,
+            metrics_key,
             control_public: file.control.public,
             control_internal_url: internal_url,
             gateway_key: file.control.gateway_key,
@@ -194,6 +234,22 @@ mod tests {
         assert_eq!(config.session_domain.as_str(), "nb.localhost:8080");
         assert!(!config.https);
         assert_eq!(config.session_origin("abc"), "http://abc.nb.localhost:8080");
+    }
+
+    #[test]
+    fn a_short_metrics_key_is_refused_by_name_and_a_long_one_admits_a_scrape() {
+        let err = refused_key("metrics-key", "listen__metrics_key", "short");
+        assert!(err.contains("key `listen.metrics_key`"), "{err}");
+        let (path, text) = shipped("metrics-key-ok");
+        let key = "k".repeat(METRICS_KEY_MIN_CHARS);
+        let env = [(format!("{ENV_PREFIX}__LISTEN__METRICS_KEY"), key.clone())];
+        let config = Config::from_toml(&path, &text, env).unwrap();
+        let metrics_key = config.metrics_key.unwrap();
+        let mut headers = http::HeaderMap::new();
+        assert!(!metrics_key.admits(&headers));
+        headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+        assert!(metrics_key.admits(&headers));
+        assert!(!format!("{metrics_key:?}").contains(&key));
     }
 
     #[test]

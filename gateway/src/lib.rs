@@ -109,7 +109,13 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         "metrics upkeep",
         Once::new(MetricsUpkeep(metrics.clone())),
     ));
-    let mut metrics_service = Service::new("metrics".to_owned(), MetricsApp(metrics));
+    let mut metrics_service = Service::new(
+        "metrics".to_owned(),
+        MetricsApp {
+            handle: metrics,
+            key: config.metrics_key.clone(),
+        },
+    );
     metrics_service.add_tcp(&config.listen_metrics.to_string());
     server.add_service(metrics_service);
 
@@ -149,14 +155,25 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?)
 }
 
-/// `/metrics` on the metrics listener, nothing else.
-struct MetricsApp(PrometheusHandle);
+/// `/metrics` on the metrics listener, nothing else; with a key configured,
+/// only for a scrape that presents it.
+struct MetricsApp {
+    handle: PrometheusHandle,
+    key: Option<config::MetricsKey>,
+}
 
 #[async_trait]
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let (status, body) = if session.req_header().uri.path() == "/metrics" {
-            (200, self.0.render().into_bytes())
+        let req = session.req_header();
+        let admitted = self.key.as_ref().is_none_or(|key| key.admits(&req.headers));
+        let (status, body) = if !admitted {
+            (
+                401,
+                b"send the metrics key as Authorization: Bearer <key>\n".to_vec(),
+            )
+        } else if req.uri.path() == "/metrics" {
+            (200, self.handle.render().into_bytes())
         } else {
             (404, b"not found\n".to_vec())
         };

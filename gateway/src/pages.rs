@@ -1,5 +1,26 @@
 //! The few pages the gateway answers itself: small, self-contained HTML
-//! (session origins must not load anything from the platform).
+//! (session origins must not load anything from the platform), and the
+//! security headers every answer of the gateway's own carries.
+
+/// The pages' only style, inline; the policy allows exactly this text.
+const STYLE: &str = "body{font-family:system-ui,sans-serif;background:#f6f7fb;color:#1b1f2a;margin:0}\
+main{max-width:520px;margin:12vh auto;background:#fff;border:1px solid #e3e7ef;border-radius:10px;padding:28px}\
+h1{font-size:1.5rem;margin:0 0 .5em}p{color:#5f6b7a;line-height:1.5}\
+.btn{display:inline-block;background:#3b5bdb;color:#fff;padding:.55em 1em;border-radius:8px;text-decoration:none}";
+
+/// The headers on every answer the gateway writes itself (pages, refusals),
+/// never on what a session's server answers. The policy allows nothing but
+/// [`STYLE`], by its SHA-256: no script, no frame, no form, no base.
+pub const OWN_ANSWER_HEADERS: [(&str, &str); 4] = [
+    (
+        "content-security-policy",
+        "default-src 'none'; style-src 'sha256-DZ3IgGL1wZZT+0J4drSbsVuE74MLujKWL3QsApZ0l+M='; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "same-origin"),
+];
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -46,11 +67,7 @@ fn page_with_head(title: &str, message: &str, link: Option<(&str, &str)>, head: 
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         {head}<title>{title} · OpenCloud</title><style>\
-         body{{font-family:system-ui,sans-serif;background:#f6f7fb;color:#1b1f2a;margin:0}}\
-         main{{max-width:520px;margin:12vh auto;background:#fff;border:1px solid #e3e7ef;border-radius:10px;padding:28px}}\
-         h1{{font-size:1.5rem;margin:0 0 .5em}}p{{color:#5f6b7a;line-height:1.5}}\
-         .btn{{display:inline-block;background:#3b5bdb;color:#fff;padding:.55em 1em;border-radius:8px;text-decoration:none}}\
+         {head}<title>{title} · OpenCloud</title><style>{STYLE}\
          </style></head><body><main><h1>{title}</h1><p>{message}</p>{link}</main></body></html>",
         title = escape(title),
         message = escape(message),

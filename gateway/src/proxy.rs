@@ -29,7 +29,7 @@ use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
 use crate::health::HostHealth;
-use crate::pages::{page, starting_page};
+use crate::pages::{page, starting_page, OWN_ANSWER_HEADERS};
 use crate::table::{RouteTable, Routes, SessionKey, UpstreamToken};
 use crate::tickets::UsedTickets;
 use crate::usage::UsageBook;
@@ -763,7 +763,8 @@ async fn respond_text(session: &mut Session, status: u16, text: &str) -> Result<
     answer(session, status, "text/plain; charset=utf-8", &[], body).await
 }
 
-/// Writes a complete response and ends the request. Boxed: the gateway's
+/// Writes a complete response, with the headers of the gateway's own
+/// answers, and ends the request. Boxed: the gateway's
 /// own answers are the exception, and unboxed their futures (kilobytes of
 /// Pingora's writers) would sit in every request's `request_filter`
 /// future, which Pingora allocates and fills per request.
@@ -775,12 +776,13 @@ fn answer<'a>(
     body: Bytes,
 ) -> BoxFuture<'a, Result<bool>> {
     Box::pin(async move {
-        let mut response = ResponseHeader::build(status, Some(headers.len() + 2))?;
+        let mut response =
+            ResponseHeader::build(status, Some(headers.len() + OWN_ANSWER_HEADERS.len() + 2))?;
         if !body.is_empty() {
             response.insert_header(header::CONTENT_TYPE, content_type)?;
         }
         response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        for (name, value) in headers {
+        for (name, value) in OWN_ANSWER_HEADERS.iter().chain(headers) {
             response.append_header(name.to_string(), value.to_string())?;
         }
         session

@@ -126,7 +126,7 @@ impl Control {
 
     /// The text of `/metrics` on the internal listener.
     pub async fn metrics(&self) -> String {
-        crate::machine::metrics(&self.internal).await
+        crate::machine::metrics(&self.internal, Some(&self.gateway_key)).await
     }
 
     pub fn log(&self) -> String {

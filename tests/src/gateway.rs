@@ -18,6 +18,8 @@ pub struct GatewayProcess {
     pub config_path: PathBuf,
     pub port: u16,
     pub metrics_port: u16,
+    /// What a scrape of `/metrics` must present (`listen.metrics_key`).
+    pub metrics_key: String,
 }
 
 impl GatewayProcess {
@@ -27,11 +29,13 @@ impl GatewayProcess {
         std::fs::create_dir_all(dir.join("state"))?;
         std::fs::copy(control.dir.join("keys.toml"), dir.join("keys.toml"))?;
         let metrics_port = free_port();
+        let metrics_key = unique("metrics-key-for-tests-");
         let control_public = control.public.trim_start_matches("http://");
         let config = format!(
             "name = \"test-gateway\"\npublic_url = \"http://localhost:{port}\"\n\
              session_domain = \"nb.localhost:{port}\"\nkeys_file = \"keys.toml\"\nstate_dir = \"state\"\n\
              [listen]\npublic = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+             metrics_key = \"{metrics_key}\"\n\
              [control]\npublic = \"{control_public}\"\ninternal_url = \"{}\"\ngateway_key = \"{}\"\n\
              [timeouts]\nread_seconds = 5\n",
             control.internal, control.gateway_key
@@ -44,6 +48,7 @@ impl GatewayProcess {
             config_path,
             port,
             metrics_port,
+            metrics_key,
         })
     }
 
@@ -128,7 +133,11 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        crate::machine::metrics(&format!("http://127.0.0.1:{}", self.metrics_port)).await
+        crate::machine::metrics(
+            &format!("http://127.0.0.1:{}", self.metrics_port),
+            Some(&self.metrics_key),
+        )
+        .await
     }
 
     /// Waits until the metrics hold every line of `wanted` (they are

@@ -7,11 +7,47 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use opencloud_protocol::agent::{AgentHello, Capacity, HOST_KEY_SCHEME};
+use serde_json::Value;
+
 use crate::agents::{eventually, AgentProcess};
 use crate::stack::TestStack;
 use crate::user::TestUser;
 
+/// What a stand-in agent at `address` says when it registers: a modest
+/// machine with ports 20000–20099 and no sessions yet.
+pub fn agent_hello(address: &str) -> AgentHello {
+    AgentHello {
+        version: "0.1.0-test".into(),
+        address: address.into(),
+        health_port: 9,
+        port_range: [20000, 20099],
+        capacity: Capacity {
+            max_sessions: 4,
+            cpu_cores: 8.0,
+            memory_mib: 16384,
+        },
+        cgroup_limits: true,
+        sessions: Vec::new(),
+    }
+}
+
 impl TestStack {
+    /// POSTs `body` to control's agent API as the host whose key is `key`
+    /// (`Authorization: HostKey …`), the way an agent does.
+    pub async fn post_as_agent(&self, key: &str, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .http()
+            .post(self.url(path))
+            .header("authorization", format!("{HOST_KEY_SCHEME} {key}"))
+            .json(body)
+            .send()
+            .await
+            .expect("send to control's agent API");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// A host owner, registered and logged in.
     pub async fn host_owner(&self) -> TestUser {
         self.registered("owner", "Host Owner", Some("host_owner"))

@@ -67,9 +67,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{r:08x}", std::process::id())
 }
 
-/// The text of `{listener}/metrics` (empty when the body cannot be read).
-pub async fn metrics(listener: &str) -> String {
-    reqwest::get(format!("{listener}/metrics"))
+/// The text of `{listener}/metrics`, asked with `key` as a bearer token when
+/// given (empty when the body cannot be read).
+pub async fn metrics(listener: &str, key: Option<&str>) -> String {
+    let mut request = reqwest::Client::new().get(format!("{listener}/metrics"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request
+        .send()
         .await
         .expect("metrics")
         .text()

@@ -16,8 +16,9 @@ use opencloud_control::hosts;
 use opencloud_control::sessions;
 use opencloud_e2e::browser::{log_in, Browser};
 use opencloud_e2e::external::register_external;
+use opencloud_e2e::hosts::agent_hello;
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
-use opencloud_protocol::agent::{AgentHello, Capacity, Heartbeat, Load, HOST_KEY_SCHEME};
+use opencloud_protocol::agent::{Heartbeat, Load, HOST_KEY_SCHEME};
 use opencloud_protocol::reports::SessionUsage;
 use opencloud_protocol::routes::{new_sid, SessionState};
 use reqwest::{Method, StatusCode};
@@ -40,22 +41,6 @@ impl Drop for Host {
         if let Some(task) = self.heartbeats.take() {
             task.abort();
         }
-    }
-}
-
-fn hello(address: &str) -> AgentHello {
-    AgentHello {
-        version: "0.1.0-test".into(),
-        address: address.into(),
-        health_port: 9,
-        port_range: [20000, 20099],
-        capacity: Capacity {
-            max_sessions: 4,
-            cpu_cores: 8.0,
-            memory_mib: 16384,
-        },
-        cgroup_limits: true,
-        sessions: Vec::new(),
     }
 }
 
@@ -97,7 +82,7 @@ impl Host {
         let r = http
             .post(stack.url("/agent/v1/register"))
             .header("authorization", &auth)
-            .json(&hello(address))
+            .json(&agent_hello(address))
             .send()
             .await
             .unwrap();

@@ -530,6 +530,12 @@ fn bad_configs_name_the_key_in_the_library_and_the_binary() {
         .to_string();
     assert!(err.contains("key `port_range`"), "{err}");
 
+    let short_key = format!("metrics_key = \"too-short\"\n{good}");
+    let err = Config::from_toml(&host.config_path, &short_key, Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key `metrics_key`"), "{err}");
+
     let bad_path = host.base.join("bad.toml");
     std::fs::write(&bad_path, &reversed).unwrap();
     let output = Command::new(binary("opencloud-agent"))
@@ -557,10 +563,14 @@ impl Drop for AgentProcess {
 
 #[tokio::test]
 async fn the_binary_waits_for_control_serving_its_health_and_exits_on_sigterm() {
+    let metrics_key = "a-metrics-key-of-at-least-32-chars";
     let host = Host::with(
         1,
         &venv(),
-        &format!("metrics_listen = \"127.0.0.1:{}\"", free_port()),
+        &format!(
+            "metrics_listen = \"127.0.0.1:{}\"\nmetrics_key = \"{metrics_key}\"",
+            free_port()
+        ),
     );
     let metrics = host.config.metrics_listen.unwrap();
     let mut agent = AgentProcess(
@@ -584,8 +594,12 @@ async fn the_binary_waits_for_control_serving_its_health_and_exits_on_sigterm() 
         assert!(Instant::now() < deadline, "no /healthz");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let scrape = format!("http://{metrics}/metrics");
+    let r = http.get(&scrape).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a scrape without the metrics key");
     let text = http
-        .get(format!("http://{metrics}/metrics"))
+        .get(&scrape)
+        .bearer_auth(metrics_key)
         .send()
         .await
         .unwrap()

@@ -204,6 +204,24 @@ async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_40
 }
 
 #[tokio::test]
+async fn the_metrics_listener_answers_only_a_scrape_with_its_key() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let gateway = stack.gateway();
+    let url = format!("http://127.0.0.1:{}/metrics", gateway.metrics_port);
+    let wrong = format!("Bearer {}x", gateway.metrics_key);
+    for (what, auth) in [("no key", None), ("a wrong key", Some(wrong.as_str()))] {
+        let mut request = stack.http().get(&url);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert!(!r.text().await.unwrap().contains("opencloud_"), "{what}");
+    }
+    assert!(gateway.metrics().await.contains("opencloud_gateway_"));
+}
+
+#[tokio::test]
 async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     let (port, captured) = capture_upstream().await;
     let f = Fixture::new(port, "upstream-secret-token").await;

@@ -45,6 +45,33 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
 }
 
 #[tokio::test]
+async fn controls_metrics_answer_only_a_caller_with_the_gateway_key() {
+    let stack = TestStack::control_only().await.unwrap();
+    let url = format!("{}/metrics", stack.control().internal);
+    let http = stack.http();
+    for (what, auth) in [
+        ("no key", None),
+        (
+            "a wrong key",
+            Some("Bearer not-the-gateway-key-at-all-000000"),
+        ),
+    ] {
+        let mut request = http.get(&url);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert!(!r.text().await.unwrap().contains("opencloud_"), "{what}");
+    }
+    assert!(stack
+        .control()
+        .metrics()
+        .await
+        .contains("opencloud_http_requests_total"));
+}
+
+#[tokio::test]
 async fn pages_and_the_stylesheet_are_served_by_control() {
     let stack = TestStack::control_only().await.unwrap();
     stack.admin().await; // seeds the starter packages, as scripts/up does

@@ -15,51 +15,85 @@ use crate::routes::{commit, publish};
 /// Failure details kept per session (the last lines of Jupyter's log).
 const FAILURE_DETAIL_MAX_CHARS: usize = 4000;
 
+/// The longest `reason` a failed event may give (a short code, not a log).
+const FAILURE_REASON_MAX_CHARS: usize = 200;
+/// The longest start an agent may report: a day, in milliseconds.
+const SPAWN_MS_MAX: u64 = 86_400_000;
+
 fn clip(detail: &str) -> String {
     let chars: Vec<char> = detail.chars().collect();
     let start = chars.len().saturating_sub(FAILURE_DETAIL_MAX_CHARS);
     chars[start..].iter().collect()
 }
 
+/// The fields of an event that need no database to judge; the port is
+/// checked against the host's range once that is read.
+fn check_event(event: &AgentEvent) -> Result<(), AppError> {
+    if !routes::is_valid_sid(event.sid()) {
+        return Err(AppError::invalid(
+            "sid",
+            "The sid is not a session id (26 characters a-z, 2-7).",
+        ));
+    }
+    match event {
+        AgentEvent::Ready { spawn_ms, .. } if *spawn_ms > SPAWN_MS_MAX => Err(AppError::invalid(
+            "spawn_ms",
+            format!("spawn_ms is at most {SPAWN_MS_MAX} (a day)."),
+        )),
+        AgentEvent::Failed { reason, .. } if reason.chars().count() > FAILURE_REASON_MAX_CHARS => {
+            Err(AppError::invalid(
+                "reason",
+                format!("The reason is at most {FAILURE_REASON_MAX_CHARS} characters; put the log in log_tail."),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Applies an agent's report about one of its sessions. Events for
-/// sessions on other hosts are refused; late events for ended sessions
-/// change nothing.
+/// sessions the host does not run are refused and logged; late events for
+/// ended sessions change nothing.
 pub async fn handle_event(
     pool: &Pool,
     wakeups: &Wakeups,
     host_id: u64,
     event: &AgentEvent,
 ) -> Result<(), AppError> {
+    check_event(event)?;
     let sid = event.sid();
-    if !routes::is_valid_sid(sid) {
-        return Err(AppError::invalid(
-            "sid",
-            "The sid is not a session id (26 characters a-z, 2-7).",
-        ));
-    }
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let row: Option<(u64, String, Option<u64>)> = tx
+    let row: Option<(String, Option<u64>, u16, u16)> = tx
         .exec_first(
-            "SELECT host_id, state, TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) DIV 1000
-             FROM sessions WHERE sid = ? FOR UPDATE",
-            (sid,),
+            "SELECT s.state, TIMESTAMPDIFF(MICROSECOND, s.created_at, UTC_TIMESTAMP(6)) DIV 1000,
+                h.port_first, h.port_last
+             FROM sessions s JOIN hosts h ON h.id = s.host_id
+             WHERE s.sid = ? AND s.host_id = ? FOR UPDATE",
+            (sid, host_id),
         )
         .await?;
-    let Some((owner_host, state, age_ms)) = row else {
+    let Some((state, age_ms, port_first, port_last)) = row else {
+        // Unknown, or another host's: a host speaks only for its own sessions.
+        tracing::warn!(
+            sid,
+            host = host_id,
+            "agent event refused: the host does not run this session"
+        );
         return Err(AppError::NotFound("session"));
     };
-    if owner_host != host_id {
-        return Err(AppError::NotFound("session"));
+    if let AgentEvent::Ready { port, .. } = event {
+        if !(port_first..=port_last).contains(port) {
+            return Err(AppError::invalid(
+                "port",
+                format!("port {port} is outside the host's range {port_first}-{port_last}."),
+            ));
+        }
     }
     let state = Phase::from_column(&state);
     let mut changes = Vec::new();
     match event {
         AgentEvent::Ready { port, spawn_ms, .. } => {
             if state == Some(Phase::Starting) {
-                if *port == 0 {
-                    return Err(AppError::invalid("port", "A ready session has a port."));
-                }
                 tx.exec_drop(
                     "UPDATE sessions SET state = ?, port = ?, ready_at = UTC_TIMESTAMP(6), spawn_ms = ?
                      WHERE sid = ?",

@@ -1,6 +1,7 @@
 //! `/agent/v1/…` (the protocol's `paths::agent`): what host agents call,
 //! authenticated by their HostKey (`Authorization: HostKey <key>`), never by
-//! cookies.
+//! cookies. What agents send is untrusted input: a bad field is a 400 that
+//! names it.
 
 use std::time::Duration;
 
@@ -50,11 +51,31 @@ impl FromRequestParts<App> for Agent {
     }
 }
 
+/// An [`ApiError`] whose bad fields are 400s: an agent's input is not a
+/// form a person corrects, it is a protocol message that is wrong.
+pub struct AgentError(AppError);
+
+impl<E: Into<AppError>> From<E> for AgentError {
+    fn from(e: E) -> Self {
+        AgentError(e.into())
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let mut response = ApiError(self.0).into_response();
+        if response.status() == StatusCode::UNPROCESSABLE_ENTITY {
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+        }
+        response
+    }
+}
+
 async fn register(
     State(app): State<App>,
     Agent(host): Agent,
     ApiJson(hello): ApiJson<AgentHello>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, AgentError> {
     let registered = hosts::register(&app.pool, host, &hello).await?;
     app.wakeups.wake(host);
     Ok(Json(registered).into_response())
@@ -64,7 +85,7 @@ async fn heartbeat(
     State(app): State<App>,
     Agent(host): Agent,
     ApiJson(beat): ApiJson<Heartbeat>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, AgentError> {
     Ok(Json(hosts::heartbeat(&app.pool, host, &beat).await?).into_response())
 }
 
@@ -96,7 +117,7 @@ async fn event(
     State(app): State<App>,
     Agent(host): Agent,
     ApiJson(event): ApiJson<AgentEvent>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, AgentError> {
     events::handle_event(&app.pool, &app.wakeups, host, &event).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

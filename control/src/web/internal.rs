@@ -1,6 +1,7 @@
 //! `/internal/v1/…` (the protocol's `paths::internal`) on the internal
 //! listener, for gateways only: the route stream, and the health and usage
-//! reports (the protocol's `reports`) gateways send back. Every call carries
+//! reports (the protocol's `reports`) gateways send back; and `/metrics`
+//! for whoever scrapes control. Every call carries
 //! `Authorization: Bearer <gateway key>`.
 
 use std::convert::Infallible;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::extract::{ApiJson, ApiQuery};
+use super::ops;
 use crate::app::App;
 use crate::error::AppError;
 use crate::hosts;
@@ -30,6 +32,7 @@ use crate::sessions;
 
 pub fn routes() -> Router<App> {
     Router::new()
+        .route("/metrics", get(metrics))
         .route(paths::ROUTES_WATCH, get(watch))
         .route(paths::HEALTH, post(health))
         .route(paths::USAGE, post(usage))
@@ -55,6 +58,12 @@ impl FromRequestParts<App> for Gateway {
             ))),
         }
     }
+}
+
+/// The scrape needs a key too: anything on the host (a notebook, too) can
+/// reach the internal listener's port.
+async fn metrics(_: Gateway, app: State<App>) -> impl IntoResponse {
+    ops::metrics(app).await
 }
 
 #[derive(Deserialize)]

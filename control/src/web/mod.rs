@@ -7,7 +7,8 @@
 //! `context` (the middleware before every platform request) on `auth` (who
 //! is calling), `cookies` and `csrf`; `errors` (errors as HTTP answers),
 //! `extract` (reading input), `layout` (the page layout), `render`
-//! (answering with a page) and `ops` (health and metrics).
+//! (answering with a page), `ops` (health and metrics) and
+//! `security_headers` (on every answer).
 
 mod admin;
 mod agent;
@@ -23,6 +24,7 @@ mod layout;
 mod ops;
 mod pages;
 mod render;
+mod security_headers;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware;
@@ -33,6 +35,7 @@ use crate::app::App;
 use crate::error::AppError;
 use errors::ApiError;
 use extract::{BODY_LIMIT, INTERNAL_BODY_LIMIT};
+use security_headers::SecurityHeaders;
 
 /// The public listener: the site, the API and the agents' calls.
 pub fn public_router(app: App) -> Router {
@@ -51,17 +54,21 @@ pub fn public_router(app: App) -> Router {
         ));
     // Agents authenticate with their HostKey: no cookies, so no CSRF rules.
     let agents = agent::routes().route_layer(middleware::from_fn(ops::track_metrics));
+    let headers = SecurityHeaders::new(&app.config);
     Router::new()
         .merge(agents)
         .merge(platform)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::map_response_with_state(
+            headers,
+            security_headers::add,
+        ))
         .with_state(app)
 }
 
 /// The internal listener: metrics, health and the gateways' calls.
 pub fn internal_router(app: App) -> Router {
     Router::new()
-        .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .merge(internal::routes())
         .fallback(|| async { ApiError(AppError::NotFound("page")) })
@@ -69,5 +76,9 @@ pub fn internal_router(app: App) -> Router {
             ApiError(AppError::MethodNotAllowed(request.method().to_string()))
         })
         .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
+        .layer(middleware::map_response_with_state(
+            SecurityHeaders::new(&app.config),
+            security_headers::add,
+        ))
         .with_state(app)
 }
