@@ -278,7 +278,7 @@ mod tests {
     use super::*;
 
     fn write_keys(dir: &Path) {
-        std::fs::write(dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
+        config::write_private_file(&dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
     }
 
     fn temp_dir(name: &str) -> PathBuf {
