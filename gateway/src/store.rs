@@ -8,9 +8,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use opencloud_protocol::config;
 use opencloud_protocol::routes::Delta;
 
 use crate::table::RouteTable;
@@ -149,13 +150,10 @@ fn create_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Takes away every permission of group and others from `path` (which is
-/// to end up `private`, 0600 or 0700), saying so when there were any: the
+/// [`config::close_to_others`], saying so when it changed anything: the
 /// tokens in a file left open may already have been read.
 fn close_to_others(path: &Path, private: u32) -> std::io::Result<()> {
-    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        fs::set_permissions(path, fs::Permissions::from_mode(private))?;
+    if let Some(mode) = config::close_to_others(path, private)? {
         tracing::warn!(
             "{} was open to other users (mode {mode:o}); now {private:o}",
             path.display()
@@ -177,6 +175,7 @@ fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
 mod tests {
     use super::*;
     use opencloud_protocol::routes::{Change, Revocation};
+    use std::os::unix::fs::PermissionsExt;
 
     fn delta(version: u64) -> Delta {
         Delta {

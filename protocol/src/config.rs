@@ -109,6 +109,20 @@ pub fn write_private_file(path: &Path, contents: impl AsRef<[u8]>) -> std::io::R
         .write_all(contents.as_ref())
 }
 
+/// Takes every permission of group and others away from `path`, leaving it
+/// `private` (0600 for a file, 0700 for a directory). Returns the mode it had
+/// when that changed anything, for the caller to say so: what was in it may
+/// already have been read.
+pub fn close_to_others(path: &Path, private: u32) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))?;
+    Ok(Some(mode))
+}
+
 /// Reads the config file at `path` and hands its text, with the process
 /// environment, to `from_toml`: the binary's own parse-and-validate step.
 pub fn load<C>(
