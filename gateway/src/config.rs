@@ -169,8 +169,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("oc-gw-config-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         config::write_private_file(&dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
-        let text =
-            include_str!("../../config/gateway.toml").replace("../.local/keys.toml", "keys.toml");
+        let text = include_str!("../../config/gateway.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         (dir.join("gateway.toml"), text)
     }
 
