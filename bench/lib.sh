@@ -242,7 +242,8 @@ start_stack() {
   ci=$(free_port)
   gm=$(free_port)
   mkdir -p "$dir/state"
-  "$RELEASE/opencloud-control" keygen >"$dir/keys.toml"
+  # Control and the gateway refuse a keys file others can read.
+  (umask 077 && "$RELEASE/opencloud-control" keygen >"$dir/keys.toml")
   cat >"$dir/control.toml" <<EOF
 public_url = "http://localhost:$GW_PORT"
 keys_file = "keys.toml"

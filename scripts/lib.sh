@@ -69,6 +69,24 @@ ensure_mariadb() {
   die "MariaDB did not start; see .local/logs/mariadb.log"
 }
 
+# Takes every permission of group and others away from PATH (a secret, or
+# the directory holding secrets), leaving it MODE (600 or 700); says so when
+# there were any, since what it holds may have been read. Idempotent.
+close_to_others() {
+  local path=$1 private=$2 mode
+  mode=$(stat -c %a "$path")
+  if [ $((8#$mode & 8#077)) -ne 0 ]; then
+    chmod "$private" "$path"
+    warn "$path was open to other users (mode $mode); now $private"
+  fi
+}
+
+# A directory only this user may enter: created 0700, or closed to others.
+private_dir() {
+  mkdir -p -m 700 "$1"
+  close_to_others "$1" 700
+}
+
 # Stops the process whose pid is in .local/run/NAME.pid, politely first.
 stop_pidfile() {
   local name=$1 file="$LOCAL/run/$1.pid"

@@ -1,11 +1,14 @@
 //! One file per running session under `work_dir/sessions/`, readable by root
 //! only (it holds the upstream token), so that an agent that restarts finds
-//! the servers it left and can either keep them or clean them up.
+//! the servers it left and can either keep them or clean them up. Files and
+//! directory are private from creation (0600 in 0700); ones an older release
+//! left open are closed when they are read at start.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use opencloud_protocol::config::close_to_others;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -64,9 +67,15 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(dir: PathBuf) -> Result<Self, Error> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
             .map_err(|e| Error::io(&dir, e))?;
+        warn_if_closed(
+            &dir,
+            close_to_others(&dir, 0o700).map_err(|e| Error::io(&dir, e))?,
+        );
         Ok(Self { dir })
     }
 
@@ -119,6 +128,12 @@ impl StateDir {
             if !name.ends_with(".json") {
                 continue;
             }
+            match close_to_others(&path, 0o600) {
+                Ok(was) => warn_if_closed(&path, was),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot close the state file to others")
+                }
+            }
             match read_record(&path) {
                 Ok(record) if path == self.path(&record.sid) => records.push(record),
                 Ok(_) => {
@@ -136,6 +151,16 @@ impl StateDir {
     }
 }
 
+/// Says that `path` was open to other users (mode `was`) and now is not.
+fn warn_if_closed(path: &Path, was: Option<u32>) {
+    if let Some(mode) = was {
+        tracing::warn!(
+            "{} was open to other users (mode {mode:o}); closed",
+            path.display()
+        );
+    }
+}
+
 fn read_record(path: &Path) -> Result<SessionRecord, String> {
     let text = std::fs::read(path).map_err(|e| e.to_string())?;
     serde_json::from_slice(&text).map_err(|e| e.to_string())
@@ -144,6 +169,7 @@ fn read_record(path: &Path) -> Result<SessionRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn record(sid: &str) -> SessionRecord {
         SessionRecord {
@@ -196,6 +222,38 @@ mod tests {
         assert!(!dir.path("cccc").exists());
         assert!(!dir.path("ffff").exists());
         std::fs::remove_dir_all(&dir.dir).unwrap();
+    }
+
+    #[test]
+    fn files_an_older_agent_left_open_are_closed_at_start() {
+        let path = temp_dir("open");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            path.join("gggg.json"),
+            serde_json::to_vec(&record("gggg")).unwrap(),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            path.join("gggg.json"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let dir = StateDir::open(path.clone()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(dir.load_all(), vec![record("gggg")]);
+        assert_eq!(mode(&dir.path("gggg")), 0o600);
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn a_new_state_dir_is_private_from_its_creation() {
+        let parent = temp_dir("new");
+        let dir = StateDir::open(parent.join("a/sessions")).unwrap();
+        let mode = std::fs::metadata(&dir.dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

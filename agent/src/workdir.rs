@@ -3,7 +3,7 @@
 //! let session users reach their own directories and nothing else, and the
 //! lock that keeps a second agent out.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,7 +58,13 @@ pub(crate) fn prepare_work_dir(layout: &Layout, root: bool) -> Result<(), Error>
         (layout.logs(), 0o700),
     ];
     for (dir, mode) in dirs {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Created with its mode, so the logs are never open for a moment;
+        // set again for directories an older release made.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
         if root || dir != layout.work_dir {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io(&dir, e))?;
@@ -145,7 +151,11 @@ pub(crate) fn ensure_reachable(path: &Path) -> Result<(), Error> {
 
 /// A directory only `run_as` may enter.
 pub(crate) fn private_dir(dir: &Path, run_as: &RunAs) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))?;
     if run_as.switch {
         std::os::unix::fs::chown(dir, Some(run_as.uid), Some(run_as.gid))
             .map_err(|e| Error::io(dir, e))?;

@@ -278,7 +278,7 @@ mod tests {
     use super::*;
 
     fn write_keys(dir: &Path) {
-        std::fs::write(dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
+        config::write_private_file(&dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
     }
 
     fn temp_dir(name: &str) -> PathBuf {
@@ -291,8 +291,8 @@ mod tests {
     #[test]
     fn the_shipped_default_config_loads() {
         let dir = temp_dir("default");
-        let text =
-            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         let config = Config::from_toml(&dir.join("control.toml"), &text, []).unwrap();
         assert_eq!(config.pbkdf2_iterations, 600_000);
         assert!(!config.secure_cookies);
@@ -301,8 +301,8 @@ mod tests {
     #[test]
     fn a_path_in_public_url_is_refused() {
         let dir = temp_dir("origin");
-        let text =
-            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         let err = Config::from_toml(
             &dir.join("control.toml"),
             &text,
@@ -319,8 +319,8 @@ mod tests {
     #[test]
     fn short_gateway_keys_and_a_session_domain_equal_to_the_platform_are_refused() {
         let dir = temp_dir("gateway-keys");
-        let text =
-            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         let path = dir.join("control.toml");
         let err = Config::from_toml(
             &path,
@@ -354,8 +354,8 @@ mod tests {
     #[test]
     fn weak_password_hashing_is_refused() {
         let dir = temp_dir("pbkdf2");
-        let text =
-            include_str!("../../config/control.toml").replace("../.local/keys.toml", "keys.toml");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         let err = Config::from_toml(
             &dir.join("control.toml"),
             &format!("{text}\n[passwords]\npbkdf2_iterations = 1000\n"),

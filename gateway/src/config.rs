@@ -208,9 +208,9 @@ mod tests {
     fn shipped(name: &str) -> (PathBuf, String) {
         let dir = std::env::temp_dir().join(format!("oc-gw-config-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
-        let text =
-            include_str!("../../config/gateway.toml").replace("../.local/keys.toml", "keys.toml");
+        config::write_private_file(&dir.join("keys.toml"), Keyring::generate_toml("k1")).unwrap();
+        let text = include_str!("../../config/gateway.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
         (dir.join("gateway.toml"), text)
     }
 

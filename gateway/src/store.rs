@@ -1,17 +1,24 @@
 //! The route table on disk: a snapshot plus a log of the deltas applied
 //! since, so a restarted gateway serves its last good table before control
 //! answers. Written only by the watch task, never on the request path.
+//!
+//! The files hold every session's upstream token, so they and their
+//! directory are the gateway user's alone: created 0600 in a 0700 directory,
+//! and tightened at start when an older release left them open.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use opencloud_protocol::config;
 use opencloud_protocol::routes::Delta;
 
 use crate::table::RouteTable;
 
 const SNAPSHOT: &str = "routes.snapshot.json";
 const LOG: &str = "routes.deltas.ndjson";
+const SNAPSHOT_TMP: &str = "routes.snapshot.json.tmp";
 /// The log is folded into a new snapshot once it is larger than the
 /// snapshot itself (and at least this), so compaction cost stays
 /// proportional to the changes, whatever the table's size.
@@ -27,7 +34,17 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        close_to_others(dir, 0o700)?;
+        for name in [SNAPSHOT, LOG, SNAPSHOT_TMP] {
+            match close_to_others(&dir.join(name), 0o600) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
         Ok(Self {
             dir: dir.to_owned(),
             log: None,
@@ -71,16 +88,16 @@ impl Store {
 
     /// Replaces everything on disk with `table` (write, fsync, rename).
     pub fn save_snapshot(&mut self, table: &RouteTable) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
+        let tmp = self.dir.join(SNAPSHOT_TMP);
         {
-            let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            let mut file = std::io::BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
             table.write_snapshot(&mut file)?;
             let file = file.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             self.snapshot_bytes = file.metadata()?.len();
         }
         fs::rename(&tmp, self.dir.join(SNAPSHOT))?;
-        self.log = Some(File::create(self.dir.join(LOG))?);
+        self.log = Some(create_private(&self.dir.join(LOG))?);
         self.log_bytes = 0;
         Ok(())
     }
@@ -90,7 +107,11 @@ impl Store {
     pub fn resume_log(&mut self) -> std::io::Result<()> {
         let path = self.dir.join(LOG);
         if self.dir.join(SNAPSHOT).exists() {
-            let mut log = OpenOptions::new().create(true).append(true).open(&path)?;
+            let mut log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
             self.log_bytes = log.metadata()?.len();
             // Close off a torn last line so the next delta starts on its own.
             if self.log_bytes > 0 && !ends_with_newline(&path)? {
@@ -119,6 +140,28 @@ impl Store {
     }
 }
 
+/// A new, empty file only its owner may read (0600 from its creation on).
+fn create_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// [`config::close_to_others`], saying so when it changed anything: the
+/// tokens in a file left open may already have been read.
+fn close_to_others(path: &Path, private: u32) -> std::io::Result<()> {
+    if let Some(mode) = config::close_to_others(path, private)? {
+        tracing::warn!(
+            "{} was open to other users (mode {mode:o}); now {private:o}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = File::open(path)?;
@@ -132,6 +175,7 @@ fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
 mod tests {
     use super::*;
     use opencloud_protocol::routes::{Change, Revocation};
+    use std::os::unix::fs::PermissionsExt;
 
     fn delta(version: u64) -> Delta {
         Delta {
@@ -171,5 +215,43 @@ mod tests {
         reopened.append(&delta(5), &five).unwrap();
         assert_eq!(Store::open(&dir).unwrap().load().version, 5);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_files_are_private_from_creation_and_open_ones_are_closed_at_start() {
+        let base = std::env::temp_dir().join(format!("oc-gw-store-modes-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let dir = base.join("state");
+        let mut store = Store::open(&dir).unwrap();
+        let table = RouteTable::default().apply(&delta(1)).unwrap();
+        store.save_snapshot(&table).unwrap();
+        store
+            .append(&delta(2), &table.apply(&delta(2)).unwrap())
+            .unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            (mode(&dir.join(SNAPSHOT)), mode(&dir.join(LOG))),
+            (0o600, 0o600)
+        );
+        // As an older release left them.
+        for (path, open) in [
+            (&dir, 0o755),
+            (&dir.join(SNAPSHOT), 0o644),
+            (&dir.join(LOG), 0o640),
+        ] {
+            fs::set_permissions(path, fs::Permissions::from_mode(open)).unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            (mode(&dir.join(SNAPSHOT)), mode(&dir.join(LOG))),
+            (0o600, 0o600)
+        );
+        assert_eq!(store.load().version, 2, "tightened, not lost");
+        fs::remove_dir_all(&base).unwrap();
     }
 }

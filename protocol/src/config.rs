@@ -31,6 +31,14 @@ pub enum ConfigError {
     /// The keys file the config points to is wrong.
     #[error(transparent)]
     Keys(#[from] crate::keys::KeyringError),
+    /// A secret file other users may read or change (see [`check_private`]).
+    #[error("{what} {path} is {access} by others (mode {mode:04o}); chmod 600 it")]
+    Exposed {
+        what: &'static str,
+        path: String,
+        access: &'static str,
+        mode: u32,
+    },
     /// A value of the wrong type or an unknown key, in the file or the
     /// environment.
     #[error("{file}: key `{key}`{origin}: {message}")]
@@ -49,6 +57,70 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
         path: path.display().to_string(),
         message: e.to_string(),
     })
+}
+
+/// Refuses a secret file whose permission bits `mode` let users other than
+/// its owner read it (they would hold the secret) or write it (they would
+/// choose it); `what` and `path` name it. Execute bits give nothing away.
+pub fn check_private(what: &'static str, path: &str, mode: u32) -> Result<(), ConfigError> {
+    let access = if mode & 0o044 != 0 {
+        "readable"
+    } else if mode & 0o022 != 0 {
+        "writable"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::Exposed {
+        what,
+        path: path.to_owned(),
+        access,
+        mode: mode & 0o7777,
+    })
+}
+
+/// Reads a secret file, refusing it when others may read or change it
+/// (the mode is taken from the opened file, so it is the one read).
+pub fn read_private_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let failed = |e: std::io::Error| ConfigError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let mode = file.metadata().map_err(failed)?.mode();
+    check_private(what, &path.display().to_string(), mode)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(failed)?;
+    Ok(text)
+}
+
+/// Writes a secret file (keys, a gateway key) private to its owner from the
+/// start: created with mode 0600, never written first and closed after.
+pub fn write_private_file(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(contents.as_ref())
+}
+
+/// Takes every permission of group and others away from `path`, leaving it
+/// `private` (0600 for a file, 0700 for a directory). Returns the mode it had
+/// when that changed anything, for the caller to say so: what was in it may
+/// already have been read.
+pub fn close_to_others(path: &Path, private: u32) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))?;
+    Ok(Some(mode))
 }
 
 /// Reads the config file at `path` and hands its text, with the process
@@ -80,7 +152,8 @@ pub fn parse_file<T: DeserializeOwned>(
 }
 
 /// Reads the keys file that the config file at `config_path` names as
-/// `keys_file` (relative to the config file's folder).
+/// `keys_file` (relative to the config file's folder); it must be private
+/// to its owner (see [`check_private`]).
 pub fn load_keys(config_path: &Path, keys_file: &Path) -> Result<Keyring, ConfigError> {
     let keys_path = config_path
         .parent()
@@ -88,7 +161,7 @@ pub fn load_keys(config_path: &Path, keys_file: &Path) -> Result<Keyring, Config
         .join(keys_file);
     Ok(Keyring::from_toml(
         &keys_path.display().to_string(),
-        &read_file(&keys_path)?,
+        &read_private_file("keys file", &keys_path)?,
     )?)
 }
 
@@ -228,6 +301,60 @@ mod tests {
             err.contains("key `database.pool_max` (from OC__DATABASE__POOL_MAX)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_secret_file_others_can_read_or_write_is_refused_naming_it_and_its_mode() {
+        for mode in [0o600, 0o400, 0o700, 0o100600, 0o611] {
+            assert_eq!(
+                check_private("keys file", "/x/keys.toml", mode),
+                Ok(()),
+                "{mode:o}"
+            );
+        }
+        for (mode, message) in [
+            (
+                0o644,
+                "keys file /x/keys.toml is readable by others (mode 0644); chmod 600 it",
+            ),
+            (
+                0o100640,
+                "keys file /x/keys.toml is readable by others (mode 0640); chmod 600 it",
+            ),
+            (
+                0o604,
+                "keys file /x/keys.toml is readable by others (mode 0604); chmod 600 it",
+            ),
+            (
+                0o620,
+                "keys file /x/keys.toml is writable by others (mode 0620); chmod 600 it",
+            ),
+            (
+                0o602,
+                "keys file /x/keys.toml is writable by others (mode 0602); chmod 600 it",
+            ),
+        ] {
+            let err = check_private("keys file", "/x/keys.toml", mode).unwrap_err();
+            assert_eq!(err.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn a_keys_file_others_can_read_is_refused_before_it_is_parsed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("oc-protocol-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys.toml");
+        write_private_file(&keys, Keyring::generate_toml("k1")).unwrap();
+        load_keys(&dir.join("c.toml"), Path::new("keys.toml")).unwrap();
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_keys(&dir.join("c.toml"), Path::new("keys.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is readable by others (mode 0644)"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use opencloud_protocol::config::write_private_file;
 use reqwest::StatusCode;
 
 use crate::db::TestDatabase;
@@ -54,7 +55,7 @@ impl Control {
         let keys = Command::new(binary("opencloud-control"))
             .arg("keygen")
             .output()?;
-        std::fs::write(dir.join("keys.toml"), keys.stdout)?;
+        write_private_file(&dir.join("keys.toml"), keys.stdout)?;
         let (public, internal) = (free_port(), free_port());
         let trusted = options
             .trusted_proxies
@@ -66,7 +67,7 @@ impl Control {
             .collect::<Vec<_>>()
             .join(", ");
         let gateway_key = unique("gateway-key-for-tests-");
-        std::fs::write(dir.join("gateway.key"), &gateway_key)?;
+        write_private_file(&dir.join("gateway.key"), &gateway_key)?;
         let config = format!(
             "public_url = \"http://127.0.0.1:{public}\"\nkeys_file = \"keys.toml\"\ntrusted_proxies = [{trusted}]\n\
              session_domain = \"nb.localhost:{public}\"\ngateway_keys = [\"{gateway_key}\"]\n\

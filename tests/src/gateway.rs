@@ -8,6 +8,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use opencloud_protocol::config::write_private_file;
 
 use crate::control::Control;
 use crate::machine::{binary, free_port, unique, wait_until_ready};
@@ -27,7 +28,10 @@ impl GatewayProcess {
     pub fn prepare(control: &Control, port: u16) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(unique("oc-gateway-"));
         std::fs::create_dir_all(dir.join("state"))?;
-        std::fs::copy(control.dir.join("keys.toml"), dir.join("keys.toml"))?;
+        write_private_file(
+            &dir.join("keys.toml"),
+            std::fs::read(control.dir.join("keys.toml"))?,
+        )?;
         let metrics_port = free_port();
         let metrics_key = unique("metrics-key-for-tests-");
         let control_public = control.public.trim_start_matches("http://");

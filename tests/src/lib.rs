@@ -26,7 +26,10 @@ use serde_json::Value;
 
 pub use control::{Control, ControlOptions};
 pub use db::{mysql_server_url, TestDatabase};
-pub use machine::{bin_dir, binary, free_port, free_ports_in_a_row, unique, TEST_PORTS};
+pub use machine::{
+    bin_dir, binary, free_port, free_ports_in_a_row, mode_and_owner, run_to_refusal, set_mode,
+    unique, TEST_PORTS,
+};
 pub use stack::TestStack;
 pub use user::{TestUser, PASSWORD};
 

@@ -1,10 +1,11 @@
 //! What the test machine offers every harness module: the workspace
 //! binaries `cargo build` made, free ports below the ephemeral range, names
-//! no other test uses, a Prometheus scrape, and the start-up wait and
-//! process-group signal every spawned server needs.
+//! no other test uses, a Prometheus scrape, the start-up wait and
+//! process-group signal every spawned server needs, and files' modes.
 
 use std::future::Future;
 use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -121,4 +122,43 @@ pub fn signal_group(leader: u32, signal: &str) {
         .args([format!("-{signal}"), "--".into(), format!("-{leader}")])
         .stderr(Stdio::null())
         .status();
+}
+
+/// The permission bits of `path` (`0o600`) and its owner's uid.
+pub fn mode_and_owner(path: &Path) -> (u32, u32) {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.mode() & 0o7777, meta.uid())
+}
+
+/// Sets the permission bits of `path`, as a careless operator (or an older
+/// release) would have left them.
+pub fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Runs `command`, which must refuse to start, to its exit and returns its
+/// output; an error (the process killed) when it is still running after
+/// `within`, i.e. it started.
+pub fn run_to_refusal(
+    command: &mut Command,
+    within: Duration,
+) -> anyhow::Result<std::process::Output> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + within;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            anyhow::bail!(
+                "still running after {within:?}: it started\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child.wait_with_output()?)
 }

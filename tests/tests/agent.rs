@@ -243,8 +243,13 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
     assert_eq!((project.uid(), project.mode() & 0o777), (uid, 0o700));
     let home = std::fs::metadata(host.work().join("homes/oc-p910001")).unwrap();
     assert_eq!((home.uid(), home.mode() & 0o777), (uid, 0o700));
+    // The state file holds the upstream token: root's alone, in root's own directories.
     let state = std::fs::metadata(host.state_file(&sid)).unwrap();
     assert_eq!((state.uid(), state.mode() & 0o777), (0, 0o600));
+    for dir in ["sessions", "logs"] {
+        let meta = std::fs::metadata(host.work().join(dir)).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700), "{dir}");
+    }
     assert!(
         !std::fs::read_to_string(host.work().join(format!("logs/{sid}.log")))
             .unwrap()

@@ -3,9 +3,12 @@
 //! configuration errors, shutdown.
 
 use std::process::Command;
+use std::time::Duration;
 
 use mysql_async::prelude::*;
-use opencloud_e2e::{binary, Control, ControlOptions, TestDatabase, TestStack, PASSWORD};
+use opencloud_e2e::{
+    binary, run_to_refusal, set_mode, Control, ControlOptions, TestDatabase, TestStack, PASSWORD,
+};
 use reqwest::header::CONTENT_TYPE;
 use reqwest::StatusCode;
 
@@ -232,6 +235,34 @@ async fn a_wrong_config_key_is_named_with_its_file() {
         0,
         "nothing touched"
     );
+}
+
+/// A keys file other users can read gives them every token's signing key:
+/// control refuses to start, naming the file and its mode.
+#[tokio::test]
+async fn control_with_a_keys_file_others_can_read_refuses_to_start() {
+    let db = TestDatabase::create().await.unwrap();
+    let (dir, config, _, _) = Control::prepare(&db, &ControlOptions::default()).unwrap();
+    let keys = dir.join("keys.toml");
+    for mode in [0o644, 0o640] {
+        set_mode(&keys, mode);
+        let out = run_to_refusal(
+            Command::new(binary("opencloud-control"))
+                .arg("--config")
+                .arg(&config),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "keys file {} is readable by others (mode {mode:04o}); chmod 600 it",
+                keys.display()
+            )),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,12 +1,14 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Restarting the gateway: graceful shutdown lets in-flight requests finish,
-//! and `--upgrade` replaces the binary without refusing a connection.
+//! `--upgrade` replaces the binary without refusing a connection, and what
+//! it keeps on disk (the route table with every upstream token) and reads at
+//! start (the keys file) is private to its user.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::TestStack;
+use opencloud_e2e::{mode_and_owner, set_mode, TestStack};
 use reqwest::StatusCode;
 
 #[tokio::test]
@@ -100,4 +102,88 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     assert!(tokio::net::TcpStream::connect(stack.gateway().addr())
         .await
         .is_err());
+}
+
+/// The route table's files: they hold every session's upstream token.
+const STATE_FILES: [&str; 2] = ["routes.snapshot.json", "routes.deltas.ndjson"];
+
+/// Attack: another user on the gateway's machine (a notebook's user) reads
+/// the persisted route table and takes every session's upstream token.
+#[tokio::test]
+async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start() {
+    let mut stack = TestStack::with_gateway().await.unwrap();
+    let user = stack.new_user().await;
+    stack.session_for(&user, 9, "upstream-token-on-disk").await;
+    let gateway = stack.gateway();
+    let state = gateway.dir.join("state");
+    let (_, gateway_uid) = mode_and_owner(&gateway.config_path);
+    let private = |what: &str| {
+        assert_eq!(
+            mode_and_owner(&state),
+            (0o700, gateway_uid),
+            "{what}: state dir"
+        );
+        for name in STATE_FILES {
+            let (mode, uid) = mode_and_owner(&state.join(name));
+            assert_eq!(
+                (mode, uid),
+                (0o600, gateway_uid),
+                "{what}: {name} is {mode:o}"
+            );
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !STATE_FILES.iter().all(|name| state.join(name).exists()) {
+        assert!(Instant::now() < deadline, "the table was never persisted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        std::fs::read_to_string(state.join("routes.snapshot.json"))
+            .unwrap()
+            .contains("upstream-token-on-disk")
+            || std::fs::read_to_string(state.join("routes.deltas.ndjson"))
+                .unwrap()
+                .contains("upstream-token-on-disk"),
+        "the files this test guards hold the token"
+    );
+    private("written by this gateway");
+
+    // Files an older release left open are closed at the next start.
+    stack.gateway_mut().stop();
+    set_mode(&state, 0o755);
+    for name in STATE_FILES {
+        set_mode(&state.join(name), 0o644);
+    }
+    stack.gateway_mut().start().await.unwrap();
+    private("left open by an older gateway");
+    assert!(
+        stack
+            .gateway()
+            .log()
+            .contains("routes.snapshot.json was open to other users (mode 644)"),
+        "the tightening is logged:\n{}",
+        stack.gateway().log()
+    );
+}
+
+/// A keys file other users can read gives them every token's signing key:
+/// the gateway refuses to start, naming the file and its mode.
+#[tokio::test]
+async fn a_gateway_with_a_keys_file_others_can_read_refuses_to_start() {
+    let mut stack = TestStack::with_gateway().await.unwrap();
+    stack.gateway_mut().stop();
+    let keys = stack.gateway().dir.join("keys.toml");
+    for mode in [0o644, 0o640] {
+        set_mode(&keys, mode);
+        let err = stack.gateway_mut().start().await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "keys file {} is readable by others (mode {mode:04o}); chmod 600 it",
+                keys.display()
+            )),
+            "{err}"
+        );
+    }
+    set_mode(&keys, 0o600);
+    stack.gateway_mut().start().await.unwrap();
 }
