@@ -23,10 +23,16 @@ struct AgentFile {
     /// Control's public URL, e.g. `http://127.0.0.1:8081`.
     control_url: String,
     host_key: String,
-    /// The IP address gateways connect to (Jupyter and `/healthz` listen on it).
+    /// The IP address gateways connect to (the host link listens on it).
     address: String,
-    health_port: u16,
-    port_range: [u16; 2],
+    /// The host link's port: every session is reached through it, and it
+    /// answers `/healthz`.
+    link_port: u16,
+    /// Keys from earlier versions, named in a clear refusal.
+    #[serde(default)]
+    health_port: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    port_range: Option<serde::de::IgnoredAny>,
     capacity: CapacityFile,
     /// Project files, homes, logs and session state (relative to this file).
     work_dir: PathBuf,
@@ -73,9 +79,7 @@ pub struct Config {
     pub control_url: String,
     pub host_key: String,
     pub address: IpAddr,
-    pub health_port: u16,
-    /// First and last port, inclusive, first ≤ last.
-    pub port_range: (u16, u16),
+    pub link_port: u16,
     pub capacity: Capacity,
     /// Absolute.
     pub work_dir: PathBuf,
@@ -96,8 +100,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("control_url", &self.control_url)
             .field("address", &self.address)
-            .field("health_port", &self.health_port)
-            .field("port_range", &self.port_range)
+            .field("link_port", &self.link_port)
             .field("capacity", &self.capacity)
             .field("work_dir", &self.work_dir)
             .field("venv", &self.venv)
@@ -162,25 +165,21 @@ impl Config {
             ));
         }
 
-        if file.health_port == 0 {
-            return Err(invalid("health_port", "must be a port above 0".into()));
+        for (key, used) in [
+            ("health_port", file.health_port.is_some()),
+            ("port_range", file.port_range.is_some()),
+        ] {
+            if used {
+                return Err(invalid(
+                    key,
+                    "is no longer used: gateways reach every session through link_port, \
+                     and Jupyter servers listen on private sockets; remove it"
+                        .into(),
+                ));
+            }
         }
-
-        let [first, last] = file.port_range;
-        if first == 0 || first > last {
-            return Err(invalid(
-                "port_range",
-                format!("[{first}, {last}] is empty: give [first, last] with 0 < first ≤ last"),
-            ));
-        }
-        if (first..=last).contains(&file.health_port) {
-            return Err(invalid(
-                "port_range",
-                format!(
-                    "[{first}, {last}] contains health_port {}",
-                    file.health_port
-                ),
-            ));
+        if file.link_port == 0 {
+            return Err(invalid("link_port", "must be a port above 0".into()));
         }
 
         let capacity = &file.capacity;
@@ -193,17 +192,6 @@ impl Config {
         if capacity.memory_mib == 0 {
             return Err(invalid("capacity.memory_mib", "must be above 0".into()));
         }
-        let ports = u32::from(last - first) + 1;
-        if ports < capacity.max_sessions {
-            return Err(invalid(
-                "port_range",
-                format!(
-                    "[{first}, {last}] holds {ports} ports, fewer than capacity.max_sessions ({})",
-                    capacity.max_sessions
-                ),
-            ));
-        }
-
         if file.stop_grace_seconds == 0 {
             return Err(invalid("stop_grace_seconds", "must be above 0".into()));
         }
@@ -241,8 +229,7 @@ impl Config {
             control_url,
             host_key: file.host_key,
             address,
-            health_port: file.health_port,
-            port_range: (first, last),
+            link_port: file.link_port,
             capacity: Capacity {
                 max_sessions: capacity.max_sessions,
                 cpu_cores: capacity.cpu_cores,
@@ -257,9 +244,9 @@ impl Config {
         })
     }
 
-    /// Where the agent's own `/healthz` listens.
-    pub fn health_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.address, self.health_port)
+    /// Where the host link (and `/healthz`) listens.
+    pub fn link_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.link_port)
     }
 }
 
@@ -282,8 +269,7 @@ mod tests {
 control_url = "http://127.0.0.1:8081/"
 host_key = "hk_0123456789abcdef"
 address = "127.0.0.1"
-health_port = 9300
-port_range = [9400, 9499]
+link_port = 9300
 work_dir = "work"
 venv = "{}"
 {extra}
@@ -308,13 +294,12 @@ memory_mib = 4096
     fn a_good_config_is_read_with_defaults() {
         let config = load(&text("")).unwrap();
         assert_eq!(config.control_url, "http://127.0.0.1:8081");
-        assert_eq!(config.port_range, (9400, 9499));
         assert_eq!(config.work_dir, PathBuf::from("/etc/oc/work"));
         assert_eq!(config.stop_grace, Duration::from_secs(10));
         assert_eq!(config.start_timeout, Duration::from_secs(60));
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.capacity.max_sessions, 4);
-        assert_eq!(config.health_addr().to_string(), "127.0.0.1:9300");
+        assert_eq!(config.link_addr().to_string(), "127.0.0.1:9300");
     }
 
     #[test]
@@ -337,21 +322,14 @@ memory_mib = 4096
     }
 
     #[test]
-    fn a_reversed_or_empty_port_range_is_named() {
-        let err = error(&text("").replace("[9400, 9499]", "[9499, 9400]"));
+    fn keys_of_the_per_session_ports_are_refused_by_name() {
+        let err = error(&text("port_range = [9400, 9499]"));
         assert!(err.contains("key `port_range`"), "{err}");
-        assert!(err.contains("is empty"), "{err}");
-        let err = error(&text("").replace("[9400, 9499]", "[0, 10]"));
-        assert!(err.contains("key `port_range`"), "{err}");
-        let err = error(&text("").replace("[9400, 9499]", "[9400, 9401]"));
-        assert!(
-            err.contains("key `port_range`") && err.contains("fewer than"),
-            "{err}"
-        );
-        let err = error(&text("").replace("[9400, 9499]", "[9300, 9310]"));
-        assert!(err.contains("contains health_port"), "{err}");
-        let err = error(&text("").replace("[9400, 9499]", "[9400]"));
-        assert!(err.contains("key `port_range`"), "{err}");
+        assert!(err.contains("link_port"), "{err}");
+        let err = error(&text("health_port = 9201"));
+        assert!(err.contains("key `health_port`"), "{err}");
+        let err = error(&text("").replace("link_port = 9300", "link_port = 0"));
+        assert!(err.contains("key `link_port`"), "{err}");
     }
 
     #[test]
@@ -420,12 +398,12 @@ memory_mib = 4096
         let err = Config::from_toml(
             Path::new("agent.toml"),
             &text(""),
-            vec![("OPENCLOUD_AGENT__HEALTH_PORT".into(), "many".into())],
+            vec![("OPENCLOUD_AGENT__LINK_PORT".into(), "many".into())],
         )
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("key `health_port` (from OPENCLOUD_AGENT__HEALTH_PORT)"),
+            err.contains("key `link_port` (from OPENCLOUD_AGENT__LINK_PORT)"),
             "{err}"
         );
     }

@@ -2,7 +2,7 @@
 //! and stops a Jupyter server per session when control says so.
 //!
 //! [`run`] is the whole agent (what the binary runs): it binds the
-//! health and metrics listeners (`listener`), opens the [`Supervisor`],
+//! host link and metrics listeners (`listener`, [`host_link`]), opens the [`Supervisor`],
 //! and keeps the link to control (`link`) until shutdown. [`Supervisor`]
 //! is the part that manages Jupyter servers, usable without control (tests
 //! drive it directly, `stop-all` uses it to stop what a work dir records).
@@ -11,6 +11,7 @@ pub mod cgroups;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod host_link;
 pub mod jupyter;
 mod link;
 mod listener;
@@ -48,7 +49,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    listeners.spawn(&mut tasks, &stop_rx);
+    let (identity_tx, identity_rx) = watch::channel(None);
+    listeners.spawn(
+        &mut tasks,
+        identity_rx,
+        std::sync::Arc::new(supervisor.clone()),
+        &stop_rx,
+    );
 
     let client = ControlClient::new(&config.control_url, &config.host_key);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<Error>(1);
@@ -78,6 +85,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             return Err(e);
         }
     };
+    identity_tx.send_replace(Some(host_link::LinkIdentity {
+        host_id: registered.host_id,
+        key: registered.link_key.clone(),
+    }));
     link::spawn_tasks(
         &mut tasks,
         &client,

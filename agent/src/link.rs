@@ -61,8 +61,7 @@ fn hello(supervisor: &Supervisor) -> AgentHello {
     AgentHello {
         version: VERSION.to_owned(),
         address: config.address.to_string(),
-        health_port: config.health_port,
-        port_range: [config.port_range.0, config.port_range.1],
+        link_port: config.link_port,
         capacity: config.capacity,
         cgroup_limits: supervisor.cgroup_limits(),
         sessions: supervisor.sessions(),

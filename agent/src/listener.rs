@@ -1,9 +1,9 @@
-//! The agent's own listeners: `/healthz` on the health port (gateways
-//! probe it) and, when configured, Prometheus `/metrics` (behind
-//! `metrics_key` when one is set). Both are bound before anything else
-//! starts, so a taken port stops the agent at once.
+//! The agent's own listeners: the host link on the link port (which also
+//! answers the gateways' `/healthz` probe) and, when configured, Prometheus
+//! `/metrics` (behind `metrics_key` when one is set). Both are bound before
+//! anything else starts, so a taken port stops the agent at once.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -14,18 +14,19 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::host_link::{self, LinkIdentity, Sessions};
 use crate::error::Error;
 
 /// The bound listeners, not yet serving.
 pub struct Listeners {
-    health: TcpListener,
+    link: TcpListener,
     /// The metrics listener and the recorder it renders (`None`: metrics
     /// could not be installed, so nothing is served).
     metrics: Option<(TcpListener, Option<PrometheusHandle>)>,
     metrics_key: Option<String>,
 }
 
-/// Binds the metrics listener (if configured) and the health listener.
+/// Binds the metrics listener (if configured) and the link listener.
 pub async fn bind(config: &Config) -> Result<Listeners, Error> {
     let metrics = match config.metrics_listen {
         Some(addr) => {
@@ -36,21 +37,33 @@ pub async fn bind(config: &Config) -> Result<Listeners, Error> {
         }
         None => None,
     };
-    let health_addr = config.health_addr();
-    let health = TcpListener::bind(health_addr)
+    let link_addr = config.link_addr();
+    let link = TcpListener::bind(link_addr)
         .await
-        .map_err(|e| Error::Setup(format!("health_port: cannot listen on {health_addr}: {e}")))?;
+        .map_err(|e| Error::Setup(format!("link_port: cannot listen on {link_addr}: {e}")))?;
     Ok(Listeners {
-        health,
+        link,
         metrics,
         metrics_key: config.metrics_key.clone(),
     })
 }
 
 impl Listeners {
-    /// Serves both until `stop` turns true.
-    pub fn spawn(self, tasks: &mut tokio::task::JoinSet<()>, stop: &watch::Receiver<bool>) {
-        tasks.spawn(serve_health(self.health, stop.clone()));
+    /// Serves both until `stop` turns true; the link forwards to
+    /// `sessions` once `identity` holds this host's link key.
+    pub fn spawn(
+        self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        identity: watch::Receiver<Option<LinkIdentity>>,
+        sessions: Arc<dyn Sessions>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        tasks.spawn(host_link::serve(
+            self.link,
+            identity,
+            sessions,
+            stop.clone(),
+        ));
         if let Some((listener, Some(handle))) = self.metrics {
             tasks.spawn(serve_metrics(
                 listener,
@@ -60,11 +73,6 @@ impl Listeners {
             ));
         }
     }
-}
-
-async fn serve_health(listener: TcpListener, stop: watch::Receiver<bool>) {
-    let app = axum::Router::new().route("/healthz", get(|| async { "ok\n" }));
-    serve("health", listener, app, stop).await;
 }
 
 async fn serve_metrics(

@@ -28,6 +28,10 @@ struct ControlFile {
     /// Peers whose `X-Forwarded-For` is believed: the gateways.
     #[serde(default)]
     trusted_proxies: Vec<IpAddr>,
+    /// Accept hosts that advertise a loopback, private or link-local
+    /// address (a test bed or a LAN-only deployment).
+    #[serde(default)]
+    allow_private_hosts: bool,
     /// Sessions are served at `{scheme}://{sid}.{session_domain}`.
     session_domain: String,
     /// Bearer keys gateways present on the internal listener.
@@ -130,6 +134,8 @@ pub struct Config {
     pub gateway_keys: GatewayKeys,
     pub keys: Keyring,
     pub trusted_proxies: Vec<IpAddr>,
+    /// Hosts may advertise loopback, private and link-local addresses.
+    pub allow_private_hosts: bool,
     pub listen_public: SocketAddr,
     pub listen_internal: SocketAddr,
     pub database_url: String,
@@ -255,6 +261,7 @@ impl Config {
             gateway_keys: GatewayKeys(file.gateway_keys),
             keys,
             trusted_proxies: file.trusted_proxies,
+            allow_private_hosts: file.allow_private_hosts,
             listen_public: file.listen.public,
             listen_internal: file.listen.internal,
             database_url: file.database.url,

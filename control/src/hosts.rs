@@ -11,13 +11,14 @@ use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::agent::{AgentHello, AgentSession, Heartbeat, HeartbeatReply, Registered};
 use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
-use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute, HostState};
+use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::clock::now_unix;
 use crate::error::AppError;
-use crate::routes::{commit, publish};
+use crate::routes::{commit, host_route, publish, HostRow, HOST_COLUMNS};
 use crate::sessions::ending::end_tx;
 use crate::sessions::state::{live_sql, Phase};
 
@@ -378,14 +379,21 @@ pub async fn list(
 pub async fn rotate_key(pool: &Pool, owner_id: u64, id: u64) -> Result<String, AppError> {
     get(pool, Some(owner_id), id).await?;
     let key = new_key();
-    pool.get_conn()
-        .await?
-        .exec_drop(
-            "UPDATE hosts SET key_digest = ?, key_revoked_at = NULL, updated_at = UTC_TIMESTAMP(6)
-             WHERE id = ? AND owner_id = ?",
-            (key_digest(&key), id, owner_id),
-        )
-        .await?;
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    // The link key goes with the HostKey: gateways stop trusting the old
+    // one now, and the agent's next registration gets a new one.
+    tx.exec_drop(
+        "UPDATE hosts SET key_digest = ?, key_revoked_at = NULL, link_key = NULL,
+            updated_at = UTC_TIMESTAMP(6)
+         WHERE id = ? AND owner_id = ?",
+        (key_digest(&key), id, owner_id),
+    )
+    .await?;
+    if let Some(route) = host_route_tx(&mut tx, id).await? {
+        publish(&mut tx, &[Change::UpsertHost(route)]).await?;
+    }
+    commit(tx).await?;
     tracing::info!(host = id, "host key rotated");
     Ok(key)
 }
@@ -434,24 +442,10 @@ async fn host_route_tx(
     tx: &mut mysql_async::Transaction<'_>,
     id: u64,
 ) -> Result<Option<HostRoute>, AppError> {
-    let row: Option<(u64, String, String, String, bool)> = tx
-        .exec_first(
-            "SELECT id, address, health_url, state, draining FROM hosts WHERE id = ?",
-            (id,),
-        )
+    let row: Option<HostRow> = tx
+        .exec_first(format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?"), (id,))
         .await?;
-    Ok(
-        row.map(|(id, address, health_url, state, draining)| HostRoute {
-            id,
-            address,
-            health_url,
-            state: match (state.as_str(), draining) {
-                ("online", false) => HostState::Online,
-                ("online", true) => HostState::Draining,
-                _ => HostState::Offline,
-            },
-        }),
-    )
+    Ok(row.map(host_route))
 }
 
 /// The host an agent's key names. Unknown keys and revoked hosts are refused
@@ -529,9 +523,6 @@ fn check_agent_sessions(sessions: &[AgentSession], now: u64) -> Result<(), AppEr
                 "The sid is not a session id (26 characters a-z, 2-7).",
             ));
         }
-        if session.port == 0 {
-            return Err(AppError::invalid("port", "A session's port is 1 to 65535."));
-        }
         check_timestamp("started_at", session.started_at, now)?;
         if let Some(at) = session.last_activity {
             check_timestamp("last_activity", at, now)?;
@@ -546,7 +537,51 @@ fn check_agent_sessions(sessions: &[AgentSession], now: u64) -> Result<(), AppEr
     Ok(())
 }
 
-fn check_hello(hello: &AgentHello, now: u64) -> Result<IpAddr, AppError> {
+/// Why an address is no place for a stranger's host to send gateways:
+/// loopback, private, link-local (cloud metadata lives there), unspecified,
+/// multicast, or reserved. `None` for a public unicast address.
+pub fn non_public_reason(address: IpAddr) -> Option<&'static str> {
+    let address = match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match address {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            if v4.is_unspecified() {
+                Some("unspecified")
+            } else if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() || (a == 100 && (64..128).contains(&b)) {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_multicast() || v4.is_broadcast() || a == 0 || a >= 240 {
+                Some("reserved or multicast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("private")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("reserved or multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn check_hello(hello: &AgentHello, now: u64, allow_private: bool) -> Result<IpAddr, AppError> {
     let address: IpAddr = hello.address.parse().map_err(|_| {
         AppError::invalid("address", "The advertised address must be an IP address.")
     })?;
@@ -556,17 +591,19 @@ fn check_hello(hello: &AgentHello, now: u64) -> Result<IpAddr, AppError> {
             "Advertise an address gateways can connect to, not 0.0.0.0.",
         ));
     }
-    let [first, last] = hello.port_range;
-    if first == 0 || first > last {
+    if let Some(reason) = non_public_reason(address).filter(|_| !allow_private) {
         return Err(AppError::invalid(
-            "port_range",
-            "The port range must be [first, last] with 0 < first <= last.",
+            "address",
+            format!(
+                "{address} is a {reason} address; hosts must advertise a public address \
+                 (control's allow_private_hosts permits others)."
+            ),
         ));
     }
-    if hello.health_port == 0 {
+    if hello.link_port == 0 {
         return Err(AppError::invalid(
-            "health_port",
-            "The health port must be between 1 and 65535.",
+            "link_port",
+            "The link port must be between 1 and 65535.",
         ));
     }
     let c = hello.capacity;
@@ -633,32 +670,42 @@ pub async fn register(
     pool: &Pool,
     host_id: u64,
     hello: &AgentHello,
+    allow_private: bool,
 ) -> Result<Registered, AppError> {
-    let address = check_hello(hello, now_unix())?.to_string();
+    let address = check_hello(hello, now_unix(), allow_private)?.to_string();
     let health_url = if address.contains(':') {
-        format!("http://[{address}]:{}/healthz", hello.health_port)
+        format!("http://[{address}]:{}/healthz", hello.link_port)
     } else {
-        format!("http://{address}:{}/healthz", hello.health_port)
+        format!("http://{address}:{}/healthz", hello.link_port)
     };
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let name: String = tx
-        .exec_first("SELECT name FROM hosts WHERE id = ? FOR UPDATE", (host_id,))
+    let (name, link_key): (String, Option<String>) = tx
+        .exec_first(
+            "SELECT name, link_key FROM hosts WHERE id = ? FOR UPDATE",
+            (host_id,),
+        )
         .await?
         .ok_or(AppError::HostKeyInvalid)?;
+    // Kept across registrations, so an agent restart does not break the
+    // gateways' pooled connections; a new HostKey clears it.
+    let link_key = link_key
+        .as_deref()
+        .and_then(LinkKey::parse)
+        .unwrap_or_else(LinkKey::generate);
     tx.exec_drop(
-        "UPDATE hosts SET address = ?, health_url = ?, state = 'online', max_sessions = ?, cpu_cores = ?,
-            memory_mib = ?, port_first = ?, port_last = ?, cgroup_limits = ?, agent_version = ?,
+        "UPDATE hosts SET address = ?, link_port = ?, link_key = ?, health_url = ?, state = 'online',
+            max_sessions = ?, cpu_cores = ?, memory_mib = ?, cgroup_limits = ?, agent_version = ?,
             registered_at = UTC_TIMESTAMP(6), last_heartbeat_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6)
          WHERE id = ?",
         (
             &address,
+            hello.link_port,
+            link_key.expose(),
             &health_url,
             hello.capacity.max_sessions,
             f64::from(hello.capacity.cpu_cores),
             hello.capacity.memory_mib,
-            hello.port_range[0],
-            hello.port_range[1],
             hello.cgroup_limits,
             hello.version.trim(),
             host_id,
@@ -706,6 +753,7 @@ pub async fn register(
         name,
         heartbeat_ms: opencloud_protocol::agent::HEARTBEAT_MS,
         stop,
+        link_key,
     })
 }
 
@@ -874,7 +922,6 @@ mod tests {
             },
             sessions: vec![AgentSession {
                 sid: "a".repeat(26),
-                port: 20000,
                 state: AgentSessionState::Running,
                 started_at: 1,
                 last_activity: Some(last_activity),
@@ -891,6 +938,36 @@ mod tests {
         assert_eq!(field(beat(f32::NAN, now)), Some("cpu_percent"));
         assert_eq!(field(beat(100.5, now)), Some("cpu_percent"));
         assert_eq!(field(beat(1.0, 4_102_444_800)), Some("last_activity"));
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for (address, reason) in [
+            ("127.0.0.1", Some("loopback")),
+            ("::1", Some("loopback")),
+            ("10.0.0.1", Some("private")),
+            ("172.16.5.4", Some("private")),
+            ("192.168.1.1", Some("private")),
+            ("100.64.0.1", Some("private")),
+            ("fc00::1", Some("private")),
+            ("fd12::1", Some("private")),
+            ("169.254.169.254", Some("link-local")),
+            ("fe80::1", Some("link-local")),
+            ("::ffff:127.0.0.1", Some("loopback")),
+            ("::ffff:169.254.169.254", Some("link-local")),
+            ("0.0.0.0", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("224.0.0.1", Some("reserved or multicast")),
+            ("255.255.255.255", Some("reserved or multicast")),
+            ("0.1.2.3", Some("reserved or multicast")),
+            ("203.0.113.9", None),
+            ("8.8.8.8", None),
+            ("100.128.0.1", None),
+            ("2001:db8::1", None),
+        ] {
+            let ip: IpAddr = address.parse().unwrap();
+            assert_eq!(non_public_reason(ip), reason, "{address}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::{IsolationLevel, Pool, Transaction, TxOpts};
+use opencloud_protocol::link::LinkKey;
 use opencloud_protocol::routes::{
     Change, Delta, HostRoute, HostState, Revocation, SessionRoute, Snapshot, WatchMessage,
 };
@@ -115,30 +116,36 @@ pub(crate) fn host_state(raw: &str) -> HostState {
     }
 }
 
-type HostRow = (u64, String, String, String);
-type SessionRow = (String, u64, u64, u16, String, String);
+pub(crate) type HostRow = (u64, String, u16, Option<String>, String, String, bool);
+type SessionRow = (String, u64, u64, String);
 
-pub(crate) const HOST_COLUMNS: &str = "id, address, health_url, state";
-pub(crate) const SESSION_COLUMNS: &str = "sid, user_id, host_id, port, upstream_token, state";
+/// The columns [`host_route`] reads, in its order.
+pub(crate) const HOST_COLUMNS: &str =
+    "id, address, link_port, link_key, health_url, state, draining";
+pub(crate) const SESSION_COLUMNS: &str = "sid, user_id, host_id, state";
 
-pub(crate) fn host_route((id, address, health_url, state): HostRow) -> HostRoute {
+pub(crate) fn host_route(
+    (id, address, link_port, link_key, health_url, state, draining): HostRow,
+) -> HostRoute {
     HostRoute {
         id,
         address,
+        link_port,
+        // A stored key is always one control made; anything else is no key.
+        link_key: link_key.as_deref().and_then(LinkKey::parse),
         health_url,
-        state: host_state(&state),
+        state: match (host_state(&state), draining) {
+            (HostState::Online, true) => HostState::Draining,
+            (state, _) => state,
+        },
     }
 }
 
-pub(crate) fn session_route(
-    (sid, owner, host, port, upstream_token, state): SessionRow,
-) -> SessionRoute {
+pub(crate) fn session_route((sid, owner, host, state): SessionRow) -> SessionRoute {
     SessionRoute {
         sid,
         owner,
         host,
-        port,
-        upstream_token,
         state: state::route_state(&state),
     }
 }

@@ -1,6 +1,6 @@
 //! What the gateway changes in a request it forwards: the client's
 //! hop-by-hop fields go, the forwarding chain comes in, and on a session
-//! origin the platform's credentials are swapped for the upstream token.
+//! origin the platform's credentials never reach the session.
 
 use std::net::IpAddr;
 
@@ -11,7 +11,6 @@ use opencloud_protocol::names::{self, PLATFORM_COOKIE, SESSION_COOKIE};
 use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::class::Class;
-use crate::table::UpstreamToken;
 
 // Built at compile time: `from_static` checks every byte when it runs.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(names::FORWARDED_FOR);
@@ -20,17 +19,16 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(names::FORWARDED_P
 const MAX_CONNECTION_NOMINATIONS: usize = 10;
 
 /// What the gateway changes in a request it forwards.
-pub struct Forwarding<'a> {
+pub struct Forwarding {
     pub class: Class,
     pub client_ip: Option<IpAddr>,
     pub https: bool,
-    pub upstream_token: Option<&'a UpstreamToken>,
     /// The client spoke HTTP/1.1, the only version a WebSocket handshake
     /// is forwarded for.
     pub http11: bool,
 }
 
-impl Forwarding<'_> {
+impl Forwarding {
     pub fn apply(&self, headers: &mut HeaderMap) -> Result<()> {
         strip_hop_by_hop(headers, self.http11)?;
         headers.reserve(3);
@@ -53,15 +51,9 @@ impl Forwarding<'_> {
         );
         if self.class == Class::Session {
             strip_cookies(headers, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
-            match self.upstream_token {
-                // Replaces any Authorization the browser sent.
-                Some(token) => {
-                    headers.insert(header::AUTHORIZATION, token_header(token));
-                }
-                None => {
-                    headers.remove(header::AUTHORIZATION);
-                }
-            }
+            // The browser's bearer token is for the gateway alone; the
+            // session trusts its link, not credentials.
+            headers.remove(header::AUTHORIZATION);
         }
         Ok(())
     }
@@ -198,15 +190,6 @@ fn connection_nominations(headers: &HeaderMap) -> Result<Vec<HeaderName>> {
 /// A `tchar` of an HTTP token (RFC 9110 5.6.2).
 fn is_token_char(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
-}
-
-/// `Authorization: token <upstream token>`, built without formatting.
-fn token_header(token: &UpstreamToken) -> HeaderValue {
-    let token = token.as_bytes();
-    let mut value = BytesMut::with_capacity(6 + token.len());
-    value.extend_from_slice(b"token ");
-    value.extend_from_slice(token);
-    HeaderValue::from_maybe_shared(value.freeze()).expect("an upstream token is URL-safe text")
 }
 
 /// `ip` as a header value; IPv4, the usual case, without `fmt`.
@@ -361,24 +344,22 @@ mod tests {
     }
 
     #[test]
-    fn a_session_request_carries_the_upstream_token_and_no_platform_credentials() {
-        let token = UpstreamToken::new("upstream-secret");
+    fn a_session_request_carries_no_platform_credentials() {
         let mut headers = browser_headers();
         Forwarding {
             class: Class::Session,
             client_ip: Some("10.0.0.7".parse().unwrap()),
             https: true,
-            upstream_token: Some(&token),
             http11: true,
         }
         .apply(&mut headers)
         .unwrap();
-        assert_eq!(headers["authorization"], "token upstream-secret");
+        assert_eq!(headers.get("authorization"), None);
         assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["cookie"], "_xsrf=x");
         assert_eq!(headers["accept"], "*/*");
-        assert_eq!(headers.len(), 5);
+        assert_eq!(headers.len(), 4);
     }
 
     #[test]
@@ -388,7 +369,6 @@ mod tests {
             class: Class::Platform,
             client_ip: Some("10.0.0.7".parse().unwrap()),
             https: false,
-            upstream_token: None,
             http11: true,
         }
         .apply(&mut headers)

@@ -13,6 +13,7 @@ pub mod fast_map;
 pub mod forwarding;
 pub mod hardening;
 pub mod health;
+pub mod host_link;
 pub mod pages;
 pub mod proxy;
 pub mod store;

@@ -4,7 +4,7 @@
 //! to that session's Jupyter server, anything else is refused.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,7 +30,8 @@ use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
 use crate::health::HostHealth;
 use crate::pages::{page, starting_page, OWN_ANSWER_HEADERS};
-use crate::table::{RouteTable, Routes, SessionKey, UpstreamToken};
+use crate::host_link::LinkConnector;
+use crate::table::{HostLink, RouteTable, Routes, SessionKey};
 use crate::tickets::UsedTickets;
 use crate::usage::UsageBook;
 use crate::verified::VerifiedTokens;
@@ -69,9 +70,9 @@ pub struct RequestCtx {
     /// Seconds since the epoch when the session's credentials were checked.
     unix_time: u64,
     pub user_id: Option<u64>,
-    upstream: Option<SocketAddr>,
+    /// The session's host link, when the request goes to a session.
+    upstream: Option<(HostLink, SessionName)>,
     upstream_host: Option<u64>,
-    upstream_token: Option<UpstreamToken>,
     is_upgrade: bool,
     /// A request body follows the head.
     has_body: bool,
@@ -355,13 +356,13 @@ impl Gateway {
             let html = page(title, text, Some((&back(), "Back to my projects")));
             return respond(session, 410, &[], html).await;
         }
-        if route.port == 0 {
+        if route.state == SessionState::Starting {
             return self.starting(session, ctx).await;
         }
-        let Some((host, ip)) = table
+        let Some((host, link)) = table
             .hosts
             .get(&route.host)
-            .and_then(|h| Some((&h.route, h.ip?)))
+            .and_then(|h| Some((&h.route, h.link.as_ref()?)))
         else {
             let html = page(
                 "Host unknown",
@@ -378,9 +379,8 @@ impl Gateway {
             );
             return respond(session, 503, &[], html).await;
         }
-        ctx.upstream = Some(SocketAddr::new(ip, route.port));
+        ctx.upstream = Some((link.clone(), sid));
         ctx.upstream_host = Some(host.id);
-        ctx.upstream_token = Some(route.token.clone());
         Ok(false)
     }
 }
@@ -403,7 +403,6 @@ impl ProxyHttp for Gateway {
             user_id: None,
             upstream: None,
             upstream_host: None,
-            upstream_token: None,
             is_upgrade: false,
             has_body: true,
         }
@@ -481,7 +480,18 @@ impl ProxyHttp for Gateway {
     ) -> Result<Box<HttpPeer>> {
         let mut peer = match (ctx.class, &ctx.upstream) {
             (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
-            (Class::Session, Some(address)) => HttpPeer::new(*address, false, String::new()),
+            (Class::Session, Some((link, sid))) => {
+                let mut peer = HttpPeer::new(link.addr, false, String::new());
+                // A link connection carries one session: pool them per sid.
+                peer.group_key = sid.key.pool_group();
+                peer.options.custom_l4 = Some(Arc::new(LinkConnector {
+                    host: ctx.upstream_host.unwrap_or_default(),
+                    sid: sid.key,
+                    key: link.key.clone(),
+                    timeout: self.config.connect_timeout,
+                }));
+                peer
+            }
             _ => {
                 return Err(Error::explain(
                     ErrorType::InternalError,
@@ -526,7 +536,6 @@ impl ProxyHttp for Gateway {
             class: ctx.class,
             client_ip: ctx.client_ip,
             https: self.config.https,
-            upstream_token: ctx.upstream_token.as_ref(),
             http11: session.req_header().version == http::Version::HTTP_11,
         };
         let edited = forwarding.apply(&mut parts.headers);

@@ -5,17 +5,18 @@
 //!
 //! Sessions are kept compact, since a gateway holds up to a million: the
 //! key is the 16 bytes the sid encodes and the entry is inline (no `String`,
-//! no `Arc`; an upstream token as long as the ones control mints fits inside).
+//! no `Arc`).
 //! Snapshots are read and written as streams, never as one big `Vec`.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 /// A persistent map with a fast seeded hash (keys come from control).
 type HashMap<K, V> =
     imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+use opencloud_protocol::link::LinkKey;
 use opencloud_protocol::routes::{
     sid_from_bytes, sid_to_bytes, Change, Delta, HostRoute, Revocation, SessionRoute, SessionState,
     Snapshot, Version,
@@ -37,6 +38,13 @@ impl SessionKey {
     pub fn sid(&self) -> String {
         sid_from_bytes(self.0)
     }
+
+    /// The upstream connection pool group of this session's connections
+    /// (128 random bits, so any 64 of them keep sessions apart).
+    pub fn pool_group(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, h])
+    }
 }
 
 impl fmt::Display for SessionKey {
@@ -51,57 +59,12 @@ impl fmt::Debug for SessionKey {
     }
 }
 
-/// Longest upstream token kept inline (control mints 43 characters).
-const INLINE_TOKEN: usize = 46;
-
-/// An upstream token, inline when short.
-#[derive(Clone, PartialEq, Eq)]
-pub enum UpstreamToken {
-    Inline { len: u8, bytes: [u8; INLINE_TOKEN] },
-    Boxed(Box<str>),
-}
-
-impl UpstreamToken {
-    pub fn new(token: &str) -> Self {
-        if token.len() <= INLINE_TOKEN {
-            let mut bytes = [0u8; INLINE_TOKEN];
-            bytes[..token.len()].copy_from_slice(token.as_bytes());
-            UpstreamToken::Inline {
-                len: token.len() as u8,
-                bytes,
-            }
-        } else {
-            UpstreamToken::Boxed(token.into())
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Built from a `&str`, so always valid UTF-8.
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            UpstreamToken::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            UpstreamToken::Boxed(token) => token.as_bytes(),
-        }
-    }
-}
-
-impl fmt::Debug for UpstreamToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("UpstreamToken(…)")
-    }
-}
-
 /// What the request path needs of a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionEntry {
     pub owner: u64,
     pub host: u64,
-    pub port: u16,
     pub state: SessionState,
-    pub token: UpstreamToken,
 }
 
 impl SessionEntry {
@@ -109,28 +72,41 @@ impl SessionEntry {
         Self {
             owner: route.owner,
             host: route.host,
-            port: route.port,
             state: route.state,
-            token: UpstreamToken::new(&route.upstream_token),
         }
     }
 }
 
-/// A host and its address, parsed once rather than per request.
+/// Where a host's link answers and the key it proves itself with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLink {
+    pub addr: SocketAddr,
+    pub key: Arc<LinkKey>,
+}
+
+/// A host and its link, parsed once rather than per request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostEntry {
     pub route: HostRoute,
-    /// `None` when the advertised address is not an IP: nothing is sent there.
-    pub ip: Option<IpAddr>,
+    /// `None` when the advertised address is not an IP or the host has no
+    /// link key yet: nothing is sent there.
+    pub link: Option<HostLink>,
 }
 
 impl HostEntry {
     fn new(route: HostRoute) -> Arc<Self> {
-        let ip = route.address.parse().ok();
+        let ip: Option<IpAddr> = route.address.parse().ok();
         if ip.is_none() {
             tracing::warn!(host = route.id, address = %route.address, "host address is not an IP; its sessions get the host-unknown page");
         }
-        Arc::new(Self { route, ip })
+        let link = match (ip, &route.link_key) {
+            (Some(ip), Some(key)) if route.link_port != 0 => Some(HostLink {
+                addr: SocketAddr::new(ip, route.link_port),
+                key: Arc::new(key.clone()),
+            }),
+            _ => None,
+        };
+        Arc::new(Self { route, link })
     }
 }
 
@@ -294,8 +270,6 @@ impl Serialize for SnapshotOut<'_> {
                 sid: key.sid(),
                 owner: entry.owner,
                 host: entry.host,
-                port: entry.port,
-                upstream_token: entry.token.as_str().to_owned(),
                 state: entry.state,
             })),
         )?;
@@ -502,8 +476,6 @@ mod tests {
             sid: sid.into(),
             owner: 1,
             host: 1,
-            port: 9000,
-            upstream_token: "t".into(),
             state,
         }
     }
@@ -512,7 +484,9 @@ mod tests {
         HostRoute {
             id,
             address: "127.0.0.1".into(),
-            health_url: "http://127.0.0.1:1/".into(),
+            link_port: 7000,
+            link_key: Some(LinkKey::generate()),
+            health_url: "http://127.0.0.1:7000/healthz".into(),
             state: HostState::Online,
         }
     }
@@ -531,7 +505,13 @@ mod tests {
             })
             .unwrap();
         assert_eq!(one.sessions.len(), 1);
-        assert_eq!(one.hosts[&1].ip, Some([127, 0, 0, 1].into()));
+        let link = one.hosts[&1].link.as_ref().unwrap();
+        assert_eq!(link.addr, "127.0.0.1:7000".parse().unwrap());
+        let keyless = HostEntry::new(HostRoute {
+            link_key: None,
+            ..host(2)
+        });
+        assert_eq!(keyless.link, None, "no key, no link");
         assert!(base.sessions.is_empty(), "the old table is unchanged");
         let two = one
             .apply(&Delta {
@@ -585,25 +565,12 @@ mod tests {
         assert!(table.sessions.is_empty());
     }
 
-    #[test]
-    fn tokens_short_and_long_read_back() {
-        let short = "a".repeat(43);
-        let long = "b".repeat(100);
-        assert_eq!(UpstreamToken::new(&short).as_str(), short);
-        assert_eq!(UpstreamToken::new(&long).as_str(), long);
-        assert_eq!(UpstreamToken::new("").as_str(), "");
-        assert!(!format!("{:?}", UpstreamToken::new("secret")).contains("secret"));
-    }
-
     fn sample_snapshot() -> Snapshot {
         Snapshot {
             version: 9,
             hosts: vec![host(1), host(2)],
             sessions: (0..50)
-                .map(|i| SessionRoute {
-                    upstream_token: "x".repeat(i * 3),
-                    ..session(&new_sid(), SessionState::Running)
-                })
+                .map(|_| session(&new_sid(), SessionState::Running))
                 .collect(),
             revocations: vec![Revocation {
                 login_session: "ls".into(),

@@ -19,6 +19,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::link::LinkKey;
+
 /// The `Authorization` scheme agents use.
 pub const HOST_KEY_SCHEME: &str = "HostKey";
 /// How often agents send heartbeats.
@@ -70,7 +72,6 @@ pub enum AgentSessionState {
 #[serde(deny_unknown_fields)]
 pub struct AgentSession {
     pub sid: String,
-    pub port: u16,
     pub state: AgentSessionState,
     /// Unix seconds.
     pub started_at: u64,
@@ -88,10 +89,9 @@ pub struct AgentHello {
     pub version: String,
     /// An IP address the gateways can connect to.
     pub address: String,
-    /// Port of the agent's own listener on `address` (`/healthz`).
-    pub health_port: u16,
-    /// First and last port Jupyter servers may use.
-    pub port_range: [u16; 2],
+    /// The host link's port on `address`: every session of the host is
+    /// reached through it (see [`crate::link`]), and it answers `/healthz`.
+    pub link_port: u16,
     pub capacity: Capacity,
     /// Whether each session's memory and CPU are limited with cgroup v2.
     pub cgroup_limits: bool,
@@ -108,6 +108,9 @@ pub struct Registered {
     pub heartbeat_ms: u64,
     /// Sessions from the hello that control no longer wants: stop them.
     pub stop: Vec<String>,
+    /// What the host link's handshake proves itself with (and expects from
+    /// gateways). Issued by control per host; never the HostKey.
+    pub link_key: LinkKey,
 }
 
 /// `POST /agent/v1/heartbeat`.
@@ -130,27 +133,14 @@ pub struct HeartbeatReply {
 }
 
 /// Start one Jupyter server.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartSession {
     pub sid: String,
     pub project_id: u64,
-    /// Given to Jupyter in `JUPYTER_TOKEN`; never on a command line or in a log.
-    pub upstream_token: String,
     /// This session's share of the host, applied with cgroup v2 where present.
     pub memory_limit_mib: u64,
     pub cpu_limit_cores: f32,
-}
-
-impl std::fmt::Debug for StartSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StartSession")
-            .field("sid", &self.sid)
-            .field("project_id", &self.project_id)
-            .field("memory_limit_mib", &self.memory_limit_mib)
-            .field("cpu_limit_cores", &self.cpu_limit_cores)
-            .finish()
-    }
 }
 
 /// What a command asks the agent to do.
@@ -184,10 +174,9 @@ pub struct CommandBatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentEvent {
-    /// `/api/status` answered on `port`.
+    /// `/api/status` answered on the session's socket.
     Ready {
         sid: String,
-        port: u16,
         spawn_ms: u64,
     },
     /// The server could not be started (or exited before it was ready).
@@ -241,23 +230,26 @@ mod tests {
     }
 
     #[test]
-    fn start_commands_never_print_the_token() {
-        let start = StartSession {
-            sid: "abc".into(),
-            project_id: 1,
-            upstream_token: "secret-token".into(),
-            memory_limit_mib: 1024,
-            cpu_limit_cores: 1.0,
+    fn registrations_never_print_the_link_key() {
+        let registered = Registered {
+            host_id: 1,
+            name: "a".into(),
+            heartbeat_ms: 2000,
+            stop: Vec::new(),
+            link_key: LinkKey::generate(),
         };
-        assert!(!format!("{start:?}").contains("secret-token"));
-        assert!(!format!("{:?}", Action::Start(start)).contains("secret-token"));
+        let json = serde_json::to_string(&registered).unwrap();
+        assert!(json.contains(registered.link_key.expose()));
+        assert_eq!(serde_json::from_str::<Registered>(&json).unwrap(), registered);
+        assert!(!format!("{registered:?}").contains(registered.link_key.expose()));
+        let forged = json.replace(registered.link_key.expose(), "short");
+        assert!(serde_json::from_str::<Registered>(&forged).is_err());
     }
 
     #[test]
     fn events_name_their_kind() {
         let event = AgentEvent::Ready {
             sid: "abc".into(),
-            port: 9000,
             spawn_ms: 1500,
         };
         let json = serde_json::to_string(&event).unwrap();

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod credentials;
 pub mod keys;
+pub mod link;
 pub mod names;
 pub mod origin;
 pub mod paths;

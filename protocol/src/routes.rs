@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::link::LinkKey;
+
 /// A route table version: the counter control bumps with each change.
 pub type Version = u64;
 
@@ -24,25 +26,42 @@ pub enum HostState {
     Offline,
 }
 
-/// A host as the gateways need it: where to connect and how to check it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A host as the gateways need it: where to connect, how to prove who is
+/// at the other end, and how to check it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRoute {
     pub id: u64,
     /// The advertised address, an IP the gateway can connect to.
     pub address: String,
+    /// The host link's port on `address` (see [`crate::link`]).
+    pub link_port: u16,
+    /// The host's link key; `None` until its agent first registers.
+    pub link_key: Option<LinkKey>,
     /// Full URL the gateway probes, e.g. `http://10.0.0.5:7000/healthz`.
     pub health_url: String,
     pub state: HostState,
+}
+
+impl std::fmt::Debug for HostRoute {
+    // The link key never reaches logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRoute")
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .field("link_port", &self.link_port)
+            .field("health_url", &self.health_url)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a session is in its life, as far as routing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
-    /// Placed on a host; its server is not answering yet (port 0 until the
-    /// agent reports it ready).
+    /// Placed on a host; its server is not answering yet.
     Starting,
-    /// Its server answers on `port`.
+    /// Its server answers through its host's link.
     Running,
     /// The host went away; kept as a tombstone so users get a clear page.
     Lost,
@@ -57,30 +76,13 @@ impl SessionState {
     }
 }
 
-/// One notebook session: who owns it and where its Jupyter server listens.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One notebook session: who owns it and which host serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRoute {
     pub sid: String,
     pub owner: u64,
     pub host: u64,
-    pub port: u16,
-    /// Minted by control; injected as `Authorization: token …` upstream and
-    /// never sent to a browser.
-    pub upstream_token: String,
     pub state: SessionState,
-}
-
-impl std::fmt::Debug for SessionRoute {
-    // The upstream token never reaches logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionRoute")
-            .field("sid", &self.sid)
-            .field("owner", &self.owner)
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("state", &self.state)
-            .finish()
-    }
 }
 
 /// A revoked login session, carried until its tokens would have expired.
@@ -274,8 +276,6 @@ mod tests {
                     sid: new_sid(),
                     owner: 1,
                     host: 2,
-                    port: 9000,
-                    upstream_token: "secret".into(),
                     state: SessionState::Running,
                 }),
                 Change::RemoveHost { id: 3 },
@@ -294,15 +294,16 @@ mod tests {
     }
 
     #[test]
-    fn debug_output_hides_the_upstream_token() {
-        let route = SessionRoute {
-            sid: "s".into(),
-            owner: 1,
-            host: 1,
-            port: 1,
-            upstream_token: "very-secret".into(),
-            state: SessionState::Starting,
+    fn debug_output_hides_the_link_key() {
+        let key = LinkKey::generate();
+        let route = HostRoute {
+            id: 1,
+            address: "10.0.0.5".into(),
+            link_port: 7000,
+            link_key: Some(key.clone()),
+            health_url: "http://10.0.0.5:7000/healthz".into(),
+            state: HostState::Online,
         };
-        assert!(!format!("{route:?}").contains("very-secret"));
+        assert!(!format!("{route:?}").contains(key.expose()));
     }
 }

@@ -53,7 +53,7 @@ impl Supervisor {
                 if !process::terminate(&record.scope(), LEFTOVER_GRACE).await {
                     tracing::error!(sid, "processes left behind survived SIGKILL");
                 }
-                process::wait_port_free(self.inner.config.address, record.port, PORT_RELEASE).await;
+                process::wait_port_free(std::net::Ipv4Addr::LOCALHOST.into(), record.port, PORT_RELEASE).await;
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
                     cgroups.remove(&sid).await;
                 }
@@ -78,7 +78,7 @@ impl Supervisor {
         if !ours {
             return false;
         }
-        let addr = SocketAddr::new(self.inner.config.address, record.port);
+        let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), record.port);
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -4,7 +4,7 @@
 //! it over meanwhile).
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,16 +77,15 @@ impl Supervisor {
                     }
                     let Some(port) = self.pick_port(&sessions) else {
                         drop(sessions);
-                        let (first, last) = self.inner.config.port_range;
                         return (
-                            self.refused(&sid, format!("no free port in {first}–{last}")),
+                            self.refused(&sid, "no free loopback port".into()),
                             true,
                         );
                     };
                     let session = Arc::new(Session {
                         sid: sid.clone(),
                         project_id: command.project_id,
-                        token: command.upstream_token.clone(),
+                        token: String::new(),
                         started_at: unix_now(),
                         port: AtomicU16::new(port),
                         status: watch::channel(Status {
@@ -116,7 +115,6 @@ impl Supervisor {
                             return (
                                 AgentEvent::Ready {
                                     sid,
-                                    port: existing.port(),
                                     spawn_ms,
                                 },
                                 true,
@@ -143,26 +141,17 @@ impl Supervisor {
         }
     }
 
-    /// A port in the range that no session of ours holds and nothing listens on.
+    /// A loopback port the system just handed out and no session of ours holds.
     fn pick_port(&self, sessions: &HashMap<String, Arc<Session>>) -> Option<u16> {
         let taken: HashSet<u16> = sessions.values().map(|s| s.port()).collect();
-        let (first, last) = self.inner.config.port_range;
-        let count = u32::from(last - first) + 1;
-        let mut next = self
-            .inner
-            .next_port
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Round-robin, so a port just released is not the first one reused.
-        let offset = u32::from(next.saturating_sub(first)) % count;
-        for i in 0..count {
-            let port = first + ((offset + i) % count) as u16;
-            if !taken.contains(&port) && process::port_is_free(self.inner.config.address, port) {
-                *next = if port == last { first } else { port + 1 };
-                return Some(port);
-            }
-        }
-        None
+        (0..10).find_map(|_| {
+            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            (!taken.contains(&port)).then_some(port)
+        })
     }
 
     async fn launch(
@@ -189,7 +178,6 @@ impl Supervisor {
                     return (
                         AgentEvent::Ready {
                             sid,
-                            port: session.port(),
                             spawn_ms,
                         },
                         true,
@@ -287,7 +275,7 @@ impl Supervisor {
                 .map_err(|e| Error::Setup(format!("cannot create the session's cgroup: {e}")))?;
         }
 
-        let addr = SocketAddr::new(inner.config.address, session.port());
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), session.port());
         let config_file = layout.server_config();
         let mut jupyter = jupyter::command(jupyter::Launch {
             venv: &inner.config.venv,
@@ -355,7 +343,7 @@ impl Supervisor {
 
     async fn wait_ready(&self, session: &Arc<Session>, received: Instant) -> Readiness {
         let deadline = received + self.inner.config.start_timeout;
-        let addr = SocketAddr::new(self.inner.config.address, session.port());
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), session.port());
         let mut rx = session.status.subscribe();
         loop {
             {

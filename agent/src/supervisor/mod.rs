@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, watch};
 use crate::cgroups::{self, Support};
 use crate::config::Config;
 use crate::error::Error;
+use crate::host_link::{Sessions, Target};
 use crate::jupyter;
 use crate::state::{SessionRecord, StateDir};
 use crate::users;
@@ -65,7 +66,6 @@ struct Inner {
     http: reqwest::Client,
     events: mpsc::UnboundedSender<AgentEvent>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
-    next_port: Mutex<u16>,
     /// Serialises `useradd`.
     users: tokio::sync::Mutex<()>,
     /// Set by [`Supervisor::detach`]: watchers stop, servers keep running.
@@ -204,7 +204,6 @@ impl Supervisor {
         let (detached, _) = watch::channel(false);
         let supervisor = Self {
             inner: Arc::new(Inner {
-                next_port: Mutex::new(config.port_range.0),
                 config,
                 layout,
                 state,
@@ -283,7 +282,6 @@ impl Supervisor {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 Some(AgentSession {
                     sid: s.sid.clone(),
-                    port: s.port(),
                     state,
                     started_at: s.started_at,
                     last_activity: activity.last_activity,
@@ -293,6 +291,14 @@ impl Supervisor {
             .collect();
         list.sort_by(|a, b| a.sid.cmp(&b.sid));
         list
+    }
+
+    /// Where the host link forwards a session's connections: only to a
+    /// running server of this host.
+    pub fn link_target(&self, sid: &str) -> Option<Target> {
+        let session = self.lookup(sid)?;
+        matches!(session.phase(), Phase::Running { .. })
+            .then(|| Target::Tcp(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), session.port())))
     }
 
     /// The project a session serves, while it exists.
@@ -317,7 +323,7 @@ impl Supervisor {
         let mut probes = tokio::task::JoinSet::new();
         for session in running {
             let http = self.inner.http.clone();
-            let addr = SocketAddr::new(self.inner.config.address, session.port());
+            let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), session.port());
             probes.spawn(async move {
                 let (status, busy) = tokio::join!(
                     jupyter::status(&http, addr, &session.token),
@@ -383,5 +389,11 @@ mod tests {
         assert_eq!(exit_code(killed), Some(137));
         let failed = std::process::ExitStatus::from_raw(3 << 8);
         assert_eq!(exit_code(failed), Some(3));
+    }
+}
+
+impl Sessions for Supervisor {
+    fn target(&self, sid: &str) -> Option<Target> {
+        self.link_target(sid)
     }
 }

@@ -78,14 +78,14 @@ pub async fn commands(
     }
 }
 
-type CommandRow = (u64, String, String, u64, String, String, f64, u64, u32);
+type CommandRow = (u64, String, String, u64, String, f64, u64, u32);
 
 async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<Command>, AppError> {
     let rows: Vec<CommandRow> = pool
         .get_conn()
         .await?
         .exec(
-            "SELECT c.id, c.action, c.sid, s.project_id, s.upstream_token, s.state,
+            "SELECT c.id, c.action, c.sid, s.project_id, s.state,
                     h.cpu_cores, h.memory_mib, h.max_sessions
              FROM host_commands c
              JOIN sessions s ON s.sid = c.sid
@@ -104,13 +104,12 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
     Ok(rows
         .into_iter()
         .map(
-            |(id, action, sid, project_id, token, _, cpu_cores, memory_mib, max_sessions)| {
+            |(id, action, sid, project_id, _, cpu_cores, memory_mib, max_sessions)| {
                 let share = f64::from(max_sessions.max(1));
                 let action = if action == "start" {
                     Action::Start(StartSession {
                         sid,
                         project_id,
-                        upstream_token: token,
                         memory_limit_mib: (memory_mib as f64 / share).floor() as u64,
                         cpu_limit_cores: (cpu_cores / share) as f32,
                     })

@@ -63,16 +63,15 @@ pub async fn handle_event(
     let sid = event.sid();
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let row: Option<(String, Option<u64>, u16, u16)> = tx
+    let row: Option<(String, Option<u64>)> = tx
         .exec_first(
-            "SELECT s.state, TIMESTAMPDIFF(MICROSECOND, s.created_at, UTC_TIMESTAMP(6)) DIV 1000,
-                h.port_first, h.port_last
-             FROM sessions s JOIN hosts h ON h.id = s.host_id
+            "SELECT s.state, TIMESTAMPDIFF(MICROSECOND, s.created_at, UTC_TIMESTAMP(6)) DIV 1000
+             FROM sessions s
              WHERE s.sid = ? AND s.host_id = ? FOR UPDATE",
             (sid, host_id),
         )
         .await?;
-    let Some((state, age_ms, port_first, port_last)) = row else {
+    let Some((state, age_ms)) = row else {
         // Unknown, or another host's: a host speaks only for its own sessions.
         tracing::warn!(
             sid,
@@ -81,23 +80,15 @@ pub async fn handle_event(
         );
         return Err(AppError::NotFound("session"));
     };
-    if let AgentEvent::Ready { port, .. } = event {
-        if !(port_first..=port_last).contains(port) {
-            return Err(AppError::invalid(
-                "port",
-                format!("port {port} is outside the host's range {port_first}-{port_last}."),
-            ));
-        }
-    }
     let state = Phase::from_column(&state);
     let mut changes = Vec::new();
     match event {
-        AgentEvent::Ready { port, spawn_ms, .. } => {
+        AgentEvent::Ready { spawn_ms, .. } => {
             if state == Some(Phase::Starting) {
                 tx.exec_drop(
-                    "UPDATE sessions SET state = ?, port = ?, ready_at = UTC_TIMESTAMP(6), spawn_ms = ?
+                    "UPDATE sessions SET state = ?, ready_at = UTC_TIMESTAMP(6), spawn_ms = ?
                      WHERE sid = ?",
-                    (Phase::Running.as_column(), port, spawn_ms, sid),
+                    (Phase::Running.as_column(), spawn_ms, sid),
                 )
                 .await?;
                 tx.exec_drop(

@@ -5,7 +5,6 @@
 
 use std::time::Instant;
 
-use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
@@ -93,12 +92,6 @@ fn placement_order(mut list: Vec<Candidate>, last_host: Option<u64>) -> Vec<Cand
     list
 }
 
-fn new_upstream_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
 /// Opens `project_id` for its owner: returns the project's live session if
 /// it has one, otherwise places a new one and tells the host's agent.
 pub async fn open(
@@ -181,29 +174,25 @@ pub async fn open(
         ));
     };
     let sid = routes::new_sid();
-    let token = new_upstream_token();
     tx.exec_drop(
-        "INSERT INTO sessions (sid, project_id, user_id, host_id, port, upstream_token, state, live_project_id, created_at)
-         VALUES (?, ?, ?, ?, 0, ?, ?, ?, UTC_TIMESTAMP(6))",
+        "INSERT INTO sessions (sid, project_id, user_id, host_id, state, live_project_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
         (
             &sid,
             project_id,
             user_id,
             host.id,
-            &token,
             Phase::Starting.as_column(),
             project_id,
         ),
     )
     .await?;
     queue_command(&mut tx, host.id, &sid, "start").await?;
-    // The gateway shows a "starting" page until the route has a port.
+    // The gateway shows a "starting" page until the session is running.
     let route = SessionRoute {
         sid: sid.clone(),
         owner: user_id,
         host: host.id,
-        port: 0,
-        upstream_token: token,
         state: SessionState::Starting,
     };
     publish(&mut tx, &[Change::UpsertSession(route)]).await?;
@@ -242,10 +231,4 @@ mod tests {
         assert_eq!(order.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
     }
 
-    #[test]
-    fn upstream_tokens_fit_the_gateways_inline_form() {
-        let token = new_upstream_token();
-        assert_eq!(token.len(), 43);
-        assert_ne!(token, new_upstream_token());
-    }
 }
