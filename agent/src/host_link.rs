@@ -143,7 +143,10 @@ enum Handshake {
     Health,
     /// Proved; `early` is what the gateway sent after its proof (the start
     /// of its first request).
-    Link { sid: String, early: Vec<u8> },
+    Link {
+        sid: String,
+        early: Vec<u8>,
+    },
 }
 
 async fn handshake(
@@ -340,8 +343,14 @@ mod tests {
     async fn health_answers_and_plain_http_is_refused() {
         let addr = link(&LinkKey::generate(), 7).await;
         for (request, expected) in [
-            ("GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", "HTTP/1.1 200 OK"),
-            ("GET /api/contents HTTP/1.1\r\nhost: x\r\n\r\n", "HTTP/1.1 400"),
+            (
+                "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+                "HTTP/1.1 200 OK",
+            ),
+            (
+                "GET /api/contents HTTP/1.1\r\nhost: x\r\n\r\n",
+                "HTTP/1.1 400",
+            ),
         ] {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             tcp.write_all(request.as_bytes()).await.unwrap();

@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::host_link::{self, LinkIdentity, Sessions};
 use crate::error::Error;
+use crate::host_link::{self, LinkIdentity, Sessions};
 
 /// The bound listeners, not yet serving.
 pub struct Listeners {

@@ -10,8 +10,8 @@ use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::agent::{AgentHello, AgentSession, Heartbeat, HeartbeatReply, Registered};
-use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
 use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
 use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -443,7 +443,10 @@ async fn host_route_tx(
     id: u64,
 ) -> Result<Option<HostRoute>, AppError> {
     let row: Option<HostRow> = tx
-        .exec_first(format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?"), (id,))
+        .exec_first(
+            format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?"),
+            (id,),
+        )
         .await?;
     Ok(row.map(host_route))
 }

@@ -61,11 +61,16 @@ impl LinkConnector {
         tcp.write_all(hello.encode().as_bytes())
             .await
             .or_err(ErrorType::WriteError, "host link hello")?;
-        let answer = read_line(&mut tcp).await.inspect_err(|_| refused("no_answer"))?;
+        let answer = read_line(&mut tcp)
+            .await
+            .inspect_err(|_| refused("no_answer"))?;
         let proof = hello.check_answer(&self.key, &answer).map_err(|e| {
             refused("bad_proof");
             tracing::warn!(host = self.host, %addr, "host link refused: {e}");
-            Error::explain(ErrorType::HandshakeError, "the host could not prove who it is")
+            Error::explain(
+                ErrorType::HandshakeError,
+                "the host could not prove who it is",
+            )
         })?;
         tcp.write_all(proof.as_bytes())
             .await

@@ -175,10 +175,7 @@ pub struct CommandBatch {
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentEvent {
     /// `/api/status` answered on the session's socket.
-    Ready {
-        sid: String,
-        spawn_ms: u64,
-    },
+    Ready { sid: String, spawn_ms: u64 },
     /// The server could not be started (or exited before it was ready).
     Failed {
         sid: String,
@@ -240,7 +237,10 @@ mod tests {
         };
         let json = serde_json::to_string(&registered).unwrap();
         assert!(json.contains(registered.link_key.expose()));
-        assert_eq!(serde_json::from_str::<Registered>(&json).unwrap(), registered);
+        assert_eq!(
+            serde_json::from_str::<Registered>(&json).unwrap(),
+            registered
+        );
         assert!(!format!("{registered:?}").contains(registered.link_key.expose()));
         let forged = json.replace(registered.link_key.expose(), "short");
         assert!(serde_json::from_str::<Registered>(&forged).is_err());

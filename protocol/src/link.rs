@@ -301,7 +301,10 @@ mod tests {
         let key = LinkKey::generate();
         let hello = Hello::new(7, SID);
         let answer = hello.answer(&key);
-        let other_host = Hello { host: 8, ..hello.clone() };
+        let other_host = Hello {
+            host: 8,
+            ..hello.clone()
+        };
         assert_eq!(
             other_host.check_answer(&key, answer.encode().trim_end()),
             Err(LinkError::BadProof)
@@ -319,10 +322,7 @@ mod tests {
     #[test]
     fn other_protocols_and_bad_lines_are_named() {
         assert_eq!(Hello::parse("GET / HTTP/1.1"), Err(LinkError::NotALink));
-        assert_eq!(
-            Hello::parse("HTTP/1.1 200 OK"),
-            Err(LinkError::NotALink)
-        );
+        assert_eq!(Hello::parse("HTTP/1.1 200 OK"), Err(LinkError::NotALink));
         for bad in [
             "OCLINK/1",
             "OCLINK/1 7",

@@ -12,46 +12,16 @@ use anyhow::Context;
 use crate::jupyter::venv;
 use crate::machine::{binary, signal_group, unique};
 
-/// `n` consecutive ports that were free a moment ago.
-pub fn free_port_range(n: u16) -> (u16, u16) {
-    crate::machine::free_ports_in_a_row(n)
-}
-
-/// An agent's ports: its health port and a session port range of
-/// `sessions` ports, taken from one block of free ports so the two never
-/// overlap (two separate picks could put the health port inside the range,
-/// which the agent's config rightly refuses).
-pub struct AgentPorts {
-    pub health: u16,
-    pub first: u16,
-    pub last: u16,
-}
-
-impl AgentPorts {
-    pub fn free(sessions: u16) -> Self {
-        let (health, last) = free_port_range(sessions + 1);
-        Self {
-            health,
-            first: health + 1,
-            last,
-        }
-    }
-}
-
 pub fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 /// The text of an agent config for `control_url` with `host_key`.
 pub fn config_text(control_url: &str, host_key: &str, max_sessions: u32, work_dir: &str) -> String {
-    let AgentPorts {
-        health,
-        first,
-        last,
-    } = AgentPorts::free(max_sessions as u16 + 2);
+    let link_port = crate::machine::free_port();
     format!(
         "control_url = \"{control_url}\"\nhost_key = \"{host_key}\"\naddress = \"127.0.0.1\"\n\
-         health_port = {health}\nport_range = [{first}, {last}]\nwork_dir = \"{work_dir}\"\n\
+         link_port = {link_port}\nwork_dir = \"{work_dir}\"\n\
          venv = \"{venv}\"\nstop_grace_seconds = 5\n\n[capacity]\nmax_sessions = {max_sessions}\n\
          cpu_cores = 2.0\nmemory_mib = 2048\n",
         venv = venv().display(),

@@ -71,6 +71,7 @@ impl Control {
         let config = format!(
             "public_url = \"http://127.0.0.1:{public}\"\nkeys_file = \"keys.toml\"\ntrusted_proxies = [{trusted}]\n\
              session_domain = \"nb.localhost:{public}\"\ngateway_keys = [\"{gateway_key}\"]\n\
+             # Every test host is on loopback.\nallow_private_hosts = true\n\
              [listen]\npublic = \"127.0.0.1:{public}\"\ninternal = \"127.0.0.1:{internal}\"\n\
              [database]\nurl = \"{}\"\npool_min = 1\npool_max = 8\n{}",
             db.url, options.extra_config

@@ -15,13 +15,12 @@ use crate::stack::TestStack;
 use crate::user::TestUser;
 
 /// What a stand-in agent at `address` says when it registers: a modest
-/// machine with ports 20000–20099 and no sessions yet.
+/// machine with its link on port 9 and no sessions yet.
 pub fn agent_hello(address: &str) -> AgentHello {
     AgentHello {
         version: "0.1.0-test".into(),
         address: address.into(),
-        health_port: 9,
-        port_range: [20000, 20099],
+        link_port: 9,
         capacity: Capacity {
             max_sessions: 4,
             cpu_cores: 8.0,
@@ -112,16 +111,30 @@ impl TestStack {
         println!("host {host_id} placeable after {took:?}");
     }
 
-    /// Session `sid` as control recorded it: (host id, state, port, upstream token).
-    pub async fn session_row(&self, sid: &str) -> (u64, String, u16, String) {
+    /// Session `sid` as control recorded it: (host id, state).
+    pub async fn session_row(&self, sid: &str) -> (u64, String) {
         let mut conn = self.db.conn().await;
         mysql_async::prelude::Queryable::exec_first(
             &mut conn,
-            "SELECT host_id, state, port, upstream_token FROM sessions WHERE sid = ?",
+            "SELECT host_id, state FROM sessions WHERE sid = ?",
             (sid,),
         )
         .await
         .expect("read the session")
         .unwrap_or_else(|| panic!("no session {sid}"))
+    }
+
+    /// The link key control issued to host `host_id`.
+    pub async fn link_key(&self, host_id: u64) -> String {
+        let mut conn = self.db.conn().await;
+        let key: Option<Option<String>> = mysql_async::prelude::Queryable::exec_first(
+            &mut conn,
+            "SELECT link_key FROM hosts WHERE id = ?",
+            (host_id,),
+        )
+        .await
+        .expect("read the host");
+        key.flatten()
+            .unwrap_or_else(|| panic!("host {host_id} has no link key"))
     }
 }

@@ -2,6 +2,7 @@
 //! user (Jupyter refuses root, and notebooks must never run as root), with
 //! the settings every OpenCloud session uses.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::machine::{free_port, signal_group, unique, wait_until_ready};
+use futures_util::FutureExt;
+use opencloud_agent::host_link::Target;
+
+use crate::machine::{signal_group, unique, wait_until_ready};
 
 /// The venv `scripts/test` builds from the system Python.
 pub fn venv() -> PathBuf {
@@ -22,8 +26,8 @@ const NOBODY: u32 = 65534;
 
 pub struct JupyterServer {
     child: Child,
-    pub port: u16,
-    pub token: String,
+    /// The server's private socket (mode 0600, owned by `nobody`).
+    pub socket: PathBuf,
     pub root: PathBuf,
 }
 
@@ -39,12 +43,13 @@ impl JupyterServer {
         let base = std::env::temp_dir().join(unique("oc-jupyter-"));
         let root = base.join("project");
         let home = base.join("home");
-        for dir in [&base, &root, &home] {
+        let run = base.join("run");
+        for dir in [&base, &root, &home, &run] {
             std::fs::create_dir_all(dir)?;
             std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
         }
-        let port = free_port();
-        let token = crate::machine::unique("tok").replace('x', "");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
+        let socket = run.join("jupyter.sock");
         let config = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../config/jupyter_server_config.py"
@@ -55,8 +60,8 @@ impl JupyterServer {
             .args([
                 "server",
                 "--no-browser",
-                "--ServerApp.ip=127.0.0.1",
-                &format!("--ServerApp.port={port}"),
+                &format!("--ServerApp.sock={}", socket.display()),
+                "--ServerApp.sock_mode=0600",
                 &format!("--ServerApp.root_dir={}", root.display()),
                 "--ServerApp.base_url=/",
                 &format!("--config={config}"),
@@ -67,7 +72,6 @@ impl JupyterServer {
                 format!("{}:/usr/bin:/bin", venv().join("bin").display()),
             )
             .env("HOME", &home)
-            .env("JUPYTER_TOKEN", &token)
             .current_dir(&root)
             .uid(NOBODY)
             .gid(NOBODY)
@@ -79,35 +83,92 @@ impl JupyterServer {
             .context("start jupyter server")?;
         let mut server = Self {
             child,
-            port,
-            token,
+            socket,
             root,
         };
         server.wait_ready(&base).await?;
         Ok(server)
     }
 
+    /// Where a host link forwards this server's sessions.
+    pub fn target(&self) -> Target {
+        Target::Unix(self.socket.clone())
+    }
+
     async fn wait_ready(&mut self, base: &std::path::Path) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        let status = format!("http://127.0.0.1:{}/api/status", self.port);
-        let authorization = format!("token {}", self.token);
+        let target = self.target();
         wait_until_ready(
             &mut self.child,
             "jupyter",
             &base.join("jupyter.log"),
             Duration::from_secs(60),
             Duration::from_millis(100),
-            || async {
-                client
-                    .get(&status)
-                    .header("authorization", &authorization)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            },
+            || get_status(&target, "/api/status").map(|s| s == Some(200)),
         )
         .await
     }
+}
+
+/// `GET path` on the server at `target`, as the host link would reach
+/// it: the status code, if it answers.
+pub async fn get_status(target: &Target, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    let mut head = [0u8; 12];
+    match target {
+        Target::Unix(path) => {
+            let mut stream = tokio::net::UnixStream::connect(path).await.ok()?;
+            stream.write_all(request.as_bytes()).await.ok()?;
+            stream.read_exact(&mut head).await.ok()?;
+        }
+        Target::Tcp(addr) => {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            stream.write_all(request.as_bytes()).await.ok()?;
+            stream.read_exact(&mut head).await.ok()?;
+        }
+    }
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Jupyter's XSRF double-submit pair: the same value as cookie and header,
+/// as Lab sends it (Jupyter's own checks stay on behind the gateway).
+pub const XSRF: &str = "oc-test-xsrf";
+
+/// `POST path` with a JSON body on the server at `target` (with the XSRF
+/// pair): the status code and the body.
+pub async fn post_json(
+    target: &Target,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\
+         cookie: _xsrf={XSRF}\r\nx-xsrftoken: {XSRF}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = Vec::new();
+    match target {
+        Target::Unix(path) => {
+            let mut stream = tokio::net::UnixStream::connect(path).await?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.read_to_end(&mut answer).await?;
+        }
+        Target::Tcp(addr) => {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.read_to_end(&mut answer).await?;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).unwrap_or("0").parse()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
 }
 
 impl Drop for JupyterServer {

@@ -11,12 +11,14 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Starts a Python kernel in the session at `origin` (http://…), sending
-/// `cookie` and, as a browser does, the page's own `Origin`; the URL
-/// (ws://…) of its channels.
+/// `cookie` and, as a browser does, the page's own `Origin` and Jupyter's
+/// XSRF pair; the URL (ws://…) of its channels.
 pub async fn start(http: &reqwest::Client, origin: &str, cookie: &str) -> anyhow::Result<String> {
+    let xsrf = crate::jupyter::XSRF;
     let kernel: Value = http
         .post(format!("{origin}/api/kernels"))
-        .header("cookie", cookie)
+        .header("cookie", format!("{cookie}; _xsrf={xsrf}"))
+        .header("x-xsrftoken", xsrf)
         .header("origin", origin)
         .json(&json!({"name": "python3"}))
         .send()

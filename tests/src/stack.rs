@@ -10,6 +10,8 @@ use reqwest::header::COOKIE;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 
+pub use opencloud_agent::host_link::Target;
+
 use crate::agents::AgentProcess;
 use crate::control::{Control, ControlOptions};
 use crate::db::TestDatabase;
@@ -21,6 +23,8 @@ pub struct TestStack {
     gateway: Option<GatewayProcess>,
     control: Option<Control>,
     pub db: TestDatabase,
+    /// Stand-in hosts of [`TestStack::session_for`], serving while the stack lives.
+    externals: std::sync::Mutex<Vec<crate::external::External>>,
 }
 
 impl TestStack {
@@ -36,6 +40,7 @@ impl TestStack {
             gateway: None,
             control: Some(control),
             db,
+            externals: Default::default(),
         })
     }
 
@@ -72,6 +77,7 @@ impl TestStack {
             gateway: Some(gateway),
             control: Some(control),
             db,
+            externals: Default::default(),
         })
     }
 
@@ -251,22 +257,21 @@ impl TestStack {
         AgentProcess::start(&self.control().public, host_key, max_sessions).expect("start agent")
     }
 
-    /// Creates a project for `user` and a session on the upstream at
-    /// `port` (as the agent would), and waits until the gateway routes it.
-    pub async fn session_for(&self, user: &TestUser, port: u16, upstream_token: &str) -> String {
+    /// Creates a project for `user` and a session served from `target`
+    /// through a stand-in host's link (as the agent would), and waits until
+    /// the gateway routes it.
+    pub async fn session_for(&self, user: &TestUser, target: Target) -> String {
         let project = user.create_project("Analysis").await;
         let pool = mysql_async::Pool::new(self.db.url.as_str());
-        let session = crate::external::register_external(
-            &pool,
-            user.id,
-            project,
-            "127.0.0.1",
-            port,
-            upstream_token,
-        )
-        .await
-        .expect("register the session");
+        let external = crate::external::register_external(&pool, user.id, project, target)
+            .await
+            .expect("register the session");
         let _ = pool.disconnect().await;
+        let session = external.session.clone();
+        self.externals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(external);
         let gateway = self.gateway();
         let client = gateway.client(&[&session.sid], false);
         let probe = format!("{}/api/status", gateway.session_origin(&session.sid));

@@ -154,3 +154,8 @@ async fn serve(mut socket: TcpStream, sink: Captured, silent: bool, stop: watch:
         }
     }
 }
+
+/// Where a stand-in host's link reaches an upstream on loopback `port`.
+pub fn loopback(port: u16) -> crate::stack::Target {
+    crate::stack::Target::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}

@@ -17,6 +17,7 @@ use opencloud_control::sessions;
 use opencloud_e2e::browser::{log_in, Browser};
 use opencloud_e2e::external::register_external;
 use opencloud_e2e::hosts::agent_hello;
+use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::{TestStack, TestUser, PASSWORD};
 use opencloud_protocol::agent::{Heartbeat, Load, HOST_KEY_SCHEME};
 use opencloud_protocol::reports::SessionUsage;
@@ -177,11 +178,11 @@ impl Fixture {
         }
     }
 
-    /// `user`'s project and the address of their own host.
-    fn own(&self, user: &TestUser) -> (u64, &'static str) {
+    /// `user`'s project and their own host.
+    fn own(&self, user: &TestUser) -> (u64, u64) {
         match user.id {
-            id if id == self.alice.id => (self.alice_project, ALICE_ADDRESS),
-            id if id == self.bob.id => (self.bob_project, BOB_ADDRESS),
+            id if id == self.alice.id => (self.alice_project, self.alice_host.id),
+            id if id == self.bob.id => (self.bob_project, self.bob_host.id),
             _ => panic!("only alice and bob have a project and a host"),
         }
     }
@@ -189,12 +190,22 @@ impl Fixture {
     /// A running session of `user`'s project on their own host, recorded the
     /// way a Jupyter server started elsewhere is.
     async fn session(&self, user: &TestUser) -> String {
-        let (project, address) = self.own(user);
-        let port = 18000 + rand::random::<u16>() % 1000;
-        let route = register_external(&self.pool, user.id, project, address, port, "up-token")
+        let (project, host) = self.own(user);
+        let external = register_external(&self.pool, user.id, project, loopback(9))
             .await
             .unwrap();
-        route.sid
+        // On the user's own host, the one the admin pages filter by.
+        self.stack
+            .db
+            .conn()
+            .await
+            .exec_drop(
+                "UPDATE sessions SET host_id = ? WHERE sid = ?",
+                (host, external.sid()),
+            )
+            .await
+            .unwrap();
+        external.sid().to_owned()
     }
 
     /// A session that has already ended with `state` and `reason`.
@@ -228,8 +239,7 @@ impl Fixture {
         let mut conn = self.stack.db.conn().await;
         for chunk in rows.chunks(500) {
             // Old sessions' routes are long gone from the route table.
-            let marks = vec!["(?, ?, ?, ?, 8888, 'bulk-token', ?, ?, ?, ?, ?, ?, ?)"; chunk.len()]
-                .join(", ");
+            let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let params: Vec<mysql_async::Value> = chunk
                 .iter()
                 .flat_map(|r| {
@@ -250,7 +260,7 @@ impl Fixture {
                 .collect();
             conn.exec_drop(
                 format!(
-                    "INSERT INTO sessions (sid, project_id, user_id, host_id, port, upstream_token, state,
+                    "INSERT INTO sessions (sid, project_id, user_id, host_id, state,
                         created_at, ended_at, routes_removed_at, end_reason, bytes_in, bytes_out)
                      VALUES {marks}"
                 ),

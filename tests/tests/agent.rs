@@ -4,7 +4,6 @@
 //! an agent restart (or are cleaned up when they cannot be trusted), and
 //! report failures and exits with their logs. Nothing here needs control.
 
-use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use opencloud_agent::process::snapshot;
 use opencloud_agent::{Config, Supervisor};
-use opencloud_e2e::agents::AgentPorts;
+use opencloud_e2e::jupyter::get_status;
+use opencloud_e2e::stack::Target;
 use opencloud_e2e::{binary, free_port, jupyter::venv, unique};
 use opencloud_protocol::agent::{AgentEvent, AgentSessionState, StartSession};
 use opencloud_protocol::routes::new_sid;
@@ -33,18 +33,13 @@ impl Host {
     fn with(max_sessions: u32, venv: &Path, extra: &str) -> Self {
         let base = std::env::temp_dir().join(unique("oc-agent-"));
         std::fs::create_dir_all(&base).unwrap();
-        let AgentPorts {
-            health,
-            first,
-            last,
-        } = AgentPorts::free(max_sessions as u16 + 2);
+        let link = free_port();
         let text = format!(
             r#"
 control_url = "http://127.0.0.1:{control}"
 host_key = "test-host-key"
 address = "127.0.0.1"
-health_port = {health}
-port_range = [{first}, {last}]
+link_port = {link}
 work_dir = "work"
 venv = "{venv}"
 stop_grace_seconds = 5
@@ -92,29 +87,31 @@ fn start_command(project_id: u64) -> StartSession {
     StartSession {
         sid: new_sid(),
         project_id,
-        upstream_token: unique("tok-"),
         memory_limit_mib: 1024,
         cpu_limit_cores: 1.0,
     }
 }
 
-fn ready(event: AgentEvent) -> (String, u16, u64) {
+/// The session a `Ready` names, where the host link reaches it, and its spawn time.
+fn ready(supervisor: &Supervisor, event: AgentEvent) -> (String, Target, u64) {
     match event {
-        AgentEvent::Ready {
-            sid,
-            port,
-            spawn_ms,
-        } => (sid, port, spawn_ms),
+        AgentEvent::Ready { sid, spawn_ms } => {
+            let target = supervisor
+                .link_target(&sid)
+                .expect("a ready session has a target");
+            (sid, target, spawn_ms)
+        }
         other => panic!("expected Ready, got {other:?}"),
     }
 }
 
-async fn api_status(port: u16, token: Option<&str>) -> Option<u16> {
-    let mut request = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/api/status"));
-    if let Some(token) = token {
-        request = request.header("authorization", format!("token {token}"));
-    }
-    request.send().await.ok().map(|r| r.status().as_u16())
+async fn api_status(target: &Target) -> Option<u16> {
+    get_status(target, "/api/status").await
+}
+
+/// Nothing answers at `target` any more.
+async fn gone(target: &Target) -> bool {
+    api_status(target).await.is_none()
 }
 
 fn uid_of(pid: i32) -> u32 {
@@ -139,10 +136,6 @@ fn processes_of(uid: u32) -> Vec<i32> {
         .filter(|p| p.uid == uid && p.is_alive())
         .map(|p| p.pid)
         .collect()
-}
-
-fn port_free(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -172,20 +165,15 @@ fn kill(signal: &str, target: &str) {
 }
 
 /// Starts a kernel in a session, so that stopping it has more to stop.
-async fn start_kernel(port: u16, token: &str) {
-    let response = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/api/kernels"))
-        .header("authorization", format!("token {token}"))
-        .json(&serde_json::json!({ "name": "python3" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        response.status().as_u16(),
-        201,
-        "{:?}",
-        response.text().await
-    );
+async fn start_kernel(target: &Target) {
+    let (status, body) = opencloud_e2e::jupyter::post_json(
+        target,
+        "/api/kernels",
+        &serde_json::json!({ "name": "python3" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
 }
 
 #[tokio::test]
@@ -200,28 +188,17 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
             .unwrap_or("available")
     );
     let start = start_command(910_001);
-    let token = start.upstream_token.clone();
 
-    let (sid, port, spawn_ms) = ready(supervisor.start(start.clone()).await);
+    let (sid, target, spawn_ms) = ready(&supervisor, supervisor.start(start.clone()).await);
     println!("spawn to ready: {spawn_ms} ms");
     assert_eq!(sid, start.sid);
     assert!(spawn_ms < 60_000, "{spawn_ms}");
-    let (first, last) = host.config.port_range;
-    assert!(
-        (first..=last).contains(&port),
-        "{port} not in {first}–{last}"
-    );
     assert!(matches!(
         next_event(&mut events, Duration::from_secs(1)).await,
         AgentEvent::Ready { .. }
     ));
 
-    assert_eq!(api_status(port, Some(&token)).await, Some(200));
-    assert_ne!(
-        api_status(port, None).await,
-        Some(200),
-        "no token, no answer"
-    );
+    assert_eq!(api_status(&target).await, Some(200));
 
     let pid = supervisor.pid_of(&sid).unwrap();
     let uid = uid_of(pid);
@@ -231,44 +208,31 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
         passwd_uid("oc-p910001"),
         "runs as the project's user"
     );
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(
-        !String::from_utf8_lossy(&cmdline).contains(&token),
-        "the token is on the command line"
-    );
+    // No credential to hand out: the server trusts its link.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    assert!(String::from_utf8_lossy(&environ).contains(&format!("JUPYTER_TOKEN={token}")));
+    assert!(!String::from_utf8_lossy(&environ).contains("JUPYTER_TOKEN="));
 
     let project = std::fs::metadata(host.work().join("projects/910001")).unwrap();
     assert_eq!((project.uid(), project.mode() & 0o777), (uid, 0o700));
     let home = std::fs::metadata(host.work().join("homes/oc-p910001")).unwrap();
     assert_eq!((home.uid(), home.mode() & 0o777), (uid, 0o700));
-    // The state file holds the upstream token: root's alone, in root's own directories.
+    // The state file says which process is the server: root's alone, in root's own directories.
     let state = std::fs::metadata(host.state_file(&sid)).unwrap();
     assert_eq!((state.uid(), state.mode() & 0o777), (0, 0o600));
     for dir in ["sessions", "logs"] {
         let meta = std::fs::metadata(host.work().join(dir)).unwrap();
         assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700), "{dir}");
     }
-    assert!(
-        !std::fs::read_to_string(host.work().join(format!("logs/{sid}.log")))
-            .unwrap()
-            .contains(&token)
-    );
 
     let sessions = supervisor.sessions();
     assert_eq!(sessions.len(), 1);
     assert_eq!(
-        (
-            sessions[0].sid.as_str(),
-            sessions[0].port,
-            sessions[0].state
-        ),
-        (sid.as_str(), port, AgentSessionState::Running)
+        (sessions[0].sid.as_str(), sessions[0].state),
+        (sid.as_str(), AgentSessionState::Running)
     );
 
     // A kernel runs in a process session of its own: stopping must find it too.
-    start_kernel(port, &token).await;
+    start_kernel(&target).await;
     eventually("the kernel starts", Duration::from_secs(30), || {
         processes_of(uid).len() >= 2
     })
@@ -282,7 +246,7 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
         next_event(&mut events, Duration::from_secs(1)).await,
         stopped
     );
-    assert!(port_free(port), "port {port} is still taken");
+    assert!(gone(&target).await, "{target:?} still answers");
     assert_eq!(
         processes_of(uid),
         Vec::<i32>::new(),
@@ -303,12 +267,12 @@ async fn starting_a_running_session_again_reports_it_ready_and_a_full_host_says_
         supervisor.start(start.clone()),
         supervisor.start(start.clone())
     );
-    let (_, port_a, _) = ready(a);
-    let (_, port_b, _) = ready(b);
-    assert_eq!(port_a, port_b);
+    let (_, target_a, _) = ready(&supervisor, a);
+    let (_, target_b, _) = ready(&supervisor, b);
+    assert_eq!(target_a, target_b);
     let pid = supervisor.pid_of(&start.sid).unwrap();
-    let (_, port_c, _) = ready(supervisor.start(start.clone()).await);
-    assert_eq!(port_c, port_a);
+    let (_, target_c, _) = ready(&supervisor, supervisor.start(start.clone()).await);
+    assert_eq!(target_c, target_a);
     assert_eq!(supervisor.pid_of(&start.sid), Some(pid));
     assert_eq!(supervisor.sessions().len(), 1);
 
@@ -323,43 +287,39 @@ async fn starting_a_running_session_again_reports_it_ready_and_a_full_host_says_
         AgentEvent::Stopped { sid: unknown }
     );
     supervisor.stop(&start.sid, Duration::from_secs(5)).await;
-    assert!(port_free(port_a));
+    assert!(gone(&target_a).await);
 }
 
 #[tokio::test]
 async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
     let host = Host::new(3);
     let (first, _events) = host.supervisor().await;
-    let (keep, wrong_token, dead) = (
+    let (keep, mismatched, dead) = (
         start_command(910_003),
         start_command(910_004),
         start_command(910_005),
     );
     let (a, b, c) = tokio::join!(
         first.start(keep.clone()),
-        first.start(wrong_token.clone()),
+        first.start(mismatched.clone()),
         first.start(dead.clone())
     );
-    let (keep_port, wrong_port, dead_port) = (ready(a).1, ready(b).1, ready(c).1);
+    let (keep_target, wrong_target, dead_target) =
+        (ready(&first, a).1, ready(&first, b).1, ready(&first, c).1);
     let keep_pid = first.pid_of(&keep.sid).unwrap();
-    let wrong_uid = uid_of(first.pid_of(&wrong_token.sid).unwrap());
+    let wrong_uid = uid_of(first.pid_of(&mismatched.sid).unwrap());
     let dead_pid = first.pid_of(&dead.sid).unwrap();
     let dead_uid = uid_of(dead_pid);
 
     // The agent goes away; its servers keep running.
     first.detach();
-    assert_eq!(
-        api_status(keep_port, Some(&keep.upstream_token)).await,
-        Some(200)
-    );
+    assert_eq!(api_status(&keep_target).await, Some(200));
     // One record no longer matches its server, one server dies meanwhile.
-    let path = host.state_file(&wrong_token.sid);
-    let record = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        record.replace(&wrong_token.upstream_token, "not-the-token"),
-    )
-    .unwrap();
+    let path = host.state_file(&mismatched.sid);
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    record["start_ticks"] = serde_json::json!(1);
+    std::fs::write(&path, record.to_string()).unwrap();
     kill("-KILL", &format!("-{dead_pid}"));
     eventually("the killed server is gone", Duration::from_secs(10), || {
         processes_of(dead_uid).is_empty()
@@ -370,34 +330,31 @@ async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
     let sessions = second.sessions();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert_eq!(
-        (
-            sessions[0].sid.as_str(),
-            sessions[0].port,
-            sessions[0].state
-        ),
-        (keep.sid.as_str(), keep_port, AgentSessionState::Running)
+        (sessions[0].sid.as_str(), sessions[0].state),
+        (keep.sid.as_str(), AgentSessionState::Running)
     );
     assert_eq!(second.pid_of(&keep.sid), Some(keep_pid));
-    assert_eq!(
-        api_status(keep_port, Some(&keep.upstream_token)).await,
-        Some(200)
-    );
+    assert_eq!(second.link_target(&keep.sid).as_ref(), Some(&keep_target));
+    assert_eq!(api_status(&keep_target).await, Some(200));
 
-    assert!(!host.state_file(&wrong_token.sid).exists());
+    assert!(!host.state_file(&mismatched.sid).exists());
     assert_eq!(
         processes_of(wrong_uid),
         Vec::<i32>::new(),
         "untrusted server left running"
     );
-    assert!(port_free(wrong_port));
+    assert!(gone(&wrong_target).await);
     assert!(!host.state_file(&dead.sid).exists());
-    assert!(port_free(dead_port));
+    assert!(gone(&dead_target).await);
 
     // Starting the adopted session again is idempotent; stopping it works.
-    assert_eq!(ready(second.start(keep.clone()).await).1, keep_port);
+    assert_eq!(
+        ready(&second, second.start(keep.clone()).await).1,
+        keep_target
+    );
     let keep_uid = uid_of(keep_pid);
     second.stop(&keep.sid, Duration::from_secs(5)).await;
-    assert!(port_free(keep_port));
+    assert!(gone(&keep_target).await);
     assert_eq!(processes_of(keep_uid), Vec::<i32>::new());
 }
 
@@ -406,12 +363,12 @@ async fn a_server_killed_from_outside_is_reported_as_exited_with_its_log() {
     let host = Host::new(1);
     let (supervisor, mut events) = host.supervisor().await;
     let start = start_command(910_006);
-    let (sid, port, _) = ready(supervisor.start(start.clone()).await);
+    let (sid, target, _) = ready(&supervisor, supervisor.start(start.clone()).await);
     next_event(&mut events, Duration::from_secs(1)).await;
     let pid = supervisor.pid_of(&sid).unwrap();
     let uid = uid_of(pid);
     // A kernel outlives a server killed this way; the agent must end it.
-    start_kernel(port, &start.upstream_token).await;
+    start_kernel(&target).await;
     eventually("the kernel starts", Duration::from_secs(30), || {
         processes_of(uid).len() >= 2
     })
@@ -428,12 +385,11 @@ async fn a_server_killed_from_outside_is_reported_as_exited_with_its_log() {
             assert_eq!(exit_code, Some(137), "SIGKILL reads as 128 + 9");
             assert!(log_tail.contains("Jupyter Server"), "{log_tail}");
             assert!(log_tail.lines().count() <= 20);
-            assert!(!log_tail.contains(&start.upstream_token));
         }
         other => panic!("expected Exited, got {other:?}"),
     }
     assert!(supervisor.sessions().is_empty());
-    assert!(port_free(port));
+    assert!(gone(&target).await);
     assert_eq!(processes_of(uid), Vec::<i32>::new());
     assert!(!host.state_file(&sid).exists());
 }
@@ -528,8 +484,7 @@ fn bad_configs_name_the_key_in_the_library_and_the_binary() {
         .to_string();
     assert!(err.contains("key `colour`"), "{err}");
 
-    let (first, last) = host.config.port_range;
-    let reversed = good.replace(&format!("[{first}, {last}]"), &format!("[{last}, {first}]"));
+    let reversed = format!("port_range = [9400, 9300]\n{good}");
     let err = Config::from_toml(&host.config_path, &reversed, Vec::new())
         .unwrap_err()
         .to_string();
@@ -587,7 +542,7 @@ async fn the_binary_waits_for_control_serving_its_health_and_exits_on_sigterm() 
             .spawn()
             .unwrap(),
     );
-    let health = format!("http://{}/healthz", host.config.health_addr());
+    let health = format!("http://{}/healthz", host.config.link_addr());
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -637,7 +592,7 @@ async fn stop_all_stops_what_the_work_dir_records_but_not_under_a_running_agent(
     let host = Host::new(1);
     let (supervisor, _events) = host.supervisor().await;
     let start = start_command(910_009);
-    let (sid, port, _) = ready(supervisor.start(start).await);
+    let (sid, target, _) = ready(&supervisor, supervisor.start(start).await);
     let uid = uid_of(supervisor.pid_of(&sid).unwrap());
 
     let stop_all = || {
@@ -662,7 +617,7 @@ async fn stop_all_stops_what_the_work_dir_records_but_not_under_a_running_agent(
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("stopped 1 Jupyter server"), "{stdout}");
-    assert!(port_free(port));
+    assert!(gone(&target).await);
     assert_eq!(processes_of(uid), Vec::<i32>::new());
     assert!(!host.state_file(&sid).exists());
 }

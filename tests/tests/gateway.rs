@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::kernel;
-use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::stack::Target;
+use opencloud_e2e::upstream::{capture_upstream, loopback};
 use opencloud_e2e::{TestStack, TestUser};
 use reqwest::header::{ACCEPT, LOCATION, SET_COOKIE};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 
-/// A user with a project and a session pointing at `port`.
+/// A user with a project and a session served from `upstream`.
 struct Fixture {
     stack: TestStack,
     user: TestUser,
@@ -20,12 +21,10 @@ struct Fixture {
 }
 
 impl Fixture {
-    async fn new(upstream_port: u16, upstream_token: &str) -> Self {
+    async fn new(upstream: Target) -> Self {
         let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
-        let sid = stack
-            .session_for(&user, upstream_port, upstream_token)
-            .await;
+        let sid = stack.session_for(&user, upstream).await;
         Self { stack, user, sid }
     }
 
@@ -71,7 +70,7 @@ impl Fixture {
 #[tokio::test]
 async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_gateway() {
     let jupyter = JupyterServer::start().await.unwrap();
-    let f = Fixture::new(jupyter.port, &jupyter.token).await;
+    let f = Fixture::new(jupyter.target()).await;
 
     let url = f.enter_url().await;
     assert!(
@@ -107,7 +106,8 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
     let listing: Value = contents.json().await.unwrap();
     assert_eq!(listing["type"], "directory");
 
-    // Lab loads, and the upstream token is nowhere in what the browser gets.
+    // Lab loads, and no credential is in what the browser gets: no server
+    // token exists, and the host's link key stays between gateway and host.
     let lab = f
         .get("/lab", |r| {
             r.header("cookie", &cookie).header(ACCEPT, "text/html")
@@ -117,9 +117,15 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
     let headers = format!("{:?}", lab.headers());
     let html = lab.text().await.unwrap();
     assert!(html.contains("jupyter-config-data"), "a Lab page");
+    let (host, _) = f.stack.session_row(&f.sid).await;
+    let link_key = f.stack.link_key(host).await;
     assert!(
-        !html.contains(&jupyter.token) && !headers.contains(&jupyter.token),
-        "the upstream token leaked"
+        !html.contains(&link_key) && !headers.contains(&link_key),
+        "the link key leaked"
+    );
+    assert!(
+        !html.contains("data-jupyter-api-token"),
+        "a server token leaked"
     );
 
     let ws_url = kernel::start(&http, &f.origin(), &cookie).await.unwrap();
@@ -136,7 +142,7 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
 #[tokio::test]
 async fn without_credentials_pages_go_to_enter_apis_get_401_and_strangers_get_404() {
     let (port, _captured) = capture_upstream().await;
-    let f = Fixture::new(port, "upstream-secret").await;
+    let f = Fixture::new(loopback(port)).await;
     let http = f.client(false);
 
     let page = f.get("/lab", |r| r.header(ACCEPT, "text/html")).await;
@@ -222,9 +228,9 @@ async fn the_metrics_listener_answers_only_a_scrape_with_its_key() {
 }
 
 #[tokio::test]
-async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
+async fn the_upstream_never_gets_the_platform_credentials_nor_any_token() {
     let (port, captured) = capture_upstream().await;
-    let f = Fixture::new(port, "upstream-secret-token").await;
+    let f = Fixture::new(loopback(port)).await;
     let cookie = f.enter().await;
     let r = f
         .client(false)
@@ -251,10 +257,8 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
         "a Set-Cookie with Domain is dropped"
     );
     let head = captured.last().to_ascii_lowercase();
-    assert!(
-        head.contains("authorization: token upstream-secret-token"),
-        "{head}"
-    );
+    // The session trusts its link: no credential of any kind goes upstream.
+    assert!(!head.contains("authorization"), "{head}");
     assert!(
         head.contains(&format!(
             "host: {}.nb.localhost:{}",
@@ -272,17 +276,21 @@ async fn the_upstream_gets_its_token_and_never_the_platform_credentials() {
     assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
     assert!(head.contains("x-forwarded-proto: http"), "{head}");
 
-    // A bearer platform token is replaced too.
+    // A bearer platform token is removed too.
     f.get("/api/contents", |r| r.bearer_auth(&f.user.token))
         .await;
     let head = captured.last();
     assert!(!head.contains(&f.user.token), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("authorization"),
+        "{head}"
+    );
 }
 
 #[tokio::test]
 async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
     let (port, _captured) = capture_upstream().await;
-    let f = Fixture::new(port, "t").await;
+    let f = Fixture::new(loopback(port)).await;
     let cookie = f.enter().await;
     let http = f.client(false);
     assert_eq!(
@@ -331,7 +339,7 @@ async fn after_logout_the_old_session_cookie_is_refused_within_a_second() {
 #[tokio::test]
 async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_gateway() {
     let (port, _captured) = capture_upstream().await;
-    let mut f = Fixture::new(port, "t").await;
+    let mut f = Fixture::new(loopback(port)).await;
     let cookie = f.enter().await;
 
     f.stack.kill_control();
@@ -366,7 +374,7 @@ async fn with_control_down_the_gateway_serves_sessions_and_so_does_a_restarted_g
 #[tokio::test]
 async fn a_lost_session_gets_the_clear_page_at_once() {
     let (port, _captured) = capture_upstream().await;
-    let f = Fixture::new(port, "t").await;
+    let f = Fixture::new(loopback(port)).await;
     let cookie = f.enter().await;
     let pool = mysql_async::Pool::new(f.stack.db.url.as_str());
     opencloud_control::sessions::ending::end(
@@ -405,7 +413,7 @@ async fn a_lost_session_gets_the_clear_page_at_once() {
 #[tokio::test]
 async fn the_gateway_reports_host_reachability_and_session_usage_to_control() {
     let (port, _captured) = capture_upstream().await;
-    let f = Fixture::new(port, "t").await;
+    let f = Fixture::new(loopback(port)).await;
     let cookie = f.enter().await;
     for _ in 0..3 {
         let r = f

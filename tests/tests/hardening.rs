@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::unique;
 use opencloud_e2e::upstream::{
-    capture_upstream, capture_upstream_on, silent_upstream, stoppable_upstream, Captured,
+    capture_upstream, capture_upstream_on, loopback, silent_upstream, stoppable_upstream, Captured,
 };
 use opencloud_e2e::{TestStack, TestUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -185,9 +185,7 @@ impl Fixture {
     async fn new(upstream_port: u16) -> Self {
         let stack = TestStack::with_gateway().await.unwrap();
         let user = stack.new_user().await;
-        let sid = stack
-            .session_for(&user, upstream_port, "upstream-token")
-            .await;
+        let sid = stack.session_for(&user, loopback(upstream_port)).await;
         Self {
             stack,
             user,

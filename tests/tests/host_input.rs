@@ -10,12 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mysql_async::prelude::*;
 use opencloud_e2e::external::register_external;
 use opencloud_e2e::hosts::agent_hello;
+use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::TestStack;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 const ADDRESS: &str = "10.1.2.3";
-const SESSION_PORT: u16 = 20010;
 
 /// A host registered by its (stand-in) agent, running one session.
 struct Fixture {
@@ -37,10 +37,21 @@ impl Fixture {
         assert_eq!(status, StatusCode::OK, "register: {body}");
         let project = owner.create_project("Untrusted").await;
         let pool = mysql_async::Pool::new(stack.db.url.as_str());
-        let sid = register_external(&pool, owner.id, project, ADDRESS, SESSION_PORT, "up-token")
+        let external = register_external(&pool, owner.id, project, loopback(9))
             .await
-            .unwrap()
-            .sid;
+            .unwrap();
+        let sid = external.sid().to_owned();
+        // The session runs on the host this test speaks for.
+        stack
+            .db
+            .conn()
+            .await
+            .exec_drop(
+                "UPDATE sessions SET host_id = ? WHERE sid = ?",
+                (host_id, &sid),
+            )
+            .await
+            .unwrap();
         Self {
             stack,
             host_id,
@@ -60,7 +71,7 @@ impl Fixture {
             "version": "0.1.0-test",
             "load": {"cpu_percent": 12.0, "memory_used_mib": 2048,
                      "memory_total_mib": 16384, "disk_free_mib": 100000},
-            "sessions": [{"sid": self.sid, "port": SESSION_PORT, "state": "running",
+            "sessions": [{"sid": self.sid, "state": "running",
                           "started_at": now(), "last_activity": now(), "busy_kernels": 0}],
         });
         merge(&mut beat["load"], load);
@@ -188,16 +199,16 @@ async fn a_hello_with_absurd_values_is_a_400_naming_the_field() {
             json!({"capacity": {"max_sessions": 4, "cpu_cores": 8.0, "memory_mib": u64::MAX}}),
             "memory_mib",
         ),
-        (json!({"health_port": 0}), "health_port"),
-        (json!({"port_range": [30000, 20000]}), "port_range"),
+        (json!({"link_port": 0}), "link_port"),
+        (json!({"address": "0.0.0.0"}), "address"),
         (json!({"version": "x\u{0007}"}), "version"),
         (
-            json!({"sessions": [{"sid": "not a sid", "port": 20001, "state": "running",
+            json!({"sessions": [{"sid": "not a sid", "state": "running",
                               "started_at": 1, "last_activity": null, "busy_kernels": 0}]}),
             "sid",
         ),
         (
-            json!({"sessions": [{"sid": f.sid, "port": 20001, "state": "running",
+            json!({"sessions": [{"sid": f.sid, "state": "running",
                               "started_at": 1, "last_activity": 4_102_444_800u64, "busy_kernels": 0}]}),
             "last_activity",
         ),
@@ -222,7 +233,7 @@ async fn events_are_checked_and_those_for_sessions_the_host_does_not_run_are_ref
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let ready = json!({"event": "ready", "sid": f.sid, "port": SESSION_PORT, "spawn_ms": 10});
+    let ready = json!({"event": "ready", "sid": f.sid, "spawn_ms": 10});
     let (status, body) = f
         .stack
         .post_as_agent(&stranger_key, "/agent/v1/events", &ready)
@@ -247,11 +258,7 @@ async fn events_are_checked_and_those_for_sessions_the_host_does_not_run_are_ref
     // The session's own host, with values no agent would send.
     let bad = [
         (
-            json!({"event": "ready", "sid": f.sid, "port": 8082, "spawn_ms": 10}),
-            "port",
-        ),
-        (
-            json!({"event": "ready", "sid": f.sid, "port": SESSION_PORT, "spawn_ms": u64::MAX}),
+            json!({"event": "ready", "sid": f.sid, "spawn_ms": u64::MAX}),
             "spawn_ms",
         ),
         (
@@ -263,6 +270,6 @@ async fn events_are_checked_and_those_for_sessions_the_host_does_not_run_are_ref
         let got = f.send("/agent/v1/events", &event).await;
         expect_refused(&format!("event {}", event["event"]), got, field);
     }
-    let (_, state, _, _) = f.stack.session_row(&f.sid).await;
+    let (_, state) = f.stack.session_row(&f.sid).await;
     assert_eq!(state, "running", "no refused event changed the session");
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::agents::eventually;
 use opencloud_e2e::browser::{log_in, Browser};
-use opencloud_e2e::jupyter::JupyterServer;
-use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::jupyter::{JupyterServer, XSRF};
+use opencloud_e2e::upstream::{capture_upstream, loopback};
 use opencloud_e2e::TestStack;
 use opencloud_e2e::PASSWORD;
 use reqwest::StatusCode;
@@ -41,8 +41,8 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
     let platform = stack.gateway().platform();
     let user = stack.new_user().await;
     let (email, token) = (user.email.clone(), user.token.clone());
-    let mine = stack.session_for(&user, jupyter.port, &jupyter.token).await;
-    let other = stack.session_for(&user, other_port, "x").await;
+    let mine = stack.session_for(&user, jupyter.target()).await;
+    let other = stack.session_for(&user, loopback(other_port)).await;
     let mine_origin = stack.gateway().session_origin(&mine);
     let other_origin = stack.gateway().session_origin(&other);
 
@@ -55,6 +55,9 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
         let r = session_http
             .put(format!("{mine_origin}/api/contents/probe.html"))
             .bearer_auth(&token)
+            // Jupyter's XSRF check is on: the pair a page of its own sends.
+            .header("cookie", format!("_xsrf={XSRF}"))
+            .header("x-xsrftoken", XSRF)
             .json(&json!({"type": "file", "format": "text", "content": probe}))
             .send()
             .await

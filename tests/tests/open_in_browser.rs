@@ -162,16 +162,22 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
         Some(stack.gateway().port),
         "Lab is served through the gateway"
     );
-    let (session_host, state, _, upstream_token) = stack.session_row(&sid).await;
+    let (session_host, state) = stack.session_row(&sid).await;
     assert_eq!(session_host, host);
     assert_eq!(state, "running");
 
-    // Lab's page carries its config, but not the server's token.
+    // Lab's page carries its config, but no credential: there is no
+    // server token, and the host's link key stays between gateway and host.
     let source = browser.page_source().await.unwrap();
     assert!(source.contains("jupyter-config-data"), "not Lab's page");
+    let link_key = stack.link_key(host).await;
     assert!(
-        !source.contains(&upstream_token),
-        "the upstream token reached the browser"
+        !source.contains(&link_key),
+        "the host's link key reached the browser"
+    );
+    assert!(
+        !source.contains("data-jupyter-api-token"),
+        "a server token reached the browser"
     );
 
     // A notebook from the launcher; the cell is usable once the kernel is idle.

@@ -6,7 +6,7 @@
 //! 403 and the host never sees it. Bearer calls are not browser calls and
 //! are not subject to the rule.
 
-use opencloud_e2e::upstream::{capture_upstream, Captured};
+use opencloud_e2e::upstream::{capture_upstream, loopback, Captured};
 use opencloud_e2e::{TestStack, TestUser};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -37,10 +37,10 @@ impl Fixture {
         let (upstream_port, captured) = capture_upstream().await;
         let stack = TestStack::with_gateway().await.unwrap();
         let victim = stack.new_user().await;
-        let sid = stack.session_for(&victim, upstream_port, "t").await;
+        let sid = stack.session_for(&victim, loopback(upstream_port)).await;
         let cookie = stack.enter(&victim, &sid).await;
         let attacker = stack.new_user().await;
-        let attacker_sid = stack.session_for(&attacker, upstream_port, "a").await;
+        let attacker_sid = stack.session_for(&attacker, loopback(upstream_port)).await;
         let attacker_origin = stack.gateway().session_origin(&attacker_sid);
         Self {
             stack,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::{mode_and_owner, set_mode, TestStack};
 use reqwest::StatusCode;
 
@@ -104,16 +105,18 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         .is_err());
 }
 
-/// The route table's files: they hold every session's upstream token.
+/// The route table's files: they hold every host's link key.
 const STATE_FILES: [&str; 2] = ["routes.snapshot.json", "routes.deltas.ndjson"];
 
 /// Attack: another user on the gateway's machine (a notebook's user) reads
-/// the persisted route table and takes every session's upstream token.
+/// the persisted route table and takes every host's link key.
 #[tokio::test]
 async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start() {
     let mut stack = TestStack::with_gateway().await.unwrap();
     let user = stack.new_user().await;
-    stack.session_for(&user, 9, "upstream-token-on-disk").await;
+    let sid = stack.session_for(&user, loopback(9)).await;
+    let (host, _) = stack.session_row(&sid).await;
+    let link_key = stack.link_key(host).await;
     let gateway = stack.gateway();
     let state = gateway.dir.join("state");
     let (_, gateway_uid) = mode_and_owner(&gateway.config_path);
@@ -140,11 +143,11 @@ async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start
     assert!(
         std::fs::read_to_string(state.join("routes.snapshot.json"))
             .unwrap()
-            .contains("upstream-token-on-disk")
+            .contains(&link_key)
             || std::fs::read_to_string(state.join("routes.deltas.ndjson"))
                 .unwrap()
-                .contains("upstream-token-on-disk"),
-        "the files this test guards hold the token"
+                .contains(&link_key),
+        "the files this test guards hold the link key"
     );
     private("written by this gateway");
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 use opencloud_control::{routes, sessions};
-use opencloud_e2e::external::{check_upstream_token, register_external};
+use opencloud_e2e::external::register_external;
+use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::{expect_error, TestStack, TestUser, PASSWORD};
 use opencloud_protocol::routes::{Change, SessionRoute, SessionState, Snapshot, WatchMessage};
 use opencloud_protocol::token::{self, TokenKind};
@@ -94,16 +95,17 @@ fn pool(stack: &TestStack) -> mysql_async::Pool {
     mysql_async::Pool::new(stack.db.url.as_str())
 }
 
-/// Registers a Jupyter server "running" at 127.0.0.1:port for a new
-/// project of `user`.
+/// Registers a Jupyter server "running" at 127.0.0.1:port, on a stand-in
+/// host of its own, for a new project of `user`. Only its routes matter
+/// here: the host's link stops when this returns.
 async fn external_session(stack: &TestStack, user: &TestUser, port: u16) -> SessionRoute {
     let project = user.create_project(&format!("Project on {port}")).await;
     let pool = pool(stack);
-    let session = register_external(&pool, user.id, project, "127.0.0.1", port, "up-token")
+    let external = register_external(&pool, user.id, project, loopback(port))
         .await
         .unwrap();
     pool.disconnect().await.unwrap();
-    session
+    external.session.clone()
 }
 
 /// A new user's session on `port` whose row `set` (an SQL `SET` list) has
@@ -124,22 +126,6 @@ async fn session_left_as(
     .await
     .unwrap();
     (user, session, conn)
-}
-
-// Moved from control's sessions unit tests with `register_external`: the
-// stand-in takes only upstream tokens a session can carry, and refuses the
-// others before it touches the database.
-#[tokio::test]
-async fn upstream_tokens_are_short_printable_ascii() {
-    assert!(check_upstream_token("abc-123").is_ok());
-    assert!(check_upstream_token("").is_err());
-    assert!(check_upstream_token("a b").is_err());
-    assert!(check_upstream_token(&"x".repeat(101)).is_err());
-    let nowhere = mysql_async::Pool::new("mysql://nobody@127.0.0.1:1/none");
-    let err = register_external(&nowhere, 1, 1, "127.0.0.1", 8888, "a b")
-        .await
-        .unwrap_err();
-    assert!(err.to_string().starts_with("upstream_token"), "{err}");
 }
 
 async fn version(stack: &TestStack) -> u64 {
@@ -176,10 +162,15 @@ async fn a_watch_from_zero_starts_with_a_snapshot_holding_the_session() {
     assert_eq!(snapshot.sessions[0].state, SessionState::Running);
     assert_eq!(snapshot.hosts.len(), 1);
     assert_eq!(snapshot.hosts[0].id, session.host);
-    assert_eq!(snapshot.hosts[0].address, "127.0.0.1");
+    let host = &snapshot.hosts[0];
+    assert_eq!(host.address, "127.0.0.1");
     assert_eq!(
-        snapshot.hosts[0].health_url,
-        "http://127.0.0.1:18888/api/status"
+        host.health_url,
+        format!("http://127.0.0.1:{}/healthz", host.link_port)
+    );
+    assert!(
+        host.link_key.is_some(),
+        "the gateway gets the host's link key"
     );
     // Nothing else happens: a heartbeat within about 5 s names the version.
     let started = Instant::now();
@@ -201,11 +192,11 @@ async fn a_watch_from_zero_starts_with_a_snapshot_holding_the_session() {
             .is_none(),
         "an up-to-date gateway gets nothing but heartbeats"
     );
-    // A second session on the same host reuses the host row.
+    // A second stand-in host and its session come in one delta.
     let second = external_session(&stack, &user, 18_888).await;
-    assert_eq!(second.host, session.host);
+    assert_ne!(second.host, session.host);
     let changes = from_start.delta(2).await;
-    assert!(matches!(&changes[0], Change::UpsertHost(h) if h.id == session.host));
+    assert!(matches!(&changes[0], Change::UpsertHost(h) if h.id == second.host));
     assert!(matches!(&changes[1], Change::UpsertSession(s) if *s == second));
 
     // A version the database never reached (a restored database): snapshot.
@@ -326,10 +317,10 @@ async fn concurrent_changes_get_contiguous_versions_in_commit_order() {
             let mut sids = Vec::new();
             for i in 0..4 {
                 let port = 20_000 + (n * 10 + i) as u16;
-                let s = register_external(&pool, user_id, project, "127.0.0.1", port, "t")
+                let s = register_external(&pool, user_id, project, loopback(port))
                     .await
                     .unwrap();
-                sids.push(s.sid);
+                sids.push(s.sid().to_owned());
             }
             pool.disconnect().await.unwrap();
             sids

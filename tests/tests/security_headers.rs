@@ -8,7 +8,7 @@
 //! gateway, as a browser would.
 
 use base64::Engine;
-use opencloud_e2e::upstream::capture_upstream;
+use opencloud_e2e::upstream::{capture_upstream, loopback};
 use opencloud_e2e::TestStack;
 use reqwest::header::{HeaderMap, ACCEPT};
 use reqwest::{Response, StatusCode};
@@ -120,7 +120,7 @@ async fn the_gateways_own_pages_carry_them_and_a_sessions_own_answers_are_left_a
     let stack = TestStack::with_gateway().await.unwrap();
     let (port, captured) = capture_upstream().await;
     let user = stack.new_user().await;
-    let sid = stack.session_for(&user, port, "up-token").await;
+    let sid = stack.session_for(&user, loopback(port)).await;
     let gateway = stack.gateway();
     let nowhere = gateway.client(&["nosuch"], false);
     let r = nowhere

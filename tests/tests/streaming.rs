@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::TestStack;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,7 +73,7 @@ async fn a_large_upload_and_download_stream_through_without_filling_memory() {
     let port = sink_upstream().await;
     let user = stack.new_user().await;
     let token = user.token.clone();
-    let sid = stack.session_for(&user, port, "t").await;
+    let sid = stack.session_for(&user, loopback(port)).await;
     let origin = stack.gateway().session_origin(&sid);
     let client = stack.gateway().client(&[&sid], false);
     let baseline = stack.gateway().rss_kib().unwrap();

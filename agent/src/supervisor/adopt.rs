@@ -53,7 +53,12 @@ impl Supervisor {
                 if !process::terminate(&record.scope(), LEFTOVER_GRACE).await {
                     tracing::error!(sid, "processes left behind survived SIGKILL");
                 }
-                process::wait_port_free(std::net::Ipv4Addr::LOCALHOST.into(), record.port, PORT_RELEASE).await;
+                process::wait_port_free(
+                    std::net::Ipv4Addr::LOCALHOST.into(),
+                    record.port,
+                    PORT_RELEASE,
+                )
+                .await;
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
                     cgroups.remove(&sid).await;
                 }

@@ -30,7 +30,12 @@ impl Supervisor {
         event: AgentEvent,
     ) {
         if let Some(record) = record {
-            if !process::wait_port_free(std::net::Ipv4Addr::LOCALHOST.into(), record.port, PORT_RELEASE).await
+            if !process::wait_port_free(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                record.port,
+                PORT_RELEASE,
+            )
+            .await
             {
                 tracing::warn!(
                     sid = session.sid,

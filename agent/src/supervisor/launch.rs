@@ -77,10 +77,7 @@ impl Supervisor {
                     }
                     let Some(port) = self.pick_port(&sessions) else {
                         drop(sessions);
-                        return (
-                            self.refused(&sid, "no free loopback port".into()),
-                            true,
-                        );
+                        return (self.refused(&sid, "no free loopback port".into()), true);
                     };
                     let session = Arc::new(Session {
                         sid: sid.clone(),
@@ -112,13 +109,7 @@ impl Supervisor {
                         .map(|st| st.phase.clone());
                     match phase {
                         Ok(Phase::Running { spawn_ms }) => {
-                            return (
-                                AgentEvent::Ready {
-                                    sid,
-                                    spawn_ms,
-                                },
-                                true,
-                            )
+                            return (AgentEvent::Ready { sid, spawn_ms }, true)
                         }
                         // It was stopped meanwhile: this start starts it anew.
                         Ok(Phase::Gone(AgentEvent::Stopped { .. })) => continue,
@@ -175,13 +166,7 @@ impl Supervisor {
                         .record(spawn_ms as f64 / 1000.0);
                     self.publish_gauges();
                     tracing::info!(sid, port = session.port(), spawn_ms, "session ready");
-                    return (
-                        AgentEvent::Ready {
-                            sid,
-                            spawn_ms,
-                        },
-                        true,
-                    );
+                    return (AgentEvent::Ready { sid, spawn_ms }, true);
                 }
                 Readiness::Superseded => return (AgentEvent::Stopped { sid }, false),
                 Readiness::TimedOut => {

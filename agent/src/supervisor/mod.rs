@@ -297,8 +297,12 @@ impl Supervisor {
     /// running server of this host.
     pub fn link_target(&self, sid: &str) -> Option<Target> {
         let session = self.lookup(sid)?;
-        matches!(session.phase(), Phase::Running { .. })
-            .then(|| Target::Tcp(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), session.port())))
+        matches!(session.phase(), Phase::Running { .. }).then(|| {
+            Target::Tcp(SocketAddr::new(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                session.port(),
+            ))
+        })
     }
 
     /// The project a session serves, while it exists.

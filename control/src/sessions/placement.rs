@@ -230,5 +230,4 @@ mod tests {
         let order = placement_order(vec![candidate(1, 0.1), candidate(2, 0.5)], Some(9));
         assert_eq!(order.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
     }
-
 }

@@ -76,7 +76,8 @@ async fn register(
     Agent(host): Agent,
     ApiJson(hello): ApiJson<AgentHello>,
 ) -> Result<Response, AgentError> {
-    let registered = hosts::register(&app.pool, host, &hello, app.config.allow_private_hosts).await?;
+    let registered =
+        hosts::register(&app.pool, host, &hello, app.config.allow_private_hosts).await?;
     app.wakeups.wake(host);
     Ok(Json(registered).into_response())
 }
