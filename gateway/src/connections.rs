@@ -168,8 +168,9 @@ impl OpenConnections {
                 for change in changes {
                     let found = match change {
                         Change::Revoke(r) => registry.by_login.get(&login_key(&r.login_session)),
-                        Change::UpsertSession(s) => SessionKey::parse(&s.sid)
-                            .and_then(|key| registry.by_sid.get(&key)),
+                        Change::UpsertSession(s) => {
+                            SessionKey::parse(&s.sid).and_then(|key| registry.by_sid.get(&key))
+                        }
                         Change::RemoveSession { sid } => {
                             SessionKey::parse(sid).and_then(|key| registry.by_sid.get(&key))
                         }
@@ -385,7 +386,13 @@ mod tests {
             Some(Reason::SessionEnded),
             "someone else's session"
         );
-        let next = |changes| t.apply(&Delta { version: 2, changes }).unwrap();
+        let next = |changes| {
+            t.apply(&Delta {
+                version: 2,
+                changes,
+            })
+            .unwrap()
+        };
         let revoked = next(vec![Change::Revoke(Revocation {
             login_session: "ls".into(),
             expires_at: u64::MAX,
@@ -529,7 +536,10 @@ mod tests {
         // registry, and the number goes to the next connection.
         drop(a);
         let mut others = Vec::new();
-        while !others.iter().any(|(b, _): &(TcpStream, _)| b.as_raw_fd() == number) {
+        while !others
+            .iter()
+            .any(|(b, _): &(TcpStream, _)| b.as_raw_fd() == number)
+        {
             assert!(others.len() < 64, "descriptor {number} was never reused");
             others.push(pair());
         }

@@ -109,8 +109,7 @@ impl Watcher {
         self.routes.publish(next);
         // After publishing: see the race note in `connections`.
         if let Some(changed) = changed {
-            self.connections
-                .close_refused(&self.routes.load(), changed);
+            self.connections.close_refused(&self.routes.load(), changed);
         }
         mark_updated();
         Ok(())
