@@ -7,6 +7,7 @@
 pub mod class;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod control_client;
 pub mod deadline;
 pub mod fast_map;
@@ -75,6 +76,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         control_client::ControlClient::new(&config.control_internal_url, &config.gateway_key)?;
     let health = health::HostHealth::default();
     let usage = usage::UsageBook::default();
+    let connections = connections::OpenConnections::default();
     let gateway = proxy::Gateway {
         config: config.clone(),
         routes: routes.clone(),
@@ -83,6 +85,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         usage: usage.clone(),
         metrics: proxy::RequestMetrics::default(),
         verified: verified::VerifiedTokens::default(),
+        connections: connections.clone(),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {
@@ -138,6 +141,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     ));
     let watcher = watch::Watcher {
         routes,
+        connections,
         store,
         control,
     };

@@ -25,6 +25,7 @@ use pingora::{Error, ErrorType, Result};
 use crate::class::Class;
 use crate::clock::unix_now;
 use crate::config::Config;
+use crate::connections::{Admission, OpenConnections, Registration};
 use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
@@ -73,6 +74,10 @@ pub struct RequestCtx {
     /// The session's host link, when the request goes to a session.
     upstream: Option<(HostLink, SessionName)>,
     upstream_host: Option<u64>,
+    /// The cookie or token that admitted a session request.
+    claims: Option<Arc<Claims>>,
+    /// In the open-request registry while connected upstream.
+    connection: Option<Registration>,
     is_upgrade: bool,
     /// A request body follows the head.
     has_body: bool,
@@ -86,6 +91,7 @@ pub struct Gateway {
     pub usage: UsageBook,
     pub metrics: RequestMetrics,
     pub verified: VerifiedTokens,
+    pub connections: OpenConnections,
 }
 
 /// Request counters and latency histograms, registered once per label set
@@ -381,6 +387,7 @@ impl Gateway {
         }
         ctx.upstream = Some((link.clone(), sid));
         ctx.upstream_host = Some(host.id);
+        ctx.claims = Some(claims);
         Ok(false)
     }
 }
@@ -403,6 +410,8 @@ impl ProxyHttp for Gateway {
             user_id: None,
             upstream: None,
             upstream_host: None,
+            claims: None,
+            connection: None,
             is_upgrade: false,
             has_body: true,
         }
@@ -575,6 +584,36 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// A session request stays open only while the route table would still
+    /// admit it (the `connections` module ends it otherwise).
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let (Some(claims), Some(sid), Some(host)) = (&ctx.claims, ctx.sid, ctx.upstream_host)
+        else {
+            return Ok(());
+        };
+        let admission = Admission {
+            claims: claims.clone(),
+            sid: sid.key,
+            host,
+        };
+        // A retry connects again: the earlier connection leaves first.
+        ctx.connection = None;
+        let registration = self
+            .connections
+            .register(fd, admission, &self.routes)
+            .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
+        ctx.connection = Some(registration);
+        Ok(())
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -664,6 +703,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        // The request is over: nothing of it is left to close.
+        ctx.connection = None;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -1,12 +1,14 @@
 //! Follows control's route stream, publishes each new table and persists
 //! it. Reconnects with backoff and resumes from the version it holds; while
-//! control is away the gateway keeps serving the last good table.
+//! control is away the gateway keeps serving the last good table. Each
+//! new table also ends the open requests it would no longer admit.
 
 use std::time::Duration;
 
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::clock::unix_now;
+use crate::connections::{Changed, OpenConnections};
 use crate::control_client::ControlClient;
 use crate::store::Store;
 use crate::table::{Incoming, Routes};
@@ -18,6 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct Watcher {
     pub routes: Routes,
+    pub connections: OpenConnections,
     pub store: Store,
     pub control: ControlClient,
 }
@@ -75,14 +78,16 @@ impl Watcher {
 
     fn handle(&mut self, message: Incoming) -> anyhow::Result<()> {
         let current = self.routes.current();
-        let next = match message {
+        let delta;
+        let (next, changed) = match message {
             Incoming::Snapshot(table) => {
                 if let Err(e) = self.store.save_snapshot(&table) {
                     tracing::error!(error = %e, "could not persist the route snapshot");
                 }
-                table
+                (table, Some(Changed::Everything))
             }
-            Incoming::Delta(delta) => {
+            Incoming::Delta(d) => {
+                delta = d;
                 if delta.version <= current.version {
                     return Ok(());
                 }
@@ -90,10 +95,11 @@ impl Watcher {
                 if let Err(e) = self.store.append(&delta, &table) {
                     tracing::error!(error = %e, "could not persist a route delta");
                 }
-                table
+                (table, Some(Changed::Only(&delta.changes)))
             }
+            // Dropping expired revocations admits nothing new and ends nothing.
             Incoming::Heartbeat => match current.without_expired_revocations(unix_now()) {
-                Some(table) => table,
+                Some(table) => (table, None),
                 None => {
                     mark_updated();
                     return Ok(());
@@ -101,6 +107,10 @@ impl Watcher {
             },
         };
         self.routes.publish(next);
+        // After publishing: see the race note in `connections`.
+        if let Some(changed) = changed {
+            self.connections.close_refused(&self.routes.load(), changed);
+        }
         mark_updated();
         Ok(())
     }

@@ -34,6 +34,31 @@ pub async fn start(http: &reqwest::Client, origin: &str, cookie: &str) -> anyhow
     ))
 }
 
+/// A kernel's channels, open through the gateway.
+pub type Channels = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects to `url` (ws://…) through `connect_to` (the gateway's address),
+/// sending `cookie` and, as a browser does, the page's own `Origin`.
+pub async fn connect(
+    url: &str,
+    connect_to: std::net::SocketAddr,
+    cookie: &str,
+) -> anyhow::Result<Channels> {
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("cookie", cookie.parse()?);
+    let origin = url.replacen("ws://", "http://", 1);
+    let origin = origin.split('/').take(3).collect::<Vec<_>>().join("/");
+    request.headers_mut().insert("origin", origin.parse()?);
+    let tcp = tokio::net::TcpStream::connect(connect_to).await?;
+    let (ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .context("websocket handshake through the gateway")?;
+    if response.status().as_u16() != 101 {
+        bail!("handshake answered {}", response.status());
+    }
+    Ok(ws)
+}
+
 /// Connects to `url` (ws://…) through `connect_to` (the gateway's address),
 /// sending `cookie`, runs `code` and returns the `text/plain` result.
 pub async fn execute(
@@ -42,18 +67,12 @@ pub async fn execute(
     cookie: &str,
     code: &str,
 ) -> anyhow::Result<String> {
-    let mut request = url.into_client_request()?;
-    request.headers_mut().insert("cookie", cookie.parse()?);
-    let origin = url.replacen("ws://", "http://", 1);
-    let origin = origin.split('/').take(3).collect::<Vec<_>>().join("/");
-    request.headers_mut().insert("origin", origin.parse()?);
-    let tcp = tokio::net::TcpStream::connect(connect_to).await?;
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .context("websocket handshake through the gateway")?;
-    if response.status().as_u16() != 101 {
-        bail!("handshake answered {}", response.status());
-    }
+    let mut ws = connect(url, connect_to, cookie).await?;
+    run(&mut ws, code).await
+}
+
+/// Runs `code` on open channels and returns the `text/plain` result.
+pub async fn run(ws: &mut Channels, code: &str) -> anyhow::Result<String> {
     let msg_id = format!("exec-{}", rand::random::<u32>());
     let message = json!({
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
@@ -90,6 +109,22 @@ pub async fn execute(
             }
             Some("error") => bail!("kernel error: {}", reply["content"]),
             _ => {}
+        }
+    }
+}
+
+/// Reads (and drops) whatever the kernel sends until the channels close;
+/// how long that took, or `None` if they were still open after `limit`.
+pub async fn closes_within(ws: &mut Channels, limit: Duration) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return None,
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {
+                return Some(started.elapsed())
+            }
+            Ok(Some(Ok(_))) => {}
         }
     }
 }
