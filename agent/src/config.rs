@@ -9,6 +9,8 @@ use opencloud_protocol::agent::Capacity;
 use opencloud_protocol::config;
 use serde::Deserialize;
 
+pub use crate::sandbox::Egress;
+
 pub use opencloud_protocol::config::ConfigError;
 
 /// Environment overrides look like `OPENCLOUD_AGENT__CAPACITY__MAX_SESSIONS`.
@@ -41,6 +43,9 @@ struct AgentFile {
     stop_grace_seconds: u64,
     #[serde(default = "default_start_timeout")]
     start_timeout_seconds: u64,
+    /// What sessions may reach: `internet` (never the host or its LAN) or `none`.
+    #[serde(default)]
+    egress: Egress,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +93,7 @@ pub struct Config {
     pub stop_grace: Duration,
     /// Spawn → `/api/status` answering, or the start failed.
     pub start_timeout: Duration,
+    pub egress: Egress,
 }
 
 impl std::fmt::Debug for Config {
@@ -105,6 +111,7 @@ impl std::fmt::Debug for Config {
             .field("metrics_key", &self.metrics_key.as_ref().map(|_| "…"))
             .field("stop_grace", &self.stop_grace)
             .field("start_timeout", &self.start_timeout)
+            .field("egress", &self.egress)
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +261,7 @@ impl Config {
             metrics_key,
             stop_grace: Duration::from_secs(file.stop_grace_seconds),
             start_timeout: Duration::from_secs(file.start_timeout_seconds),
+            egress: file.egress,
         })
     }
 
@@ -428,5 +436,16 @@ memory_mib = 4096
             err.contains("key `health_port` (from OPENCLOUD_AGENT__HEALTH_PORT)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn egress_is_internet_unless_none_is_asked_for() {
+        assert_eq!(load(&text("")).unwrap().egress, Egress::Internet);
+        assert_eq!(
+            load(&text("egress = \"none\"")).unwrap().egress,
+            Egress::None
+        );
+        let err = error(&text("egress = \"lan\""));
+        assert!(err.contains("egress"), "{err}");
     }
 }

@@ -19,12 +19,17 @@ use crate::process::Scope;
 pub struct SessionRecord {
     pub sid: String,
     pub project_id: u64,
-    /// The Jupyter server; it leads its own process group.
+    /// The sandbox's outer process (bwrap); it leads its own process group.
     pub pid: i32,
     pub pgid: i32,
-    /// With the pid, tells this server from a later process with its pid.
+    /// With the pid, tells this process from a later one with its pid.
     pub start_ticks: u64,
-    pub port: u16,
+    /// The sandbox's PID namespace (inode): every process of the session.
+    #[serde(default)]
+    pub pidns: u64,
+    /// The session's slirp4netns, when it has internet egress.
+    #[serde(default)]
+    pub slirp: Option<Helper>,
     pub user: String,
     pub uid: u32,
     pub gid: u32,
@@ -41,11 +46,20 @@ impl std::fmt::Debug for SessionRecord {
             .field("project_id", &self.project_id)
             .field("pid", &self.pid)
             .field("pgid", &self.pgid)
-            .field("port", &self.port)
+            .field("pidns", &self.pidns)
+            .field("slirp", &self.slirp)
             .field("user", &self.user)
             .field("started_at", &self.started_at)
             .finish_non_exhaustive()
     }
+}
+
+/// A root process the agent runs beside a session (its slirp4netns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Helper {
+    pub pid: i32,
+    pub start_ticks: u64,
 }
 
 impl SessionRecord {
@@ -55,6 +69,7 @@ impl SessionRecord {
             pgid: self.pgid,
             start_ticks: self.start_ticks,
             uid: self.uid,
+            pidns: self.pidns,
         }
     }
 }
@@ -178,7 +193,11 @@ mod tests {
             pid: 1234,
             pgid: 1234,
             start_ticks: 99,
-            port: 9400,
+            pidns: 4_026_532_174,
+            slirp: Some(Helper {
+                pid: 1240,
+                start_ticks: 100,
+            }),
             user: "oc-p7".into(),
             uid: 998,
             gid: 998,
