@@ -309,10 +309,9 @@ impl Cgroups {
                 Path::new(ROOT).join(GROUP).join(sid).join("memory.events"),
                 (),
             ),
-            Hierarchy::V1 { memory, .. } => (
-                memory.join(GROUP).join(sid).join("memory.oom_control"),
-                (),
-            ),
+            Hierarchy::V1 { memory, .. } => {
+                (memory.join(GROUP).join(sid).join("memory.oom_control"), ())
+            }
         };
         parse_oom_kills(&std::fs::read_to_string(file).ok()?)
     }

@@ -149,10 +149,9 @@ async fn get_json<T: serde::de::DeserializeOwned>(
 ) -> Option<T> {
     let request = async {
         let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
         tokio::spawn(connection);
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, "localhost")
@@ -248,7 +247,10 @@ mod tests {
             "{args:?}"
         );
         assert!(args.contains(&"--ServerApp.sock_mode=0600".to_owned()));
-        assert!(!args.iter().any(|a| a.contains("ServerApp.port")), "{args:?}");
+        assert!(
+            !args.iter().any(|a| a.contains("ServerApp.port")),
+            "{args:?}"
+        );
         assert!(!args.iter().any(|a| a.contains("ServerApp.ip")), "{args:?}");
         assert!(args.contains(&"--ServerApp.root_dir=/w/projects/1".to_owned()));
         assert!(!args.iter().any(|a| a.contains("secret-token")), "{args:?}");

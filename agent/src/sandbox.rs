@@ -12,7 +12,7 @@
 //! the host's user namespace), so the routes cannot be changed from inside.
 //!
 //! Before bwrap runs, a short root step ([`ENTER`], POSIX sh) joins the
-//! session's cgroups and opens the session's directory for bwrap, `nsenter`
+//! session's cgroups, `nsenter`
 //! joins the network namespace and `setpriv` drops to the project's user:
 //! nothing of the session ever runs outside its limits or on the host's
 //! network. (The workspace forbids `unsafe`, so no `pre_exec`.)
@@ -47,19 +47,14 @@ pub const BLOCKED_V4: &[&str] = &[
 /// slirp4netns's network inside the namespace (its default).
 const SLIRP_TAP: &str = "tap0";
 
-/// The fd the session's directory is open on for bwrap's `--bind-fd`.
-pub const SESSION_DIR_FD: u32 = 3;
-
-/// The root step before the sandbox: `$0` is the session's directory, then
-/// the `cgroup.procs` files to join up to `--`, then the command to run.
-/// Arguments only ever arrive as positional parameters.
-pub const ENTER: &str = r#"dir=$0
-while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
+/// The root step before the sandbox: the `cgroup.procs` files to join up
+/// to `--`, then the command to run. Arguments only ever arrive as
+/// positional parameters.
+pub const ENTER: &str = r#"while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
   echo $$ > "$1" || exit 125
   shift
 done
 shift
-exec 3< "$dir" || exit 125
 exec "$@"
 "#;
 
@@ -69,11 +64,8 @@ pub struct Walls<'a> {
     pub work_dir: &'a Path,
     /// Writable, bound back at their own paths.
     pub writable: &'a [&'a Path],
-    /// The session's directory. When `session_dir_open` (root agent), it is
-    /// bound from fd [`SESSION_DIR_FD`]: its parent is root's alone, so the
-    /// project's user could not name it.
+    /// The session's directory (its socket), writable.
     pub session_dir: &'a Path,
-    pub session_dir_open: bool,
     /// Read-only files or directories under `work_dir` the server needs.
     pub read_only: &'a [&'a Path],
     /// Where the server starts.
@@ -121,13 +113,8 @@ pub fn bwrap_args(walls: &Walls<'_>) -> Vec<OsString> {
     for dir in walls.writable {
         push(&[os("--bind"), dir.as_os_str(), dir.as_os_str()]);
     }
-    if walls.session_dir_open {
-        let fd = OsString::from(SESSION_DIR_FD.to_string());
-        push(&[os("--bind-fd"), &fd, walls.session_dir.as_os_str()]);
-    } else {
-        let dir = walls.session_dir.as_os_str();
-        push(&[os("--bind"), dir, dir]);
-    }
+    let dir = walls.session_dir.as_os_str();
+    push(&[os("--bind"), dir, dir]);
     for path in walls.read_only {
         push(&[os("--ro-bind"), path.as_os_str(), path.as_os_str()]);
     }
@@ -137,15 +124,8 @@ pub fn bwrap_args(walls: &Walls<'_>) -> Vec<OsString> {
 
 /// What runs before bwrap, as root: the [`ENTER`] step, then `nsenter`
 /// and `setpriv`. The program and its arguments, up to bwrap.
-pub fn entry_command(
-    session_dir: &Path,
-    cgroup_procs: &[PathBuf],
-    netns: &Path,
-    uid: u32,
-    gid: u32,
-) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["/bin/sh".into(), "-c".into(), ENTER.into()];
-    args.push(session_dir.into());
+pub fn entry_command(cgroup_procs: &[PathBuf], netns: &Path, uid: u32, gid: u32) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["/bin/sh".into(), "-c".into(), ENTER.into(), "enter".into()];
     args.extend(cgroup_procs.iter().map(|p| p.into()));
     args.push("--".into());
     let mut netns_arg = OsString::from("--net=");
@@ -206,7 +186,6 @@ impl NetNs {
                 "--configure",
                 "--mtu=65520",
                 "--disable-host-loopback",
-                "--enable-sandbox",
                 "--enable-seccomp",
                 "--netns-type=path",
             ])
@@ -366,7 +345,6 @@ mod tests {
             work_dir: Path::new("/w"),
             writable: &[project, home],
             session_dir: Path::new("/w/sessions/abc"),
-            session_dir_open: true,
             read_only: &[config],
             chdir: project,
             unshare_net,
@@ -409,7 +387,7 @@ mod tests {
         let hidden = find(&args, &["--tmpfs", "/w"]);
         let project = find(&args, &["--bind", "/w/projects/7", "/w/projects/7"]);
         let home = find(&args, &["--bind", "/w/homes/oc-p7", "/w/homes/oc-p7"]);
-        let session = find(&args, &["--bind-fd", "3", "/w/sessions/abc"]);
+        let session = find(&args, &["--bind", "/w/sessions/abc", "/w/sessions/abc"]);
         let config = find(
             &args,
             &[
@@ -423,10 +401,13 @@ mod tests {
         find(&args, &["--chdir", "/w/projects/7"]);
         // bwrap applies them in order: later mounts go on top.
         assert!(root < tmp && tmp < hidden, "{args:?}");
-        assert!(hidden < project.min(home).min(session).min(config), "{args:?}");
+        assert!(
+            hidden < project.min(home).min(session).min(config),
+            "{args:?}"
+        );
         // Nothing else of the work dir is bound writable.
         let writable = args.iter().filter(|a| *a == "--bind").count();
-        assert_eq!(writable, 2, "{args:?}");
+        assert_eq!(writable, 3, "{args:?}");
     }
 
     #[test]
@@ -465,7 +446,6 @@ mod tests {
     #[test]
     fn the_root_step_joins_cgroups_then_the_network_then_drops_to_the_user() {
         let args = strings(&entry_command(
-            Path::new("/w/sessions/abc"),
             &["/cg/memory/procs".into(), "/cg/pids/procs".into()],
             Path::new("/run/netns/oc-abc"),
             998,
@@ -475,7 +455,7 @@ mod tests {
         assert_eq!(
             args[3..],
             [
-                "/w/sessions/abc",
+                "enter",
                 "/cg/memory/procs",
                 "/cg/pids/procs",
                 "--",
@@ -497,10 +477,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let procs = dir.join("cgroup.procs");
         let output = std::process::Command::new("/bin/sh")
-            .args(["-c", ENTER])
-            .arg(&dir)
+            .args(["-c", ENTER, "enter"])
             .arg(&procs)
-            .args(["--", "/bin/sh", "-c", "echo $$; ls -d /proc/self/fd/3"])
+            .args(["--", "/bin/sh", "-c", "echo $$"])
             .output()
             .unwrap();
         assert!(output.status.success(), "{output:?}");
@@ -508,7 +487,6 @@ mod tests {
         let written = std::fs::read_to_string(&procs).unwrap();
         // The pid written is the one that went on to exec the command.
         assert_eq!(stdout.lines().next(), Some(written.trim()), "{stdout}");
-        assert!(stdout.contains("/proc/self/fd/3"), "{stdout}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,11 +1,13 @@
 //! One file per running session under `work_dir/sessions/`, readable by root
 //! only (it holds the upstream token), so that an agent that restarts finds
-//! the servers it left and can either keep them or clean them up. Files and
-//! directory are private from creation (0600 in 0700); ones an older release
-//! left open are closed when they are read at start.
+//! the servers it left and can either keep them or clean them up. Files are
+//! private from creation (0600); the directory is 0711: not listable, but
+//! each session's user (bwrap runs as it) can reach its own
+//! `sessions/<sid>/`, 0700 and its own. Ones an older release left open are
+//! closed when they are read at start.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use opencloud_protocol::config::close_to_others;
@@ -13,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::process::Scope;
+
+/// Searchable, not listable: see the module's comment.
+const DIR_MODE: u32 = 0o711;
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,13 +89,21 @@ impl StateDir {
     pub fn open(dir: PathBuf) -> Result<Self, Error> {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(DIR_MODE)
             .create(&dir)
             .map_err(|e| Error::io(&dir, e))?;
-        warn_if_closed(
-            &dir,
-            close_to_others(&dir, 0o700).map_err(|e| Error::io(&dir, e))?,
-        );
+        let mode = std::fs::metadata(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode != DIR_MODE {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|e| Error::io(&dir, e))?;
+            if mode & 0o066 != 0 {
+                warn_if_closed(&dir, Some(mode));
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -184,7 +197,6 @@ fn read_record(path: &Path) -> Result<SessionRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn record(sid: &str) -> SessionRecord {
         SessionRecord {
@@ -260,7 +272,7 @@ mod tests {
         .unwrap();
         let dir = StateDir::open(path.clone()).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&path), 0o711);
         assert_eq!(dir.load_all(), vec![record("gggg")]);
         assert_eq!(mode(&dir.path("gggg")), 0o600);
         std::fs::remove_dir_all(&path).unwrap();
@@ -271,7 +283,7 @@ mod tests {
         let parent = temp_dir("new");
         let dir = StateDir::open(parent.join("a/sessions")).unwrap();
         let mode = std::fs::metadata(&dir.dir).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(mode & 0o777, 0o711);
         std::fs::remove_dir_all(&parent).unwrap();
     }
 

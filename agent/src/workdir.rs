@@ -87,7 +87,11 @@ pub(crate) fn prepare_work_dir(layout: &Layout, root: bool, venv: &Path) -> Resu
     write_shared(&layout.server_config(), jupyter::SERVER_CONFIG)?;
     let kernel = layout.jupyter_data().join("kernels/python3");
     std::fs::create_dir_all(&kernel).map_err(|e| Error::io(&kernel, e))?;
-    for dir in [layout.jupyter_data(), layout.jupyter_data().join("kernels"), kernel.clone()] {
+    for dir in [
+        layout.jupyter_data(),
+        layout.jupyter_data().join("kernels"),
+        kernel.clone(),
+    ] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| Error::io(&dir, e))?;
     }

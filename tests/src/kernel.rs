@@ -1,6 +1,7 @@
 //! A raw Jupyter kernel-channel client: a kernel started over a session's
 //! REST API, then one `execute_request` on the shell channel over the
-//! kernel WebSocket, reading iopub until the result.
+//! kernel WebSocket, reading iopub until the result. The same code runs
+//! through the gateway (TCP, cookie) or on a session's Unix socket (token).
 
 use std::time::Duration;
 
@@ -46,9 +47,54 @@ pub async fn execute(
     let origin = origin.split('/').take(3).collect::<Vec<_>>().join("/");
     request.headers_mut().insert("origin", origin.parse()?);
     let tcp = tokio::net::TcpStream::connect(connect_to).await?;
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+    run_code(request, tcp, code).await
+}
+
+/// Starts a Python kernel in the Jupyter server on `socket` (the agent's
+/// way in, with the upstream `token`); the kernel's id.
+pub async fn start_on_socket(socket: &std::path::Path, token: &str) -> anyhow::Result<String> {
+    let kernel = crate::sandbox::unix_request(
+        socket,
+        "POST",
+        "/api/kernels",
+        token,
+        Some(json!({"name": "python3"})),
+    )
+    .await?
+    .1;
+    Ok(kernel["id"]
+        .as_str()
+        .with_context(|| format!("no kernel id in {kernel}"))?
+        .to_owned())
+}
+
+/// Runs `code` in kernel `id` of the server on `socket`.
+pub async fn execute_on_socket(
+    socket: &std::path::Path,
+    token: &str,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<String> {
+    let mut request = format!("ws://localhost/api/kernels/{id}/channels").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("token {token}").parse()?);
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    run_code(request, stream, code).await
+}
+
+/// One `execute_request` over a WebSocket handshake made on `stream`.
+async fn run_code<S>(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    stream: S,
+    code: &str,
+) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
         .await
-        .context("websocket handshake through the gateway")?;
+        .context("websocket handshake")?;
     if response.status().as_u16() != 101 {
         bail!("handshake answered {}", response.status());
     }

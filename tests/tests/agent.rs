@@ -246,9 +246,11 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
     // The state file holds the upstream token: root's alone, in root's own directories.
     let state = std::fs::metadata(host.state_file(&sid)).unwrap();
     assert_eq!((state.uid(), state.mode() & 0o777), (0, 0o600));
-    for dir in ["sessions", "logs"] {
+    // Logs are root's alone; `sessions/` is searchable (each session's user
+    // reaches its own 0700 directory there) but not listable.
+    for (dir, mode) in [("sessions", 0o711), ("logs", 0o700)] {
         let meta = std::fs::metadata(host.work().join(dir)).unwrap();
-        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700), "{dir}");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, mode), "{dir}");
     }
     assert!(
         !std::fs::read_to_string(host.work().join(format!("logs/{sid}.log")))

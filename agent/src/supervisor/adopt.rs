@@ -22,11 +22,7 @@ impl Supervisor {
         for record in records {
             let sid = record.sid.clone();
             if is_valid_sid(&sid) && self.answers(&record).await {
-                tracing::info!(
-                    sid,
-                    pid = record.pid,
-                    "adopted a running server"
-                );
+                tracing::info!(sid, pid = record.pid, "adopted a running server");
                 let session = Arc::new(Session {
                     sid: sid.clone(),
                     project_id: record.project_id,
@@ -67,7 +63,9 @@ impl Supervisor {
         }
         // Session directories (and their network namespaces) of starts an
         // earlier agent did not finish.
-        let dirs = std::fs::read_dir(self.inner.layout.sessions()).into_iter().flatten();
+        let dirs = std::fs::read_dir(self.inner.layout.sessions())
+            .into_iter()
+            .flatten();
         for entry in dirs.filter_map(|e| e.ok()) {
             let sid = entry.file_name().to_string_lossy().into_owned();
             if entry.path().is_dir() && is_valid_sid(&sid) && !kept.contains(&sid) {
@@ -90,8 +88,7 @@ impl Supervisor {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            if jupyter::status(&socket, &record.token).await.is_some()
-            {
+            if jupyter::status(&socket, &record.token).await.is_some() {
                 return true;
             }
         }

@@ -110,7 +110,7 @@ impl Supervisor {
                                     spawn_ms,
                                 },
                                 true,
-                            )
+                            );
                         }
                         // It was stopped meanwhile: this start starts it anew.
                         Ok(Phase::Gone(AgentEvent::Stopped { .. })) => continue,
@@ -254,7 +254,15 @@ impl Supervisor {
             (None, None)
         };
         let launched = self
-            .spawn_sandbox(session, command, &run_as, log, netns.as_ref(), slirp, &cgroup_procs)
+            .spawn_sandbox(
+                session,
+                command,
+                &run_as,
+                log,
+                netns.as_ref(),
+                slirp,
+                &cgroup_procs,
+            )
             .await;
         if launched.is_err() {
             if let Some(slirp) = slirp {
@@ -295,20 +303,15 @@ impl Supervisor {
             work_dir: &layout.work_dir,
             writable: &[&project_dir, &home],
             session_dir: &session_dir,
-            session_dir_open: netns.is_some(),
             read_only: &read_only,
             chdir: &project_dir,
             unshare_net: netns.is_none(),
         });
         let mut prefix = match netns {
             // Root: join cgroups and network, drop to the user, then bwrap.
-            Some(netns) => sandbox::entry_command(
-                &session_dir,
-                cgroup_procs,
-                &netns.path(),
-                run_as.uid,
-                run_as.gid,
-            ),
+            Some(netns) => {
+                sandbox::entry_command(cgroup_procs, &netns.path(), run_as.uid, run_as.gid)
+            }
             None => Vec::new(),
         };
         prefix.push(inner.bwrap.clone().into());
@@ -392,8 +395,7 @@ impl Supervisor {
                     return Readiness::Exited(code);
                 }
             }
-            if jupyter::status(&socket, &session.token).await.is_some()
-            {
+            if jupyter::status(&socket, &session.token).await.is_some() {
                 let spawn_ms = received.elapsed().as_millis() as u64;
                 let running = session.status.send_if_modified(|st| {
                     if matches!(st.phase, Phase::Starting) && st.exit.is_none() {
