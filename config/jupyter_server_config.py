@@ -1,6 +1,7 @@
 # Settings every OpenCloud Jupyter server runs with (see docs/decisions.md,
 # "The host link"). Loaded with --config; a class cannot be given on the
-# command line.
+# command line. The server runs in the session's sandbox and serves only on
+# a Unix socket in the session's directory.
 from jupyter_server.auth.identity import IdentityProvider, User
 from traitlets import default
 
@@ -59,9 +60,10 @@ def _hide_token(handler, page_config):
 
 
 c.ServerApp.tornado_settings = {"page_config_hook": _hide_token}  # noqa: F821
-# A taken port is a failure, not a silent move to another port.
-c.ServerApp.port_retries = 0  # noqa: F821
 # The gateway forwards the browser's Host ({sid}.nb.…), which Jupyter's
 # Origin check compares WebSocket origins with.
 c.ServerApp.allow_remote_access = True  # noqa: F821
 c.ServerApp.open_browser = False  # noqa: F821
+# Kernels talk to the server over IPC sockets in the sandbox's private
+# runtime directory, never over TCP ports on a loopback.
+c.KernelManager.transport = "ipc"  # noqa: F821

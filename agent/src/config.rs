@@ -9,6 +9,8 @@ use opencloud_protocol::agent::Capacity;
 use opencloud_protocol::config;
 use serde::Deserialize;
 
+pub use crate::sandbox::Egress;
+
 pub use opencloud_protocol::config::ConfigError;
 
 /// Environment overrides look like `OPENCLOUD_AGENT__CAPACITY__MAX_SESSIONS`.
@@ -47,6 +49,9 @@ struct AgentFile {
     stop_grace_seconds: u64,
     #[serde(default = "default_start_timeout")]
     start_timeout_seconds: u64,
+    /// What sessions may reach: `internet` (never the host or its LAN) or `none`.
+    #[serde(default)]
+    egress: Egress,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +97,7 @@ pub struct Config {
     pub stop_grace: Duration,
     /// Spawn → `/api/status` answering, or the start failed.
     pub start_timeout: Duration,
+    pub egress: Egress,
 }
 
 impl std::fmt::Debug for Config {
@@ -108,6 +114,7 @@ impl std::fmt::Debug for Config {
             .field("metrics_key", &self.metrics_key.as_ref().map(|_| "…"))
             .field("stop_grace", &self.stop_grace)
             .field("start_timeout", &self.start_timeout)
+            .field("egress", &self.egress)
             .finish_non_exhaustive()
     }
 }
@@ -241,6 +248,7 @@ impl Config {
             metrics_key,
             stop_grace: Duration::from_secs(file.stop_grace_seconds),
             start_timeout: Duration::from_secs(file.start_timeout_seconds),
+            egress: file.egress,
         })
     }
 
@@ -406,5 +414,16 @@ memory_mib = 4096
             err.contains("key `link_port` (from OPENCLOUD_AGENT__LINK_PORT)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn egress_is_internet_unless_none_is_asked_for() {
+        assert_eq!(load(&text("")).unwrap().egress, Egress::Internet);
+        assert_eq!(
+            load(&text("egress = \"none\"")).unwrap().egress,
+            Egress::None
+        );
+        let err = error(&text("egress = \"lan\""));
+        assert!(err.contains("egress"), "{err}");
     }
 }

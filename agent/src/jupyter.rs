@@ -1,48 +1,55 @@
 //! Launching one `jupyter server` and asking it how it is.
 
+use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use crate::users::RunAs;
-
 /// The settings every session's server runs with (token kept out of pages,
-/// no silent port change, remote Host headers allowed).
+/// kernels over IPC, remote Host headers allowed).
 pub const SERVER_CONFIG: &str = include_str!("../../config/jupyter_server_config.py");
+
+/// Inside the sandbox's private `/tmp`: connection files and the kernels'
+/// IPC sockets live there, out of every other session's sight, and their
+/// paths stay far below the 107 bytes a Unix socket path may have.
+pub const RUNTIME_DIR: &str = "/tmp/jupyter-runtime";
 
 /// What one launch needs.
 pub struct Launch<'a> {
     pub venv: &'a Path,
-    pub addr: SocketAddr,
+    /// The Unix socket Jupyter serves on (and nothing else).
+    pub socket: &'a Path,
     pub project_dir: &'a Path,
     pub home: &'a Path,
     pub config_file: &'a Path,
-    pub token: &'a str,
-    pub run_as: &'a RunAs,
+    /// Put first on `JUPYTER_PATH`: holds the `python3` kernel spec.
+    pub data_dir: &'a Path,
     /// Receives stdout and stderr.
     pub log: std::fs::File,
 }
 
-/// The command line, environment and identity of a session's server. The
-/// token travels only in the environment: arguments are visible to every
-/// user of the machine.
-pub fn command(launch: Launch<'_>) -> std::io::Result<tokio::process::Command> {
-    let mut command = tokio::process::Command::new(launch.venv.join("bin/jupyter"));
+/// The sandboxed command line and environment of a session's server:
+/// `<prefix: entry…, bwrap, sandbox…, --> jupyter server …`. No token: the
+/// server trusts whoever reaches its socket (the agent, for the host link).
+pub fn command(
+    launch: Launch<'_>,
+    prefix: Vec<OsString>,
+) -> std::io::Result<tokio::process::Command> {
+    let mut prefix = prefix.into_iter();
+    let program = prefix
+        .next()
+        .ok_or_else(|| std::io::Error::other("no sandbox command"))?;
+    let mut command = tokio::process::Command::new(program);
     command
-        .arg("server")
-        .arg("--no-browser")
-        .arg(format!("--ServerApp.ip={}", launch.addr.ip()))
-        .arg(format!("--ServerApp.port={}", launch.addr.port()))
-        .arg(format!(
-            "--ServerApp.root_dir={}",
-            launch.project_dir.display()
-        ))
-        .arg("--ServerApp.base_url=/")
-        .arg(format!("--config={}", launch.config_file.display()))
+        .args(prefix)
+        .arg(launch.venv.join("bin/jupyter"))
+        .args(server_args(&launch))
         .env_clear()
         .env(
             "PATH",
@@ -53,31 +60,55 @@ pub fn command(launch: Launch<'_>) -> std::io::Result<tokio::process::Command> {
         )
         .env("HOME", launch.home)
         .env("LANG", "C.UTF-8")
-        .env("JUPYTER_TOKEN", launch.token)
-        .current_dir(launch.project_dir)
-        // Its own group, so the server and its helpers are signalled together.
+        .env("JUPYTER_RUNTIME_DIR", RUNTIME_DIR)
+        .env("JUPYTER_PATH", launch.data_dir)
+        .current_dir("/")
+        // Its own group, so the sandbox's outer process is signalled alone.
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(launch.log.try_clone()?)
         .stderr(launch.log)
         .kill_on_drop(false);
-    if launch.run_as.switch {
-        // std clears the supplementary groups when it switches the uid.
-        command.uid(launch.run_as.uid).gid(launch.run_as.gid);
-    }
     Ok(command)
 }
 
-/// A client for talking to local Jupyter servers: never through a proxy,
-/// short timeouts.
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+fn server_args(launch: &Launch<'_>) -> Vec<String> {
+    vec![
+        "server".into(),
+        "--no-browser".into(),
+        format!("--ServerApp.sock={}", launch.socket.display()),
+        "--ServerApp.sock_mode=0600".into(),
+        format!("--ServerApp.root_dir={}", launch.project_dir.display()),
+        "--ServerApp.base_url=/".into(),
+        format!("--config={}", launch.config_file.display()),
+    ]
 }
+
+/// The `python3` kernel spec every session uses: the kernel makes itself
+/// the first choice of the OOM killer, so a kernel that outgrows the
+/// session's memory is killed, not its server.
+pub fn kernel_spec(venv: &Path) -> String {
+    serde_json::json!({
+        "argv": [
+            "/bin/sh",
+            "-c",
+            "echo 1000 > /proc/self/oom_score_adj; exec \"$@\"",
+            "ipykernel",
+            venv.join("bin/python"),
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}"
+        ],
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "metadata": { "debugger": true }
+    })
+    .to_string()
+}
+
+/// The longest path a Unix socket may have (`sun_path` less its NUL).
+pub const SOCKET_PATH_MAX: usize = 107;
 
 #[derive(Debug, Deserialize)]
 struct StatusBody {
@@ -91,38 +122,44 @@ struct KernelBody {
     execution_state: Option<String>,
 }
 
-/// `GET /api/status` with the token: `Some(last activity)` when it answers 200.
-pub async fn status(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Option<Option<u64>> {
-    let body: StatusBody = get_json(http, addr, "/api/status", token).await?;
+/// `GET /api/status`: `Some(last activity)` when it answers 200.
+pub async fn status(socket: &Path) -> Option<Option<u64>> {
+    let body: StatusBody = get_json(socket, "/api/status").await?;
     Some(body.last_activity.as_deref().and_then(parse_timestamp))
 }
 
 /// How many kernels are executing code (`GET /api/kernels`).
-pub async fn busy_kernels(http: &reqwest::Client, addr: SocketAddr, token: &str) -> Option<u32> {
+pub async fn busy_kernels(socket: &Path) -> Option<u32> {
     // Our own polling must not count as the user's activity, or the idle
     // culler could never stop the session.
-    let kernels: Vec<KernelBody> =
-        get_json(http, addr, "/api/kernels?no_track_activity=1", token).await?;
+    let kernels: Vec<KernelBody> = get_json(socket, "/api/kernels?no_track_activity=1").await?;
     Some(count_busy(&kernels))
 }
 
-/// `GET path` on the server with the token: the body when it answers 200.
-async fn get_json<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    addr: SocketAddr,
-    path: &str,
-    token: &str,
-) -> Option<T> {
-    let response = http
-        .get(format!("http://{addr}{path}"))
-        .header("authorization", format!("token {token}"))
-        .send()
+/// `GET path` on the server's socket: the body when it answers 200 within
+/// a few seconds.
+async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> Option<T> {
+    let request = async {
+        let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        if response.status() != hyper::StatusCode::OK {
+            return None;
+        }
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice(&body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(3), request)
         .await
-        .ok()?;
-    if response.status() != reqwest::StatusCode::OK {
-        return None;
-    }
-    response.json().await.ok()
+        .ok()
+        .flatten()
 }
 
 fn count_busy(kernels: &[KernelBody]) -> u32 {
@@ -139,8 +176,8 @@ pub fn parse_timestamp(text: &str) -> Option<u64> {
     u64::try_from(at.unix_timestamp()).ok()
 }
 
-/// The last `lines` lines of a log, with `secret` blanked out wherever it appears.
-pub fn log_tail(path: &Path, lines: usize, secret: &str) -> String {
+/// The last `lines` lines of a log.
+pub fn log_tail(path: &Path, lines: usize) -> String {
     const WINDOW: u64 = 64 * 1024;
     let mut text = Vec::new();
     if let Ok(mut file) = std::fs::File::open(path) {
@@ -150,12 +187,7 @@ pub fn log_tail(path: &Path, lines: usize, secret: &str) -> String {
     }
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
-    let tail = all[all.len().saturating_sub(lines)..].join("\n");
-    if secret.is_empty() {
-        tail
-    } else {
-        tail.replace(secret, "[token]")
-    }
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]
@@ -163,43 +195,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_embedded_config_hides_the_token_and_pins_the_port() {
+    fn the_embedded_config_trusts_the_link_and_uses_ipc() {
         assert!(SERVER_CONFIG.contains("page_config[\"token\"] = \"\""));
-        assert!(SERVER_CONFIG.contains("port_retries = 0"));
+        assert!(SERVER_CONFIG.contains("identity_provider_class = LinkIdentityProvider"));
+        assert!(SERVER_CONFIG.contains("c.KernelManager.transport = \"ipc\""));
         assert!(SERVER_CONFIG.contains("allow_remote_access = True"));
     }
 
     #[test]
-    fn the_token_is_in_the_environment_not_the_arguments() {
+    fn the_server_listens_on_its_socket_and_gets_no_token() {
         let log_path =
             std::env::temp_dir().join(format!("oc-agent-cmd-{}.log", std::process::id()));
         let log = std::fs::File::create(&log_path).unwrap();
         std::fs::remove_file(&log_path).unwrap();
-        let run_as = crate::users::current();
-        let command = command(Launch {
-            venv: Path::new("/opt/venv"),
-            addr: "127.0.0.1:9400".parse().unwrap(),
-            project_dir: Path::new("/w/projects/1"),
-            home: Path::new("/w/homes/u"),
-            config_file: Path::new("/w/jupyter_server_config.py"),
-            token: "secret-token",
-            run_as: &run_as,
-            log,
-        })
+        let command = command(
+            Launch {
+                venv: Path::new("/opt/venv"),
+                socket: Path::new("/w/sessions/abc/jupyter.sock"),
+                project_dir: Path::new("/w/projects/1"),
+                home: Path::new("/w/homes/u"),
+                config_file: Path::new("/w/jupyter_server_config.py"),
+                data_dir: Path::new("/w/jupyter"),
+                log,
+            },
+            vec!["/usr/bin/bwrap".into(), "--unshare-pid".into(), "--".into()],
+        )
         .unwrap();
         let std = command.as_std();
         let args: Vec<String> = std
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        assert_eq!(std.get_program(), "/opt/venv/bin/jupyter");
+        assert_eq!(std.get_program(), "/usr/bin/bwrap");
+        assert_eq!(args[..3], ["--unshare-pid", "--", "/opt/venv/bin/jupyter"]);
         assert!(
-            args.contains(&"--ServerApp.port=9400".to_owned()),
+            args.contains(&"--ServerApp.sock=/w/sessions/abc/jupyter.sock".to_owned()),
             "{args:?}"
         );
+        assert!(args.contains(&"--ServerApp.sock_mode=0600".to_owned()));
+        assert!(
+            !args.iter().any(|a| a.contains("ServerApp.port")),
+            "{args:?}"
+        );
+        assert!(!args.iter().any(|a| a.contains("ServerApp.ip")), "{args:?}");
         assert!(args.contains(&"--ServerApp.root_dir=/w/projects/1".to_owned()));
-        assert!(args.contains(&"--ServerApp.base_url=/".to_owned()));
-        assert!(!args.iter().any(|a| a.contains("secret-token")), "{args:?}");
         let env: Vec<(String, String)> = std
             .get_envs()
             .filter_map(|(k, v)| {
@@ -210,8 +249,39 @@ mod tests {
             })
             .collect();
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, vec!["HOME", "JUPYTER_TOKEN", "LANG", "PATH"]);
-        assert!(env.contains(&("JUPYTER_TOKEN".into(), "secret-token".into())));
+        assert_eq!(
+            names,
+            vec![
+                "HOME",
+                "JUPYTER_PATH",
+                "JUPYTER_RUNTIME_DIR",
+                "LANG",
+                "PATH"
+            ]
+        );
+    }
+
+    #[test]
+    fn kernels_offer_themselves_to_the_oom_killer_first() {
+        let spec: serde_json::Value =
+            serde_json::from_str(&kernel_spec(Path::new("/opt/venv"))).unwrap();
+        let argv: Vec<&str> = spec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(argv[2].contains("1000 > /proc/self/oom_score_adj"));
+        assert_eq!(
+            argv[4..],
+            [
+                "/opt/venv/bin/python",
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                "{connection_file}"
+            ]
+        );
     }
 
     #[test]
@@ -233,15 +303,14 @@ mod tests {
     }
 
     #[test]
-    fn the_log_tail_is_short_and_never_shows_the_token() {
+    fn the_log_tail_is_short() {
         let path = std::env::temp_dir().join(format!("oc-agent-tail-{}.log", std::process::id()));
-        let text: String = (1..=50).map(|i| format!("line {i} tok-123\n")).collect();
+        let text: String = (1..=50).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&path, text).unwrap();
-        let tail = log_tail(&path, 20, "tok-123");
+        let tail = log_tail(&path, 20);
         assert_eq!(tail.lines().count(), 20);
-        assert!(tail.starts_with("line 31 [token]"), "{tail}");
-        assert!(!tail.contains("tok-123"));
+        assert!(tail.starts_with("line 31"), "{tail}");
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(log_tail(Path::new("/nonexistent"), 20, "x"), "");
+        assert_eq!(log_tail(Path::new("/nonexistent"), 20), "");
     }
 }

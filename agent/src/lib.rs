@@ -17,6 +17,7 @@ mod link;
 mod listener;
 pub mod load;
 pub mod process;
+pub mod sandbox;
 pub mod state;
 pub mod supervisor;
 pub mod users;

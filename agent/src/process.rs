@@ -4,14 +4,11 @@
 //! A session is more than the server's process group: Jupyter starts each
 //! kernel in a session of its own (so it can interrupt it), and a kernel
 //! outlives a server that was killed. So a session's processes are found from
-//! several sides, always restricted to the session's uid: the server's
-//! process group, the server's descendants, anything carrying the
-//! `JPY_PARENT_PID=<server pid>` Jupyter gives its kernels (inherited by what
-//! they start, and kept when they are orphaned), and the process groups and
-//! sessions those lead.
+//! several sides, always restricted to the session's uid: the sandbox's
+//! PID namespace (everything in it), the outer process's group and
+//! descendants, and the process groups and sessions those lead.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -77,30 +74,44 @@ pub fn snapshot() -> Vec<ProcInfo> {
         .collect()
 }
 
-/// Whether `pid`'s environment (as it was at exec) holds `NAME=value`.
-pub fn environ_has(pid: i32, entry: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|env| env.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
-        .unwrap_or(false)
+/// The PID namespace `pid` lives in (the inode of `/proc/<pid>/ns/pid`).
+pub fn pid_namespace(pid: i32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+    parse_namespace(link.to_str()?)
+}
+
+/// `pid:[4026532174]` → 4026532174.
+pub fn parse_namespace(link: &str) -> Option<u64> {
+    link.split_once(":[")?.1.strip_suffix(']')?.parse().ok()
+}
+
+/// The first child of `parent` (bwrap's process inside its namespaces).
+pub fn child_of(parent: i32) -> Option<ProcInfo> {
+    snapshot()
+        .into_iter()
+        .filter(|p| p.ppid == parent && p.is_alive())
+        .min_by_key(|p| p.start_ticks)
 }
 
 /// What identifies one session's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scope {
-    /// The Jupyter server (its pid is also its process group).
+    /// The sandbox's outer process (its pid is also its process group).
     pub pid: i32,
     pub pgid: i32,
     pub start_ticks: u64,
     pub uid: u32,
+    /// The sandbox's PID namespace; 0 when unknown.
+    pub pidns: u64,
 }
 
-/// The live processes of `scope` among `procs`. `has_marker(pid)` says
-/// whether a process carries the server's `JPY_PARENT_PID`.
+/// The live processes of `scope` among `procs`. `in_sandbox(pid)` says
+/// whether a process lives in the session's PID namespace.
 pub fn members(
     procs: &[ProcInfo],
     scope: &Scope,
     own_pid: i32,
-    has_marker: impl Fn(i32) -> bool,
+    in_sandbox: impl Fn(i32) -> bool,
 ) -> Vec<ProcInfo> {
     let candidates: Vec<&ProcInfo> = procs
         .iter()
@@ -111,7 +122,7 @@ pub fn members(
         .filter(|p| {
             p.pgrp == scope.pgid
                 || (p.pid == scope.pid && p.start_ticks == scope.start_ticks)
-                || (p.start_ticks >= scope.start_ticks && has_marker(p.pid))
+                || (p.start_ticks >= scope.start_ticks && in_sandbox(p.pid))
         })
         .map(|p| p.pid)
         .collect();
@@ -140,9 +151,10 @@ pub fn members(
 
 /// The live processes of `scope` right now.
 pub fn session_members(scope: &Scope) -> Vec<ProcInfo> {
-    let marker = format!("JPY_PARENT_PID={}", scope.pid);
     let own = std::process::id() as i32;
-    members(&snapshot(), scope, own, |pid| environ_has(pid, &marker))
+    members(&snapshot(), scope, own, |pid| {
+        scope.pidns != 0 && pid_namespace(pid) == Some(scope.pidns)
+    })
 }
 
 /// Sends `signal` to every process of `scope`; returns how many there were.
@@ -194,22 +206,21 @@ pub async fn terminate(scope: &Scope, grace: Duration) -> bool {
     false
 }
 
-/// Whether a server could listen on `address:port` now.
-pub fn port_is_free(address: IpAddr, port: u16) -> bool {
-    TcpListener::bind(SocketAddr::new(address, port)).is_ok()
-}
-
-/// Waits until `address:port` can be bound, up to `limit`.
-pub async fn wait_port_free(address: IpAddr, port: u16, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if port_is_free(address, port) {
-            return true;
-        }
+/// Stops a helper the agent started (`pid` with `start_ticks`, so never a
+/// stranger that got its pid): SIGTERM, SIGKILL after `grace`.
+pub async fn stop_helper(pid: i32, start_ticks: u64, grace: Duration) {
+    let same = || proc_info(pid).is_some_and(|p| p.is_alive() && p.start_ticks == start_ticks);
+    if pid <= 1 || !same() {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while same() {
         if Instant::now() >= deadline {
-            return false;
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -234,6 +245,7 @@ mod tests {
         pgid: 100,
         start_ticks: 1100,
         uid: 1001,
+        pidns: 4_026_532_174,
     };
 
     fn pids(found: Vec<ProcInfo>) -> Vec<i32> {
@@ -256,6 +268,14 @@ mod tests {
     }
 
     #[test]
+    fn namespace_links_are_read() {
+        assert_eq!(parse_namespace("pid:[4026532174]"), Some(4_026_532_174));
+        assert_eq!(parse_namespace("pid:4026532174"), None);
+        let own = pid_namespace(std::process::id() as i32);
+        assert!(own.is_some_and(|ns| ns > 0));
+    }
+
+    #[test]
     fn this_process_is_visible() {
         let me = proc_info(std::process::id() as i32).unwrap();
         assert!(me.is_alive());
@@ -271,7 +291,7 @@ mod tests {
             p(101, 100, 100, 50, 1001),  // a helper in the server's group
             p(200, 100, 200, 200, 1001), // a kernel: own session
             p(201, 200, 200, 200, 1001), // something the kernel ran
-            p(300, 1, 300, 300, 1001),   // an orphaned kernel of this server (marker)
+            p(300, 1, 300, 300, 1001),   // in the sandbox's namespace, reparented
             p(301, 300, 300, 300, 1001),
             p(400, 1, 400, 400, 1002), // another project's process
             p(500, 1, 500, 500, 1001), // same uid, unrelated, no marker

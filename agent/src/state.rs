@@ -1,11 +1,13 @@
 //! One file per running session under `work_dir/sessions/`, readable by root
-//! only (it holds the upstream token), so that an agent that restarts finds
-//! the servers it left and can either keep them or clean them up. Files and
-//! directory are private from creation (0600 in 0700); ones an older release
-//! left open are closed when they are read at start.
+//! only (it names the processes the agent may signal), so that an agent that restarts finds
+//! the servers it left and can either keep them or clean them up. Files are
+//! private from creation (0600); the directory is 0711: not listable, but
+//! each session's user (bwrap runs as it) can reach its own
+//! `sessions/<sid>/`, 0700 and its own. Ones an older release left open are
+//! closed when they are read at start.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use opencloud_protocol::config::close_to_others;
@@ -14,22 +16,28 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::process::Scope;
 
+/// Searchable, not listable: see the module's comment.
+const DIR_MODE: u32 = 0o711;
+
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionRecord {
     pub sid: String,
     pub project_id: u64,
-    /// The Jupyter server; it leads its own process group.
+    /// The sandbox's outer process (bwrap); it leads its own process group.
     pub pid: i32,
     pub pgid: i32,
-    /// With the pid, tells this server from a later process with its pid.
+    /// With the pid, tells this process from a later one with its pid.
     pub start_ticks: u64,
-    pub port: u16,
+    /// The sandbox's PID namespace (inode): every process of the session.
+    #[serde(default)]
+    pub pidns: u64,
+    /// The session's slirp4netns, when it has internet egress.
+    #[serde(default)]
+    pub slirp: Option<Helper>,
     pub user: String,
     pub uid: u32,
     pub gid: u32,
-    /// The upstream token, which Jupyter got in `JUPYTER_TOKEN`.
-    pub token: String,
     /// Unix seconds.
     pub started_at: u64,
 }
@@ -41,11 +49,20 @@ impl std::fmt::Debug for SessionRecord {
             .field("project_id", &self.project_id)
             .field("pid", &self.pid)
             .field("pgid", &self.pgid)
-            .field("port", &self.port)
+            .field("pidns", &self.pidns)
+            .field("slirp", &self.slirp)
             .field("user", &self.user)
             .field("started_at", &self.started_at)
             .finish_non_exhaustive()
     }
+}
+
+/// A root process the agent runs beside a session (its slirp4netns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Helper {
+    pub pid: i32,
+    pub start_ticks: u64,
 }
 
 impl SessionRecord {
@@ -55,6 +72,7 @@ impl SessionRecord {
             pgid: self.pgid,
             start_ticks: self.start_ticks,
             uid: self.uid,
+            pidns: self.pidns,
         }
     }
 }
@@ -69,13 +87,21 @@ impl StateDir {
     pub fn open(dir: PathBuf) -> Result<Self, Error> {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(DIR_MODE)
             .create(&dir)
             .map_err(|e| Error::io(&dir, e))?;
-        warn_if_closed(
-            &dir,
-            close_to_others(&dir, 0o700).map_err(|e| Error::io(&dir, e))?,
-        );
+        let mode = std::fs::metadata(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode != DIR_MODE {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|e| Error::io(&dir, e))?;
+            if mode & 0o066 != 0 {
+                warn_if_closed(&dir, Some(mode));
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -169,7 +195,6 @@ fn read_record(path: &Path) -> Result<SessionRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn record(sid: &str) -> SessionRecord {
         SessionRecord {
@@ -178,11 +203,14 @@ mod tests {
             pid: 1234,
             pgid: 1234,
             start_ticks: 99,
-            port: 9400,
+            pidns: 4_026_532_174,
+            slirp: Some(Helper {
+                pid: 1240,
+                start_ticks: 100,
+            }),
             user: "oc-p7".into(),
             uid: 998,
             gid: 998,
-            token: "secret-upstream-token".into(),
             started_at: 1_800_000_000,
         }
     }
@@ -241,7 +269,7 @@ mod tests {
         .unwrap();
         let dir = StateDir::open(path.clone()).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&path), 0o711);
         assert_eq!(dir.load_all(), vec![record("gggg")]);
         assert_eq!(mode(&dir.path("gggg")), 0o600);
         std::fs::remove_dir_all(&path).unwrap();
@@ -252,12 +280,7 @@ mod tests {
         let parent = temp_dir("new");
         let dir = StateDir::open(parent.join("a/sessions")).unwrap();
         let mode = std::fs::metadata(&dir.dir).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(mode & 0o777, 0o711);
         std::fs::remove_dir_all(&parent).unwrap();
-    }
-
-    #[test]
-    fn the_token_is_never_printed() {
-        assert!(!format!("{:?}", record("a")).contains("secret"));
     }
 }

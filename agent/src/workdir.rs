@@ -42,15 +42,28 @@ impl Layout {
     pub fn sessions(&self) -> PathBuf {
         self.work_dir.join("sessions")
     }
+    /// The session's own directory: the Jupyter socket, owned by the
+    /// session's user (0700) in the agent's private `sessions/`.
+    pub fn session_dir(&self, sid: &str) -> PathBuf {
+        self.sessions().join(sid)
+    }
+    /// The Unix socket the session's Jupyter serves on.
+    pub fn socket(&self, sid: &str) -> PathBuf {
+        self.session_dir(sid).join("jupyter.sock")
+    }
     pub fn server_config(&self) -> PathBuf {
         self.work_dir.join("jupyter_server_config.py")
+    }
+    /// Jupyter data (`JUPYTER_PATH`) every server shares read-only: the kernel spec.
+    pub fn jupyter_data(&self) -> PathBuf {
+        self.work_dir.join("jupyter")
     }
 }
 
 /// `work_dir` with its parts: project and home directories reachable (not
 /// listable) by session users, logs and state for the agent only, and the
 /// Jupyter config every server loads.
-pub(crate) fn prepare_work_dir(layout: &Layout, root: bool) -> Result<(), Error> {
+pub(crate) fn prepare_work_dir(layout: &Layout, root: bool, venv: &Path) -> Result<(), Error> {
     let dirs = [
         (layout.work_dir.clone(), 0o711),
         (layout.projects(), 0o711),
@@ -71,10 +84,25 @@ pub(crate) fn prepare_work_dir(layout: &Layout, root: bool) -> Result<(), Error>
         }
     }
     remove_old_logs(layout);
-    let config = layout.server_config();
-    std::fs::write(&config, jupyter::SERVER_CONFIG).map_err(|e| Error::io(&config, e))?;
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| Error::io(&config, e))
+    write_shared(&layout.server_config(), jupyter::SERVER_CONFIG)?;
+    let kernel = layout.jupyter_data().join("kernels/python3");
+    std::fs::create_dir_all(&kernel).map_err(|e| Error::io(&kernel, e))?;
+    for dir in [
+        layout.jupyter_data(),
+        layout.jupyter_data().join("kernels"),
+        kernel.clone(),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(&dir, e))?;
+    }
+    write_shared(&kernel.join("kernel.json"), &jupyter::kernel_spec(venv))
+}
+
+/// A file every session reads and none may change.
+fn write_shared(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::io(path, e))
 }
 
 /// Logs of sessions that ended long ago (never of one still recorded:

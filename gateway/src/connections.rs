@@ -321,7 +321,9 @@ mod tests {
         HostRoute {
             id,
             address: "127.0.0.1".into(),
-            health_url: "http://127.0.0.1:1/".into(),
+            link_port: 1,
+            link_key: None,
+            health_url: "http://127.0.0.1:1/healthz".into(),
             state,
         }
     }
@@ -331,8 +333,6 @@ mod tests {
             sid: sid.into(),
             owner,
             host,
-            port: 9000,
-            upstream_token: "t".into(),
             state,
         }
     }

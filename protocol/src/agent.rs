@@ -191,6 +191,10 @@ pub enum AgentEvent {
     },
     /// Stopped on command; its processes are gone and its port is free.
     Stopped { sid: String },
+    /// The session runs on, but the kernel OOM killer stopped one of its
+    /// processes (a kernel that outgrew the session's memory); `reason` is
+    /// a sentence for the session's owner.
+    KernelKilled { sid: String, reason: String },
 }
 
 impl AgentEvent {
@@ -200,7 +204,8 @@ impl AgentEvent {
             AgentEvent::Ready { sid, .. }
             | AgentEvent::Failed { sid, .. }
             | AgentEvent::Exited { sid, .. }
-            | AgentEvent::Stopped { sid } => sid,
+            | AgentEvent::Stopped { sid }
+            | AgentEvent::KernelKilled { sid, .. } => sid,
         }
     }
 }

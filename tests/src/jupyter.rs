@@ -109,66 +109,75 @@ impl JupyterServer {
     }
 }
 
-/// `GET path` on the server at `target`, as the host link would reach
-/// it: the status code, if it answers.
-pub async fn get_status(target: &Target, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    let mut head = [0u8; 12];
-    match target {
-        Target::Unix(path) => {
-            let mut stream = tokio::net::UnixStream::connect(path).await.ok()?;
-            stream.write_all(request.as_bytes()).await.ok()?;
-            stream.read_exact(&mut head).await.ok()?;
-        }
-        Target::Tcp(addr) => {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-            stream.write_all(request.as_bytes()).await.ok()?;
-            stream.read_exact(&mut head).await.ok()?;
-        }
-    }
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
 /// Jupyter's XSRF double-submit pair: the same value as cookie and header,
 /// as Lab sends it (Jupyter's own checks stay on behind the gateway).
 pub const XSRF: &str = "oc-test-xsrf";
 
-/// `POST path` with a JSON body on the server at `target` (with the XSRF
-/// pair): the status code and the body.
-pub async fn post_json(
+/// `method path` on the server at `target`, reached the way the host link
+/// reaches it (with the XSRF pair a page of its own sends): the status and
+/// the JSON body (`Null` when the body is not JSON).
+pub async fn request(
     target: &Target,
+    method: &str,
     path: &str,
-    body: &serde_json::Value,
-) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\
-         cookie: _xsrf={XSRF}\r\nx-xsrftoken: {XSRF}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut answer = Vec::new();
-    match target {
-        Target::Unix(path) => {
-            let mut stream = tokio::net::UnixStream::connect(path).await?;
-            stream.write_all(request.as_bytes()).await?;
-            stream.read_to_end(&mut answer).await?;
-        }
-        Target::Tcp(addr) => {
-            let mut stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.write_all(request.as_bytes()).await?;
-            stream.read_to_end(&mut answer).await?;
-        }
-    }
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer.get(9..12).unwrap_or("0").parse()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    let exchange = async {
+        let mut sender = match target {
+            Target::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .with_context(|| format!("connect {}", socket.display()))?;
+                handshake(TokioIo::new(stream)).await?
+            }
+            Target::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("connect {addr}"))?;
+                handshake(TokioIo::new(stream)).await?
+            }
+        };
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("cookie", format!("_xsrf={XSRF}"))
+            .header("x-xsrftoken", XSRF)
+            .header("content-type", "application/json")
+            .body(Full::new(hyper::body::Bytes::from(body)))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .context("no answer within 30 s")?
+}
+
+async fn handshake<S>(
+    io: hyper_util::rt::TokioIo<S>,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// `GET path` on the server at `target`: the status code, if it answers.
+pub async fn get_status(target: &Target, path: &str) -> Option<u16> {
+    request(target, "GET", path, None)
+        .await
+        .ok()
+        .map(|(status, _)| status)
 }
 
 impl Drop for JupyterServer {

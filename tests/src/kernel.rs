@@ -1,6 +1,7 @@
 //! A raw Jupyter kernel-channel client: a kernel started over a session's
 //! REST API, then one `execute_request` on the shell channel over the
-//! kernel WebSocket, reading iopub until the result.
+//! kernel WebSocket, reading iopub until the result. The same code runs
+//! through the gateway (TCP, cookie) or on a session's Unix socket.
 
 use std::time::Duration;
 
@@ -71,8 +72,48 @@ pub async fn execute(
     run(&mut ws, code).await
 }
 
+/// Starts a Python kernel in the Jupyter server on `socket` (the way the
+/// host link reaches it); the kernel's id.
+pub async fn start_on_socket(socket: &std::path::Path) -> anyhow::Result<String> {
+    let kernel = crate::sandbox::unix_request(
+        socket,
+        "POST",
+        "/api/kernels",
+        Some(json!({"name": "python3"})),
+    )
+    .await?
+    .1;
+    Ok(kernel["id"]
+        .as_str()
+        .with_context(|| format!("no kernel id in {kernel}"))?
+        .to_owned())
+}
+
+/// Runs `code` in kernel `id` of the server on `socket`.
+pub async fn execute_on_socket(
+    socket: &std::path::Path,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<String> {
+    let request = format!("ws://localhost/api/kernels/{id}/channels").into_client_request()?;
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .context("websocket handshake on the socket")?;
+    if response.status().as_u16() != 101 {
+        bail!("handshake answered {}", response.status());
+    }
+    run(&mut ws, code).await
+}
+
 /// Runs `code` on open channels and returns the `text/plain` result.
-pub async fn run(ws: &mut Channels, code: &str) -> anyhow::Result<String> {
+pub async fn run<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    code: &str,
+) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let msg_id = format!("exec-{}", rand::random::<u32>());
     let message = json!({
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",

@@ -17,6 +17,7 @@ pub mod hosts;
 pub mod jupyter;
 pub mod kernel;
 pub mod machine;
+pub mod sandbox;
 pub mod stack;
 pub mod upstream;
 pub mod user;

@@ -166,10 +166,11 @@ fn kill(signal: &str, target: &str) {
 
 /// Starts a kernel in a session, so that stopping it has more to stop.
 async fn start_kernel(target: &Target) {
-    let (status, body) = opencloud_e2e::jupyter::post_json(
+    let (status, body) = opencloud_e2e::jupyter::request(
         target,
+        "POST",
         "/api/kernels",
-        &serde_json::json!({ "name": "python3" }),
+        Some(serde_json::json!({ "name": "python3" })),
     )
     .await
     .unwrap();
@@ -219,9 +220,11 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
     // The state file says which process is the server: root's alone, in root's own directories.
     let state = std::fs::metadata(host.state_file(&sid)).unwrap();
     assert_eq!((state.uid(), state.mode() & 0o777), (0, 0o600));
-    for dir in ["sessions", "logs"] {
+    // Logs are root's alone; `sessions/` is searchable (each session's user
+    // reaches its own 0700 directory there) but not listable.
+    for (dir, mode) in [("sessions", 0o711), ("logs", 0o700)] {
         let meta = std::fs::metadata(host.work().join(dir)).unwrap();
-        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700), "{dir}");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, mode), "{dir}");
     }
 
     let sessions = supervisor.sessions();

@@ -1,18 +1,16 @@
 //! Taking over what an earlier agent left in the work dir: servers that
-//! are still ours and answer with their stored token run on as `Running`
-//! sessions; everything else (processes, ports, cgroups, state files) is
-//! cleaned up.
+//! are still ours and answer on their socket run on as `Running`
+//! sessions; everything else (processes, slirp, cgroups, session
+//! directories, state files) is cleaned up.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opencloud_protocol::routes::is_valid_sid;
 use tokio::sync::watch;
 
-use super::{Activity, Phase, Session, Status, Supervisor, LEFTOVER_GRACE, PORT_RELEASE};
+use super::{Activity, Phase, Session, Status, Supervisor, LEFTOVER_GRACE};
 use crate::jupyter;
 use crate::process;
 use crate::state::SessionRecord;
@@ -24,18 +22,12 @@ impl Supervisor {
         for record in records {
             let sid = record.sid.clone();
             if is_valid_sid(&sid) && self.answers(&record).await {
-                tracing::info!(
-                    sid,
-                    pid = record.pid,
-                    port = record.port,
-                    "adopted a running server"
-                );
+                tracing::info!(sid, pid = record.pid, "adopted a running server");
                 let session = Arc::new(Session {
                     sid: sid.clone(),
                     project_id: record.project_id,
-                    token: record.token.clone(),
                     started_at: record.started_at,
-                    port: AtomicU16::new(record.port),
+                    memory_limit_mib: 0,
                     status: watch::channel(Status {
                         phase: Phase::Running { spawn_ms: 0 },
                         spawning: false,
@@ -46,19 +38,15 @@ impl Supervisor {
                     activity: Mutex::new(Activity::default()),
                 });
                 self.lock_sessions().insert(sid.clone(), session.clone());
-                self.watch_adopted(session, record);
+                self.watch_adopted(session.clone(), record);
+                self.watch_memory(session);
                 kept.insert(sid);
             } else {
                 tracing::info!(sid, pid = record.pid, "cleaning up a server left behind");
                 if !process::terminate(&record.scope(), LEFTOVER_GRACE).await {
                     tracing::error!(sid, "processes left behind survived SIGKILL");
                 }
-                process::wait_port_free(
-                    std::net::Ipv4Addr::LOCALHOST.into(),
-                    record.port,
-                    PORT_RELEASE,
-                )
-                .await;
+                self.release(&sid, Some(&record)).await;
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
                     cgroups.remove(&sid).await;
                 }
@@ -72,10 +60,21 @@ impl Supervisor {
                 }
             }
         }
+        // Session directories (and their network namespaces) of starts an
+        // earlier agent did not finish.
+        let dirs = std::fs::read_dir(self.inner.layout.sessions())
+            .into_iter()
+            .flatten();
+        for entry in dirs.filter_map(|e| e.ok()) {
+            let sid = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && is_valid_sid(&sid) && !kept.contains(&sid) {
+                self.release(&sid, None).await;
+            }
+        }
         self.publish_gauges();
     }
 
-    /// Whether a recorded server is the one we started and answers with its token.
+    /// Whether a recorded server is the one we started and answers on its socket.
     async fn answers(&self, record: &SessionRecord) -> bool {
         let ours = process::proc_info(record.pid).is_some_and(|p| {
             p.is_alive() && p.start_ticks == record.start_ticks && p.uid == record.uid
@@ -83,15 +82,12 @@ impl Supervisor {
         if !ours {
             return false;
         }
-        let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), record.port);
+        let socket = self.inner.layout.socket(&record.sid);
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            if jupyter::status(&self.inner.http, addr, &record.token)
-                .await
-                .is_some()
-            {
+            if jupyter::status(&socket).await.is_some() {
                 return true;
             }
         }

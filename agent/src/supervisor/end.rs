@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use opencloud_protocol::agent::AgentEvent;
 
-use super::{
-    describe_exit, starting_or_running, Phase, Session, Supervisor, LEFTOVER_GRACE, PORT_RELEASE,
-};
+use super::{describe_exit, starting_or_running, Phase, Session, Supervisor, LEFTOVER_GRACE};
 use crate::process;
 use crate::state::SessionRecord;
 
@@ -21,29 +19,15 @@ impl Supervisor {
         status.ok().and_then(|st| st.process)
     }
 
-    /// Last step of every ending: port free, cgroup and state gone, removed
-    /// from the map, waiters told.
+    /// Last step of every ending: network helper, session directory,
+    /// cgroup and state gone, removed from the map, waiters told.
     pub(super) async fn finish(
         &self,
         session: &Arc<Session>,
         record: Option<&SessionRecord>,
         event: AgentEvent,
     ) {
-        if let Some(record) = record {
-            if !process::wait_port_free(
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                record.port,
-                PORT_RELEASE,
-            )
-            .await
-            {
-                tracing::warn!(
-                    sid = session.sid,
-                    port = record.port,
-                    "port still busy after the session ended"
-                );
-            }
-        }
+        self.release(&session.sid, record).await;
         if let Some(cgroups) = self.inner.cgroups.cgroups() {
             cgroups.remove(&session.sid).await;
         }
@@ -63,8 +47,25 @@ impl Supervisor {
         self.publish_gauges();
     }
 
+    /// What a session holds outside its sandbox once its processes are
+    /// gone: its slirp4netns and its directory (the socket).
+    pub(super) async fn release(&self, sid: &str, record: Option<&SessionRecord>) {
+        if let Some(slirp) = record.and_then(|r| r.slirp) {
+            process::stop_helper(slirp.pid, slirp.start_ticks, LEFTOVER_GRACE).await;
+        }
+        if self.inner.root {
+            crate::sandbox::NetNs::for_session(sid).remove().await;
+        }
+        let dir = self.inner.layout.session_dir(sid);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sid, error = %e, "cannot remove the session's directory");
+            }
+        }
+    }
+
     /// Stops a session: SIGTERM to its processes, SIGKILL after `grace`,
-    /// waits for its port, and reports `Stopped`. Unknown sessions are
+    /// and reports `Stopped`. Unknown sessions are
     /// reported stopped at once.
     pub async fn stop(&self, sid: &str, grace: Duration) -> AgentEvent {
         let event = AgentEvent::Stopped {

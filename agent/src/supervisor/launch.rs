@@ -1,12 +1,10 @@
-//! Starting a session: claiming a slot and a port, making its user and
-//! directories, launching Jupyter and waiting until it answers. A start
+//! Starting a session: claiming a slot, making its user and directories,
+//! its network namespace and cgroups, launching Jupyter in its sandbox and
+//! waiting until it answers on its socket. A start
 //! that does not get there ends as `Failed` (or `Stopped`, when a stop took
 //! it over meanwhile).
 
-use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,19 +12,18 @@ use opencloud_protocol::agent::{AgentEvent, StartSession};
 use opencloud_protocol::routes::is_valid_sid;
 use tokio::sync::watch;
 
-use super::{
-    describe_exit, exit_code, unix_now, Activity, Phase, Session, Status, Supervisor,
-    LEFTOVER_GRACE,
-};
+use super::{describe_exit, exit_code, unix_now, Activity, Phase, Session, Status, Supervisor};
+use crate::cgroups::{Limits, DEFAULT_PIDS_MAX};
 use crate::error::Error;
 use crate::jupyter;
 use crate::process;
-use crate::state::SessionRecord;
+use crate::sandbox::{self, NetNs, Walls};
+use crate::state::{Helper, SessionRecord};
 use crate::users;
 use crate::workdir::private_dir;
 
-/// Launch attempts when the chosen port is taken between check and bind.
-const LAUNCH_ATTEMPTS: u32 = 3;
+/// How long bwrap may take to make the sandbox's first process.
+const SANDBOX_SETUP: Duration = Duration::from_secs(5);
 
 enum Readiness {
     Ready(u64),
@@ -75,16 +72,11 @@ impl Supervisor {
                             true,
                         );
                     }
-                    let Some(port) = self.pick_port(&sessions) else {
-                        drop(sessions);
-                        return (self.refused(&sid, "no free loopback port".into()), true);
-                    };
                     let session = Arc::new(Session {
                         sid: sid.clone(),
                         project_id: command.project_id,
-                        token: String::new(),
                         started_at: unix_now(),
-                        port: AtomicU16::new(port),
+                        memory_limit_mib: command.memory_limit_mib,
                         status: watch::channel(Status {
                             phase: Phase::Starting,
                             spawning: true,
@@ -109,7 +101,14 @@ impl Supervisor {
                         .map(|st| st.phase.clone());
                     match phase {
                         Ok(Phase::Running { spawn_ms }) => {
-                            return (AgentEvent::Ready { sid, spawn_ms }, true)
+                            return (
+                                AgentEvent::Ready {
+                                    sid,
+                                    // No ports any more: the host link reaches the socket.
+                                    spawn_ms,
+                                },
+                                true,
+                            );
                         }
                         // It was stopped meanwhile: this start starts it anew.
                         Ok(Phase::Gone(AgentEvent::Stopped { .. })) => continue,
@@ -132,19 +131,6 @@ impl Supervisor {
         }
     }
 
-    /// A loopback port the system just handed out and no session of ours holds.
-    fn pick_port(&self, sessions: &HashMap<String, Arc<Session>>) -> Option<u16> {
-        let taken: HashSet<u16> = sessions.values().map(|s| s.port()).collect();
-        (0..10).find_map(|_| {
-            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            (!taken.contains(&port)).then_some(port)
-        })
-    }
-
     async fn launch(
         &self,
         session: Arc<Session>,
@@ -152,76 +138,35 @@ impl Supervisor {
         received: Instant,
     ) -> (AgentEvent, bool) {
         let sid = session.sid.clone();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            if let Err(e) = self.spawn(&session, command).await {
-                // Whatever was launched is in the status; nothing more comes.
-                session.status.send_modify(|st| st.spawning = false);
-                return self.fail(&session, e.to_string(), None).await;
+        if let Err(e) = self.spawn(&session, command).await {
+            // Whatever was launched is in the status; nothing more comes.
+            session.status.send_modify(|st| st.spawning = false);
+            return self.fail(&session, e.to_string(), None).await;
+        }
+        match self.wait_ready(&session, received).await {
+            Readiness::Ready(spawn_ms) => {
+                metrics::histogram!("opencloud_agent_spawn_seconds")
+                    .record(spawn_ms as f64 / 1000.0);
+                self.publish_gauges();
+                self.watch_memory(session.clone());
+                tracing::info!(sid, spawn_ms, "session ready");
+                (AgentEvent::Ready { sid, spawn_ms }, true)
             }
-            match self.wait_ready(&session, received).await {
-                Readiness::Ready(spawn_ms) => {
-                    metrics::histogram!("opencloud_agent_spawn_seconds")
-                        .record(spawn_ms as f64 / 1000.0);
-                    self.publish_gauges();
-                    tracing::info!(sid, port = session.port(), spawn_ms, "session ready");
-                    return (AgentEvent::Ready { sid, spawn_ms }, true);
-                }
-                Readiness::Superseded => return (AgentEvent::Stopped { sid }, false),
-                Readiness::TimedOut => {
-                    let limit = self.inner.config.start_timeout.as_secs();
-                    return self
-                        .fail(
-                            &session,
-                            format!("jupyter did not answer /api/status within {limit} s"),
-                            None,
-                        )
-                        .await;
-                }
-                Readiness::Exited(code) => {
-                    let tail = self.log_tail(&session);
-                    if attempt < LAUNCH_ATTEMPTS
-                        && tail.contains("already in use")
-                        && self.retry_on_another_port(&session).await
-                    {
-                        continue;
-                    }
-                    let reason = format!("jupyter {} before it was ready", describe_exit(code));
-                    return self.fail(&session, reason, code).await;
-                }
+            Readiness::Superseded => (AgentEvent::Stopped { sid }, false),
+            Readiness::TimedOut => {
+                let limit = self.inner.config.start_timeout.as_secs();
+                self.fail(
+                    &session,
+                    format!("jupyter did not answer /api/status within {limit} s"),
+                    None,
+                )
+                .await
+            }
+            Readiness::Exited(code) => {
+                let reason = format!("jupyter {} before it was ready", describe_exit(code));
+                self.fail(&session, reason, code).await
             }
         }
-    }
-
-    /// After losing a port race: forget the dead server, take another port.
-    async fn retry_on_another_port(&self, session: &Arc<Session>) -> bool {
-        let old = session.status.borrow().process.clone();
-        if let Some(record) = &old {
-            process::terminate(&record.scope(), LEFTOVER_GRACE).await;
-        }
-        let port = {
-            let sessions = self.lock_sessions();
-            self.pick_port(&sessions)
-        };
-        let Some(port) = port else {
-            return false;
-        };
-        let reset = session.status.send_if_modified(|st| {
-            if matches!(st.phase, Phase::Starting) {
-                st.spawning = true;
-                st.process = None;
-                st.exit = None;
-                true
-            } else {
-                false
-            }
-        });
-        if reset {
-            tracing::info!(sid = session.sid, port, "port was taken; trying another");
-            session.port.store(port, Ordering::Relaxed);
-        }
-        reset
     }
 
     /// Makes the user and directories and launches the server. The process
@@ -241,6 +186,23 @@ impl Supervisor {
         private_dir(&home, &run_as)?;
         private_dir(&project_dir, &run_as)?;
 
+        let session_dir = layout.session_dir(&session.sid);
+        private_dir(&session_dir, &run_as)?;
+        let socket = layout.socket(&session.sid);
+        if socket.as_os_str().len() > jupyter::SOCKET_PATH_MAX {
+            return Err(Error::Setup(format!(
+                "{} is longer than a Unix socket path may be ({} bytes); use a shorter work_dir",
+                socket.display(),
+                jupyter::SOCKET_PATH_MAX
+            )));
+        }
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(&socket, e))
+            }
+            _ => {}
+        }
+
         let log_path = layout.log(&session.sid);
         let log = std::fs::OpenOptions::new()
             .write(true)
@@ -250,37 +212,124 @@ impl Supervisor {
             .open(&log_path)
             .map_err(|e| Error::io(&log_path, e))?;
 
+        let mut cgroup_procs: Vec<std::path::PathBuf> = Vec::new();
         if let Some(cgroups) = inner.cgroups.cgroups() {
+            let limits = Limits {
+                memory_mib: command.memory_limit_mib,
+                cpu_cores: command.cpu_limit_cores,
+                pids: DEFAULT_PIDS_MAX,
+            };
             cgroups
-                .create(
-                    &session.sid,
-                    command.memory_limit_mib,
-                    command.cpu_limit_cores,
-                )
+                .create(&session.sid, &limits)
                 .map_err(|e| Error::Setup(format!("cannot create the session's cgroup: {e}")))?;
+            cgroup_procs = cgroups.procs_files(&session.sid);
         }
 
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), session.port());
+        // Root makes the network namespace (and its slirp); an agent that
+        // is not root has bwrap make an empty one.
+        let (netns, slirp) = if inner.root {
+            let netns = NetNs::for_session(&session.sid);
+            let log = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
+            let slirp = netns
+                .create(inner.config.egress, &inner.host_addresses, log)
+                .await
+                .map_err(|e| Error::Setup(format!("cannot set up the session's network: {e}")))?;
+            let slirp = slirp.map(|pid| Helper {
+                pid: pid as i32,
+                start_ticks: process::proc_info(pid as i32)
+                    .map(|p| p.start_ticks)
+                    .unwrap_or(0),
+            });
+            (Some(netns), slirp)
+        } else {
+            (None, None)
+        };
+        let launched = self
+            .spawn_sandbox(
+                session,
+                command,
+                &run_as,
+                log,
+                netns.as_ref(),
+                slirp,
+                &cgroup_procs,
+            )
+            .await;
+        if launched.is_err() {
+            if let Some(slirp) = slirp {
+                process::stop_helper(slirp.pid, slirp.start_ticks, LEFTOVER_HELPER).await;
+            }
+            if let Some(netns) = netns {
+                netns.remove().await;
+            }
+        }
+        launched
+    }
+
+    /// Spawns bwrap with Jupyter in it; publishes the process at once.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_sandbox(
+        &self,
+        session: &Arc<Session>,
+        command: &StartSession,
+        run_as: &users::RunAs,
+        log: std::fs::File,
+        netns: Option<&NetNs>,
+        slirp: Option<Helper>,
+        cgroup_procs: &[std::path::PathBuf],
+    ) -> Result<(), Error> {
+        let inner = &self.inner;
+        let layout = &inner.layout;
+        let home = layout.home(&run_as.name);
+        let project_dir = layout.project(command.project_id);
+        let session_dir = layout.session_dir(&session.sid);
+        let socket = layout.socket(&session.sid);
         let config_file = layout.server_config();
-        let mut jupyter = jupyter::command(jupyter::Launch {
-            venv: &inner.config.venv,
-            addr,
-            project_dir: &project_dir,
-            home: &home,
-            config_file: &config_file,
-            token: &session.token,
-            run_as: &run_as,
-            log,
-        })
+        let data_dir = layout.jupyter_data();
+        let mut read_only = vec![config_file.as_path(), data_dir.as_path()];
+        if inner.config.venv.starts_with(&layout.work_dir) {
+            read_only.push(&inner.config.venv);
+        }
+        let args = sandbox::bwrap_args(&Walls {
+            work_dir: &layout.work_dir,
+            writable: &[&project_dir, &home],
+            session_dir: &session_dir,
+            read_only: &read_only,
+            chdir: &project_dir,
+            unshare_net: netns.is_none(),
+        });
+        let mut prefix = match netns {
+            // Root: join cgroups and network, drop to the user, then bwrap.
+            Some(netns) => {
+                sandbox::entry_command(cgroup_procs, &netns.path(), run_as.uid, run_as.gid)
+            }
+            None => Vec::new(),
+        };
+        prefix.push(inner.bwrap.clone().into());
+        prefix.extend(args);
+        let log_path = layout.log(&session.sid);
+        let jupyter = jupyter::command(
+            jupyter::Launch {
+                venv: &inner.config.venv,
+                socket: &socket,
+                project_dir: &project_dir,
+                home: &home,
+                config_file: &config_file,
+                data_dir: &data_dir,
+                log,
+            },
+            prefix,
+        )
         .map_err(|e| Error::io(&log_path, e))?;
         if !matches!(session.phase(), Phase::Starting) {
             // Stopped while the user and directories were being made.
             session.status.send_modify(|st| st.spawning = false);
-            return Ok(());
+            return Err(Error::Setup("stopped before it was launched".into()));
         }
+        let mut jupyter = jupyter;
         let mut child = jupyter
             .spawn()
-            .map_err(|e| Error::Setup(format!("cannot start jupyter: {e}")))?;
+            .map_err(|e| Error::Setup(format!("cannot start the sandbox: {e}")))?;
         let Some(pid) = child.id().map(|p| p as i32) else {
             // Already exited and reaped: report it like any early exit.
             let code = child.wait().await.ok().and_then(exit_code);
@@ -291,17 +340,18 @@ impl Supervisor {
             return Ok(());
         };
         let start_ticks = process::proc_info(pid).map(|p| p.start_ticks).unwrap_or(0);
+        let pidns = sandbox_namespace(pid).await;
         let record = SessionRecord {
             sid: session.sid.clone(),
             project_id: command.project_id,
             pid,
             pgid: pid,
             start_ticks,
-            port: addr.port(),
+            pidns,
+            slirp,
             user: run_as.name.clone(),
             uid: run_as.uid,
             gid: run_as.gid,
-            token: session.token.clone(),
             started_at: session.started_at,
         };
         session.status.send_modify(|st| {
@@ -309,26 +359,20 @@ impl Supervisor {
             st.process = Some(record.clone());
         });
         self.watch_child(session.clone(), child);
-
-        if let Some(cgroups) = inner.cgroups.cgroups() {
-            cgroups
-                .add(&session.sid, pid)
-                .map_err(|e| Error::Setup(format!("cannot move jupyter into its cgroup: {e}")))?;
-        }
         inner.state.save(&record)?;
         tracing::info!(
             sid = session.sid,
             pid,
-            port = addr.port(),
+            pidns,
             user = run_as.name,
-            "jupyter launched"
+            "jupyter launched in its sandbox"
         );
         Ok(())
     }
 
     async fn wait_ready(&self, session: &Arc<Session>, received: Instant) -> Readiness {
         let deadline = received + self.inner.config.start_timeout;
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), session.port());
+        let socket = self.inner.layout.socket(&session.sid);
         let mut rx = session.status.subscribe();
         loop {
             {
@@ -340,10 +384,7 @@ impl Supervisor {
                     return Readiness::Exited(code);
                 }
             }
-            if jupyter::status(&self.inner.http, addr, &session.token)
-                .await
-                .is_some()
-            {
+            if jupyter::status(&socket).await.is_some() {
                 let spawn_ms = received.elapsed().as_millis() as u64;
                 let running = session.status.send_if_modified(|st| {
                     if matches!(st.phase, Phase::Starting) && st.exit.is_none() {
@@ -408,5 +449,28 @@ impl Supervisor {
             };
             supervisor.exited(session, code).await;
         });
+    }
+}
+
+/// Grace for a helper left by a start that failed.
+const LEFTOVER_HELPER: Duration = Duration::from_secs(1);
+
+/// The PID namespace bwrap made under `outer`: its first child lives in
+/// it. 0 when bwrap died first.
+async fn sandbox_namespace(outer: i32) -> u64 {
+    let deadline = Instant::now() + SANDBOX_SETUP;
+    let own = process::pid_namespace(outer);
+    loop {
+        if let Some(child) = process::child_of(outer) {
+            match process::pid_namespace(child.pid) {
+                Some(ns) if Some(ns) != own => return ns,
+                _ => {}
+            }
+        }
+        let outer_alive = process::proc_info(outer).is_some_and(|p| p.is_alive());
+        if !outer_alive || Instant::now() >= deadline {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -26,9 +26,8 @@ mod end;
 mod launch;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,14 +39,15 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::host_link::{Sessions, Target};
 use crate::jupyter;
+use crate::sandbox;
 use crate::state::{SessionRecord, StateDir};
 use crate::users;
 use crate::workdir::{self, Layout};
 
 /// Log lines sent with a failure or an exit.
 const LOG_TAIL_LINES: usize = 20;
-/// How long a stopped server's port may take to become free again.
-const PORT_RELEASE: Duration = Duration::from_secs(10);
+/// How often a running session's cgroup is checked for OOM kills.
+const OOM_POLL: Duration = Duration::from_millis(500);
 /// Grace given to what is left of a server that exited or failed.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
@@ -63,7 +63,10 @@ struct Inner {
     state: StateDir,
     cgroups: Support,
     root: bool,
-    http: reqwest::Client,
+    /// bubblewrap, found at start.
+    bwrap: PathBuf,
+    /// The host's own addresses, unreachable from sessions.
+    host_addresses: Vec<String>,
     events: mpsc::UnboundedSender<AgentEvent>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Serialises `useradd`.
@@ -77,9 +80,9 @@ struct Inner {
 struct Session {
     sid: String,
     project_id: u64,
-    token: String,
     started_at: u64,
-    port: AtomicU16,
+    /// What the OOM notice names; 0 when not known (adopted).
+    memory_limit_mib: u64,
     status: watch::Sender<Status>,
     activity: Mutex<Activity>,
 }
@@ -110,10 +113,6 @@ struct Activity {
 }
 
 impl Session {
-    fn port(&self) -> u16 {
-        self.port.load(Ordering::Relaxed)
-    }
-
     fn phase(&self) -> Phase {
         self.status.borrow().phase.clone()
     }
@@ -163,6 +162,17 @@ fn exit_code(status: std::process::ExitStatus) -> Option<i32> {
     status.code().or_else(|| status.signal().map(|s| 128 + s))
 }
 
+/// What the session's owner reads when a kernel was killed for memory.
+fn oom_reason(memory_limit_mib: u64) -> String {
+    if memory_limit_mib == 0 {
+        "A kernel was stopped because the session ran out of memory.".into()
+    } else {
+        format!(
+            "A kernel was stopped because it used more than its {memory_limit_mib} MiB memory limit."
+        )
+    }
+}
+
 fn describe_exit(code: Option<i32>) -> String {
     match code {
         Some(code) if code > 128 => format!("was killed by signal {}", code - 128),
@@ -173,7 +183,7 @@ fn describe_exit(code: Option<i32>) -> String {
 
 impl Supervisor {
     /// Prepares the work dir and takes over what an earlier agent left in
-    /// it: servers that are alive and answer with their stored token are
+    /// it: servers that are alive and answer on their socket are
     /// kept (and reported by [`Supervisor::sessions`]); the rest are killed
     /// and cleaned up. Events go to the returned receiver.
     pub async fn open(
@@ -192,7 +202,9 @@ impl Supervisor {
         let layout = Layout {
             work_dir: config.work_dir.clone(),
         };
-        workdir::prepare_work_dir(&layout, root)?;
+        sandbox::check_tools(config.egress, root).map_err(Error::Setup)?;
+        let bwrap = sandbox::which("bwrap").unwrap_or_else(|| PathBuf::from("bwrap"));
+        workdir::prepare_work_dir(&layout, root, &config.venv)?;
         let lock = workdir::lock_work_dir(&layout.work_dir)?;
         if root {
             for path in [&config.work_dir, &config.venv] {
@@ -209,7 +221,8 @@ impl Supervisor {
                 state,
                 cgroups,
                 root,
-                http: jupyter::http_client(),
+                bwrap,
+                host_addresses: sandbox::host_addresses().await,
                 events,
                 sessions: Mutex::new(HashMap::new()),
                 users: tokio::sync::Mutex::new(()),
@@ -238,14 +251,9 @@ impl Supervisor {
         }
     }
 
-    /// The last lines of a session's log, its token masked: sent with a
-    /// failure or an exit.
+    /// The last lines of a session's log: sent with a failure or an exit.
     fn log_tail(&self, session: &Session) -> String {
-        jupyter::log_tail(
-            &self.inner.layout.log(&session.sid),
-            LOG_TAIL_LINES,
-            &session.token,
-        )
+        jupyter::log_tail(&self.inner.layout.log(&session.sid), LOG_TAIL_LINES)
     }
 
     fn emit(&self, event: AgentEvent) {
@@ -282,6 +290,7 @@ impl Supervisor {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 Some(AgentSession {
                     sid: s.sid.clone(),
+                    // No ports any more: the host link reaches the socket.
                     state,
                     started_at: s.started_at,
                     last_activity: activity.last_activity,
@@ -294,15 +303,11 @@ impl Supervisor {
     }
 
     /// Where the host link forwards a session's connections: only to a
-    /// running server of this host.
+    /// running server of this host, on its private socket.
     pub fn link_target(&self, sid: &str) -> Option<Target> {
         let session = self.lookup(sid)?;
-        matches!(session.phase(), Phase::Running { .. }).then(|| {
-            Target::Tcp(SocketAddr::new(
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                session.port(),
-            ))
-        })
+        matches!(session.phase(), Phase::Running { .. })
+            .then(|| Target::Unix(self.inner.layout.socket(&session.sid)))
     }
 
     /// The project a session serves, while it exists.
@@ -326,13 +331,10 @@ impl Supervisor {
             .collect();
         let mut probes = tokio::task::JoinSet::new();
         for session in running {
-            let http = self.inner.http.clone();
-            let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), session.port());
+            let socket = self.inner.layout.socket(&session.sid);
             probes.spawn(async move {
-                let (status, busy) = tokio::join!(
-                    jupyter::status(&http, addr, &session.token),
-                    jupyter::busy_kernels(&http, addr, &session.token)
-                );
+                let (status, busy) =
+                    tokio::join!(jupyter::status(&socket), jupyter::busy_kernels(&socket));
                 let mut activity = session
                     .activity
                     .lock()
@@ -346,6 +348,38 @@ impl Supervisor {
             });
         }
         while probes.join_next().await.is_some() {}
+    }
+
+    /// Reports each OOM kill in the session's cgroup (a kernel that
+    /// outgrew the session's memory) until the session is gone.
+    fn watch_memory(&self, session: Arc<Session>) {
+        let Some(cgroups) = self.inner.cgroups.cgroups().cloned() else {
+            return;
+        };
+        let supervisor = self.clone();
+        let mut detached = self.inner.detached.subscribe();
+        tokio::spawn(async move {
+            let mut seen = cgroups.oom_kills(&session.sid).unwrap_or(0);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(OOM_POLL) => {}
+                    _ = detached.wait_for(|d| *d) => return,
+                }
+                if !matches!(session.phase(), Phase::Running { .. }) {
+                    return;
+                }
+                let kills = cgroups.oom_kills(&session.sid).unwrap_or(seen);
+                if kills > seen {
+                    seen = kills;
+                    tracing::warn!(sid = session.sid, kills, "a kernel was killed for memory");
+                    metrics::counter!("opencloud_agent_oom_kills_total").increment(1);
+                    supervisor.emit(AgentEvent::KernelKilled {
+                        sid: session.sid.clone(),
+                        reason: oom_reason(session.memory_limit_mib),
+                    });
+                }
+            }
+        });
     }
 
     /// Stops watching without touching the servers: they keep running and
@@ -383,6 +417,15 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_explained_with_the_limit() {
+        assert_eq!(
+            oom_reason(512),
+            "A kernel was stopped because it used more than its 512 MiB memory limit."
+        );
+        assert!(oom_reason(0).contains("ran out of memory"));
+    }
 
     #[test]
     fn exits_are_described_like_a_shell_would() {

@@ -40,7 +40,9 @@ fn check_event(event: &AgentEvent) -> Result<(), AppError> {
             "spawn_ms",
             format!("spawn_ms is at most {SPAWN_MS_MAX} (a day)."),
         )),
-        AgentEvent::Failed { reason, .. } if reason.chars().count() > FAILURE_REASON_MAX_CHARS => {
+        AgentEvent::Failed { reason, .. } | AgentEvent::KernelKilled { reason, .. }
+            if reason.chars().count() > FAILURE_REASON_MAX_CHARS =>
+        {
             Err(AppError::invalid(
                 "reason",
                 format!("The reason is at most {FAILURE_REASON_MAX_CHARS} characters; put the log in log_tail."),
@@ -151,6 +153,14 @@ pub async fn handle_event(
         }
         AgentEvent::Stopped { .. } => {
             changes.extend(end_tx(&mut tx, sid, Phase::Stopped, Some("stopped"), None).await?);
+        }
+        AgentEvent::KernelKilled { reason, .. } => {
+            // The session runs on; its owner is told why a kernel died.
+            tx.exec_drop(
+                "UPDATE sessions SET notice = ? WHERE sid = ?",
+                (reason, sid),
+            )
+            .await?;
         }
     }
     publish(&mut tx, &changes).await?;

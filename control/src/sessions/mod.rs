@@ -43,6 +43,8 @@ pub struct Session {
     pub created_at: String,
     pub ended_at: Option<String>,
     pub end_reason: Option<String>,
+    /// What the owner should know while it runs (a kernel stopped for memory).
+    pub notice: Option<String>,
 }
 
 impl Session {
@@ -76,12 +78,22 @@ pub fn explain_end(state: SessionState, reason: Option<&str>) -> String {
     }
 }
 
-type SessionRow = (String, u64, String, String, Option<String>, Option<String>);
+type SessionRow = (
+    String,
+    u64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 const COLUMNS: &str = "sid, project_id, state, DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s'), \
-                       DATE_FORMAT(ended_at, '%Y-%m-%d %H:%i:%s'), end_reason";
+                       DATE_FORMAT(ended_at, '%Y-%m-%d %H:%i:%s'), end_reason, notice";
 
-fn from_row((sid, project_id, state, created_at, ended_at, end_reason): SessionRow) -> Session {
+fn from_row(
+    (sid, project_id, state, created_at, ended_at, end_reason, notice): SessionRow,
+) -> Session {
     Session {
         sid,
         project_id,
@@ -90,6 +102,7 @@ fn from_row((sid, project_id, state, created_at, ended_at, end_reason): SessionR
         created_at,
         ended_at,
         end_reason,
+        notice,
     }
 }
 

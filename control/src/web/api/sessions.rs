@@ -40,6 +40,7 @@ async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) 
             "created_at": session.created_at,
             "ended_at": session.ended_at,
             "end_reason": session.end_reason,
+            "notice": session.notice,
             "ended_because": ended,
         })),
     )
