@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::config::LoginPolicy;
 use crate::error::AppError;
 use crate::ids::random_id;
+use crate::names::NameRule;
 use crate::routes;
+use crate::throttle::{self, Events, Limit};
 
 pub const PASSWORD_MIN_CHARS: usize = 10;
 pub const PASSWORD_MAX_CHARS: usize = 256;
@@ -136,19 +138,13 @@ pub fn check_password_rules(password: &str, field: &'static str) -> Result<(), A
     Ok(())
 }
 
-pub fn normalize_name(raw: &str) -> Result<String, AppError> {
-    let name = raw.trim();
-    if name.is_empty() {
-        return Err(AppError::invalid("name", "Enter your name."));
-    }
-    if name.chars().count() > NAME_MAX_CHARS || name.chars().any(char::is_control) {
-        return Err(AppError::invalid(
-            "name",
-            format!("A name has at most {NAME_MAX_CHARS} characters and no control characters."),
-        ));
-    }
-    Ok(name.to_owned())
-}
+/// The rule for a person's display name.
+pub const DISPLAY_NAME: NameRule = NameRule {
+    field: "name",
+    what: "A name",
+    when_empty: "Enter your name.",
+    max_chars: NAME_MAX_CHARS,
+};
 
 /// PBKDF2-HMAC-SHA256 hashing on the blocking pool, so hashing never stalls
 /// the request threads.
@@ -207,7 +203,7 @@ pub struct NewUser {
 /// Validates and creates an account. Errors name the field at fault.
 pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Result<User, AppError> {
     let email = normalize_email(&new.email)?;
-    let name = normalize_name(&new.name)?;
+    let name = DISPLAY_NAME.check(&new.name)?;
     check_password_rules(&new.password, "password")?;
     if new.role == Role::Admin {
         return Err(AppError::invalid(
@@ -356,6 +352,12 @@ pub async fn login(
     })
 }
 
+/// Failed logins: what login throttling counts.
+const LOGIN_FAILURES: Events = Events {
+    table: "login_failures",
+    at_column: "failed_at",
+};
+
 /// Refuses the attempt with 429 while the account+client pair, or the
 /// client across all accounts, is inside its back-off.
 async fn throttle(
@@ -364,72 +366,37 @@ async fn throttle(
     email: &str,
     client_ip: &str,
 ) -> Result<(), AppError> {
-    refuse_while_backing_off(
+    let backoff = |after| Limit::Backoff {
+        after,
+        first_delay: policy.first_delay_seconds,
+        max_delay: policy.max_delay_seconds,
+    };
+    let pair = throttle::refuse_while_limited(
         conn,
-        policy,
+        &LOGIN_FAILURES,
         "email = ? AND client_ip = ?",
-        (email, client_ip, policy.window_seconds),
-        policy.failures_before_throttle,
+        vec![email.into(), client_ip.into()],
+        policy.window_seconds,
+        backoff(policy.failures_before_throttle),
         |wait| format!("Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."),
     )
-    .await?;
-    refuse_while_backing_off(
+    .await;
+    let client = match pair {
+        Ok(()) => throttle::refuse_while_limited(
         conn,
-        policy,
+        &LOGIN_FAILURES,
         "client_ip = ?",
-        (client_ip, policy.window_seconds),
-        policy.client_failure_cap,
+        vec![client_ip.into()],
+        policy.window_seconds,
+        backoff(policy.client_failure_cap),
         |wait| format!("Too many failed logins from your address. Try again in {wait} seconds."),
     )
-    .await
-}
-
-/// 429 with `message(wait)` while the failed logins that `filter` matches
-/// (its `params` end with the window) are inside the back-off past
-/// `threshold`.
-async fn refuse_while_backing_off(
-    conn: &mut mysql_async::Conn,
-    policy: &LoginPolicy,
-    filter: &str,
-    params: impl Into<mysql_async::Params> + Send,
-    threshold: u32,
-    message: impl FnOnce(u64) -> String,
-) -> Result<(), AppError> {
-    let (failures, since_last): (u64, Option<i64>) = conn
-        .exec_first(
-            format!(
-                "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
-             WHERE {filter} AND failed_at > NOW(6) - INTERVAL ? SECOND"
-            ),
-            params,
-        )
-        .await?
-        .unwrap_or((0, None));
-    if let Some(wait) = backoff(policy, failures, threshold, since_last) {
+    .await,
+        refused => refused,
+    };
+    client.inspect_err(|_| {
         metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
-        return Err(AppError::TooManyAttempts {
-            retry_after: wait,
-            message: message(wait),
-        });
-    }
-    Ok(())
-}
-
-/// Seconds still to wait, if any: the first delay after `threshold`
-/// failures, doubling with each further failure, up to the maximum.
-fn backoff(
-    policy: &LoginPolicy,
-    failures: u64,
-    threshold: u32,
-    since_last: Option<i64>,
-) -> Option<u64> {
-    let over = failures.checked_sub(u64::from(threshold))?;
-    let delay = policy
-        .first_delay_seconds
-        .saturating_mul(1u64 << over.min(20))
-        .min(policy.max_delay_seconds);
-    let since_last = since_last.unwrap_or(0).max(0) as u64;
-    (since_last < delay).then(|| delay - since_last)
+    })
 }
 
 /// The user behind a verified token, if its login session is still live and
@@ -736,19 +703,4 @@ mod tests {
         assert!(check_password_rules(&"é".repeat(257), "password").is_err());
     }
 
-    #[test]
-    fn backoff_doubles_after_the_threshold_and_is_capped() {
-        let policy = LoginPolicy {
-            failures_before_throttle: 5,
-            window_seconds: 900,
-            first_delay_seconds: 15,
-            max_delay_seconds: 900,
-            client_failure_cap: 50,
-        };
-        assert_eq!(backoff(&policy, 4, 5, Some(0)), None);
-        assert_eq!(backoff(&policy, 5, 5, Some(0)), Some(15));
-        assert_eq!(backoff(&policy, 6, 5, Some(10)), Some(20));
-        assert_eq!(backoff(&policy, 5, 5, Some(15)), None);
-        assert_eq!(backoff(&policy, 40, 5, Some(0)), Some(900));
-    }
 }

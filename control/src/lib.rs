@@ -11,10 +11,12 @@ pub mod db;
 pub mod error;
 pub mod hosts;
 pub mod ids;
+pub mod names;
 pub mod packages;
 pub mod projects;
 pub mod routes;
 pub mod sessions;
+pub mod throttle;
 pub mod web;
 
 use std::future::Future;
