@@ -7,7 +7,7 @@ use mysql_async::{Pool, Transaction};
 use opencloud_protocol::routes::Change;
 use serde::Serialize;
 
-use crate::config::LoginPolicy;
+use crate::config::{LoginPolicy, RegistrationPolicy};
 use crate::error::AppError;
 use crate::ids::random_id;
 use crate::names::NameRule;
@@ -200,8 +200,28 @@ pub struct NewUser {
     pub role: Role,
 }
 
-/// Validates and creates an account. Errors name the field at fault.
-pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Result<User, AppError> {
+/// Registration attempts: what registration throttling counts.
+const REGISTRATION_ATTEMPTS: Events = Events {
+    table: "registration_attempts",
+    at_column: "attempted_at",
+};
+
+/// Validates and creates an account, at most `policy.per_client` tries per
+/// window from one client address. Errors name the field at fault.
+///
+/// Every try with well-formed input counts, the ones whose email is taken
+/// too, so the form cannot be used to test many addresses for accounts.
+/// Tries with bad input create nothing and do not count. The check and the
+/// count are not one transaction: a client racing requests may pass the
+/// limit by as many as it sends at once, each still paying for a password
+/// hash.
+pub async fn register(
+    pool: &Pool,
+    passwords: &Passwords,
+    policy: &RegistrationPolicy,
+    client_ip: &str,
+    new: NewUser,
+) -> Result<User, AppError> {
     let email = normalize_email(&new.email)?;
     let name = DISPLAY_NAME.check(&new.name)?;
     check_password_rules(&new.password, "password")?;
@@ -212,6 +232,29 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
         ));
     }
     let mut conn = pool.get_conn().await?;
+    throttle::refuse_while_limited(
+        &mut conn,
+        &REGISTRATION_ATTEMPTS,
+        "client_ip = ?",
+        vec![client_ip.into()],
+        policy.window_seconds,
+        Limit::Quota {
+            per_window: policy.per_client,
+        },
+        |wait| {
+            format!(
+                "Too many accounts were registered from your address. Try again in {}.",
+                in_words(wait)
+            )
+        },
+    )
+    .await
+    .inspect_err(|_| metrics::counter!("opencloud_registrations_throttled_total").increment(1))?;
+    conn.exec_drop(
+        "INSERT INTO registration_attempts (client_ip) VALUES (?)",
+        (client_ip,),
+    )
+    .await?;
     let taken: Option<u64> = conn
         .exec_first("SELECT id FROM users WHERE email = ?", (&email,))
         .await?;
@@ -237,6 +280,16 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
     user_by_id(pool, id)
         .await?
         .ok_or(AppError::Internal("new user vanished".into()))
+}
+
+/// `45 seconds`, `12 minutes`: a wait as a person reads it, rounded up.
+fn in_words(seconds: u64) -> String {
+    match seconds {
+        1 => "1 second".into(),
+        0..60 => format!("{seconds} seconds"),
+        60 => "1 minute".into(),
+        _ => format!("{} minutes", seconds.div_ceil(60)),
+    }
 }
 
 fn duplicate_email() -> AppError {
@@ -381,19 +434,24 @@ async fn throttle(
         |wait| format!("Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."),
     )
     .await;
-    let client = match pair {
-        Ok(()) => throttle::refuse_while_limited(
-        conn,
-        &LOGIN_FAILURES,
-        "client_ip = ?",
-        vec![client_ip.into()],
-        policy.window_seconds,
-        backoff(policy.client_failure_cap),
-        |wait| format!("Too many failed logins from your address. Try again in {wait} seconds."),
-    )
-    .await,
-        refused => refused,
-    };
+    let client =
+        match pair {
+            Ok(()) => throttle::refuse_while_limited(
+                conn,
+                &LOGIN_FAILURES,
+                "client_ip = ?",
+                vec![client_ip.into()],
+                policy.window_seconds,
+                backoff(policy.client_failure_cap),
+                |wait| {
+                    format!(
+                        "Too many failed logins from your address. Try again in {wait} seconds."
+                    )
+                },
+            )
+            .await,
+            refused => refused,
+        };
     client.inspect_err(|_| {
         metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
     })
@@ -696,11 +754,19 @@ mod tests {
     }
 
     #[test]
+    fn waits_read_in_seconds_then_whole_minutes_rounded_up() {
+        assert_eq!(in_words(1), "1 second");
+        assert_eq!(in_words(59), "59 seconds");
+        assert_eq!(in_words(60), "1 minute");
+        assert_eq!(in_words(61), "2 minutes");
+        assert_eq!(in_words(3600), "60 minutes");
+    }
+
+    #[test]
     fn password_length_limits_count_characters() {
         assert!(check_password_rules("123456789", "password").is_err());
         assert!(check_password_rules("1234567890", "password").is_ok());
         assert!(check_password_rules(&"é".repeat(256), "password").is_ok());
         assert!(check_password_rules(&"é".repeat(257), "password").is_err());
     }
-
 }

@@ -155,16 +155,47 @@ mod tests {
     #[test]
     fn invisible_control_and_direction_characters_are_refused() {
         let refused = [
-            '\u{0}', '\u{7}', '\t', '\n', '\r', '\u{1B}', '\u{7F}', '\u{85}', '\u{9F}',
+            '\u{0}',
+            '\u{7}',
+            '\t',
+            '\n',
+            '\r',
+            '\u{1B}',
+            '\u{7F}',
+            '\u{85}',
+            '\u{9F}',
             // Bidi embeddings, overrides, isolates, marks.
-            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}',
-            '\u{2068}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
+            '\u{202A}',
+            '\u{202B}',
+            '\u{202C}',
+            '\u{202D}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{061C}',
             // Zero width, byte order mark, soft hyphen, word joiner, tags.
-            '\u{200B}', '\u{200C}', '\u{200D}', '\u{FEFF}', '\u{00AD}', '\u{2060}', '\u{E0041}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{2060}',
+            '\u{E0041}',
             // Line and paragraph separators, private use, unassigned.
-            '\u{2028}', '\u{2029}', '\u{E000}', '\u{10FFFD}', '\u{0378}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{E000}',
+            '\u{10FFFD}',
+            '\u{0378}',
             // Hangul fillers.
-            '\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}',
+            '\u{115F}',
+            '\u{1160}',
+            '\u{3164}',
+            '\u{FFA0}',
         ];
         for c in refused {
             assert!(is_refused(c), "U+{:04X} accepted", u32::from(c));
@@ -185,13 +216,19 @@ mod tests {
             message.contains("U+202E (right-to-left override) at character 4"),
             "{message}"
         );
-        assert!(message.starts_with("A project name cannot hold"), "{message}");
+        assert!(
+            message.starts_with("A project name cannot hold"),
+            "{message}"
+        );
         assert!(!message.contains('\u{202E}'));
     }
 
     #[test]
     fn empty_and_long_names_are_refused_after_trimming() {
-        assert_eq!(RULE.check("   ").unwrap_err().to_string(), "Give the project a name.");
+        assert_eq!(
+            RULE.check("   ").unwrap_err().to_string(),
+            "Give the project a name."
+        );
         assert!(RULE.check(&"é".repeat(10)).is_ok());
         let err = RULE.check(&"é".repeat(11)).unwrap_err().to_string();
         assert_eq!(err, "A project name has at most 10 characters.");

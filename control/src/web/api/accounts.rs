@@ -35,7 +35,11 @@ struct RegisterRequest {
     role: Option<String>,
 }
 
-async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult {
+async fn register(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> ApiResult {
     let role = body
         .role
         .as_deref()
@@ -45,6 +49,8 @@ async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest
     let user = accounts::register(
         &app.pool,
         &app.passwords,
+        &app.config.registration,
+        &ctx.client_ip.to_string(),
         NewUser {
             email: body.email,
             name: body.name,
