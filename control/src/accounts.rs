@@ -419,42 +419,49 @@ async fn throttle(
     email: &str,
     client_ip: &str,
 ) -> Result<(), AppError> {
+    backing_off(conn, policy, email, client_ip)
+        .await
+        .inspect_err(|_| {
+            metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
+        })
+}
+
+async fn backing_off(
+    conn: &mut mysql_async::Conn,
+    policy: &LoginPolicy,
+    email: &str,
+    client_ip: &str,
+) -> Result<(), AppError> {
     let backoff = |after| Limit::Backoff {
         after,
         first_delay: policy.first_delay_seconds,
         max_delay: policy.max_delay_seconds,
     };
-    let pair = throttle::refuse_while_limited(
+    throttle::refuse_while_limited(
         conn,
         &LOGIN_FAILURES,
         "email = ? AND client_ip = ?",
         vec![email.into(), client_ip.into()],
         policy.window_seconds,
         backoff(policy.failures_before_throttle),
-        |wait| format!("Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."),
-    )
-    .await;
-    let client =
-        match pair {
-            Ok(()) => throttle::refuse_while_limited(
-                conn,
-                &LOGIN_FAILURES,
-                "client_ip = ?",
-                vec![client_ip.into()],
-                policy.window_seconds,
-                backoff(policy.client_failure_cap),
-                |wait| {
-                    format!(
-                        "Too many failed logins from your address. Try again in {wait} seconds."
-                    )
-                },
+        |wait| {
+            format!(
+                "Too many failed logins for this account from your address. \
+                 Try again in {wait} seconds, or reset your password."
             )
-            .await,
-            refused => refused,
-        };
-    client.inspect_err(|_| {
-        metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
-    })
+        },
+    )
+    .await?;
+    throttle::refuse_while_limited(
+        conn,
+        &LOGIN_FAILURES,
+        "client_ip = ?",
+        vec![client_ip.into()],
+        policy.window_seconds,
+        backoff(policy.client_failure_cap),
+        |wait| format!("Too many failed logins from your address. Try again in {wait} seconds."),
+    )
+    .await
 }
 
 /// The user behind a verified token, if its login session is still live and
