@@ -1,5 +1,6 @@
 //! Accounts: users, passwords, login sessions, login throttling.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use mysql_async::prelude::*;
@@ -219,7 +220,7 @@ pub async fn register(
     pool: &Pool,
     passwords: &Passwords,
     policy: &RegistrationPolicy,
-    client_ip: &str,
+    client_ip: IpAddr,
     new: NewUser,
 ) -> Result<User, AppError> {
     let email = normalize_email(&new.email)?;
@@ -231,12 +232,13 @@ pub async fn register(
             "Admins are appointed by another admin.",
         ));
     }
+    let client = throttle::client_key(client_ip);
     let mut conn = pool.get_conn().await?;
     throttle::refuse_while_limited(
         &mut conn,
         &REGISTRATION_ATTEMPTS,
         "client_ip = ?",
-        vec![client_ip.into()],
+        vec![client.as_str().into()],
         policy.window_seconds,
         Limit::Quota {
             per_window: policy.per_client,
@@ -252,7 +254,7 @@ pub async fn register(
     .inspect_err(|_| metrics::counter!("opencloud_registrations_throttled_total").increment(1))?;
     conn.exec_drop(
         "INSERT INTO registration_attempts (client_ip) VALUES (?)",
-        (client_ip,),
+        (&client,),
     )
     .await?;
     let taken: Option<u64> = conn
@@ -315,7 +317,7 @@ pub async fn user_by_id(pool: &Pool, id: u64) -> Result<Option<User>, AppError> 
 pub struct LoginAttempt<'a> {
     pub email: &'a str,
     pub password: &'a str,
-    pub client_ip: String,
+    pub client_ip: IpAddr,
     pub user_agent: &'a str,
 }
 
@@ -341,7 +343,10 @@ pub async fn login(
         return Err(AppError::invalid("password", "Enter your password."));
     }
     let mut conn = pool.get_conn().await?;
-    throttle(&mut conn, policy, &email, &attempt.client_ip).await?;
+    // Failures are counted per throttle client (an IPv6 /64), the login
+    // session records the address itself.
+    let client = throttle::client_key(attempt.client_ip);
+    throttle(&mut conn, policy, &email, &client).await?;
 
     let row: Option<(u64, String, bool)> = conn
         .exec_first(
@@ -362,7 +367,7 @@ pub async fn login(
     let Some(user_id) = user_id.filter(|_| matches) else {
         conn.exec_drop(
             "INSERT INTO login_failures (email, client_ip) VALUES (?, ?)",
-            (&email, &attempt.client_ip),
+            (&email, &client),
         )
         .await?;
         metrics::counter!("opencloud_logins_total", "outcome" => "bad_credentials").increment(1);
@@ -377,7 +382,7 @@ pub async fn login(
     }
     conn.exec_drop(
         "DELETE FROM login_failures WHERE email = ? AND client_ip = ?",
-        (&email, &attempt.client_ip),
+        (&email, &client),
     )
     .await?;
     let login_session = random_id();
@@ -389,7 +394,7 @@ pub async fn login(
             &login_session,
             user_id,
             opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
-            &attempt.client_ip,
+            attempt.client_ip.to_string(),
             &user_agent,
         ),
     )

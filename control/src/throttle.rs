@@ -5,9 +5,25 @@
 //! turns into a wait (`Limit`). A refusal is `AppError::TooManyAttempts`,
 //! which the web layer answers with 429 and `Retry-After`.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use mysql_async::prelude::*;
 
 use crate::error::AppError;
+
+/// Who a throttle counts as one client: an IPv4 address, or the /64 an
+/// IPv6 address is in. A subscriber gets a whole /64 (often more), so
+/// counting single IPv6 addresses would give one machine 2^64 fresh
+/// starts. An IPv4 address written as IPv6 (`::ffff:192.0.2.1`) is IPv4.
+pub fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64));
+            format!("{network}/64")
+        }
+    }
+}
 
 /// A table of events, each row stamped with when it happened.
 pub struct Events {
@@ -125,6 +141,18 @@ mod tests {
             since_first,
             since_last,
         }
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_ipv4_by_address() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        // The longest key fits the 45 characters the tables hold.
+        assert!(key("ffff:ffff:ffff:ffff:ffff::1").len() <= 45);
     }
 
     #[test]

@@ -369,3 +369,30 @@ async fn names_in_any_script_with_accents_and_emoji_are_kept_as_typed() {
     let page = owner.page("/projects").await;
     assert!(page.contains("Thèse 論文 📊"), "{page}");
 }
+
+#[tokio::test]
+async fn ipv6_clients_are_counted_by_their_64_not_by_address() {
+    // The test plays the gateway (loopback is trusted) and names the client.
+    let stack =
+        TestStack::control_only_with(ControlOptions::config("[registration]\nper_client = 2\n"))
+            .await
+            .unwrap();
+    let register_as = |client: &'static str| {
+        let request = stack
+            .http()
+            .post(stack.url("/api/v1/auth/register"))
+            .header("x-forwarded-for", client)
+            .json(&registration(&email(), "Six"));
+        async move { request.send().await.unwrap().status() }
+    };
+    // One subscriber's /64 is one client, however many addresses it uses.
+    assert_eq!(register_as("2001:db8:1:2::1").await, StatusCode::CREATED);
+    assert_eq!(register_as("2001:db8:1:2::2").await, StatusCode::CREATED);
+    assert_eq!(
+        register_as("2001:db8:1:2:ffff::3").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The next /64 is someone else.
+    assert_eq!(register_as("2001:db8:1:3::1").await, StatusCode::CREATED);
+    assert_eq!(stack.db.count("users").await, 3);
+}

@@ -50,7 +50,7 @@ async fn register(
         &app.pool,
         &app.passwords,
         &app.config.registration,
-        &ctx.client_ip.to_string(),
+        ctx.client_ip,
         NewUser {
             email: body.email,
             name: body.name,

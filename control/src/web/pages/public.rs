@@ -104,7 +104,7 @@ async fn register(
         &app.pool,
         &app.passwords,
         &app.config.registration,
-        &ctx.client_ip.to_string(),
+        ctx.client_ip,
         NewUser {
             email: form.email.clone(),
             name: form.name.clone(),
