@@ -202,7 +202,7 @@ pub struct NewUser {
 }
 
 /// Registration attempts: what registration throttling counts.
-const REGISTRATION_ATTEMPTS: Events = Events {
+pub const REGISTRATION_ATTEMPTS: Events = Events {
     table: "registration_attempts",
     at_column: "attempted_at",
 };
@@ -411,7 +411,7 @@ pub async fn login(
 }
 
 /// Failed logins: what login throttling counts.
-const LOGIN_FAILURES: Events = Events {
+pub const LOGIN_FAILURES: Events = Events {
     table: "login_failures",
     at_column: "failed_at",
 };

@@ -69,6 +69,17 @@ pub async fn serve(
         );
     }
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
+    tokio::spawn(throttle::sweep(
+        app.pool.clone(),
+        vec![
+            (accounts::LOGIN_FAILURES, app.config.login.window_seconds),
+            (
+                accounts::REGISTRATION_ATTEMPTS,
+                app.config.registration.window_seconds,
+            ),
+        ],
+        app.stopping.subscribe(),
+    ));
     tokio::spawn(sessions::watch::watch(
         app.pool.clone(),
         app.wakeups.clone(),

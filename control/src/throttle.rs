@@ -6,8 +6,11 @@
 //! which the web layer answers with 429 and `Retry-After`.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
 
 use mysql_async::prelude::*;
+use mysql_async::Pool;
+use tokio::sync::watch;
 
 use crate::error::AppError;
 
@@ -26,6 +29,7 @@ pub fn client_key(ip: IpAddr) -> String {
 }
 
 /// A table of events, each row stamped with when it happened.
+#[derive(Debug, Clone, Copy)]
 pub struct Events {
     pub table: &'static str,
     pub at_column: &'static str,
@@ -129,6 +133,56 @@ async fn recent(
         since_first: age(since_first),
         since_last: age(since_last),
     })
+}
+
+/// How often `sweep` deletes what counts for nothing any more.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes the rows of each table that are older than its window (they
+/// count for nothing), at start and every ten minutes, until `stopping`
+/// turns true. Replicas may sweep at once: deleting twice is harmless.
+pub async fn sweep(pool: Pool, tables: Vec<(Events, u64)>, mut stopping: watch::Receiver<bool>) {
+    loop {
+        for (events, window_seconds) in &tables {
+            match prune(&pool, events, *window_seconds).await {
+                Ok(0) => {}
+                Ok(deleted) => {
+                    tracing::info!(table = events.table, deleted, "throttle rows pruned")
+                }
+                Err(e) => {
+                    tracing::warn!(table = events.table, error = %e, "could not prune throttle rows")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Deletes the `events` rows older than `window_seconds`, oldest first in
+/// batches, so the table stays as large as its window needs however many
+/// events an attack once made. Returns how many went.
+pub async fn prune(pool: &Pool, events: &Events, window_seconds: u64) -> Result<u64, AppError> {
+    let Events { table, at_column } = events;
+    let mut conn = pool.get_conn().await?;
+    let mut deleted = 0;
+    loop {
+        conn.exec_drop(
+            format!(
+                "DELETE FROM {table} WHERE {at_column} < NOW(6) - INTERVAL ? SECOND
+                 ORDER BY id LIMIT 5000"
+            ),
+            (window_seconds,),
+        )
+        .await?;
+        let affected = conn.affected_rows();
+        deleted += affected;
+        if affected < 5000 {
+            return Ok(deleted);
+        }
+    }
 }
 
 #[cfg(test)]

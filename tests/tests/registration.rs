@@ -8,8 +8,10 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use opencloud_e2e::agents::eventually;
 use opencloud_e2e::{
-    expect_error, fresh_loopback, hidden_input, unique, ControlOptions, TestStack, PASSWORD,
+    expect_error, fresh_loopback, hidden_input, unique, Control, ControlOptions, TestDatabase,
+    TestStack, PASSWORD,
 };
 use reqwest::header::RETRY_AFTER;
 use reqwest::{Response, StatusCode};
@@ -395,4 +397,46 @@ async fn ipv6_clients_are_counted_by_their_64_not_by_address() {
     // The next /64 is someone else.
     assert_eq!(register_as("2001:db8:1:3::1").await, StatusCode::CREATED);
     assert_eq!(stack.db.count("users").await, 3);
+}
+
+#[tokio::test]
+async fn throttle_rows_past_their_window_are_swept_when_control_starts() {
+    let db = TestDatabase::create().await.unwrap();
+    let options = ControlOptions::default();
+    // The first start makes the tables; the rows go in while control is down.
+    drop(Control::start(&db, &options).await.unwrap());
+    let mut conn = db.conn().await;
+    mysql_async::prelude::Queryable::query_drop(
+        &mut conn,
+        "INSERT INTO registration_attempts (client_ip, attempted_at) VALUES
+           ('192.0.2.1', NOW(6) - INTERVAL 2 HOUR), ('192.0.2.1', NOW(6) - INTERVAL 10 MINUTE);
+         INSERT INTO login_failures (email, client_ip, failed_at) VALUES
+           ('a@example.com', '192.0.2.1', NOW(6) - INTERVAL 1 HOUR),
+           ('a@example.com', '192.0.2.1', NOW(6) - INTERVAL 1 MINUTE)",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+
+    // Windows by default: an hour for registrations, 15 minutes for logins.
+    let _control = Control::start(&db, &options).await.unwrap();
+    let (_, took) = eventually(
+        "the old rows are swept",
+        Duration::from_secs(20),
+        || async {
+            let left = (
+                db.count("registration_attempts").await,
+                db.count("login_failures").await,
+            );
+            (left == (1, 1)).then_some(())
+        },
+    )
+    .await;
+    println!("swept {took:?} after control answered");
+    assert_eq!(
+        db.count("registration_attempts WHERE attempted_at > NOW(6) - INTERVAL 1 HOUR")
+            .await,
+        1,
+        "the recent one stays"
+    );
 }
