@@ -568,6 +568,22 @@ async fn revoke_where(
     Ok(())
 }
 
+/// Changes the user's display name, under the same rule as at
+/// registration.
+pub async fn rename(pool: &Pool, user_id: u64, name: &str) -> Result<User, AppError> {
+    let name = DISPLAY_NAME.check(name)?;
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE users SET name = ?, updated_at = NOW(6) WHERE id = ?",
+            (&name, user_id),
+        )
+        .await?;
+    user_by_id(pool, user_id)
+        .await?
+        .ok_or(AppError::NotFound("user"))
+}
+
 /// Changes the password and revokes every other login session of the user.
 pub async fn change_password(
     pool: &Pool,

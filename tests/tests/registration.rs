@@ -255,6 +255,24 @@ async fn names_with_direction_overrides_or_invisible_characters_are_refused_and_
         assert!(page.contains(&format!("value=\"{address}\"")), "email kept");
         assert_eq!(accounts_with(&stack, &address).await, 0);
 
+        // Changing one's name in the account settings, API and form.
+        let got = owner.patch("/api/v1/me", json!({"name": name})).await;
+        says(expect_error(
+            &got,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            Some("name"),
+        ));
+        let r = owner
+            .post_form("/account/name", &[("csrf", csrf), ("name", name)])
+            .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let page = r.text().await.unwrap();
+        assert!(
+            page.contains("id=\"name-error\"") && page.contains(char_code),
+            "{page}"
+        );
+
         // Creating and renaming a project, through the API and the form.
         let got = owner.post("/api/v1/projects", json!({"name": name})).await;
         says(expect_error(
@@ -322,6 +340,17 @@ async fn names_with_direction_overrides_or_invisible_characters_are_refused_and_
         ));
     }
     assert_eq!(stack.db.count("users").await, users);
+    assert_eq!(
+        stack
+            .db
+            .count(&format!(
+                "users WHERE id = {} AND name = 'Host Owner'",
+                owner.id
+            ))
+            .await,
+        1,
+        "the owner kept their name"
+    );
     assert_eq!(stack.db.count("projects").await, 1);
     assert_eq!(
         stack
@@ -356,6 +385,20 @@ async fn names_in_any_script_with_accents_and_emoji_are_kept_as_typed() {
     assert_eq!(body["user"]["name"], person);
 
     let owner = stack.host_owner().await;
+    let csrf = hidden_input(&owner.page("/account").await, "csrf");
+    let r = owner
+        .post_form("/account/name", &[("csrf", &csrf), ("name", person)])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(owner
+        .page("/account?renamed=1")
+        .await
+        .contains("Name saved."));
+    assert_eq!(owner.get_json("/api/v1/me").await["user"]["name"], person);
+    let renamed = owner
+        .patch_json("/api/v1/me", json!({"name": "  Zoë 🚀 "}))
+        .await;
+    assert_eq!(renamed["user"]["name"], "Zoë 🚀");
     // U+FE0F (a variation selector, a mark) gives the heart its emoji look;
     // U+0301 is a combining accent.
     for name in ["Thèse 論文 📊", "\u{2764}\u{FE0F} Rene\u{301}e", "مشروع"] {

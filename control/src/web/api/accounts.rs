@@ -1,5 +1,5 @@
 //! The account calls: registering, logging in and out (token and cookie),
-//! changing the password, and who am I.
+//! changing the password, who am I, and changing my name.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -22,7 +22,7 @@ pub fn routes() -> Router<App> {
         .route("/auth/login", post(login))
         .route("/auth/logout", post(logout))
         .route("/auth/password", post(change_password))
-        .route("/me", get(me))
+        .route("/me", get(me).patch(rename))
 }
 
 #[derive(Deserialize)]
@@ -125,5 +125,21 @@ async fn change_password(
 
 async fn me(ctx: Ctx) -> ApiResult {
     let (user, _) = ctx.require_user()?;
+    Ok(Json(json!({ "user": user })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameRequest {
+    name: String,
+}
+
+async fn rename(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<RenameRequest>,
+) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    let user = accounts::rename(&app.pool, user.id, &body.name).await?;
     Ok(Json(json!({ "user": user })).into_response())
 }
