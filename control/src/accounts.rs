@@ -1,5 +1,6 @@
 //! Accounts: users, passwords, login sessions, login throttling.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use mysql_async::prelude::*;
@@ -7,10 +8,12 @@ use mysql_async::{Pool, Transaction};
 use opencloud_protocol::routes::Change;
 use serde::Serialize;
 
-use crate::config::LoginPolicy;
+use crate::config::{LoginPolicy, RegistrationPolicy};
 use crate::error::AppError;
 use crate::ids::random_id;
+use crate::names::NameRule;
 use crate::routes;
+use crate::throttle::{self, Events, Limit};
 
 pub const PASSWORD_MIN_CHARS: usize = 10;
 pub const PASSWORD_MAX_CHARS: usize = 256;
@@ -136,19 +139,13 @@ pub fn check_password_rules(password: &str, field: &'static str) -> Result<(), A
     Ok(())
 }
 
-pub fn normalize_name(raw: &str) -> Result<String, AppError> {
-    let name = raw.trim();
-    if name.is_empty() {
-        return Err(AppError::invalid("name", "Enter your name."));
-    }
-    if name.chars().count() > NAME_MAX_CHARS || name.chars().any(char::is_control) {
-        return Err(AppError::invalid(
-            "name",
-            format!("A name has at most {NAME_MAX_CHARS} characters and no control characters."),
-        ));
-    }
-    Ok(name.to_owned())
-}
+/// The rule for a person's display name.
+pub const DISPLAY_NAME: NameRule = NameRule {
+    field: "name",
+    what: "A name",
+    when_empty: "Enter your name.",
+    max_chars: NAME_MAX_CHARS,
+};
 
 /// PBKDF2-HMAC-SHA256 hashing on the blocking pool, so hashing never stalls
 /// the request threads.
@@ -204,10 +201,30 @@ pub struct NewUser {
     pub role: Role,
 }
 
-/// Validates and creates an account. Errors name the field at fault.
-pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Result<User, AppError> {
+/// Registration attempts: what registration throttling counts.
+pub const REGISTRATION_ATTEMPTS: Events = Events {
+    table: "registration_attempts",
+    at_column: "attempted_at",
+};
+
+/// Validates and creates an account, at most `policy.per_client` tries per
+/// window from one client address. Errors name the field at fault.
+///
+/// Every try with well-formed input counts, the ones whose email is taken
+/// too, so the form cannot be used to test many addresses for accounts.
+/// Tries with bad input create nothing and do not count. The check and the
+/// count are not one transaction: a client racing requests may pass the
+/// limit by as many as it sends at once, each still paying for a password
+/// hash.
+pub async fn register(
+    pool: &Pool,
+    passwords: &Passwords,
+    policy: &RegistrationPolicy,
+    client_ip: IpAddr,
+    new: NewUser,
+) -> Result<User, AppError> {
     let email = normalize_email(&new.email)?;
-    let name = normalize_name(&new.name)?;
+    let name = DISPLAY_NAME.check(&new.name)?;
     check_password_rules(&new.password, "password")?;
     if new.role == Role::Admin {
         return Err(AppError::invalid(
@@ -215,7 +232,31 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
             "Admins are appointed by another admin.",
         ));
     }
+    let client = throttle::client_key(client_ip);
     let mut conn = pool.get_conn().await?;
+    throttle::refuse_while_limited(
+        &mut conn,
+        &REGISTRATION_ATTEMPTS,
+        "client_ip = ?",
+        vec![client.as_str().into()],
+        policy.window_seconds,
+        Limit::Quota {
+            per_window: policy.per_client,
+        },
+        |wait| {
+            format!(
+                "Too many accounts were registered from your address. Try again in {}.",
+                in_words(wait)
+            )
+        },
+    )
+    .await
+    .inspect_err(|_| metrics::counter!("opencloud_registrations_throttled_total").increment(1))?;
+    conn.exec_drop(
+        "INSERT INTO registration_attempts (client_ip) VALUES (?)",
+        (&client,),
+    )
+    .await?;
     let taken: Option<u64> = conn
         .exec_first("SELECT id FROM users WHERE email = ?", (&email,))
         .await?;
@@ -243,6 +284,16 @@ pub async fn register(pool: &Pool, passwords: &Passwords, new: NewUser) -> Resul
         .ok_or(AppError::Internal("new user vanished".into()))
 }
 
+/// `45 seconds`, `12 minutes`: a wait as a person reads it, rounded up.
+fn in_words(seconds: u64) -> String {
+    match seconds {
+        1 => "1 second".into(),
+        0..60 => format!("{seconds} seconds"),
+        60 => "1 minute".into(),
+        _ => format!("{} minutes", seconds.div_ceil(60)),
+    }
+}
+
 fn duplicate_email() -> AppError {
     AppError::Conflict {
         field: Some("email"),
@@ -266,7 +317,7 @@ pub async fn user_by_id(pool: &Pool, id: u64) -> Result<Option<User>, AppError> 
 pub struct LoginAttempt<'a> {
     pub email: &'a str,
     pub password: &'a str,
-    pub client_ip: String,
+    pub client_ip: IpAddr,
     pub user_agent: &'a str,
 }
 
@@ -292,7 +343,10 @@ pub async fn login(
         return Err(AppError::invalid("password", "Enter your password."));
     }
     let mut conn = pool.get_conn().await?;
-    throttle(&mut conn, policy, &email, &attempt.client_ip).await?;
+    // Failures are counted per throttle client (an IPv6 /64), the login
+    // session records the address itself.
+    let client = throttle::client_key(attempt.client_ip);
+    throttle(&mut conn, policy, &email, &client).await?;
 
     let row: Option<(u64, String, bool)> = conn
         .exec_first(
@@ -313,7 +367,7 @@ pub async fn login(
     let Some(user_id) = user_id.filter(|_| matches) else {
         conn.exec_drop(
             "INSERT INTO login_failures (email, client_ip) VALUES (?, ?)",
-            (&email, &attempt.client_ip),
+            (&email, &client),
         )
         .await?;
         metrics::counter!("opencloud_logins_total", "outcome" => "bad_credentials").increment(1);
@@ -328,7 +382,7 @@ pub async fn login(
     }
     conn.exec_drop(
         "DELETE FROM login_failures WHERE email = ? AND client_ip = ?",
-        (&email, &attempt.client_ip),
+        (&email, &client),
     )
     .await?;
     let login_session = random_id();
@@ -340,7 +394,7 @@ pub async fn login(
             &login_session,
             user_id,
             opencloud_protocol::token::PLATFORM_TOKEN_SECONDS,
-            &attempt.client_ip,
+            attempt.client_ip.to_string(),
             &user_agent,
         ),
     )
@@ -356,6 +410,12 @@ pub async fn login(
     })
 }
 
+/// Failed logins: what login throttling counts.
+pub const LOGIN_FAILURES: Events = Events {
+    table: "login_failures",
+    at_column: "failed_at",
+};
+
 /// Refuses the attempt with 429 while the account+client pair, or the
 /// client across all accounts, is inside its back-off.
 async fn throttle(
@@ -364,72 +424,49 @@ async fn throttle(
     email: &str,
     client_ip: &str,
 ) -> Result<(), AppError> {
-    refuse_while_backing_off(
+    backing_off(conn, policy, email, client_ip)
+        .await
+        .inspect_err(|_| {
+            metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
+        })
+}
+
+async fn backing_off(
+    conn: &mut mysql_async::Conn,
+    policy: &LoginPolicy,
+    email: &str,
+    client_ip: &str,
+) -> Result<(), AppError> {
+    let backoff = |after| Limit::Backoff {
+        after,
+        first_delay: policy.first_delay_seconds,
+        max_delay: policy.max_delay_seconds,
+    };
+    throttle::refuse_while_limited(
         conn,
-        policy,
+        &LOGIN_FAILURES,
         "email = ? AND client_ip = ?",
-        (email, client_ip, policy.window_seconds),
-        policy.failures_before_throttle,
-        |wait| format!("Too many failed logins for this account from your address. Try again in {wait} seconds, or reset your password."),
+        vec![email.into(), client_ip.into()],
+        policy.window_seconds,
+        backoff(policy.failures_before_throttle),
+        |wait| {
+            format!(
+                "Too many failed logins for this account from your address. \
+                 Try again in {wait} seconds, or reset your password."
+            )
+        },
     )
     .await?;
-    refuse_while_backing_off(
+    throttle::refuse_while_limited(
         conn,
-        policy,
+        &LOGIN_FAILURES,
         "client_ip = ?",
-        (client_ip, policy.window_seconds),
-        policy.client_failure_cap,
+        vec![client_ip.into()],
+        policy.window_seconds,
+        backoff(policy.client_failure_cap),
         |wait| format!("Too many failed logins from your address. Try again in {wait} seconds."),
     )
     .await
-}
-
-/// 429 with `message(wait)` while the failed logins that `filter` matches
-/// (its `params` end with the window) are inside the back-off past
-/// `threshold`.
-async fn refuse_while_backing_off(
-    conn: &mut mysql_async::Conn,
-    policy: &LoginPolicy,
-    filter: &str,
-    params: impl Into<mysql_async::Params> + Send,
-    threshold: u32,
-    message: impl FnOnce(u64) -> String,
-) -> Result<(), AppError> {
-    let (failures, since_last): (u64, Option<i64>) = conn
-        .exec_first(
-            format!(
-                "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MAX(failed_at), NOW(6)) FROM login_failures
-             WHERE {filter} AND failed_at > NOW(6) - INTERVAL ? SECOND"
-            ),
-            params,
-        )
-        .await?
-        .unwrap_or((0, None));
-    if let Some(wait) = backoff(policy, failures, threshold, since_last) {
-        metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
-        return Err(AppError::TooManyAttempts {
-            retry_after: wait,
-            message: message(wait),
-        });
-    }
-    Ok(())
-}
-
-/// Seconds still to wait, if any: the first delay after `threshold`
-/// failures, doubling with each further failure, up to the maximum.
-fn backoff(
-    policy: &LoginPolicy,
-    failures: u64,
-    threshold: u32,
-    since_last: Option<i64>,
-) -> Option<u64> {
-    let over = failures.checked_sub(u64::from(threshold))?;
-    let delay = policy
-        .first_delay_seconds
-        .saturating_mul(1u64 << over.min(20))
-        .min(policy.max_delay_seconds);
-    let since_last = since_last.unwrap_or(0).max(0) as u64;
-    (since_last < delay).then(|| delay - since_last)
 }
 
 /// The user behind a verified token, if its login session is still live and
@@ -529,6 +566,22 @@ async fn revoke_where(
         routes::publish(tx, &changes).await?;
     }
     Ok(())
+}
+
+/// Changes the user's display name, under the same rule as at
+/// registration.
+pub async fn rename(pool: &Pool, user_id: u64, name: &str) -> Result<User, AppError> {
+    let name = DISPLAY_NAME.check(name)?;
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE users SET name = ?, updated_at = NOW(6) WHERE id = ?",
+            (&name, user_id),
+        )
+        .await?;
+    user_by_id(pool, user_id)
+        .await?
+        .ok_or(AppError::NotFound("user"))
 }
 
 /// Changes the password and revokes every other login session of the user.
@@ -729,26 +782,19 @@ mod tests {
     }
 
     #[test]
+    fn waits_read_in_seconds_then_whole_minutes_rounded_up() {
+        assert_eq!(in_words(1), "1 second");
+        assert_eq!(in_words(59), "59 seconds");
+        assert_eq!(in_words(60), "1 minute");
+        assert_eq!(in_words(61), "2 minutes");
+        assert_eq!(in_words(3600), "60 minutes");
+    }
+
+    #[test]
     fn password_length_limits_count_characters() {
         assert!(check_password_rules("123456789", "password").is_err());
         assert!(check_password_rules("1234567890", "password").is_ok());
         assert!(check_password_rules(&"é".repeat(256), "password").is_ok());
         assert!(check_password_rules(&"é".repeat(257), "password").is_err());
-    }
-
-    #[test]
-    fn backoff_doubles_after_the_threshold_and_is_capped() {
-        let policy = LoginPolicy {
-            failures_before_throttle: 5,
-            window_seconds: 900,
-            first_delay_seconds: 15,
-            max_delay_seconds: 900,
-            client_failure_cap: 50,
-        };
-        assert_eq!(backoff(&policy, 4, 5, Some(0)), None);
-        assert_eq!(backoff(&policy, 5, 5, Some(0)), Some(15));
-        assert_eq!(backoff(&policy, 6, 5, Some(10)), Some(20));
-        assert_eq!(backoff(&policy, 5, 5, Some(15)), None);
-        assert_eq!(backoff(&policy, 40, 5, Some(0)), Some(900));
     }
 }

@@ -42,6 +42,8 @@ struct ControlFile {
     #[serde(default)]
     login: LoginFile,
     #[serde(default)]
+    registration: RegistrationFile,
+    #[serde(default)]
     passwords: PasswordsFile,
     #[serde(default)]
     sessions: SessionsFile,
@@ -95,6 +97,26 @@ impl Default for LoginFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RegistrationFile {
+    per_client: u32,
+    window_seconds: u64,
+}
+
+impl Default for RegistrationFile {
+    fn default() -> Self {
+        Self {
+            per_client: 10,
+            window_seconds: 3600,
+        }
+    }
+}
+
+/// The longest registration window: a day. Longer would hold one address
+/// (a school's, an office's NAT) to its count for days.
+pub const MAX_REGISTRATION_WINDOW_SECONDS: u64 = 24 * 3600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct PasswordsFile {
     pbkdf2_iterations: u32,
 }
@@ -142,6 +164,7 @@ pub struct Config {
     pub pool_min: usize,
     pub pool_max: usize,
     pub login: LoginPolicy,
+    pub registration: RegistrationPolicy,
     pub pbkdf2_iterations: u32,
     pub idle_timeout: std::time::Duration,
 }
@@ -186,6 +209,13 @@ pub struct LoginPolicy {
     pub first_delay_seconds: u64,
     pub max_delay_seconds: u64,
     pub client_failure_cap: u32,
+}
+
+/// How many accounts one client address may register per window.
+#[derive(Debug, Clone)]
+pub struct RegistrationPolicy {
+    pub per_client: u32,
+    pub window_seconds: u64,
 }
 
 pub use opencloud_protocol::config::ConfigError;
@@ -244,6 +274,19 @@ impl Config {
                 "failures_before_throttle and first_delay_seconds must be above 0".into(),
             ));
         }
+        let registration = file.registration;
+        if registration.per_client == 0 {
+            return Err(invalid(
+                "registration.per_client",
+                "must be at least 1".into(),
+            ));
+        }
+        if !(1..=MAX_REGISTRATION_WINDOW_SECONDS).contains(&registration.window_seconds) {
+            return Err(invalid(
+                "registration.window_seconds",
+                format!("must be 1 to {MAX_REGISTRATION_WINDOW_SECONDS} seconds"),
+            ));
+        }
 
         if file.sessions.idle_timeout_seconds < 10 {
             return Err(invalid(
@@ -273,6 +316,10 @@ impl Config {
                 first_delay_seconds: login.first_delay_seconds,
                 max_delay_seconds: login.max_delay_seconds,
                 client_failure_cap: login.client_failure_cap,
+            },
+            registration: RegistrationPolicy {
+                per_client: registration.per_client,
+                window_seconds: registration.window_seconds,
             },
             pbkdf2_iterations: file.passwords.pbkdf2_iterations,
             idle_timeout: std::time::Duration::from_secs(file.sessions.idle_timeout_seconds),
@@ -356,6 +403,32 @@ mod tests {
         assert!(!config.gateway_keys.is_empty());
         assert!(!format!("{config:?}").contains("local-development"));
         assert_eq!(config.session_origin("abc"), "http://abc.nb.localhost:8080");
+    }
+
+    #[test]
+    fn registration_limits_default_and_bad_ones_are_named() {
+        let dir = temp_dir("registration");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        let config = Config::from_toml(&path, &text, []).unwrap();
+        assert_eq!(config.registration.per_client, 10);
+        assert_eq!(config.registration.window_seconds, 3600);
+        for (key, value, named) in [
+            ("PER_CLIENT", "0", "registration.per_client"),
+            ("WINDOW_SECONDS", "0", "registration.window_seconds"),
+            ("WINDOW_SECONDS", "86401", "registration.window_seconds"),
+            ("PER_HOUR", "5", "per_hour"),
+        ] {
+            let env = [(
+                format!("OPENCLOUD_CONTROL__REGISTRATION__{key}"),
+                value.to_string(),
+            )];
+            let err = Config::from_toml(&path, &text, env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
     }
 
     #[test]

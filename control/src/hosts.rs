@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::now_unix;
 use crate::error::AppError;
+use crate::names::NameRule;
 use crate::routes::{commit, host_route, publish, HostRow, HOST_COLUMNS};
 use crate::sessions::ending::end_tx;
 use crate::sessions::state::{live_sql, Phase};
@@ -32,7 +33,7 @@ pub async fn record_reachability(
     gateway: &str,
     hosts: &[HostReachability],
 ) -> Result<(), AppError> {
-    let gateway = check_gateway_name(gateway)?;
+    let gateway = GATEWAY_NAME.check(gateway)?;
     if hosts.len() > MAX_HEALTH_ENTRIES {
         return Err(AppError::invalid(
             "hosts",
@@ -65,30 +66,13 @@ pub async fn record_reachability(
     Ok(())
 }
 
-fn check_gateway_name(raw: &str) -> Result<String, AppError> {
-    trimmed_name(raw, GATEWAY_NAME_MAX_CHARS).ok_or_else(|| {
-        AppError::invalid(
-            "gateway",
-            format!("Name the gateway in 1 to {GATEWAY_NAME_MAX_CHARS} characters, without control characters."),
-        )
-    })
-}
-
-/// `raw` trimmed, when that is 1 to `max_chars` characters without control
-/// characters (the rule for host and gateway names).
-fn trimmed_name(raw: &str, max_chars: usize) -> Option<String> {
-    let name = raw.trim();
-    let fits = !name.is_empty()
-        && name.chars().count() <= max_chars
-        && !name.chars().any(|c| c.is_control() || is_bidi_control(c));
-    fits.then(|| name.to_owned())
-}
-
-/// Characters that reorder the text around them, so a name can read as
-/// another one.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
+/// The rule for the name a gateway reports itself under.
+const GATEWAY_NAME: NameRule = NameRule {
+    field: "gateway",
+    what: "A gateway name",
+    when_empty: "Name the gateway.",
+    max_chars: GATEWAY_NAME_MAX_CHARS,
+};
 
 pub const HOST_NAME_MAX_CHARS: usize = 100;
 /// Prefix of every HostKey, so a pasted key is recognisable.
@@ -110,14 +94,13 @@ fn key_digest(key: &str) -> Vec<u8> {
     Sha256::digest(key.trim().as_bytes()).to_vec()
 }
 
-fn check_host_name(raw: &str) -> Result<String, AppError> {
-    trimmed_name(raw, HOST_NAME_MAX_CHARS).ok_or_else(|| {
-        AppError::invalid(
-            "name",
-            format!("Give the host a name of 1 to {HOST_NAME_MAX_CHARS} characters."),
-        )
-    })
-}
+/// The rule for a host's name, which its owner chooses.
+pub const HOST_NAME: NameRule = NameRule {
+    field: "name",
+    what: "A host name",
+    when_empty: "Give the host a name.",
+    max_chars: HOST_NAME_MAX_CHARS,
+};
 
 /// A host as its owner (and admins) see it.
 #[derive(Debug, Clone, Serialize)]
@@ -264,7 +247,7 @@ pub async fn create(
     owner_id: u64,
     name: &str,
 ) -> Result<(HostView, String), AppError> {
-    let name = check_host_name(name)?;
+    let name = HOST_NAME.check(name)?;
     let key = new_key();
     let mut conn = pool.get_conn().await?;
     conn.exec_drop(
@@ -284,7 +267,7 @@ pub async fn create(
 /// A HostKey for `owner_email`'s host `name`: the host is added if it is
 /// missing, otherwise it gets a new key (the old one stops working).
 pub async fn issue_key(pool: &Pool, owner_email: &str, name: &str) -> Result<String, AppError> {
-    let name = check_host_name(name)?;
+    let name = HOST_NAME.check(name)?;
     let mut conn = pool.get_conn().await?;
     let owner: u64 = conn
         .exec_first(
@@ -490,13 +473,16 @@ const MAX_BUSY_KERNELS: u32 = 1_000;
 pub const CLOCK_SKEW_SECONDS: u64 = 300;
 const VERSION_MAX_CHARS: usize = 64;
 
+/// The rule for the version an agent reports, shown on the admin pages.
+const AGENT_VERSION: NameRule = NameRule {
+    field: "version",
+    what: "The version",
+    when_empty: "The version is missing.",
+    max_chars: VERSION_MAX_CHARS,
+};
+
 fn check_version(version: &str) -> Result<(), AppError> {
-    trimmed_name(version, VERSION_MAX_CHARS).map(drop).ok_or_else(|| {
-        AppError::invalid(
-            "version",
-            format!("The version is 1 to {VERSION_MAX_CHARS} characters without control characters."),
-        )
-    })
+    AGENT_VERSION.check(version).map(drop)
 }
 
 /// A unix time an agent reports: not after control's `now` (give or take
@@ -975,9 +961,10 @@ mod tests {
 
     #[test]
     fn names_with_bidirectional_overrides_are_refused() {
-        assert_eq!(trimmed_name(" lab ", 10).as_deref(), Some("lab"));
-        assert_eq!(trimmed_name("lab\u{202e}gpj", 10), None);
-        assert_eq!(trimmed_name("lab\u{2067}", 10), None);
+        assert_eq!(HOST_NAME.check(" lab ").unwrap(), "lab");
+        assert!(HOST_NAME.check("lab\u{202e}gpj").is_err());
+        assert!(HOST_NAME.check("lab\u{2067}").is_err());
+        assert!(check_version("1.0\u{200b}").is_err());
     }
 
     #[test]
@@ -1009,9 +996,9 @@ mod tests {
 
     #[test]
     fn gateway_names_are_short_and_printable() {
-        assert_eq!(check_gateway_name(" gw-1 ").unwrap(), "gw-1");
-        assert!(check_gateway_name("").is_err());
-        assert!(check_gateway_name("a\nb").is_err());
-        assert!(check_gateway_name(&"g".repeat(101)).is_err());
+        assert_eq!(GATEWAY_NAME.check(" gw-1 ").unwrap(), "gw-1");
+        assert!(GATEWAY_NAME.check("").is_err());
+        assert!(GATEWAY_NAME.check("a\nb").is_err());
+        assert!(GATEWAY_NAME.check(&"g".repeat(101)).is_err());
     }
 }

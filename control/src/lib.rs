@@ -11,10 +11,12 @@ pub mod db;
 pub mod error;
 pub mod hosts;
 pub mod ids;
+pub mod names;
 pub mod packages;
 pub mod projects;
 pub mod routes;
 pub mod sessions;
+pub mod throttle;
 pub mod web;
 
 use std::future::Future;
@@ -67,6 +69,17 @@ pub async fn serve(
         );
     }
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
+    tokio::spawn(throttle::sweep(
+        app.pool.clone(),
+        vec![
+            (accounts::LOGIN_FAILURES, app.config.login.window_seconds),
+            (
+                accounts::REGISTRATION_ATTEMPTS,
+                app.config.registration.window_seconds,
+            ),
+        ],
+        app.stopping.subscribe(),
+    ));
     tokio::spawn(sessions::watch::watch(
         app.pool.clone(),
         app.wakeups.clone(),

@@ -6,6 +6,15 @@ use mysql_async::{Pool, Transaction, TxOpts};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AppError;
+use crate::names::NameRule;
+
+/// The rule for a package's name, which admins choose and customers see.
+pub const NAME: NameRule = NameRule {
+    field: "name",
+    what: "A package name",
+    when_empty: "Give the package a name.",
+    max_chars: 100,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Package {
@@ -91,13 +100,7 @@ pub struct PackageInput {
 impl PackageInput {
     /// Checks every value; the error names the first field at fault.
     pub fn check(mut self) -> Result<Self, AppError> {
-        self.name = self.name.trim().to_owned();
-        if self.name.is_empty() || self.name.chars().count() > 100 {
-            return Err(AppError::invalid(
-                "name",
-                "A package name has 1 to 100 characters.",
-            ));
-        }
+        self.name = NAME.check(&self.name)?;
         self.description = self.description.trim().to_owned();
         if self.description.chars().count() > 1000 {
             return Err(AppError::invalid(

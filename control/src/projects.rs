@@ -6,6 +6,7 @@ use mysql_async::Pool;
 use serde::Serialize;
 
 use crate::error::AppError;
+use crate::names::NameRule;
 use crate::sessions::commands::Wakeups;
 use crate::sessions::ending;
 use crate::sessions::explain_end;
@@ -96,25 +97,13 @@ fn from_row(
     }
 }
 
-pub fn check_name(raw: &str) -> Result<String, AppError> {
-    let name = raw.trim();
-    if name.is_empty() {
-        return Err(AppError::invalid("name", "Give the project a name."));
-    }
-    if name.chars().count() > NAME_MAX_CHARS {
-        return Err(AppError::invalid(
-            "name",
-            format!("A project name has at most {NAME_MAX_CHARS} characters."),
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(AppError::invalid(
-            "name",
-            "A project name cannot hold control characters.",
-        ));
-    }
-    Ok(name.to_owned())
-}
+/// The rule for a project's name.
+pub const NAME: NameRule = NameRule {
+    field: "name",
+    what: "A project name",
+    when_empty: "Give the project a name.",
+    max_chars: NAME_MAX_CHARS,
+};
 
 pub fn check_description(raw: &str) -> Result<String, AppError> {
     let description = raw.trim();
@@ -157,7 +146,7 @@ pub async fn create(
     name: &str,
     description: &str,
 ) -> Result<Project, AppError> {
-    let name = check_name(name)?;
+    let name = NAME.check(name)?;
     let description = check_description(description)?;
     let mut conn = pool.get_conn().await?;
     let count: u64 = conn
@@ -191,7 +180,7 @@ pub async fn update(
     name: Option<&str>,
     description: Option<&str>,
 ) -> Result<Project, AppError> {
-    let name = name.map(check_name).transpose()?;
+    let name = name.map(|n| NAME.check(n)).transpose()?;
     let description = description.map(check_description).transpose()?;
     let mut conn = pool.get_conn().await?;
     let result = conn
@@ -233,10 +222,10 @@ mod tests {
 
     #[test]
     fn names_are_trimmed_and_limited() {
-        assert_eq!(check_name("  Thesis  ").unwrap(), "Thesis");
-        assert!(check_name("   ").is_err());
-        assert!(check_name(&"x".repeat(100)).is_ok());
-        assert!(check_name(&"x".repeat(101)).is_err());
-        assert!(check_name("a\u{0}b").is_err());
+        assert_eq!(NAME.check("  Thesis  ").unwrap(), "Thesis");
+        assert!(NAME.check("   ").is_err());
+        assert!(NAME.check(&"x".repeat(100)).is_ok());
+        assert!(NAME.check(&"x".repeat(101)).is_err());
+        assert!(NAME.check("a\u{0}b").is_err());
     }
 }

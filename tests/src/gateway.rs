@@ -126,9 +126,21 @@ impl GatewayProcess {
     /// A client that reaches `localhost` and the given session hosts through
     /// this gateway (Rust's resolver does not map `*.localhost`).
     pub fn client(&self, sids: &[&str], cookies: bool) -> reqwest::Client {
+        self.client_from(None, sids, cookies)
+    }
+
+    /// [`GatewayProcess::client`], connecting from `source` (a
+    /// [`crate::machine::fresh_loopback`]) when given.
+    pub fn client_from(
+        &self,
+        source: Option<std::net::IpAddr>,
+        sids: &[&str],
+        cookies: bool,
+    ) -> reqwest::Client {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .cookie_store(cookies)
+            .local_address(source)
             .resolve("localhost", self.addr());
         for sid in sids {
             builder = builder.resolve(&format!("{sid}.nb.localhost"), self.addr());

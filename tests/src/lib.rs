@@ -28,8 +28,8 @@ use serde_json::Value;
 pub use control::{Control, ControlOptions};
 pub use db::{mysql_server_url, TestDatabase};
 pub use machine::{
-    bin_dir, binary, free_port, free_ports_in_a_row, mode_and_owner, run_to_refusal, set_mode,
-    unique, TEST_PORTS,
+    bin_dir, binary, free_port, free_ports_in_a_row, fresh_loopback, mode_and_owner,
+    run_to_refusal, set_mode, unique, TEST_PORTS,
 };
 pub use stack::TestStack;
 pub use user::{TestUser, PASSWORD};
@@ -69,4 +69,15 @@ pub fn listed<'a>(body: &'a Value, list: &str, id: u64) -> Option<&'a Value> {
         .unwrap_or_else(|| panic!("no list {list:?} in {body}"))
         .iter()
         .find(|entry| entry["id"] == id)
+}
+
+/// The value of the hidden input `name` in a page's HTML (the CSRF token a
+/// form carries), with the escaping askama adds undone.
+pub fn hidden_input(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker).expect("the form has the hidden input") + marker.len();
+    let len = html[start..].find('"').expect("the value attribute ends");
+    html[start..start + len]
+        .replace("&#x2f;", "/")
+        .replace("&#47;", "/")
 }

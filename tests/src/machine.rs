@@ -68,6 +68,20 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{r:08x}", std::process::id())
 }
 
+static LOOPBACKS: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address no other client of this run has used, for a client
+/// that must count as another person: Linux answers on all of 127.0.0.0/8,
+/// so a connection bound here reaches control and the gateway like any
+/// other, and they see this address as its source. Never 127.0.0.1.
+pub fn fresh_loopback() -> std::net::IpAddr {
+    let n = LOOPBACKS.fetch_add(1, Ordering::Relaxed);
+    // 127.1.0.1 and up; the last byte skips 0 and 255.
+    let (low, rest) = (n % 254 + 1, n / 254);
+    let (middle, high) = (rest % 256, 1 + rest / 256);
+    std::net::IpAddr::from([127, high as u8, middle as u8, low as u8])
+}
+
 /// The text of `{listener}/metrics`, asked with `key` as a bearer token when
 /// given (empty when the body cannot be read).
 pub async fn metrics(listener: &str, key: Option<&str>) -> String {

@@ -3,6 +3,7 @@
 //! in through the platform origin a browser would use (the gateway when
 //! there is one). Fields drop in order: gateway, control, then the database.
 
+use std::net::IpAddr;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use crate::agents::AgentProcess;
 use crate::control::{Control, ControlOptions};
 use crate::db::TestDatabase;
 use crate::gateway::GatewayProcess;
-use crate::machine::{binary, free_port, unique};
+use crate::machine::{binary, free_port, fresh_loopback, unique};
 use crate::user::{TestUser, PASSWORD};
 
 pub struct TestStack {
@@ -125,12 +126,23 @@ impl TestStack {
         self.client(true)
     }
 
+    /// A client connecting from `source`, a loopback address of its own
+    /// ([`fresh_loopback`]): to control and the gateway, another person.
+    pub fn client_from(&self, source: IpAddr, cookies: bool) -> reqwest::Client {
+        self.client_at(Some(source), cookies)
+    }
+
     fn client(&self, cookies: bool) -> reqwest::Client {
+        self.client_at(None, cookies)
+    }
+
+    fn client_at(&self, source: Option<IpAddr>, cookies: bool) -> reqwest::Client {
         match &self.gateway {
-            Some(gateway) => gateway.client(&[], cookies),
+            Some(gateway) => gateway.client_from(source, &[], cookies),
             None => reqwest::Client::builder()
                 .cookie_store(cookies)
                 .redirect(reqwest::redirect::Policy::none())
+                .local_address(source)
                 .build()
                 .expect("http client"),
         }
@@ -187,12 +199,27 @@ impl TestStack {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Registers from an address no one else used: each person the tests
+    /// make registers from a machine of their own, as people do, so the
+    /// per-address registration limit never counts one test's users
+    /// together (`register_from` is for the tests about that limit).
     pub async fn register(&self, email: &str, password: &str, name: &str) -> (StatusCode, Value) {
-        self.post_anonymous(
-            "/api/v1/auth/register",
-            json!({"email": email, "password": password, "name": name}),
-        )
-        .await
+        let body = json!({"email": email, "password": password, "name": name});
+        self.register_from(fresh_loopback(), body).await
+    }
+
+    /// POSTs `body` to the registration API from `source`: the status and
+    /// the JSON answer.
+    pub async fn register_from(&self, source: IpAddr, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .client_from(source, false)
+            .post(self.url("/api/v1/auth/register"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn login(&self, email: &str, password: &str) -> (StatusCode, Value) {
@@ -216,7 +243,7 @@ impl TestStack {
         if let Some(role) = role {
             form["role"] = json!(role);
         }
-        let (status, body) = self.post_anonymous("/api/v1/auth/register", form).await;
+        let (status, body) = self.register_from(fresh_loopback(), form).await;
         assert_eq!(status, StatusCode::CREATED, "register: {body}");
         self.logged_in(&email, PASSWORD).await
     }

@@ -5,7 +5,7 @@
 
 use fantoccini::Locator;
 use opencloud_e2e::browser::{log_in, login_in_browser, Browser};
-use opencloud_e2e::{unique, TestStack, PASSWORD};
+use opencloud_e2e::{hidden_input, unique, TestStack, PASSWORD};
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
 
@@ -288,14 +288,6 @@ async fn user_supplied_text_is_escaped_in_pages() {
     assert!(browser.client.title().await.unwrap().starts_with(hostile));
 
     browser.close().await;
-}
-
-/// The value of the hidden input `name` in a page's HTML.
-fn hidden_input(html: &str, name: &str) -> String {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker).expect("the form has the hidden input") + marker.len();
-    let len = html[start..].find('"').expect("the value attribute ends");
-    html[start..start + len].to_owned()
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use mysql_async::prelude::*;
 use opencloud_control::{routes, sessions};
 use opencloud_e2e::external::register_external;
 use opencloud_e2e::upstream::loopback;
-use opencloud_e2e::{expect_error, TestStack, TestUser, PASSWORD};
+use opencloud_e2e::{expect_error, hidden_input, TestStack, TestUser, PASSWORD};
 use opencloud_protocol::routes::{Change, SessionRoute, SessionState, Snapshot, WatchMessage};
 use opencloud_protocol::token::{self, TokenKind};
 use opencloud_protocol::Keyring;
@@ -653,16 +653,6 @@ async fn health_and_usage_reports_update_rows_and_bad_ones_say_why() {
         .await
         .unwrap();
     assert_eq!(bytes, Some(121));
-}
-
-/// The value of the hidden input `name` in a page's HTML.
-fn hidden_input(html: &str, name: &str) -> String {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker).expect("the form has the hidden input") + marker.len();
-    let len = html[start..].find('"').expect("the value attribute ends");
-    html[start..start + len]
-        .replace("&#x2f;", "/")
-        .replace("&#47;", "/")
 }
 
 #[tokio::test]

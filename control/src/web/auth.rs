@@ -130,7 +130,7 @@ pub async fn log_in(
         LoginAttempt {
             email,
             password,
-            client_ip: ctx.client_ip.to_string(),
+            client_ip: ctx.client_ip,
             user_agent: &ctx.user_agent,
         },
     )

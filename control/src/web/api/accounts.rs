@@ -1,5 +1,5 @@
 //! The account calls: registering, logging in and out (token and cookie),
-//! changing the password, and who am I.
+//! changing the password, who am I, and changing my name.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -22,7 +22,7 @@ pub fn routes() -> Router<App> {
         .route("/auth/login", post(login))
         .route("/auth/logout", post(logout))
         .route("/auth/password", post(change_password))
-        .route("/me", get(me))
+        .route("/me", get(me).patch(rename))
 }
 
 #[derive(Deserialize)]
@@ -35,7 +35,11 @@ struct RegisterRequest {
     role: Option<String>,
 }
 
-async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult {
+async fn register(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> ApiResult {
     let role = body
         .role
         .as_deref()
@@ -45,6 +49,8 @@ async fn register(State(app): State<App>, ApiJson(body): ApiJson<RegisterRequest
     let user = accounts::register(
         &app.pool,
         &app.passwords,
+        &app.config.registration,
+        ctx.client_ip,
         NewUser {
             email: body.email,
             name: body.name,
@@ -119,5 +125,21 @@ async fn change_password(
 
 async fn me(ctx: Ctx) -> ApiResult {
     let (user, _) = ctx.require_user()?;
+    Ok(Json(json!({ "user": user })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameRequest {
+    name: String,
+}
+
+async fn rename(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<RenameRequest>,
+) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    let user = accounts::rename(&app.pool, user.id, &body.name).await?;
     Ok(Json(json!({ "user": user })).into_response())
 }

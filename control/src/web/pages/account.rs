@@ -1,8 +1,8 @@
-//! My account: who I am, and changing my password (which logs out every
-//! other login).
+//! My account: who I am, changing my name, and changing my password (which
+//! logs out every other login).
 
 use askama::Template;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -15,11 +15,12 @@ use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::PageForm;
 use crate::web::layout::Layout;
-use crate::web::render::{ok, render};
+use crate::web::render::{ok, render, see_other};
 
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/account", get(account_page))
+        .route("/account/name", post(rename))
         .route("/account/password", post(change_password))
 }
 
@@ -29,17 +30,62 @@ struct AccountPage {
     layout: Layout,
     user: User,
     error: FormError,
+    /// What the name field holds: the name, or what was typed when refused.
+    name: String,
+    name_notice: Option<&'static str>,
     notice: Option<&'static str>,
 }
 
-async fn account_page(ctx: Ctx) -> PageResult {
+impl AccountPage {
+    fn of(ctx: &Ctx, user: &User) -> Self {
+        Self {
+            user: user.clone(),
+            layout: ctx.layout(),
+            error: FormError::none(),
+            name: user.name.clone(),
+            name_notice: None,
+            notice: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AccountQuery {
+    renamed: Option<String>,
+}
+
+async fn account_page(ctx: Ctx, Query(query): Query<AccountQuery>) -> PageResult {
     let (user, _) = ctx.require_user()?;
     ok(AccountPage {
-        user: user.clone(),
-        layout: ctx.layout(),
-        error: FormError::none(),
-        notice: None,
+        name_notice: query.renamed.map(|_| "Name saved."),
+        ..AccountPage::of(&ctx, user)
     })
+}
+
+#[derive(Deserialize)]
+struct NameForm {
+    name: String,
+}
+
+async fn rename(
+    State(app): State<App>,
+    ctx: Ctx,
+    PageForm(form): PageForm<NameForm>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    match accounts::rename(&app.pool, user.id, &form.name).await {
+        // Back to the page, so the header shows the new name too.
+        Ok(_) => see_other("/account?renamed=1"),
+        Err(e @ AppError::Invalid { .. }) => render(
+            e.status(),
+            AccountPage {
+                error: FormError::from(&e),
+                name: form.name,
+                ..AccountPage::of(&ctx, user)
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -83,10 +129,9 @@ async fn change_password(
     render(
         status,
         AccountPage {
-            user: user.clone(),
-            layout: ctx.layout(),
             error,
             notice,
+            ..AccountPage::of(&ctx, user)
         },
     )
 }

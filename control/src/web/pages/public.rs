@@ -103,6 +103,8 @@ async fn register(
     let result = accounts::register(
         &app.pool,
         &app.passwords,
+        &app.config.registration,
+        ctx.client_ip,
         NewUser {
             email: form.email.clone(),
             name: form.name.clone(),
@@ -116,16 +118,21 @@ async fn register(
             "/login?registered=1&email={}",
             urlencode(&user.email)
         )),
-        Err(e) if e.field().is_some() => render(
-            e.status(),
-            RegisterPage {
-                layout: ctx.layout(),
-                error: FormError::from(&e),
-                name: form.name,
-                email: form.email,
-                role: role.as_str().into(),
-            },
-        ),
+        // The form again, with what was typed and the message (and the
+        // wait, when throttled).
+        Err(e) if e.field().is_some() || matches!(e, AppError::TooManyAttempts { .. }) => {
+            let page = render(
+                e.status(),
+                RegisterPage {
+                    layout: ctx.layout(),
+                    error: FormError::from(&e),
+                    name: form.name,
+                    email: form.email,
+                    role: role.as_str().into(),
+                },
+            )?;
+            Ok(e.with_retry_after(page))
+        }
         Err(e) => Err(e.into()),
     }
 }
