@@ -491,8 +491,9 @@ impl ProxyHttp for Gateway {
             (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
             (Class::Session, Some((link, sid))) => {
                 let mut peer = HttpPeer::new(link.addr, false, String::new());
-                // A link connection carries one session: pool them per sid.
-                peer.group_key = sid.key.pool_group();
+                // A link connection carries one session under one key: pool
+                // them per sid and key.
+                peer.group_key = sid.key.pool_group() ^ link.pool_tag;
                 peer.options.custom_l4 = Some(Arc::new(LinkConnector {
                     host: ctx.upstream_host.unwrap_or_default(),
                     sid: sid.key,

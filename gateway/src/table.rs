@@ -82,6 +82,15 @@ impl SessionEntry {
 pub struct HostLink {
     pub addr: SocketAddr,
     pub key: Arc<LinkKey>,
+    /// Set apart by key, so connections proved with a key control has since
+    /// replaced are never taken from the pool again.
+    pub pool_tag: u64,
+}
+
+/// 64 bits of a hash of `key`.
+fn key_tag(key: &LinkKey) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6f63_6c69_6e6b).hash_one(key.expose())
 }
 
 /// A host and its link, parsed once rather than per request.
@@ -102,6 +111,7 @@ impl HostEntry {
         let link = match (ip, &route.link_key) {
             (Some(ip), Some(key)) if route.link_port != 0 => Some(HostLink {
                 addr: SocketAddr::new(ip, route.link_port),
+                pool_tag: key_tag(key),
                 key: Arc::new(key.clone()),
             }),
             _ => None,
@@ -512,6 +522,12 @@ mod tests {
             ..host(2)
         });
         assert_eq!(keyless.link, None, "no key, no link");
+        let rekeyed = HostEntry::new(host(1));
+        assert_ne!(
+            rekeyed.link.as_ref().unwrap().pool_tag,
+            link.pool_tag,
+            "another key, another pool"
+        );
         assert!(base.sessions.is_empty(), "the old table is unchanged");
         let two = one
             .apply(&Delta {

@@ -65,10 +65,41 @@ pub async fn register_external(
 ) -> anyhow::Result<External> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let link_addr = listener.local_addr()?;
+    let key = LinkKey::generate();
+    let session = record_host_and_session(pool, owner_user_id, project_id, link_addr, &key).await?;
+    let (stop, stopped) = watch::channel(false);
+    let identity = LinkIdentity {
+        host_id: session.host,
+        key,
+    };
+    let (_, identity) = watch::channel(Some(identity));
+    tokio::spawn(host_link::serve(
+        listener,
+        identity,
+        Arc::new(OneSession(session.sid.clone(), target)),
+        stopped,
+    ));
+    Ok(External {
+        session,
+        link_addr,
+        stop,
+    })
+}
+
+/// Records a new online host of `owner_user_id` whose link is said to be at
+/// `link_addr` with `key`, and a running session of `project_id` on it, as
+/// control would after the host's agent registered and reported it ready.
+/// Whatever listens at `link_addr` is not asked: this is also how a test
+/// plays a host that lies about its address.
+pub async fn record_host_and_session(
+    pool: &Pool,
+    owner_user_id: u64,
+    project_id: u64,
+    link_addr: SocketAddr,
+    key: &LinkKey,
+) -> anyhow::Result<SessionRoute> {
     let address = link_addr.ip().to_string();
     let health_url = format!("http://{link_addr}/healthz");
-    let key = LinkKey::generate();
-
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     // One registration per user at a time, so two cannot both add the host.
@@ -108,7 +139,6 @@ pub async fn register_external(
         health_url,
         state: HostState::Online,
     };
-
     let sid = routes::new_sid();
     tx.exec_drop(
         "INSERT INTO sessions (sid, project_id, user_id, host_id, state, created_at)
@@ -117,21 +147,11 @@ pub async fn register_external(
     )
     .await?;
     let session = SessionRoute {
-        sid: sid.clone(),
+        sid,
         owner: owner_user_id,
         host: host_id,
         state: SessionState::Running,
     };
-
-    let (stop, stopped) = watch::channel(false);
-    let (_, identity) = watch::channel(Some(LinkIdentity { host_id, key }));
-    tokio::spawn(host_link::serve(
-        listener,
-        identity,
-        Arc::new(OneSession(sid, target)),
-        stopped,
-    ));
-
     publish(
         &mut tx,
         &[
@@ -141,11 +161,7 @@ pub async fn register_external(
     )
     .await?;
     commit(tx).await?;
-    Ok(External {
-        session,
-        link_addr,
-        stop,
-    })
+    Ok(session)
 }
 
 /// Fails with "{what} not found" unless `sql` finds a row.

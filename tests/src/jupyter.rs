@@ -72,6 +72,9 @@ impl JupyterServer {
                 format!("{}:/usr/bin:/bin", venv().join("bin").display()),
             )
             .env("HOME", &home)
+            // Kernels talk over IPC files here; their paths must stay under
+            // the 107 bytes a Unix socket path may have.
+            .env("JUPYTER_RUNTIME_DIR", &run)
             .current_dir(&root)
             .uid(NOBODY)
             .gid(NOBODY)
