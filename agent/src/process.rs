@@ -373,7 +373,7 @@ mod tests {
         let procs = vec![
             hidden,
             p(701, 700, 700, 700, 1001), // its child
-            p(800, 1, 800, 800, 0), // root, elsewhere: never
+            p(800, 1, 800, 800, 0),      // root, elsewhere: never
             older,
         ];
         let in_cgroup = |pid: i32| pid == 700 || pid == 20;
@@ -389,7 +389,10 @@ mod tests {
         assert!(within(&paths, "/opencloud/abc"));
         assert!(!within(&paths, "/opencloud/ab"));
         assert!(!within(&paths, ""));
-        assert!(within(&parse_cgroups("0::/opencloud/abc/x\n"), "/opencloud/abc"));
+        assert!(within(
+            &parse_cgroups("0::/opencloud/abc/x\n"),
+            "/opencloud/abc"
+        ));
         assert!(!within(&parse_cgroups("0::/\n"), "/opencloud/abc"));
         let own = cgroups_of(std::process::id() as i32);
         assert!(!own.is_empty());
@@ -399,6 +402,9 @@ mod tests {
     fn the_agent_itself_is_never_a_member() {
         // Running as the session's user (no root): the agent shares the uid.
         let procs = vec![p(50, 1, 100, 50, 1001), p(100, 50, 100, 50, 1001)];
-        assert_eq!(pids(members(&procs, &SCOPE, 50, |_| false, |_| false)), vec![100]);
+        assert_eq!(
+            pids(members(&procs, &SCOPE, 50, |_| false, |_| false)),
+            vec![100]
+        );
     }
 }
