@@ -215,6 +215,11 @@ pub fn limit_files(hierarchy: &Hierarchy, limits: &Limits) -> Vec<(PathBuf, Stri
     }
 }
 
+/// A session's cgroup as `/proc/<pid>/cgroup` names it, in every hierarchy.
+pub fn session_path(sid: &str) -> String {
+    format!("/{GROUP}/{sid}")
+}
+
 /// The `opencloud` cgroups, ready for sessions.
 #[derive(Debug, Clone)]
 pub struct Cgroups {

@@ -63,8 +63,14 @@ pub async fn serve(
         };
         let identity = identity.borrow().clone();
         let sessions = sessions.clone();
+        let mut stopped = stop.clone();
         tokio::spawn(async move {
-            let outcome = connection(tcp, identity, sessions.as_ref()).await;
+            // A stopped link ends its open connections too, as a host that
+            // goes away does.
+            let outcome = tokio::select! {
+                outcome = connection(tcp, identity, sessions.as_ref()) => outcome,
+                _ = stopped.wait_for(|s| *s) => Outcome::Stopped,
+            };
             metrics::counter!("opencloud_agent_link_connections_total", "outcome" => outcome.label())
                 .increment(1);
             if let Outcome::Refused(reason) = &outcome {
@@ -77,6 +83,7 @@ pub async fn serve(
 enum Outcome {
     Health,
     Spliced,
+    Stopped,
     NoSession,
     Refused(String),
 }
@@ -86,6 +93,7 @@ impl Outcome {
         match self {
             Outcome::Health => "health",
             Outcome::Spliced => "spliced",
+            Outcome::Stopped => "stopped",
             Outcome::NoSession => "no_session",
             Outcome::Refused(_) => "refused",
         }

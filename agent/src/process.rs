@@ -1,12 +1,14 @@
 //! Processes as `/proc` shows them: which ones belong to a session, and
 //! signalling them.
 //!
-//! A session is more than the server's process group: Jupyter starts each
-//! kernel in a session of its own (so it can interrupt it), and a kernel
-//! outlives a server that was killed. So a session's processes are found from
-//! several sides, always restricted to the session's uid: the sandbox's
-//! PID namespace (everything in it), the outer process's group and
-//! descendants, and the process groups and sessions those lead.
+//! A session is more than the server's process group: bwrap's process
+//! inside the sandbox starts a Linux session of its own, Jupyter starts each
+//! kernel in another (so it can interrupt it), and all of them outlive a
+//! killed outer process. So a session's processes are found from several
+//! sides: its cgroup (the kernel's own record, which no process of the
+//! session can leave, whatever uid `/proc` shows for it), and, restricted to
+//! the session's uid, the sandbox's PID namespace, the outer process's group
+//! and descendants, and the process groups and sessions those lead.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -94,7 +96,7 @@ pub fn child_of(parent: i32) -> Option<ProcInfo> {
 }
 
 /// What identifies one session's processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     /// The sandbox's outer process (its pid is also its process group).
     pub pid: i32,
@@ -103,26 +105,66 @@ pub struct Scope {
     pub uid: u32,
     /// The sandbox's PID namespace; 0 when unknown.
     pub pidns: u64,
+    /// The session's cgroup path (`/opencloud/<sid>`) in every hierarchy.
+    pub cgroup: String,
+}
+
+/// The cgroup paths `pid` is in, one per hierarchy (`/proc/<pid>/cgroup`).
+pub fn cgroups_of(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|text| parse_cgroups(&text))
+        .unwrap_or_default()
+}
+
+/// `4:memory:/opencloud/abc` and `0::/opencloud/abc` → `/opencloud/abc`.
+pub fn parse_cgroups(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| Some(line.splitn(3, ':').nth(2)?.to_owned()))
+        .collect()
+}
+
+/// Whether one of `paths` is `cgroup` or below it.
+pub fn within(paths: &[String], cgroup: &str) -> bool {
+    !cgroup.is_empty()
+        && paths.iter().any(|p| {
+            p.strip_prefix(cgroup)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
 }
 
 /// The live processes of `scope` among `procs`. `in_sandbox(pid)` says
-/// whether a process lives in the session's PID namespace.
+/// whether a process lives in the session's PID namespace, `in_cgroup(pid)`
+/// whether it is in the session's cgroup (a member whatever its uid).
 pub fn members(
     procs: &[ProcInfo],
     scope: &Scope,
     own_pid: i32,
     in_sandbox: impl Fn(i32) -> bool,
+    in_cgroup: impl Fn(i32) -> bool,
 ) -> Vec<ProcInfo> {
-    let candidates: Vec<&ProcInfo> = procs
+    // Everything in the cgroup started with or after the outer process.
+    let in_cgroup = |p: &ProcInfo| p.start_ticks >= scope.start_ticks && in_cgroup(p.pid);
+    let alive: Vec<&ProcInfo> = procs
         .iter()
-        .filter(|p| p.uid == scope.uid && p.pid != own_pid && p.is_alive())
+        .filter(|p| p.pid != own_pid && p.is_alive())
+        .collect();
+    let contained: HashSet<i32> = alive
+        .iter()
+        .filter(|p| in_cgroup(p))
+        .map(|p| p.pid)
+        .collect();
+    let candidates: Vec<&ProcInfo> = alive
+        .into_iter()
+        .filter(|p| p.uid == scope.uid || contained.contains(&p.pid))
         .collect();
     let mut found: HashSet<i32> = candidates
         .iter()
         .filter(|p| {
-            p.pgrp == scope.pgid
-                || (p.pid == scope.pid && p.start_ticks == scope.start_ticks)
-                || (p.start_ticks >= scope.start_ticks && in_sandbox(p.pid))
+            contained.contains(&p.pid)
+                || (p.uid == scope.uid
+                    && (p.pgrp == scope.pgid
+                        || (p.pid == scope.pid && p.start_ticks == scope.start_ticks)
+                        || (p.start_ticks >= scope.start_ticks && in_sandbox(p.pid))))
         })
         .map(|p| p.pid)
         .collect();
@@ -152,9 +194,13 @@ pub fn members(
 /// The live processes of `scope` right now.
 pub fn session_members(scope: &Scope) -> Vec<ProcInfo> {
     let own = std::process::id() as i32;
-    members(&snapshot(), scope, own, |pid| {
-        scope.pidns != 0 && pid_namespace(pid) == Some(scope.pidns)
-    })
+    members(
+        &snapshot(),
+        scope,
+        own,
+        |pid| scope.pidns != 0 && pid_namespace(pid) == Some(scope.pidns),
+        |pid| within(&cgroups_of(pid), &scope.cgroup),
+    )
 }
 
 /// Sends `signal` to every process of `scope`; returns how many there were.
@@ -246,6 +292,7 @@ mod tests {
         start_ticks: 1100,
         uid: 1001,
         pidns: 4_026_532_174,
+        cgroup: String::new(),
     };
 
     fn pids(found: Vec<ProcInfo>) -> Vec<i32> {
@@ -296,7 +343,7 @@ mod tests {
             p(400, 1, 400, 400, 1002), // another project's process
             p(500, 1, 500, 500, 1001), // same uid, unrelated, no marker
         ];
-        let found = members(&procs, &SCOPE, 50, |pid| pid == 300);
+        let found = members(&procs, &SCOPE, 50, |pid| pid == 300, |_| false);
         assert_eq!(pids(found), vec![100, 101, 200, 201, 300, 301]);
     }
 
@@ -312,14 +359,52 @@ mod tests {
             zombie,
             old,
         ];
-        let found = members(&procs, &SCOPE, 50, |_| true);
+        let found = members(&procs, &SCOPE, 50, |_| true, |_| false);
         assert_eq!(pids(found), vec![100]);
+    }
+
+    #[test]
+    fn the_cgroup_holds_members_whatever_uid_proc_shows() {
+        // A non-dumpable process shows as root's in /proc; its own session,
+        // its own group, reparented: only the cgroup still names it.
+        let hidden = p(700, 1, 700, 700, 0);
+        let mut older = p(20, 1, 20, 20, 0); // in no session of ours: pid reuse
+        older.start_ticks = 5;
+        let procs = vec![
+            hidden,
+            p(701, 700, 700, 700, 1001), // its child
+            p(800, 1, 800, 800, 0),      // root, elsewhere: never
+            older,
+        ];
+        let in_cgroup = |pid: i32| pid == 700 || pid == 20;
+        let found = members(&procs, &SCOPE, 50, |_| false, in_cgroup);
+        assert_eq!(pids(found), vec![700, 701]);
+    }
+
+    #[test]
+    fn cgroup_files_are_read_for_v1_and_v2() {
+        let v1 = "8:pids:/opencloud/abc\n4:memory:/opencloud/abc\n1:name=systemd:/\n";
+        let paths = parse_cgroups(v1);
+        assert_eq!(paths, vec!["/opencloud/abc", "/opencloud/abc", "/"]);
+        assert!(within(&paths, "/opencloud/abc"));
+        assert!(!within(&paths, "/opencloud/ab"));
+        assert!(!within(&paths, ""));
+        assert!(within(
+            &parse_cgroups("0::/opencloud/abc/x\n"),
+            "/opencloud/abc"
+        ));
+        assert!(!within(&parse_cgroups("0::/\n"), "/opencloud/abc"));
+        let own = cgroups_of(std::process::id() as i32);
+        assert!(!own.is_empty());
     }
 
     #[test]
     fn the_agent_itself_is_never_a_member() {
         // Running as the session's user (no root): the agent shares the uid.
         let procs = vec![p(50, 1, 100, 50, 1001), p(100, 50, 100, 50, 1001)];
-        assert_eq!(pids(members(&procs, &SCOPE, 50, |_| false)), vec![100]);
+        assert_eq!(
+            pids(members(&procs, &SCOPE, 50, |_| false, |_| false)),
+            vec![100]
+        );
     }
 }

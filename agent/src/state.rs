@@ -73,6 +73,7 @@ impl SessionRecord {
             start_ticks: self.start_ticks,
             uid: self.uid,
             pidns: self.pidns,
+            cgroup: crate::cgroups::session_path(&self.sid),
         }
     }
 }

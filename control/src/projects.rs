@@ -36,6 +36,8 @@ pub struct LatestSession {
     pub state: String,
     /// Why it ended, in words; `None` while it is live.
     pub ended_because: Option<String>,
+    /// What the host reported about it (a kernel stopped for memory).
+    pub notice: Option<String>,
 }
 
 impl LatestSession {
@@ -66,17 +68,18 @@ type ProjectRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Option<String>,
 );
 
 const COLUMNS: &str = "p.id, p.name, p.description, DATE_FORMAT(p.created_at, '%Y-%m-%d %H:%i'), \
-    DATE_FORMAT(p.updated_at, '%Y-%m-%d %H:%i'), s.sid, s.state, s.end_reason";
+    DATE_FORMAT(p.updated_at, '%Y-%m-%d %H:%i'), s.sid, s.state, s.end_reason, s.notice";
 
 /// The projects table joined with each project's newest session.
 const FROM: &str = "projects p LEFT JOIN sessions s ON s.sid = (SELECT l.sid FROM sessions l \
     WHERE l.project_id = p.id ORDER BY l.created_at DESC, l.sid LIMIT 1)";
 
 fn from_row(
-    (id, name, description, created_at, updated_at, sid, state, end_reason): ProjectRow,
+    (id, name, description, created_at, updated_at, sid, state, end_reason, notice): ProjectRow,
 ) -> Project {
     let session = sid.zip(state).map(|(sid, state)| {
         let ended_because = (!state::is_live_column(&state))
@@ -85,6 +88,7 @@ fn from_row(
             sid,
             state,
             ended_because,
+            notice,
         }
     });
     Project {

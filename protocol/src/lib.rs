@@ -14,6 +14,7 @@ pub mod origin;
 pub mod paths;
 pub mod reports;
 pub mod routes;
+pub mod sid;
 pub mod token;
 
 pub use keys::{KeyId, Keyring, KeyringError};

@@ -25,7 +25,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 
-use crate::routes::is_valid_sid;
+use crate::sid::is_valid_sid;
 
 /// The first word of every link handshake line.
 pub const MAGIC: &str = "OCLINK/1";

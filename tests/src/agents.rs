@@ -3,11 +3,12 @@
 //! servers) the hard way, as a dying host would.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use opencloud_agent::process::{cgroups_of, snapshot, within};
 
 use crate::jupyter::venv;
 use crate::machine::{binary, signal_group, unique};
@@ -95,8 +96,8 @@ impl AgentProcess {
         state["pid"].as_i64().map(|p| p as i32)
     }
 
-    /// SIGKILL to the agent and to every Jupyter server it recorded: the
-    /// host is gone, with no chance to say so.
+    /// SIGKILL to the agent and to every Jupyter server it recorded, sandbox
+    /// and all: the host is gone, with no chance to say so.
     pub fn kill_hard(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -107,9 +108,76 @@ impl AgentProcess {
             let sid = entry.file_name().to_string_lossy().replace(".json", "");
             if let Some(pid) = self.session_pid(&sid) {
                 signal_group(pid as u32, "KILL");
+                kill_session(&sid);
             }
         }
     }
+}
+
+/// SIGKILL to every process in session `sid`'s cgroup (the sandbox's outer
+/// process, bwrap inside it, Jupyter and its kernels), as a crash would.
+pub fn kill_session(sid: &str) {
+    let cgroup = opencloud_agent::cgroups::session_path(sid);
+    for process in snapshot() {
+        if process.is_alive() && within(&cgroups_of(process.pid), &cgroup) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &process.pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What is left of session `sid` on this machine outside its work dir: its
+/// network namespace, its slirp4netns, its cgroups, processes in them.
+/// Empty once the session is really gone.
+pub fn session_leftovers(sid: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns = Path::new("/run/netns").join(format!("oc-{sid}"));
+    if netns.exists() {
+        left.push(format!("network namespace {}", netns.display()));
+    }
+    let cgroup = opencloud_agent::cgroups::session_path(sid);
+    for process in snapshot().into_iter().filter(|p| p.is_alive()) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.starts_with("slirp4netns") && cmdline.contains(&format!("oc-{sid}")) {
+            left.push(format!("slirp4netns {}", process.pid));
+        } else if within(&cgroups_of(process.pid), &cgroup) {
+            left.push(format!(
+                "process {} in the session's cgroup: {cmdline}",
+                process.pid
+            ));
+        }
+    }
+    // v2 at the root, v1 one directory per controller.
+    let roots = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")]);
+    for root in roots {
+        let dir = root.join(cgroup.trim_start_matches('/'));
+        if dir.is_dir() {
+            left.push(format!("cgroup {}", dir.display()));
+        }
+    }
+    left
+}
+
+/// Runs `opencloud-agent stop-all` on `config_path`: whatever sessions its
+/// work dir records are stopped, and what is left of dead ones cleaned up
+/// (slirp4netns, network namespace, cgroups). Test hosts call it when
+/// dropped, so a failed test leaves nothing running.
+pub fn stop_all(config_path: &Path) {
+    let _ = Command::new(binary("opencloud-agent"))
+        .arg("--config")
+        .arg(config_path)
+        .arg("stop-all")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for AgentProcess {
@@ -119,13 +187,7 @@ impl Drop for AgentProcess {
             let _ = child.wait();
         }
         // Whatever Jupyter servers are left go with the test.
-        let _ = Command::new(binary("opencloud-agent"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("stop-all")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        stop_all(&self.config_path);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -24,6 +24,8 @@ pub struct External {
     pub session: SessionRoute,
     /// Where the stand-in host's link listens.
     pub link_addr: SocketAddr,
+    identity: LinkIdentity,
+    sessions: Arc<OneSession>,
     stop: watch::Sender<bool>,
 }
 
@@ -36,12 +38,36 @@ impl External {
     pub fn stop_link(&self) {
         self.stop.send_replace(true);
     }
+
+    /// The host comes back on the same address.
+    pub fn restart_link(&mut self) -> anyhow::Result<()> {
+        let listener = std::net::TcpListener::bind(self.link_addr)?;
+        listener.set_nonblocking(true)?;
+        self.stop = serve_link(
+            tokio::net::TcpListener::from_std(listener)?,
+            self.identity.clone(),
+            self.sessions.clone(),
+        );
+        Ok(())
+    }
 }
 
 impl Drop for External {
     fn drop(&mut self) {
         self.stop.send_replace(true);
     }
+}
+
+/// Serves a stand-in host's link until the returned sender says stop.
+fn serve_link(
+    listener: tokio::net::TcpListener,
+    identity: LinkIdentity,
+    sessions: Arc<OneSession>,
+) -> watch::Sender<bool> {
+    let (stop, stopped) = watch::channel(false);
+    let (_, identity) = watch::channel(Some(identity));
+    tokio::spawn(host_link::serve(listener, identity, sessions, stopped));
+    stop
 }
 
 /// One session, one target: all a stand-in host serves.
@@ -67,21 +93,17 @@ pub async fn register_external(
     let link_addr = listener.local_addr()?;
     let key = LinkKey::generate();
     let session = record_host_and_session(pool, owner_user_id, project_id, link_addr, &key).await?;
-    let (stop, stopped) = watch::channel(false);
     let identity = LinkIdentity {
         host_id: session.host,
         key,
     };
-    let (_, identity) = watch::channel(Some(identity));
-    tokio::spawn(host_link::serve(
-        listener,
-        identity,
-        Arc::new(OneSession(session.sid.clone(), target)),
-        stopped,
-    ));
+    let sessions = Arc::new(OneSession(session.sid.clone(), target));
+    let stop = serve_link(listener, identity.clone(), sessions.clone());
     Ok(External {
         session,
         link_addr,
+        identity,
+        sessions,
         stop,
     })
 }

@@ -18,6 +18,7 @@ pub mod jupyter;
 pub mod kernel;
 pub mod machine;
 pub mod sandbox;
+pub mod sessions;
 pub mod stack;
 pub mod upstream;
 pub mod user;

@@ -321,6 +321,24 @@ impl TestStack {
         session.sid
     }
 
+    /// Runs `act` on the stand-in host serving session `sid` (one of
+    /// [`TestStack::session_for`]'s).
+    pub fn with_external<T>(
+        &self,
+        sid: &str,
+        act: impl FnOnce(&mut crate::external::External) -> T,
+    ) -> T {
+        let mut externals = self
+            .externals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let external = externals
+            .iter_mut()
+            .find(|e| e.sid() == sid)
+            .unwrap_or_else(|| panic!("no stand-in host serves {sid}"));
+        act(external)
+    }
+
     /// Enters session `sid` as `user` through a fresh ticket; returns the
     /// `oc_s` cookie pair (`oc_s=…`).
     pub async fn enter(&self, user: &TestUser, sid: &str) -> String {

@@ -7,10 +7,12 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use opencloud_agent::process::snapshot;
+use opencloud_agent::process::{proc_info, snapshot};
 use opencloud_agent::{Config, Supervisor};
+use opencloud_e2e::agents::{kill_session, session_leftovers, stop_all};
 use opencloud_e2e::jupyter::get_status;
 use opencloud_e2e::stack::Target;
 use opencloud_e2e::{binary, free_port, jupyter::venv, unique};
@@ -19,10 +21,13 @@ use opencloud_protocol::routes::new_sid;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A host's work dir and config, on ports nothing else uses right now.
+/// Dropped, it stops whatever its supervisors left running (a failed test
+/// included).
 struct Host {
     base: PathBuf,
     config_path: PathBuf,
     config: Config,
+    supervisors: Mutex<Vec<Supervisor>>,
 }
 
 impl Host {
@@ -61,11 +66,14 @@ memory_mib = 2048
             base,
             config_path,
             config,
+            supervisors: Mutex::new(Vec::new()),
         }
     }
 
     async fn supervisor(&self) -> (Supervisor, UnboundedReceiver<AgentEvent>) {
-        Supervisor::open(self.config.clone()).await.unwrap()
+        let (supervisor, events) = Supervisor::open(self.config.clone()).await.unwrap();
+        self.supervisors.lock().unwrap().push(supervisor.clone());
+        (supervisor, events)
     }
 
     fn work(&self) -> PathBuf {
@@ -75,10 +83,26 @@ memory_mib = 2048
     fn state_file(&self, sid: &str) -> PathBuf {
         self.work().join("sessions").join(format!("{sid}.json"))
     }
+
+    /// Nothing of session `sid` is left: no state file, no session
+    /// directory, no network namespace, slirp4netns or cgroup.
+    fn assert_nothing_left(&self, sid: &str) {
+        assert!(!self.state_file(sid).exists(), "state file left");
+        assert!(
+            !self.work().join("sessions").join(sid).exists(),
+            "session directory left"
+        );
+        assert_eq!(session_leftovers(sid), Vec::<String>::new(), "{sid}");
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Releases the work dir's lock, so that stop-all may take it over.
+        for supervisor in self.supervisors.lock().unwrap().drain(..) {
+            supervisor.detach();
+        }
+        stop_all(&self.config_path);
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }
@@ -129,13 +153,23 @@ fn passwd_uid(user: &str) -> Option<u32> {
         .and_then(|l| l.split(':').nth(2)?.parse().ok())
 }
 
-/// Live processes of a user (each test uses its own project users).
+/// Live processes of a user (each test uses its own project users) started
+/// since this test binary was: an earlier run's leftovers are not this one's.
 fn processes_of(uid: u32) -> Vec<i32> {
+    let since = proc_info(std::process::id() as i32).unwrap().start_ticks;
     snapshot()
         .into_iter()
-        .filter(|p| p.uid == uid && p.is_alive())
+        .filter(|p| p.uid == uid && p.is_alive() && p.start_ticks >= since)
         .map(|p| p.pid)
         .collect()
+}
+
+/// Whether one of `uid`'s processes is a kernel.
+fn runs_a_kernel(uid: u32) -> bool {
+    processes_of(uid).into_iter().any(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("ipykernel_launcher"))
+    })
 }
 
 async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -237,7 +271,7 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
     // A kernel runs in a process session of its own: stopping must find it too.
     start_kernel(&target).await;
     eventually("the kernel starts", Duration::from_secs(30), || {
-        processes_of(uid).len() >= 2
+        runs_a_kernel(uid)
     })
     .await;
     supervisor.refresh_activity().await;
@@ -255,7 +289,7 @@ async fn a_session_runs_as_its_own_user_and_stopping_it_leaves_nothing() {
         Vec::<i32>::new(),
         "processes left behind"
     );
-    assert!(!host.state_file(&sid).exists());
+    host.assert_nothing_left(&sid);
     assert!(supervisor.sessions().is_empty());
 }
 
@@ -323,7 +357,9 @@ async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     record["start_ticks"] = serde_json::json!(1);
     std::fs::write(&path, record.to_string()).unwrap();
-    kill("-KILL", &format!("-{dead_pid}"));
+    // The whole sandbox: its outer process alone dying leaves bwrap's
+    // inner one and Jupyter running.
+    kill_session(&dead.sid);
     eventually("the killed server is gone", Duration::from_secs(10), || {
         processes_of(dead_uid).is_empty()
     })
@@ -340,15 +376,15 @@ async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
     assert_eq!(second.link_target(&keep.sid).as_ref(), Some(&keep_target));
     assert_eq!(api_status(&keep_target).await, Some(200));
 
-    assert!(!host.state_file(&mismatched.sid).exists());
     assert_eq!(
         processes_of(wrong_uid),
         Vec::<i32>::new(),
         "untrusted server left running"
     );
     assert!(gone(&wrong_target).await);
-    assert!(!host.state_file(&dead.sid).exists());
+    host.assert_nothing_left(&mismatched.sid);
     assert!(gone(&dead_target).await);
+    host.assert_nothing_left(&dead.sid);
 
     // Starting the adopted session again is idempotent; stopping it works.
     assert_eq!(
@@ -359,6 +395,7 @@ async fn a_restarted_supervisor_adopts_live_servers_and_cleans_up_the_rest() {
     second.stop(&keep.sid, Duration::from_secs(5)).await;
     assert!(gone(&keep_target).await);
     assert_eq!(processes_of(keep_uid), Vec::<i32>::new());
+    host.assert_nothing_left(&keep.sid);
 }
 
 #[tokio::test]
@@ -373,7 +410,7 @@ async fn a_server_killed_from_outside_is_reported_as_exited_with_its_log() {
     // A kernel outlives a server killed this way; the agent must end it.
     start_kernel(&target).await;
     eventually("the kernel starts", Duration::from_secs(30), || {
-        processes_of(uid).len() >= 2
+        runs_a_kernel(uid)
     })
     .await;
 
@@ -394,7 +431,7 @@ async fn a_server_killed_from_outside_is_reported_as_exited_with_its_log() {
     assert!(supervisor.sessions().is_empty());
     assert!(gone(&target).await);
     assert_eq!(processes_of(uid), Vec::<i32>::new());
-    assert!(!host.state_file(&sid).exists());
+    host.assert_nothing_left(&sid);
 }
 
 /// A venv whose `jupyter` is a shell script.
@@ -439,7 +476,7 @@ async fn a_server_that_exits_early_fails_with_its_exit_code_and_log() {
         AgentEvent::Failed { .. }
     ));
     assert!(supervisor.sessions().is_empty());
-    assert!(!host.state_file(&start.sid).exists());
+    host.assert_nothing_left(&start.sid);
     std::fs::remove_dir_all(&scripts).unwrap();
 }
 
@@ -450,7 +487,8 @@ async fn a_server_that_never_answers_fails_after_the_start_timeout_and_is_killed
     let host = Host::with(1, &venv, "start_timeout_seconds = 2");
     let (supervisor, _events) = host.supervisor().await;
     let started = Instant::now();
-    match supervisor.start(start_command(910_008)).await {
+    let start = start_command(910_008);
+    match supervisor.start(start.clone()).await {
         AgentEvent::Failed {
             reason,
             exit_code,
@@ -473,6 +511,7 @@ async fn a_server_that_never_answers_fails_after_the_start_timeout_and_is_killed
         Vec::<i32>::new(),
         "the hung server was left running"
     );
+    host.assert_nothing_left(&start.sid);
     std::fs::remove_dir_all(&scripts).unwrap();
 }
 
@@ -622,5 +661,5 @@ async fn stop_all_stops_what_the_work_dir_records_but_not_under_a_running_agent(
     assert!(stdout.contains("stopped 1 Jupyter server"), "{stdout}");
     assert!(gone(&target).await);
     assert_eq!(processes_of(uid), Vec::<i32>::new());
-    assert!(!host.state_file(&sid).exists());
+    host.assert_nothing_left(&sid);
 }

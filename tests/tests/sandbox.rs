@@ -7,11 +7,11 @@
 //! listen on no TCP port, and everything but A's own directories is
 //! read-only. A kernel that outgrows its memory is killed alone.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use opencloud_agent::{Config, Supervisor};
-use opencloud_e2e::agents::config_text;
+use opencloud_e2e::agents::{config_text, session_leftovers, stop_all};
 use opencloud_e2e::kernel::{execute_on_socket, start_on_socket};
 use opencloud_e2e::sandbox::unix_request;
 use opencloud_e2e::{free_port, unique};
@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 struct Host {
     base: PathBuf,
+    config_path: PathBuf,
     config: Config,
     supervisor: Supervisor,
     events: UnboundedReceiver<AgentEvent>,
@@ -45,6 +46,7 @@ impl Host {
         let (supervisor, events) = Supervisor::open(config.clone()).await.unwrap();
         Self {
             base,
+            config_path: path,
             config,
             supervisor,
             events,
@@ -85,10 +87,23 @@ impl Host {
     fn work(&self) -> PathBuf {
         self.config.work_dir.clone()
     }
+
+    /// Stops `session` and checks nothing of it is left on the machine.
+    async fn stop(&self, session: &Session) {
+        self.supervisor
+            .stop(&session.sid, Duration::from_secs(5))
+            .await;
+        assert!(!self.work().join("sessions").join(&session.sid).exists());
+        assert_eq!(session_leftovers(&session.sid), Vec::<String>::new());
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // A failed test leaves nothing running either: the lock released,
+        // stop-all takes the work dir over.
+        self.supervisor.clone().detach();
+        stop_all(&self.config_path);
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }
@@ -324,12 +339,8 @@ print(json.dumps({{
         .await;
     assert_unreachable(&report);
 
-    host.supervisor.stop(&a.sid, Duration::from_secs(5)).await;
-    host.supervisor.stop(&b.sid, Duration::from_secs(5)).await;
-    assert!(!host.work().join("sessions").join(&a.sid).exists());
-    assert!(!Path::new("/run/netns")
-        .join(format!("oc-{}", a.sid))
-        .exists());
+    host.stop(&a).await;
+    host.stop(&b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +353,7 @@ async fn without_egress_nothing_is_reachable_either() {
     targets.push(("1.1.1.1".to_owned(), 53));
     let report = a.run(&kernel, &reach_code(&targets)).await;
     assert_unreachable(&report);
-    host.supervisor.stop(&a.sid, Duration::from_secs(5)).await;
+    host.stop(&a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,6 +402,6 @@ async fn a_kernel_over_its_memory_is_killed_alone() {
     assert_eq!(status, 200);
     let b_kernel = b.kernel().await;
     assert_eq!(b.run(&b_kernel, "print(6 * 7)").await, "42");
-    host.supervisor.stop(&a.sid, Duration::from_secs(5)).await;
-    host.supervisor.stop(&b.sid, Duration::from_secs(5)).await;
+    host.stop(&a).await;
+    host.stop(&b).await;
 }

@@ -8,24 +8,10 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::agents::eventually;
 use opencloud_e2e::kernel;
+use opencloud_e2e::sessions::{open, wait_running};
 use opencloud_e2e::{listed, TestStack, TestUser};
 use reqwest::StatusCode;
 use serde_json::json;
-
-/// Opens a project; returns (sid, enter url).
-async fn open(user: &TestUser, project: u64) -> (String, String) {
-    let (status, body) = user
-        .post(&format!("/api/v1/projects/{project}/open"), json!({}))
-        .await;
-    assert!(
-        status == StatusCode::CREATED || status == StatusCode::OK,
-        "{status} {body}"
-    );
-    (
-        body["session_id"].as_str().unwrap().to_owned(),
-        body["url"].as_str().unwrap().to_owned(),
-    )
-}
 
 /// Like [`open`], and the session must be placed on `host` (`why`).
 async fn open_on(
@@ -48,24 +34,6 @@ async fn set_draining(owner: &TestUser, host: u64, draining: bool) {
             json!({"draining": draining}),
         )
         .await;
-}
-
-/// Waits until session `sid` is running; returns the time it took.
-async fn wait_running(stack: &TestStack, sid: &str) -> Duration {
-    let (_, took) = eventually(
-        "the session becoming ready",
-        Duration::from_secs(90),
-        || async {
-            let (_, state) = stack.session_row(sid).await;
-            assert!(
-                matches!(state.as_str(), "starting" | "running"),
-                "the session ended while starting: {state}"
-            );
-            (state == "running").then_some(())
-        },
-    )
-    .await;
-    took
 }
 
 async fn wait_state(stack: &TestStack, sid: &str, wanted: &str, limit: Duration) -> Duration {

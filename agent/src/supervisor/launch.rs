@@ -286,10 +286,13 @@ impl Supervisor {
         let socket = layout.socket(&session.sid);
         let config_file = layout.server_config();
         let data_dir = layout.jupyter_data();
-        let mut read_only = vec![config_file.as_path(), data_dir.as_path()];
-        if inner.config.venv.starts_with(&layout.work_dir) {
-            read_only.push(&inner.config.venv);
-        }
+        // The venv is bound back wherever it is: under `/tmp` or the work
+        // dir it would otherwise be hidden, and every start would fail.
+        let read_only = [
+            config_file.as_path(),
+            data_dir.as_path(),
+            inner.config.venv.as_path(),
+        ];
         let args = sandbox::bwrap_args(&Walls {
             work_dir: &layout.work_dir,
             writable: &[&project_dir, &home],
