@@ -248,6 +248,8 @@ start_stack() {
 public_url = "http://localhost:$GW_PORT"
 keys_file = "keys.toml"
 trusted_proxies = ["127.0.0.1"]
+# Hosts here are on loopback (the agent in bench/open, stand-ins elsewhere).
+allow_private_hosts = true
 session_domain = "nb.localhost:$GW_PORT"
 gateway_keys = ["$GATEWAY_KEY"]
 [listen]
@@ -288,15 +290,26 @@ EOF
 
 # gateway_session UPSTREAM_PORT [http|websocket]: a user, a project and a
 # session at 127.0.0.1:UPSTREAM_PORT, entered; sets SID, SESSION_HOST, COOKIE.
+# The session's host is a stand-in whose host link (the agent's own link
+# code) runs inside `oc-bench session` (CPU 0, beside the upstream, as the
+# agent runs beside its sessions): it stays in the background until cleanup,
+# and the gateway reaches the upstream through it.
 gateway_session() {
-  local out
-  out=$("${ON_LOAD[@]}" "$RELEASE/oc-bench" session --db-url "$DB_URL" --gateway "127.0.0.1:$GW_PORT" \
-    --upstream-port "$1" --upstream-kind "${2:-http}") || die "session set-up failed"
-  SID=$(sed -n 's/^SID=//p' <<<"$out")
-  SESSION_HOST=$(sed -n 's/^HOST=//p' <<<"$out")
-  COOKIE=$(sed -n 's/^COOKIE=//p' <<<"$out")
-  [ -n "$COOKIE" ] || die "no session cookie"
-  progress "session $SID entered (cookie ${#COOKIE} bytes)"
+  local log="$TMP/session.log" pid
+  start session "${ON_LOAD[@]}" "$RELEASE/oc-bench" session --db-url "$DB_URL" --gateway "127.0.0.1:$GW_PORT" \
+    --upstream-port "$1" --upstream-kind "${2:-http}"
+  pid=$LAST_PID
+  # COOKIE= is the last line it prints.
+  for _ in $(seq 1 600); do
+    grep -q '^COOKIE=' "$log" && break
+    kill -0 "$pid" 2>/dev/null || die "session set-up failed: $(cat "$log")"
+    sleep 0.1
+  done
+  SID=$(sed -n 's/^SID=//p' "$log")
+  SESSION_HOST=$(sed -n 's/^HOST=//p' "$log")
+  COOKIE=$(sed -n 's/^COOKIE=//p' "$log")
+  [ -n "$COOKIE" ] || die "no session cookie: $(cat "$log")"
+  progress "session $SID entered (cookie ${#COOKIE} bytes) through host link $(sed -n 's/^LINK=//p' "$log")"
 }
 
 # ratio A B: A/B with two decimals.

@@ -20,8 +20,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Through a running gateway and control: register a user, create a
-    /// project, register a session at 127.0.0.1:UPSTREAM_PORT, enter it.
-    /// Prints SID=, HOST= and COOKIE= lines.
+    /// project, register a session at 127.0.0.1:UPSTREAM_PORT on a stand-in
+    /// host whose link runs in this process, enter it. Prints SID=, HOST=,
+    /// LINK= and COOKIE= lines (COOKIE last), then serves the link until
+    /// ended (SIGTERM).
     Session {
         /// Control's database (for `external::register_external`).
         #[arg(long)]
@@ -31,8 +33,6 @@ enum Command {
         gateway: SocketAddr,
         #[arg(long)]
         upstream_port: u16,
-        #[arg(long, default_value = "bench-upstream-token")]
-        upstream_token: String,
         /// HTTP (GET / answers 200) or websocket (only upgrades are answered).
         #[arg(long, default_value = "http")]
         upstream_kind: String,
@@ -73,21 +73,37 @@ enum Command {
         deltas: usize,
     },
     /// Writes `routes.snapshot.json` with SESSIONS sessions into DIR; the
-    /// first one, owned by OWNER, points at 127.0.0.1:UPSTREAM_PORT.
+    /// first one, owned by OWNER, is on host 1, whose link is at
+    /// 127.0.0.1:LINK_PORT with the key in LINK_KEY_FILE (`oc-bench link`).
     /// Prints SID= and VERSION=.
     Snapshot {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value_t = 1_000_000)]
         sessions: usize,
-        /// Hosts: host 1 is 127.0.0.1 (its health URL is the upstream's),
-        /// the others 127.x.y.z with nothing on their health port.
+        /// Hosts: host 1 is 127.0.0.1 (the link, whose /healthz answers),
+        /// the others 127.x.y.z with nothing on their link port.
         #[arg(long, default_value_t = 100_000)]
         hosts: u64,
         #[arg(long)]
-        upstream_port: u16,
+        link_port: u16,
+        #[arg(long)]
+        link_key_file: PathBuf,
         #[arg(long, default_value_t = 1)]
         owner: u64,
+    },
+    /// A host link (the agent's own link code) for host HOST_ID with the key
+    /// in KEY_FILE, splicing every session to UPSTREAM. Serves until ended.
+    Link {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        host_id: u64,
+        /// 64 hex characters, not on the command line (it is a secret).
+        #[arg(long)]
+        key_file: PathBuf,
     },
     /// A stand-in for control's `GET /internal/v1/routes/watch`: NDJSON
     /// deltas at a rate set with `GET /bench/rate?value=N` (deltas/s; 0 at
@@ -96,9 +112,6 @@ enum Command {
     FakeWatch {
         #[arg(long)]
         listen: SocketAddr,
-        /// The port of the sessions the deltas add.
-        #[arg(long)]
-        upstream_port: u16,
     },
 }
 
@@ -112,13 +125,11 @@ fn main() -> anyhow::Result<()> {
             db_url,
             gateway,
             upstream_port,
-            upstream_token,
             upstream_kind,
         } => runtime.block_on(session::session(
             &db_url,
             gateway,
             upstream_port,
-            &upstream_token,
             upstream_kind == "websocket",
         )),
         Command::Keygen => {
@@ -152,12 +163,25 @@ fn main() -> anyhow::Result<()> {
             dir,
             sessions,
             hosts,
-            upstream_port,
+            link_port,
+            link_key_file,
             owner,
-        } => routes::write_snapshot(&dir, sessions, hosts, upstream_port, owner),
-        Command::FakeWatch {
+        } => {
+            let link = routes::Link {
+                port: link_port,
+                key: routes::read_link_key(&link_key_file)?,
+            };
+            routes::write_snapshot(&dir, sessions, hosts, &link, owner)
+        }
+        Command::Link {
             listen,
-            upstream_port,
-        } => runtime.block_on(routes::fake_watch(listen, upstream_port)),
+            upstream,
+            host_id,
+            key_file,
+        } => {
+            let key = routes::read_link_key(&key_file)?;
+            runtime.block_on(routes::link(listen, upstream, host_id, key))
+        }
+        Command::FakeWatch { listen } => runtime.block_on(routes::fake_watch(listen)),
     }
 }

@@ -1,7 +1,9 @@
 //! The route table at the scale the architecture names (1 000 000 sessions,
 //! 100 000 hosts): measured in this process with the gateway's own types,
 //! written as a gateway state snapshot, and fed to a running gateway as a
-//! stream of deltas by a stand-in for control's watch endpoint.
+//! stream of deltas by a stand-in for control's watch endpoint. Host 1 of
+//! the snapshot is served by [`link`], a host link (the agent's own code)
+//! in front of the benchmark's upstream.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,7 +19,9 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use opencloud_agent::host_link::{self, LinkIdentity, Sessions, Target};
 use opencloud_gateway::table::{RouteTable, Routes};
+use opencloud_protocol::link::LinkKey;
 use opencloud_protocol::routes::{
     new_sid, sid_from_bytes, Change, Delta, HostRoute, HostState, SessionRoute, SessionState,
     Snapshot, Version, WatchMessage,
@@ -34,15 +38,25 @@ fn sid_for(index: u64) -> String {
     sid_from_bytes(mixed.to_be_bytes())
 }
 
-/// Host 1 is the benchmark's upstream (its health URL answers); the others
-/// are loopback addresses (127.x.y.z) with nothing listening on the health
+/// Where host 1's link listens, and its key.
+#[derive(Clone)]
+pub struct Link {
+    pub port: u16,
+    pub key: LinkKey,
+}
+
+/// Host 1 is the benchmark's link (its `/healthz` answers); the others are
+/// loopback addresses (127.x.y.z) with nothing listening on their link
 /// port, so the gateway's probes stay on this machine and fail at once.
-fn host(id: u64, upstream_port: u16) -> HostRoute {
+/// Every host has a key of its own, as control issues them.
+fn host(id: u64, link: &Link) -> HostRoute {
     if id == 1 {
         return HostRoute {
             id,
             address: "127.0.0.1".into(),
-            health_url: format!("http://127.0.0.1:{upstream_port}/api/status"),
+            link_port: link.port,
+            link_key: Some(link.key.clone()),
+            health_url: format!("http://127.0.0.1:{}/healthz", link.port),
             state: HostState::Online,
         };
     }
@@ -51,12 +65,14 @@ fn host(id: u64, upstream_port: u16) -> HostRoute {
         id,
         health_url: format!("http://{address}:9/healthz"),
         address,
+        link_port: 9,
+        link_key: Some(LinkKey::generate()),
         state: HostState::Online,
     }
 }
 
 /// Session `index` on one of hosts 2..=hosts (host 1 when there is no other).
-fn session(index: u64, port: u16, hosts: u64) -> SessionRoute {
+fn session(index: u64, hosts: u64) -> SessionRoute {
     SessionRoute {
         sid: sid_for(index),
         owner: 2 + index % 500_000,
@@ -65,9 +81,6 @@ fn session(index: u64, port: u16, hosts: u64) -> SessionRoute {
         } else {
             1
         },
-        port,
-        // As long as a real one (control mints 32 random bytes, base64).
-        upstream_token: format!("{:043}", index),
         state: SessionState::Running,
     }
 }
@@ -75,9 +88,9 @@ fn session(index: u64, port: u16, hosts: u64) -> SessionRoute {
 /// The delta that takes the stand-in's table to `version`: odd versions add
 /// a session, even ones remove the one added just before, so the table
 /// keeps its size while deltas stream.
-fn delta_for(version: Version, port: u16) -> Delta {
+fn delta_for(version: Version) -> Delta {
     let change = if version % 2 == 1 {
-        Change::UpsertSession(session(DELTA_SID_BASE + version, port, 1))
+        Change::UpsertSession(session(DELTA_SID_BASE + version, 1))
     } else {
         Change::RemoveSession {
             sid: sid_for(DELTA_SID_BASE + version - 1),
@@ -117,11 +130,15 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
         version: SNAPSHOT_VERSION,
         ..RouteTable::default()
     };
+    let link = Link {
+        port: 9000,
+        key: LinkKey::generate(),
+    };
     for id in 1..=hosts {
-        table.upsert_host(host(id, 9000));
+        table.upsert_host(host(id, &link));
     }
     for i in 0..n {
-        table.upsert_session(&session(i, 9000, hosts));
+        table.upsert_session(&session(i, hosts));
     }
     let build = started.elapsed();
     let rss_table = proc_status_kib("VmRSS:")?;
@@ -141,11 +158,11 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
         let change = match k % 3 {
             // Change an existing session (a state or port change).
             0 => {
-                let mut s = session((k * 7919) % n, 9000, hosts);
+                let mut s = session((k * 7919) % n, hosts);
                 s.state = SessionState::Lost;
                 Change::UpsertSession(s)
             }
-            1 => Change::UpsertSession(session(DELTA_SID_BASE + k, 9000, hosts)),
+            1 => Change::UpsertSession(session(DELTA_SID_BASE + k, hosts)),
             _ => Change::RemoveSession {
                 sid: sid_for(DELTA_SID_BASE + k - 1),
             },
@@ -219,7 +236,7 @@ pub fn write_snapshot(
     dir: &Path,
     sessions: usize,
     hosts: u64,
-    upstream_port: u16,
+    link: &Link,
     owner: u64,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -229,14 +246,12 @@ pub fn write_snapshot(
         sid: sid.clone(),
         owner,
         host: 1,
-        port: upstream_port,
-        upstream_token: "bench-upstream-token".into(),
         state: SessionState::Running,
     });
-    all.extend((1..sessions as u64).map(|i| session(i, 9000, hosts)));
+    all.extend((1..sessions as u64).map(|i| session(i, hosts)));
     let snapshot = Snapshot {
         version: SNAPSHOT_VERSION,
-        hosts: (1..=hosts).map(|id| host(id, upstream_port)).collect(),
+        hosts: (1..=hosts).map(|id| host(id, link)).collect(),
         sessions: all,
         revocations: vec![],
     };
@@ -255,15 +270,13 @@ struct Feed {
     rate: Arc<AtomicU64>,
     /// The last version sent on any stream.
     sent: Arc<AtomicU64>,
-    upstream_port: u16,
 }
 
 /// Serves the watch stream and the two `/bench/` knobs until killed.
-pub async fn fake_watch(listen: SocketAddr, upstream_port: u16) -> anyhow::Result<()> {
+pub async fn fake_watch(listen: SocketAddr) -> anyhow::Result<()> {
     let feed = Feed {
         rate: Arc::new(AtomicU64::new(0)),
         sent: Arc::new(AtomicU64::new(0)),
-        upstream_port,
     };
     let app = Router::new()
         .route("/internal/v1/routes/watch", get(watch))
@@ -323,7 +336,7 @@ async fn watch(State(feed): State<Feed>, Query(q): Query<HashMap<String, String>
             while s.budget >= 1.0 {
                 s.budget -= 1.0;
                 s.version += 1;
-                let message = WatchMessage::Delta(delta_for(s.version, s.feed.upstream_port));
+                let message = WatchMessage::Delta(delta_for(s.version));
                 if serde_json::to_writer(&mut lines, &message).is_err() {
                     return None;
                 }
@@ -344,4 +357,42 @@ async fn watch(State(feed): State<Feed>, Query(q): Query<HashMap<String, String>
         }
     });
     Body::from_stream(stream)
+}
+
+/// Every sid leads to the one upstream: the benchmark's host serves all.
+struct EverySession(Target);
+
+impl Sessions for EverySession {
+    fn target(&self, _sid: &str) -> Option<Target> {
+        Some(self.0.clone())
+    }
+}
+
+/// Reads a link key file (64 hex characters, as control issues them).
+pub fn read_link_key(path: &Path) -> anyhow::Result<LinkKey> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    LinkKey::parse(text.trim())
+        .ok_or_else(|| anyhow::anyhow!("{}: not a link key (64 hex characters)", path.display()))
+}
+
+/// Host `host_id`'s link on `listen` (the agent's own link code), splicing
+/// every session to `upstream`, until killed.
+pub async fn link(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    host_id: u64,
+    key: LinkKey,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let (_identity_tx, identity) = tokio::sync::watch::channel(Some(LinkIdentity { host_id, key }));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    host_link::serve(
+        listener,
+        identity,
+        Arc::new(EverySession(Target::Tcp(upstream))),
+        stop,
+    )
+    .await;
+    Ok(())
 }

@@ -1,12 +1,16 @@
 //! A real session through the real control and gateway: the same steps a
 //! user takes (register, log in, create a project), the session recorded
 //! with `opencloud_e2e::external::register_external`, entered through
-//! the ticket URL control hands out.
+//! the ticket URL control hands out. The stand-in host's link (the agent's
+//! own link code) runs in this process, so the gateway reaches the upstream
+//! through a real host link hop, as it reaches a real session.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use opencloud_agent::host_link::Target;
 use opencloud_protocol::token::{self, Claims};
 use opencloud_protocol::Keyring;
 use reqwest::header::{LOCATION, SET_COOKIE};
@@ -38,11 +42,13 @@ async fn json_of(
     serde_json::from_str(&text).with_context(|| format!("{what}: not JSON: {text}"))
 }
 
+/// Sets the session up, prints `SID=`, `HOST=` and `COOKIE=`, then keeps
+/// serving the stand-in host's link until the process is ended (SIGTERM,
+/// as bench/lib.sh's cleanup does).
 pub async fn session(
     db_url: &str,
     gateway: SocketAddr,
     upstream_port: u16,
-    upstream_token: &str,
     websocket_upstream: bool,
 ) -> anyhow::Result<()> {
     let port = gateway.port();
@@ -80,18 +86,18 @@ pub async fn session(
     let project_id = project["project"]["id"].as_u64().context("no project id")?;
 
     let pool = mysql_async::Pool::new(db_url);
-    let route = opencloud_e2e::external::register_external(
+    let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
+    // Its link stops when this is dropped: it lives until the process ends.
+    let external = opencloud_e2e::external::register_external(
         &pool,
         user_id,
         project_id,
-        "127.0.0.1",
-        upstream_port,
-        upstream_token,
+        Target::Tcp(upstream),
     )
     .await
     .context("register_external")?;
     pool.disconnect().await?;
-    let sid = route.sid;
+    let sid = external.sid().to_owned();
     let host = format!("{sid}.nb.localhost:{port}");
     let origin = format!("http://{host}");
     let http = client(gateway, Some(&sid))?;
@@ -135,9 +141,16 @@ pub async fn session(
             bail!("GET / with the session cookie answered {}", check.status());
         }
     }
-    println!("SID={sid}");
-    println!("HOST={host}");
-    println!("COOKIE={cookie}");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "SID={sid}")?;
+    writeln!(out, "HOST={host}")?;
+    writeln!(out, "LINK={}", external.link_addr)?;
+    writeln!(out, "COOKIE={cookie}")?;
+    out.flush()?;
+    drop(out);
+    // The gateway reaches the upstream only through this process's link.
+    std::future::pending::<()>().await;
+    drop(external);
     Ok(())
 }
 
