@@ -414,6 +414,12 @@ impl Supervisor {
     }
 }
 
+impl Sessions for Supervisor {
+    fn target(&self, sid: &str) -> Option<Target> {
+        self.link_target(sid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,11 +442,5 @@ mod tests {
         assert_eq!(exit_code(killed), Some(137));
         let failed = std::process::ExitStatus::from_raw(3 << 8);
         assert_eq!(exit_code(failed), Some(3));
-    }
-}
-
-impl Sessions for Supervisor {
-    fn target(&self, sid: &str) -> Option<Target> {
-        self.link_target(sid)
     }
 }
