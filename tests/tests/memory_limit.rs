@@ -43,8 +43,9 @@ async fn a_kernel_over_its_memory_is_killed_alone_and_the_session_says_why() {
     );
 
     let started = Instant::now();
+    // The kernel dies without answering: give up on its answer early.
     let hog = tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(20),
         run(
             hungry_sid.clone(),
             "x = bytearray(1024 * 1024 * 1024); print(len(x))",
@@ -55,7 +56,7 @@ async fn a_kernel_over_its_memory_is_killed_alone_and_the_session_says_why() {
         !matches!(&hog, Ok(Ok(out)) if out.trim() == "1073741824"),
         "1 GiB fitted in a 512 MiB session: {hog:?}"
     );
-    let (notice, took) = eventually(
+    let (notice, _) = eventually(
         "the session saying why its kernel stopped",
         Duration::from_secs(30),
         || async {
@@ -67,8 +68,8 @@ async fn a_kernel_over_its_memory_is_killed_alone_and_the_session_says_why() {
     )
     .await;
     println!(
-        "kernel killed; the session said so {:?} after the allocation: {notice}",
-        started.elapsed().min(took + Duration::from_secs(60))
+        "kernel killed; the session said so {:?} after the allocation began: {notice}",
+        started.elapsed()
     );
     assert!(notice.contains("512 MiB memory limit"), "{notice}");
     let page = alice.page("/projects").await;
