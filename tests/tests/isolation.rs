@@ -78,8 +78,15 @@ async fn a_sessions_scripts_cannot_read_the_platform_api_or_another_session() {
             .unwrap();
         browser.wait_for_path("/lab").await.unwrap();
     }
+    // Opened from the session's own page, as Lab opens a file: Jupyter
+    // serves /files/ only with a same-origin Referer (its check against
+    // cross-site inclusion is on now that no token is injected).
     browser
-        .goto(&format!("{mine_origin}/files/probe.html"))
+        .client
+        .execute(
+            "location.href = arguments[0]",
+            vec![json!(format!("{mine_origin}/files/probe.html"))],
+        )
         .await
         .unwrap();
     let started = Instant::now();
