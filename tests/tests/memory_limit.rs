@@ -25,6 +25,19 @@ async fn a_kernel_over_its_memory_is_killed_alone_and_the_session_says_why() {
     wait_running(&stack, &hungry_sid).await;
     wait_running(&stack, &calm_sid).await;
 
+    // Started on idle CPU; the session's share (2 cores / 4) applies once
+    // it is ready.
+    for sid in [&hungry_sid, &calm_sid] {
+        let v1 = format!("/sys/fs/cgroup/cpu/opencloud/{sid}/cpu.cfs_quota_us");
+        let v2 = format!("/sys/fs/cgroup/opencloud/{sid}/cpu.max");
+        let quota = std::fs::read_to_string(&v1)
+            .or_else(|_| std::fs::read_to_string(&v2))
+            .unwrap();
+        assert!(
+            quota.trim() == "50000" || quota.starts_with("50000 "),
+            "{sid}: {quota}"
+        );
+    }
     let gateway = stack.gateway();
     let run = |sid: String, code: &'static str| {
         let stack = &stack;

@@ -145,6 +145,13 @@ impl Supervisor {
         }
         match self.wait_ready(&session, received).await {
             Readiness::Ready(spawn_ms) => {
+                if let Some(cgroups) = self.inner.cgroups.cgroups() {
+                    // The CPU share from now on (the user's code runs only
+                    // once the server is ready).
+                    if let Err(e) = cgroups.create(&sid, &session_limits(command)) {
+                        tracing::error!(sid, "cannot apply the session's CPU share: {e}");
+                    }
+                }
                 metrics::histogram!("opencloud_agent_spawn_seconds")
                     .record(spawn_ms as f64 / 1000.0);
                 self.publish_gauges();
@@ -214,10 +221,11 @@ impl Supervisor {
 
         let mut cgroup_procs: Vec<std::path::PathBuf> = Vec::new();
         if let Some(cgroups) = inner.cgroups.cgroups() {
+            // Jupyter starts on whatever CPU is idle (a hard 0.5-core quota
+            // nearly doubled open-to-ready); its share applies once ready.
             let limits = Limits {
-                memory_mib: command.memory_limit_mib,
-                cpu_cores: command.cpu_limit_cores,
-                pids: DEFAULT_PIDS_MAX,
+                cpu_cores: 0.0,
+                ..session_limits(command)
             };
             cgroups
                 .create(&session.sid, &limits)
@@ -475,5 +483,14 @@ async fn sandbox_namespace(outer: i32) -> u64 {
             return 0;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The limits the user's package gives a session.
+fn session_limits(command: &StartSession) -> Limits {
+    Limits {
+        memory_mib: command.memory_limit_mib,
+        cpu_cores: command.cpu_limit_cores,
+        pids: DEFAULT_PIDS_MAX,
     }
 }
