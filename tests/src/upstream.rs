@@ -159,3 +159,17 @@ async fn serve(mut socket: TcpStream, sink: Captured, silent: bool, stop: watch:
 pub fn loopback(port: u16) -> crate::stack::Target {
     crate::stack::Target::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
+
+/// Reads a request head byte by byte (so nothing of the body is taken);
+/// `None` when the client closes first.
+pub async fn read_request_head(socket: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}

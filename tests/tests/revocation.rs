@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use opencloud_e2e::jupyter::JupyterServer;
 use opencloud_e2e::kernel::{self, Channels};
-use opencloud_e2e::upstream::loopback;
+use opencloud_e2e::upstream::{loopback, read_request_head};
 use opencloud_e2e::{TestStack, TestUser};
 use reqwest::StatusCode;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// The stated deadline, and the slack the poll allows on top of it.
@@ -218,13 +218,8 @@ async fn endless_upstream() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if read_request_head(&mut socket).await.is_none() {
+                    return;
                 }
                 let reply = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
                 if socket.write_all(reply.as_bytes()).await.is_err() {

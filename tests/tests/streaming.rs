@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use opencloud_e2e::upstream::loopback;
+use opencloud_e2e::upstream::{loopback, read_request_head};
 use opencloud_e2e::TestStack;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,14 +21,9 @@ async fn sink_upstream() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = read_request_head(&mut socket).await else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 if head.starts_with("get /big") {
                     let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
