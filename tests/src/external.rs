@@ -153,6 +153,11 @@ pub async fn record_host_and_session(
     )
     .await?;
     let host_id = tx.last_insert_id().context("no id for the new host")?;
+    crate::wiretap::forbid(
+        format!("host {host_id}'s link key"),
+        crate::wiretap::Class::HostLink,
+        key.expose(),
+    );
     let host = HostRoute {
         id: host_id,
         address,

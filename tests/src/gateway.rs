@@ -11,10 +11,17 @@ use anyhow::{bail, Context};
 use opencloud_protocol::config::write_private_file;
 
 use crate::control::Control;
-use crate::machine::{binary, free_port, unique, wait_until_ready};
+use crate::machine::{binary, free_port, fresh_loopback, unique, wait_until_ready};
+use crate::wiretap::{forbid, forbid_keys_file, Class, Wiretap};
 
 pub struct GatewayProcess {
     child: Option<Child>,
+    /// Where clients reach the gateway (`127.0.0.1:port`): every answer is
+    /// searched for secrets on its way to them.
+    tap: Wiretap,
+    /// Where the gateway itself listens: the same port on a loopback
+    /// address of its own.
+    listener: SocketAddr,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub port: u16,
@@ -34,11 +41,20 @@ impl GatewayProcess {
         )?;
         let metrics_port = free_port();
         let metrics_key = unique("metrics-key-for-tests-");
+        let listener = SocketAddr::new(fresh_loopback(), port);
+        let tap = Wiretap::start(SocketAddr::from(([127, 0, 0, 1], port)), listener)?;
+        forbid_keys_file("the gateway's keys file", &dir.join("keys.toml"));
+        forbid(
+            "the gateways' key for control",
+            Class::Platform,
+            &control.gateway_key,
+        );
+        forbid("the gateway's metrics key", Class::Platform, &metrics_key);
         let control_public = control.public.trim_start_matches("http://");
         let config = format!(
             "name = \"test-gateway\"\npublic_url = \"http://localhost:{port}\"\n\
              session_domain = \"nb.localhost:{port}\"\nkeys_file = \"keys.toml\"\nstate_dir = \"state\"\n\
-             [listen]\npublic = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+             [listen]\npublic = \"{listener}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
              metrics_key = \"{metrics_key}\"\n\
              [control]\npublic = \"{control_public}\"\ninternal_url = \"{}\"\ngateway_key = \"{}\"\n\
              [timeouts]\nread_seconds = 5\n",
@@ -48,6 +64,8 @@ impl GatewayProcess {
         std::fs::write(&config_path, config)?;
         Ok(Self {
             child: None,
+            tap,
+            listener,
             dir,
             config_path,
             port,
@@ -59,18 +77,14 @@ impl GatewayProcess {
     /// Starts (or restarts) the gateway and waits for its listener.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         let child = self.child.insert(self.spawn(&[])?);
-        let port = self.port;
+        let listener = self.listener;
         wait_until_ready(
             child,
             "gateway",
             &self.dir.join("gateway.log"),
             Duration::from_secs(30),
             Duration::from_millis(50),
-            || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
+            || async { tokio::net::TcpStream::connect(listener).await.is_ok() },
         )
         .await
     }
@@ -110,8 +124,14 @@ impl GatewayProcess {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
     }
 
+    /// Where clients connect: through the tap.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.tap.addr()
+    }
+
+    /// The gateway's own listener, behind the tap.
+    pub fn listener(&self) -> SocketAddr {
+        self.listener
     }
 
     /// The platform origin as the browser sees it.

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::agents::{eventually, AgentProcess};
 use crate::stack::TestStack;
 use crate::user::TestUser;
+use crate::wiretap::{forbid, Class};
 
 /// What a stand-in agent at `address` says when it registers: a modest
 /// machine with its link on port 9 and no sessions yet.
@@ -109,6 +110,8 @@ impl TestStack {
         )
         .await;
         println!("host {host_id} placeable after {took:?}");
+        // Its link key now exists: no client but the host may see it.
+        self.link_key(host_id).await;
     }
 
     /// Session `sid` as control recorded it: (host id, state).
@@ -124,7 +127,8 @@ impl TestStack {
         .unwrap_or_else(|| panic!("no session {sid}"))
     }
 
-    /// The link key control issued to host `host_id`.
+    /// The link key control issued to host `host_id`, from now on searched
+    /// for in every answer the gateway sends to a client.
     pub async fn link_key(&self, host_id: u64) -> String {
         let mut conn = self.db.conn().await;
         let key: Option<Option<String>> = mysql_async::prelude::Queryable::exec_first(
@@ -134,7 +138,10 @@ impl TestStack {
         )
         .await
         .expect("read the host");
-        key.flatten()
-            .unwrap_or_else(|| panic!("host {host_id} has no link key"))
+        let key = key
+            .flatten()
+            .unwrap_or_else(|| panic!("host {host_id} has no link key"));
+        forbid(format!("host {host_id}'s link key"), Class::HostLink, &key);
+        key
     }
 }

@@ -22,6 +22,7 @@ pub mod sessions;
 pub mod stack;
 pub mod upstream;
 pub mod user;
+pub mod wiretap;
 
 use reqwest::StatusCode;
 use serde_json::Value;

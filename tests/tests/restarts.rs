@@ -100,7 +100,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         );
     }
     // And afterwards nothing listens any more.
-    assert!(tokio::net::TcpStream::connect(stack.gateway().addr())
+    assert!(tokio::net::TcpStream::connect(stack.gateway().listener())
         .await
         .is_err());
 }

@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Revocation reaches requests already open: a kernel WebSocket (or a long
-//! download) that a logout, a password change, a disabled account or a
-//! stopped session no longer allows is closed within a second, and nobody
+//! download) that a logout, a password change, a disabled account, a
+//! stopped session or a revoked host no longer allows is closed within a second, and nobody
 //! else's is. The deadline is polled with a second of slack and the
 //! measured time printed.
 
@@ -36,9 +36,19 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
+        Self::started(false).await
+    }
+
+    /// With `host_owner`, the user owns the host the session runs on (and
+    /// may revoke it).
+    async fn started(host_owner: bool) -> Self {
         let stack = TestStack::with_gateway().await.unwrap();
         let jupyter = JupyterServer::start().await.unwrap();
-        let user = stack.new_user().await;
+        let user = if host_owner {
+            stack.host_owner().await
+        } else {
+            stack.new_user().await
+        };
         let sid = stack.session_for(&user, jupyter.target()).await;
         let cookie = stack.enter(&user, &sid).await;
         let gateway = stack.gateway();
@@ -180,6 +190,26 @@ async fn stopping_the_session_closes_its_kernel_websocket() {
         assert_eq!(status, StatusCode::OK, "{body}");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_the_host_closes_the_kernel_websockets_it_serves() {
+    let f = Fixture::started(true).await;
+    let (host, _) = f.stack.session_row(&f.sid).await;
+    let mut ws = f.open_kernel(&f.cookie).await;
+
+    closed_after("host revoked", &mut ws, async {
+        let (status, body) = f
+            .user
+            .post(&format!("/api/v1/hosts/{host}/revoke"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    })
+    .await;
+
+    // And the revoked host serves no new connection.
+    let again = kernel::connect(&f.channels, f.stack.gateway().addr(), &f.cookie).await;
+    assert!(again.is_err(), "a revoked host's session opened a kernel");
 }
 
 #[tokio::test(flavor = "multi_thread")]
