@@ -327,28 +327,6 @@ impl Cgroups {
             remove_dir(sid, &dir).await;
         }
     }
-
-    /// Session cgroups left behind, for clean-up after a restart.
-    pub fn existing(&self) -> Vec<String> {
-        let mut sids: Vec<String> = self
-            .bases()
-            .iter()
-            .flat_map(|base| {
-                std::fs::read_dir(base)
-                    .map(|entries| {
-                        entries
-                            .filter_map(|e| e.ok())
-                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                            .filter_map(|e| e.file_name().into_string().ok())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default()
-            })
-            .collect();
-        sids.sort();
-        sids.dedup();
-        sids
-    }
 }
 
 async fn remove_dir(sid: &str, dir: &Path) {

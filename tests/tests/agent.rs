@@ -663,3 +663,37 @@ async fn stop_all_stops_what_the_work_dir_records_but_not_under_a_running_agent(
     assert_eq!(processes_of(uid), Vec::<i32>::new());
     host.assert_nothing_left(&sid);
 }
+
+/// Two agents on one machine (the local stack runs two) share the
+/// `opencloud` cgroups: an agent starting up cleans what its own work dir
+/// left, never another agent's sessions. Removing another's freshly made
+/// cgroup, before its first process joined, failed that session's start.
+#[tokio::test]
+async fn an_agent_starting_up_leaves_other_agents_session_cgroups_alone() {
+    let opencloud_agent::cgroups::Support::Available(cgroups) = opencloud_agent::cgroups::detect()
+    else {
+        println!("no cgroups here (not root?): nothing to check");
+        return;
+    };
+    let theirs = new_sid();
+    let limits = opencloud_agent::cgroups::Limits {
+        memory_mib: 256,
+        cpu_cores: 0.5,
+        pids: 64,
+    };
+    cgroups.create(&theirs, &limits).unwrap();
+    assert!(
+        !session_leftovers(&theirs).is_empty(),
+        "the cgroup was made"
+    );
+
+    let host = Host::new(1);
+    let (supervisor, _events) = host.supervisor().await;
+    let kept = session_leftovers(&theirs);
+    cgroups.remove(&theirs).await;
+    assert!(
+        kept.iter().any(|l| l.starts_with("cgroup")),
+        "a starting agent removed another agent's session cgroup: {kept:?}"
+    );
+    drop(supervisor);
+}

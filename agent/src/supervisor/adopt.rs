@@ -53,15 +53,11 @@ impl Supervisor {
                 self.inner.state.remove(&sid);
             }
         }
-        if let Some(cgroups) = self.inner.cgroups.cgroups() {
-            for sid in cgroups.existing() {
-                if !kept.contains(&sid) {
-                    cgroups.remove(&sid).await;
-                }
-            }
-        }
-        // Session directories (and their network namespaces) of starts an
-        // earlier agent did not finish.
+        // Session directories (with their network namespaces and cgroups)
+        // of starts an earlier agent did not finish. Only what this work
+        // dir names is ours: other agents on the machine (the local stack
+        // runs two) keep their sessions' cgroups beside ours, and removing
+        // one between its creation and its first process breaks that start.
         let dirs = std::fs::read_dir(self.inner.layout.sessions())
             .into_iter()
             .flatten();
@@ -69,6 +65,9 @@ impl Supervisor {
             let sid = entry.file_name().to_string_lossy().into_owned();
             if entry.path().is_dir() && is_valid_sid(&sid) && !kept.contains(&sid) {
                 self.release(&sid, None).await;
+                if let Some(cgroups) = self.inner.cgroups.cgroups() {
+                    cgroups.remove(&sid).await;
+                }
             }
         }
         self.publish_gauges();
