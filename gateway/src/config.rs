@@ -204,48 +204,47 @@ impl Config {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let tls = match file.tls {
-            None => None,
-            Some(_) if !origins.platform.https() => {
-                return Err(invalid(
+        let tls =
+            match file.tls {
+                None => None,
+                Some(_) if !origins.platform.https() => return Err(invalid(
                     "public_url",
                     "must start with https:// when [tls] is set: users would be sent to plain http"
                         .into(),
-                ))
-            }
-            Some(tls) => {
-                let sessions = match (tls.session_cert, tls.session_key) {
-                    (Some(cert), Some(key)) => Some(CertFiles {
-                        cert: base.join(cert),
-                        key: base.join(key),
-                        cert_key: "tls.session_cert",
-                        key_key: "tls.session_key",
-                    }),
-                    (None, None) => None,
-                    (Some(_), None) => {
-                        return Err(invalid(
-                            "tls.session_key",
-                            "is missing: tls.session_cert needs its key".into(),
-                        ))
-                    }
-                    (None, Some(_)) => {
-                        return Err(invalid(
-                            "tls.session_cert",
-                            "is missing: tls.session_key needs its certificate".into(),
-                        ))
-                    }
-                };
-                Some(TlsConfig {
-                    platform: CertFiles {
-                        cert: base.join(tls.cert),
-                        key: base.join(tls.key),
-                        cert_key: "tls.cert",
-                        key_key: "tls.key",
-                    },
-                    sessions,
-                })
-            }
-        };
+                )),
+                Some(tls) => {
+                    let sessions = match (tls.session_cert, tls.session_key) {
+                        (Some(cert), Some(key)) => Some(CertFiles {
+                            cert: base.join(cert),
+                            key: base.join(key),
+                            cert_key: "tls.session_cert",
+                            key_key: "tls.session_key",
+                        }),
+                        (None, None) => None,
+                        (Some(_), None) => {
+                            return Err(invalid(
+                                "tls.session_key",
+                                "is missing: tls.session_cert needs its key".into(),
+                            ))
+                        }
+                        (None, Some(_)) => {
+                            return Err(invalid(
+                                "tls.session_cert",
+                                "is missing: tls.session_key needs its certificate".into(),
+                            ))
+                        }
+                    };
+                    Some(TlsConfig {
+                        platform: CertFiles {
+                            cert: base.join(tls.cert),
+                            key: base.join(tls.key),
+                            cert_key: "tls.cert",
+                            key_key: "tls.key",
+                        },
+                        sessions,
+                    })
+                }
+            };
         if file.listen.http.is_some() && tls.is_none() {
             return Err(invalid(
                 "listen.http",
@@ -344,5 +343,37 @@ mod tests {
             let err = refused_key(key, key, value);
             assert!(err.contains(&format!("key `{key}`")), "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_wants_https_pairs_whole_and_the_redirect_listener_wants_tls() {
+        let (path, text) = shipped("tls");
+        let with = |extra: &str, env: Vec<(String, String)>| {
+            Config::from_toml(&path, &format!("{text}\n{extra}"), env)
+        };
+        let https = vec![(
+            format!("{ENV_PREFIX}__PUBLIC_URL"),
+            "https://localhost:8443".to_owned(),
+        )];
+        let tls = "[tls]\ncert = \"p.pem\"\nkey = \"p.key\"\n";
+        let err = with(tls, Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("key `public_url`") && err.contains("https://"),
+            "{err}"
+        );
+        let err = with(&format!("{tls}session_cert = \"s.pem\"\n"), https.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `tls.session_key`"), "{err}");
+        let config = with(tls, https.clone()).unwrap();
+        let files = config.tls.unwrap();
+        assert_eq!(files.platform.cert, path.parent().unwrap().join("p.pem"));
+        assert!(files.sessions.is_none());
+        let plain = vec![(
+            format!("{ENV_PREFIX}__LISTEN__HTTP"),
+            "127.0.0.1:8080".to_owned(),
+        )];
+        let err = with("", plain).unwrap_err().to_string();
+        assert!(err.contains("key `listen.http`"), "{err}");
     }
 }

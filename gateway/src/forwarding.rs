@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use opencloud_protocol::credentials;
-use opencloud_protocol::names::{self, ALL_PLATFORM_COOKIES, PLATFORM_COOKIE, SESSION_COOKIE};
+use opencloud_protocol::names::{self, ALL_PLATFORM_COOKIES};
 use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::class::Class;
@@ -239,10 +239,10 @@ mod tests {
     fn a_request_without_those_cookies_keeps_its_cookie_header() {
         let mut headers = HeaderMap::new();
         headers.insert("cookie", "_xsrf=abc; oc_sx=1".parse().unwrap());
-        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        strip_cookies(&mut headers, &ALL_PLATFORM_COOKIES).unwrap();
         assert_eq!(headers["cookie"], "_xsrf=abc; oc_sx=1");
         headers.insert("cookie", "oc_s=x".parse().unwrap());
-        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        strip_cookies(&mut headers, &ALL_PLATFORM_COOKIES).unwrap();
         assert!(headers.get("cookie").is_none());
     }
 

@@ -66,10 +66,9 @@ impl HttpsRedirect {
             .strip_suffix(sessions.as_str())
             .and_then(|rest| rest.strip_suffix('.'))
         {
-            Some(sid) if is_valid_sid(sid) => Answer::Redirect(format!(
-                "{}{target}",
-                self.session_domain.origin(true, sid)
-            )),
+            Some(sid) if is_valid_sid(sid) => {
+                Answer::Redirect(format!("{}{target}", self.session_domain.origin(true, sid)))
+            }
             _ => Answer::NotFound("no such site here"),
         }
     }

@@ -117,10 +117,14 @@ fn load(files: &CertFiles, wanted: &Wanted, now: SystemTime) -> Result<Loaded, T
     pingora::tls::install_default_crypto_provider();
     let provider = CryptoProvider::get_default().expect("installed just now");
     let key = CertifiedKey::from_der(chain, private, provider).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(_) => String::new(),
+            other => format!(": {other}"),
+        };
         invalid(
             key_key,
             &key_path,
-            format!("does not match the certificate in {cert_key} ({cert_path}): {e}"),
+            format!("does not match the certificate in {cert_key} ({cert_path}){why}"),
         )
     })?;
     Ok(Loaded {
@@ -310,14 +314,14 @@ impl Certificates {
 
     /// Watches the files and SIGHUP until the gateway stops.
     pub async fn watch(self: Arc<Self>) {
-        let mut hangup =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(signal) => Some(signal),
-                Err(e) => {
-                    tracing::warn!("no SIGHUP reload: {e}");
-                    None
-                }
-            };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::warn!("no SIGHUP reload: {e}");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(POLL);
         loop {
             let forced = tokio::select! {
@@ -363,10 +367,9 @@ mod tests {
     }
 
     fn make(names: &[&str], not_after: Option<time::OffsetDateTime>) -> Made {
-        let mut params = rcgen::CertificateParams::new(
-            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         if let Some(not_after) = not_after {
             params.not_before = not_after - time::Duration::days(30);
             params.not_after = not_after;
@@ -418,14 +421,22 @@ mod tests {
     #[test]
     fn a_pair_naming_both_origins_loads() {
         let d = dir("both");
-        let files = write(&d, &make(&["app.example.com", "*.nb.example.com"], None), "a");
+        let files = write(
+            &d,
+            &make(&["app.example.com", "*.nb.example.com"], None),
+            "a",
+        );
         Certificates::load(&one(files), PLATFORM, SESSIONS).unwrap();
     }
 
     #[test]
     fn a_missing_file_is_named() {
         let d = dir("missing");
-        let mut files = write(&d, &make(&["app.example.com", "*.nb.example.com"], None), "a");
+        let mut files = write(
+            &d,
+            &make(&["app.example.com", "*.nb.example.com"], None),
+            "a",
+        );
         files.cert = d.join("nowhere.pem");
         let err = refused(&one(files));
         assert!(err.starts_with("tls.cert "), "{err}");
@@ -435,12 +446,19 @@ mod tests {
     #[test]
     fn a_key_of_another_certificate_is_refused() {
         let d = dir("mismatch");
-        let files = write(&d, &make(&["app.example.com", "*.nb.example.com"], None), "a");
+        let files = write(
+            &d,
+            &make(&["app.example.com", "*.nb.example.com"], None),
+            "a",
+        );
         let other = make(&["app.example.com"], None);
         std::fs::write(&files.key, other.key).unwrap();
         let err = refused(&one(files));
         assert!(err.starts_with("tls.key "), "{err}");
-        assert!(err.contains("does not match the certificate in tls.cert"), "{err}");
+        assert!(
+            err.contains("does not match the certificate in tls.cert"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -495,12 +513,18 @@ mod tests {
         // A key that does not match: refused, the old pair serves on.
         std::fs::write(&sessions.key, make(&["x"], None).key).unwrap();
         certs.reload(false);
-        assert!(Arc::ptr_eq(&served, &certs.sessions.as_ref().unwrap().key()));
+        assert!(Arc::ptr_eq(
+            &served,
+            &certs.sessions.as_ref().unwrap().key()
+        ));
         // A good new pair: served from now on.
         let renewed = make(&["*.nb.example.com"], None);
         std::fs::write(&sessions.cert, &renewed.cert).unwrap();
         std::fs::write(&sessions.key, &renewed.key).unwrap();
         certs.reload(false);
-        assert!(!Arc::ptr_eq(&served, &certs.sessions.as_ref().unwrap().key()));
+        assert!(!Arc::ptr_eq(
+            &served,
+            &certs.sessions.as_ref().unwrap().key()
+        ));
     }
 }

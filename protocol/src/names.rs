@@ -34,8 +34,12 @@ pub fn session_cookie(https: bool) -> &'static str {
 
 /// Every name either cookie can have: the gateway strips them all from
 /// what it forwards to a host.
-pub const ALL_PLATFORM_COOKIES: [&str; 4] =
-    [PLATFORM_COOKIE, "__Host-oc_session", SESSION_COOKIE, "__Host-oc_s"];
+pub const ALL_PLATFORM_COOKIES: [&str; 4] = [
+    PLATFORM_COOKIE,
+    "__Host-oc_session",
+    SESSION_COOKIE,
+    "__Host-oc_s",
+];
 
 /// The client address the gateway saw; control believes it only from a
 /// configured gateway.

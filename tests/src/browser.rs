@@ -31,15 +31,26 @@ fn trust_in_nss(home: &std::path::Path, ca_pem: &str) -> anyhow::Result<()> {
     for args in [
         vec!["-N", "-d", &nss, "--empty-password"],
         vec![
-            "-A", "-d", &nss, "-t", "C,,", "-n", "OpenCloud test CA", "-i",
+            "-A",
+            "-d",
+            &nss,
+            "-t",
+            "C,,",
+            "-n",
+            "OpenCloud test CA",
+            "-i",
             ca.to_str().context("a UTF-8 path")?,
         ],
     ] {
-        let out = Command::new("certutil").args(&args).output().context(
-            "certutil is missing: scripts/test installs the libnss3-tools package",
-        )?;
+        let out = Command::new("certutil")
+            .args(&args)
+            .output()
+            .context("certutil is missing: scripts/test installs the libnss3-tools package")?;
         if !out.status.success() {
-            bail!("certutil {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "certutil {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     Ok(())

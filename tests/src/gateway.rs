@@ -37,6 +37,8 @@ pub struct GatewayProcess {
 /// `localhost` and the sessions' wildcard for `*.nb.localhost`.
 pub struct GatewayTls {
     pub ca: TestCa,
+    /// The plain-HTTP listener that redirects to https (`listen.http`).
+    pub http_port: u16,
     pub platform_cert: PathBuf,
     pub platform_key: PathBuf,
     pub session_cert: PathBuf,
@@ -49,6 +51,7 @@ impl GatewayTls {
         std::fs::create_dir_all(&certs)?;
         let tls = Self {
             ca: TestCa::new("OpenCloud test CA"),
+            http_port: free_port(),
             platform_cert: certs.join("platform.pem"),
             platform_key: certs.join("platform.key"),
             session_cert: certs.join("sessions.pem"),
@@ -107,11 +110,15 @@ impl GatewayProcess {
         let control_public = control.public.trim_start_matches("http://");
         let tls = tls.then(|| GatewayTls::create(&dir)).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
+        let http_listener = tls
+            .as_ref()
+            .map(|t| format!("http = \"127.0.0.1:{}\"\n", t.http_port))
+            .unwrap_or_default();
         let config = format!(
             "name = \"test-gateway\"\npublic_url = \"{scheme}://localhost:{port}\"\n\
              session_domain = \"nb.localhost:{port}\"\nkeys_file = \"keys.toml\"\nstate_dir = \"state\"\n\
              [listen]\npublic = \"{listener}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-             metrics_key = \"{metrics_key}\"\n\
+             metrics_key = \"{metrics_key}\"\n{http_listener}\
              [control]\npublic = \"{control_public}\"\ninternal_url = \"{}\"\ngateway_key = \"{}\"\n\
              [timeouts]\nread_seconds = 5\n{}",
             control.internal,

@@ -63,10 +63,7 @@ impl TestStack {
         Self::behind_gateway(Vec::new(), true).await
     }
 
-    async fn behind_gateway(
-        control_env: Vec<(String, String)>,
-        tls: bool,
-    ) -> anyhow::Result<Self> {
+    async fn behind_gateway(control_env: Vec<(String, String)>, tls: bool) -> anyhow::Result<Self> {
         let db = TestDatabase::create().await?;
         let port = free_port();
         let scheme = if tls { "https" } else { "http" };

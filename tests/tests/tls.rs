@@ -43,7 +43,10 @@ async fn the_platform_a_session_and_its_kernel_work_over_tls_with_http2_for_page
     let platform = served_certificate(gateway.addr(), "localhost", tls);
     let sessions = served_certificate(gateway.addr(), "abc.nb.localhost", tls);
     assert_ne!(platform, sessions);
-    assert_eq!(sessions, std::fs::read(&tls.session_cert).map(pem_der).unwrap());
+    assert_eq!(
+        sessions,
+        std::fs::read(&tls.session_cert).map(pem_der).unwrap()
+    );
 
     // Plain HTTP on the TLS port gets no answer, and the gateway lives on.
     let mut plain = std::net::TcpStream::connect(gateway.addr()).unwrap();
@@ -182,7 +185,10 @@ async fn refusal(stack: &TestStack, spoil: impl FnOnce(&GatewayTls)) -> String {
 async fn configs_whose_tls_cannot_work_stop_start_up_naming_the_file_and_the_problem() {
     let stack = TestStack::control_only().await.unwrap();
 
-    let missing = refusal(&stack, |tls| std::fs::remove_file(&tls.platform_cert).unwrap()).await;
+    let missing = refusal(&stack, |tls| {
+        std::fs::remove_file(&tls.platform_cert).unwrap()
+    })
+    .await;
     assert!(
         missing.contains("tls.cert ") && missing.contains("platform.pem: cannot read the file"),
         "{missing}"
@@ -229,4 +235,94 @@ async fn configs_whose_tls_cannot_work_stop_start_up_naming_the_file_and_the_pro
         "{misnamed}"
     );
     println!("refusals:\n{missing}\n{mismatched}\n{expired}\n{misnamed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_answers_carry_hsts_cookies_take_the_host_prefix_and_plain_http_redirects() {
+    let stack = TestStack::with_gateway_tls().await.unwrap();
+    let gateway = stack.gateway();
+    let tls = gateway.tls.as_ref().unwrap();
+    let hsts = |r: &reqwest::Response| {
+        r.headers()
+            .get("strict-transport-security")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // HSTS on control's pages through the gateway and on the gateway's own.
+    let home = stack.http().get(stack.url("/")).send().await.unwrap();
+    assert_eq!(hsts(&home).as_deref(), Some("max-age=31536000"));
+    let sid = opencloud_protocol::routes::new_sid();
+    let nobody = gateway
+        .client(&[&sid], false)
+        .get(format!("{}/lab", gateway.session_origin(&sid)))
+        .send()
+        .await
+        .unwrap();
+    assert!(nobody.status().is_client_error(), "{}", nobody.status());
+    assert_eq!(hsts(&nobody).as_deref(), Some("max-age=31536000"));
+
+    // The platform cookie and the session cookie: `__Host-`, Secure,
+    // path /, no Domain.
+    let user = stack.new_user().await;
+    let login = stack
+        .http()
+        .post(stack.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": user.email, "password": user.password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let platform_cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let jupyter = JupyterServer::start().await.unwrap();
+    let session = stack.session_for(&user, jupyter.target()).await;
+    let entered = stack.enter(&user, &session).await;
+    for (cookie, name) in [
+        (platform_cookie.as_str(), "__Host-oc_session="),
+        (entered.as_str(), "__Host-oc_s="),
+    ] {
+        assert!(cookie.starts_with(name), "{cookie}");
+    }
+    let attributes = platform_cookie.to_ascii_lowercase();
+    assert!(
+        attributes.contains("; secure") && attributes.contains("; path=/"),
+        "{platform_cookie}"
+    );
+    assert!(!attributes.contains("domain="), "{platform_cookie}");
+
+    // Plain HTTP: the same path on https, for the platform's own names only.
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let http = |host: String, path: &str| {
+        plain
+            .get(format!("http://127.0.0.1:{}{path}", tls.http_port))
+            .header("host", host)
+            .send()
+    };
+    let to_platform = http("localhost".into(), "/projects?tab=all").await.unwrap();
+    assert_eq!(to_platform.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        to_platform.headers()["location"],
+        format!("https://localhost:{}/projects?tab=all", gateway.port).as_str()
+    );
+    let to_session = http(format!("{session}.nb.localhost:80"), "/lab")
+        .await
+        .unwrap();
+    assert_eq!(
+        to_session.headers()["location"],
+        format!("{}/lab", gateway.session_origin(&session)).as_str()
+    );
+    let elsewhere = http("evil.example".into(), "/").await.unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::NOT_FOUND);
+    assert!(elsewhere.headers().get("location").is_none());
+
+    // ACME HTTP-01: a challenge file in the state directory is served.
+    let challenges = gateway.dir.join("state/acme-challenges");
+    std::fs::write(challenges.join("t0ken-_x"), "t0ken-_x.thumbprint").unwrap();
+    let challenge = http("localhost".into(), "/.well-known/acme-challenge/t0ken-_x")
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), StatusCode::OK);
+    assert_eq!(challenge.text().await.unwrap(), "t0ken-_x.thumbprint");
 }

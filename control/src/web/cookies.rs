@@ -61,7 +61,12 @@ pub fn clear_platform_cookie(app: &App) -> HeaderValue {
 
 /// `Set-Cookie` for a new pre-login CSRF binding (a browser session cookie).
 pub fn csrf_cookie(app: &App, binding: String) -> HeaderValue {
-    cookie_header(app, csrf_cookie_name(app.config.secure_cookies), binding, None)
+    cookie_header(
+        app,
+        csrf_cookie_name(app.config.secure_cookies),
+        binding,
+        None,
+    )
 }
 
 /// The platform token the browser's cookie carries.
