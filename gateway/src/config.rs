@@ -41,6 +41,10 @@ struct ListenFile {
     /// When set, a scrape must send `Authorization: Bearer <metrics_key>`.
     #[serde(default)]
     metrics_key: Option<String>,
+    /// Plain HTTP that redirects to https and answers ACME HTTP-01
+    /// challenges; only with `[tls]`.
+    #[serde(default)]
+    http: Option<SocketAddr>,
 }
 
 fn loopback_metrics() -> SocketAddr {
@@ -64,8 +68,34 @@ struct ControlFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TlsFile {
+    /// The platform origin's certificate chain and key (PEM).
     cert: PathBuf,
     key: PathBuf,
+    /// The wildcard certificate for `*.{session_domain}` and its key;
+    /// without them `cert` must name the wildcard too.
+    #[serde(default)]
+    session_cert: Option<PathBuf>,
+    #[serde(default)]
+    session_key: Option<PathBuf>,
+}
+
+/// Where a certificate and its key are, and the config keys naming them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `tls.cert` or `tls.session_cert`, for messages.
+    pub cert_key: &'static str,
+    /// `tls.key` or `tls.session_key`.
+    pub key_key: &'static str,
+}
+
+/// The TLS part of the config, its paths resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub platform: CertFiles,
+    /// The wildcard certificate for the session domain, when separate.
+    pub sessions: Option<CertFiles>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,11 +131,13 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub listen_public: SocketAddr,
     pub listen_metrics: SocketAddr,
+    /// The plain-HTTP redirect listener, with TLS only.
+    pub listen_http: Option<SocketAddr>,
     pub metrics_key: Option<MetricsKey>,
     pub control_public: SocketAddr,
     pub control_internal_url: String,
     pub gateway_key: String,
-    pub tls: Option<(PathBuf, PathBuf)>,
+    pub tls: Option<TlsConfig>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub header_timeout: Duration,
@@ -172,6 +204,53 @@ impl Config {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
+        let tls =
+            match file.tls {
+                None => None,
+                Some(_) if !origins.platform.https() => return Err(invalid(
+                    "public_url",
+                    "must start with https:// when [tls] is set: users would be sent to plain http"
+                        .into(),
+                )),
+                Some(tls) => {
+                    let sessions = match (tls.session_cert, tls.session_key) {
+                        (Some(cert), Some(key)) => Some(CertFiles {
+                            cert: base.join(cert),
+                            key: base.join(key),
+                            cert_key: "tls.session_cert",
+                            key_key: "tls.session_key",
+                        }),
+                        (None, None) => None,
+                        (Some(_), None) => {
+                            return Err(invalid(
+                                "tls.session_key",
+                                "is missing: tls.session_cert needs its key".into(),
+                            ))
+                        }
+                        (None, Some(_)) => {
+                            return Err(invalid(
+                                "tls.session_cert",
+                                "is missing: tls.session_key needs its certificate".into(),
+                            ))
+                        }
+                    };
+                    Some(TlsConfig {
+                        platform: CertFiles {
+                            cert: base.join(tls.cert),
+                            key: base.join(tls.key),
+                            cert_key: "tls.cert",
+                            key_key: "tls.key",
+                        },
+                        sessions,
+                    })
+                }
+            };
+        if file.listen.http.is_some() && tls.is_none() {
+            return Err(invalid(
+                "listen.http",
+                "redirects plain HTTP to https and needs [tls]".into(),
+            ));
+        }
         let keys = config::load_keys(path, &file.keys_file)?;
         Ok(Self {
             name: file.name,
@@ -183,11 +262,12 @@ impl Config {
             state_dir: base.join(&file.state_dir),
             listen_public: file.listen.public,
             listen_metrics: file.listen.metrics,
+            listen_http: file.listen.http,
             metrics_key,
             control_public: file.control.public,
             control_internal_url: internal_url,
             gateway_key: file.control.gateway_key,
-            tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
+            tls,
             connect_timeout: Duration::from_millis(file.timeouts.connect_ms),
             read_timeout: Duration::from_secs(file.timeouts.read_seconds),
             header_timeout: Duration::from_secs(file.timeouts.header_seconds),
@@ -263,5 +343,37 @@ mod tests {
             let err = refused_key(key, key, value);
             assert!(err.contains(&format!("key `{key}`")), "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_wants_https_pairs_whole_and_the_redirect_listener_wants_tls() {
+        let (path, text) = shipped("tls");
+        let with = |extra: &str, env: Vec<(String, String)>| {
+            Config::from_toml(&path, &format!("{text}\n{extra}"), env)
+        };
+        let https = vec![(
+            format!("{ENV_PREFIX}__PUBLIC_URL"),
+            "https://localhost:8443".to_owned(),
+        )];
+        let tls = "[tls]\ncert = \"p.pem\"\nkey = \"p.key\"\n";
+        let err = with(tls, Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("key `public_url`") && err.contains("https://"),
+            "{err}"
+        );
+        let err = with(&format!("{tls}session_cert = \"s.pem\"\n"), https.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `tls.session_key`"), "{err}");
+        let config = with(tls, https.clone()).unwrap();
+        let files = config.tls.unwrap();
+        assert_eq!(files.platform.cert, path.parent().unwrap().join("p.pem"));
+        assert!(files.sessions.is_none());
+        let plain = vec![(
+            format!("{ENV_PREFIX}__LISTEN__HTTP"),
+            "127.0.0.1:8080".to_owned(),
+        )];
+        let err = with("", plain).unwrap_err().to_string();
+        assert!(err.contains("key `listen.http`"), "{err}");
     }
 }

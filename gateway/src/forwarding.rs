@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use opencloud_protocol::credentials;
-use opencloud_protocol::names::{self, PLATFORM_COOKIE, SESSION_COOKIE};
+use opencloud_protocol::names::{self, ALL_PLATFORM_COOKIES};
 use pingora::{Error, ErrorType, OrErr, Result};
 
 use crate::class::Class;
@@ -50,7 +50,7 @@ impl Forwarding {
             HeaderValue::from_static(if self.https { "https" } else { "http" }),
         );
         if self.class == Class::Session {
-            strip_cookies(headers, &[SESSION_COOKIE, PLATFORM_COOKIE])?;
+            strip_cookies(headers, &ALL_PLATFORM_COOKIES)?;
             // The browser's bearer token is for the gateway alone; the
             // session trusts its link, not credentials.
             headers.remove(header::AUTHORIZATION);
@@ -227,11 +227,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             "cookie",
-            "oc_s=x; _xsrf=abc; oc_session=y; theme=dark"
+            "oc_s=x; _xsrf=abc; oc_session=y; __Host-oc_s=z; theme=dark; __Host-oc_session=w"
                 .parse()
                 .unwrap(),
         );
-        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        strip_cookies(&mut headers, &ALL_PLATFORM_COOKIES).unwrap();
         assert_eq!(headers["cookie"], "_xsrf=abc; theme=dark");
     }
 
@@ -239,10 +239,10 @@ mod tests {
     fn a_request_without_those_cookies_keeps_its_cookie_header() {
         let mut headers = HeaderMap::new();
         headers.insert("cookie", "_xsrf=abc; oc_sx=1".parse().unwrap());
-        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        strip_cookies(&mut headers, &ALL_PLATFORM_COOKIES).unwrap();
         assert_eq!(headers["cookie"], "_xsrf=abc; oc_sx=1");
         headers.insert("cookie", "oc_s=x".parse().unwrap());
-        strip_cookies(&mut headers, &[SESSION_COOKIE, PLATFORM_COOKIE]).unwrap();
+        strip_cookies(&mut headers, &ALL_PLATFORM_COOKIES).unwrap();
         assert!(headers.get("cookie").is_none());
     }
 

@@ -17,9 +17,12 @@ pub mod health;
 pub mod host_link;
 pub mod pages;
 pub mod proxy;
+pub mod redirect;
 pub mod store;
 pub mod table;
 pub mod tickets;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod usage;
 pub mod verified;
 pub mod watch;
@@ -98,16 +101,37 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     let mut proxy_service = Service::new("gateway".to_owned(), app);
     let public = config.listen_public.to_string();
     match &config.tls {
-        Some((cert, key)) => proxy_service
-            .add_tls(
-                &public,
-                &cert.display().to_string(),
-                &key.display().to_string(),
-            )
-            .map_err(|e| anyhow::anyhow!("tls: {e}"))?,
         None => proxy_service.add_tcp(&public),
+        Some(tls) => {
+            let certificates = add_tls_listener(&mut proxy_service, &public, tls, &config)?;
+            server.add_service(background_service(
+                "certificate reload",
+                Once::new(CertificateWatch(certificates)),
+            ));
+        }
     }
     server.add_service(proxy_service);
+    if let Some(http) = config.listen_http {
+        let challenges = config.state_dir.join(redirect::CHALLENGES_DIR);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&challenges)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", challenges.display()))?;
+        }
+        let mut redirect_service = Service::new(
+            "https redirect".to_owned(),
+            redirect::HttpsRedirect {
+                platform_host: config.platform_host.clone(),
+                session_domain: config.session_domain.clone(),
+                challenges,
+            },
+        );
+        redirect_service.add_tcp(&http.to_string());
+        server.add_service(redirect_service);
+    }
 
     server.add_service(background_service(
         "metrics upkeep",
@@ -147,6 +171,59 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
     };
     server.add_service(background_service("route watch", Once::new(watcher)));
     Ok(server)
+}
+
+/// The public listener on TLS: certificates chosen by SNI (checked now, so
+/// a pair that cannot work stops start-up), HTTP/2 offered by ALPN.
+#[cfg(feature = "tls")]
+fn add_tls_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
+    service: &mut Service<A>,
+    address: &str,
+    tls_config: &config::TlsConfig,
+    config: &Config,
+) -> anyhow::Result<Arc<tls::Certificates>> {
+    pingora::tls::install_default_crypto_provider();
+    let certificates = Arc::new(tls::Certificates::load(
+        tls_config,
+        &config.platform_host,
+        config.session_domain.as_str(),
+    )?);
+    let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+        .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+    settings.set_cert_resolver(certificates.clone());
+    settings.enable_h2();
+    service.add_tls_with_settings(address, None, settings);
+    Ok(certificates)
+}
+
+#[cfg(not(feature = "tls"))]
+fn add_tls_listener<A>(
+    _: &mut Service<A>,
+    _: &str,
+    tls_config: &config::TlsConfig,
+    _: &Config,
+) -> anyhow::Result<std::convert::Infallible> {
+    anyhow::bail!(
+        "{}: [tls] is set, but this gateway was built without TLS (cargo feature `tls`)",
+        tls_config.platform.cert_key
+    )
+}
+
+/// Reloads the certificates when their files change or on SIGHUP.
+struct CertificateWatch<C>(C);
+
+#[cfg(feature = "tls")]
+#[async_trait]
+impl Task for CertificateWatch<Arc<tls::Certificates>> {
+    async fn run(self) {
+        self.0.watch().await
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+#[async_trait]
+impl Task for CertificateWatch<std::convert::Infallible> {
+    async fn run(self) {}
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header;
 use opencloud_protocol::credentials;
-use opencloud_protocol::names::SESSION_COOKIE;
+use opencloud_protocol::names;
 use opencloud_protocol::paths;
 use opencloud_protocol::routes::{HostState, SessionState, SID_LEN};
 use opencloud_protocol::token::{self, Claims, TokenKind};
@@ -185,7 +185,8 @@ impl Gateway {
         };
         let cookie_token = token::sign(&self.config.keys, &Claims::session_cookie(&claims, now));
         let cookie = format!(
-            "{SESSION_COOKIE}={cookie_token}; Path=/; HttpOnly; SameSite=Lax{}",
+            "{}={cookie_token}; Path=/; HttpOnly; SameSite=Lax{}",
+            names::session_cookie(self.config.https),
             if self.config.https { "; Secure" } else { "" }
         );
         respond(
@@ -217,7 +218,8 @@ impl Gateway {
                 Ok(claims)
             }
         };
-        if let Some(value) = credentials::cookie_bytes(&req.headers, SESSION_COOKIE) {
+        let cookie_name = names::session_cookie(self.config.https);
+        if let Some(value) = credentials::cookie_bytes(&req.headers, cookie_name) {
             let claims = self
                 .verified
                 .verify(&self.config.keys, value, TokenKind::SessionCookie, now)
@@ -559,12 +561,15 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if ctx.is_upgrade && response.status.as_u16() == 101 {
             metrics::gauge!("opencloud_gateway_active_websockets").increment(1.0);
+        }
+        if on_tls(session) {
+            response.insert_header(header::STRICT_TRANSPORT_SECURITY, HSTS)?;
         }
         if ctx.class == Class::Session && response.headers.contains_key(header::SET_COOKIE) {
             // A host may not set cookies for other origins.
@@ -814,6 +819,18 @@ async fn respond_text(session: &mut Session, status: u16, text: &str) -> Result<
     answer(session, status, "text/plain; charset=utf-8", &[], body).await
 }
 
+/// Browsers keep to https for a year once they saw this on an https answer
+/// (they ignore it on http). Not `includeSubDomains`: the platform's name
+/// need not be the parent of every name under it.
+const HSTS: &str = "max-age=31536000";
+
+/// Whether the client reached the gateway over TLS.
+fn on_tls(session: &Session) -> bool {
+    session
+        .digest()
+        .is_some_and(|digest| digest.ssl_digest.is_some())
+}
+
 /// Writes a complete response, with the headers of the gateway's own
 /// answers, and ends the request. Boxed: the gateway's
 /// own answers are the exception, and unboxed their futures (kilobytes of
@@ -835,6 +852,9 @@ fn answer<'a>(
         response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         for (name, value) in OWN_ANSWER_HEADERS.iter().chain(headers) {
             response.append_header(name.to_string(), value.to_string())?;
+        }
+        if on_tls(session) {
+            response.insert_header(header::STRICT_TRANSPORT_SECURITY, HSTS)?;
         }
         session
             .write_response_header(Box::new(response), body.is_empty())

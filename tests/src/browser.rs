@@ -21,24 +21,72 @@ pub struct Browser {
     profile: std::path::PathBuf,
 }
 
+/// Adds `ca_pem` as a trusted CA to a new NSS database in `home`.
+fn trust_in_nss(home: &std::path::Path, ca_pem: &str) -> anyhow::Result<()> {
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db)?;
+    let ca = home.join("test-ca.pem");
+    std::fs::write(&ca, ca_pem)?;
+    let nss = format!("sql:{}", db.display());
+    for args in [
+        vec!["-N", "-d", &nss, "--empty-password"],
+        vec![
+            "-A",
+            "-d",
+            &nss,
+            "-t",
+            "C,,",
+            "-n",
+            "OpenCloud test CA",
+            "-i",
+            ca.to_str().context("a UTF-8 path")?,
+        ],
+    ] {
+        let out = Command::new("certutil")
+            .args(&args)
+            .output()
+            .context("certutil is missing: scripts/test installs the libnss3-tools package")?;
+        if !out.status.success() {
+            bail!(
+                "certutil {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Browser {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_trusting(None).await
+    }
+
+    /// A browser that trusts the CA `ca_pem` besides the system's, the way
+    /// a user who installed it would: in the NSS database of a home
+    /// directory of its own (Chromium on Linux reads `~/.pki/nssdb`).
+    pub async fn start_trusting(ca_pem: Option<&str>) -> anyhow::Result<Self> {
         for path in [CHROMIUM, CHROMEDRIVER] {
             if !std::path::Path::new(path).exists() {
                 bail!("{path} is missing: scripts/test installs the chromium and chromium-driver packages");
             }
         }
         let port = free_port();
+        let profile = std::env::temp_dir().join(unique("oc-chromium-"));
+        let home = profile.join("home");
+        std::fs::create_dir_all(&home)?;
+        if let Some(ca_pem) = ca_pem {
+            trust_in_nss(&home, ca_pem)?;
+        }
         // Its own process group, which Chromium joins: a test that panics
         // before `close` still takes the browser down in `Drop`.
         let driver = Command::new(CHROMEDRIVER)
             .process_group(0)
+            .env("HOME", &home)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("start chromedriver")?;
-        let profile = std::env::temp_dir().join(unique("oc-chromium-"));
         let capabilities = json!({
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
@@ -47,7 +95,7 @@ impl Browser {
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     "--disable-dev-shm-usage", "--window-size=1280,900",
-                    format!("--user-data-dir={}", profile.display()),
+                    format!("--user-data-dir={}", profile.join("data").display()),
                 ]
             }
         });

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use opencloud_protocol::config::write_private_file;
 
+use crate::certs::{Pair, TestCa};
 use crate::control::Control;
 use crate::machine::{binary, free_port, fresh_loopback, unique, wait_until_ready};
 use crate::wiretap::{forbid, forbid_keys_file, Class, Wiretap};
@@ -28,11 +29,67 @@ pub struct GatewayProcess {
     pub metrics_port: u16,
     /// What a scrape of `/metrics` must present (`listen.metrics_key`).
     pub metrics_key: String,
+    /// With TLS: the CA that signed its certificates.
+    pub tls: Option<GatewayTls>,
+}
+
+/// A gateway's TLS: a test CA of its own, the platform's certificate for
+/// `localhost` and the sessions' wildcard for `*.nb.localhost`.
+pub struct GatewayTls {
+    pub ca: TestCa,
+    /// The plain-HTTP listener that redirects to https (`listen.http`).
+    pub http_port: u16,
+    pub platform_cert: PathBuf,
+    pub platform_key: PathBuf,
+    pub session_cert: PathBuf,
+    pub session_key: PathBuf,
+}
+
+impl GatewayTls {
+    fn create(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)?;
+        let tls = Self {
+            ca: TestCa::new("OpenCloud test CA"),
+            http_port: free_port(),
+            platform_cert: certs.join("platform.pem"),
+            platform_key: certs.join("platform.key"),
+            session_cert: certs.join("sessions.pem"),
+            session_key: certs.join("sessions.key"),
+        };
+        tls.ca
+            .issue(&["localhost"])
+            .write(&tls.platform_cert, &tls.platform_key)?;
+        tls.renew_sessions()?;
+        Ok(tls)
+    }
+
+    /// Writes a new wildcard pair over the sessions' files; the new one.
+    pub fn renew_sessions(&self) -> anyhow::Result<Pair> {
+        let pair = self.ca.issue(&["*.nb.localhost"]);
+        pair.write(&self.session_cert, &self.session_key)?;
+        Ok(pair)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nsession_cert = \"{}\"\nsession_key = \"{}\"\n",
+            self.platform_cert.display(),
+            self.platform_key.display(),
+            self.session_cert.display(),
+            self.session_key.display()
+        )
+    }
 }
 
 impl GatewayProcess {
     /// Writes the config for a gateway in front of `control` on `port`.
     pub fn prepare(control: &Control, port: u16) -> anyhow::Result<Self> {
+        Self::prepare_with(control, port, false)
+    }
+
+    /// [`GatewayProcess::prepare`], on TLS (`https://`) when `tls`.
+    pub fn prepare_with(control: &Control, port: u16, tls: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(unique("oc-gateway-"));
         std::fs::create_dir_all(dir.join("state"))?;
         write_private_file(
@@ -51,14 +108,22 @@ impl GatewayProcess {
         );
         forbid("the gateway's metrics key", Class::Platform, &metrics_key);
         let control_public = control.public.trim_start_matches("http://");
+        let tls = tls.then(|| GatewayTls::create(&dir)).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let http_listener = tls
+            .as_ref()
+            .map(|t| format!("http = \"127.0.0.1:{}\"\n", t.http_port))
+            .unwrap_or_default();
         let config = format!(
-            "name = \"test-gateway\"\npublic_url = \"http://localhost:{port}\"\n\
+            "name = \"test-gateway\"\npublic_url = \"{scheme}://localhost:{port}\"\n\
              session_domain = \"nb.localhost:{port}\"\nkeys_file = \"keys.toml\"\nstate_dir = \"state\"\n\
              [listen]\npublic = \"{listener}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-             metrics_key = \"{metrics_key}\"\n\
+             metrics_key = \"{metrics_key}\"\n{http_listener}\
              [control]\npublic = \"{control_public}\"\ninternal_url = \"{}\"\ngateway_key = \"{}\"\n\
-             [timeouts]\nread_seconds = 5\n",
-            control.internal, control.gateway_key
+             [timeouts]\nread_seconds = 5\n{}",
+            control.internal,
+            control.gateway_key,
+            tls.as_ref().map(GatewayTls::config).unwrap_or_default()
         );
         let config_path = dir.join("gateway.toml");
         std::fs::write(&config_path, config)?;
@@ -71,6 +136,7 @@ impl GatewayProcess {
             port,
             metrics_port,
             metrics_key,
+            tls,
         })
     }
 
@@ -134,13 +200,22 @@ impl GatewayProcess {
         self.listener
     }
 
+    /// `https` on TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The platform origin as the browser sees it.
     pub fn platform(&self) -> String {
-        format!("http://localhost:{}", self.port)
+        format!("{}://localhost:{}", self.scheme(), self.port)
     }
 
     pub fn session_origin(&self, sid: &str) -> String {
-        format!("http://{sid}.nb.localhost:{}", self.port)
+        format!("{}://{sid}.nb.localhost:{}", self.scheme(), self.port)
     }
 
     /// A client that reaches `localhost` and the given session hosts through
@@ -164,6 +239,10 @@ impl GatewayProcess {
             .resolve("localhost", self.addr());
         for sid in sids {
             builder = builder.resolve(&format!("{sid}.nb.localhost"), self.addr());
+        }
+        if let Some(tls) = &self.tls {
+            let ca = reqwest::Certificate::from_pem(tls.ca.pem().as_bytes()).expect("test CA");
+            builder = builder.add_root_certificate(ca);
         }
         builder.build().expect("http client")
     }
@@ -222,6 +301,15 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`) to the running gateway.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), child.id().to_string()])
+                .status();
+        }
     }
 
     /// SIGKILL, as a crash would.

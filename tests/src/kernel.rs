@@ -29,14 +29,13 @@ pub async fn start(http: &reqwest::Client, origin: &str, cookie: &str) -> anyhow
     let id = kernel["id"]
         .as_str()
         .with_context(|| format!("no kernel id in {kernel}"))?;
-    Ok(format!(
-        "{}/api/kernels/{id}/channels",
-        origin.replacen("http://", "ws://", 1)
-    ))
+    // http → ws, https → wss.
+    Ok(format!("ws{}/api/kernels/{id}/channels", &origin[4..]))
 }
 
 /// A kernel's channels, open through the gateway.
-pub type Channels = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub type Channels =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects to `url` (ws://…) through `connect_to` (the gateway's address),
 /// sending `cookie` and, as a browser does, the page's own `Origin`.
@@ -45,15 +44,30 @@ pub async fn connect(
     connect_to: std::net::SocketAddr,
     cookie: &str,
 ) -> anyhow::Result<Channels> {
+    connect_trusting(url, connect_to, cookie, None).await
+}
+
+/// [`connect`], for a `wss://` URL trusting the CA `ca_pem`.
+pub async fn connect_trusting(
+    url: &str,
+    connect_to: std::net::SocketAddr,
+    cookie: &str,
+    ca_pem: Option<&str>,
+) -> anyhow::Result<Channels> {
     let mut request = url.into_client_request()?;
     request.headers_mut().insert("cookie", cookie.parse()?);
-    let origin = url.replacen("ws://", "http://", 1);
+    // ws → http, wss → https.
+    let origin = format!("http{}", &url[2..]);
     let origin = origin.split('/').take(3).collect::<Vec<_>>().join("/");
     request.headers_mut().insert("origin", origin.parse()?);
     let tcp = tokio::net::TcpStream::connect(connect_to).await?;
-    let (ws, response) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .context("websocket handshake through the gateway")?;
+    let connector = ca_pem
+        .map(|pem| crate::certs::client_config(pem).map(tokio_tungstenite::Connector::Rustls))
+        .transpose()?;
+    let (ws, response) =
+        tokio_tungstenite::client_async_tls_with_config(request, tcp, None, connector)
+            .await
+            .context("websocket handshake through the gateway")?;
     if response.status().as_u16() != 101 {
         bail!("handshake answered {}", response.status());
     }

@@ -9,6 +9,7 @@
 
 pub mod agents;
 pub mod browser;
+pub mod certs;
 pub mod control;
 pub mod db;
 pub mod external;

@@ -54,12 +54,23 @@ impl TestStack {
     /// Like [`TestStack::with_gateway`], with more environment overrides
     /// for control (`OPENCLOUD_CONTROL__…`).
     pub async fn with_gateway_env(control_env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        Self::behind_gateway(control_env, false).await
+    }
+
+    /// Like [`TestStack::with_gateway`], on `https://` with certificates
+    /// from a test CA (the gateway's `tls`).
+    pub async fn with_gateway_tls() -> anyhow::Result<Self> {
+        Self::behind_gateway(Vec::new(), true).await
+    }
+
+    async fn behind_gateway(control_env: Vec<(String, String)>, tls: bool) -> anyhow::Result<Self> {
         let db = TestDatabase::create().await?;
         let port = free_port();
+        let scheme = if tls { "https" } else { "http" };
         let mut env = vec![
             (
                 "OPENCLOUD_CONTROL__PUBLIC_URL".into(),
-                format!("http://localhost:{port}"),
+                format!("{scheme}://localhost:{port}"),
             ),
             (
                 "OPENCLOUD_CONTROL__SESSION_DOMAIN".into(),
@@ -72,7 +83,7 @@ impl TestStack {
             ..Default::default()
         };
         let control = Control::start(&db, &options).await?;
-        let mut gateway = GatewayProcess::prepare(&control, port)?;
+        let mut gateway = GatewayProcess::prepare_with(&control, port, tls)?;
         gateway.start().await?;
         Ok(Self {
             gateway: Some(gateway),

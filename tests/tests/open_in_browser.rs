@@ -85,11 +85,22 @@ async fn run_first_cell(browser: &Browser) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
-    let stack = TestStack::with_gateway().await.unwrap();
+    opens_a_project_and_runs_a_cell(TestStack::with_gateway().await.unwrap()).await
+}
+
+/// The same on https, Chromium trusting the gateway's test CA: TLS as
+/// users will use it (HTTP/2 for pages, a WebSocket over TLS for the kernel).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_over_https() {
+    opens_a_project_and_runs_a_cell(TestStack::with_gateway_tls().await.unwrap()).await
+}
+
+async fn opens_a_project_and_runs_a_cell(stack: TestStack) {
     let owner = stack.host_owner().await;
     let [(host, agent)] = stack.online_hosts(&owner, [("desk-pc", 2)]).await;
     let platform = stack.gateway().platform();
-    let browser = Browser::start().await.unwrap();
+    let ca = stack.gateway().tls.as_ref().map(|tls| tls.ca.pem());
+    let browser = Browser::start_trusting(ca.as_deref()).await.unwrap();
 
     // A new customer signs up and logs in on the platform's pages.
     let email = format!("{}@example.com", unique("lab"));
@@ -162,6 +173,7 @@ async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
         Some(stack.gateway().port),
         "Lab is served through the gateway"
     );
+    assert_eq!(url.scheme(), stack.gateway().scheme());
     let (session_host, state) = stack.session_row(&sid).await;
     assert_eq!(session_host, host);
     assert_eq!(state, "running");

@@ -176,7 +176,7 @@ pub struct Caller {
 pub async fn authenticate(app: &App, headers: &HeaderMap, now: u64) -> Result<Caller, AppError> {
     let bearer = credentials::bearer(headers).map(str::to_owned);
     let from_cookie = bearer.is_none();
-    let presented = bearer.or_else(|| cookies::platform_token(headers).map(str::to_owned));
+    let presented = bearer.or_else(|| cookies::platform_token(app, headers).map(str::to_owned));
     let mut caller = Caller {
         from_cookie,
         ..Caller::default()

@@ -45,7 +45,7 @@ pub async fn platform_context(State(app): State<App>, request: Request, next: Ne
         Err(refusal) => {
             let mut response = respond_error(is_api, refusal.error);
             if refusal.with_cookies {
-                cookies::append(&mut response, set_cookies);
+                cookies::append(&app, &mut response, set_cookies);
             }
             return response;
         }
@@ -74,7 +74,7 @@ pub async fn platform_context(State(app): State<App>, request: Request, next: Ne
     if navigation {
         response = login_redirect(response, &wanted);
     }
-    cookies::append(&mut response, set_cookies);
+    cookies::append(&app, &mut response, set_cookies);
     response
 }
 

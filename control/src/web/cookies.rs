@@ -7,13 +7,24 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use opencloud_protocol::credentials;
-use opencloud_protocol::names::PLATFORM_COOKIE;
+use opencloud_protocol::names;
 use opencloud_protocol::token;
 
 use crate::app::App;
 
-/// Binds the CSRF token of a browser that is not logged in.
-const CSRF_COOKIE: &str = "oc_csrf";
+/// Binds the CSRF token of a browser that is not logged in (`__Host-` on
+/// https, like the platform cookie).
+fn csrf_cookie_name(https: bool) -> &'static str {
+    if https {
+        "__Host-oc_csrf"
+    } else {
+        "oc_csrf"
+    }
+}
+
+fn platform_cookie_name(app: &App) -> &'static str {
+    names::platform_cookie(app.config.secure_cookies)
+}
 
 fn cookie_header(
     app: &App,
@@ -35,14 +46,14 @@ fn cookie_header(
 /// `Set-Cookie` for a fresh platform token.
 pub fn platform_cookie(app: &App, token: String) -> HeaderValue {
     let age = time::Duration::seconds(token::PLATFORM_TOKEN_SECONDS as i64);
-    cookie_header(app, PLATFORM_COOKIE, token, Some(age))
+    cookie_header(app, platform_cookie_name(app), token, Some(age))
 }
 
 /// `Set-Cookie` that removes the platform cookie.
 pub fn clear_platform_cookie(app: &App) -> HeaderValue {
     cookie_header(
         app,
-        PLATFORM_COOKIE,
+        platform_cookie_name(app),
         String::new(),
         Some(time::Duration::ZERO),
     )
@@ -50,24 +61,34 @@ pub fn clear_platform_cookie(app: &App) -> HeaderValue {
 
 /// `Set-Cookie` for a new pre-login CSRF binding (a browser session cookie).
 pub fn csrf_cookie(app: &App, binding: String) -> HeaderValue {
-    cookie_header(app, CSRF_COOKIE, binding, None)
+    cookie_header(
+        app,
+        csrf_cookie_name(app.config.secure_cookies),
+        binding,
+        None,
+    )
 }
 
 /// The platform token the browser's cookie carries.
-pub fn platform_token(headers: &HeaderMap) -> Option<&str> {
-    credentials::cookie(headers, PLATFORM_COOKIE)
+pub fn platform_token<'h>(app: &App, headers: &'h HeaderMap) -> Option<&'h str> {
+    credentials::cookie(headers, platform_cookie_name(app))
 }
 
 /// The pre-login CSRF binding the browser's cookie carries.
-pub fn csrf_binding(headers: &HeaderMap) -> Option<&str> {
-    credentials::cookie(headers, CSRF_COOKIE)
+pub fn csrf_binding<'h>(app: &App, headers: &'h HeaderMap) -> Option<&'h str> {
+    credentials::cookie(headers, csrf_cookie_name(app.config.secure_cookies))
 }
 
 /// Adds the cookies the request's context decided on to the answer. A
 /// handler that set the platform cookie itself (login, logout) wins.
-pub fn append(response: &mut Response, mut cookies: Vec<HeaderValue>) {
+pub fn append(app: &App, response: &mut Response, cookies: Vec<HeaderValue>) {
+    append_for(app.config.secure_cookies, response, cookies)
+}
+
+fn append_for(https: bool, response: &mut Response, mut cookies: Vec<HeaderValue>) {
     if response.headers().contains_key(header::SET_COOKIE) {
-        cookies.retain(|c| !c.as_bytes().starts_with(PLATFORM_COOKIE.as_bytes()));
+        let platform = format!("{}=", names::platform_cookie(https));
+        cookies.retain(|c| !c.as_bytes().starts_with(platform.as_bytes()));
     }
     for cookie in cookies {
         response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -96,7 +117,7 @@ mod tests {
             ]
         };
         let mut untouched = Response::default();
-        append(&mut untouched, decided());
+        append_for(false, &mut untouched, decided());
         assert_eq!(
             set_cookies(&untouched),
             ["oc_session=renewed", "oc_csrf=fresh"]
@@ -106,7 +127,20 @@ mod tests {
         logged_out
             .headers_mut()
             .insert(header::SET_COOKIE, HeaderValue::from_static("oc_session="));
-        append(&mut logged_out, decided());
+        append_for(false, &mut logged_out, decided());
         assert_eq!(set_cookies(&logged_out), ["oc_session=", "oc_csrf=fresh"]);
+
+        // On https the names carry `__Host-`, and the rule follows them.
+        let mut on_https = Response::default();
+        on_https.headers_mut().insert(
+            header::SET_COOKIE,
+            HeaderValue::from_static("__Host-oc_session="),
+        );
+        append_for(
+            true,
+            &mut on_https,
+            vec![HeaderValue::from_static("__Host-oc_session=renewed")],
+        );
+        assert_eq!(set_cookies(&on_https), ["__Host-oc_session="]);
     }
 }

@@ -28,7 +28,7 @@ pub fn binding(
 ) -> (String, Option<HeaderValue>) {
     match login_session {
         Some(id) => (id.to_owned(), None),
-        None => match cookies::csrf_binding(headers) {
+        None => match cookies::csrf_binding(app, headers) {
             Some(value) if value.len() >= 16 => (value.to_owned(), None),
             _ => {
                 let fresh = ids::random_id();
