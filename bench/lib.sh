@@ -29,6 +29,26 @@ DATABASES=()
 UNDER_CALLGRIND=()
 
 progress() { printf '\033[1;34m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+info() { progress "$*"; }
+# shellcheck source=../scripts/tls.sh
+source "$ROOT/scripts/tls.sh"
+
+# With TLS=1 the gateway (and the proxies that support it) serve https with
+# ECDSA P-256 certificates from a CA made in $TMP/tls.
+TLS="${TLS:-0}"
+SCHEME=http
+[ "$TLS" = 1 ] && SCHEME=https
+
+# make_certificates: $TLS_DIR with ca.pem, platform.pem/.key (localhost)
+# and sessions.pem/.key (*.nb.localhost).
+make_certificates() {
+  TLS_DIR="$TMP/tls"
+  mkdir -p -m 700 "$TLS_DIR"
+  ensure_packages openssl
+  ensure_local_ca "$TLS_DIR"
+  issue_local_cert "$TLS_DIR" platform localhost
+  issue_local_cert "$TLS_DIR" sessions "*.nb.localhost"
+}
 die() {
   printf '\033[1;31m[bench] error:\033[0m %s\n' "$*" >&2
   exit 1
@@ -245,7 +265,7 @@ start_stack() {
   # Control and the gateway refuse a keys file others can read.
   (umask 077 && "$RELEASE/opencloud-control" keygen >"$dir/keys.toml")
   cat >"$dir/control.toml" <<EOF
-public_url = "http://localhost:$GW_PORT"
+public_url = "$SCHEME://localhost:$GW_PORT"
 keys_file = "keys.toml"
 trusted_proxies = ["127.0.0.1"]
 # Hosts here are on loopback (the agent in bench/open, stand-ins elsewhere).
@@ -260,9 +280,18 @@ url = "$DB_URL"
 pool_min = 1
 pool_max = 4
 EOF
+  local tls_section=""
+  if [ "$TLS" = 1 ]; then
+    [ -n "${TLS_DIR:-}" ] || make_certificates
+    tls_section="[tls]
+cert = \"$TLS_DIR/platform.pem\"
+key = \"$TLS_DIR/platform.key\"
+session_cert = \"$TLS_DIR/sessions.pem\"
+session_key = \"$TLS_DIR/sessions.key\""
+  fi
   cat >"$dir/gateway.toml" <<EOF
 name = "bench-gateway"
-public_url = "http://localhost:$GW_PORT"
+public_url = "$SCHEME://localhost:$GW_PORT"
 session_domain = "nb.localhost:$GW_PORT"
 keys_file = "keys.toml"
 state_dir = "state"
@@ -273,6 +302,7 @@ metrics = "127.0.0.1:$gm"
 public = "127.0.0.1:$cp"
 internal_url = "http://127.0.0.1:$ci"
 gateway_key = "$GATEWAY_KEY"
+$tls_section
 EOF
   progress "control (CPU 0) on :$cp, internal :$ci"
   RUST_LOG=warn start control "${ON_LOAD[@]}" "$RELEASE/opencloud-control" --config "$dir/control.toml"
@@ -296,8 +326,10 @@ EOF
 # and the gateway reaches the upstream through it.
 gateway_session() {
   local log="$TMP/session.log" pid
+  local tls_ca=()
+  [ "$TLS" = 1 ] && tls_ca=(--tls-ca "$TLS_DIR/ca.pem")
   start session "${ON_LOAD[@]}" "$RELEASE/oc-bench" session --db-url "$DB_URL" --gateway "127.0.0.1:$GW_PORT" \
-    --upstream-port "$1" --upstream-kind "${2:-http}"
+    --upstream-port "$1" --upstream-kind "${2:-http}" "${tls_ca[@]}"
   pid=$LAST_PID
   # COOKIE= is the last line it prints.
   for _ in $(seq 1 600); do

@@ -36,6 +36,9 @@ enum Command {
         /// HTTP (GET / answers 200) or websocket (only upgrades are answered).
         #[arg(long, default_value = "http")]
         upstream_kind: String,
+        /// The gateway is on https with a certificate from this CA (PEM).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// Prints a new keys file (the format control and the gateway share).
     Keygen,
@@ -126,11 +129,13 @@ fn main() -> anyhow::Result<()> {
             gateway,
             upstream_port,
             upstream_kind,
+            tls_ca,
         } => runtime.block_on(session::session(
             &db_url,
             gateway,
             upstream_port,
             upstream_kind == "websocket",
+            tls_ca.as_deref(),
         )),
         Command::Keygen => {
             print!("{}", opencloud_protocol::Keyring::generate_toml("bench"));

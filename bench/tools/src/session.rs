@@ -19,12 +19,19 @@ use serde_json::{json, Value};
 
 const PASSWORD: &str = "bench password 1234";
 
-fn client(gateway: SocketAddr, sid: Option<&str>) -> anyhow::Result<reqwest::Client> {
+fn client(
+    gateway: SocketAddr,
+    sid: Option<&str>,
+    ca: Option<&reqwest::Certificate>,
+) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .resolve("localhost", gateway);
     if let Some(sid) = sid {
         builder = builder.resolve(&format!("{sid}.nb.localhost"), gateway);
+    }
+    if let Some(ca) = ca {
+        builder = builder.add_root_certificate(ca.clone());
     }
     Ok(builder.build()?)
 }
@@ -50,10 +57,17 @@ pub async fn session(
     gateway: SocketAddr,
     upstream_port: u16,
     websocket_upstream: bool,
+    tls_ca: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let port = gateway.port();
-    let platform = format!("http://localhost:{port}");
-    let http = client(gateway, None)?;
+    let ca = tls_ca
+        .map(|path| -> anyhow::Result<reqwest::Certificate> {
+            Ok(reqwest::Certificate::from_pem(&std::fs::read(path)?)?)
+        })
+        .transpose()?;
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let platform = format!("{scheme}://localhost:{port}");
+    let http = client(gateway, None, ca.as_ref())?;
     let nonce = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let email = format!("bench-{}-{nonce}@example.com", std::process::id());
 
@@ -99,8 +113,8 @@ pub async fn session(
     pool.disconnect().await?;
     let sid = external.sid().to_owned();
     let host = format!("{sid}.nb.localhost:{port}");
-    let origin = format!("http://{host}");
-    let http = client(gateway, Some(&sid))?;
+    let origin = format!("{scheme}://{host}");
+    let http = client(gateway, Some(&sid), ca.as_ref())?;
 
     // The route reaches the gateway through control's watch stream.
     let started = Instant::now();
@@ -154,7 +168,8 @@ pub async fn session(
     Ok(())
 }
 
-/// GETs an enter URL; returns the `oc_s=…` pair it sets.
+/// GETs an enter URL; returns the `oc_s=…` pair it sets (`__Host-oc_s` on
+/// https).
 async fn enter(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
     let r = http.get(url).send().await?;
     if r.status() != StatusCode::FOUND {
@@ -178,7 +193,7 @@ async fn enter(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    if !pair.starts_with("oc_s=") {
+    if !pair.starts_with("oc_s=") && !pair.starts_with("__Host-oc_s=") {
         bail!("enter set {set_cookie}, not oc_s");
     }
     Ok(pair)
