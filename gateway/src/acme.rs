@@ -176,7 +176,13 @@ impl Acme {
     /// Writes the pair next to the kept one and renames it over: the key
     /// first, then the certificate, microseconds apart against a 500 ms poll.
     fn keep(&self, chain_pem: &str, key_pem: &str) -> anyhow::Result<()> {
-        let staged = |path: &Path| path.with_extension("new");
+        // `platform.pem.new`: the whole name, so a key and a certificate
+        // sharing a stem do not share a staging file.
+        let staged = |path: &Path| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".new");
+            PathBuf::from(name)
+        };
         for (path, contents) in [(&self.files.key, key_pem), (&self.files.cert, chain_pem)] {
             write_private_file(&staged(path), contents)
                 .with_context(|| format!("{}", staged(path).display()))?;
