@@ -102,11 +102,8 @@ impl Acme {
     /// A CA whose certificates live shorter than `renew_before_days` would
     /// be asked again at once, forever: say so and wait instead.
     async fn warn_if_due_at_once(&self) {
-        let due = crate::tls::renewal_due(
-            &self.files,
-            &self.platform_host,
-            self.config.renew_before,
-        );
+        let due =
+            crate::tls::renewal_due(&self.files, &self.platform_host, self.config.renew_before);
         if due.is_ok_and(|due| due <= SystemTime::now()) {
             tracing::warn!(
                 next_in = ?RECHECK,
@@ -188,8 +185,7 @@ impl Acme {
                 .with_context(|| format!("{}", staged(path).display()))?;
         }
         for path in [&self.files.key, &self.files.cert] {
-            std::fs::rename(staged(path), path)
-                .with_context(|| format!("{}", path.display()))?;
+            std::fs::rename(staged(path), path).with_context(|| format!("{}", path.display()))?;
         }
         Ok(())
     }

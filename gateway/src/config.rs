@@ -249,64 +249,66 @@ impl Config {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let tls =
-            match file.tls {
-                None => None,
-                Some(_) if !origins.platform.https() => return Err(invalid(
+        let tls = match file.tls {
+            None => None,
+            Some(_) if !origins.platform.https() => {
+                return Err(invalid(
                     "public_url",
                     "must start with https:// when [tls] is set: users would be sent to plain http"
                         .into(),
-                )),
-                Some(tls) => {
-                    let sessions = match (tls.session_cert, tls.session_key) {
-                        (Some(cert), Some(key)) => Some(CertFiles {
-                            cert: base.join(cert),
-                            key: base.join(key),
-                            cert_key: "tls.session_cert",
-                            key_key: "tls.session_key",
-                        }),
-                        (None, None) => None,
-                        (Some(_), None) => {
-                            return Err(invalid(
-                                "tls.session_key",
-                                "is missing: tls.session_cert needs its key".into(),
-                            ))
-                        }
-                        (None, Some(_)) => {
-                            return Err(invalid(
-                                "tls.session_cert",
-                                "is missing: tls.session_key needs its certificate".into(),
-                            ))
-                        }
+                ))
+            }
+            Some(tls) => {
+                let sessions = match (tls.session_cert, tls.session_key) {
+                    (Some(cert), Some(key)) => Some(CertFiles {
+                        cert: base.join(cert),
+                        key: base.join(key),
+                        cert_key: "tls.session_cert",
+                        key_key: "tls.session_key",
+                    }),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            "tls.session_key",
+                            "is missing: tls.session_cert needs its key".into(),
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "tls.session_cert",
+                            "is missing: tls.session_key needs its certificate".into(),
+                        ))
+                    }
+                };
+                let acme = tls
+                    .acme
+                    .map(|acme| acme_config(acme, base, sessions.is_some(), file.listen.http))
+                    .transpose()
+                    .map_err(|(key, message)| invalid(key, message))?;
+                let state_dir = base.join(&file.state_dir);
+                // With ACME the pair may be left to the state directory.
+                let platform_file =
+                    |given: Option<PathBuf>, key: &'static str, kept: &str| match (given, &acme) {
+                        (Some(path), _) => Ok(base.join(path)),
+                        (None, Some(_)) => Ok(state_dir.join(kept)),
+                        (None, None) => Err(invalid(
+                            key,
+                            "is missing: name the platform's pair, or set [tls.acme] to obtain it"
+                                .into(),
+                        )),
                     };
-                    let acme = tls
-                        .acme
-                        .map(|acme| acme_config(acme, base, sessions.is_some(), file.listen.http))
-                        .transpose()
-                        .map_err(|(key, message)| invalid(key, message))?;
-                    let state_dir = base.join(&file.state_dir);
-                    let platform_file = |given: Option<PathBuf>, key: &'static str, kept: &str| {
-                        match (given, &acme) {
-                            (Some(path), _) => Ok(base.join(path)),
-                            (None, Some(_)) => Ok(state_dir.join(kept)),
-                            (None, None) => Err(invalid(
-                                key,
-                                "is missing: [tls] needs the platform certificate and key (or [tls.acme] to obtain them)".into(),
-                            )),
-                        }
-                    };
-                    Some(TlsConfig {
-                        platform: CertFiles {
-                            cert: platform_file(tls.cert, "tls.cert", ACME_CERT_FILE)?,
-                            key: platform_file(tls.key, "tls.key", ACME_KEY_FILE)?,
-                            cert_key: "tls.cert",
-                            key_key: "tls.key",
-                        },
-                        sessions,
-                        acme,
-                    })
-                }
-            };
+                Some(TlsConfig {
+                    platform: CertFiles {
+                        cert: platform_file(tls.cert, "tls.cert", ACME_CERT_FILE)?,
+                        key: platform_file(tls.key, "tls.key", ACME_KEY_FILE)?,
+                        cert_key: "tls.cert",
+                        key_key: "tls.key",
+                    },
+                    sessions,
+                    acme,
+                })
+            }
+        };
         if file.listen.http.is_some() && tls.is_none() {
             return Err(invalid(
                 "listen.http",
@@ -536,7 +538,10 @@ mod tests {
         let acme = tls.acme.unwrap();
         assert_eq!(acme.contact, ["mailto:ops@example.com"]);
         assert_eq!(acme.renew_before, Duration::from_secs(30 * 86_400));
-        assert_eq!(acme.directory_ca, Some(path.parent().unwrap().join("ca.pem")));
+        assert_eq!(
+            acme.directory_ca,
+            Some(path.parent().unwrap().join("ca.pem"))
+        );
 
         // Named files are where the issued pair is kept.
         let named = with(
@@ -553,7 +558,11 @@ mod tests {
         );
 
         for (tls, acme, key) in [
-            (sessions, "directory = \"http://ca.example/dir\"\n", "tls.acme.directory"),
+            (
+                sessions,
+                "directory = \"http://ca.example/dir\"\n",
+                "tls.acme.directory",
+            ),
             (sessions, "", "tls.acme"),
             (
                 sessions,
@@ -570,18 +579,27 @@ mod tests {
                 "directory = \"https://ca.example/dir\"\nsurprise = 1\n",
                 "tls.acme",
             ),
-            ("", "directory = \"https://ca.example/dir\"\n", "tls.session_cert"),
+            (
+                "",
+                "directory = \"https://ca.example/dir\"\n",
+                "tls.session_cert",
+            ),
         ] {
             let err = refused(tls, acme);
             assert!(err.contains(&format!("key `{key}")), "{key}: {err}");
         }
         let no_http_listener = Config::from_toml(
             &path,
-            &format!("{text}\n[tls]\n{sessions}[tls.acme]\ndirectory = \"https://ca.example/dir\"\n"),
+            &format!(
+                "{text}\n[tls]\n{sessions}[tls.acme]\ndirectory = \"https://ca.example/dir\"\n"
+            ),
             env[..1].to_vec(),
         )
         .unwrap_err()
         .to_string();
-        assert!(no_http_listener.contains("key `listen.http`"), "{no_http_listener}");
+        assert!(
+            no_http_listener.contains("key `listen.http`"),
+            "{no_http_listener}"
+        );
     }
 }

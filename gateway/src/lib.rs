@@ -114,7 +114,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
             if let Some(acme) = &tls.acme {
                 if let Some(ca) = &acme.directory_ca {
                     std::fs::read(ca).map_err(|e| {
-                        anyhow::anyhow!("tls.acme.directory_ca {}: cannot read the file: {e}", ca.display())
+                        anyhow::anyhow!(
+                            "tls.acme.directory_ca {}: cannot read the file: {e}",
+                            ca.display()
+                        )
                     })?;
                 }
                 server.add_service(background_service(

@@ -118,8 +118,7 @@ fn load(
             format!("holds no usable PEM private key: {e}"),
         )
     })?;
-    let not_after =
-        check_leaf(leaf, wanted, now).map_err(|m| invalid(cert_key, &cert_path, m))?;
+    let not_after = check_leaf(leaf, wanted, now).map_err(|m| invalid(cert_key, &cert_path, m))?;
     pingora::tls::install_default_crypto_provider();
     let provider = CryptoProvider::get_default().expect("installed just now");
     let key = CertifiedKey::from_der(chain, private, provider).map_err(|e| {
@@ -181,7 +180,8 @@ fn check_leaf(
         .filter(|w| !names.iter().any(|n| covers(n, w)))
         .collect();
     if missing.is_empty() {
-        let expires = Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
+        let expires =
+            Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
         Ok(SystemTime::UNIX_EPOCH + expires)
     } else {
         Err(format!(

@@ -153,8 +153,7 @@ impl GatewayProcess {
     /// pair is kept where the gateway keeps it by default (its state dir).
     pub fn use_acme(&mut self, acme: &str) -> anyhow::Result<()> {
         let tls = self.tls.as_mut().context("ACME needs a TLS gateway")?;
-        let config = std::fs::read_to_string(&self.config_path)?
-            .replace(&tls.platform_lines(), "")
+        let config = std::fs::read_to_string(&self.config_path)?.replace(&tls.platform_lines(), "")
             + &format!("[tls.acme]\n{acme}");
         std::fs::write(&self.config_path, config)?;
         tls.platform_cert = self.dir.join("state/acme-platform.pem");

@@ -26,7 +26,12 @@ fn served_chain(addr: SocketAddr, root_pem: &str) -> Option<Vec<Vec<u8>>> {
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).ok()?;
     }
-    Some(conn.peer_certificates()?.iter().map(|c| c.to_vec()).collect())
+    Some(
+        conn.peer_certificates()?
+            .iter()
+            .map(|c| c.to_vec())
+            .collect(),
+    )
 }
 
 /// Polls until the served chain satisfies `wanted`, for at most `limit`;
@@ -96,14 +101,21 @@ async fn acme_issues_the_platform_certificate_serves_it_and_renews_it_near_expir
     )
     .await;
     println!("pebble's certificate was served {took:?} after the gateway listened");
-    assert_eq!(first.get(1), Some(&intermediate), "issued by pebble's intermediate");
+    assert_eq!(
+        first.get(1),
+        Some(&intermediate),
+        "issued by pebble's intermediate"
+    );
     let tls = gateway.tls.as_ref().unwrap();
     assert_eq!(mode(&tls.platform_key), 0o600);
     assert_eq!(mode(&gateway.dir.join("state/acme-account.json")), 0o600);
     let leftover: Vec<_> = std::fs::read_dir(gateway.dir.join("state/acme-challenges"))
         .unwrap()
         .collect();
-    assert!(leftover.is_empty(), "challenge answers left behind: {leftover:?}");
+    assert!(
+        leftover.is_empty(),
+        "challenge answers left behind: {leftover:?}"
+    );
 
     // Renewed near expiry: a new certificate, served without a restart.
     let (renewed, took) = wait_for_chain(
