@@ -2,7 +2,8 @@
 //! Automatic certificates against a real ACME CA (pebble): a gateway with
 //! `[tls.acme]` and no platform certificate gets one issued over HTTP-01,
 //! serves it, and renews it when it nears expiry, the reload picking the
-//! new pair up without a restart.
+//! new pair up without a restart; a CA that fails is counted and retried
+//! while the kept pair serves on.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -139,4 +140,50 @@ async fn acme_issues_the_platform_certificate_serves_it_and_renews_it_near_expir
         1,
         "the account is reused:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_ca_is_counted_and_retried_while_the_kept_certificate_serves_on() {
+    let stack = TestStack::control_only().await.unwrap();
+    let mut gateway = GatewayProcess::prepare_with(stack.control(), free_port(), true).unwrap();
+    let ca_file = gateway.dir.join("nobody-ca.pem");
+    std::fs::write(&ca_file, gateway.tls.as_ref().unwrap().ca.pem()).unwrap();
+    // A CA nobody answers for.
+    gateway
+        .use_acme(&format!(
+            "directory = \"https://127.0.0.1:{}/dir\"\ndirectory_ca = \"{}\"\n",
+            free_port(),
+            ca_file.display()
+        ))
+        .unwrap();
+    // The kept pair is valid but inside the 30-day renewal window.
+    let tls = gateway.tls.as_ref().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let kept = tls.ca.issue_valid(
+        &["localhost"],
+        now - time::Duration::days(80),
+        now + time::Duration::days(10),
+    );
+    kept.write(&tls.platform_cert, &tls.platform_key).unwrap();
+    gateway.start().await.unwrap();
+    let ca = gateway.tls.as_ref().unwrap().ca.pem();
+
+    let (served, _) = wait_for_chain(
+        &gateway,
+        &ca,
+        Duration::from_secs(10),
+        "the kept pair",
+        |_| true,
+    )
+    .await;
+    assert_eq!(served[0], kept.cert_der);
+    gateway
+        .metrics_show(&["opencloud_gateway_acme_orders_total{outcome=\"failed\"} 1"])
+        .await;
+    let log = gateway.log();
+    assert!(
+        log.contains("ACME order failed, the serving certificate stays"),
+        "{log}"
+    );
+    assert_eq!(served_chain(gateway.addr(), &ca).unwrap()[0], kept.cert_der);
 }
