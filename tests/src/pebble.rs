@@ -12,7 +12,8 @@ use anyhow::{bail, Context};
 use crate::certs::TestCa;
 use crate::machine::{free_port, unique};
 
-const PEBBLE: &str = "/usr/bin/pebble";
+/// From PATH: Debian's package installs it as `pebble`.
+const PEBBLE: &str = "pebble";
 
 pub struct Pebble {
     child: Child,
