@@ -68,15 +68,58 @@ struct ControlFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TlsFile {
-    /// The platform origin's certificate chain and key (PEM).
-    cert: PathBuf,
-    key: PathBuf,
+    /// The platform origin's certificate chain and key (PEM); with `acme`,
+    /// where the issued pair is kept (default: in the state directory).
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
     /// The wildcard certificate for `*.{session_domain}` and its key;
     /// without them `cert` must name the wildcard too.
     #[serde(default)]
     session_cert: Option<PathBuf>,
     #[serde(default)]
     session_key: Option<PathBuf>,
+    /// Obtain and renew the platform certificate from an ACME CA.
+    #[serde(default)]
+    acme: Option<AcmeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcmeFile {
+    /// The CA's ACME directory URL.
+    directory: String,
+    /// An email address the CA may write to about the account.
+    #[serde(default)]
+    contact: Option<String>,
+    #[serde(default = "default_renew_before_days")]
+    renew_before_days: u32,
+    /// A PEM CA certificate to trust for the ACME server itself (a test
+    /// CA's); without it the system's roots.
+    #[serde(default)]
+    directory_ca: Option<PathBuf>,
+}
+
+fn default_renew_before_days() -> u32 {
+    30
+}
+
+/// Where an ACME-issued platform pair is kept when `tls.cert`/`tls.key`
+/// are not given, under the state directory.
+pub const ACME_CERT_FILE: &str = "acme-platform.pem";
+pub const ACME_KEY_FILE: &str = "acme-platform.key";
+
+/// The ACME part of the TLS config, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// `https://…/directory`.
+    pub directory: String,
+    /// `mailto:` URLs for the account.
+    pub contact: Vec<String>,
+    /// Renew when the certificate expires sooner than this.
+    pub renew_before: Duration,
+    pub directory_ca: Option<PathBuf>,
 }
 
 /// Where a certificate and its key are, and the config keys naming them.
@@ -96,6 +139,8 @@ pub struct TlsConfig {
     pub platform: CertFiles,
     /// The wildcard certificate for the session domain, when separate.
     pub sessions: Option<CertFiles>,
+    /// When set, `platform` is obtained and renewed by ACME.
+    pub acme: Option<AcmeConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,47 +249,66 @@ impl Config {
             return Err(invalid("timeouts", "timeouts must be above 0".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let tls =
-            match file.tls {
-                None => None,
-                Some(_) if !origins.platform.https() => return Err(invalid(
+        let tls = match file.tls {
+            None => None,
+            Some(_) if !origins.platform.https() => {
+                return Err(invalid(
                     "public_url",
                     "must start with https:// when [tls] is set: users would be sent to plain http"
                         .into(),
-                )),
-                Some(tls) => {
-                    let sessions = match (tls.session_cert, tls.session_key) {
-                        (Some(cert), Some(key)) => Some(CertFiles {
-                            cert: base.join(cert),
-                            key: base.join(key),
-                            cert_key: "tls.session_cert",
-                            key_key: "tls.session_key",
-                        }),
-                        (None, None) => None,
-                        (Some(_), None) => {
-                            return Err(invalid(
-                                "tls.session_key",
-                                "is missing: tls.session_cert needs its key".into(),
-                            ))
-                        }
-                        (None, Some(_)) => {
-                            return Err(invalid(
-                                "tls.session_cert",
-                                "is missing: tls.session_key needs its certificate".into(),
-                            ))
-                        }
+                ))
+            }
+            Some(tls) => {
+                let sessions = match (tls.session_cert, tls.session_key) {
+                    (Some(cert), Some(key)) => Some(CertFiles {
+                        cert: base.join(cert),
+                        key: base.join(key),
+                        cert_key: "tls.session_cert",
+                        key_key: "tls.session_key",
+                    }),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            "tls.session_key",
+                            "is missing: tls.session_cert needs its key".into(),
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "tls.session_cert",
+                            "is missing: tls.session_key needs its certificate".into(),
+                        ))
+                    }
+                };
+                let acme = tls
+                    .acme
+                    .map(|acme| acme_config(acme, base, sessions.is_some(), file.listen.http))
+                    .transpose()
+                    .map_err(|(key, message)| invalid(key, message))?;
+                let state_dir = base.join(&file.state_dir);
+                // With ACME the pair may be left to the state directory.
+                let platform_file =
+                    |given: Option<PathBuf>, key: &'static str, kept: &str| match (given, &acme) {
+                        (Some(path), _) => Ok(base.join(path)),
+                        (None, Some(_)) => Ok(state_dir.join(kept)),
+                        (None, None) => Err(invalid(
+                            key,
+                            "is missing: name the platform's pair, or set [tls.acme] to obtain it"
+                                .into(),
+                        )),
                     };
-                    Some(TlsConfig {
-                        platform: CertFiles {
-                            cert: base.join(tls.cert),
-                            key: base.join(tls.key),
-                            cert_key: "tls.cert",
-                            key_key: "tls.key",
-                        },
-                        sessions,
-                    })
-                }
-            };
+                Some(TlsConfig {
+                    platform: CertFiles {
+                        cert: platform_file(tls.cert, "tls.cert", ACME_CERT_FILE)?,
+                        key: platform_file(tls.key, "tls.key", ACME_KEY_FILE)?,
+                        cert_key: "tls.cert",
+                        key_key: "tls.key",
+                    },
+                    sessions,
+                    acme,
+                })
+            }
+        };
         if file.listen.http.is_some() && tls.is_none() {
             return Err(invalid(
                 "listen.http",
@@ -278,6 +342,68 @@ impl Config {
     pub fn session_origin(&self, sid: &str) -> String {
         self.session_domain.origin(self.https, sid)
     }
+}
+
+/// Checks `[tls.acme]`; an error names its key.
+fn acme_config(
+    file: AcmeFile,
+    base: &Path,
+    separate_session_pair: bool,
+    listen_http: Option<SocketAddr>,
+) -> Result<AcmeConfig, (&'static str, String)> {
+    // RFC 8555 §6.1: ACME runs over https only.
+    let directory_ok = file
+        .directory
+        .strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+    if !directory_ok {
+        return Err((
+            "tls.acme.directory",
+            "must be the CA's https:// ACME directory URL".into(),
+        ));
+    }
+    let contact = match file.contact {
+        None => Vec::new(),
+        Some(email) => {
+            let plausible = email
+                .split_once('@')
+                .is_some_and(|(user, domain)| !user.is_empty() && domain.contains('.'))
+                && !email.contains(|c: char| c.is_whitespace() || c == ',' || c == ':');
+            if !plausible {
+                return Err((
+                    "tls.acme.contact",
+                    "must be one email address (name@example.com)".into(),
+                ));
+            }
+            vec![format!("mailto:{email}")]
+        }
+    };
+    if !(1..=365).contains(&file.renew_before_days) {
+        return Err((
+            "tls.acme.renew_before_days",
+            "must be between 1 and 365".into(),
+        ));
+    }
+    if !separate_session_pair {
+        return Err((
+            "tls.session_cert",
+            "is required with [tls.acme]: ACME obtains the platform's certificate only; \
+             the session wildcard needs DNS-01 and stays yours to provide"
+                .into(),
+        ));
+    }
+    if listen_http.is_none() {
+        return Err((
+            "listen.http",
+            "is required with [tls.acme]: the CA checks HTTP-01 challenges there (port 80)".into(),
+        ));
+    }
+    Ok(AcmeConfig {
+        directory: file.directory,
+        contact,
+        renew_before: Duration::from_secs(u64::from(file.renew_before_days) * 86_400),
+        directory_ca: file.directory_ca.map(|ca| base.join(ca)),
+    })
 }
 
 #[cfg(test)]
@@ -375,5 +501,105 @@ mod tests {
         )];
         let err = with("", plain).unwrap_err().to_string();
         assert!(err.contains("key `listen.http`"), "{err}");
+    }
+
+    #[test]
+    fn acme_keeps_the_pair_in_the_state_dir_and_refuses_what_cannot_work_by_key() {
+        let (path, text) = shipped("acme");
+        let env = vec![
+            (
+                format!("{ENV_PREFIX}__PUBLIC_URL"),
+                "https://localhost:8443".to_owned(),
+            ),
+            (
+                format!("{ENV_PREFIX}__LISTEN__HTTP"),
+                "127.0.0.1:8080".to_owned(),
+            ),
+        ];
+        let sessions = "session_cert = \"s.pem\"\nsession_key = \"s.key\"\n";
+        let with = |tls: &str, acme: &str| {
+            Config::from_toml(
+                &path,
+                &format!("{text}\n[tls]\n{tls}[tls.acme]\n{acme}"),
+                env.clone(),
+            )
+        };
+        let refused = |tls: &str, acme: &str| with(tls, acme).unwrap_err().to_string();
+
+        let config = with(
+            sessions,
+            "directory = \"https://ca.example/dir\"\ncontact = \"ops@example.com\"\n\
+             directory_ca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.platform.cert, config.state_dir.join(ACME_CERT_FILE));
+        assert_eq!(tls.platform.key, config.state_dir.join(ACME_KEY_FILE));
+        let acme = tls.acme.unwrap();
+        assert_eq!(acme.contact, ["mailto:ops@example.com"]);
+        assert_eq!(acme.renew_before, Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            acme.directory_ca,
+            Some(path.parent().unwrap().join("ca.pem"))
+        );
+
+        // Named files are where the issued pair is kept.
+        let named = with(
+            &format!("cert = \"p.pem\"\nkey = \"p.key\"\n{sessions}"),
+            "directory = \"https://ca.example/dir\"\nrenew_before_days = 10\n",
+        )
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(named.platform.cert, path.parent().unwrap().join("p.pem"));
+        assert_eq!(
+            named.acme.unwrap().renew_before,
+            Duration::from_secs(10 * 86_400)
+        );
+
+        for (tls, acme, key) in [
+            (
+                sessions,
+                "directory = \"http://ca.example/dir\"\n",
+                "tls.acme.directory",
+            ),
+            (sessions, "", "tls.acme"),
+            (
+                sessions,
+                "directory = \"https://ca.example/dir\"\ncontact = \"mailto:ops\"\n",
+                "tls.acme.contact",
+            ),
+            (
+                sessions,
+                "directory = \"https://ca.example/dir\"\nrenew_before_days = 0\n",
+                "tls.acme.renew_before_days",
+            ),
+            (
+                sessions,
+                "directory = \"https://ca.example/dir\"\nsurprise = 1\n",
+                "tls.acme",
+            ),
+            (
+                "",
+                "directory = \"https://ca.example/dir\"\n",
+                "tls.session_cert",
+            ),
+        ] {
+            let err = refused(tls, acme);
+            assert!(err.contains(&format!("key `{key}")), "{key}: {err}");
+        }
+        let no_http_listener = Config::from_toml(
+            &path,
+            &format!(
+                "{text}\n[tls]\n{sessions}[tls.acme]\ndirectory = \"https://ca.example/dir\"\n"
+            ),
+            env[..1].to_vec(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            no_http_listener.contains("key `listen.http`"),
+            "{no_http_listener}"
+        );
     }
 }

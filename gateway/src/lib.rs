@@ -4,6 +4,8 @@
 //! tests also run: the proxy on the public listener, `/metrics` on its own
 //! listener, and the route watch in the background.
 
+#[cfg(feature = "tls")]
+pub mod acme;
 pub mod class;
 pub mod clock;
 pub mod config;
@@ -108,6 +110,27 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
                 "certificate reload",
                 Once::new(CertificateWatch(certificates)),
             ));
+            #[cfg(feature = "tls")]
+            if let Some(acme) = &tls.acme {
+                if let Some(ca) = &acme.directory_ca {
+                    std::fs::read(ca).map_err(|e| {
+                        anyhow::anyhow!(
+                            "tls.acme.directory_ca {}: cannot read the file: {e}",
+                            ca.display()
+                        )
+                    })?;
+                }
+                server.add_service(background_service(
+                    "acme",
+                    Once::new(acme::Acme {
+                        config: acme.clone(),
+                        files: tls.platform.clone(),
+                        platform_host: config.platform_host.clone(),
+                        state_dir: config.state_dir.clone(),
+                        challenges: config.state_dir.join(redirect::CHALLENGES_DIR),
+                    }),
+                ));
+            }
         }
     }
     server.add_service(proxy_service);
@@ -281,6 +304,14 @@ impl<T> Once<T> {
 #[async_trait]
 pub trait Task: Send + Sync + 'static {
     async fn run(self);
+}
+
+#[cfg(feature = "tls")]
+#[async_trait]
+impl Task for acme::Acme {
+    async fn run(self) {
+        acme::Acme::run(self).await
+    }
 }
 
 #[async_trait]

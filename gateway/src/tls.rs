@@ -39,7 +39,7 @@ pub enum TlsError {
 }
 
 /// The host part of `host[:port]`.
-fn host_only(host: &str) -> &str {
+pub(crate) fn host_only(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
@@ -50,9 +50,9 @@ struct Wanted {
     names: Vec<String>,
 }
 
-/// One loaded, checked pair.
+/// One loaded, checked pair; `None` while an ACME-kept pair is awaited.
 struct Loaded {
-    key: Arc<CertifiedKey>,
+    key: Option<Arc<CertifiedKey>>,
     stamp: Stamp,
 }
 
@@ -85,7 +85,12 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Loads and checks the pair in `files` for the names in `wanted`.
-fn load(files: &CertFiles, wanted: &Wanted, now: SystemTime) -> Result<Loaded, TlsError> {
+/// Also returns when the certificate expires.
+fn load(
+    files: &CertFiles,
+    wanted: &Wanted,
+    now: SystemTime,
+) -> Result<(Loaded, SystemTime), TlsError> {
     let stamp = Stamp::of(files);
     let (cert_key, key_key) = (files.cert_key, files.key_key);
     let cert_path = files.cert.display().to_string();
@@ -113,7 +118,7 @@ fn load(files: &CertFiles, wanted: &Wanted, now: SystemTime) -> Result<Loaded, T
             format!("holds no usable PEM private key: {e}"),
         )
     })?;
-    check_leaf(leaf, wanted, now).map_err(|m| invalid(cert_key, &cert_path, m))?;
+    let not_after = check_leaf(leaf, wanted, now).map_err(|m| invalid(cert_key, &cert_path, m))?;
     pingora::tls::install_default_crypto_provider();
     let provider = CryptoProvider::get_default().expect("installed just now");
     let key = CertifiedKey::from_der(chain, private, provider).map_err(|e| {
@@ -127,14 +132,21 @@ fn load(files: &CertFiles, wanted: &Wanted, now: SystemTime) -> Result<Loaded, T
             format!("does not match the certificate in {cert_key} ({cert_path}){why}"),
         )
     })?;
-    Ok(Loaded {
-        key: Arc::new(key),
-        stamp,
-    })
+    Ok((
+        Loaded {
+            key: Some(Arc::new(key)),
+            stamp,
+        },
+        not_after,
+    ))
 }
 
-/// The leaf is valid now and names every wanted name.
-fn check_leaf(leaf: &CertificateDer<'_>, wanted: &Wanted, now: SystemTime) -> Result<(), String> {
+/// The leaf is valid now and names every wanted name; when it expires.
+fn check_leaf(
+    leaf: &CertificateDer<'_>,
+    wanted: &Wanted,
+    now: SystemTime,
+) -> Result<SystemTime, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| format!("the first certificate does not parse: {e}"))?;
     let now = now
@@ -168,7 +180,9 @@ fn check_leaf(leaf: &CertificateDer<'_>, wanted: &Wanted, now: SystemTime) -> Re
         .filter(|w| !names.iter().any(|n| covers(n, w)))
         .collect();
     if missing.is_empty() {
-        Ok(())
+        let expires =
+            Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
+        Ok(SystemTime::UNIX_EPOCH + expires)
     } else {
         Err(format!(
             "the certificate does not name {} (it names: {})",
@@ -214,7 +228,7 @@ struct Slot {
 
 impl Slot {
     fn load(files: &CertFiles, wanted: Wanted) -> Result<Self, TlsError> {
-        let current = load(files, &wanted, SystemTime::now())?;
+        let (current, _) = load(files, &wanted, SystemTime::now())?;
         Ok(Self {
             files: files.clone(),
             wanted,
@@ -222,7 +236,27 @@ impl Slot {
         })
     }
 
-    fn key(&self) -> Arc<CertifiedKey> {
+    /// A slot for a pair ACME keeps: empty (no handshake succeeds) until a
+    /// usable pair is on disk, which the reload then picks up.
+    fn load_or_await(files: &CertFiles, wanted: Wanted) -> Self {
+        let current = match load(files, &wanted, SystemTime::now()) {
+            Ok((loaded, _)) => loaded,
+            Err(e) => {
+                tracing::info!("no usable platform certificate yet, ACME will obtain one: {e}");
+                Loaded {
+                    key: None,
+                    stamp: Stamp::of(files),
+                }
+            }
+        };
+        Self {
+            files: files.clone(),
+            wanted,
+            current: RwLock::new(current),
+        }
+    }
+
+    fn key(&self) -> Option<Arc<CertifiedKey>> {
         self.current.read().expect("certificate slot").key.clone()
     }
 
@@ -233,7 +267,7 @@ impl Slot {
             return Ok(false);
         }
         match load(&self.files, &self.wanted, SystemTime::now()) {
-            Ok(loaded) => {
+            Ok((loaded, _)) => {
                 *self.current.write().expect("certificate slot") = loaded;
                 Ok(true)
             }
@@ -258,12 +292,16 @@ impl Certificates {
         let session_name = format!("*.{}", host_only(session_host));
         let (platform, sessions) = match &config.sessions {
             Some(files) => (
-                Slot::load(
-                    &config.platform,
-                    Wanted {
+                {
+                    let wanted = Wanted {
                         names: vec![platform_name],
-                    },
-                )?,
+                    };
+                    if config.acme.is_some() {
+                        Slot::load_or_await(&config.platform, wanted)
+                    } else {
+                        Slot::load(&config.platform, wanted)?
+                    }
+                },
                 Some(Slot::load(
                     files,
                     Wanted {
@@ -336,6 +374,22 @@ impl Certificates {
     }
 }
 
+/// When the platform pair in `files` is due for renewal (`renew_before`
+/// ahead of its expiry); an error when it cannot serve at all.
+pub fn renewal_due(
+    files: &CertFiles,
+    platform_host: &str,
+    renew_before: Duration,
+) -> Result<SystemTime, TlsError> {
+    let wanted = Wanted {
+        names: vec![host_only(platform_host).to_owned()],
+    };
+    let (_, not_after) = load(files, &wanted, SystemTime::now())?;
+    Ok(not_after
+        .checked_sub(renew_before)
+        .unwrap_or(SystemTime::UNIX_EPOCH))
+}
+
 impl std::fmt::Debug for Certificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Certificates")
@@ -351,8 +405,8 @@ impl ResolvesServerCert for Certificates {
             .server_name()
             .is_some_and(|name| name.ends_with(&self.session_suffix));
         match (&self.sessions, for_session) {
-            (Some(sessions), true) => Some(sessions.key()),
-            _ => Some(self.platform.key()),
+            (Some(sessions), true) => sessions.key(),
+            _ => self.platform.key(),
         }
     }
 }
@@ -406,6 +460,7 @@ mod tests {
         TlsConfig {
             platform: files,
             sessions: None,
+            acme: None,
         }
     }
 
@@ -505,17 +560,18 @@ mod tests {
         let config = TlsConfig {
             platform,
             sessions: Some(sessions.clone()),
+            acme: None,
         };
         let certs = Certificates::load(&config, PLATFORM, SESSIONS).unwrap();
-        let served = certs.sessions.as_ref().unwrap().key();
-        assert!(!Arc::ptr_eq(&served, &certs.platform.key()));
+        let served = certs.sessions.as_ref().unwrap().key().unwrap();
+        assert!(!Arc::ptr_eq(&served, &certs.platform.key().unwrap()));
 
         // A key that does not match: refused, the old pair serves on.
         std::fs::write(&sessions.key, make(&["x"], None).key).unwrap();
         certs.reload(false);
         assert!(Arc::ptr_eq(
             &served,
-            &certs.sessions.as_ref().unwrap().key()
+            &certs.sessions.as_ref().unwrap().key().unwrap()
         ));
         // A good new pair: served from now on.
         let renewed = make(&["*.nb.example.com"], None);
@@ -524,7 +580,7 @@ mod tests {
         certs.reload(false);
         assert!(!Arc::ptr_eq(
             &served,
-            &certs.sessions.as_ref().unwrap().key()
+            &certs.sessions.as_ref().unwrap().key().unwrap()
         ));
     }
 }

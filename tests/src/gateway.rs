@@ -71,11 +71,19 @@ impl GatewayTls {
         Ok(pair)
     }
 
-    fn config(&self) -> String {
+    /// The `[tls]` lines naming the platform pair.
+    fn platform_lines(&self) -> String {
         format!(
-            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nsession_cert = \"{}\"\nsession_key = \"{}\"\n",
+            "cert = \"{}\"\nkey = \"{}\"\n",
             self.platform_cert.display(),
             self.platform_key.display(),
+        )
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[tls]\n{}session_cert = \"{}\"\nsession_key = \"{}\"\n",
+            self.platform_lines(),
             self.session_cert.display(),
             self.session_key.display()
         )
@@ -138,6 +146,19 @@ impl GatewayProcess {
             metrics_key,
             tls,
         })
+    }
+
+    /// Lets ACME obtain the platform certificate, with `acme` the body of
+    /// `[tls.acme]`: the test CA's pair is dropped from the config, and the
+    /// pair is kept where the gateway keeps it by default (its state dir).
+    pub fn use_acme(&mut self, acme: &str) -> anyhow::Result<()> {
+        let tls = self.tls.as_mut().context("ACME needs a TLS gateway")?;
+        let config = std::fs::read_to_string(&self.config_path)?.replace(&tls.platform_lines(), "")
+            + &format!("[tls.acme]\n{acme}");
+        std::fs::write(&self.config_path, config)?;
+        tls.platform_cert = self.dir.join("state/acme-platform.pem");
+        tls.platform_key = self.dir.join("state/acme-platform.key");
+        Ok(())
     }
 
     /// Starts (or restarts) the gateway and waits for its listener.

@@ -18,6 +18,7 @@ pub mod hosts;
 pub mod jupyter;
 pub mod kernel;
 pub mod machine;
+pub mod pebble;
 pub mod sandbox;
 pub mod sessions;
 pub mod stack;
