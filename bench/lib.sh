@@ -297,7 +297,7 @@ EOF
 gateway_session() {
   local log="$TMP/session.log" pid
   start session "${ON_LOAD[@]}" "$RELEASE/oc-bench" session --db-url "$DB_URL" --gateway "127.0.0.1:$GW_PORT" \
-    --upstream-port "$1" --upstream-kind "${2:-http}"
+    --upstream-port "$1" --upstream-kind "${2:-http}" --ca-dir "$TMP/stack"
   pid=$LAST_PID
   # COOKIE= is the last line it prints.
   for _ in $(seq 1 600); do

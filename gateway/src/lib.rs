@@ -15,6 +15,7 @@ pub mod forwarding;
 pub mod hardening;
 pub mod health;
 pub mod host_link;
+pub mod link_certificate;
 pub mod pages;
 pub mod proxy;
 pub mod store;
@@ -74,6 +75,12 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
 
     let control =
         control_client::ControlClient::new(&config.control_internal_url, &config.gateway_key)?;
+    let link_credentials = link_certificate::ClientCredentials::default();
+    let link_renewer = link_certificate::Renewer::open(
+        &config.state_dir,
+        link_credentials.clone(),
+        control.clone(),
+    )?;
     let health = health::HostHealth::default();
     let usage = usage::UsageBook::default();
     let connections = connections::OpenConnections::default();
@@ -86,6 +93,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         metrics: proxy::RequestMetrics::default(),
         verified: verified::VerifiedTokens::default(),
         connections: connections.clone(),
+        link_credentials,
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {
@@ -131,6 +139,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
             gateway_name: config.name.clone(),
             control: control.clone(),
         }),
+    ));
+    server.add_service(background_service(
+        "link client certificate",
+        Once::new(link_renewer),
     ));
     server.add_service(background_service(
         "usage reports",
@@ -217,6 +229,13 @@ impl Task for watch::Watcher {
 impl Task for health::HealthChecker {
     async fn run(self) {
         health::HealthChecker::run(self).await
+    }
+}
+
+#[async_trait]
+impl Task for link_certificate::Renewer {
+    async fn run(self) {
+        link_certificate::Renewer::run(self).await
     }
 }
 

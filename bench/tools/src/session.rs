@@ -50,6 +50,7 @@ pub async fn session(
     gateway: SocketAddr,
     upstream_port: u16,
     websocket_upstream: bool,
+    ca_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let port = gateway.port();
     let platform = format!("http://localhost:{port}");
@@ -88,8 +89,11 @@ pub async fn session(
     let pool = mysql_async::Pool::new(db_url);
     let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
     // Its link stops when this is dropped: it lives until the process ends.
+    let ca = opencloud_control::host_ca::HostCa::open(ca_dir, opencloud_control::now_unix())
+        .context("control's host CA")?;
     let external = opencloud_e2e::external::register_external(
         &pool,
+        &ca,
         user_id,
         project_id,
         Target::Tcp(upstream),
