@@ -388,16 +388,62 @@ where
     Ok(())
 }
 
+/// Dials the host link at `addr` as a gateway does: trusting `ca` (PEM)
+/// alone, presenting `client` (certificate and key, PEM) if given, asking
+/// for session `sid` of host `host`; sends `request` and reads the answer to
+/// its end. For trying a link from outside (tests, tools); the gateway's own
+/// connections are Pingora's.
+pub async fn dial(
+    addr: SocketAddr,
+    ca: &str,
+    client: Option<(&str, &str)>,
+    (sid, host): (&str, u64),
+    request: &[u8],
+) -> Result<String, String> {
+    let mut roots = RootCertStore::empty();
+    let ca = CertificateDer::from_pem_slice(ca.as_bytes()).map_err(|e| e.to_string())?;
+    roots.add(ca).map_err(|e| e.to_string())?;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((certificate, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(certificate.as_bytes())
+                    .map_err(|e| e.to_string())?],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::try_from(
+        opencloud_protocol::link::session_server_name(sid, host),
+    )
+    .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // In TLS 1.3 a refused client certificate shows on the first read.
+    tls.write_all(request).await.map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(answer)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use opencloud_protocol::link::{host_name, host_wildcard, session_server_name};
+    use opencloud_protocol::link::{host_name, host_wildcard};
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     };
     use std::collections::HashMap;
-    use tokio_rustls::TlsConnector;
 
     const SID: &str = "abcdefghijklmnopqrstuvwxyz";
     const HOST: u64 = 7;
@@ -507,38 +553,9 @@ mod tests {
         host: u64,
         sid: &str,
     ) -> Result<String, String> {
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(ca.issuer.pem().as_bytes()).unwrap())
-            .unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let config = match client {
-            Some(client) => builder
-                .with_client_auth_cert(
-                    vec![CertificateDer::from_pem_slice(client.certificate.as_bytes()).unwrap()],
-                    PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap(),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(session_server_name(sid, host)).unwrap();
-        let mut tls = TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        // In TLS 1.3 a refused client certificate shows on the first read.
-        tls.write_all(b"GET /api/contents HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut answer = String::new();
-        tls.read_to_string(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(answer)
+        let client = client.map(|c| (c.certificate.as_str(), c.key.as_str()));
+        let request = b"GET /api/contents HTTP/1.1\r\nhost: x\r\n\r\n";
+        dial(addr, &ca.issuer.pem(), client, (sid, host), request).await
     }
 
     #[tokio::test]

@@ -9,7 +9,6 @@
 //! kernel WebSocket through the link.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opencloud_control::host_ca::{Holder, HostCa, Issued};
@@ -20,15 +19,12 @@ use opencloud_e2e::stack::Target;
 use opencloud_e2e::upstream::{capture_upstream, loopback};
 use opencloud_e2e::{kernel, sessions, unique, ControlOptions, TestStack, TestUser};
 use opencloud_protocol::agent::{AgentSession, AgentSessionState};
-use opencloud_protocol::link::{
-    certificate_request, new_private_key, session_server_name, CertFingerprint,
-};
+use opencloud_protocol::link::{certificate_request, new_private_key, CertFingerprint};
 use opencloud_protocol::routes::new_sid;
 use reqwest::StatusCode;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until the gateway knows session `sid`'s route (anything but 404).
 async fn wait_for_route(stack: &TestStack, user: &TestUser, sid: &str) {
@@ -348,7 +344,7 @@ fn credential(ca: &HostCa, holder: Holder) -> Credential {
 
 /// Dials a host link at `addr` as a gateway would, trusting only `ca`,
 /// presenting `client` (if any), asking for session `sid` of host `host`;
-/// sends one request and returns what came back, or why nothing did.
+/// what came back to one request, or why nothing did.
 async fn dial_link(
     addr: SocketAddr,
     ca: &HostCa,
@@ -356,39 +352,9 @@ async fn dial_link(
     host: u64,
     sid: &str,
 ) -> Result<String, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.certificate().as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(opencloud_agent::host_link::crypto_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client {
-        Some(client) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(client.certificate.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from(session_server_name(sid, host)).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    // With TLS 1.3 a refused client certificate shows at the first read.
-    tls.write_all(b"GET /api/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(answer)
+    let client = client.map(|c| (c.certificate.as_str(), c.key.as_str()));
+    let request = b"GET /api/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    opencloud_agent::host_link::dial(addr, ca.certificate(), client, (sid, host), request).await
 }
 
 /// A real agent, registered and placeable: its host id and link address.
