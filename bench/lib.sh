@@ -329,7 +329,7 @@ gateway_session() {
   local tls_ca=()
   [ "$TLS" = 1 ] && tls_ca=(--tls-ca "$TLS_DIR/ca.pem")
   start session "${ON_LOAD[@]}" "$RELEASE/oc-bench" session --db-url "$DB_URL" --gateway "127.0.0.1:$GW_PORT" \
-    --upstream-port "$1" --upstream-kind "${2:-http}" "${tls_ca[@]}"
+    --upstream-port "$1" --upstream-kind "${2:-http}" --ca-dir "$TMP/stack" "${tls_ca[@]}"
   pid=$LAST_PID
   # COOKIE= is the last line it prints.
   for _ in $(seq 1 600); do

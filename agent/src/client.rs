@@ -6,7 +6,8 @@ use opencloud_protocol::agent::{
     AgentEvent, AgentHello, CommandBatch, Heartbeat, HeartbeatReply, Registered,
     COMMAND_POLL_SECONDS, HOST_KEY_SCHEME,
 };
-use opencloud_protocol::paths::agent::{COMMANDS, EVENTS, HEARTBEAT, REGISTER};
+use opencloud_protocol::link::{CertificateRequest, LinkCertificate};
+use opencloud_protocol::paths::agent::{COMMANDS, EVENTS, HEARTBEAT, LINK_CERTIFICATE, REGISTER};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,12 @@ impl ControlClient {
 
     pub async fn register(&self, hello: &AgentHello) -> Result<Registered, ClientError> {
         self.post(REGISTER, hello).await
+    }
+
+    /// A new host link certificate for the request `csr` (PEM).
+    pub async fn link_certificate(&self, csr: String) -> Result<LinkCertificate, ClientError> {
+        self.post(LINK_CERTIFICATE, &CertificateRequest { csr })
+            .await
     }
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ClientError> {

@@ -43,6 +43,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let listeners = listener::bind(&config).await?;
 
     let (supervisor, events) = Supervisor::open(config.clone()).await?;
+    // Made once, after the work dir exists; only requests for it leave.
+    let link_key = opencloud_protocol::config::read_or_create_private_file(
+        "host link key",
+        &workdir::Layout {
+            work_dir: config.work_dir.clone(),
+        }
+        .link_key(),
+        opencloud_protocol::link::new_private_key,
+    )?;
     if let Some(reason) = supervisor.cgroup_unavailable_reason() {
         tracing::warn!(
             "sessions run WITHOUT memory and CPU limits: cgroup v2 is not usable here ({reason})"
@@ -69,13 +78,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     tokio::pin!(shutdown);
     let registered = tokio::select! {
-        registered = link::register(&client, &supervisor) => registered,
+        registered = link::register(&client, &supervisor, &link_key) => registered,
         () = &mut shutdown => {
             finish(stop_tx, tasks, outbox).await;
             return Ok(());
         }
     };
-    let registered = match registered {
+    let (registered, identity) = match registered {
         Ok(registered) => registered,
         Err(e) => {
             if matches!(&e, Error::KeyRejected { code, .. } if code == HOST_KEY_REVOKED) {
@@ -86,15 +95,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             return Err(e);
         }
     };
-    identity_tx.send_replace(Some(host_link::LinkIdentity {
-        host_id: registered.host_id,
-        key: registered.link_key.clone(),
-    }));
+    identity_tx.send_replace(Some(identity));
     link::spawn_tasks(
         &mut tasks,
         &client,
         &supervisor,
         registered,
+        link::LinkRenewal {
+            key: link_key,
+            identity: identity_tx,
+        },
         fatal_tx,
         &stop_rx,
     );

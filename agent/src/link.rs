@@ -1,7 +1,7 @@
 //! The agent's link to control, built on [`ControlClient`]: registering
 //! (retried while control is unreachable), heartbeats with load and
-//! sessions, polling for commands and running them, and delivering the
-//! supervisor's events in order.
+//! sessions, polling for commands and running them, delivering the
+//! supervisor's events in order, and renewing the host link's certificate.
 //!
 //! A refused host key ends the link: the task that meets it sends
 //! [`Error::KeyRejected`] on the `fatal` channel and returns.
@@ -13,13 +13,15 @@ use std::time::Duration;
 use opencloud_protocol::agent::{
     Action, AgentEvent, AgentHello, Command, Heartbeat, Registered, HEARTBEAT_MS,
 };
+use opencloud_protocol::link::{certificate_request, LinkCertificate};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use crate::client::{ClientError, ControlClient};
 use crate::error::Error;
+use crate::host_link::LinkIdentity;
 use crate::load;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{unix_now, Supervisor};
 
 /// Reported to control in hellos and heartbeats.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -56,7 +58,7 @@ impl Backoff {
     }
 }
 
-fn hello(supervisor: &Supervisor) -> AgentHello {
+fn hello(supervisor: &Supervisor, link_csr: String) -> AgentHello {
     let config = supervisor.config();
     AgentHello {
         version: VERSION.to_owned(),
@@ -65,18 +67,40 @@ fn hello(supervisor: &Supervisor) -> AgentHello {
         capacity: config.capacity,
         cgroup_limits: supervisor.cgroup_limits(),
         sessions: supervisor.sessions(),
+        link_csr,
     }
 }
 
-/// Registers, retrying while control is unreachable.
+/// A certificate request for the host link's key (PEM).
+fn link_request(link_key: &str) -> Result<String, Error> {
+    certificate_request(link_key).map_err(|e| Error::Setup(format!("host link key: {e}")))
+}
+
+/// Registers, retrying while control is unreachable; returns control's
+/// answer and the identity the host link serves under from now on.
 pub(crate) async fn register(
     client: &ControlClient,
     supervisor: &Supervisor,
+    link_key: &str,
+) -> Result<(Registered, LinkIdentity), Error> {
+    let registered = register_once(client, supervisor, link_key).await?;
+    let identity = LinkIdentity::new(registered.host_id, &registered.link_certificate, link_key)
+        .map_err(|e| Error::Setup(e.to_string()))?;
+    Ok((registered, identity))
+}
+
+async fn register_once(
+    client: &ControlClient,
+    supervisor: &Supervisor,
+    link_key: &str,
 ) -> Result<Registered, Error> {
     let mut backoff = Backoff::new();
     let mut failures = 0u32;
     loop {
-        match client.register(&hello(supervisor)).await {
+        match client
+            .register(&hello(supervisor, link_request(link_key)?))
+            .await
+        {
             Ok(registered) => return Ok(registered),
             Err(e) if e.is_retryable() => {
                 failures += 1;
@@ -91,13 +115,21 @@ pub(crate) async fn register(
     }
 }
 
+/// What the host link needs to renew its certificate.
+pub(crate) struct LinkRenewal {
+    pub key: String,
+    pub identity: watch::Sender<Option<LinkIdentity>>,
+}
+
 /// Once registered: stops what control no longer wants, then spawns the
-/// heartbeats, the command poll and the activity refresh into `tasks`.
+/// heartbeats, the command poll, the activity refresh and the link
+/// certificate's renewal into `tasks`.
 pub(crate) fn spawn_tasks(
     tasks: &mut tokio::task::JoinSet<()>,
     client: &ControlClient,
     supervisor: &Supervisor,
     registered: Registered,
+    link: LinkRenewal,
     fatal: mpsc::Sender<Error>,
     stop: &watch::Receiver<bool>,
 ) {
@@ -127,8 +159,60 @@ pub(crate) fn spawn_tasks(
         stopping,
         fatal.clone(),
     ));
+    tasks.spawn(renew_link_certificate(
+        client.clone(),
+        registered.host_id,
+        registered.link_certificate,
+        link,
+        fatal.clone(),
+    ));
     tasks.spawn(commands(client.clone(), supervisor.clone(), fatal));
     tasks.spawn(refresh_activity(supervisor.clone(), stop.clone()));
+}
+
+/// Asks control for a new link certificate with a third of the current
+/// one's life left and serves it from then on: control pins the new one
+/// in the route table as it issues it.
+async fn renew_link_certificate(
+    client: ControlClient,
+    host_id: u64,
+    mut current: LinkCertificate,
+    link: LinkRenewal,
+    fatal: mpsc::Sender<Error>,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        let wait = current.renew_at().saturating_sub(unix_now());
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let renewed = match link_request(&link.key) {
+            Ok(csr) => client.link_certificate(csr).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let identity = renewed.and_then(|certificate| {
+            LinkIdentity::new(host_id, &certificate, &link.key)
+                .map(|identity| (certificate, identity))
+                .map_err(|e| Error::Setup(e.to_string()))
+        });
+        match identity {
+            Ok((certificate, identity)) => {
+                tracing::info!(
+                    not_after = certificate.not_after,
+                    "host link certificate renewed"
+                );
+                link.identity.send_replace(Some(identity));
+                current = certificate;
+                backoff.reset();
+            }
+            Err(e @ Error::KeyRejected { .. }) => {
+                let _ = fatal.send(e).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cannot renew the host link certificate yet: {e}");
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
 }
 
 fn stop_sessions(

@@ -50,7 +50,7 @@ pub async fn bind(config: &Config) -> Result<Listeners, Error> {
 
 impl Listeners {
     /// Serves both until `stop` turns true; the link forwards to
-    /// `sessions` once `identity` holds this host's link key.
+    /// `sessions` once `identity` holds this host's link certificate.
     pub fn spawn(
         self,
         tasks: &mut tokio::task::JoinSet<()>,

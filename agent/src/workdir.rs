@@ -54,6 +54,11 @@ impl Layout {
     pub fn server_config(&self) -> PathBuf {
         self.work_dir.join("jupyter_server_config.py")
     }
+    /// The host link's private key (0600): made at the first start, kept
+    /// across restarts; only certificate requests for it leave the host.
+    pub fn link_key(&self) -> PathBuf {
+        self.work_dir.join("link.key")
+    }
     /// Jupyter data (`JUPYTER_PATH`) every server shares read-only: the kernel spec.
     pub fn jupyter_data(&self) -> PathBuf {
         self.work_dir.join("jupyter")

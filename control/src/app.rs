@@ -1,6 +1,6 @@
 //! The state every request handler and background job shares: config,
-//! database pool, password hasher, metrics handle, the stop signal and the
-//! agents' wake-ups. Cheap to clone.
+//! database pool, password hasher, host CA, metrics handle, the stop signal
+//! and the agents' wake-ups. Cheap to clone.
 
 use std::sync::Arc;
 
@@ -9,6 +9,7 @@ use mysql_async::Pool;
 
 use crate::accounts;
 use crate::config::Config;
+use crate::host_ca::HostCa;
 use crate::sessions::commands::Wakeups;
 
 /// Everything a request handler may need, cheap to clone.
@@ -17,6 +18,8 @@ pub struct App {
     pub config: Arc<Config>,
     pub pool: Pool,
     pub passwords: accounts::Passwords,
+    /// Signs the host link's certificates.
+    pub host_ca: HostCa,
     pub metrics: PrometheusHandle,
     /// Turns true when the service is shutting down, so long-lived
     /// responses (route watch streams) and background jobs end.
@@ -26,12 +29,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, pool: Pool, metrics: PrometheusHandle) -> Self {
+    pub fn new(config: Config, pool: Pool, host_ca: HostCa, metrics: PrometheusHandle) -> Self {
         let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
         Self {
             config: Arc::new(config),
             pool,
             passwords,
+            host_ca,
             metrics,
             stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
             wakeups: Wakeups::default(),

@@ -155,6 +155,9 @@ pub struct Config {
     /// Keys gateways authenticate with on the internal listener.
     pub gateway_keys: GatewayKeys,
     pub keys: Keyring,
+    /// Where the host CA's key and certificate live: the keys file's
+    /// directory (`host_ca`).
+    pub host_ca_dir: PathBuf,
     pub trusted_proxies: Vec<IpAddr>,
     /// Hosts may advertise loopback, private and link-local addresses.
     pub allow_private_hosts: bool,
@@ -296,6 +299,12 @@ impl Config {
         }
 
         let keys = config::load_keys(path, &file.keys_file)?;
+        let host_ca_dir = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&file.keys_file)
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
 
         Ok(Self {
             secure_cookies: origins.platform.https(),
@@ -303,6 +312,7 @@ impl Config {
             session_domain: origins.sessions,
             gateway_keys: GatewayKeys(file.gateway_keys),
             keys,
+            host_ca_dir,
             trusted_proxies: file.trusted_proxies,
             allow_private_hosts: file.allow_private_hosts,
             listen_public: file.listen.public,

@@ -10,7 +10,7 @@ use base64::Engine;
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::agent::{AgentHello, AgentSession, Heartbeat, HeartbeatReply, Registered};
-use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::link::LinkCertificate;
 use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
 use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute};
 use serde::Serialize;
@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::now_unix;
 use crate::error::AppError;
+use crate::host_ca::{Holder, HostCa, Issued};
 use crate::names::NameRule;
 use crate::routes::{commit, host_route, publish, HostRow, HOST_COLUMNS};
 use crate::sessions::ending::end_tx;
@@ -364,10 +365,10 @@ pub async fn rotate_key(pool: &Pool, owner_id: u64, id: u64) -> Result<String, A
     let key = new_key();
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    // The link key goes with the HostKey: gateways stop trusting the old
-    // one now, and the agent's next registration gets a new one.
+    // The link certificate goes with the HostKey: gateways stop trusting
+    // the old one now, and the agent's next registration gets a new one.
     tx.exec_drop(
-        "UPDATE hosts SET key_digest = ?, key_revoked_at = NULL, link_key = NULL,
+        "UPDATE hosts SET key_digest = ?, key_revoked_at = NULL, link_cert_sha256 = NULL,
             updated_at = UTC_TIMESTAMP(6)
          WHERE id = ? AND owner_id = ?",
         (key_digest(&key), id, owner_id),
@@ -381,14 +382,16 @@ pub async fn rotate_key(pool: &Pool, owner_id: u64, id: u64) -> Result<String, A
     Ok(key)
 }
 
-/// Revokes the host's key: its agent is refused from now on, the host goes
-/// offline and its sessions are lost.
+/// Revokes the host's key: its agent is refused from now on, gateways stop
+/// trusting its link certificate, the host goes offline and its sessions
+/// are lost.
 pub async fn revoke_key(pool: &Pool, owner_id: u64, id: u64) -> Result<(), AppError> {
     get(pool, Some(owner_id), id).await?;
     pool.get_conn()
         .await?
         .exec_drop(
-            "UPDATE hosts SET key_revoked_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6)
+            "UPDATE hosts SET key_revoked_at = UTC_TIMESTAMP(6), link_cert_sha256 = NULL,
+                updated_at = UTC_TIMESTAMP(6)
              WHERE id = ? AND owner_id = ? AND key_revoked_at IS NULL",
             (id, owner_id),
         )
@@ -657,11 +660,15 @@ fn check_heartbeat(beat: &Heartbeat, now: u64) -> Result<(), AppError> {
 /// servers it kept that control no longer wants are listed for stopping.
 pub async fn register(
     pool: &Pool,
+    ca: &HostCa,
     host_id: u64,
     hello: &AgentHello,
     allow_private: bool,
 ) -> Result<Registered, AppError> {
-    let address = check_hello(hello, now_unix(), allow_private)?.to_string();
+    let now = now_unix();
+    let address = check_hello(hello, now, allow_private)?.to_string();
+    // Each registration gets a new certificate: the agent may have a new key.
+    let issued = issue_link_certificate(ca, host_id, &hello.link_csr, now)?;
     let health_url = if address.contains(':') {
         format!("http://[{address}]:{}/healthz", hello.link_port)
     } else {
@@ -669,28 +676,19 @@ pub async fn register(
     };
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let (name, link_key): (String, Option<String>) = tx
-        .exec_first(
-            "SELECT name, link_key FROM hosts WHERE id = ? FOR UPDATE",
-            (host_id,),
-        )
+    let name: String = tx
+        .exec_first("SELECT name FROM hosts WHERE id = ? FOR UPDATE", (host_id,))
         .await?
         .ok_or(AppError::HostKeyInvalid)?;
-    // Kept across registrations, so an agent restart does not break the
-    // gateways' pooled connections; a new HostKey clears it.
-    let link_key = link_key
-        .as_deref()
-        .and_then(LinkKey::parse)
-        .unwrap_or_else(LinkKey::generate);
     tx.exec_drop(
-        "UPDATE hosts SET address = ?, link_port = ?, link_key = ?, health_url = ?, state = 'online',
+        "UPDATE hosts SET address = ?, link_port = ?, link_cert_sha256 = ?, health_url = ?, state = 'online',
             max_sessions = ?, cpu_cores = ?, memory_mib = ?, cgroup_limits = ?, agent_version = ?,
             registered_at = UTC_TIMESTAMP(6), last_heartbeat_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6)
          WHERE id = ?",
         (
             &address,
             hello.link_port,
-            link_key.expose(),
+            issued.fingerprint.to_string(),
             &health_url,
             hello.capacity.max_sessions,
             f64::from(hello.capacity.cpu_cores),
@@ -742,8 +740,62 @@ pub async fn register(
         name,
         heartbeat_ms: opencloud_protocol::agent::HEARTBEAT_MS,
         stop,
-        link_key,
+        link_certificate: issued.certificate,
     })
+}
+
+/// A host link certificate for host `host_id` from its request; a bad
+/// request is a 400 naming `link_csr`.
+fn issue_link_certificate(
+    ca: &HostCa,
+    host_id: u64,
+    csr: &str,
+    now: u64,
+) -> Result<Issued, AppError> {
+    ca.issue(Holder::Host(host_id), csr, now).map_err(|e| {
+        AppError::invalid(
+            "link_csr",
+            format!("The link certificate request was refused: {e}."),
+        )
+    })
+}
+
+/// A new link certificate for a registered host whose current one nears
+/// its end: gateways trust the new one from this commit on, and the old
+/// one no longer.
+pub async fn renew_link_certificate(
+    pool: &Pool,
+    ca: &HostCa,
+    host_id: u64,
+    csr: &str,
+) -> Result<LinkCertificate, AppError> {
+    let issued = issue_link_certificate(ca, host_id, csr, now_unix())?;
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    // Only a host that registered under its current key has a certificate
+    // to renew; after a rotation the agent must register again.
+    tx.exec_drop(
+        "UPDATE hosts SET link_cert_sha256 = ?, updated_at = UTC_TIMESTAMP(6)
+         WHERE id = ? AND link_cert_sha256 IS NOT NULL",
+        (issued.fingerprint.to_string(), host_id),
+    )
+    .await?;
+    if tx.affected_rows() == 0 {
+        return Err(AppError::Conflict {
+            field: None,
+            message: "this host has no link certificate to renew; register again".into(),
+        });
+    }
+    if let Some(route) = host_route_tx(&mut tx, host_id).await? {
+        publish(&mut tx, &[Change::UpsertHost(route)]).await?;
+    }
+    commit(tx).await?;
+    tracing::info!(
+        host = host_id,
+        not_after = issued.certificate.not_after,
+        "host link certificate renewed"
+    );
+    Ok(issued.certificate)
 }
 
 /// A heartbeat: load, liveness, per-session activity. Brings an offline

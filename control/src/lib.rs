@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod host_ca;
 pub mod hosts;
 pub mod ids;
 pub mod names;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use opencloud_control::host_ca::HostCa;
 use opencloud_control::{accounts, db, packages, App, Config};
 
 /// OpenCloud control service.
@@ -85,7 +86,9 @@ async fn run() -> anyhow::Result<()> {
     let applied = db::migrate(&pool).await.context("migrations")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let app = App::new(config, pool, opencloud_control::install_metrics()?);
+            let host_ca = HostCa::open(&config.host_ca_dir, opencloud_control::now_unix())
+                .context("host CA")?;
+            let app = App::new(config, pool, host_ca, opencloud_control::install_metrics()?);
             opencloud_control::serve(app, shutdown_signal()).await
         }
         Command::Migrate => {

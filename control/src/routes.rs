@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::{IsolationLevel, Pool, Transaction, TxOpts};
-use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::link::CertFingerprint;
 use opencloud_protocol::routes::{
     Change, Delta, HostRoute, HostState, Revocation, SessionRoute, Snapshot, WatchMessage,
 };
@@ -121,18 +121,19 @@ type SessionRow = (String, u64, u64, String);
 
 /// The columns [`host_route`] reads, in its order.
 pub(crate) const HOST_COLUMNS: &str =
-    "id, address, link_port, link_key, health_url, state, draining";
+    "id, address, link_port, link_cert_sha256, health_url, state, draining";
 pub(crate) const SESSION_COLUMNS: &str = "sid, user_id, host_id, state";
 
 pub(crate) fn host_route(
-    (id, address, link_port, link_key, health_url, state, draining): HostRow,
+    (id, address, link_port, link_cert_sha256, health_url, state, draining): HostRow,
 ) -> HostRoute {
     HostRoute {
         id,
         address,
         link_port,
-        // A stored key is always one control made; anything else is no key.
-        link_key: link_key.as_deref().and_then(LinkKey::parse),
+        // Control writes only fingerprints; anything else pins nothing, and
+        // the host gets no traffic.
+        link_cert_sha256: link_cert_sha256.as_deref().and_then(CertFingerprint::parse),
         health_url,
         state: match (host_state(&state), draining) {
             (HostState::Online, true) => HostState::Draining,

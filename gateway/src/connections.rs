@@ -322,7 +322,7 @@ mod tests {
             id,
             address: "127.0.0.1".into(),
             link_port: 1,
-            link_key: None,
+            link_cert_sha256: None,
             health_url: "http://127.0.0.1:1/healthz".into(),
             state,
         }

@@ -1,5 +1,6 @@
 //! Everything the gateway says to control, on control's internal listener:
-//! it follows the route stream and posts health and usage reports. Every
+//! it follows the route stream, posts health and usage reports, and asks
+//! for its host link client certificate. Every
 //! call carries this gateway's key as a bearer token; the URLs come from
 //! [`paths::internal`], the bodies from
 //! [`reports`](opencloud_protocol::reports). The loops that decide
@@ -12,6 +13,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use opencloud_protocol::link::{CertificateRequest, LinkCertificate};
 use opencloud_protocol::paths;
 use opencloud_protocol::reports::{HealthReport, UsageReport};
 use reqwest::StatusCode;
@@ -23,6 +25,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A usage report that does not arrive in time is kept for the next round.
 const USAGE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Signing a certificate is quick; a slow answer is asked for again.
+const CERTIFICATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a call to control did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +82,18 @@ impl ControlClient {
     pub async fn report_usage(&self, report: &UsageReport) -> Result<(), ControlError> {
         self.post(paths::internal::USAGE, USAGE_REPORT_TIMEOUT, report)
             .await
+    }
+
+    /// A client certificate for host links for the request `csr` (PEM),
+    /// with the host CA.
+    pub async fn link_certificate(&self, csr: String) -> Result<LinkCertificate, ControlError> {
+        let url = format!("{}{}", self.base_url, paths::internal::LINK_CERTIFICATE);
+        let request = self
+            .http
+            .post(url)
+            .timeout(CERTIFICATE_TIMEOUT)
+            .json(&CertificateRequest { csr });
+        Ok(self.send(request).await?.json().await?)
     }
 
     /// Posts `body` as JSON to `path`, giving up after `limit`.

@@ -4,7 +4,6 @@
 //! tests also run: the proxy on the public listener, `/metrics` on its own
 //! listener, and the route watch in the background.
 
-#[cfg(feature = "tls")]
 pub mod acme;
 pub mod class;
 pub mod clock;
@@ -17,13 +16,13 @@ pub mod forwarding;
 pub mod hardening;
 pub mod health;
 pub mod host_link;
+pub mod link_certificate;
 pub mod pages;
 pub mod proxy;
 pub mod redirect;
 pub mod store;
 pub mod table;
 pub mod tickets;
-#[cfg(feature = "tls")]
 pub mod tls;
 pub mod usage;
 pub mod verified;
@@ -79,6 +78,12 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
 
     let control =
         control_client::ControlClient::new(&config.control_internal_url, &config.gateway_key)?;
+    let link_credentials = link_certificate::ClientCredentials::default();
+    let link_renewer = link_certificate::Renewer::open(
+        &config.state_dir,
+        link_credentials.clone(),
+        control.clone(),
+    )?;
     let health = health::HostHealth::default();
     let usage = usage::UsageBook::default();
     let connections = connections::OpenConnections::default();
@@ -91,6 +96,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         metrics: proxy::RequestMetrics::default(),
         verified: verified::VerifiedTokens::default(),
         connections: connections.clone(),
+        link_credentials,
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {
@@ -110,7 +116,6 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
                 "certificate reload",
                 Once::new(CertificateWatch(certificates)),
             ));
-            #[cfg(feature = "tls")]
             if let Some(acme) = &tls.acme {
                 if let Some(ca) = &acme.directory_ca {
                     std::fs::read(ca).map_err(|e| {
@@ -180,6 +185,10 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         }),
     ));
     server.add_service(background_service(
+        "link client certificate",
+        Once::new(link_renewer),
+    ));
+    server.add_service(background_service(
         "usage reports",
         Once::new(usage::UsageReporter {
             book: usage,
@@ -198,7 +207,6 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
 
 /// The public listener on TLS: certificates chosen by SNI (checked now, so
 /// a pair that cannot work stops start-up), HTTP/2 offered by ALPN.
-#[cfg(feature = "tls")]
 fn add_tls_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
     service: &mut Service<A>,
     address: &str,
@@ -219,34 +227,14 @@ fn add_tls_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
     Ok(certificates)
 }
 
-#[cfg(not(feature = "tls"))]
-fn add_tls_listener<A>(
-    _: &mut Service<A>,
-    _: &str,
-    tls_config: &config::TlsConfig,
-    _: &Config,
-) -> anyhow::Result<std::convert::Infallible> {
-    anyhow::bail!(
-        "{}: [tls] is set, but this gateway was built without TLS (cargo feature `tls`)",
-        tls_config.platform.cert_key
-    )
-}
-
 /// Reloads the certificates when their files change or on SIGHUP.
-struct CertificateWatch<C>(C);
+struct CertificateWatch(Arc<tls::Certificates>);
 
-#[cfg(feature = "tls")]
 #[async_trait]
-impl Task for CertificateWatch<Arc<tls::Certificates>> {
+impl Task for CertificateWatch {
     async fn run(self) {
         self.0.watch().await
     }
-}
-
-#[cfg(not(feature = "tls"))]
-#[async_trait]
-impl Task for CertificateWatch<std::convert::Infallible> {
-    async fn run(self) {}
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -306,7 +294,6 @@ pub trait Task: Send + Sync + 'static {
     async fn run(self);
 }
 
-#[cfg(feature = "tls")]
 #[async_trait]
 impl Task for acme::Acme {
     async fn run(self) {
@@ -325,6 +312,13 @@ impl Task for watch::Watcher {
 impl Task for health::HealthChecker {
     async fn run(self) {
         health::HealthChecker::run(self).await
+    }
+}
+
+#[async_trait]
+impl Task for link_certificate::Renewer {
+    async fn run(self) {
+        link_certificate::Renewer::run(self).await
     }
 }
 

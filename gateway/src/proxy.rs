@@ -30,7 +30,8 @@ use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
 use crate::health::HostHealth;
-use crate::host_link::LinkConnector;
+use crate::host_link;
+use crate::link_certificate::ClientCredentials;
 use crate::pages::{page, starting_page, OWN_ANSWER_HEADERS};
 use crate::table::{HostLink, RouteTable, Routes, SessionKey};
 use crate::tickets::UsedTickets;
@@ -92,6 +93,8 @@ pub struct Gateway {
     pub metrics: RequestMetrics,
     pub verified: VerifiedTokens,
     pub connections: OpenConnections,
+    /// What host links present and trust.
+    pub link_credentials: ClientCredentials,
 }
 
 /// Request counters and latency histograms, registered once per label set
@@ -492,17 +495,24 @@ impl ProxyHttp for Gateway {
         let mut peer = match (ctx.class, &ctx.upstream) {
             (Class::Platform, _) => HttpPeer::new(self.config.control_public, false, String::new()),
             (Class::Session, Some((link, sid))) => {
-                let mut peer = HttpPeer::new(link.addr, false, String::new());
-                // A link connection carries one session under one key: pool
-                // them per sid and key.
-                peer.group_key = sid.key.pool_group() ^ link.pool_tag;
-                peer.options.custom_l4 = Some(Arc::new(LinkConnector {
-                    host: ctx.upstream_host.unwrap_or_default(),
-                    sid: sid.key,
-                    key: link.key.clone(),
-                    timeout: self.config.connect_timeout,
-                }));
-                peer
+                // Only a gateway that has just started waits here.
+                let Some(credentials) = self
+                    .link_credentials
+                    .wait(self.config.connect_timeout)
+                    .await
+                else {
+                    host_link::refused("no_client_certificate");
+                    return Err(Error::explain(
+                        ErrorType::ConnectError,
+                        "no host link client certificate from control yet",
+                    ));
+                };
+                host_link::peer(
+                    link,
+                    ctx.upstream_host.unwrap_or_default(),
+                    (sid.as_str(), sid.key),
+                    &credentials,
+                )
             }
             _ => {
                 return Err(Error::explain(
@@ -590,7 +600,8 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// A session request stays open only while the route table would still
+    /// A session request goes only to the certificate the route table pins
+    /// for its host, and stays open only while the route table would still
     /// admit it (the `connections` module ends it otherwise).
     async fn connected_to_upstream(
         &self,
@@ -598,9 +609,12 @@ impl ProxyHttp for Gateway {
         _reused: bool,
         _peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora::protocols::Digest>,
+        digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if let Some((link, _)) = &ctx.upstream {
+            host_link::check_pin(digest, &link.pinned)?;
+        }
         let (Some(claims), Some(sid), Some(host)) = (&ctx.claims, ctx.sid, ctx.upstream_host)
         else {
             return Ok(());
@@ -630,6 +644,9 @@ impl ProxyHttp for Gateway {
         // Passive health: the next request learns at once that the host is down.
         if let Some(host) = ctx.upstream_host {
             self.health.mark(host, false);
+            if e.etype() == &ErrorType::TLSHandshakeFailure {
+                host_link::refused(host_link::handshake_refusal(&e));
+            }
         }
         e
     }

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 /// A persistent map with a fast seeded hash (keys come from control).
 type HashMap<K, V> =
     imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
-use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::link::CertFingerprint;
 use opencloud_protocol::routes::{
     sid_from_bytes, sid_to_bytes, Change, Delta, HostRoute, Revocation, SessionRoute, SessionState,
     Snapshot, Version,
@@ -77,20 +77,20 @@ impl SessionEntry {
     }
 }
 
-/// Where a host's link answers and the key it proves itself with.
+/// Where a host's link answers and the certificate it must present.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostLink {
     pub addr: SocketAddr,
-    pub key: Arc<LinkKey>,
-    /// Set apart by key, so connections proved with a key control has since
-    /// replaced are never taken from the pool again.
+    pub pinned: CertFingerprint,
+    /// Set apart by pinned certificate, so connections to a certificate
+    /// control has since replaced are never taken from the pool again.
     pub pool_tag: u64,
 }
 
-/// 64 bits of a hash of `key`.
-fn key_tag(key: &LinkKey) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x6f63_6c69_6e6b).hash_one(key.expose())
+/// 64 bits of the fingerprint (a SHA-256: any 64 of its bits will do).
+fn pin_tag(pinned: &CertFingerprint) -> u64 {
+    let [a, b, c, d, e, f, g, h, ..] = *pinned.as_bytes();
+    u64::from_le_bytes([a, b, c, d, e, f, g, h])
 }
 
 /// A host and its link, parsed once rather than per request.
@@ -98,7 +98,7 @@ fn key_tag(key: &LinkKey) -> u64 {
 pub struct HostEntry {
     pub route: HostRoute,
     /// `None` when the advertised address is not an IP or the host has no
-    /// link key yet: nothing is sent there.
+    /// link certificate (yet, or any more): nothing is sent there.
     pub link: Option<HostLink>,
 }
 
@@ -108,11 +108,11 @@ impl HostEntry {
         if ip.is_none() {
             tracing::warn!(host = route.id, address = %route.address, "host address is not an IP; its sessions get the host-unknown page");
         }
-        let link = match (ip, &route.link_key) {
-            (Some(ip), Some(key)) if route.link_port != 0 => Some(HostLink {
+        let link = match (ip, route.link_cert_sha256) {
+            (Some(ip), Some(pinned)) if route.link_port != 0 => Some(HostLink {
                 addr: SocketAddr::new(ip, route.link_port),
-                pool_tag: key_tag(key),
-                key: Arc::new(key.clone()),
+                pool_tag: pin_tag(&pinned),
+                pinned,
             }),
             _ => None,
         };
@@ -495,7 +495,7 @@ mod tests {
             id,
             address: "127.0.0.1".into(),
             link_port: 7000,
-            link_key: Some(LinkKey::generate()),
+            link_cert_sha256: Some(CertFingerprint::of(new_sid().as_bytes())),
             health_url: "http://127.0.0.1:7000/healthz".into(),
             state: HostState::Online,
         }
@@ -517,16 +517,16 @@ mod tests {
         assert_eq!(one.sessions.len(), 1);
         let link = one.hosts[&1].link.as_ref().unwrap();
         assert_eq!(link.addr, "127.0.0.1:7000".parse().unwrap());
-        let keyless = HostEntry::new(HostRoute {
-            link_key: None,
+        let unpinned = HostEntry::new(HostRoute {
+            link_cert_sha256: None,
             ..host(2)
         });
-        assert_eq!(keyless.link, None, "no key, no link");
-        let rekeyed = HostEntry::new(host(1));
+        assert_eq!(unpinned.link, None, "no certificate, no link");
+        let recertified = HostEntry::new(host(1));
         assert_ne!(
-            rekeyed.link.as_ref().unwrap().pool_tag,
+            recertified.link.as_ref().unwrap().pool_tag,
             link.pool_tag,
-            "another key, another pool"
+            "another certificate, another pool"
         );
         assert!(base.sessions.is_empty(), "the old table is unchanged");
         let two = one

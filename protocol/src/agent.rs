@@ -16,10 +16,14 @@
 //!    know reports it stopped.
 //! 4. `POST /agent/v1/events` with [`AgentEvent`] when a session becomes
 //!    ready, fails to start, exits by itself, or has stopped.
+//! 5. `POST /agent/v1/link-certificate` with a
+//!    [`CertificateRequest`](crate::link::CertificateRequest) when the host
+//!    link's certificate nears its end → a new
+//!    [`LinkCertificate`](crate::link::LinkCertificate).
 
 use serde::{Deserialize, Serialize};
 
-use crate::link::LinkKey;
+use crate::link::LinkCertificate;
 
 /// The `Authorization` scheme agents use.
 pub const HOST_KEY_SCHEME: &str = "HostKey";
@@ -97,6 +101,9 @@ pub struct AgentHello {
     pub cgroup_limits: bool,
     /// Servers the agent found still running from before a restart and kept.
     pub sessions: Vec<AgentSession>,
+    /// A certificate request (PEM) for the host link's key, which never
+    /// leaves the host; see [`crate::link`].
+    pub link_csr: String,
 }
 
 /// Control's answer to a registration.
@@ -108,9 +115,10 @@ pub struct Registered {
     pub heartbeat_ms: u64,
     /// Sessions from the hello that control no longer wants: stop them.
     pub stop: Vec<String>,
-    /// What the host link's handshake proves itself with (and expects from
-    /// gateways). Issued by control per host; never the HostKey.
-    pub link_key: LinkKey,
+    /// The host link's certificate, issued now for this host id (each
+    /// registration issues a new one), and the CA gateways' certificates
+    /// come from.
+    pub link_certificate: LinkCertificate,
 }
 
 /// `POST /agent/v1/heartbeat`.
@@ -232,23 +240,27 @@ mod tests {
     }
 
     #[test]
-    fn registrations_never_print_the_link_key() {
+    fn registrations_carry_the_link_certificate_and_log_only_its_dates() {
         let registered = Registered {
             host_id: 1,
             name: "a".into(),
             heartbeat_ms: 2000,
             stop: Vec::new(),
-            link_key: LinkKey::generate(),
+            link_certificate: LinkCertificate {
+                certificate: "-----BEGIN CERTIFICATE-----leaf".into(),
+                ca: "-----BEGIN CERTIFICATE-----ca".into(),
+                not_before: 10,
+                not_after: 20,
+            },
         };
         let json = serde_json::to_string(&registered).unwrap();
-        assert!(json.contains(registered.link_key.expose()));
         assert_eq!(
             serde_json::from_str::<Registered>(&json).unwrap(),
             registered
         );
-        assert!(!format!("{registered:?}").contains(registered.link_key.expose()));
-        let forged = json.replace(registered.link_key.expose(), "short");
-        assert!(serde_json::from_str::<Registered>(&forged).is_err());
+        let logged = format!("{registered:?}");
+        assert!(!logged.contains("BEGIN"), "{logged}");
+        assert!(logged.contains("not_after: 20"), "{logged}");
     }
 
     #[test]

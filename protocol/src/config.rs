@@ -18,6 +18,9 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read {path}: {message}")]
     Read { path: String, message: String },
+    /// A file the process makes for itself could not be made.
+    #[error("cannot write {path}: {message}")]
+    Write { path: String, message: String },
     /// The file is not valid TOML.
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
@@ -93,6 +96,35 @@ pub fn read_private_file(what: &'static str, path: &Path) -> Result<String, Conf
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(failed)?;
     Ok(text)
+}
+
+/// Reads the secret file at `path` as [`read_private_file`] does or, when
+/// there is none, makes one with what `make` returns (mode 0600 from the
+/// start) and returns that: for keys a process makes itself at its first
+/// start and keeps. The file appears whole (written aside, then linked into
+/// place), and two processes starting at once end up with the same one.
+pub fn read_or_create_private_file<E: std::fmt::Display>(
+    what: &'static str,
+    path: &Path,
+    make: impl FnOnce() -> Result<String, E>,
+) -> Result<String, ConfigError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return read_private_file(what, path);
+    }
+    let failed = |message: String| ConfigError::Write {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = make().map_err(|e| failed(e.to_string()))?;
+    let aside = path.with_extension(format!("new-{}", std::process::id()));
+    write_private_file(&aside, &text).map_err(|e| failed(e.to_string()))?;
+    let linked = std::fs::hard_link(&aside, path);
+    let _ = std::fs::remove_file(&aside);
+    match linked {
+        Ok(()) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_private_file(what, path),
+        Err(e) => Err(failed(e.to_string())),
+    }
 }
 
 /// Writes a secret file (keys, a gateway key) private to its owner from the
@@ -354,6 +386,40 @@ mod tests {
                 .contains("is readable by others (mode 0644)"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_a_process_makes_for_itself_is_made_once_private_and_then_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("oc-protocol-own-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("link.key");
+        let made = read_or_create_private_file("link key", &key, || Ok::<_, String>("one".into()));
+        assert_eq!(made.unwrap(), "one");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let kept = read_or_create_private_file("link key", &key, || Ok::<_, String>("two".into()));
+        assert_eq!(kept.unwrap(), "one", "made once, then kept");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "nothing left aside"
+        );
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_or_create_private_file("link key", &key, || Ok::<_, String>("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("link key") && err.contains("mode 0644"),
+            "{err}"
+        );
+
+        let nowhere = dir.join("missing").join("link.key");
+        let err = read_or_create_private_file("link key", &nowhere, || Ok::<_, String>("x".into()))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Write { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

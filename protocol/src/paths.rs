@@ -13,6 +13,10 @@ pub mod internal {
     pub const HEALTH: &str = "/internal/v1/health";
     /// `POST` a [`UsageReport`](crate::reports::UsageReport).
     pub const USAGE: &str = "/internal/v1/usage";
+    /// `POST` a [`CertificateRequest`](crate::link::CertificateRequest): the
+    /// gateway's client certificate for host links, with the host CA, as a
+    /// [`LinkCertificate`](crate::link::LinkCertificate).
+    pub const LINK_CERTIFICATE: &str = "/internal/v1/link-certificate";
 }
 
 /// Control's public listener, for host agents (`Authorization: HostKey`);
@@ -27,6 +31,9 @@ pub mod agent {
     pub const COMMANDS: &str = "/agent/v1/commands";
     /// `POST` an [`AgentEvent`](crate::agent::AgentEvent).
     pub const EVENTS: &str = "/agent/v1/events";
+    /// `POST` a [`CertificateRequest`](crate::link::CertificateRequest): a
+    /// new host link certificate before the current one runs out.
+    pub const LINK_CERTIFICATE: &str = "/agent/v1/link-certificate";
 }
 
 /// Entering a session (see ARCHITECTURE "Entering a session").
@@ -48,7 +55,12 @@ mod tests {
 
     #[test]
     fn every_internal_path_is_under_the_prefix_the_gateway_refuses() {
-        for path in [internal::ROUTES_WATCH, internal::HEALTH, internal::USAGE] {
+        for path in [
+            internal::ROUTES_WATCH,
+            internal::HEALTH,
+            internal::USAGE,
+            internal::LINK_CERTIFICATE,
+        ] {
             assert!(path.starts_with(internal::PREFIX), "{path}");
         }
     }

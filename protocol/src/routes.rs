@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::link::LinkKey;
+use crate::link::CertFingerprint;
 pub use crate::sid::{is_valid_sid, new_sid, sid_from_bytes, sid_to_bytes, SID_LEN};
 
 /// A route table version: the counter control bumps with each change.
@@ -29,31 +29,20 @@ pub enum HostState {
 
 /// A host as the gateways need it: where to connect, how to prove who is
 /// at the other end, and how to check it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRoute {
     pub id: u64,
     /// The advertised address, an IP the gateway can connect to.
     pub address: String,
     /// The host link's port on `address` (see [`crate::link`]).
     pub link_port: u16,
-    /// The host's link key; `None` until its agent first registers.
-    pub link_key: Option<LinkKey>,
+    /// The SHA-256 of the host link certificate control last issued to the
+    /// host: gateways accept no other. `None` until its agent registers, and
+    /// again once its HostKey is rotated or revoked.
+    pub link_cert_sha256: Option<CertFingerprint>,
     /// Full URL the gateway probes, e.g. `http://10.0.0.5:7000/healthz`.
     pub health_url: String,
     pub state: HostState,
-}
-
-impl std::fmt::Debug for HostRoute {
-    // The link key never reaches logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostRoute")
-            .field("id", &self.id)
-            .field("address", &self.address)
-            .field("link_port", &self.link_port)
-            .field("health_url", &self.health_url)
-            .field("state", &self.state)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Where a session is in its life, as far as routing cares.
@@ -164,16 +153,18 @@ mod tests {
     }
 
     #[test]
-    fn debug_output_hides_the_link_key() {
-        let key = LinkKey::generate();
-        let route = HostRoute {
-            id: 1,
-            address: "10.0.0.5".into(),
-            link_port: 7000,
-            link_key: Some(key.clone()),
-            health_url: "http://10.0.0.5:7000/healthz".into(),
-            state: HostState::Online,
+    fn a_host_route_from_before_link_certificates_reads_without_a_pin() {
+        // Route files and the route log of the HMAC release carry a link
+        // key: it is ignored, and the host gets no traffic until it
+        // registers again and has a certificate.
+        let old = r#"{"id":1,"address":"10.0.0.5","link_port":7000,"link_key":"00","health_url":"http://10.0.0.5:7000/healthz","state":"online"}"#;
+        let route: HostRoute = serde_json::from_str(old).unwrap();
+        assert_eq!(route.link_cert_sha256, None);
+        let pinned = HostRoute {
+            link_cert_sha256: Some(crate::link::CertFingerprint::of(b"leaf")),
+            ..route
         };
-        assert!(!format!("{route:?}").contains(key.expose()));
+        let json = serde_json::to_string(&pinned).unwrap();
+        assert_eq!(serde_json::from_str::<HostRoute>(&json).unwrap(), pinned);
     }
 }

@@ -72,6 +72,28 @@ impl AgentProcess {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Where the agent's host link listens (its config's `link_port`).
+    pub fn link_addr(&self) -> std::net::SocketAddr {
+        opencloud_agent::Config::load(&self.config_path)
+            .expect("the agent's config")
+            .link_addr()
+    }
+
+    /// The host link's private key (made at the agent's first start), from
+    /// now on searched for in every answer the gateway sends to a client.
+    pub fn link_key(&self) -> String {
+        let layout = opencloud_agent::workdir::Layout {
+            work_dir: self.dir.join("work"),
+        };
+        let key = std::fs::read_to_string(layout.link_key()).expect("the agent's link key");
+        crate::wiretap::forbid(
+            format!("the link key in {}", self.dir.display()),
+            crate::wiretap::Class::Platform,
+            &key,
+        );
+        key
+    }
+
     /// Waits for the agent to exit by itself; its status code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let child = self.child.as_mut()?;

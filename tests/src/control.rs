@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 
 use crate::db::TestDatabase;
 use crate::machine::{binary, free_port, unique, wait_until_ready};
+use opencloud_control::host_ca::{HostCa, KEY_FILE as HOST_CA_KEY};
 
 /// Options for starting control.
 #[derive(Clone, Default)]
@@ -45,6 +46,11 @@ pub struct Control {
 }
 
 impl Control {
+    /// Control's host CA, from the directory it made it in.
+    pub fn host_ca(&self) -> HostCa {
+        HostCa::open(&self.dir, opencloud_control::now_unix()).expect("control's host CA")
+    }
+
     /// Writes a config and keys file for `db` into a temp dir.
     pub fn prepare(
         db: &TestDatabase,
@@ -103,6 +109,11 @@ impl Control {
             config_path,
         };
         control.wait_healthy().await?;
+        crate::wiretap::forbid(
+            "control's host CA key",
+            crate::wiretap::Class::Platform,
+            &std::fs::read_to_string(control.dir.join(HOST_CA_KEY))?,
+        );
         Ok(control)
     }
 

@@ -14,6 +14,7 @@ use crate::certs::{Pair, TestCa};
 use crate::control::Control;
 use crate::machine::{binary, free_port, fresh_loopback, unique, wait_until_ready};
 use crate::wiretap::{forbid, forbid_keys_file, Class, Wiretap};
+use opencloud_gateway::link_certificate::KEY_FILE as LINK_CLIENT_KEY;
 
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -173,7 +174,11 @@ impl GatewayProcess {
             Duration::from_millis(50),
             || async { tokio::net::TcpStream::connect(listener).await.is_ok() },
         )
-        .await
+        .await?;
+        // Made before the gateway listens; it never leaves the state dir.
+        let key = std::fs::read_to_string(self.dir.join("state").join(LINK_CLIENT_KEY))?;
+        forbid("the gateway's link client key", Class::Platform, &key);
+        Ok(())
     }
 
     /// A new gateway process with `args` after its config, logging to the

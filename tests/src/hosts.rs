@@ -8,16 +8,18 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use opencloud_protocol::agent::{AgentHello, Capacity, HOST_KEY_SCHEME};
+use opencloud_protocol::link::{certificate_request, new_private_key};
 use serde_json::Value;
 
 use crate::agents::{eventually, AgentProcess};
 use crate::stack::TestStack;
 use crate::user::TestUser;
-use crate::wiretap::{forbid, Class};
 
 /// What a stand-in agent at `address` says when it registers: a modest
-/// machine with its link on port 9 and no sessions yet.
+/// machine with its link on port 9, no sessions yet, and a request for a
+/// link certificate for a key of its own.
 pub fn agent_hello(address: &str) -> AgentHello {
+    let link_key = new_private_key().expect("a link key");
     AgentHello {
         version: "0.1.0-test".into(),
         address: address.into(),
@@ -29,6 +31,7 @@ pub fn agent_hello(address: &str) -> AgentHello {
         },
         cgroup_limits: true,
         sessions: Vec::new(),
+        link_csr: certificate_request(&link_key).expect("a certificate request"),
     }
 }
 
@@ -80,8 +83,10 @@ impl TestStack {
             .zip(hosts)
             .map(|((_, key), (_, max_sessions))| self.start_agent(key, max_sessions))
             .collect();
-        for (id, _) in &added {
+        for ((id, _), agent) in added.iter().zip(&agents) {
             self.wait_placeable(*id).await;
+            // It registered, so its link key exists: no client may see it.
+            agent.link_key();
         }
         let online: Vec<(u64, AgentProcess)> =
             added.into_iter().map(|(id, _)| id).zip(agents).collect();
@@ -110,8 +115,6 @@ impl TestStack {
         )
         .await;
         println!("host {host_id} placeable after {took:?}");
-        // Its link key now exists: no client but the host may see it.
-        self.link_key(host_id).await;
     }
 
     /// Session `sid` as control recorded it: (host id, state).
@@ -125,23 +128,5 @@ impl TestStack {
         .await
         .expect("read the session")
         .unwrap_or_else(|| panic!("no session {sid}"))
-    }
-
-    /// The link key control issued to host `host_id`, from now on searched
-    /// for in every answer the gateway sends to a client.
-    pub async fn link_key(&self, host_id: u64) -> String {
-        let mut conn = self.db.conn().await;
-        let key: Option<Option<String>> = mysql_async::prelude::Queryable::exec_first(
-            &mut conn,
-            "SELECT link_key FROM hosts WHERE id = ?",
-            (host_id,),
-        )
-        .await
-        .expect("read the host");
-        let key = key
-            .flatten()
-            .unwrap_or_else(|| panic!("host {host_id} has no link key"));
-        forbid(format!("host {host_id}'s link key"), Class::HostLink, &key);
-        key
     }
 }

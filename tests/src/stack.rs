@@ -97,6 +97,24 @@ impl TestStack {
         self.control.as_ref().expect("control is running")
     }
 
+    /// Control's host CA, from its directory (control made it at start).
+    pub fn host_ca(&self) -> opencloud_control::host_ca::HostCa {
+        self.control().host_ca()
+    }
+
+    /// The private link key of stand-in host `host_id` (see
+    /// [`TestStack::session_for`]); agents keep theirs in their work dir
+    /// ([`AgentProcess::link_key`]).
+    pub fn link_key(&self, host_id: u64) -> String {
+        self.externals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|e| e.session.host == host_id)
+            .map(|e| e.link_key.clone())
+            .unwrap_or_else(|| panic!("host {host_id} is not a stand-in of this stack"))
+    }
+
     /// SIGKILL to control, as a crash would.
     pub fn kill_control(&mut self) {
         drop(self.control.take());
@@ -301,9 +319,10 @@ impl TestStack {
     pub async fn session_for(&self, user: &TestUser, target: Target) -> String {
         let project = user.create_project("Analysis").await;
         let pool = mysql_async::Pool::new(self.db.url.as_str());
-        let external = crate::external::register_external(&pool, user.id, project, target)
-            .await
-            .expect("register the session");
+        let external =
+            crate::external::register_external(&pool, &self.host_ca(), user.id, project, target)
+                .await
+                .expect("register the session");
         let _ = pool.disconnect().await;
         let session = external.session.clone();
         self.externals

@@ -191,9 +191,15 @@ impl Fixture {
     /// way a Jupyter server started elsewhere is.
     async fn session(&self, user: &TestUser) -> String {
         let (project, host) = self.own(user);
-        let external = register_external(&self.pool, user.id, project, loopback(9))
-            .await
-            .unwrap();
+        let external = register_external(
+            &self.pool,
+            &self.stack.host_ca(),
+            user.id,
+            project,
+            loopback(9),
+        )
+        .await
+        .unwrap();
         // On the user's own host, the one the admin pages filter by.
         self.stack
             .db

@@ -107,7 +107,7 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
     assert_eq!(listing["type"], "directory");
 
     // Lab loads, and no credential is in what the browser gets: no server
-    // token exists, and the host's link key stays between gateway and host.
+    // token exists, and the host's link key never leaves the host.
     let lab = f
         .get("/lab", |r| {
             r.header("cookie", &cookie).header(ACCEPT, "text/html")
@@ -118,7 +118,7 @@ async fn entering_a_session_lands_on_lab_and_the_kernel_runs_code_through_the_ga
     let html = lab.text().await.unwrap();
     assert!(html.contains("jupyter-config-data"), "a Lab page");
     let (host, _) = f.stack.session_row(&f.sid).await;
-    let link_key = f.stack.link_key(host).await;
+    let link_key = f.stack.link_key(host);
     assert!(
         !html.contains(&link_key) && !headers.contains(&link_key),
         "the link key leaked"

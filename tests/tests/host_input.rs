@@ -37,7 +37,7 @@ impl Fixture {
         assert_eq!(status, StatusCode::OK, "register: {body}");
         let project = owner.create_project("Untrusted").await;
         let pool = mysql_async::Pool::new(stack.db.url.as_str());
-        let external = register_external(&pool, owner.id, project, loopback(9))
+        let external = register_external(&pool, &stack.host_ca(), owner.id, project, loopback(9))
             .await
             .unwrap();
         let sid = external.sid().to_owned();

@@ -1,48 +1,45 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-//! The host link, tried as an attacker would: a host lying about where it
-//! is (control's own internal listener), a host that cannot prove it holds
-//! its link key, addresses no stranger's host may advertise, and Jupyter's
-//! own XSRF check, which stays on now that no token is injected.
+//! The host link, tried as an attacker would: hosts presenting certificates
+//! for another host, expired or from another CA, an old certificate after
+//! its HostKey was rotated, a host lying about where it is (control's own
+//! internal listener), clients without a gateway's certificate at a real
+//! agent's link port, addresses no stranger's host may advertise, and
+//! Jupyter's own XSRF check, which stays on now that no token is injected.
+//! And the plain case: a session on a real agent serves `/api/status` and a
+//! kernel WebSocket through the link.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::external::record_host_and_session;
+use opencloud_control::host_ca::{Holder, HostCa, Issued};
+use opencloud_e2e::external::{record_host_and_session, register_external_with, External};
 use opencloud_e2e::hosts::agent_hello;
 use opencloud_e2e::jupyter::{JupyterServer, XSRF};
 use opencloud_e2e::stack::Target;
 use opencloud_e2e::upstream::{capture_upstream, loopback};
-use opencloud_e2e::{ControlOptions, TestStack, TestUser};
-use opencloud_protocol::link::LinkKey;
+use opencloud_e2e::{kernel, sessions, unique, ControlOptions, TestStack, TestUser};
+use opencloud_protocol::agent::{AgentSession, AgentSessionState};
+use opencloud_protocol::link::{certificate_request, new_private_key, CertFingerprint};
+use opencloud_protocol::routes::new_sid;
 use reqwest::StatusCode;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
 
-/// Records a session of `user` on a host that claims its link is at
-/// `link_addr` with `key`, and waits until the gateway knows the route.
-async fn session_on_claimed_host(
-    stack: &TestStack,
-    user: &TestUser,
-    link_addr: SocketAddr,
-    key: &LinkKey,
-) -> String {
-    let project = user.create_project("Claimed").await;
-    let pool = mysql_async::Pool::new(stack.db.url.as_str());
-    let session = record_host_and_session(&pool, user.id, project, link_addr, key)
-        .await
-        .unwrap();
-    pool.disconnect().await.unwrap();
+/// Waits until the gateway knows session `sid`'s route (anything but 404).
+async fn wait_for_route(stack: &TestStack, user: &TestUser, sid: &str) {
     let gateway = stack.gateway();
-    let client = gateway.client(&[&session.sid], false);
+    let client = gateway.client(&[sid], false);
     let started = Instant::now();
     loop {
         let r = client
-            .get(format!("{}/", gateway.session_origin(&session.sid)))
+            .get(format!("{}/", gateway.session_origin(sid)))
             .bearer_auth(&user.token)
             .send()
             .await
             .unwrap();
         if r.status() != StatusCode::NOT_FOUND {
-            break;
+            return;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
@@ -50,7 +47,224 @@ async fn session_on_claimed_host(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    session.sid
+}
+
+/// A session of `user` on a stand-in host serving `target` with the link
+/// certificate `issue` makes (and the route table pins), once the gateway
+/// knows its route.
+async fn stand_in(
+    stack: &TestStack,
+    user: &TestUser,
+    target: Target,
+    issue: impl FnOnce(u64, &str) -> anyhow::Result<Issued>,
+) -> External {
+    let project = user.create_project("Stand-in").await;
+    let pool = mysql_async::Pool::new(stack.db.url.as_str());
+    let external = register_external_with(&pool, user.id, project, target, issue)
+        .await
+        .unwrap();
+    pool.disconnect().await.unwrap();
+    wait_for_route(stack, user, external.sid()).await;
+    external
+}
+
+/// `GET /api/contents?secret-query` through the gateway: refused (a 5xx
+/// page, or the connection ended) or the upstream's answer.
+async fn refused(stack: &TestStack, user: &TestUser, sid: &str) -> bool {
+    let answer = stack
+        .gateway()
+        .client(&[sid], false)
+        .get(format!(
+            "{}/api/contents?secret-query",
+            stack.gateway().session_origin(sid)
+        ))
+        .bearer_auth(&user.token)
+        .send()
+        .await;
+    match answer {
+        Ok(r) => r.status().is_server_error(),
+        Err(e) => !e.is_builder(),
+    }
+}
+
+/// Requests through the gateway to a host presenting what `issue` makes:
+/// each is refused, none reaches the upstream, and the gateway counts the
+/// refusal under `reason`.
+async fn no_traffic_to(
+    issue: impl FnOnce(&HostCa, u64, &str) -> anyhow::Result<Issued>,
+    reason: &str,
+) {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let user = stack.new_user().await;
+    let (port, captured) = capture_upstream().await;
+    let ca = stack.host_ca();
+    let external = stand_in(&stack, &user, loopback(port), |host, csr| {
+        issue(&ca, host, csr)
+    })
+    .await;
+    for _ in 0..3 {
+        assert!(refused(&stack, &user, external.sid()).await);
+    }
+    assert_eq!(
+        captured.forwarded(port),
+        Vec::<String>::new(),
+        "a request reached the host"
+    );
+    refusals_counted(&stack, reason).await;
+}
+
+/// Waits until the gateway's metrics count link refusals for `reason`.
+async fn refusals_counted(stack: &TestStack, reason: &str) {
+    let line = format!("opencloud_gateway_host_link_refusals_total{{reason=\"{reason}\"}}");
+    let started = Instant::now();
+    loop {
+        let metrics = stack.gateway().metrics().await;
+        if metrics.lines().any(|l| l.starts_with(&line)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no refusal counted as {reason}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Attack: a host serves a genuine certificate control issued to another
+/// host (its owner's other machine, or one it stole), pinned as its own.
+#[tokio::test]
+async fn a_host_presenting_a_certificate_for_another_host_gets_no_traffic() {
+    no_traffic_to(
+        |ca, host, csr| {
+            Ok(ca.issue(
+                Holder::Host(host + 1000),
+                csr,
+                opencloud_control::now_unix(),
+            )?)
+        },
+        "wrong_host",
+    )
+    .await;
+}
+
+/// Attack: a host serves its own certificate after it ran out.
+#[tokio::test]
+async fn a_host_presenting_an_expired_certificate_gets_no_traffic() {
+    no_traffic_to(
+        |ca, host, csr| {
+            let now = opencloud_control::now_unix();
+            Ok(ca.issue_for(Holder::Host(host), csr, now - 2 * 86_400, now - 86_400)?)
+        },
+        "expired",
+    )
+    .await;
+}
+
+/// Attack: a host makes its own CA and a certificate naming it correctly.
+#[tokio::test]
+async fn a_host_presenting_a_certificate_not_from_the_host_ca_gets_no_traffic() {
+    let own_ca_dir = std::env::temp_dir().join(unique("oc-e2e-mallory-ca-"));
+    std::fs::create_dir_all(&own_ca_dir).unwrap();
+    let own_ca = HostCa::open(&own_ca_dir, opencloud_control::now_unix()).unwrap();
+    no_traffic_to(
+        |_, host, csr| Ok(own_ca.issue(Holder::Host(host), csr, opencloud_control::now_unix())?),
+        "unknown_ca",
+    )
+    .await;
+    std::fs::remove_dir_all(&own_ca_dir).unwrap();
+}
+
+/// Attack: a host keeps serving with the certificate it had before its
+/// owner rotated the HostKey (a stolen machine keeps its files). The
+/// rotation unpins it at once; when the host registers again with the new
+/// key it gets a new certificate, and the old one, though valid, named
+/// right and from the host CA, still gets nothing.
+#[tokio::test]
+async fn after_a_hostkey_rotation_the_old_certificate_gets_no_traffic() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let (port, captured) = capture_upstream().await;
+    let ca = stack.host_ca();
+    let external = stand_in(&stack, &owner, loopback(port), |host, csr| {
+        Ok(ca.issue(Holder::Host(host), csr, opencloud_control::now_unix())?)
+    })
+    .await;
+    let (sid, host) = (external.sid().to_owned(), external.session.host);
+    assert!(!refused(&stack, &owner, &sid).await, "served before");
+    assert!(!captured.forwarded(port).is_empty());
+
+    let rotated = owner
+        .post_json(&format!("/api/v1/hosts/{host}/key"), json!({}))
+        .await;
+    let new_key = rotated["host_key"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    while !refused(&stack, &owner, &sid).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gateway kept trusting the old certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "old certificate refused {:?} after the rotation",
+        started.elapsed()
+    );
+    // What the gateway sent before the rotation reached it was fine.
+    let served = captured.forwarded(port).len();
+
+    // The host registers again with the new key, listing its session.
+    let mut hello = agent_hello("127.0.0.1");
+    hello.link_port = external.link_addr.port();
+    hello.sessions = vec![AgentSession {
+        sid: sid.clone(),
+        state: AgentSessionState::Running,
+        started_at: opencloud_control::now_unix(),
+        last_activity: None,
+        busy_kernels: 0,
+    }];
+    let (status, body) = stack
+        .post_as_agent(
+            &new_key,
+            "/agent/v1/register",
+            &serde_json::to_value(&hello).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pinned = pinned(&stack, host).await;
+    assert!(pinned.is_some() && pinned != Some(external.issued.fingerprint));
+    // Once the gateway has the new pin, the host is routed again: to the
+    // new certificate only.
+    let started = Instant::now();
+    loop {
+        assert!(refused(&stack, &owner, &sid).await);
+        let metrics = stack.gateway().metrics().await;
+        if metrics.contains(r#"opencloud_gateway_host_link_refusals_total{reason="not_pinned"}"#) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the old certificate was never refused for its pin:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        captured.forwarded(port).len(),
+        served,
+        "a request reached the host after the rotation"
+    );
+}
+
+/// The pin control holds for host `host`.
+async fn pinned(stack: &TestStack, host: u64) -> Option<CertFingerprint> {
+    let mut conn = stack.db.conn().await;
+    let pin: Option<Option<String>> = mysql_async::prelude::Queryable::exec_first(
+        &mut conn,
+        "SELECT link_cert_sha256 FROM hosts WHERE id = ?",
+        (host,),
+    )
+    .await
+    .unwrap();
+    pin.flatten().and_then(|p| CertFingerprint::parse(&p))
 }
 
 /// Attack: a host owner advertises control's internal listener (on the
@@ -66,7 +280,18 @@ async fn a_host_claiming_controls_internal_port_gets_nothing_from_control() {
         .trim_start_matches("http://")
         .parse()
         .unwrap();
-    let sid = session_on_claimed_host(&stack, &mallory, internal, &LinkKey::generate()).await;
+    let project = mallory.create_project("Claimed").await;
+    let pool = mysql_async::Pool::new(stack.db.url.as_str());
+    let ca = stack.host_ca();
+    let csr = certificate_request(&new_private_key().unwrap()).unwrap();
+    let (session, _) = record_host_and_session(&pool, mallory.id, project, internal, |host| {
+        Ok(ca.issue(Holder::Host(host), &csr, opencloud_control::now_unix())?)
+    })
+    .await
+    .unwrap();
+    pool.disconnect().await.unwrap();
+    let sid = session.sid;
+    wait_for_route(&stack, &mallory, &sid).await;
     let origin = stack.gateway().session_origin(&sid);
     let client = stack.gateway().client(&[&sid], false);
     for path in [
@@ -98,89 +323,125 @@ async fn a_host_claiming_controls_internal_port_gets_nothing_from_control() {
     );
 }
 
-/// Attack: something else answers on a host's link port (a host whose key
-/// was rotated, or a service squatting its port) and relays to a server. The
-/// gateway must not send it a byte of the user's request.
-#[tokio::test]
-async fn a_link_without_the_hosts_key_never_sees_a_request() {
-    let stack = TestStack::with_gateway().await.unwrap();
-    let user = stack.new_user().await;
-    // A real link, serving the upstream, but under another key than the one
-    // control gave the gateway.
-    let (port, captured) = capture_upstream().await;
-    let sid = stack.session_for(&user, loopback(port)).await;
-    let (host, _) = stack.session_row(&sid).await;
-    let before = captured.heads().len();
-    let mut conn = stack.db.conn().await;
-    mysql_async::prelude::Queryable::exec_drop(
-        &mut conn,
-        "UPDATE hosts SET link_key = ? WHERE id = ?",
-        (LinkKey::generate().expose(), host),
-    )
-    .await
-    .unwrap();
-    drop(conn);
-    // Publish the host with the new key, as a HostKey rotation would.
-    let pool = mysql_async::Pool::new(stack.db.url.as_str());
-    let route = opencloud_control::routes::snapshot(&pool)
-        .await
-        .unwrap()
-        .hosts
-        .into_iter()
-        .find(|h| h.id == host)
-        .unwrap();
-    let mut conn = pool.get_conn().await.unwrap();
-    let mut tx = conn
-        .start_transaction(mysql_async::TxOpts::default())
-        .await
-        .unwrap();
-    opencloud_control::routes::publish(
-        &mut tx,
-        &[opencloud_protocol::routes::Change::UpsertHost(route)],
-    )
-    .await
-    .unwrap();
-    opencloud_control::routes::commit(tx).await.unwrap();
-    drop(conn);
-    pool.disconnect().await.unwrap();
+/// A certificate and its key, PEM.
+struct Credential {
+    certificate: String,
+    key: String,
+}
 
-    let origin = stack.gateway().session_origin(&sid);
-    let client = stack.gateway().client(&[&sid], false);
-    let started = Instant::now();
-    // Refused: a 5xx page, or (under load, while a request was in flight on
-    // a connection of the old key) the connection ended.
-    let refused = |answer: reqwest::Result<reqwest::Response>| match answer {
-        Ok(r) => r.status().is_server_error(),
-        Err(e) => !e.is_builder(),
-    };
-    let refused_after = loop {
-        let answer = client
-            .get(format!("{origin}/api/contents?secret-query"))
-            .bearer_auth(&user.token)
-            .send()
-            .await;
-        if refused(answer) {
-            break started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the gateway kept using the old key"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    println!("new key refused by the old link after {refused_after:?}");
-    // Once refused, no request reaches the upstream through that link.
-    let seen = captured.heads().len();
-    for _ in 0..3 {
-        let answer = client
-            .get(format!("{origin}/api/contents?secret-query"))
-            .bearer_auth(&user.token)
-            .send()
-            .await;
-        assert!(refused(answer));
+/// A certificate control's CA issues `holder` for a fresh key.
+fn credential(ca: &HostCa, holder: Holder) -> Credential {
+    let key = new_private_key().unwrap();
+    let csr = certificate_request(&key).unwrap();
+    let issued = ca
+        .issue(holder, &csr, opencloud_control::now_unix())
+        .unwrap();
+    Credential {
+        certificate: issued.certificate.certificate,
+        key,
     }
-    assert_eq!(captured.heads().len(), seen, "a request got through");
-    assert!(seen >= before);
+}
+
+/// Dials a host link at `addr` as a gateway would, trusting only `ca`,
+/// presenting `client` (if any), asking for session `sid` of host `host`;
+/// what came back to one request, or why nothing did.
+async fn dial_link(
+    addr: SocketAddr,
+    ca: &HostCa,
+    client: Option<&Credential>,
+    host: u64,
+    sid: &str,
+) -> Result<String, String> {
+    let client = client.map(|c| (c.certificate.as_str(), c.key.as_str()));
+    let request = b"GET /api/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    opencloud_agent::host_link::dial(addr, ca.certificate(), client, (sid, host), request).await
+}
+
+/// A real agent, registered and placeable: its host id and link address.
+async fn agent_link(stack: &TestStack) -> (u64, SocketAddr, opencloud_e2e::agents::AgentProcess) {
+    let owner = stack.host_owner().await;
+    let [(host, agent)] = stack.online_hosts(&owner, [("desk-pc", 1)]).await;
+    (host, agent.link_addr(), agent)
+}
+
+/// Attack: something on the network dials a host's link port directly,
+/// with no client certificate, to reach its sessions. The agent answers a
+/// gateway's certificate (a 503 for a session it does not run) and gives a
+/// client without one nothing.
+#[tokio::test]
+async fn a_client_without_a_gateway_certificate_gets_nothing_from_an_agent() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let (host, addr, _agent) = agent_link(&stack).await;
+    let ca = stack.host_ca();
+    let sid = new_sid();
+    let gateway = credential(&ca, Holder::Gateway);
+    let answer = dial_link(addr, &ca, Some(&gateway), host, &sid).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 503")),
+        "a gateway's certificate opens the link: {answer:?}"
+    );
+    let answer = dial_link(addr, &ca, None, host, &sid).await;
+    assert!(answer.is_err(), "no certificate: {answer:?}");
+}
+
+/// Attack: a host owner uses their host's own certificate (issued by
+/// control, valid, from the host CA) as a client at another host's link,
+/// or at its own, to play gateway. Host certificates are serverAuth only
+/// and name a host, never the gateway.
+#[tokio::test]
+async fn a_hosts_own_certificate_used_as_a_client_gets_nothing_from_an_agent() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let (host, addr, _agent) = agent_link(&stack).await;
+    let ca = stack.host_ca();
+    for holder in [Holder::Host(host), Holder::Host(host + 1)] {
+        let answer = dial_link(addr, &ca, Some(&credential(&ca, holder)), host, &new_sid()).await;
+        assert!(answer.is_err(), "{holder:?} as a client: {answer:?}");
+    }
+}
+
+/// The plain case through a real agent: Open places the session, the
+/// agent's certificate is pinned, and `/api/status` and a kernel WebSocket
+/// answer through the gateway's mutual TLS link.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_serves_its_status_and_a_kernel_websocket_through_the_link() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let (host, _, _agent) = agent_link(&stack).await;
+    assert!(
+        pinned(&stack, host).await.is_some(),
+        "registration pinned a certificate"
+    );
+    let user = stack.new_user().await;
+    let project = user.create_project("Linked").await;
+    let (sid, url) = sessions::open(&user, project).await;
+    sessions::wait_running(&stack, &sid).await;
+    let cookie = stack.follow_ticket(&sid, &url).await;
+    let gateway = stack.gateway();
+    let origin = gateway.session_origin(&sid);
+    let client = gateway.client(&[&sid], false);
+    let status = client
+        .get(format!("{origin}/api/status"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), StatusCode::OK);
+    let status: serde_json::Value = status.json().await.unwrap();
+    assert!(
+        status.get("started").is_some(),
+        "Jupyter's status: {status}"
+    );
+    let channels = kernel::start(&client, &origin, &cookie).await.unwrap();
+    let out = kernel::execute(&channels, gateway.addr(), &cookie, "1+1")
+        .await
+        .unwrap();
+    assert_eq!(out, "2");
+    let metrics = gateway.metrics().await;
+    assert!(
+        !metrics.contains("opencloud_gateway_host_link_refusals_total"),
+        "nothing was refused:\n{metrics}"
+    );
 }
 
 /// Hosts may only advertise public addresses unless control allows private
@@ -221,10 +482,66 @@ async fn without_allow_private_hosts_only_public_addresses_register() {
         .post_as_agent(&key, "/agent/v1/register", &hello)
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let certificate = &body["link_certificate"];
     assert!(
-        body["link_key"].as_str().is_some_and(|k| k.len() == 64),
-        "the agent gets its link key: {body}"
+        certificate["certificate"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("-----BEGIN CERTIFICATE-----")),
+        "the agent gets its link certificate: {body}"
     );
+    assert_eq!(certificate["ca"], stack.host_ca().certificate());
+}
+
+/// A registration's certificate request must be one: signed by its key.
+#[tokio::test]
+async fn a_registration_without_a_valid_certificate_request_is_refused_naming_it() {
+    let stack = TestStack::control_only().await.unwrap();
+    let owner = stack.host_owner().await;
+    let (host, key) = stack.add_host(&owner, "lab-pc").await;
+    let mut hello = agent_hello("127.0.0.1");
+    hello.link_csr =
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into();
+    let (status, body) = stack
+        .post_as_agent(
+            &key,
+            "/agent/v1/register",
+            &serde_json::to_value(&hello).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["field"], "link_csr", "{body}");
+    assert_eq!(pinned(&stack, host).await, None, "nothing was pinned");
+}
+
+/// Renewing through `/agent/v1/link-certificate` pins the new certificate
+/// in the same step, and only a registered host has one to renew.
+#[tokio::test]
+async fn a_renewed_link_certificate_is_pinned_as_it_is_issued() {
+    let stack = TestStack::control_only().await.unwrap();
+    let owner = stack.host_owner().await;
+    let (host, key) = stack.add_host(&owner, "lab-pc").await;
+    let renew = serde_json::json!({
+        "csr": certificate_request(&new_private_key().unwrap()).unwrap()
+    });
+    let (status, body) = stack
+        .post_as_agent(&key, "/agent/v1/link-certificate", &renew)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "not registered yet: {body}");
+    let hello = serde_json::to_value(agent_hello("127.0.0.1")).unwrap();
+    let (status, registered) = stack
+        .post_as_agent(&key, "/agent/v1/register", &hello)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{registered}");
+    let first = pinned(&stack, host).await.unwrap();
+    let (status, renewed) = stack
+        .post_as_agent(&key, "/agent/v1/link-certificate", &renew)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renewed}");
+    let leaf = CertificateDer::from_pem_slice(renewed["certificate"].as_str().unwrap().as_bytes())
+        .unwrap();
+    let second = pinned(&stack, host).await.unwrap();
+    assert_eq!(second, CertFingerprint::of(&leaf));
+    assert_ne!(second, first, "the old certificate is unpinned");
 }
 
 /// Attack: a page on another session origin (same site) submits a form into

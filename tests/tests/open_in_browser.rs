@@ -179,10 +179,10 @@ async fn opens_a_project_and_runs_a_cell(stack: TestStack) {
     assert_eq!(state, "running");
 
     // Lab's page carries its config, but no credential: there is no
-    // server token, and the host's link key stays between gateway and host.
+    // server token, and the host's link key never leaves the host.
     let source = browser.page_source().await.unwrap();
     assert!(source.contains("jupyter-config-data"), "not Lab's page");
-    let link_key = stack.link_key(host).await;
+    let link_key = agent.link_key();
     assert!(
         !source.contains(&link_key),
         "the host's link key reached the browser"

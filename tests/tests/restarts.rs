@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Restarting the gateway: graceful shutdown lets in-flight requests finish,
 //! `--upgrade` replaces the binary without refusing a connection, and what
-//! it keeps on disk (the route table with every upstream token) and reads at
+//! it keeps on disk (the route table, its host link client key) and reads at
 //! start (the keys file) is private to its user.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use opencloud_e2e::upstream::loopback;
 use opencloud_e2e::{mode_and_owner, set_mode, TestStack};
+use opencloud_gateway::link_certificate::KEY_FILE as LINK_CLIENT_KEY;
 use reqwest::StatusCode;
 
 #[tokio::test]
@@ -105,18 +106,17 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         .is_err());
 }
 
-/// The route table's files: they hold every host's link key.
+/// The route table's files: every session, its owner and its host.
 const STATE_FILES: [&str; 2] = ["routes.snapshot.json", "routes.deltas.ndjson"];
 
 /// Attack: another user on the gateway's machine (a notebook's user) reads
-/// the persisted route table and takes every host's link key.
+/// the persisted route table (who runs what where) or takes the gateway's
+/// host link client key to open sessions' links itself.
 #[tokio::test]
 async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start() {
     let mut stack = TestStack::with_gateway().await.unwrap();
     let user = stack.new_user().await;
     let sid = stack.session_for(&user, loopback(9)).await;
-    let (host, _) = stack.session_row(&sid).await;
-    let link_key = stack.link_key(host).await;
     let gateway = stack.gateway();
     let state = gateway.dir.join("state");
     let (_, gateway_uid) = mode_and_owner(&gateway.config_path);
@@ -126,7 +126,7 @@ async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start
             (0o700, gateway_uid),
             "{what}: state dir"
         );
-        for name in STATE_FILES {
+        for name in STATE_FILES.iter().chain([&LINK_CLIENT_KEY]) {
             let (mode, uid) = mode_and_owner(&state.join(name));
             assert_eq!(
                 (mode, uid),
@@ -143,11 +143,11 @@ async fn the_gateways_route_files_are_private_to_its_user_and_tightened_at_start
     assert!(
         std::fs::read_to_string(state.join("routes.snapshot.json"))
             .unwrap()
-            .contains(&link_key)
+            .contains(&sid)
             || std::fs::read_to_string(state.join("routes.deltas.ndjson"))
                 .unwrap()
-                .contains(&link_key),
-        "the files this test guards hold the link key"
+                .contains(&sid),
+        "the files this test guards hold the session"
     );
     private("written by this gateway");
 
@@ -188,5 +188,26 @@ async fn a_gateway_with_a_keys_file_others_can_read_refuses_to_start() {
         );
     }
     set_mode(&keys, 0o600);
+    stack.gateway_mut().start().await.unwrap();
+}
+
+/// Whoever reads the gateway's host link client key can open any host's
+/// link as a gateway: one others can read stops the start, named, and is
+/// never quietly closed (it may have been read already).
+#[tokio::test]
+async fn a_gateway_whose_link_client_key_others_can_read_refuses_to_start() {
+    let mut stack = TestStack::with_gateway().await.unwrap();
+    stack.gateway_mut().stop();
+    let key = stack.gateway().dir.join("state").join(LINK_CLIENT_KEY);
+    set_mode(&key, 0o644);
+    let err = stack.gateway_mut().start().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "link client key {} is readable by others (mode 0644); chmod 600 it",
+            key.display()
+        )),
+        "{err}"
+    );
+    set_mode(&key, 0o600);
     stack.gateway_mut().start().await.unwrap();
 }

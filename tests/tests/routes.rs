@@ -101,7 +101,7 @@ fn pool(stack: &TestStack) -> mysql_async::Pool {
 async fn external_session(stack: &TestStack, user: &TestUser, port: u16) -> SessionRoute {
     let project = user.create_project(&format!("Project on {port}")).await;
     let pool = pool(stack);
-    let external = register_external(&pool, user.id, project, loopback(port))
+    let external = register_external(&pool, &stack.host_ca(), user.id, project, loopback(port))
         .await
         .unwrap();
     pool.disconnect().await.unwrap();
@@ -169,8 +169,8 @@ async fn a_watch_from_zero_starts_with_a_snapshot_holding_the_session() {
         format!("http://127.0.0.1:{}/healthz", host.link_port)
     );
     assert!(
-        host.link_key.is_some(),
-        "the gateway gets the host's link key"
+        host.link_cert_sha256.is_some(),
+        "the gateway gets the pin of the host's link certificate"
     );
     // Nothing else happens: a heartbeat within about 5 s names the version.
     let started = Instant::now();
@@ -312,12 +312,13 @@ async fn concurrent_changes_get_contiguous_versions_in_commit_order() {
     for (n, project) in projects.into_iter().enumerate() {
         let url = stack.db.url.clone();
         let user_id = user.id;
+        let ca = stack.host_ca();
         tasks.push(tokio::spawn(async move {
             let pool = mysql_async::Pool::new(url.as_str());
             let mut sids = Vec::new();
             for i in 0..4 {
                 let port = 20_000 + (n * 10 + i) as u16;
-                let s = register_external(&pool, user_id, project, loopback(port))
+                let s = register_external(&pool, &ca, user_id, project, loopback(port))
                     .await
                     .unwrap();
                 sids.push(s.sid().to_owned());

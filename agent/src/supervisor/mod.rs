@@ -151,7 +151,7 @@ fn starting_or_running(phase: &Phase) -> bool {
     matches!(phase, Phase::Starting | Phase::Running { .. })
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -36,6 +36,10 @@ enum Command {
         /// HTTP (GET / answers 200) or websocket (only upgrades are answered).
         #[arg(long, default_value = "http")]
         upstream_kind: String,
+        /// Control's host CA (the directory of its keys file), which issues
+        /// the stand-in host's link certificate.
+        #[arg(long)]
+        ca_dir: PathBuf,
         /// The gateway is on https with a certificate from this CA (PEM).
         #[arg(long)]
         tls_ca: Option<PathBuf>,
@@ -77,8 +81,8 @@ enum Command {
     },
     /// Writes `routes.snapshot.json` with SESSIONS sessions into DIR; the
     /// first one, owned by OWNER, is on host 1, whose link is at
-    /// 127.0.0.1:LINK_PORT with the key in LINK_KEY_FILE (`oc-bench link`).
-    /// Prints SID= and VERSION=.
+    /// 127.0.0.1:LINK_PORT with the certificate pinned in LINK_PIN_FILE
+    /// (`oc-bench link`). Prints SID= and VERSION=.
     Snapshot {
         #[arg(long)]
         dir: PathBuf,
@@ -91,12 +95,14 @@ enum Command {
         #[arg(long)]
         link_port: u16,
         #[arg(long)]
-        link_key_file: PathBuf,
+        link_pin_file: PathBuf,
         #[arg(long, default_value_t = 1)]
         owner: u64,
     },
-    /// A host link (the agent's own link code) for host HOST_ID with the key
-    /// in KEY_FILE, splicing every session to UPSTREAM. Serves until ended.
+    /// A host link (the agent's own link code) for host HOST_ID with a
+    /// certificate from the host CA in CA_DIR (made there if missing),
+    /// splicing every session to UPSTREAM; writes the certificate's pin to
+    /// PIN_FILE, then serves until ended.
     Link {
         #[arg(long)]
         listen: SocketAddr,
@@ -104,17 +110,21 @@ enum Command {
         upstream: SocketAddr,
         #[arg(long, default_value_t = 1)]
         host_id: u64,
-        /// 64 hex characters, not on the command line (it is a secret).
         #[arg(long)]
-        key_file: PathBuf,
+        ca_dir: PathBuf,
+        #[arg(long)]
+        pin_file: PathBuf,
     },
-    /// A stand-in for control's `GET /internal/v1/routes/watch`: NDJSON
-    /// deltas at a rate set with `GET /bench/rate?value=N` (deltas/s; 0 at
-    /// start), heartbeats every 2 s. `GET /bench/stats` prints the last
-    /// version sent.
+    /// A stand-in for control's internal API: `GET /internal/v1/routes/watch`
+    /// as NDJSON deltas at a rate set with `GET /bench/rate?value=N`
+    /// (deltas/s; 0 at start), heartbeats every 2 s; the gateway's link
+    /// client certificate from the host CA in CA_DIR. `GET /bench/stats`
+    /// prints the last version sent.
     FakeWatch {
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long)]
+        ca_dir: PathBuf,
     },
 }
 
@@ -129,12 +139,14 @@ fn main() -> anyhow::Result<()> {
             gateway,
             upstream_port,
             upstream_kind,
+            ca_dir,
             tls_ca,
         } => runtime.block_on(session::session(
             &db_url,
             gateway,
             upstream_port,
             upstream_kind == "websocket",
+            &ca_dir,
             tls_ca.as_deref(),
         )),
         Command::Keygen => {
@@ -169,12 +181,12 @@ fn main() -> anyhow::Result<()> {
             sessions,
             hosts,
             link_port,
-            link_key_file,
+            link_pin_file,
             owner,
         } => {
             let link = routes::Link {
                 port: link_port,
-                key: routes::read_link_key(&link_key_file)?,
+                pinned: routes::read_link_pin(&link_pin_file)?,
             };
             routes::write_snapshot(&dir, sessions, hosts, &link, owner)
         }
@@ -182,11 +194,11 @@ fn main() -> anyhow::Result<()> {
             listen,
             upstream,
             host_id,
-            key_file,
-        } => {
-            let key = routes::read_link_key(&key_file)?;
-            runtime.block_on(routes::link(listen, upstream, host_id, key))
+            ca_dir,
+            pin_file,
+        } => runtime.block_on(routes::link(listen, upstream, host_id, &ca_dir, &pin_file)),
+        Command::FakeWatch { listen, ca_dir } => {
+            runtime.block_on(routes::fake_watch(listen, &ca_dir))
         }
-        Command::FakeWatch { listen } => runtime.block_on(routes::fake_watch(listen)),
     }
 }

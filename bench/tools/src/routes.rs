@@ -1,9 +1,10 @@
 //! The route table at the scale the architecture names (1 000 000 sessions,
 //! 100 000 hosts): measured in this process with the gateway's own types,
 //! written as a gateway state snapshot, and fed to a running gateway as a
-//! stream of deltas by a stand-in for control's watch endpoint. Host 1 of
-//! the snapshot is served by [`link`], a host link (the agent's own code)
-//! in front of the benchmark's upstream.
+//! stream of deltas by a stand-in for control's watch endpoint (which also
+//! signs the gateway's link client certificate). Host 1 of the snapshot is
+//! served by [`link`], a host link (the agent's own code) in front of the
+//! benchmark's upstream, with a certificate from a host CA of the run.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,11 +18,15 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::routing::get;
+use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use opencloud_agent::host_link::{self, LinkIdentity, Sessions, Target};
+use opencloud_control::host_ca::{Holder, HostCa};
 use opencloud_gateway::table::{RouteTable, Routes};
-use opencloud_protocol::link::LinkKey;
+use opencloud_protocol::link::{
+    certificate_request, new_private_key, CertFingerprint, CertificateRequest,
+};
 use opencloud_protocol::routes::{
     new_sid, sid_from_bytes, Change, Delta, HostRoute, HostState, SessionRoute, SessionState,
     Snapshot, Version, WatchMessage,
@@ -38,24 +43,24 @@ fn sid_for(index: u64) -> String {
     sid_from_bytes(mixed.to_be_bytes())
 }
 
-/// Where host 1's link listens, and its key.
+/// Where host 1's link listens, and the certificate it serves.
 #[derive(Clone)]
 pub struct Link {
     pub port: u16,
-    pub key: LinkKey,
+    pub pinned: CertFingerprint,
 }
 
 /// Host 1 is the benchmark's link (its `/healthz` answers); the others are
 /// loopback addresses (127.x.y.z) with nothing listening on their link
 /// port, so the gateway's probes stay on this machine and fail at once.
-/// Every host has a key of its own, as control issues them.
+/// Every host has a certificate pin of its own, as control issues them.
 fn host(id: u64, link: &Link) -> HostRoute {
     if id == 1 {
         return HostRoute {
             id,
             address: "127.0.0.1".into(),
             link_port: link.port,
-            link_key: Some(link.key.clone()),
+            link_cert_sha256: Some(link.pinned),
             health_url: format!("http://127.0.0.1:{}/healthz", link.port),
             state: HostState::Online,
         };
@@ -66,7 +71,7 @@ fn host(id: u64, link: &Link) -> HostRoute {
         health_url: format!("http://{address}:9/healthz"),
         address,
         link_port: 9,
-        link_key: Some(LinkKey::generate()),
+        link_cert_sha256: Some(CertFingerprint::of(&id.to_le_bytes())),
         state: HostState::Online,
     }
 }
@@ -132,7 +137,7 @@ pub fn table(sessions: usize, hosts: u64, deltas: usize) -> anyhow::Result<()> {
     };
     let link = Link {
         port: 9000,
-        key: LinkKey::generate(),
+        pinned: CertFingerprint::of(b"host 1"),
     };
     for id in 1..=hosts {
         table.upsert_host(host(id, &link));
@@ -272,14 +277,27 @@ struct Feed {
     sent: Arc<AtomicU64>,
 }
 
-/// Serves the watch stream and the two `/bench/` knobs until killed.
-pub async fn fake_watch(listen: SocketAddr) -> anyhow::Result<()> {
+/// Serves the watch stream, the gateway's link client certificate (from
+/// the run's host CA in `ca_dir`) and the two `/bench/` knobs until killed.
+pub async fn fake_watch(listen: SocketAddr, ca_dir: &Path) -> anyhow::Result<()> {
     let feed = Feed {
         rate: Arc::new(AtomicU64::new(0)),
         sent: Arc::new(AtomicU64::new(0)),
     };
+    let ca = HostCa::open(ca_dir, opencloud_control::now_unix())?;
     let app = Router::new()
         .route("/internal/v1/routes/watch", get(watch))
+        .route(
+            opencloud_protocol::paths::internal::LINK_CERTIFICATE,
+            post(
+                move |axum::Json(request): axum::Json<CertificateRequest>| async move {
+                    let issued = ca
+                        .issue(Holder::Gateway, &request.csr, opencloud_control::now_unix())
+                        .map_err(|e| (axum::http::StatusCode::BAD_REQUEST, e.to_string()))?;
+                    Ok::<_, (axum::http::StatusCode, String)>(axum::Json(issued.certificate))
+                },
+            ),
+        )
         .route(
             "/bench/rate",
             get(
@@ -368,24 +386,40 @@ impl Sessions for EverySession {
     }
 }
 
-/// Reads a link key file (64 hex characters, as control issues them).
-pub fn read_link_key(path: &Path) -> anyhow::Result<LinkKey> {
+/// Reads a certificate pin (64 hex characters) from `path`.
+pub fn read_link_pin(path: &Path) -> anyhow::Result<CertFingerprint> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    LinkKey::parse(text.trim())
-        .ok_or_else(|| anyhow::anyhow!("{}: not a link key (64 hex characters)", path.display()))
+    CertFingerprint::parse(text.trim()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: not a certificate pin (64 hex characters)",
+            path.display()
+        )
+    })
 }
 
 /// Host `host_id`'s link on `listen` (the agent's own link code), splicing
-/// every session to `upstream`, until killed.
+/// every session to `upstream`, until killed. Its certificate comes from the
+/// host CA in `ca_dir` (made there if missing), as control issues them; its
+/// pin is written to `pin_file` for the snapshot.
 pub async fn link(
     listen: SocketAddr,
     upstream: SocketAddr,
     host_id: u64,
-    key: LinkKey,
+    ca_dir: &Path,
+    pin_file: &Path,
 ) -> anyhow::Result<()> {
+    let ca = HostCa::open(ca_dir, opencloud_control::now_unix())?;
+    let key = new_private_key()?;
+    let issued = ca.issue(
+        Holder::Host(host_id),
+        &certificate_request(&key)?,
+        opencloud_control::now_unix(),
+    )?;
+    std::fs::write(pin_file, issued.fingerprint.to_string())?;
+    let identity = LinkIdentity::new(host_id, &issued.certificate, &key)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    let (_identity_tx, identity) = tokio::sync::watch::channel(Some(LinkIdentity { host_id, key }));
+    let (_identity_tx, identity) = tokio::sync::watch::channel(Some(identity));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     host_link::serve(
         listener,

@@ -57,17 +57,22 @@ pub async fn session(
     gateway: SocketAddr,
     upstream_port: u16,
     websocket_upstream: bool,
+    ca_dir: &std::path::Path,
     tls_ca: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let port = gateway.port();
-    let ca = tls_ca
+    let gateway_ca = tls_ca
         .map(|path| -> anyhow::Result<reqwest::Certificate> {
             Ok(reqwest::Certificate::from_pem(&std::fs::read(path)?)?)
         })
         .transpose()?;
-    let scheme = if ca.is_some() { "https" } else { "http" };
+    let scheme = if gateway_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let platform = format!("{scheme}://localhost:{port}");
-    let http = client(gateway, None, ca.as_ref())?;
+    let http = client(gateway, None, gateway_ca.as_ref())?;
     let nonce = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let email = format!("bench-{}-{nonce}@example.com", std::process::id());
 
@@ -102,8 +107,11 @@ pub async fn session(
     let pool = mysql_async::Pool::new(db_url);
     let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
     // Its link stops when this is dropped: it lives until the process ends.
+    let host_ca = opencloud_control::host_ca::HostCa::open(ca_dir, opencloud_control::now_unix())
+        .context("control's host CA")?;
     let external = opencloud_e2e::external::register_external(
         &pool,
+        &host_ca,
         user_id,
         project_id,
         Target::Tcp(upstream),
@@ -114,7 +122,7 @@ pub async fn session(
     let sid = external.sid().to_owned();
     let host = format!("{sid}.nb.localhost:{port}");
     let origin = format!("{scheme}://{host}");
-    let http = client(gateway, Some(&sid), ca.as_ref())?;
+    let http = client(gateway, Some(&sid), gateway_ca.as_ref())?;
 
     // The route reaches the gateway through control's watch stream.
     let started = Instant::now();

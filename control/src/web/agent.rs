@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use opencloud_protocol::agent::{
     AgentEvent, AgentHello, CommandBatch, Heartbeat, COMMAND_POLL_SECONDS, HOST_KEY_SCHEME,
 };
+use opencloud_protocol::link::CertificateRequest;
 use opencloud_protocol::paths::agent as paths;
 use serde::Deserialize;
 
@@ -30,6 +31,7 @@ pub fn routes() -> Router<App> {
         .route(paths::HEARTBEAT, post(heartbeat))
         .route(paths::COMMANDS, get(commands))
         .route(paths::EVENTS, post(event))
+        .route(paths::LINK_CERTIFICATE, post(link_certificate))
 }
 
 /// The host whose key the request carries.
@@ -76,10 +78,26 @@ async fn register(
     Agent(host): Agent,
     ApiJson(hello): ApiJson<AgentHello>,
 ) -> Result<Response, AgentError> {
-    let registered =
-        hosts::register(&app.pool, host, &hello, app.config.allow_private_hosts).await?;
+    let registered = hosts::register(
+        &app.pool,
+        &app.host_ca,
+        host,
+        &hello,
+        app.config.allow_private_hosts,
+    )
+    .await?;
     app.wakeups.wake(host);
     Ok(Json(registered).into_response())
+}
+
+async fn link_certificate(
+    State(app): State<App>,
+    Agent(host): Agent,
+    ApiJson(request): ApiJson<CertificateRequest>,
+) -> Result<Response, AgentError> {
+    let certificate =
+        hosts::renew_link_certificate(&app.pool, &app.host_ca, host, &request.csr).await?;
+    Ok(Json(certificate).into_response())
 }
 
 async fn heartbeat(

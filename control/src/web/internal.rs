@@ -1,7 +1,7 @@
 //! `/internal/v1/…` (the protocol's `paths::internal`) on the internal
-//! listener, for gateways only: the route stream, and the health and usage
-//! reports (the protocol's `reports`) gateways send back; and `/metrics`
-//! for whoever scrapes control. Every call carries
+//! listener, for gateways only: the route stream, the health and usage
+//! reports (the protocol's `reports`) gateways send back, and their client
+//! certificates for host links; and `/metrics` for whoever scrapes control. Every call carries
 //! `Authorization: Bearer <gateway key>`.
 
 use std::convert::Infallible;
@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
 use opencloud_protocol::credentials;
+use opencloud_protocol::link::CertificateRequest;
 use opencloud_protocol::paths::internal as paths;
 use opencloud_protocol::reports::{HealthReport, UsageReport};
 use opencloud_protocol::routes::{Version, WatchMessage};
@@ -26,6 +27,7 @@ use super::extract::{ApiJson, ApiQuery};
 use super::ops;
 use crate::app::App;
 use crate::error::AppError;
+use crate::host_ca::Holder;
 use crate::hosts;
 use crate::routes;
 use crate::sessions;
@@ -36,6 +38,7 @@ pub fn routes() -> Router<App> {
         .route(paths::ROUTES_WATCH, get(watch))
         .route(paths::HEALTH, post(health))
         .route(paths::USAGE, post(usage))
+        .route(paths::LINK_CERTIFICATE, post(link_certificate))
 }
 
 /// A caller that presented one of the configured gateway keys.
@@ -129,4 +132,24 @@ async fn usage(
 ) -> Result<Response, ApiError> {
     sessions::usage::record_usage(&app.pool, &report.sessions, crate::clock::now_unix()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A client certificate for host links, for whichever gateway holds the
+/// key: every gateway gets the same name, since hosts accept any gateway.
+async fn link_certificate(
+    _: Gateway,
+    State(app): State<App>,
+    ApiJson(request): ApiJson<CertificateRequest>,
+) -> Result<Response, ApiError> {
+    let issued = app
+        .host_ca
+        .issue(Holder::Gateway, &request.csr, crate::clock::now_unix())
+        .map_err(|e| {
+            AppError::invalid("csr", format!("The certificate request was refused: {e}."))
+        })?;
+    tracing::info!(
+        not_after = issued.certificate.not_after,
+        "gateway link certificate issued"
+    );
+    Ok(axum::Json(issued.certificate).into_response())
 }
