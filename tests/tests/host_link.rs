@@ -19,8 +19,7 @@ use opencloud_e2e::jupyter::{JupyterServer, XSRF};
 use opencloud_e2e::stack::Target;
 use opencloud_e2e::upstream::{capture_upstream, loopback};
 use opencloud_e2e::{
-    binary, kernel, run_to_refusal, sessions, set_mode, unique, Control, ControlOptions,
-    TestDatabase, TestStack, TestUser,
+    kernel, sessions, set_mode, unique, Control, ControlOptions, TestDatabase, TestStack, TestUser,
 };
 use opencloud_protocol::agent::{AgentSession, AgentSessionState};
 use opencloud_protocol::link::{certificate_request, new_private_key, CertFingerprint};
@@ -572,15 +571,7 @@ async fn control_with_a_host_ca_key_others_can_read_refuses_to_start() {
     HostCa::open(&dir, opencloud_control::now_unix()).unwrap();
     let key = dir.join(opencloud_control::host_ca::KEY_FILE);
     set_mode(&key, 0o640);
-    let out = run_to_refusal(
-        std::process::Command::new(binary("opencloud-control"))
-            .arg("--config")
-            .arg(&config),
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = Control::refusal(&config);
     assert!(
         stderr.contains(&format!(
             "host CA key {} is readable by others (mode 0640); chmod 600 it",
