@@ -72,7 +72,7 @@ impl LinkIdentity {
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| failed("the gateway verifier", &e))?;
-        let mut tls = ServerConfig::builder_with_provider(provider)
+        let tls = ServerConfig::builder_with_provider(provider)
             // Both ends are ours: no reason to speak anything older.
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| failed("TLS", &e))?
@@ -80,8 +80,6 @@ impl LinkIdentity {
             // Also checks that the key is the certificate's.
             .with_single_cert(vec![leaf], key)
             .map_err(|e| failed("the certificate and key", &e))?;
-        // The splice carries HTTP/1.1 as the gateway sends it.
-        tls.alpn_protocols = Vec::new();
         Ok(Self {
             host_id,
             tls: Arc::new(tls),

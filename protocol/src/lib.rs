@@ -1,8 +1,9 @@
 //! What all OpenCloud parts must agree on: the token format and the keys that
 //! sign it, the route table, what agents and gateways say to control (and on
-//! which paths), the cookie and header names, the platform and session
-//! origins, and the way config files are read. Pure functions only: callers
-//! pass in the time, the file text and the environment.
+//! which paths), the host link's names and certificates, the cookie and
+//! header names, the platform and session origins, and the way config files
+//! are read. Pure functions only: callers pass in the time, the file text and
+//! the environment.
 
 pub mod agent;
 pub mod config;

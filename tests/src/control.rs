@@ -87,6 +87,20 @@ impl Control {
         Ok((dir, config_path, public, internal))
     }
 
+    /// Runs control on `config_path`, which must refuse to start: what it
+    /// said on stderr.
+    pub fn refusal(config_path: &std::path::Path) -> String {
+        let out = crate::machine::run_to_refusal(
+            Command::new(binary("opencloud-control"))
+                .arg("--config")
+                .arg(config_path),
+            Duration::from_secs(20),
+        )
+        .expect("control refuses to start");
+        assert!(!out.status.success(), "control exited with success");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Starts control and waits until `/healthz` answers.
     pub async fn start(db: &TestDatabase, options: &ControlOptions) -> anyhow::Result<Self> {
         let (dir, config_path, public, internal) = Self::prepare(db, options)?;

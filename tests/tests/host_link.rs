@@ -3,8 +3,9 @@
 //! for another host, expired or from another CA, an old certificate after
 //! its HostKey was rotated, a host lying about where it is (control's own
 //! internal listener), clients without a gateway's certificate at a real
-//! agent's link port, addresses no stranger's host may advertise, and
-//! Jupyter's own XSRF check, which stays on now that no token is injected.
+//! agent's link port, addresses no stranger's host may advertise, a host
+//! CA key others can read, and Jupyter's own XSRF check, which stays on now
+//! that no token is injected. Renewals and revocations move the pin.
 //! And the plain case: a session on a real agent serves `/api/status` and a
 //! kernel WebSocket through the link.
 
@@ -17,7 +18,9 @@ use opencloud_e2e::hosts::agent_hello;
 use opencloud_e2e::jupyter::{JupyterServer, XSRF};
 use opencloud_e2e::stack::Target;
 use opencloud_e2e::upstream::{capture_upstream, loopback};
-use opencloud_e2e::{kernel, sessions, unique, ControlOptions, TestStack, TestUser};
+use opencloud_e2e::{
+    kernel, sessions, set_mode, unique, Control, ControlOptions, TestDatabase, TestStack, TestUser,
+};
 use opencloud_protocol::agent::{AgentSession, AgentSessionState};
 use opencloud_protocol::link::{certificate_request, new_private_key, CertFingerprint};
 use opencloud_protocol::routes::new_sid;
@@ -514,9 +517,10 @@ async fn a_registration_without_a_valid_certificate_request_is_refused_naming_it
 }
 
 /// Renewing through `/agent/v1/link-certificate` pins the new certificate
-/// in the same step, and only a registered host has one to renew.
+/// in the same step, and only a registered host has one to renew; revoking
+/// the HostKey unpins it.
 #[tokio::test]
-async fn a_renewed_link_certificate_is_pinned_as_it_is_issued() {
+async fn a_renewed_link_certificate_is_pinned_as_it_is_issued_and_a_revoke_unpins_it() {
     let stack = TestStack::control_only().await.unwrap();
     let owner = stack.host_owner().await;
     let (host, key) = stack.add_host(&owner, "lab-pc").await;
@@ -542,6 +546,39 @@ async fn a_renewed_link_certificate_is_pinned_as_it_is_issued() {
     let second = pinned(&stack, host).await.unwrap();
     assert_eq!(second, CertFingerprint::of(&leaf));
     assert_ne!(second, first, "the old certificate is unpinned");
+
+    let (status, _) = owner
+        .post(&format!("/api/v1/hosts/{host}/revoke"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        pinned(&stack, host).await,
+        None,
+        "a revoked host is unpinned"
+    );
+    let (status, body) = stack
+        .post_as_agent(&key, "/agent/v1/link-certificate", &renew)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+/// Whoever reads control's host CA key can issue any host's or gateway's
+/// certificate: control refuses to start, naming the file and its mode.
+#[tokio::test]
+async fn control_with_a_host_ca_key_others_can_read_refuses_to_start() {
+    let db = TestDatabase::create().await.unwrap();
+    let (dir, config, _, _) = Control::prepare(&db, &ControlOptions::default()).unwrap();
+    HostCa::open(&dir, opencloud_control::now_unix()).unwrap();
+    let key = dir.join(opencloud_control::host_ca::KEY_FILE);
+    set_mode(&key, 0o640);
+    let stderr = Control::refusal(&config);
+    assert!(
+        stderr.contains(&format!(
+            "host CA key {} is readable by others (mode 0640); chmod 600 it",
+            key.display()
+        )),
+        "{stderr}"
+    );
 }
 
 /// Attack: a page on another session origin (same site) submits a form into

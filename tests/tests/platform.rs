@@ -3,12 +3,9 @@
 //! configuration errors, shutdown.
 
 use std::process::Command;
-use std::time::Duration;
 
 use mysql_async::prelude::*;
-use opencloud_e2e::{
-    binary, run_to_refusal, set_mode, Control, ControlOptions, TestDatabase, TestStack, PASSWORD,
-};
+use opencloud_e2e::{binary, set_mode, Control, ControlOptions, TestDatabase, TestStack, PASSWORD};
 use reqwest::header::CONTENT_TYPE;
 use reqwest::StatusCode;
 
@@ -246,15 +243,7 @@ async fn control_with_a_keys_file_others_can_read_refuses_to_start() {
     let keys = dir.join("keys.toml");
     for mode in [0o644, 0o640] {
         set_mode(&keys, mode);
-        let out = run_to_refusal(
-            Command::new(binary("opencloud-control"))
-                .arg("--config")
-                .arg(&config),
-            Duration::from_secs(20),
-        )
-        .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = Control::refusal(&config);
         assert!(
             stderr.contains(&format!(
                 "keys file {} is readable by others (mode {mode:04o}); chmod 600 it",
