@@ -86,11 +86,7 @@ impl AgentProcess {
             work_dir: self.dir.join("work"),
         };
         let key = std::fs::read_to_string(layout.link_key()).expect("the agent's link key");
-        crate::wiretap::forbid(
-            format!("the link key in {}", self.dir.display()),
-            crate::wiretap::Class::Platform,
-            &key,
-        );
+        crate::wiretap::forbid(format!("the link key in {}", self.dir.display()), &key);
         key
     }
 

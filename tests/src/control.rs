@@ -125,7 +125,6 @@ impl Control {
         control.wait_healthy().await?;
         crate::wiretap::forbid(
             "control's host CA key",
-            crate::wiretap::Class::Platform,
             &std::fs::read_to_string(control.dir.join(HOST_CA_KEY))?,
         );
         Ok(control)

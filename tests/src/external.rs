@@ -24,7 +24,7 @@ use opencloud_protocol::link::{certificate_request, new_private_key};
 use opencloud_protocol::routes::{self, Change, HostRoute, HostState, SessionRoute, SessionState};
 use tokio::sync::watch;
 
-use crate::wiretap::{forbid, Class};
+use crate::wiretap::forbid;
 
 /// A session served by a stand-in host; the host's link stops when this
 /// is dropped (or at [`External::stop_link`]), as if the host went away.
@@ -129,11 +129,7 @@ pub async fn register_external_with(
             issue(host, &csr)
         })
         .await?;
-    forbid(
-        format!("host {}'s link key", session.host),
-        Class::Platform,
-        &link_key,
-    );
+    forbid(format!("host {}'s link key", session.host), &link_key);
     let identity = LinkIdentity::new(session.host, &issued.certificate, &link_key)?;
     let sessions = Arc::new(OneSession(session.sid.clone(), target));
     let stop = serve_link(listener, identity.clone(), sessions.clone());

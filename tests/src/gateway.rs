@@ -13,7 +13,7 @@ use opencloud_protocol::config::write_private_file;
 use crate::certs::{Pair, TestCa};
 use crate::control::Control;
 use crate::machine::{binary, free_port, fresh_loopback, unique, wait_until_ready};
-use crate::wiretap::{forbid, forbid_keys_file, Class, Wiretap};
+use crate::wiretap::{forbid, forbid_keys_file, Wiretap};
 use opencloud_gateway::link_certificate::KEY_FILE as LINK_CLIENT_KEY;
 
 pub struct GatewayProcess {
@@ -110,12 +110,8 @@ impl GatewayProcess {
         let listener = SocketAddr::new(fresh_loopback(), port);
         let tap = Wiretap::start(SocketAddr::from(([127, 0, 0, 1], port)), listener)?;
         forbid_keys_file("the gateway's keys file", &dir.join("keys.toml"));
-        forbid(
-            "the gateways' key for control",
-            Class::Platform,
-            &control.gateway_key,
-        );
-        forbid("the gateway's metrics key", Class::Platform, &metrics_key);
+        forbid("the gateways' key for control", &control.gateway_key);
+        forbid("the gateway's metrics key", &metrics_key);
         let control_public = control.public.trim_start_matches("http://");
         let tls = tls.then(|| GatewayTls::create(&dir)).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -177,7 +173,7 @@ impl GatewayProcess {
         .await?;
         // Made before the gateway listens; it never leaves the state dir.
         let key = std::fs::read_to_string(self.dir.join("state").join(LINK_CLIENT_KEY))?;
-        forbid("the gateway's link client key", Class::Platform, &key);
+        forbid("the gateway's link client key", &key);
         Ok(())
     }
 

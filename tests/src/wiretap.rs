@@ -15,19 +15,8 @@ use memchr::memmem::Finder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// What a secret is to a browser.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Class {
-    /// Never sent to anyone: signing keys, the gateways' key, metrics keys.
-    Platform,
-    /// A host's link key: sent only to the host itself, in the answers to
-    /// its own agent-API requests (`Authorization: HostKey …`).
-    HostLink,
-}
-
 struct Forbidden {
     label: String,
-    class: Class,
     finder: Finder<'static>,
 }
 
@@ -41,7 +30,7 @@ const SHORTEST_SECRET: usize = 16;
 const JUPYTER_TOKEN_ATTRIBUTE: &[u8] = b"data-jupyter-api-token=\"";
 
 /// Adds `secret` to what no response to a client may contain.
-pub fn forbid(label: impl Into<String>, class: Class, secret: &str) {
+pub fn forbid(label: impl Into<String>, secret: &str) {
     if secret.len() < SHORTEST_SECRET {
         return;
     }
@@ -54,7 +43,6 @@ pub fn forbid(label: impl Into<String>, class: Class, secret: &str) {
     }
     forbidden.push(Forbidden {
         label: label.into(),
-        class,
         finder: Finder::new(secret.as_bytes()).into_owned(),
     });
 }
@@ -68,11 +56,7 @@ pub fn forbid_keys_file(label: &str, path: &std::path::Path) {
             continue;
         };
         if name.trim() == "secret" {
-            forbid(
-                format!("a key of {label}"),
-                Class::Platform,
-                value.trim().trim_matches('"'),
-            );
+            forbid(format!("a key of {label}"), value.trim().trim_matches('"'));
         }
     }
 }
@@ -183,12 +167,10 @@ fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
-/// What the client last asked on a connection.
+/// What the client last asked on a connection: its request line.
 #[derive(Default)]
 struct Asking {
     request_line: String,
-    /// The client authenticated as a host on this connection.
-    as_host: bool,
 }
 
 async fn relay(client: TcpStream, upstream: TcpStream, leaks: Arc<Mutex<Vec<Leak>>>) {
@@ -219,8 +201,7 @@ async fn relay(client: TcpStream, upstream: TcpStream, leaks: Arc<Mutex<Vec<Leak
             if n == 0 {
                 break;
             }
-            let as_host = asking.lock().expect("asking").as_host;
-            if let Some(what) = scanner.scan(&buf[..n], as_host) {
+            if let Some(what) = scanner.scan(&buf[..n]) {
                 let answering = asking.lock().expect("asking").request_line.clone();
                 eprintln!("wiretap: the gateway sent {what} answering {answering:?}");
                 leaks.lock().expect("leaks").push(Leak { what, answering });
@@ -253,10 +234,6 @@ fn note_request(bytes: &[u8], asking: &mut Asking) {
     }
     let line_end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len().min(200));
     asking.request_line = String::from_utf8_lossy(&bytes[..line_end]).into_owned();
-    let lower = bytes.to_ascii_lowercase();
-    if memchr::memmem::find(&lower, b"\r\nauthorization: hostkey ").is_some() {
-        asking.as_host = true;
-    }
 }
 
 /// Searches a byte stream for the forbidden secrets, across read
@@ -268,13 +245,12 @@ struct Scanner {
 
 impl Scanner {
     /// What secret `chunk` (after what came before) reveals, if any.
-    fn scan(&mut self, chunk: &[u8], as_host: bool) -> Option<String> {
+    fn scan(&mut self, chunk: &[u8]) -> Option<String> {
         let mut window = std::mem::take(&mut self.tail);
         window.extend_from_slice(chunk);
         let forbidden = FORBIDDEN.read().expect("forbidden secrets");
         let found = forbidden
             .iter()
-            .filter(|f| !(as_host && f.class == Class::HostLink))
             .find(|f| f.finder.find(&window).is_some())
             .map(|f| f.label.clone())
             .or_else(|| jupyter_token(&window));
@@ -344,7 +320,7 @@ mod tests {
     #[tokio::test]
     async fn a_secret_split_across_reads_is_caught_and_cut_off() {
         let secret = crate::unique("platform-secret-for-the-tap-");
-        forbid("the tap test's platform secret", Class::Platform, &secret);
+        forbid("the tap test's platform secret", &secret);
         let (head, rest) = secret.split_at(10);
         let answer = vec![
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nbefore ".to_vec(),
@@ -359,20 +335,6 @@ mod tests {
             !String::from_utf8_lossy(&got).contains(&secret),
             "the client never gets the secret"
         );
-    }
-
-    #[tokio::test]
-    async fn a_link_key_may_go_only_to_its_host() {
-        let key = crate::unique("link-key-for-the-tap-");
-        forbid("the tap test's link key", Class::HostLink, &key);
-        let answer =
-            vec![format!("HTTP/1.1 200 OK\r\n\r\n{{\"link_key\":\"{key}\"}}").into_bytes()];
-        let (_, leaks) = through_tap(answer.clone(), GET).await;
-        assert_eq!(leaks.len(), 1, "to a browser: {leaks:?}");
-        let as_host = "POST /api/v1/agent/register HTTP/1.1\r\nauthorization: HostKey k\r\n\r\n";
-        let (got, leaks) = through_tap(answer, as_host).await;
-        assert!(leaks.is_empty(), "to its host: {leaks:?}");
-        assert!(String::from_utf8_lossy(&got).contains(&key));
     }
 
     #[tokio::test]
