@@ -217,8 +217,17 @@ impl TestStack {
 
     /// An anonymous POST with a JSON body: the status and the JSON answer.
     pub async fn post_anonymous(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let r = self
-            .http()
+        self.post_with(self.http(), path, body).await
+    }
+
+    /// POSTs `body` to `path` with `client`: the status and the JSON answer.
+    async fn post_with(
+        &self,
+        client: reqwest::Client,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let r = client
             .post(self.url(path))
             .json(&body)
             .send()
@@ -240,15 +249,12 @@ impl TestStack {
     /// POSTs `body` to the registration API from `source`: the status and
     /// the JSON answer.
     pub async fn register_from(&self, source: IpAddr, body: Value) -> (StatusCode, Value) {
-        let r = self
-            .client_from(source, false)
-            .post(self.url("/api/v1/auth/register"))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.post_with(
+            self.client_from(source, false),
+            "/api/v1/auth/register",
+            body,
+        )
+        .await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> (StatusCode, Value) {
