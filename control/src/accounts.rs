@@ -8,7 +8,8 @@ use mysql_async::{Pool, Transaction};
 use opencloud_protocol::routes::Change;
 use serde::Serialize;
 
-use crate::config::{LoginPolicy, RegistrationPolicy};
+use crate::billing::ledger;
+use crate::config::{BillingPolicy, LoginPolicy, RegistrationPolicy};
 use crate::error::AppError;
 use crate::ids::random_id;
 use crate::names::NameRule;
@@ -220,6 +221,7 @@ pub async fn register(
     pool: &Pool,
     passwords: &Passwords,
     policy: &RegistrationPolicy,
+    billing: &BillingPolicy,
     client_ip: IpAddr,
     new: NewUser,
 ) -> Result<User, AppError> {
@@ -264,7 +266,11 @@ pub async fn register(
         return Err(duplicate_email());
     }
     let hash = passwords.hash(&new.password).await?;
-    let inserted = conn
+    // The account and its sign-up grant appear together or not at all.
+    let mut tx = conn
+        .start_transaction(mysql_async::TxOpts::default())
+        .await?;
+    let inserted = tx
         .exec_drop(
             "INSERT INTO users (email, name, password_hash, role) VALUES (?, ?, ?, ?)",
             (&email, &name, &hash, new.role.as_str()),
@@ -276,7 +282,9 @@ pub async fn register(
         Err(mysql_async::Error::Server(e)) if e.code == 1062 => return Err(duplicate_email()),
         Err(e) => return Err(e.into()),
     }
-    let id = conn.last_insert_id().unwrap_or_default();
+    let id = tx.last_insert_id().unwrap_or_default();
+    ledger::grant_signup(&mut tx, &billing.trial, id, billing.signup_grant_seconds).await?;
+    tx.commit().await?;
     metrics::counter!("opencloud_registrations_total").increment(1);
     drop(conn);
     user_by_id(pool, id)

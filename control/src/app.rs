@@ -1,5 +1,5 @@
 //! The state every request handler and background job shares: config,
-//! database pool, password hasher, host CA, metrics handle, the stop signal
+//! database pool, password hasher, host CA, payment provider, metrics handle, the stop signal
 //! and the agents' wake-ups. Cheap to clone.
 
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use mysql_async::Pool;
 
 use crate::accounts;
+use crate::billing::providers::Payments;
 use crate::config::Config;
 use crate::host_ca::HostCa;
 use crate::sessions::commands::Wakeups;
@@ -21,6 +22,8 @@ pub struct App {
     /// Signs the host link's certificates.
     pub host_ca: HostCa,
     pub metrics: PrometheusHandle,
+    /// The payment provider in use.
+    pub payments: Payments,
     /// Turns true when the service is shutting down, so long-lived
     /// responses (route watch streams) and background jobs end.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
@@ -29,13 +32,20 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, pool: Pool, host_ca: HostCa, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        config: Config,
+        pool: Pool,
+        host_ca: HostCa,
+        payments: Payments,
+        metrics: PrometheusHandle,
+    ) -> Self {
         let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
         Self {
             config: Arc::new(config),
             pool,
             passwords,
             host_ca,
+            payments,
             metrics,
             stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
             wakeups: Wakeups::default(),

@@ -47,6 +47,8 @@ struct ControlFile {
     passwords: PasswordsFile,
     #[serde(default)]
     sessions: SessionsFile,
+    #[serde(default)]
+    billing: BillingFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +146,108 @@ impl Default for SessionsFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BillingFile {
+    /// `sandbox` (control's own checkout) or `stripe`.
+    provider: String,
+    /// Compute time every new account gets to try Open at once.
+    signup_grant_seconds: u64,
+    /// The host owner's share of what a session on their host costs.
+    host_share_percent: u8,
+    /// Sessions warn this long before the balance runs out.
+    warning_seconds: u64,
+    /// The webhook signing secret (`whsec_…`), relative to this file.
+    /// Empty: `payments-webhook.secret` beside the keys file, made on
+    /// first start (what the sandbox signs with).
+    webhook_secret_file: PathBuf,
+    trial: TrialFile,
+    stripe: StripeFile,
+}
+
+impl Default for BillingFile {
+    fn default() -> Self {
+        Self {
+            provider: "sandbox".into(),
+            signup_grant_seconds: 30 * 60,
+            host_share_percent: 70,
+            warning_seconds: 300,
+            webhook_secret_file: PathBuf::new(),
+            trial: TrialFile::default(),
+            stripe: StripeFile::default(),
+        }
+    }
+}
+
+/// The limits of granted time (a trial), which has no package.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TrialFile {
+    sessions_at_once: u32,
+    cpu_cores: f64,
+    memory_mib: u32,
+    validity_days: u32,
+}
+
+impl Default for TrialFile {
+    fn default() -> Self {
+        Self {
+            sessions_at_once: 1,
+            cpu_cores: 1.0,
+            memory_mib: 2048,
+            validity_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StripeFile {
+    /// Stripe's API base; a test points it at a stand-in.
+    api_url: String,
+    /// The secret API key (`sk_…`), relative to this file.
+    secret_key_file: PathBuf,
+}
+
+impl Default for StripeFile {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.stripe.com".into(),
+            secret_key_file: PathBuf::new(),
+        }
+    }
+}
+
+/// Which payment provider takes the money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderChoice {
+    Sandbox,
+    Stripe {
+        api_url: String,
+        secret_key_file: PathBuf,
+    },
+}
+
+/// What billing runs on: the provider, the grants and the shares.
+#[derive(Debug, Clone)]
+pub struct BillingPolicy {
+    pub provider: ProviderChoice,
+    pub signup_grant_seconds: u64,
+    pub host_share_percent: u8,
+    pub warning_seconds: u64,
+    pub webhook_secret_file: PathBuf,
+    pub trial: TrialLimits,
+}
+
+/// The limits granted time runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct TrialLimits {
+    pub sessions_at_once: u32,
+    pub cpu_cores: f64,
+    pub memory_mib: u32,
+    pub validity_days: u32,
+}
+
 /// The validated config control runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,6 +274,7 @@ pub struct Config {
     pub registration: RegistrationPolicy,
     pub pbkdf2_iterations: u32,
     pub idle_timeout: std::time::Duration,
+    pub billing: BillingPolicy,
 }
 
 impl Config {
@@ -222,6 +327,111 @@ pub struct RegistrationPolicy {
 }
 
 pub use opencloud_protocol::config::ConfigError;
+
+/// Checks `[billing]`; relative files are resolved against `config_dir`.
+fn billing_policy(
+    file: BillingFile,
+    config_dir: &Path,
+    keys_dir: &Path,
+    invalid: &impl Fn(&'static str, String) -> ConfigError,
+) -> Result<BillingPolicy, ConfigError> {
+    if file.host_share_percent > 100 {
+        return Err(invalid(
+            "billing.host_share_percent",
+            "must be 0 to 100".into(),
+        ));
+    }
+    if file.signup_grant_seconds > 100 * 3600 {
+        return Err(invalid(
+            "billing.signup_grant_seconds",
+            "must be at most 360000 (100 hours)".into(),
+        ));
+    }
+    if !(1..=3600).contains(&file.warning_seconds) {
+        return Err(invalid(
+            "billing.warning_seconds",
+            "must be 1 to 3600".into(),
+        ));
+    }
+    let trial = file.trial;
+    if !(1..=100).contains(&trial.sessions_at_once) {
+        return Err(invalid(
+            "billing.trial.sessions_at_once",
+            "must be 1 to 100".into(),
+        ));
+    }
+    if !(trial.cpu_cores.is_finite() && (0.25..=256.0).contains(&trial.cpu_cores)) {
+        return Err(invalid(
+            "billing.trial.cpu_cores",
+            "must be 0.25 to 256".into(),
+        ));
+    }
+    if trial.memory_mib < 256 {
+        return Err(invalid(
+            "billing.trial.memory_mib",
+            "must be at least 256".into(),
+        ));
+    }
+    if !(1..=3650).contains(&trial.validity_days) {
+        return Err(invalid(
+            "billing.trial.validity_days",
+            "must be 1 to 3650".into(),
+        ));
+    }
+    let webhook_secret_file = if file.webhook_secret_file.as_os_str().is_empty() {
+        keys_dir.join("payments-webhook.secret")
+    } else {
+        config_dir.join(&file.webhook_secret_file)
+    };
+    let provider = match file.provider.as_str() {
+        "sandbox" => ProviderChoice::Sandbox,
+        "stripe" => {
+            if file.stripe.secret_key_file.as_os_str().is_empty() {
+                return Err(invalid(
+                    "billing.stripe.secret_key_file",
+                    "the stripe provider needs the file holding the secret API key".into(),
+                ));
+            }
+            if file.webhook_secret_file.as_os_str().is_empty() {
+                return Err(invalid(
+                    "billing.webhook_secret_file",
+                    "the stripe provider needs the file holding Stripe's webhook signing secret"
+                        .into(),
+                ));
+            }
+            let api_url = file.stripe.api_url.trim_end_matches('/').to_owned();
+            if !(api_url.starts_with("https://") || api_url.starts_with("http://127.0.0.1:")) {
+                return Err(invalid(
+                    "billing.stripe.api_url",
+                    "must be an https:// URL".into(),
+                ));
+            }
+            ProviderChoice::Stripe {
+                api_url,
+                secret_key_file: config_dir.join(&file.stripe.secret_key_file),
+            }
+        }
+        other => {
+            return Err(invalid(
+                "billing.provider",
+                format!("{other:?} is not a provider; use \"sandbox\" or \"stripe\""),
+            ))
+        }
+    };
+    Ok(BillingPolicy {
+        provider,
+        signup_grant_seconds: file.signup_grant_seconds,
+        host_share_percent: file.host_share_percent,
+        warning_seconds: file.warning_seconds,
+        webhook_secret_file,
+        trial: TrialLimits {
+            sessions_at_once: trial.sessions_at_once,
+            cpu_cores: trial.cpu_cores,
+            memory_mib: trial.memory_mib,
+            validity_days: trial.validity_days,
+        },
+    })
+}
 
 impl Config {
     /// Loads `path`, applies `OPENCLOUD_CONTROL__…` overrides from the
@@ -299,12 +509,12 @@ impl Config {
         }
 
         let keys = config::load_keys(path, &file.keys_file)?;
-        let host_ca_dir = path
-            .parent()
-            .unwrap_or(Path::new("."))
+        let config_dir = path.parent().unwrap_or(Path::new("."));
+        let host_ca_dir = config_dir
             .join(&file.keys_file)
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let billing = billing_policy(file.billing, config_dir, &host_ca_dir, &invalid)?;
 
         Ok(Self {
             secure_cookies: origins.platform.https(),
@@ -327,6 +537,7 @@ impl Config {
                 max_delay_seconds: login.max_delay_seconds,
                 client_failure_cap: login.client_failure_cap,
             },
+            billing,
             registration: RegistrationPolicy {
                 per_client: registration.per_client,
                 window_seconds: registration.window_seconds,

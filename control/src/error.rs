@@ -51,8 +51,49 @@ pub enum AppError {
     /// An agent presented the key of a host whose key was revoked.
     #[error("this host's HostKey was revoked; rotate it on My hosts to get a new one")]
     HostKeyRevoked,
+    /// The account has no compute time left to do this.
+    #[error("{0}")]
+    PaymentRequired(String),
+    /// A limit of the user's package (sessions at once) is reached.
+    #[error("{0}")]
+    LimitReached(String),
+    /// A payment provider's message that is not right (a webhook with a bad
+    /// signature, an unknown order): refused, nothing changes.
+    #[error("{message}")]
+    Rejected {
+        reason: &'static str,
+        message: String,
+    },
+    /// The database gave up on a transaction to break a deadlock or a lock
+    /// wait; [`retrying`] runs it again.
+    #[error("the service is briefly busy; try again in a moment")]
+    Contended,
     #[error("something went wrong on our side; it has been logged")]
     Internal(String),
+}
+
+/// Runs `attempt` again (up to 8 times, with a short growing pause) while
+/// the database refuses it as [`AppError::Contended`].
+pub async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    let mut pause_ms = 5;
+    for _ in 0..8 {
+        match attempt().await {
+            Err(AppError::Contended) => {
+                metrics::counter!("opencloud_db_transaction_retries_total").increment(1);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    pause_ms + crate::ids::small_jitter(pause_ms),
+                ))
+                .await;
+                pause_ms *= 2;
+            }
+            other => return other,
+        }
+    }
+    attempt().await
 }
 
 impl AppError {
@@ -77,6 +118,12 @@ impl From<DbError> for AppError {
             DbError::Mysql(mysql_async::Error::Driver(_) | mysql_async::Error::Io(_)) => {
                 tracing::error!(error = %e, "database unreachable");
                 AppError::Unavailable
+            }
+            // Deadlock victim (1213) or lock wait timeout (1205).
+            DbError::Mysql(mysql_async::Error::Server(ref s))
+                if s.code == 1213 || s.code == 1205 =>
+            {
+                AppError::Contended
             }
             other => AppError::Internal(other.to_string()),
         }

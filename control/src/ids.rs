@@ -11,3 +11,8 @@ pub fn random_id() -> String {
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
 }
+
+/// A random pause of up to `up_to` milliseconds, so retries spread out.
+pub fn small_jitter(up_to: u64) -> u64 {
+    rand::rngs::OsRng.next_u64() % up_to.max(1)
+}

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod app;
+pub mod billing;
 pub mod clock;
 pub mod config;
 pub mod db;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use opencloud_control::billing::providers::Payments;
 use opencloud_control::host_ca::HostCa;
 use opencloud_control::{accounts, db, packages, App, Config};
 
@@ -88,7 +89,15 @@ async fn run() -> anyhow::Result<()> {
         Command::Serve => {
             let host_ca = HostCa::open(&config.host_ca_dir, opencloud_control::now_unix())
                 .context("host CA")?;
-            let app = App::new(config, pool, host_ca, opencloud_control::install_metrics()?);
+            let payments = Payments::from_policy(&config.billing, own_webhook_url(&config))
+                .context("payments")?;
+            let app = App::new(
+                config,
+                pool,
+                host_ca,
+                payments,
+                opencloud_control::install_metrics()?,
+            );
             opencloud_control::serve(app, shutdown_signal()).await
         }
         Command::Migrate => {
@@ -132,6 +141,16 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Keygen { .. } => unreachable!("handled above"),
     }
+}
+
+/// Control's own webhook address, where the sandbox delivers: the public
+/// listener on loopback when it listens on every address.
+fn own_webhook_url(config: &Config) -> String {
+    let mut addr = config.listen_public;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}/api/v1/payments/webhooks/sandbox")
 }
 
 async fn shutdown_signal() {

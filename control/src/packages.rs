@@ -221,6 +221,11 @@ pub async fn get(pool: &Pool, id: u64) -> Result<Package, AppError> {
     find(&mut pool.get_conn().await?, id, "").await
 }
 
+/// The package `id`, read on `conn` (inside the caller's transaction).
+pub async fn get_in(conn: &mut impl Queryable, id: u64) -> Result<Package, AppError> {
+    find(conn, id, "").await
+}
+
 /// The package `id`, read on `conn` with `suffix` (`FOR UPDATE` in a
 /// transaction) after the query.
 async fn find(conn: &mut impl Queryable, id: u64, suffix: &str) -> Result<Package, AppError> {

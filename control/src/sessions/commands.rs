@@ -78,7 +78,18 @@ pub async fn commands(
     }
 }
 
-type CommandRow = (u64, String, String, u64, String, f64, u64, u32);
+type CommandRow = (
+    u64,
+    String,
+    String,
+    u64,
+    String,
+    f64,
+    u64,
+    u32,
+    Option<f64>,
+    Option<u64>,
+);
 
 async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<Command>, AppError> {
     let rows: Vec<CommandRow> = pool
@@ -86,7 +97,8 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
         .await?
         .exec(
             "SELECT c.id, c.action, c.sid, s.project_id, s.state,
-                    h.cpu_cores, h.memory_mib, h.max_sessions
+                    h.cpu_cores, h.memory_mib, h.max_sessions,
+                    CAST(s.cpu_limit_cores AS DOUBLE), s.memory_limit_mib
              FROM host_commands c
              JOIN sessions s ON s.sid = c.sid
              JOIN hosts h ON h.id = c.host_id
@@ -104,14 +116,29 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
     Ok(rows
         .into_iter()
         .map(
-            |(id, action, sid, project_id, _, cpu_cores, memory_mib, max_sessions)| {
+            |(
+                id,
+                action,
+                sid,
+                project_id,
+                _,
+                cpu_cores,
+                memory_mib,
+                max_sessions,
+                package_cpu,
+                package_memory,
+            )| {
+                // The host's fair share, within what the user's package allows.
                 let share = f64::from(max_sessions.max(1));
+                let host_memory = (memory_mib as f64 / share).floor() as u64;
+                let host_cpu = cpu_cores / share;
                 let action = if action == "start" {
                     Action::Start(StartSession {
                         sid,
                         project_id,
-                        memory_limit_mib: (memory_mib as f64 / share).floor() as u64,
-                        cpu_limit_cores: (cpu_cores / share) as f32,
+                        memory_limit_mib: package_memory
+                            .map_or(host_memory, |m| m.min(host_memory)),
+                        cpu_limit_cores: package_cpu.map_or(host_cpu, |c| c.min(host_cpu)) as f32,
                     })
                 } else {
                     Action::Stop {

@@ -4,8 +4,8 @@
 //! public [`end`]) goes through it. [`stop`] asks the agent to stop the
 //! server first (by its owner, an admin or the idle culler).
 //!
-//! Invariants of an ended session: a final state, `ended_at` set, its
-//! project freed (`live_project_id = NULL`) so it can be opened again, the
+//! Invariants of an ended session: a final state, `ended_at` set, every
+//! second from ready to end charged, its project freed (`live_project_id = NULL`) so it can be opened again, the
 //! first end reason kept, and its tombstone published in the same
 //! transaction.
 
@@ -14,8 +14,9 @@ use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
 
 use super::commands::{queue_command, Wakeups};
+use super::metering::charge_tx;
 use super::state::{live_sql, Phase};
-use crate::error::AppError;
+use crate::error::{retrying, AppError};
 use crate::routes::{commit, publish, session_route, SESSION_COLUMNS};
 
 pub const END_REASON_MAX_CHARS: usize = 64;
@@ -51,6 +52,8 @@ pub(crate) async fn end_tx(
         (phase.as_column(), reason, detail, sid),
     )
     .await?;
+    // The last seconds, exactly: up to `ended_at` just set.
+    charge_tx(tx, sid).await?;
     tracing::info!(sid, state = phase.as_column(), reason, "session ended");
     let was = route.state;
     route.state = phase.route_state();
@@ -127,6 +130,17 @@ pub async fn stop(
     if !routes::is_valid_sid(sid) {
         return Err(AppError::NotFound("session"));
     }
+    // Under load the database may pick this transaction to break a deadlock.
+    retrying(|| stop_once(pool, wakeups, owner, sid, reason)).await
+}
+
+async fn stop_once(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    owner: Option<u64>,
+    sid: &str,
+    reason: &str,
+) -> Result<String, AppError> {
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     let row: Option<(u64, String, String)> = tx

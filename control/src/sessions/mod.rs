@@ -5,8 +5,9 @@
 //! The rooms: [`state`] (the row's state, mapped to the column in one
 //! place), [`placement`] (opening a project), [`commands`] (the queue to
 //! agents), [`events`] (what agents report), [`ending`] (stopping and the
-//! one end), [`usage`] (gateways' traffic reports), [`watch`] (the job that
-//! loses silent hosts and culls idle sessions) and [`data`] (the admins'
+//! one end), [`metering`] (charging a session's time to its owner's
+//! balance), [`usage`] (gateways' traffic reports), [`watch`] (the job that
+//! loses silent hosts, charges running sessions and culls idle ones) and [`data`] (the admins'
 //! Session data). This file holds what owners see of a session.
 //!
 //! Submodules never use this file's items, and hosts use only
@@ -16,6 +17,7 @@ pub mod commands;
 pub mod data;
 pub mod ending;
 pub mod events;
+pub mod metering;
 pub mod placement;
 pub mod state;
 pub mod usage;
@@ -66,7 +68,9 @@ pub fn explain_end(state: SessionState, reason: Option<&str>) -> String {
         }
         (_, Some("stopped_by_user" | "user")) => "You stopped it.".into(),
         (_, Some("idle")) => "It was stopped after a long time without activity.".into(),
-        (_, Some("out_of_time" | "no_compute_time")) => "Your compute time ran out.".into(),
+        (_, Some("balance_exhausted" | "out_of_time" | "no_compute_time")) => {
+            "Your compute time ran out. Buy a package to go on.".into()
+        }
         (_, Some("host_draining")) => "The host owner took the computer out of service.".into(),
         (_, Some("host_revoked")) => "The host owner removed the computer from OpenCloud.".into(),
         (_, Some("stopped_by_admin" | "admin")) => "An administrator stopped it.".into(),

@@ -1,5 +1,6 @@
-//! Opening a project: its live session if it has one, otherwise a new
-//! session placed on a host that can take it (the project's last host
+//! Opening a project: its live session if it has one, otherwise (when the
+//! owner has compute time and their package allows another session at
+//! once) a new session placed on a host that can take it (the project's last host
 //! first, then the least loaded), the agent's start command queued and a
 //! `starting` route published, all in one transaction.
 
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use super::commands::{queue_command, Wakeups};
 use super::state::{live_sql, Phase};
+use crate::billing::ledger;
 use crate::error::AppError;
 use crate::hosts::{load_score, HEARTBEAT_FRESH_SECONDS};
 use crate::routes::{commit, publish};
@@ -97,6 +99,7 @@ fn placement_order(mut list: Vec<Candidate>, last_host: Option<u64>) -> Vec<Cand
 pub async fn open(
     pool: &Pool,
     wakeups: &Wakeups,
+    host_share_percent: u8,
     user_id: u64,
     project_id: u64,
 ) -> Result<Opened, AppError> {
@@ -144,6 +147,39 @@ pub async fn open(
             existing: true,
         });
     }
+    // The owner's account is locked so that two opens at once cannot both
+    // take the last place their package allows.
+    ledger::lock_account(&mut tx, user_id).await?;
+    let plan = ledger::plan(&mut tx, user_id).await?;
+    let Some(limits) = plan.limits.filter(|_| plan.balance_seconds > 0) else {
+        tx.rollback().await?;
+        metrics::counter!("opencloud_placements_total", "outcome" => "no_balance").increment(1);
+        return Err(AppError::PaymentRequired(
+            "You have no compute time left. Buy a package on the Packages page to open projects."
+                .into(),
+        ));
+    };
+    let live_sessions: u64 = tx
+        .exec_first(
+            format!(
+                "SELECT COUNT(*) FROM sessions WHERE user_id = ? AND state IN ({})",
+                live_sql()
+            ),
+            (user_id,),
+        )
+        .await?
+        .unwrap_or(0);
+    if live_sessions >= u64::from(limits.sessions_at_once) {
+        tx.rollback().await?;
+        metrics::counter!("opencloud_placements_total", "outcome" => "sessions_at_once")
+            .increment(1);
+        let n = limits.sessions_at_once;
+        return Err(AppError::LimitReached(format!(
+            "Your package allows {n} session{} at once, and {n} {} running. Stop one first, or buy a larger package.",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "is" } else { "are" },
+        )));
+    }
     // Candidates are read without locks; the chosen host's row is then
     // locked and its sessions recounted, so capacity holds under races.
     let mut reader = pool.get_conn().await?;
@@ -175,8 +211,9 @@ pub async fn open(
     };
     let sid = routes::new_sid();
     tx.exec_drop(
-        "INSERT INTO sessions (sid, project_id, user_id, host_id, state, live_project_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
+        "INSERT INTO sessions (sid, project_id, user_id, host_id, state, live_project_id,
+            host_share_percent, cpu_limit_cores, memory_limit_mib, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
         (
             &sid,
             project_id,
@@ -184,6 +221,9 @@ pub async fn open(
             host.id,
             Phase::Starting.as_column(),
             project_id,
+            host_share_percent,
+            limits.cpu_cores,
+            limits.memory_mib,
         ),
     )
     .await?;

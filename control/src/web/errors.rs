@@ -35,7 +35,12 @@ impl AppError {
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Conflict { .. } => StatusCode::CONFLICT,
             AppError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable | AppError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unavailable | AppError::NoCapacity(_) | AppError::Contended => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AppError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
+            AppError::LimitReached(_) => StatusCode::CONFLICT,
+            AppError::Rejected { .. } => StatusCode::BAD_REQUEST,
             AppError::HostKeyInvalid => StatusCode::UNAUTHORIZED,
             AppError::HostKeyRevoked => StatusCode::FORBIDDEN,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -56,7 +61,10 @@ impl AppError {
             AppError::MethodNotAllowed(_) => "method_not_allowed",
             AppError::Conflict { .. } => "conflict",
             AppError::TooManyAttempts { .. } => "too_many_attempts",
-            AppError::Unavailable => "unavailable",
+            AppError::Unavailable | AppError::Contended => "unavailable",
+            AppError::PaymentRequired(_) => "no_balance",
+            AppError::LimitReached(_) => "limit_reached",
+            AppError::Rejected { reason, .. } => reason,
             AppError::NoCapacity(_) => "no_capacity",
             AppError::HostKeyInvalid => opencloud_protocol::agent::HOST_KEY_INVALID,
             AppError::HostKeyRevoked => opencloud_protocol::agent::HOST_KEY_REVOKED,

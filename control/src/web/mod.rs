@@ -54,9 +54,12 @@ pub fn public_router(app: App) -> Router {
         ));
     // Agents authenticate with their HostKey: no cookies, so no CSRF rules.
     let agents = agent::routes().route_layer(middleware::from_fn(ops::track_metrics));
+    // Payment providers sign their webhooks; they carry no cookie.
+    let webhooks = api::webhook_routes().route_layer(middleware::from_fn(ops::track_metrics));
     let headers = SecurityHeaders::new(&app.config);
     Router::new()
         .merge(agents)
+        .merge(webhooks)
         .merge(platform)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::map_response_with_state(

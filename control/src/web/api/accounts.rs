@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::accounts::{self, NewUser, Role};
 use crate::app::App;
+use crate::billing::ledger;
 use crate::web::auth::{self, Ctx};
 use crate::web::cookies;
 use crate::web::errors::ApiResult;
@@ -50,6 +51,7 @@ async fn register(
         &app.pool,
         &app.passwords,
         &app.config.registration,
+        &app.config.billing,
         ctx.client_ip,
         NewUser {
             email: body.email,
@@ -123,9 +125,16 @@ async fn change_password(
     Ok(Json(json!({ "changed": true, "other_sessions_revoked": true })).into_response())
 }
 
-async fn me(ctx: Ctx) -> ApiResult {
+/// Who am I, with my compute balance and what my package allows.
+async fn me(State(app): State<App>, ctx: Ctx) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    Ok(Json(json!({ "user": user })).into_response())
+    let plan = ledger::plan(&mut app.pool.get_conn().await?, user.id).await?;
+    Ok(Json(json!({
+        "user": user,
+        "balance_seconds": plan.balance_seconds,
+        "limits": plan.limits,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

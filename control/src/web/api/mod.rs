@@ -3,6 +3,7 @@
 
 mod accounts;
 mod admin;
+mod billing;
 mod hosts;
 mod packages;
 mod projects;
@@ -20,4 +21,7 @@ pub fn routes() -> Router<App> {
         .merge(hosts::routes())
         .merge(packages::routes())
         .merge(admin::routes())
+        .merge(billing::routes())
 }
+
+pub use billing::{order_message, webhook_routes};

@@ -94,8 +94,14 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
 /// `url` enters the session's own origin (a ticket valid one minute).
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    let opened =
-        placement::open(&app.pool, &app.wakeups, user.id, parse_id(&id, "project")?).await?;
+    let opened = placement::open(
+        &app.pool,
+        &app.wakeups,
+        app.config.billing.host_share_percent,
+        user.id,
+        parse_id(&id, "project")?,
+    )
+    .await?;
     let url = ctx.enter_url(&app, &opened.session_id)?;
     let status = if opened.existing {
         StatusCode::OK

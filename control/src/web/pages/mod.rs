@@ -3,6 +3,7 @@
 //! kept (except passwords).
 
 mod account;
+mod billing;
 mod hosts;
 mod projects;
 mod public;
@@ -19,4 +20,5 @@ pub fn routes() -> Router<App> {
         .merge(sessions::routes())
         .merge(hosts::routes())
         .merge(account::routes())
+        .merge(billing::routes())
 }

@@ -37,6 +37,8 @@ struct ProjectsPage {
     description: String,
     /// Why the last Open did not work (no host with room, …).
     open_error: Option<String>,
+    /// The refusal is about compute time or package limits: link Packages.
+    open_buy_link: bool,
 }
 
 impl ProjectsPage {
@@ -49,6 +51,7 @@ impl ProjectsPage {
             name: String::new(),
             description: String::new(),
             open_error: None,
+            open_buy_link: false,
         })
     }
 
@@ -72,14 +75,31 @@ async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
-    match placement::open(&app.pool, &app.wakeups, user.id, id).await {
+    match placement::open(
+        &app.pool,
+        &app.wakeups,
+        app.config.billing.host_share_percent,
+        user.id,
+        id,
+    )
+    .await
+    {
         Ok(opened) => {
             let url = ctx.enter_url(&app, &opened.session_id)?;
             Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
         }
-        Err(e @ (AppError::NoCapacity(_) | AppError::Conflict { .. })) => render(
+        Err(
+            e @ (AppError::NoCapacity(_)
+            | AppError::Conflict { .. }
+            | AppError::PaymentRequired(_)
+            | AppError::LimitReached(_)),
+        ) => render(
             e.status(),
             ProjectsPage {
+                open_buy_link: matches!(
+                    e,
+                    AppError::PaymentRequired(_) | AppError::LimitReached(_)
+                ),
                 open_error: Some(e.to_string()),
                 ..ProjectsPage::of(&app, &ctx, user.id).await?
             },

@@ -104,6 +104,7 @@ async fn register(
         &app.pool,
         &app.passwords,
         &app.config.registration,
+        &app.config.billing,
         ctx.client_ip,
         NewUser {
             email: form.email.clone(),

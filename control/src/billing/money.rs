@@ -1,0 +1,52 @@
+//! Amounts and durations in words for pages.
+
+/// Micro units in one minor unit (a cent).
+pub const MICRO_PER_MINOR: i64 = 1_000_000;
+
+/// `12.50 USD` for an amount in minor units.
+pub fn minor(amount: i64, currency: &str) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    let abs = amount.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", abs / 100, abs % 100)
+}
+
+/// `0.0029 USD` for an amount in micro units: four decimals, so a few
+/// seconds' earnings do not read as nothing.
+pub fn micro(amount: i64, currency: &str) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    // Hundredths of a cent, rounded down.
+    let ten_thousandths = amount.unsigned_abs() / (MICRO_PER_MINOR as u64 / 100);
+    format!(
+        "{sign}{}.{:04} {currency}",
+        ten_thousandths / 10_000,
+        ten_thousandths % 10_000
+    )
+}
+
+/// `2 h 05 min`, `4 min 10 s`, `0 s`.
+pub fn seconds(total: i64) -> String {
+    let sign = if total < 0 { "-" } else { "" };
+    let s = total.unsigned_abs();
+    let (h, m, sec) = (s / 3600, s % 3600 / 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{sign}{sec} s"),
+        (0, m) => format!("{sign}{m} min {sec:02} s"),
+        (h, m) => format!("{sign}{h} h {m:02} min"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_read_as_people_write_them() {
+        assert_eq!(minor(1905, "USD"), "19.05 USD");
+        assert_eq!(minor(-500, "EUR"), "-5.00 EUR");
+        assert_eq!(micro(291_666, "USD"), "0.0029 USD");
+        assert_eq!(micro(350 * MICRO_PER_MINOR, "USD"), "3.5000 USD");
+        assert_eq!(seconds(0), "0 s");
+        assert_eq!(seconds(250), "4 min 10 s");
+        assert_eq!(seconds(7500), "2 h 05 min");
+    }
+}
