@@ -51,6 +51,11 @@ impl Control {
         HostCa::open(&self.dir, opencloud_control::now_unix()).expect("control's host CA")
     }
 
+    /// The sandbox's webhook signing secret, made by control at start.
+    pub fn webhook_secret_path(&self) -> PathBuf {
+        self.dir.join("payments-webhook.secret")
+    }
+
     /// Writes a config and keys file for `db` into a temp dir.
     pub fn prepare(
         db: &TestDatabase,
@@ -109,6 +114,9 @@ impl Control {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,mysql_async=warn")
+            // Tests open several sessions per user on their sign-up grant;
+            // the billing tests set the product's own limit (1) again.
+            .env("OPENCLOUD_CONTROL__BILLING__TRIAL__SESSIONS_AT_ONCE", "8")
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -127,6 +135,9 @@ impl Control {
             "control's host CA key",
             &std::fs::read_to_string(control.dir.join(HOST_CA_KEY))?,
         );
+        if let Ok(secret) = std::fs::read_to_string(control.webhook_secret_path()) {
+            crate::wiretap::forbid("the payment webhook secret", &secret);
+        }
         Ok(control)
     }
 

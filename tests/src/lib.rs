@@ -8,6 +8,7 @@
 //! place that knows ports, paths and processes.
 
 pub mod agents;
+pub mod billing;
 pub mod browser;
 pub mod certs;
 pub mod control;

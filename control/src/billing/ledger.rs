@@ -325,6 +325,34 @@ pub async fn balance(pool: &Pool, user_id: u64) -> Result<u64, AppError> {
         .balance_seconds)
 }
 
+/// The warning an owner sees while their running sessions would use up
+/// the balance within `warning_seconds`: each running session uses one
+/// second per second.
+pub async fn runs_out_warning(
+    pool: &Pool,
+    user_id: u64,
+    warning_seconds: u64,
+) -> Result<Option<String>, AppError> {
+    let mut conn = pool.get_conn().await?;
+    let running: u64 = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM sessions WHERE user_id = ? AND state = 'running'",
+            (user_id,),
+        )
+        .await?
+        .unwrap_or(0);
+    if running == 0 {
+        return Ok(None);
+    }
+    let left = plan(&mut conn, user_id).await?.balance_seconds / running;
+    Ok((left <= warning_seconds).then(|| {
+        format!(
+            "Your compute time runs out in about {}. Your sessions stop then; buy a package to keep working.",
+            super::money::seconds(left as i64)
+        )
+    }))
+}
+
 /// A reason an admin gives is required and bounded.
 fn check_reason(reason: &str) -> Result<String, AppError> {
     let reason = reason.trim();

@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::App;
+use crate::billing::ledger;
 use crate::sessions;
 use crate::sessions::ending;
 use crate::web::auth::Ctx;
@@ -30,6 +31,9 @@ async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) 
         .then(|| ctx.enter_url(&app, &session.sid))
         .transpose()?;
     let ended = (!session.is_live()).then(|| session.end_explanation());
+    let warning = ledger::runs_out_warning(&app.pool, user.id, app.config.billing.warning_seconds)
+        .await?
+        .filter(|_| session.is_live());
     Ok((
         [(header::CACHE_CONTROL, "no-store")],
         Json(json!({
@@ -42,6 +46,7 @@ async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) 
             "end_reason": session.end_reason,
             "notice": session.notice,
             "ended_because": ended,
+            "balance_warning": warning,
         })),
     )
         .into_response())

@@ -10,6 +10,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use crate::app::App;
+use crate::billing::ledger;
 use crate::error::AppError;
 use crate::projects::{self, Project};
 use crate::sessions::placement;
@@ -39,6 +40,8 @@ struct ProjectsPage {
     open_error: Option<String>,
     /// The refusal is about compute time or package limits: link Packages.
     open_buy_link: bool,
+    /// The balance runs out soon.
+    balance_warning: Option<String>,
 }
 
 impl ProjectsPage {
@@ -52,6 +55,7 @@ impl ProjectsPage {
             description: String::new(),
             open_error: None,
             open_buy_link: false,
+            balance_warning: warning(app, user_id).await?,
         })
     }
 
@@ -63,6 +67,11 @@ impl ProjectsPage {
                 .is_some_and(projects::LatestSession::changing)
         })
     }
+}
+
+/// The warning shown while the owner's balance is about to run out.
+async fn warning(app: &App, user_id: u64) -> Result<Option<String>, AppError> {
+    ledger::runs_out_warning(&app.pool, user_id, app.config.billing.warning_seconds).await
 }
 
 async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
@@ -145,6 +154,8 @@ struct ProjectPage {
     name: String,
     description: String,
     notice: Option<&'static str>,
+    /// The balance runs out soon.
+    balance_warning: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +178,7 @@ async fn project_page(
         project,
         error: FormError::none(),
         notice: query.saved.map(|_| "Saved."),
+        balance_warning: warning(&app, user.id).await?,
     })
 }
 
@@ -197,6 +209,7 @@ async fn update_project(
                 name: form.name,
                 description: form.description,
                 notice: None,
+                balance_warning: warning(&app, user.id).await?,
             },
         ),
         Err(e) => Err(e.into()),
