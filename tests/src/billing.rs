@@ -121,7 +121,7 @@ impl TestStack {
                  GROUP BY l.id, l.seconds_left HAVING l.seconds_left <> COALESCE(SUM(e.seconds), 0)",
             )
             .await
-            .unwrap();
+            .expect("read the lots");
         assert!(
             drifting.is_empty(),
             "lots whose balance is not their entries' sum: {drifting:?}"
@@ -135,7 +135,7 @@ impl TestStack {
                  FROM users u",
             )
             .await
-            .unwrap();
+            .expect("read the accounts");
         for (user, lots, entries) in accounts {
             assert_eq!(
                 lots, entries,
@@ -151,8 +151,8 @@ impl TestStack {
                           WHERE status IN ('paid', 'refunded')) AS SIGNED)",
             )
             .await
-            .unwrap()
-            .unwrap();
+            .expect("sum the payments")
+            .expect("one row");
         assert_eq!(purchased, paid, "purchase entries and paid orders differ");
     }
 }
