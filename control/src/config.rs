@@ -161,6 +161,9 @@ struct BillingFile {
     /// Empty: `payments-webhook.secret` beside the keys file, made on
     /// first start (what the sandbox signs with).
     webhook_secret_file: PathBuf,
+    /// The sandbox confirms a payment this long after the card is taken,
+    /// as a real provider's webhook comes a moment after the buyer returns.
+    sandbox_delivery_delay_ms: u64,
     trial: TrialFile,
     stripe: StripeFile,
 }
@@ -173,6 +176,7 @@ impl Default for BillingFile {
             host_share_percent: 70,
             warning_seconds: 300,
             webhook_secret_file: PathBuf::new(),
+            sandbox_delivery_delay_ms: 0,
             trial: TrialFile::default(),
             stripe: StripeFile::default(),
         }
@@ -236,6 +240,7 @@ pub struct BillingPolicy {
     pub host_share_percent: u8,
     pub warning_seconds: u64,
     pub webhook_secret_file: PathBuf,
+    pub sandbox_delivery_delay: std::time::Duration,
     pub trial: TrialLimits,
 }
 
@@ -378,6 +383,12 @@ fn billing_policy(
             "must be 1 to 3650".into(),
         ));
     }
+    if file.sandbox_delivery_delay_ms > 60_000 {
+        return Err(invalid(
+            "billing.sandbox_delivery_delay_ms",
+            "must be at most 60000".into(),
+        ));
+    }
     let webhook_secret_file = if file.webhook_secret_file.as_os_str().is_empty() {
         keys_dir.join("payments-webhook.secret")
     } else {
@@ -424,6 +435,7 @@ fn billing_policy(
         host_share_percent: file.host_share_percent,
         warning_seconds: file.warning_seconds,
         webhook_secret_file,
+        sandbox_delivery_delay: std::time::Duration::from_millis(file.sandbox_delivery_delay_ms),
         trial: TrialLimits {
             sessions_at_once: trial.sessions_at_once,
             cpu_cores: trial.cpu_cores,

@@ -31,6 +31,7 @@ pub fn seconds(total: i64) -> String {
     match (h, m) {
         (0, 0) => format!("{sign}{sec} s"),
         (0, m) => format!("{sign}{m} min {sec:02} s"),
+        (h, 0) if sec == 0 => format!("{sign}{h} h"),
         (h, m) => format!("{sign}{h} h {m:02} min"),
     }
 }
@@ -48,5 +49,6 @@ mod tests {
         assert_eq!(seconds(0), "0 s");
         assert_eq!(seconds(250), "4 min 10 s");
         assert_eq!(seconds(7500), "2 h 05 min");
+        assert_eq!(seconds(36_000), "10 h");
     }
 }

@@ -198,13 +198,18 @@ pub async fn create(
     Ok((order, checkout.url))
 }
 
-/// Notes a failed attempt to pay (a declined card) on a pending order.
-pub async fn note_failure(pool: &Pool, order_id: u64, message: &str) -> Result<(), AppError> {
+/// Notes an attempt to pay a pending order: why it failed (a declined
+/// card), or `None` when the card was taken and the confirmation is on its way.
+pub async fn note_attempt(
+    pool: &Pool,
+    order_id: u64,
+    failure: Option<&str>,
+) -> Result<(), AppError> {
     pool.get_conn()
         .await?
         .exec_drop(
             "UPDATE orders SET last_failure = ? WHERE id = ? AND status = 'pending'",
-            (message, order_id),
+            (failure, order_id),
         )
         .await?;
     Ok(())

@@ -90,7 +90,11 @@ impl Payments {
         )?);
         Ok(match &policy.provider {
             ProviderChoice::Sandbox => {
-                let sandbox = Arc::new(Sandbox::new(secret, webhook_url));
+                let sandbox = Arc::new(Sandbox::new(
+                    secret,
+                    webhook_url,
+                    policy.sandbox_delivery_delay,
+                ));
                 Self {
                     provider: sandbox.clone(),
                     sandbox: Some(sandbox),
@@ -124,6 +128,7 @@ impl Payments {
 pub struct Sandbox {
     secret: WebhookSecret,
     webhook_url: String,
+    delay: Duration,
     http: reqwest::Client,
 }
 
@@ -244,10 +249,11 @@ impl Card {
 }
 
 impl Sandbox {
-    pub fn new(secret: WebhookSecret, webhook_url: String) -> Self {
+    pub fn new(secret: WebhookSecret, webhook_url: String, delay: Duration) -> Self {
         Self {
             secret,
             webhook_url,
+            delay,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -260,6 +266,7 @@ impl Sandbox {
     /// a 4xx answer (a refusal is final), for about a minute.
     pub async fn deliver(&self, event: serde_json::Value) {
         let body = event.to_string();
+        tokio::time::sleep(self.delay).await;
         let mut pause = Duration::from_millis(250);
         for attempt in 1..=8 {
             let signature = self.secret.sign(crate::now_unix(), body.as_bytes());

@@ -125,7 +125,7 @@ async fn pay(
     if let Err(decline) = card.charge((today.year() as u32, u32::from(u8::from(today.month())))) {
         metrics::counter!("opencloud_payments_total", "provider" => "sandbox", "outcome" => decline.outcome)
             .increment(1);
-        orders::note_failure(&app.pool, order.id, &decline.message).await?;
+        orders::note_attempt(&app.pool, order.id, Some(&decline.message)).await?;
         tracing::info!(
             order = order.id,
             outcome = decline.outcome,
@@ -152,6 +152,7 @@ async fn pay(
         &format!("pi_sandbox_{}", random_id()),
         crate::now_unix(),
     );
+    orders::note_attempt(&app.pool, order.id, None).await?;
     tokio::spawn(async move { sandbox.deliver(event).await });
     crate::web::render::see_other(&format!("/orders/{}", order.id))
 }
