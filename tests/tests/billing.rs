@@ -144,6 +144,13 @@ async fn a_payment_is_credited_once_however_often_its_webhook_comes_and_forgerie
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
+    // Without JavaScript, the waiting return page refreshes itself.
+    let waiting = buyer.page(&format!("/orders/{order}")).await;
+    assert!(
+        waiting.contains("<noscript><meta http-equiv=\"refresh\""),
+        "{waiting}"
+    );
+
     // The genuine webhook, 20 times at once: one credit.
     let genuine = body.clone();
     let answers = join_all((0..20).map(|_| stack.post_signed_webhook(&genuine))).await;
@@ -167,6 +174,15 @@ async fn a_payment_is_credited_once_however_often_its_webhook_comes_and_forgerie
     assert_eq!(balance(&buyer).await, trial + starter.compute_seconds);
     assert_eq!(order_status(&buyer, order).await, "paid");
     assert_eq!(entries_for_order(&stack, "purchase", order).await, 1);
+    let paid_page = buyer.page(&format!("/orders/{order}")).await;
+    assert!(
+        paid_page.contains("Payment received: 10 h added."),
+        "{paid_page}"
+    );
+    assert!(
+        !paid_page.contains("http-equiv=\"refresh\""),
+        "a paid order stops refreshing"
+    );
 
     // Late and out of order: a second event for the same payment (async
     // success), and the first again a minute's worth later, credit nothing.
@@ -394,10 +410,26 @@ async fn a_session_is_charged_by_the_second_and_its_host_owner_earns_exactly_the
     let stack = TestStack::with_gateway_env(env(&[("SIGNUP_GRANT_SECONDS", "0")]))
         .await
         .unwrap();
-    stack.admin().await;
+    let admin = stack.admin().await;
     let owner = stack.host_owner().await;
     let [(host, _agent)] = stack.online_hosts(&owner, [("host-a", 2)]).await;
-    let starter = stack.packages_on_sale().await.remove(0);
+    // A package below the host's fair share (1 core, 1024 MiB here), so its
+    // limits are the ones the sandbox gets.
+    let (status, body) = admin
+        .post(
+            "/api/v1/admin/packages",
+            json!({"name": "Tiny", "price_minor": 500, "currency": "USD", "compute_minutes": 600,
+                   "max_concurrent_sessions": 1, "cpu_cores": 0.25, "memory_mib": 512,
+                   "storage_quota_mib": 100, "validity_days": 30}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let starter = stack
+        .packages_on_sale()
+        .await
+        .into_iter()
+        .find(|p| p.name == "Tiny")
+        .unwrap();
     let user = stack.new_user().await;
     stack.buy(&user, starter.id).await;
     let bought = balance(&user).await;
@@ -407,6 +439,20 @@ async fn a_session_is_charged_by_the_second_and_its_host_owner_earns_exactly_the
     let (sid, _) = open(&user, project).await;
     wait_running(&stack, &sid).await;
     let ran_from = Instant::now();
+    // cgroup v1 (controller, file) or v2 file.
+    let cgroup = |v1: (&str, &str), v2: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{}/opencloud/{sid}/{}", v1.0, v1.1))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/opencloud/{sid}/{v2}")))
+            .unwrap()
+    };
+    let quota = cgroup(("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    assert!(quota.starts_with("25000"), "a quarter core: {quota}");
+    let memory = cgroup(("memory", "memory.limit_in_bytes"), "memory.max");
+    assert_eq!(
+        memory.trim(),
+        (512u64 << 20).to_string(),
+        "the package's memory"
+    );
     // Charged while it runs, at least every 10 s.
     let (_, took) = eventually(
         "a charge while running",
