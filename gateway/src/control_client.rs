@@ -1,6 +1,7 @@
 //! Everything the gateway says to control, on control's internal listener:
 //! it follows the route stream, posts health and usage reports, and asks
-//! for its host link client certificate. Every
+//! for its host link client certificate and, for Lab's banner, whether a
+//! session's owner runs out of compute time soon. Every
 //! call carries this gateway's key as a bearer token; the URLs come from
 //! [`paths::internal`], the bodies from
 //! [`reports`](opencloud_protocol::reports). The loops that decide
@@ -15,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use opencloud_protocol::link::{CertificateRequest, LinkCertificate};
 use opencloud_protocol::paths;
-use opencloud_protocol::reports::{HealthReport, UsageReport};
+use opencloud_protocol::reports::{BalanceNotice, HealthReport, UsageReport};
 use reqwest::StatusCode;
 use serde::Serialize;
 
@@ -25,6 +26,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A usage report that does not arrive in time is kept for the next round.
 const USAGE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A user waits on this one (Lab's banner asks): answer or give up fast.
+const BALANCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Signing a certificate is quick; a slow answer is asked for again.
 const CERTIFICATE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -93,6 +96,13 @@ impl ControlClient {
             .post(url)
             .timeout(CERTIFICATE_TIMEOUT)
             .json(&CertificateRequest { csr });
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Whether the owner of session `sid` runs out of compute time soon.
+    pub async fn session_balance(&self, sid: &str) -> Result<BalanceNotice, ControlError> {
+        let url = format!("{}{}", self.base_url, paths::internal::session_balance(sid));
+        let request = self.http.get(url).timeout(BALANCE_TIMEOUT);
         Ok(self.send(request).await?.json().await?)
     }
 

@@ -5,6 +5,7 @@
 //! listener, and the route watch in the background.
 
 pub mod acme;
+pub mod banner;
 pub mod class;
 pub mod clock;
 pub mod config;
@@ -97,6 +98,7 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         verified: verified::VerifiedTokens::default(),
         connections: connections.clone(),
         link_credentials,
+        control: control.clone(),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let app = deadline::HeaderDeadline {

@@ -14,6 +14,7 @@ use http::header;
 use opencloud_protocol::credentials;
 use opencloud_protocol::names;
 use opencloud_protocol::paths;
+use opencloud_protocol::reports::BalanceNotice;
 use opencloud_protocol::routes::{HostState, SessionState, SID_LEN};
 use opencloud_protocol::token::{self, Claims, TokenKind};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -22,10 +23,12 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorType, Result};
 
+use crate::banner;
 use crate::class::Class;
 use crate::clock::unix_now;
 use crate::config::Config;
 use crate::connections::{Admission, OpenConnections, Registration};
+use crate::control_client::ControlClient;
 use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
 use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
@@ -82,6 +85,8 @@ pub struct RequestCtx {
     is_upgrade: bool,
     /// A request body follows the head.
     has_body: bool,
+    /// Lab's page: the banner's script tag goes at its end.
+    add_banner: bool,
 }
 
 pub struct Gateway {
@@ -95,6 +100,8 @@ pub struct Gateway {
     pub connections: OpenConnections,
     /// What host links present and trust.
     pub link_credentials: ClientCredentials,
+    /// Asked for Lab's compute-time banner.
+    pub control: ControlClient,
 }
 
 /// Request counters and latency histograms, registered once per label set
@@ -291,6 +298,24 @@ impl Gateway {
         respond_text(session, 503, "the session is starting; retry in a second\n").await
     }
 
+    /// `/_oc/balance` for the session's owner (already checked): control's
+    /// word on their compute time, or no warning when control cannot say.
+    async fn balance(&self, session: &mut Session, sid: SessionName) -> Result<bool> {
+        let notice = match self.control.session_balance(sid.as_str()).await {
+            Ok(notice) => notice,
+            Err(e) => {
+                tracing::debug!(error = %e, "balance notice unavailable");
+                BalanceNotice {
+                    warning: None,
+                    packages_url: format!("{}/packages", self.config.public_origin),
+                }
+            }
+        };
+        let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+        let headers = [("cache-control", "no-store")];
+        answer(session, 200, "application/json", &headers, body).await
+    }
+
     async fn route_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let Some(sid) = ctx.sid else {
             return no_session_here(session).await;
@@ -370,6 +395,22 @@ impl Gateway {
         if route.state == SessionState::Starting {
             return self.starting(session, ctx).await;
         }
+        match session.req_header().uri.path() {
+            paths::enter::BALANCE => return self.balance(session, sid).await,
+            paths::enter::BANNER_SCRIPT => {
+                let script = Bytes::from_static(banner::SCRIPT.as_bytes());
+                let cache = [("cache-control", "public, max-age=3600")];
+                return answer(
+                    session,
+                    200,
+                    "text/javascript; charset=utf-8",
+                    &cache,
+                    script,
+                )
+                .await;
+            }
+            _ => {}
+        }
         let Some((host, link)) = table
             .hosts
             .get(&route.host)
@@ -419,6 +460,7 @@ impl ProxyHttp for Gateway {
             connection: None,
             is_upgrade: false,
             has_body: true,
+            add_banner: false,
         }
     }
 
@@ -581,6 +623,14 @@ impl ProxyHttp for Gateway {
         if on_tls(session) {
             response.insert_header(header::STRICT_TRANSPORT_SECURITY, HSTS)?;
         }
+        if ctx.class == Class::Session
+            && ctx.upstream.is_some()
+            && session.req_header().method == http::Method::GET
+            && banner::is_lab_page(session.req_header().uri.path(), response)
+        {
+            ctx.add_banner = true;
+            response.remove_header(&header::CONTENT_LENGTH);
+        }
         if ctx.class == Class::Session && response.headers.contains_key(header::SET_COOKIE) {
             // A host may not set cookies for other origins.
             let kept: Vec<http::HeaderValue> = response
@@ -598,6 +648,19 @@ impl ProxyHttp for Gateway {
             }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<Duration>> {
+        if ctx.add_banner {
+            banner::append_at_end(body, end_of_stream);
+        }
+        Ok(None)
     }
 
     /// A session request goes only to the certificate the route table pins

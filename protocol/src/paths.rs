@@ -17,6 +17,13 @@ pub mod internal {
     /// gateway's client certificate for host links, with the host CA, as a
     /// [`LinkCertificate`](crate::link::LinkCertificate).
     pub const LINK_CERTIFICATE: &str = "/internal/v1/link-certificate";
+    /// `GET`: a [`BalanceNotice`](crate::reports::BalanceNotice) for the
+    /// owner of session `{sid}` (what Lab's banner says).
+    pub const SESSION_BALANCE: &str = "/internal/v1/sessions/{sid}/balance";
+
+    pub fn session_balance(sid: &str) -> String {
+        SESSION_BALANCE.replace("{sid}", sid)
+    }
 }
 
 /// Control's public listener, for host agents (`Authorization: HostKey`);
@@ -41,6 +48,12 @@ pub mod enter {
     /// On the session origin, served by the gateway: `?ticket=…` redeems a
     /// ticket for the session cookie.
     pub const TICKET: &str = "/_oc/enter";
+    /// On the session origin, served by the gateway to the session's
+    /// owner: whether their compute time runs out soon (JSON).
+    pub const BALANCE: &str = "/_oc/balance";
+    /// On the session origin: the script the gateway adds to Lab's page,
+    /// which shows [`BALANCE`]'s warning as a banner.
+    pub const BANNER_SCRIPT: &str = "/_oc/banner.js";
 
     /// On the platform origin, served by control: logs the user in if
     /// needed and sends them back with a fresh ticket.
@@ -60,6 +73,7 @@ mod tests {
             internal::HEALTH,
             internal::USAGE,
             internal::LINK_CERTIFICATE,
+            internal::SESSION_BALANCE,
         ] {
             assert!(path.starts_with(internal::PREFIX), "{path}");
         }

@@ -81,3 +81,13 @@ mod tests {
         assert_eq!(serde_json::from_str::<UsageReport>(&text).unwrap(), report);
     }
 }
+
+/// What control says about a session owner's compute time, for the banner
+/// the gateway adds to Lab: a warning while it runs out soon, and where to
+/// buy more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceNotice {
+    pub warning: Option<String>,
+    pub packages_url: String,
+}

@@ -539,6 +539,68 @@ async fn a_session_warns_then_stops_when_the_balance_runs_out_and_the_balance_st
         );
     }
 
+    // And in Lab: the gateway adds the banner's script to Lab's page and
+    // answers its question for the session's owner only.
+    let cookie = stack.enter(&user, &sid).await;
+    let gateway = stack.gateway();
+    let in_session = |path: &str| {
+        gateway
+            .client(&[&sid], false)
+            .get(format!("{}{path}", gateway.session_origin(&sid)))
+            .header("cookie", &cookie)
+    };
+    let lab = in_session("/lab").send().await.unwrap();
+    assert_eq!(lab.status(), StatusCode::OK);
+    let html = lab.text().await.unwrap();
+    assert!(
+        html.trim_end()
+            .ends_with("<script src=\"/_oc/banner.js\" defer></script>"),
+        "Lab's page ends with the banner's script: {}",
+        &html[html.len().saturating_sub(200)..]
+    );
+    let notice: Value = in_session("/_oc/balance")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        notice["warning"].as_str().unwrap().contains("runs out"),
+        "{notice}"
+    );
+    assert!(
+        notice["packages_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/packages"),
+        "{notice}"
+    );
+    let script = in_session("/_oc/banner.js").send().await.unwrap();
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(script.text().await.unwrap().contains("oc-balance-banner"));
+    let api = in_session("/api/contents")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!api.contains("banner.js"), "only Lab's page is changed");
+    // Someone else's cookie learns nothing of this owner's balance.
+    let stranger = stack.new_user().await;
+    let r = gateway
+        .client(&[&sid], false)
+        .get(format!("{}/_oc/balance", gateway.session_origin(&sid)))
+        .bearer_auth(&stranger.token)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), StatusCode::OK, "a stranger got the balance");
+
     let took = wait_ended(&stack, &sid, Duration::from_secs(150)).await;
     let (ran, metered_s, unpaid, reason) = metered(&stack, &sid).await;
     println!(

@@ -144,6 +144,24 @@ pub fn enter_url(
     format!("{}/_oc/enter?ticket={ticket}", config.session_origin(sid))
 }
 
+/// The owner of `sid` while it is live.
+pub async fn live_owner(pool: &Pool, sid: &str) -> Result<Option<u64>, AppError> {
+    if !routes::is_valid_sid(sid) {
+        return Ok(None);
+    }
+    Ok(pool
+        .get_conn()
+        .await?
+        .exec_first(
+            format!(
+                "SELECT user_id FROM sessions WHERE sid = ? AND state IN ({})",
+                state::live_sql()
+            ),
+            (sid,),
+        )
+        .await?)
+}
+
 /// Live sessions by state, for the metrics endpoint.
 pub async fn count_by_state(pool: &Pool) -> Result<Vec<(String, u64)>, AppError> {
     Ok(pool

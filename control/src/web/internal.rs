@@ -39,6 +39,7 @@ pub fn routes() -> Router<App> {
         .route(paths::HEALTH, post(health))
         .route(paths::USAGE, post(usage))
         .route(paths::LINK_CERTIFICATE, post(link_certificate))
+        .route(paths::SESSION_BALANCE, get(session_balance))
 }
 
 /// A caller that presented one of the configured gateway keys.
@@ -152,4 +153,28 @@ async fn link_certificate(
         "gateway link certificate issued"
     );
     Ok(axum::Json(issued.certificate).into_response())
+}
+
+/// Whether the owner of live session `sid` runs out of compute time soon,
+/// for the banner the gateway adds to Lab. Unknown and ended sessions are
+/// "not found".
+async fn session_balance(
+    _: Gateway,
+    State(app): State<App>,
+    axum::extract::Path(sid): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let owner = sessions::live_owner(&app.pool, &sid)
+        .await?
+        .ok_or(AppError::NotFound("session"))?;
+    let warning = crate::billing::ledger::runs_out_warning(
+        &app.pool,
+        owner,
+        app.config.billing.warning_seconds,
+    )
+    .await?;
+    Ok(axum::Json(opencloud_protocol::reports::BalanceNotice {
+        warning,
+        packages_url: format!("{}/packages", app.config.public_origin),
+    })
+    .into_response())
 }
