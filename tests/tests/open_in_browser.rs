@@ -85,17 +85,25 @@ async fn run_first_cell(browser: &Browser) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_user_opens_a_project_from_my_projects_and_runs_a_cell_in_lab() {
-    opens_a_project_and_runs_a_cell(TestStack::with_gateway().await.unwrap()).await
+    // Warned an hour ahead, the sign-up grant's 30 minutes show Lab's banner.
+    let warn_early = vec![(
+        "OPENCLOUD_CONTROL__BILLING__WARNING_SECONDS".to_owned(),
+        "3600".to_owned(),
+    )];
+    let stack = TestStack::with_gateway_env(warn_early).await.unwrap();
+    opens_a_project_and_runs_a_cell(stack, true).await
 }
 
 /// The same on https, Chromium trusting the gateway's test CA: TLS as
 /// users will use it (HTTP/2 for pages, a WebSocket over TLS for the kernel).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_over_https() {
-    opens_a_project_and_runs_a_cell(TestStack::with_gateway_tls().await.unwrap()).await
+    opens_a_project_and_runs_a_cell(TestStack::with_gateway_tls().await.unwrap(), false).await
 }
 
-async fn opens_a_project_and_runs_a_cell(stack: TestStack) {
+/// `balance_banner`: whether Lab must show the compute-time banner (or
+/// must not, with the default warning and a fresh sign-up grant).
+async fn opens_a_project_and_runs_a_cell(stack: TestStack, balance_banner: bool) {
     let owner = stack.host_owner().await;
     let [(host, agent)] = stack.online_hosts(&owner, [("desk-pc", 2)]).await;
     let platform = stack.gateway().platform();
@@ -251,6 +259,24 @@ async fn opens_a_project_and_runs_a_cell(stack: TestStack) {
         refused.is_empty(),
         "Lab was refused for its Origin: {refused:?}"
     );
+
+    // The gateway's banner in Lab, only while the balance runs out soon.
+    if balance_banner {
+        let banner = browser.wait_for("#oc-balance-banner").await.unwrap();
+        let text = banner.text().await.unwrap();
+        assert!(
+            text.contains("runs out") && text.contains("Buy compute time"),
+            "{text}"
+        );
+        println!("Lab's banner: {text:?}");
+    } else {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            browser.count("#oc-balance-banner").await.unwrap(),
+            0,
+            "a banner without cause"
+        );
+    }
 
     // Back on the platform, My projects shows the session running.
     browser.goto(&format!("{platform}/projects")).await.unwrap();
