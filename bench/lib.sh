@@ -247,9 +247,12 @@ wrk_median() {
 
 GATEWAY_KEY="bench-gateway-key-0123456789abcdefghijklmnop"
 
-# start_stack: a fresh database, control and the gateway (pinned to the test
-# CPU) in front of it. Sets GW_PORT, GW_PID, DB_URL.
-start_stack() {
+# start_control [PINNING COMMAND...]: a fresh database and control on it,
+# run under the given command (`"${ON_LOAD[@]}"`, or none), with pool_max
+# CONTROL_POOL_MAX (4). Its config is in $TMP/stack. Sets GW_PORT (the
+# public_url's port, for a gateway), CONTROL_PUBLIC, CONTROL_INTERNAL,
+# CONTROL_PID and DB_URL.
+start_control() {
   local db="oc_bench_$$"
   mysql "${MYSQL_ARGS[@]}" -e "SELECT 1" >/dev/null 2>&1 || die "no MariaDB answers on 127.0.0.1:3306 (root, no password)"
   progress "database $db"
@@ -257,10 +260,9 @@ start_stack() {
   DATABASES+=("$db")
   DB_URL="mysql://root@127.0.0.1:3306/$db"
   GW_PORT=$(free_port)
-  local cp ci gm dir="$TMP/stack"
+  local cp ci dir="$TMP/stack"
   cp=$(free_port)
   ci=$(free_port)
-  gm=$(free_port)
   mkdir -p "$dir/state"
   # Control and the gateway refuse a keys file others can read.
   (umask 077 && "$RELEASE/opencloud-control" keygen >"$dir/keys.toml")
@@ -278,8 +280,27 @@ internal = "127.0.0.1:$ci"
 [database]
 url = "$DB_URL"
 pool_min = 1
-pool_max = 4
+pool_max = ${CONTROL_POOL_MAX:-4}
 EOF
+  progress "control on :$cp, internal :$ci"
+  RUST_LOG=warn start control "$@" "$RELEASE/opencloud-control" --config "$dir/control.toml"
+  CONTROL_PID=$LAST_PID
+  CONTROL_PUBLIC="127.0.0.1:$cp"
+  CONTROL_INTERNAL="127.0.0.1:$ci"
+  wait_port "$cp" control 600
+  for _ in $(seq 1 300); do
+    curl -fsS "http://127.0.0.1:$cp/healthz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  curl -fsS "http://127.0.0.1:$cp/healthz" >/dev/null || die "control is not healthy; see $TMP/control.log"
+}
+
+# start_stack: a fresh database, control (CPU 0) and the gateway (pinned to
+# the test CPU) in front of it. Sets GW_PORT, GW_PID, DB_URL.
+start_stack() {
+  start_control "${ON_LOAD[@]}"
+  local gm dir="$TMP/stack"
+  gm=$(free_port)
   local tls_section=""
   if [ "$TLS" = 1 ]; then
     [ -n "${TLS_DIR:-}" ] || make_certificates
@@ -299,19 +320,11 @@ state_dir = "state"
 public = "127.0.0.1:$GW_PORT"
 metrics = "127.0.0.1:$gm"
 [control]
-public = "127.0.0.1:$cp"
-internal_url = "http://127.0.0.1:$ci"
+public = "$CONTROL_PUBLIC"
+internal_url = "http://$CONTROL_INTERNAL"
 gateway_key = "$GATEWAY_KEY"
 $tls_section
 EOF
-  progress "control (CPU 0) on :$cp, internal :$ci"
-  RUST_LOG=warn start control "${ON_LOAD[@]}" "$RELEASE/opencloud-control" --config "$dir/control.toml"
-  wait_port "$cp" control 600
-  for _ in $(seq 1 300); do
-    curl -fsS "http://127.0.0.1:$cp/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  curl -fsS "http://127.0.0.1:$cp/healthz" >/dev/null || die "control is not healthy; see $TMP/control.log"
   progress "gateway (CPU 1) on :$GW_PORT"
   RUST_LOG=warn start gateway "${ON_TEST[@]}" "${UNDER_CALLGRIND[@]}" "$RELEASE/opencloud-gateway" --config "$dir/gateway.toml"
   GW_PID=$LAST_PID

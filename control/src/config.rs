@@ -665,6 +665,46 @@ mod tests {
     }
 
     #[test]
+    fn a_stripe_provider_without_its_key_or_an_unknown_provider_is_named() {
+        let dir = temp_dir("billing");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        for (billing, named) in [
+            (
+                "provider = \"stripe\"\nwebhook_secret_file = \"whsec\"",
+                "billing.stripe.secret_key_file",
+            ),
+            (
+                "provider = \"stripe\"\n[billing.stripe]\nsecret_key_file = \"sk\"",
+                "billing.webhook_secret_file",
+            ),
+            (
+                "provider = \"stripe\"\nwebhook_secret_file = \"whsec\"\n\
+                 [billing.stripe]\nsecret_key_file = \"sk\"\napi_url = \"http://stripe.example\"",
+                "billing.stripe.api_url",
+            ),
+            ("provider = \"paypal\"", "billing.provider"),
+        ] {
+            let err = Config::from_toml(&path, &format!("{text}\n[billing]\n{billing}\n"), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{billing}: {err}");
+        }
+        let stripe = "provider = \"stripe\"\nwebhook_secret_file = \"whsec\"\n\
+            [billing.stripe]\nsecret_key_file = \"sk\"\napi_url = \"http://127.0.0.1:9/\"";
+        let config =
+            Config::from_toml(&path, &format!("{text}\n[billing]\n{stripe}\n"), []).unwrap();
+        assert_eq!(
+            config.billing.provider,
+            ProviderChoice::Stripe {
+                api_url: "http://127.0.0.1:9".into(),
+                secret_key_file: dir.join("sk"),
+            }
+        );
+    }
+
+    #[test]
     fn weak_password_hashing_is_refused() {
         let dir = temp_dir("pbkdf2");
         let text = include_str!("../../config/control.toml")

@@ -42,6 +42,10 @@ pub enum AppError {
     TooManyAttempts { retry_after: u64, message: String },
     #[error("the service is briefly unavailable; try again in a moment")]
     Unavailable,
+    /// The payment provider did not answer, or failed on its side: no
+    /// money moved.
+    #[error("{0} is not answering right now, so no money moved; try again in a few minutes")]
+    ProviderUnavailable(&'static str),
     /// No host can take a new session right now.
     #[error("{0}")]
     NoCapacity(String),

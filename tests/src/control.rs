@@ -16,7 +16,10 @@ use opencloud_control::host_ca::{HostCa, KEY_FILE as HOST_CA_KEY};
 /// Options for starting control.
 #[derive(Clone, Default)]
 pub struct ControlOptions {
-    /// Lines appended to the generated config file.
+    /// Lines appended to the generated config file, whose last table is
+    /// `[database]`: start them with a table header (`[billing]`) unless
+    /// they are meant for `[database]`. No other table is generated after
+    /// it, so any other table may be added here.
     pub extra_config: String,
     /// `trusted_proxies`; loopback by default so tests can play gateway.
     pub trusted_proxies: Option<Vec<String>>,

@@ -1,8 +1,10 @@
 //! `oc-bench`: the Rust side of the scripts in `bench/`. Each subcommand does
 //! one thing and prints `KEY=value` lines (or a result line) for the script.
 
+mod payments;
 mod routes;
 mod session;
+mod stats;
 mod ws;
 
 use std::net::SocketAddr;
@@ -46,6 +48,11 @@ enum Command {
     },
     /// Prints a new keys file (the format control and the gateway share).
     Keygen,
+    /// Customers buying from a running control with the sandbox provider,
+    /// each purchase paid with a signed webhook: webhook → balance latency,
+    /// purchases/s with every customer at once, then the ledger checked.
+    /// Prints LATENCY_MS=, PURCHASES=, PURCHASE_MS= and LEDGER= lines.
+    Payments(payments::Options),
     /// Signs a ticket for SID and USER with KEYS, enters the session through
     /// the gateway's `/_oc/enter` and prints COOKIE=.
     Enter {
@@ -169,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             println!("COOKIE={cookie}");
             Ok(())
         }),
+        Command::Payments(options) => runtime.block_on(payments::run(options)),
         Command::WsEcho { listen } => runtime.block_on(ws::echo(listen)),
         Command::WsLoad(options) => runtime.block_on(ws::load(options)),
         Command::Table {

@@ -17,7 +17,7 @@ use reqwest::header::{LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const PASSWORD: &str = "bench password 1234";
+pub const PASSWORD: &str = "bench password 1234";
 
 fn client(
     gateway: SocketAddr,
@@ -49,6 +49,35 @@ async fn json_of(
     serde_json::from_str(&text).with_context(|| format!("{what}: not JSON: {text}"))
 }
 
+/// Registers `email` (password [`PASSWORD`]) on `platform` with `http`
+/// and logs in: the user's id and token.
+pub async fn sign_up(
+    http: &reqwest::Client,
+    platform: &str,
+    email: &str,
+) -> anyhow::Result<(u64, String)> {
+    let register = http
+        .post(format!("{platform}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Bench User"}))
+        .send()
+        .await?;
+    json_of(register, "register", StatusCode::CREATED).await?;
+    let login = http
+        .post(format!("{platform}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await?;
+    let login = json_of(login, "login", StatusCode::OK).await?;
+    let token = login["token"]
+        .as_str()
+        .context("no token in the login answer")?
+        .to_owned();
+    let user_id = login["user"]["id"]
+        .as_u64()
+        .context("no user id in the login answer")?;
+    Ok((user_id, token))
+}
+
 /// Sets the session up, prints `SID=`, `HOST=` and `COOKIE=`, then keeps
 /// serving the stand-in host's link until the process is ended (SIGTERM,
 /// as bench/lib.sh's cleanup does).
@@ -76,25 +105,7 @@ pub async fn session(
     let nonce = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let email = format!("bench-{}-{nonce}@example.com", std::process::id());
 
-    let register = http
-        .post(format!("{platform}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Bench User"}))
-        .send()
-        .await?;
-    json_of(register, "register", StatusCode::CREATED).await?;
-    let login = http
-        .post(format!("{platform}/api/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await?;
-    let login = json_of(login, "login", StatusCode::OK).await?;
-    let token = login["token"]
-        .as_str()
-        .context("no token in the login answer")?
-        .to_owned();
-    let user_id = login["user"]["id"]
-        .as_u64()
-        .context("no user id in the login answer")?;
+    let (user_id, token) = sign_up(&http, &platform, &email).await?;
     let project = http
         .post(format!("{platform}/api/v1/projects"))
         .bearer_auth(&token)

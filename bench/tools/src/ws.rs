@@ -164,18 +164,11 @@ pub async fn load(options: LoadOptions) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| -> u32 {
-        if all.is_empty() {
-            return 0;
-        }
-        let index = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-        all[index]
-    };
     println!(
         "{:.0} {} {} {errors}",
         all.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.99)
+        crate::stats::nearest_rank(&all, 0.50),
+        crate::stats::nearest_rank(&all, 0.99)
     );
     Ok(())
 }

@@ -269,7 +269,7 @@ impl Sandbox {
         tokio::time::sleep(self.delay).await;
         let mut pause = Duration::from_millis(250);
         for attempt in 1..=8 {
-            let signature = self.secret.sign(crate::now_unix(), body.as_bytes());
+            let signature = self.secret.sign(crate::clock::now_unix(), body.as_bytes());
             let sent = self
                 .http
                 .post(&self.webhook_url)
@@ -368,10 +368,13 @@ impl Stripe {
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, path, "Stripe unreachable");
-                AppError::Unavailable
+                AppError::ProviderUnavailable("Stripe")
             })?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|_| AppError::Unavailable)?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|_| AppError::ProviderUnavailable("Stripe"))?;
         if status.is_success() {
             return serde_json::from_slice(&body)
                 .map_err(|e| AppError::Internal(format!("Stripe {path}: unexpected answer: {e}")));
@@ -381,7 +384,14 @@ impl Stripe {
             .unwrap_or_default();
         tracing::error!(%status, path, %message, "Stripe refused a call");
         if status.is_server_error() || status.as_u16() == 429 {
-            Err(AppError::Unavailable)
+            Err(AppError::ProviderUnavailable("Stripe"))
+        } else if status.as_u16() == 402 {
+            // Stripe's "the request was valid but failed" (an already
+            // refunded charge): its message is written for people.
+            Err(AppError::Conflict {
+                field: None,
+                message: format!("Stripe refused: {message}"),
+            })
         } else {
             Err(AppError::Internal(format!(
                 "Stripe {path} answered {status}: {message}"

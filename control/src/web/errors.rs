@@ -35,9 +35,10 @@ impl AppError {
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Conflict { .. } => StatusCode::CONFLICT,
             AppError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable | AppError::NoCapacity(_) | AppError::Contended => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            AppError::Unavailable
+            | AppError::ProviderUnavailable(_)
+            | AppError::NoCapacity(_)
+            | AppError::Contended => StatusCode::SERVICE_UNAVAILABLE,
             AppError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             AppError::LimitReached(_) => StatusCode::CONFLICT,
             AppError::Rejected { .. } => StatusCode::BAD_REQUEST,
@@ -61,7 +62,9 @@ impl AppError {
             AppError::MethodNotAllowed(_) => "method_not_allowed",
             AppError::Conflict { .. } => "conflict",
             AppError::TooManyAttempts { .. } => "too_many_attempts",
-            AppError::Unavailable | AppError::Contended => "unavailable",
+            AppError::Unavailable | AppError::ProviderUnavailable(_) | AppError::Contended => {
+                "unavailable"
+            }
             AppError::PaymentRequired(_) => "no_balance",
             AppError::LimitReached(_) => "limit_reached",
             AppError::Rejected { reason, .. } => reason,
