@@ -39,10 +39,21 @@ impl Amount {
     pub fn whole_minor(&self) -> i64 {
         self.amount_micro.div_euclid(MICRO_PER_MINOR)
     }
+
+    /// [`Amount::whole_minor`] as a form's amount: `12.34`.
+    pub fn whole_minor_input(&self) -> String {
+        let minor = self.whole_minor().max(0);
+        format!("{}.{:02}", minor / 100, minor % 100)
+    }
 }
 
-fn amounts(rows: Vec<(String, i64)>) -> Vec<Amount> {
-    rows.into_iter().map(|(c, a)| Amount::new(c, a)).collect()
+/// What `owner_id` is owed, per currency.
+pub async fn owed(conn: &mut impl Queryable, owner_id: u64) -> Result<Vec<Amount>, AppError> {
+    Ok(ledger::owed(conn, owner_id)
+        .await?
+        .into_iter()
+        .map(|(c, a)| Amount::new(c, a))
+        .collect())
 }
 
 /// A lot of compute time as its holder sees it.
@@ -371,7 +382,7 @@ pub async fn earnings(pool: &Pool, owner_id: u64) -> Result<Earnings, AppError> 
             },
         )
         .await?;
-    let owed = amounts(ledger::owed(&mut conn, owner_id).await?);
+    let owed = owed(&mut conn, owner_id).await?;
     let payouts = conn
         .exec_map(
             format!(
@@ -442,8 +453,8 @@ pub struct AdminSummary {
 }
 
 impl ComputeTotals {
-    pub fn text(&self, seconds: u64) -> String {
-        money::seconds(seconds as i64)
+    pub fn text(&self, seconds: impl std::borrow::Borrow<u64>) -> String {
+        money::seconds(*seconds.borrow() as i64)
     }
 }
 
