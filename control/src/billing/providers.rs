@@ -262,7 +262,7 @@ impl Sandbox {
         let body = event.to_string();
         let mut pause = Duration::from_millis(250);
         for attempt in 1..=8 {
-            let signature = self.secret.sign(crate::now_unix(), body.as_bytes());
+            let signature = self.secret.sign(crate::clock::now_unix(), body.as_bytes());
             let sent = self
                 .http
                 .post(&self.webhook_url)

@@ -150,7 +150,7 @@ async fn pay(
         order.amount_minor,
         &order.currency,
         &format!("pi_sandbox_{}", random_id()),
-        crate::now_unix(),
+        crate::clock::now_unix(),
     );
     tokio::spawn(async move { sandbox.deliver(event).await });
     crate::web::render::see_other(&format!("/orders/{}", order.id))
