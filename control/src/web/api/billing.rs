@@ -113,8 +113,14 @@ async fn receive_webhook(
     let signature = headers
         .get(webhook::SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok());
-    let outcome =
-        orders::apply_webhook(&app.pool, active, signature, &body, crate::clock::now_unix()).await?;
+    let outcome = orders::apply_webhook(
+        &app.pool,
+        active,
+        signature,
+        &body,
+        crate::clock::now_unix(),
+    )
+    .await?;
     Ok(Json(json!({ "received": true, "outcome": outcome })).into_response())
 }
 
