@@ -64,8 +64,8 @@ async fn buy_starter(user: &TestUser) -> u64 {
     }
 }
 
-/// Records that `customer` used `seconds` on a host of `owner`'s, ended
-/// now, as control does after an agent reports the session stopped
+/// Records that `customer` used `seconds` on a new host of `owner`'s,
+/// ended now, as control does after an agent reports the session stopped
 /// (without an agent); metering charges it within seconds. The host's id.
 async fn used_on_host_of(
     stack: &TestStack,
@@ -74,16 +74,12 @@ async fn used_on_host_of(
     seconds: u64,
 ) -> u64 {
     let project = customer.create_project("Paid work").await;
+    let (status, body) = owner
+        .post("/api/v1/hosts", json!({"name": "Attic PC"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let host = body["host"]["id"].as_u64().unwrap();
     let mut conn = stack.db.conn().await;
-    conn.exec_drop(
-        "INSERT INTO hosts (owner_id, name, address, link_port, health_url, state, created_at, updated_at)
-         VALUES (?, 'Attic PC', '127.0.0.1', 9, 'http://127.0.0.1:9/healthz', 'offline',
-                 UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-        (owner.id,),
-    )
-    .await
-    .unwrap();
-    let host = conn.last_insert_id().unwrap();
     // Stopping with its end set: metering charges up to `ended_at`, exactly.
     conn.exec_drop(
         "INSERT INTO sessions (sid, project_id, user_id, host_id, state, host_share_percent,
@@ -504,7 +500,12 @@ async fn a_payout_is_at_most_what_is_owed_and_shows_on_both_sides() {
 
     // The owner's page: earnings per host and day, owed, the payout.
     let page = owner.page("/hosts").await;
-    assert!(page.contains("0.5250 USD"), "host earnings: {page}");
+    let row = page
+        .split(&format!("<tr data-host-id=\"{host}\">"))
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .expect("the host's row");
+    assert!(row.contains("0.5250 USD"), "the host's earnings: {row}");
     assert!(page.contains("0.0250 USD"), "owed: {page}");
     assert!(page.contains("transfer 0001"), "{page}");
     assert!(page.contains("1 h 30 min"), "time used, paid: {page}");

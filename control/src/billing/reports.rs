@@ -70,6 +70,8 @@ pub struct Lot {
     pub created_at: String,
     pub expires_at: String,
     pub expired: bool,
+    /// Its order was refunded (its unused time went with the money).
+    pub refunded: bool,
 }
 
 impl Lot {
@@ -141,6 +143,47 @@ pub struct AccountSummary {
     pub refunds: Vec<Refund>,
 }
 
+type LotRow = (
+    u64,
+    String,
+    Option<String>,
+    Option<u64>,
+    u64,
+    u64,
+    String,
+    String,
+    bool,
+    bool,
+);
+
+fn lot(
+    (
+        id,
+        source,
+        package_name,
+        order_id,
+        seconds_total,
+        seconds_left,
+        created_at,
+        expires_at,
+        expired,
+        refunded,
+    ): LotRow,
+) -> Lot {
+    Lot {
+        id,
+        source,
+        package_name,
+        order_id,
+        seconds_total,
+        seconds_left,
+        created_at,
+        expires_at,
+        expired,
+        refunded,
+    }
+}
+
 /// `user_id`'s balance, lots (newest first), usage per session, orders and refunds.
 pub async fn account(pool: &Pool, user_id: u64) -> Result<AccountSummary, AppError> {
     let mut conn = pool.get_conn().await?;
@@ -150,42 +193,13 @@ pub async fn account(pool: &Pool, user_id: u64) -> Result<AccountSummary, AppErr
             format!(
                 "SELECT l.id, l.source, o.package_name, l.order_id, l.seconds_total, l.seconds_left,
                     DATE_FORMAT(l.created_at, {TIME}), DATE_FORMAT(l.expires_at, {TIME}),
-                    l.expired_at IS NOT NULL OR l.expires_at <= UTC_TIMESTAMP(6)
+                    l.expired_at IS NOT NULL OR l.expires_at <= UTC_TIMESTAMP(6),
+                    COALESCE(o.status = 'refunded', FALSE)
                  FROM lots l LEFT JOIN orders o ON o.id = l.order_id
                  WHERE l.user_id = ? ORDER BY l.id DESC LIMIT {ROWS}"
             ),
             (user_id,),
-            |(
-                id,
-                source,
-                package_name,
-                order_id,
-                seconds_total,
-                seconds_left,
-                created_at,
-                expires_at,
-                expired,
-            ): (
-                u64,
-                String,
-                Option<String>,
-                Option<u64>,
-                u64,
-                u64,
-                String,
-                String,
-                bool,
-            )| Lot {
-                id,
-                source,
-                package_name,
-                order_id,
-                seconds_total,
-                seconds_left,
-                created_at,
-                expires_at,
-                expired,
-            },
+            lot,
         )
         .await?;
     let usage = conn
@@ -541,7 +555,8 @@ mod tests {
     fn a_payout_can_be_at_most_the_whole_cents_owed() {
         let owed = Amount::new("USD".into(), 1_234_999_999);
         assert_eq!(owed.whole_minor(), 1234);
-        assert_eq!(owed.text, "1234.9999 USD");
+        assert_eq!(owed.text, "12.3499 USD");
+        assert_eq!(owed.whole_minor_input(), "12.34");
         assert_eq!(Amount::new("EUR".into(), 999_999).whole_minor(), 0);
     }
 }
