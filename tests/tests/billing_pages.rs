@@ -440,6 +440,8 @@ async fn a_payout_is_at_most_what_is_owed_and_shows_on_both_sides() {
     assert_eq!(earnings["owed"][0]["amount_micro"], earned, "{earnings}");
     assert_eq!(earnings["owed"][0]["text"], "0.5250 USD");
     assert_eq!(earnings["hosts"][0]["host_id"], host);
+    let listed = owner.get_json("/api/v1/hosts").await;
+    assert_eq!(listed["hosts"][0]["earnings"], "0.5250 USD", "{listed}");
     let days = earnings["days"].as_array().unwrap();
     let used: u64 = days
         .iter()

@@ -619,7 +619,7 @@ pub async fn record_payout(
             return Err(AppError::invalid(
                 "amount_minor",
                 format!(
-                    "This owner is owed {} in {currency}; a payout cannot be more.",
+                    "This owner is owed {}; a payout cannot be more.",
                     super::money::micro(owed_now, &currency)
                 ),
             ));

@@ -320,21 +320,37 @@ pub struct Earnings {
     pub payouts: Vec<Payout>,
 }
 
-impl Earnings {
-    /// Host `host_id`'s earnings in words, `—` before its first.
-    pub fn host_text(&self, host_id: u64) -> String {
-        let texts: Vec<&str> = self
-            .hosts
-            .iter()
-            .filter(|h| h.host_id == host_id)
-            .map(|h| h.earned.text.as_str())
-            .collect();
-        if texts.is_empty() {
-            "—".into()
-        } else {
-            texts.join(", ")
-        }
+/// Host `host_id`'s earnings in words, `—` before its first.
+pub fn host_text(hosts: &[HostEarning], host_id: u64) -> String {
+    let texts: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h.host_id == host_id)
+        .map(|h| h.earned.text.as_str())
+        .collect();
+    if texts.is_empty() {
+        "—".into()
+    } else {
+        texts.join(", ")
     }
+}
+
+/// What each of `owner_id`'s hosts has earned, per currency.
+pub async fn host_earnings(
+    conn: &mut impl Queryable,
+    owner_id: u64,
+) -> Result<Vec<HostEarning>, AppError> {
+    Ok(conn
+        .exec_map(
+            "SELECT host_id, currency, CAST(SUM(amount_micro) AS SIGNED) FROM ledger_entries
+             WHERE user_id = ? AND kind = 'earning' AND host_id IS NOT NULL AND currency IS NOT NULL
+             GROUP BY host_id, currency ORDER BY host_id, currency",
+            (owner_id,),
+            |(host_id, currency, amount): (u64, String, i64)| HostEarning {
+                host_id,
+                earned: Amount::new(currency, amount),
+            },
+        )
+        .await?)
 }
 
 const PAYOUT_COLUMNS: &str = "e.id, e.user_id, u.email, e.currency, -e.amount_micro,
@@ -384,18 +400,7 @@ pub async fn earnings(pool: &Pool, owner_id: u64) -> Result<Earnings, AppError> 
             },
         )
         .await?;
-    let hosts = conn
-        .exec_map(
-            "SELECT host_id, currency, CAST(SUM(amount_micro) AS SIGNED) FROM ledger_entries
-             WHERE user_id = ? AND kind = 'earning' AND host_id IS NOT NULL AND currency IS NOT NULL
-             GROUP BY host_id, currency ORDER BY host_id, currency",
-            (owner_id,),
-            |(host_id, currency, amount): (u64, String, i64)| HostEarning {
-                host_id,
-                earned: Amount::new(currency, amount),
-            },
-        )
-        .await?;
+    let hosts = host_earnings(&mut conn, owner_id).await?;
     let owed = owed(&mut conn, owner_id).await?;
     let payouts = conn
         .exec_map(

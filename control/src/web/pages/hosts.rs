@@ -51,7 +51,7 @@ impl HostsPage {
         let (first_link, next_link) = pager_links("/hosts", before, page.next_before);
         let earnings = reports::earnings(&app.pool, owner).await?;
         for host in &mut page.hosts {
-            host.earnings = earnings.host_text(host.id);
+            host.earnings = reports::host_text(&earnings.hosts, host.id);
         }
         Ok(Self {
             earnings,
