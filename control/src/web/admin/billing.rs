@@ -26,7 +26,7 @@ pub fn routes() -> Router<App> {
         .route("/admin/orders/{id}/refund", post(refund_order))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct PayoutForm {
     owner_id: u64,
     amount: String,
@@ -35,7 +35,7 @@ struct PayoutForm {
     reference: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct RefundForm {
     #[serde(default)]
     reason: String,
