@@ -130,7 +130,8 @@ pub struct HostView {
     pub cgroup_limits: bool,
     pub agent_version: String,
     pub last_heartbeat: Option<String>,
-    /// Filled in by the payments issue.
+    /// What the host has earned, in words; the web layer fills it in
+    /// from `billing::reports` for the host's owner.
     pub earnings: String,
 }
 

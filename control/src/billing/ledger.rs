@@ -353,19 +353,20 @@ pub async fn runs_out_warning(
     }))
 }
 
-/// A reason an admin gives is required and bounded.
-fn check_reason(reason: &str) -> Result<String, AppError> {
+/// A reason (or reference) an admin gives is required and bounded;
+/// `field` names it in the error.
+fn check_reason(field: &'static str, reason: &str) -> Result<String, AppError> {
     let reason = reason.trim();
     if reason.is_empty() {
         return Err(AppError::invalid(
-            "reason",
-            "Say why: the reason is kept in the ledger.",
+            field,
+            format!("Give the {field}: it is kept in the ledger."),
         ));
     }
     if reason.chars().count() > 500 {
         return Err(AppError::invalid(
-            "reason",
-            "A reason has at most 500 characters.",
+            field,
+            format!("The {field} has at most 500 characters."),
         ));
     }
     Ok(reason.to_owned())
@@ -385,7 +386,7 @@ pub async fn adjust(
     actor_id: u64,
     reason: &str,
 ) -> Result<i64, AppError> {
-    let reason = check_reason(reason)?;
+    let reason = check_reason("reason", reason)?;
     if seconds == 0 || seconds.abs() > MAX_ADJUSTMENT_SECONDS {
         return Err(AppError::invalid(
             "seconds",
@@ -625,7 +626,7 @@ pub async fn record_payout(
     actor_id: u64,
     reference: &str,
 ) -> Result<(), AppError> {
-    let reason = check_reason(reference)?;
+    let reason = check_reason("reference", reference)?;
     let currency = currency.trim().to_ascii_uppercase();
     if amount_minor == 0 || amount_minor > 100_000_000 {
         return Err(AppError::invalid(
@@ -646,7 +647,7 @@ pub async fn record_payout(
             return Err(AppError::invalid(
                 "amount_minor",
                 format!(
-                    "This owner is owed {} in {currency}; a payout cannot be more.",
+                    "This owner is owed {}; a payout cannot be more.",
                     super::money::micro(owed_now, &currency)
                 ),
             ));

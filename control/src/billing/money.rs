@@ -36,6 +36,19 @@ pub fn seconds(total: i64) -> String {
     }
 }
 
+/// Minor units from an amount as people type it: `12`, `12.5`, `12.50`;
+/// `None` for anything else (a sign, more than two decimals, too large).
+pub fn parse_minor(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (whole, cents) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || whole.len() > 12 || cents.len() > 2 || !digits(whole) || !digits(cents) {
+        return None;
+    }
+    let cents: u64 = format!("{cents:0<2}").parse().ok()?;
+    Some(whole.parse::<u64>().ok()? * 100 + cents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +63,15 @@ mod tests {
         assert_eq!(seconds(250), "4 min 10 s");
         assert_eq!(seconds(7500), "2 h 05 min");
         assert_eq!(seconds(36_000), "10 h");
+    }
+
+    #[test]
+    fn typed_amounts_become_minor_units() {
+        assert_eq!(parse_minor("12"), Some(1200));
+        assert_eq!(parse_minor(" 12.5 "), Some(1250));
+        assert_eq!(parse_minor("0.07"), Some(7));
+        for bad in ["", "-1", "1.234", "1,50", ".5", "1e3", "9999999999999"] {
+            assert_eq!(parse_minor(bad), None, "{bad:?}");
+        }
     }
 }

@@ -217,6 +217,23 @@ impl FormError {
     }
 }
 
+impl FormError {
+    /// `e` shown on a form whose fields have other names than the
+    /// domain's: each `(domain, form)` pair renames one.
+    pub fn renamed(e: &AppError, names: &[(&str, &'static str)]) -> Self {
+        let field = e.field().map(|f| {
+            names
+                .iter()
+                .find(|(domain, _)| *domain == f)
+                .map_or(f, |(_, form)| *form)
+        });
+        Self {
+            field,
+            message: Some(e.to_string()),
+        }
+    }
+}
+
 impl From<&AppError> for FormError {
     fn from(e: &AppError) -> Self {
         Self {

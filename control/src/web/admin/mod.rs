@@ -1,6 +1,7 @@
-//! The admin panel, every page of it: users, packages, hosts and Session
-//! data. Each page checks for an administrator itself (`Ctx::require_admin`).
+//! The admin panel, every page of it: users, packages, hosts, Session
+//! data and billing. Each page checks for an administrator itself (`Ctx::require_admin`).
 
+mod billing;
 mod hosts;
 mod numbers;
 mod packages;
@@ -20,4 +21,5 @@ pub fn routes() -> Router<App> {
         .merge(packages::routes())
         .merge(hosts::routes())
         .merge(sessions::routes())
+        .merge(billing::routes())
 }

@@ -1,5 +1,5 @@
 //! Admin: every user, searched and paged; disabling, enabling and
-//! changing a user's role.
+//! changing a user's role; one user's compute time, granted or revoked.
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -9,17 +9,20 @@ use serde::Deserialize;
 
 use crate::accounts::{self, Role, User};
 use crate::app::App;
+use crate::billing::reports::{self, AccountSummary};
+use crate::billing::{ledger, money};
 use crate::error::AppError;
 use crate::web::auth::Ctx;
-use crate::web::errors::PageResult;
+use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, safe_next, PageForm, UserSearch};
 use crate::web::layout::{urlencode, Layout};
-use crate::web::render::{ok, see_other};
+use crate::web::render::{ok, render, see_other};
 
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/admin/users", get(admin_users))
-        .route("/admin/users/{id}", post(admin_update_user))
+        .route("/admin/users/{id}", get(admin_user).post(admin_update_user))
+        .route("/admin/users/{id}/credit", post(admin_credit))
 }
 
 #[derive(Template)]
@@ -98,4 +101,126 @@ async fn admin_update_user(
         "/admin/users".into()
     };
     see_other(&back)
+}
+
+/// The grant or revoke form as typed.
+#[derive(Deserialize)]
+struct CreditForm {
+    /// grant or revoke.
+    action: String,
+    amount: String,
+    /// minutes or seconds.
+    unit: String,
+    #[serde(default)]
+    reason: String,
+}
+
+impl CreditForm {
+    fn blank() -> Self {
+        Self {
+            action: "grant".into(),
+            amount: String::new(),
+            unit: "minutes".into(),
+            reason: String::new(),
+        }
+    }
+
+    /// The signed seconds to move: negative revokes.
+    fn seconds(&self) -> Result<i64, AppError> {
+        let amount: i64 = self
+            .amount
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| AppError::invalid("amount", "Enter a whole number above 0."))?;
+        let scale = if self.unit == "seconds" { 1 } else { 60 };
+        let sign = if self.action == "revoke" { -1 } else { 1 };
+        Ok(amount.saturating_mul(scale).saturating_mul(sign))
+    }
+}
+
+#[derive(Template)]
+#[template(path = "admin_user.html")]
+struct AdminUserPage {
+    layout: Layout,
+    user: User,
+    billing: AccountSummary,
+    form: CreditForm,
+    error: FormError,
+    notice: Option<String>,
+}
+
+impl AdminUserPage {
+    async fn of(app: &App, ctx: &Ctx, id: u64) -> Result<Self, AppError> {
+        let user = accounts::user_by_id(&app.pool, id)
+            .await?
+            .ok_or(AppError::NotFound("user"))?;
+        Ok(Self {
+            layout: ctx.layout(),
+            billing: reports::account(&app.pool, id).await?,
+            user,
+            form: CreditForm::blank(),
+            error: FormError::none(),
+            notice: None,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct MovedQuery {
+    moved: Option<i64>,
+}
+
+async fn admin_user(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(query): Query<MovedQuery>,
+) -> PageResult {
+    ctx.require_admin()?;
+    let notice = query.moved.map(|moved| match moved {
+        0 => "Nothing revoked: the balance was already empty.".to_owned(),
+        m if m > 0 => format!("Granted {}.", money::seconds(m)),
+        m => format!("Revoked {}.", money::seconds(-m)),
+    });
+    ok(AdminUserPage {
+        notice,
+        ..AdminUserPage::of(&app, &ctx, parse_id(&id, "user")?).await?
+    })
+}
+
+async fn admin_credit(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    PageForm(form): PageForm<CreditForm>,
+) -> PageResult {
+    let admin = ctx.require_admin()?;
+    let id = parse_id(&id, "user")?;
+    let moved = async {
+        let seconds = form.seconds()?;
+        ledger::adjust(
+            &app.pool,
+            &app.config.billing.trial,
+            id,
+            seconds,
+            admin.id,
+            &form.reason,
+        )
+        .await
+    }
+    .await;
+    match moved {
+        Ok(moved) => see_other(&format!("/admin/users/{id}?moved={moved}")),
+        Err(e @ AppError::Invalid { .. }) => render(
+            e.status(),
+            AdminUserPage {
+                error: FormError::renamed(&e, &[("seconds", "amount")]),
+                form,
+                ..AdminUserPage::of(&app, &ctx, id).await?
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
 }

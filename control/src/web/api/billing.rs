@@ -1,6 +1,8 @@
 //! Buying and the provider's webhooks: placing an order (its checkout URL),
 //! reading one's orders, and `POST /payments/webhooks/{provider}`, which
-//! carries no cookie and is trusted only for its signature.
+//! carries no cookie and is trusted only for its signature. What the
+//! ledger says: my compute time, a host owner's earnings, and the admins'
+//! calls that move money (grants and revocations, refunds, payouts).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -12,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
-use crate::billing::{orders, webhook};
+use crate::billing::{ledger, orders, reports, webhook};
 use crate::error::AppError;
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
@@ -22,6 +24,12 @@ pub fn routes() -> Router<App> {
     Router::new()
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
+        .route("/me/billing", get(my_billing))
+        .route("/hosts/earnings", get(my_earnings))
+        .route("/admin/billing", get(admin_billing))
+        .route("/admin/users/{id}/credit", post(admin_credit))
+        .route("/admin/orders/{id}/refund", post(admin_refund))
+        .route("/admin/payouts", post(admin_payout))
 }
 
 /// The webhook route, mounted outside the cookie and CSRF middleware.
@@ -114,4 +122,109 @@ async fn receive_webhook(
     )
     .await?;
     Ok(Json(json!({ "received": true, "outcome": outcome })).into_response())
+}
+
+async fn my_billing(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    Ok(Json(reports::account(&app.pool, user.id).await?).into_response())
+}
+
+async fn my_earnings(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    let user = ctx.require_host_owner()?;
+    Ok(Json(reports::earnings(&app.pool, user.id).await?).into_response())
+}
+
+async fn admin_billing(State(app): State<App>, ctx: Ctx) -> ApiResult {
+    ctx.require_admin()?;
+    let summary = reports::admin(&app.pool).await?;
+    let orders = orders::list(&app.pool, None, 100).await?;
+    Ok(Json(json!({ "summary": summary, "orders": orders })).into_response())
+}
+
+/// A missing reason or reference is the domain's error, naming its field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditRequest {
+    seconds: i64,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn admin_credit(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreditRequest>,
+) -> ApiResult {
+    let admin = ctx.require_admin()?;
+    let user_id = parse_id(&id, "user")?;
+    let moved = ledger::adjust(
+        &app.pool,
+        &app.config.billing.trial,
+        user_id,
+        body.seconds,
+        admin.id,
+        &body.reason,
+    )
+    .await?;
+    let balance = ledger::balance(&app.pool, user_id).await?;
+    Ok(Json(json!({ "moved_seconds": moved, "balance_seconds": balance })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundRequest {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn admin_refund(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RefundRequest>,
+) -> ApiResult {
+    let admin = ctx.require_admin()?;
+    let order = orders::refund(
+        &app.pool,
+        app.payments.provider.as_ref(),
+        parse_id(&id, "order")?,
+        admin.id,
+        &body.reason,
+    )
+    .await?;
+    Ok(Json(json!({ "order": order })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayoutRequest {
+    owner_id: u64,
+    amount_minor: u64,
+    currency: String,
+    #[serde(default)]
+    reference: String,
+}
+
+async fn admin_payout(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(body): ApiJson<PayoutRequest>,
+) -> ApiResult {
+    let admin = ctx.require_admin()?;
+    ledger::record_payout(
+        &app.pool,
+        body.owner_id,
+        body.amount_minor,
+        &body.currency,
+        admin.id,
+        &body.reference,
+    )
+    .await?;
+    let owed = reports::owed(&mut app.pool.get_conn().await?, body.owner_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "recorded": true, "owed": owed })),
+    )
+        .into_response())
 }

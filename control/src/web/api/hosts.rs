@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
+use crate::billing::reports;
 use crate::hosts;
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
@@ -30,7 +31,11 @@ async fn list_hosts(
     ApiQuery(page): ApiQuery<BeforeQuery>,
 ) -> ApiResult {
     let user = ctx.require_host_owner()?;
-    let page = hosts::list(&app.pool, Some(user.id), page.before).await?;
+    let mut page = hosts::list(&app.pool, Some(user.id), page.before).await?;
+    let earned = reports::host_earnings(&mut app.pool.get_conn().await?, user.id).await?;
+    for host in &mut page.hosts {
+        host.earnings = reports::host_text(&earned, host.id);
+    }
     Ok(Json(page).into_response())
 }
 

@@ -3,7 +3,6 @@
 
 mod accounts;
 mod admin;
-mod admin_billing;
 mod billing;
 mod hosts;
 mod packages;
@@ -22,7 +21,6 @@ pub fn routes() -> Router<App> {
         .merge(hosts::routes())
         .merge(packages::routes())
         .merge(admin::routes())
-        .merge(admin_billing::routes())
         .merge(billing::routes())
 }
 

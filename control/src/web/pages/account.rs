@@ -1,5 +1,6 @@
-//! My account: who I am, changing my name, and changing my password (which
-//! logs out every other login).
+//! My account: who I am, changing my name, changing my password (which
+//! logs out every other login), and my compute time: balance, lots, use
+//! per session, payments and refunds.
 
 use askama::Template;
 use axum::extract::{Query, State};
@@ -10,6 +11,7 @@ use serde::Deserialize;
 
 use crate::accounts::{self, User};
 use crate::app::App;
+use crate::billing::reports::{self, AccountSummary};
 use crate::error::AppError;
 use crate::web::auth::Ctx;
 use crate::web::errors::{FormError, PageResult};
@@ -34,18 +36,20 @@ struct AccountPage {
     name: String,
     name_notice: Option<&'static str>,
     notice: Option<&'static str>,
+    billing: AccountSummary,
 }
 
 impl AccountPage {
-    fn of(ctx: &Ctx, user: &User) -> Self {
-        Self {
+    async fn of(app: &App, ctx: &Ctx, user: &User) -> Result<Self, AppError> {
+        Ok(Self {
+            billing: reports::account(&app.pool, user.id).await?,
             user: user.clone(),
             layout: ctx.layout(),
             error: FormError::none(),
             name: user.name.clone(),
             name_notice: None,
             notice: None,
-        }
+        })
     }
 }
 
@@ -54,11 +58,15 @@ struct AccountQuery {
     renamed: Option<String>,
 }
 
-async fn account_page(ctx: Ctx, Query(query): Query<AccountQuery>) -> PageResult {
+async fn account_page(
+    State(app): State<App>,
+    ctx: Ctx,
+    Query(query): Query<AccountQuery>,
+) -> PageResult {
     let (user, _) = ctx.require_user()?;
     ok(AccountPage {
         name_notice: query.renamed.map(|_| "Name saved."),
-        ..AccountPage::of(&ctx, user)
+        ..AccountPage::of(&app, &ctx, user).await?
     })
 }
 
@@ -81,7 +89,7 @@ async fn rename(
             AccountPage {
                 error: FormError::from(&e),
                 name: form.name,
-                ..AccountPage::of(&ctx, user)
+                ..AccountPage::of(&app, &ctx, user).await?
             },
         ),
         Err(e) => Err(e.into()),
@@ -131,7 +139,7 @@ async fn change_password(
         AccountPage {
             error,
             notice,
-            ..AccountPage::of(&ctx, user)
+            ..AccountPage::of(&app, &ctx, user).await?
         },
     )
 }

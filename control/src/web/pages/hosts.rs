@@ -1,5 +1,6 @@
-//! My hosts, for host owners: the list, adding a host (its HostKey shown
-//! once), rotating and revoking a key, draining a host.
+//! My hosts, for host owners: the list with each host's earnings, adding a
+//! host (its HostKey shown once), rotating and revoking a key, draining a
+//! host; earnings per day, what is owed and the payouts received.
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -9,6 +10,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use crate::app::App;
+use crate::billing::reports::{self, Earnings};
 use crate::error::AppError;
 use crate::hosts::{self, HostView};
 use crate::web::auth::Ctx;
@@ -38,15 +40,21 @@ struct HostsPage {
     /// A key just made: shown this once.
     new_key: Option<(String, String)>,
     control_url: String,
+    earnings: Earnings,
 }
 
 impl HostsPage {
     /// My hosts showing the page of hosts older than `before`, with an
     /// empty form, no error and no new key.
     async fn of(app: &App, ctx: &Ctx, owner: u64, before: Option<u64>) -> Result<Self, AppError> {
-        let page = hosts::list(&app.pool, Some(owner), before).await?;
+        let mut page = hosts::list(&app.pool, Some(owner), before).await?;
         let (first_link, next_link) = pager_links("/hosts", before, page.next_before);
+        let earnings = reports::earnings(&app.pool, owner).await?;
+        for host in &mut page.hosts {
+            host.earnings = reports::host_text(&earnings.hosts, host.id);
+        }
         Ok(Self {
+            earnings,
             hosts: page.hosts,
             total: page.total,
             first_link,
