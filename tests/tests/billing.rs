@@ -12,7 +12,7 @@ use mysql_async::prelude::Queryable;
 use opencloud_e2e::agents::eventually;
 use opencloud_e2e::billing::{balance, place_order};
 use opencloud_e2e::sessions::{open, wait_running};
-use opencloud_e2e::{expect_error, ControlOptions, TestStack, TestUser};
+use opencloud_e2e::{expect_error, hidden_input, ControlOptions, TestStack, TestUser};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -325,8 +325,9 @@ async fn open_is_refused_without_compute_time_beyond_the_packages_sessions_and_f
         .await;
     let message = expect_error(&got, StatusCode::PAYMENT_REQUIRED, "no_balance", None);
     assert!(message.contains("Packages"), "{message}");
+    let csrf = hidden_input(&broke.page("/projects").await, "csrf");
     let r = broke
-        .post_form(&format!("/projects/{project}/open"), &[])
+        .post_form(&format!("/projects/{project}/open"), &[("csrf", &csrf)])
         .await;
     assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
     let page = r.text().await.unwrap();

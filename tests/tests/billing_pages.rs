@@ -302,7 +302,10 @@ async fn a_grant_needs_a_reason_and_a_revocation_never_takes_more_than_the_balan
     assert_eq!(balance(&user).await, SIGNUP_SECONDS + 5400);
     let page = user.page("/account").await;
     assert!(page.contains("Compute time"), "{page}");
-    assert!(page.contains("2 h 00 min"), "the balance: {page}");
+    assert!(
+        page.contains("data-seconds=\"7200\">2 h</p>"),
+        "the balance: {page}"
+    );
     assert!(page.contains("1 h 30 min"), "the granted lot: {page}");
     let summary = user.get_json("/api/v1/me/billing").await;
     let lots = summary["lots"].as_array().unwrap();
