@@ -15,6 +15,7 @@ pub mod origin;
 pub mod paths;
 pub mod reports;
 pub mod routes;
+pub mod snapshots;
 pub mod sid;
 pub mod token;
 
