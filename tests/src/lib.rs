@@ -11,6 +11,7 @@ pub mod agents;
 pub mod billing;
 pub mod browser;
 pub mod certs;
+pub mod contents;
 pub mod control;
 pub mod db;
 pub mod external;
