@@ -67,12 +67,16 @@ enum Kind {
     File,
 }
 
+/// Called with each entry's relative path, kind, stat, the directory it is
+/// in and its name there.
+type Visit<'a> = dyn FnMut(&Path, Kind, &FileStat, &Dir, &CStr) -> io::Result<()> + 'a;
+
 /// Walks `root` depth-first in name order, calling `visit` with each
 /// directory and regular file below it (not `root` itself), the directory
 /// it is in and its name there.
 fn walk(
     root: &Path,
-    visit: &mut dyn FnMut(&Path, Kind, &FileStat, &Dir, &CStr) -> io::Result<()>,
+    visit: &mut Visit<'_>,
 ) -> io::Result<Counts> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let dir = Dir::open(root, flags, Mode::empty()).map_err(io::Error::from)?;
@@ -87,7 +91,7 @@ fn walk_dir(
     rel: &mut PathBuf,
     depth: usize,
     counts: &mut Counts,
-    visit: &mut dyn FnMut(&Path, Kind, &FileStat, &Dir, &CStr) -> io::Result<()>,
+    visit: &mut Visit<'_>,
 ) -> io::Result<()> {
     let mut names: Vec<std::ffi::CString> = dir
         .iter()
