@@ -74,10 +74,7 @@ type Visit<'a> = dyn FnMut(&Path, Kind, &FileStat, &Dir, &CStr) -> io::Result<()
 /// Walks `root` depth-first in name order, calling `visit` with each
 /// directory and regular file below it (not `root` itself), the directory
 /// it is in and its name there.
-fn walk(
-    root: &Path,
-    visit: &mut Visit<'_>,
-) -> io::Result<Counts> {
+fn walk(root: &Path, visit: &mut Visit<'_>) -> io::Result<Counts> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let dir = Dir::open(root, flags, Mode::empty()).map_err(io::Error::from)?;
     let mut counts = Counts::default();

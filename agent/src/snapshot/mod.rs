@@ -306,11 +306,10 @@ impl Snapshots {
             }
         }
         let mut damaged = 0;
-        let temp = loop {
+        let (temp, version) = loop {
             let version = download.version;
-            let temp = self.download(download).await?;
-            if temp.1 {
-                break temp.0;
+            if let Some(temp) = self.download(download).await? {
+                break (temp, version);
             }
             tracing::error!(
                 sid,
@@ -324,11 +323,18 @@ impl Snapshots {
             damaged += 1;
             match client.snapshot(sid, Some(version)).await? {
                 Some(older) if damaged < MAX_DAMAGED => download = older,
-                _ => return Ok(Restored::Nothing),
+                _ => {
+                    tracing::error!(
+                        sid,
+                        project_id,
+                        damaged,
+                        "no good snapshot is left to restore; the files here are kept"
+                    );
+                    return Ok(Restored::Nothing);
+                }
             }
         };
-        let version = temp.1;
-        let archive_path = temp.0 .0.clone();
+        let archive_path = temp.0.clone();
         let dir_owned = dir.to_path_buf();
         let swapped = tokio::task::spawn_blocking(move || {
             extract_and_swap(&archive_path, &dir_owned, owner, project_id)
@@ -369,12 +375,12 @@ impl Snapshots {
         Ok(Restored::Version(version))
     }
 
-    /// Streams a snapshot into a temporary file, hashing it as it comes:
-    /// the file, whether it matched its checksum, and its version.
+    /// Streams a snapshot into a temporary file, hashing it as it comes;
+    /// `None` when it does not match its checksum.
     async fn download(
         &self,
         download: crate::client::SnapshotDownload,
-    ) -> Result<((TempFile, u64), bool), SnapshotError> {
+    ) -> Result<Option<TempFile>, SnapshotError> {
         let temp = self.temp_path("restore");
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -396,7 +402,7 @@ impl Snapshots {
             .await
             .map_err(|e| SnapshotError::io("the downloaded snapshot", e))?;
         let good = hex::encode(hash.finalize()) == download.sha256;
-        Ok(((temp, download.version), good))
+        Ok(good.then_some(temp))
     }
 }
 
