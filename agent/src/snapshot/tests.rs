@@ -12,6 +12,9 @@ use opencloud_protocol::snapshots::{
     Damaged, Reason, Stored, CREATED_HEADER, SHA256_HEADER, VERSION_HEADER,
 };
 
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
 use super::archive::{fingerprint, pack, unpack};
 use super::*;
 
@@ -49,6 +52,31 @@ fn tree(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
     }
     visit(root, root, &mut out);
     out
+}
+
+/// `tree(a) == tree(b)`, one file in memory at a time.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let names = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(a), names(b), "{}", a.display());
+    for name in names(a) {
+        let (a, b) = (a.join(&name), b.join(&name));
+        if a.is_dir() {
+            assert_same_tree(&a, &b);
+        } else {
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{}",
+                a.display()
+            );
+        }
+    }
 }
 
 fn pack_to_vec(dir: &Path) -> (Vec<u8>, archive::Packed) {
@@ -283,21 +311,29 @@ fn peak_rss_kb() -> u64 {
 
 /// `mib` MiB of random (incompressible) data in 1 MiB files over a few dirs.
 fn random_project(dir: &Path, mib: usize) {
+    project_of(dir, mib, false)
+}
+
+/// Random bytes, or random text of 16 letters (compresses about 2:1).
+fn project_of(dir: &Path, mib: usize, text: bool) {
     use rand::RngCore;
     let mut rng = rand::thread_rng();
     let mut buf = vec![0u8; 1 << 20];
     for i in 0..mib {
         rng.fill_bytes(&mut buf);
+        if text {
+            buf.iter_mut().for_each(|b| *b = b'a' + (*b & 15));
+        }
         write(&dir.join(format!("d{}/f{i}.bin", i % 7)), &buf);
     }
 }
 
 /// Packs and unpacks a big project through files, as the agent does;
 /// returns (pack time, unpack time, compressed size, peak RSS growth kB).
-fn big_round_trip(name: &str, mib: usize) -> (Duration, Duration, u64, u64) {
+fn big_round_trip(name: &str, mib: usize, text: bool) -> (Duration, Duration, u64, u64) {
     let base = temp_dir(name);
     let src = base.join("src");
-    random_project(&src, mib);
+    project_of(&src, mib, text);
     let before = peak_rss_kb();
     let started = Instant::now();
     let archive_path = base.join("archive.tar.zst");
@@ -330,7 +366,7 @@ fn big_round_trip(name: &str, mib: usize) -> (Duration, Duration, u64, u64) {
 
 #[test]
 fn a_big_project_streams_with_flat_memory() {
-    let (pack_time, unpack_time, size, growth_kb) = big_round_trip("big", 100);
+    let (pack_time, unpack_time, size, growth_kb) = big_round_trip("big", 100, false);
     eprintln!(
         "100 MiB project: pack {pack_time:?}, unpack {unpack_time:?}, {size} bytes, \
          peak RSS growth {growth_kb} kB"
@@ -343,10 +379,12 @@ fn a_big_project_streams_with_flat_memory() {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn bench_snapshot_and_restore_of_100_mib() {
-    for round in 0..3 {
-        let (pack_time, unpack_time, size, growth_kb) = big_round_trip("bench", 100);
+    for round in 0..4 {
+        // Two rounds of random bytes, two of text.
+        let text = round >= 2;
+        let (pack_time, unpack_time, size, growth_kb) = big_round_trip("bench", 100, text);
         eprintln!(
-            "round {round}: pack {pack_time:?} ({:.0} MB/s), unpack {unpack_time:?} ({:.0} MB/s), \
+            "round {round} (text: {text}): pack {pack_time:?} ({:.0} MB/s), unpack {unpack_time:?} ({:.0} MB/s), \
              {size} bytes, peak RSS growth {growth_kb} kB",
             104.857_6 / pack_time.as_secs_f64(),
             104.857_6 / unpack_time.as_secs_f64(),
@@ -607,4 +645,114 @@ async fn an_older_control_without_snapshots_is_an_error_not_an_empty_project() {
     assert!(agent.push("s", 6, &dir, Reason::Stop).await.is_err());
     assert!(leftovers(&base).is_empty());
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+// ---- A big project through a stand-in control that streams to disk too.
+
+struct DiskStore {
+    path: PathBuf,
+    sha256: Mutex<Option<String>>,
+}
+
+async fn disk_get(State(store): State<Arc<DiskStore>>) -> Response {
+    use tokio::io::AsyncReadExt;
+    let Some(sha) = store.sha256.lock().unwrap().clone() else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let file = tokio::fs::File::open(&store.path).await.unwrap();
+    let stream = futures_util::stream::try_unfold(file, |mut file| async move {
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        let n = file.read_buf(&mut buf).await?;
+        Ok::<_, std::io::Error>((n > 0).then(|| (buf.freeze(), file)))
+    });
+    (
+        [(VERSION_HEADER, "1".to_owned()), (SHA256_HEADER, sha)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn disk_put(State(store): State<Arc<DiskStore>>, body: axum::body::Body) -> Response {
+    let mut file = tokio::fs::File::create(&store.path).await.unwrap();
+    let mut hash = Sha256::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        hash.update(&chunk);
+        file.write_all(&chunk).await.unwrap();
+    }
+    file.flush().await.unwrap();
+    *store.sha256.lock().unwrap() = Some(hex::encode(hash.finalize()));
+    axum::Json(Stored {
+        version: 1,
+        size_bytes: 0,
+    })
+    .into_response()
+}
+
+/// Pushes a `mib` MiB project and restores it on another "host" through
+/// HTTP; returns (push time, restore time, peak RSS growth kB).
+async fn http_round_trip(name: &str, mib: usize) -> (Duration, Duration, u64) {
+    let base = temp_dir(name);
+    let store = Arc::new(DiskStore {
+        path: base.join("stored.tar.zst"),
+        sha256: Mutex::new(None),
+    });
+    let app = axum::Router::new()
+        .route(
+            "/agent/v1/sessions/{sid}/snapshot",
+            get(disk_get).put(disk_put),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let here = base.join("here/projects/1");
+    random_project(&here, mib);
+    let there = base.join("there/projects/1");
+    std::fs::create_dir_all(&there).unwrap();
+    let before = peak_rss_kb();
+    let started = Instant::now();
+    let pushed = snapshots(&url, &base.join("here"))
+        .push("s", 1, &here, Reason::Save)
+        .await
+        .unwrap();
+    assert!(matches!(pushed, Pushed::Stored(_)));
+    let push_time = started.elapsed();
+    let started = Instant::now();
+    let restored = snapshots(&url, &base.join("there"))
+        .restore("s", 1, &there, None)
+        .await
+        .unwrap();
+    let restore_time = started.elapsed();
+    let growth = peak_rss_kb().saturating_sub(before);
+    assert_eq!(restored, Restored::Version(1));
+    // (Not the fingerprint: tar keeps whole seconds of the mtimes.)
+    assert_same_tree(&here, &there);
+    std::fs::remove_dir_all(&base).unwrap();
+    (push_time, restore_time, growth)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_project_goes_through_control_with_flat_memory() {
+    let (push, restore, growth_kb) = http_round_trip("http-big", 100).await;
+    eprintln!(
+        "100 MiB project through HTTP: push {push:?}, restore {restore:?}, \
+         peak RSS growth {growth_kb} kB"
+    );
+    assert!(growth_kb < 64 * 1024, "peak RSS grew {growth_kb} kB");
+}
+
+/// `cargo test -p opencloud-agent --lib snapshot -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn bench_push_and_restore_of_100_mib_through_http() {
+    for round in 0..3 {
+        let (push, restore, growth_kb) = http_round_trip("http-bench", 100).await;
+        eprintln!(
+            "round {round}: push {push:?}, restore {restore:?}, peak RSS growth {growth_kb} kB"
+        );
+    }
 }
