@@ -826,8 +826,13 @@ async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_
     assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
     assert!(project.join("data/table.csv").exists());
 
+    // Files the session's user writes (root's would be left out).
+    let write_as_user = |name: &str, text: &str| {
+        std::fs::write(project.join(name), text).unwrap();
+        std::os::unix::fs::chown(project.join(name), Some(uid), None).unwrap();
+    };
     // A change is autosaved.
-    std::fs::write(project.join("notes.md"), "# notes\n").unwrap();
+    write_as_user("notes.md", "# notes\n");
     eventually("an autosave", Duration::from_secs(20), || {
         store.lock().unwrap().stored.len() == 2
     })
@@ -840,7 +845,7 @@ async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_
     );
 
     // The last state is stored before the stop is reported.
-    std::fs::write(project.join("last.txt"), "just before the stop").unwrap();
+    write_as_user("last.txt", "just before the stop");
     supervisor.stop(&sid, Duration::from_secs(5)).await;
     let (reason, bytes) = store.lock().unwrap().stored.last().cloned().unwrap();
     assert_eq!(reason, "stop");

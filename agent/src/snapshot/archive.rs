@@ -14,7 +14,7 @@ use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -209,6 +209,9 @@ pub fn pack(root: &Path, out: impl Write) -> io::Result<Packed> {
     let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL)?;
     let mut builder = tar::Builder::new(encoder);
     let mut unreadable = 0u64;
+    // Files of anyone but the directory's owner got in by a hard link (to
+    // a file its user may not read): root reads them, so they stay out.
+    let owner = std::fs::symlink_metadata(root)?.uid();
     let counts = walk(root, &mut |rel, kind, stat, dir, name| {
         let mut header = tar::Header::new_gnu();
         header.set_mtime(mtime(stat));
@@ -231,7 +234,9 @@ pub fn pack(root: &Path, out: impl Write) -> io::Result<Packed> {
                     return Ok(());
                 };
                 let stat = fstat(&fd).map_err(io::Error::from)?;
-                if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
+                    || stat.st_uid != owner
+                {
                     unreadable += 1;
                     return Ok(());
                 }
