@@ -223,7 +223,8 @@ impl Snapshots {
                 .open(&path)?;
             let mut out = std::io::BufWriter::with_capacity(UPLOAD_CHUNK, file);
             let packed = archive::pack(&source, &mut out)?;
-            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            // Read back at once: no fsync needed.
+            out.flush()?;
             Ok::<_, std::io::Error>(packed)
         })
         .await
