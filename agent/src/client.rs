@@ -8,6 +8,10 @@ use opencloud_protocol::agent::{
 };
 use opencloud_protocol::link::{CertificateRequest, LinkCertificate};
 use opencloud_protocol::paths::agent::{COMMANDS, EVENTS, HEARTBEAT, LINK_CERTIFICATE, REGISTER};
+use opencloud_protocol::snapshots::{
+    damaged_path, snapshot_path, Damaged, Reason, Stored, CREATED_HEADER, SHA256_HEADER,
+    VERSION_HEADER,
+};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -48,6 +52,19 @@ struct ErrorDetail {
     code: String,
     #[serde(default)]
     message: String,
+}
+
+/// How long one snapshot upload or download may take; callers bound
+/// theirs further (the one at a stop is short).
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// A snapshot control is sending: its headers, and the body still to read.
+pub struct SnapshotDownload {
+    pub version: u64,
+    /// Lower-case hex, as control sent it.
+    pub sha256: String,
+    pub created: Option<u64>,
+    pub response: reqwest::Response,
 }
 
 /// A client for one control URL and host key.
@@ -104,6 +121,83 @@ impl ControlClient {
             .map(|_| ())
     }
 
+    /// The session's latest good snapshot (`before`: older than that
+    /// version); `None` when there is none.
+    pub async fn snapshot(
+        &self,
+        sid: &str,
+        before: Option<u64>,
+    ) -> Result<Option<SnapshotDownload>, ClientError> {
+        let mut request = self
+            .http
+            .get(format!("{}{}", self.base, snapshot_path(sid)))
+            .timeout(TRANSFER_TIMEOUT);
+        if let Some(before) = before {
+            request = request.query(&[("before", before)]);
+        }
+        let response = self.send_raw(request).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let unclear = |what: &str| {
+            ClientError::Unavailable(format!("control's snapshot answer has no valid {what}"))
+        };
+        let version = header(VERSION_HEADER)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| unclear(VERSION_HEADER))?;
+        let sha256 = header(SHA256_HEADER)
+            .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| unclear(SHA256_HEADER))?
+            .to_ascii_lowercase();
+        let created = header(CREATED_HEADER).and_then(|v| v.parse().ok());
+        Ok(Some(SnapshotDownload {
+            version,
+            sha256,
+            created,
+            response,
+        }))
+    }
+
+    /// Uploads a snapshot of `size` bytes streamed from `body`.
+    pub async fn put_snapshot(
+        &self,
+        sid: &str,
+        reason: Reason,
+        body: reqwest::Body,
+        size: u64,
+        sha256: &str,
+    ) -> Result<Stored, ClientError> {
+        let request = self
+            .http
+            .put(format!("{}{}", self.base, snapshot_path(sid)))
+            .query(&[("reason", reason.as_str())])
+            .header(SHA256_HEADER, sha256)
+            // Lets control refuse an upload over quota before it is sent.
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header(reqwest::header::CONTENT_TYPE, "application/zstd")
+            .timeout(TRANSFER_TIMEOUT)
+            .body(body);
+        self.send(request).await
+    }
+
+    /// Tells control that `version` failed its checksum here.
+    pub async fn snapshot_damaged(&self, sid: &str, version: u64) -> Result<(), ClientError> {
+        let request = self
+            .http
+            .post(format!("{}{}", self.base, damaged_path(sid)))
+            .json(&Damaged { version });
+        self.send::<serde::de::IgnoredAny>(request)
+            .await
+            .map(|_| ())
+    }
+
     async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -113,10 +207,11 @@ impl ControlClient {
         self.send(request).await
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Sends with the host key; a success's response, or control's error.
+    async fn send_raw(
         &self,
         request: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
         let response = request
             .header(reqwest::header::AUTHORIZATION, &self.authorization)
             .send()
@@ -124,22 +219,30 @@ impl ControlClient {
             .map_err(|e| ClientError::Unavailable(without_url(e)))?;
         let status = response.status();
         if status.is_success() {
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| ClientError::Unavailable(without_url(e)))?;
-            // 204 and empty bodies read as `null` (fine for answers we ignore).
-            let text = if bytes.is_empty() {
-                &b"null"[..]
-            } else {
-                &bytes[..]
-            };
-            return serde_json::from_slice(text).map_err(|e| {
-                ClientError::Unavailable(format!("control's answer was not understood: {e}"))
-            });
+            return Ok(response);
         }
         let body = response.bytes().await.unwrap_or_default();
         Err(classify(status, &body))
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = self.send_raw(request).await?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unavailable(without_url(e)))?;
+        // 204 and empty bodies read as `null` (fine for answers we ignore).
+        let text = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(text).map_err(|e| {
+            ClientError::Unavailable(format!("control's answer was not understood: {e}"))
+        })
     }
 }
 

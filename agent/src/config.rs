@@ -49,6 +49,12 @@ struct AgentFile {
     stop_grace_seconds: u64,
     #[serde(default = "default_start_timeout")]
     start_timeout_seconds: u64,
+    /// How often a running session's files are pushed when they changed.
+    #[serde(default = "default_autosave_interval")]
+    autosave_interval_seconds: u64,
+    /// How long a stop waits for the last snapshot before it is reported.
+    #[serde(default = "default_final_snapshot")]
+    final_snapshot_seconds: u64,
     /// What sessions may reach: `internet` (never the host or its LAN) or `none`.
     #[serde(default)]
     egress: Egress,
@@ -77,6 +83,17 @@ fn default_start_timeout() -> u64 {
     60
 }
 
+fn default_autosave_interval() -> u64 {
+    60
+}
+
+/// Shorter autosaves would pack big projects back to back.
+pub const AUTOSAVE_MIN_SECONDS: u64 = 5;
+
+fn default_final_snapshot() -> u64 {
+    60
+}
+
 /// The validated config the agent runs on.
 #[derive(Clone)]
 pub struct Config {
@@ -98,6 +115,10 @@ pub struct Config {
     /// Spawn → `/api/status` answering, or the start failed.
     pub start_timeout: Duration,
     pub egress: Egress,
+    /// Between checks of a running session's files for changes to push.
+    pub autosave_interval: Duration,
+    /// The bound on a stopping session's last snapshot.
+    pub final_snapshot: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -115,6 +136,8 @@ impl std::fmt::Debug for Config {
             .field("stop_grace", &self.stop_grace)
             .field("start_timeout", &self.start_timeout)
             .field("egress", &self.egress)
+            .field("autosave_interval", &self.autosave_interval)
+            .field("final_snapshot", &self.final_snapshot)
             .finish_non_exhaustive()
     }
 }
@@ -189,6 +212,16 @@ impl Config {
             return Err(invalid("link_port", "must be a port above 0".into()));
         }
 
+        if file.autosave_interval_seconds < AUTOSAVE_MIN_SECONDS {
+            return Err(invalid(
+                "autosave_interval_seconds",
+                format!("must be at least {AUTOSAVE_MIN_SECONDS}"),
+            ));
+        }
+        if file.final_snapshot_seconds == 0 {
+            return Err(invalid("final_snapshot_seconds", "must be above 0".into()));
+        }
+
         let capacity = &file.capacity;
         if capacity.max_sessions == 0 {
             return Err(invalid("capacity.max_sessions", "must be above 0".into()));
@@ -249,6 +282,8 @@ impl Config {
             stop_grace: Duration::from_secs(file.stop_grace_seconds),
             start_timeout: Duration::from_secs(file.start_timeout_seconds),
             egress: file.egress,
+            autosave_interval: Duration::from_secs(file.autosave_interval_seconds),
+            final_snapshot: Duration::from_secs(file.final_snapshot_seconds),
         })
     }
 
@@ -305,6 +340,8 @@ memory_mib = 4096
         assert_eq!(config.work_dir, PathBuf::from("/etc/oc/work"));
         assert_eq!(config.stop_grace, Duration::from_secs(10));
         assert_eq!(config.start_timeout, Duration::from_secs(60));
+        assert_eq!(config.autosave_interval, Duration::from_secs(60));
+        assert_eq!(config.final_snapshot, Duration::from_secs(60));
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.capacity.max_sessions, 4);
         assert_eq!(config.link_addr().to_string(), "127.0.0.1:9300");
@@ -414,6 +451,20 @@ memory_mib = 4096
             err.contains("key `link_port` (from OPENCLOUD_AGENT__LINK_PORT)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn snapshot_timings_have_floors() {
+        let config = load(&text(
+            "autosave_interval_seconds = 5\nfinal_snapshot_seconds = 3",
+        ))
+        .unwrap();
+        assert_eq!(config.autosave_interval, Duration::from_secs(5));
+        assert_eq!(config.final_snapshot, Duration::from_secs(3));
+        let err = error(&text("autosave_interval_seconds = 4"));
+        assert!(err.contains("key `autosave_interval_seconds`"), "{err}");
+        let err = error(&text("final_snapshot_seconds = 0"));
+        assert!(err.contains("key `final_snapshot_seconds`"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod listener;
 pub mod load;
 pub mod process;
 pub mod sandbox;
+pub mod snapshot;
 pub mod state;
 pub mod supervisor;
 pub mod users;
@@ -119,6 +120,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         supervisor.stop_all(config.stop_grace).await;
     } else {
         tracing::info!("shutting down; Jupyter servers keep running for the next start");
+        // Cheap when nothing changed: a walk of each project's tree.
+        supervisor.save_running().await;
     }
     finish(stop_tx, tasks, outbox).await;
     outcome

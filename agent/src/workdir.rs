@@ -59,6 +59,11 @@ impl Layout {
     pub fn link_key(&self) -> PathBuf {
         self.work_dir.join("link.key")
     }
+    /// Snapshots on their way to or from control, and which version each
+    /// project's directory matches (agent only).
+    pub fn snapshots(&self) -> PathBuf {
+        self.work_dir.join("snapshots")
+    }
     /// Jupyter data (`JUPYTER_PATH`) every server shares read-only: the kernel spec.
     pub fn jupyter_data(&self) -> PathBuf {
         self.work_dir.join("jupyter")
@@ -74,6 +79,7 @@ pub(crate) fn prepare_work_dir(layout: &Layout, root: bool, venv: &Path) -> Resu
         (layout.projects(), 0o711),
         (layout.homes(), 0o711),
         (layout.logs(), 0o700),
+        (layout.snapshots(), 0o700),
     ];
     for (dir, mode) in dirs {
         // Created with its mode, so the logs are never open for a moment;

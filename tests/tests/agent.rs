@@ -2,7 +2,8 @@
 //! The agent with real Jupyter servers from the project's venv: sessions run
 //! as their project's own unprivileged user, stop without leftovers, survive
 //! an agent restart (or are cleaned up when they cannot be trusted), and
-//! report failures and exits with their logs. Nothing here needs control.
+//! report failures and exits with their logs, and keep projects' files in
+//! snapshots. Nothing here needs control (a stand-in serves snapshots).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -36,12 +37,18 @@ impl Host {
     }
 
     fn with(max_sessions: u32, venv: &Path, extra: &str) -> Self {
+        // Nothing listens there: these tests never need control.
+        let control = format!("http://127.0.0.1:{}", free_port());
+        Self::with_control(max_sessions, venv, extra, &control)
+    }
+
+    fn with_control(max_sessions: u32, venv: &Path, extra: &str, control: &str) -> Self {
         let base = std::env::temp_dir().join(unique("oc-agent-"));
         std::fs::create_dir_all(&base).unwrap();
         let link = free_port();
         let text = format!(
             r#"
-control_url = "http://127.0.0.1:{control}"
+control_url = "{control}"
 host_key = "test-host-key"
 address = "127.0.0.1"
 link_port = {link}
@@ -55,8 +62,6 @@ max_sessions = {max_sessions}
 cpu_cores = 2.0
 memory_mib = 2048
 "#,
-            // Nothing listens there: these tests never need control.
-            control = free_port(),
             venv = venv.display(),
         );
         let config_path = base.join("agent.toml");
@@ -696,4 +701,155 @@ async fn an_agent_starting_up_leaves_other_agents_session_cgroups_alone() {
         "a starting agent removed another agent's session cgroup: {kept:?}"
     );
     drop(supervisor);
+}
+
+/// A stand-in for control's snapshot routes: serves the latest stored
+/// archive and records every upload with its reason.
+#[derive(Default)]
+struct SnapshotStore {
+    /// (reason, bytes) of every stored snapshot, oldest first.
+    stored: Vec<(String, Vec<u8>)>,
+}
+
+type Store = std::sync::Arc<Mutex<SnapshotStore>>;
+
+async fn stand_in_control(store: Store) -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use opencloud_protocol::snapshots::{SHA256_HEADER, SNAPSHOT, VERSION_HEADER};
+    use sha2::Digest;
+
+    async fn get_latest(
+        axum::extract::State(store): axum::extract::State<Store>,
+    ) -> axum::response::Response {
+        let store = store.lock().unwrap();
+        match store.stored.last() {
+            None => StatusCode::NO_CONTENT.into_response(),
+            Some((_, bytes)) => (
+                [
+                    (VERSION_HEADER, store.stored.len().to_string()),
+                    (SHA256_HEADER, hex::encode(sha2::Sha256::digest(bytes))),
+                ],
+                bytes.clone(),
+            )
+                .into_response(),
+        }
+    }
+    async fn put(
+        axum::extract::State(store): axum::extract::State<Store>,
+        axum::extract::Query(query): axum::extract::Query<
+            std::collections::HashMap<String, String>,
+        >,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        let sha = hex::encode(sha2::Sha256::digest(&body));
+        if headers.get(SHA256_HEADER).and_then(|v| v.to_str().ok()) != Some(&sha) {
+            return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+        }
+        let mut store = store.lock().unwrap();
+        store.stored.push((
+            query.get("reason").cloned().unwrap_or_default(),
+            body.to_vec(),
+        ));
+        axum::Json(serde_json::json!({
+            "version": store.stored.len(),
+            "size_bytes": body.len(),
+        }))
+        .into_response()
+    }
+    let app = axum::Router::new()
+        .route(SNAPSHOT, axum::routing::get(get_latest).put(put))
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// The relative paths of the files in a snapshot.
+fn files_in(archive: &[u8]) -> Vec<String> {
+    let dir = std::env::temp_dir().join(unique("oc-snapshot-read-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    opencloud_agent::snapshot::archive::unpack(archive, &dir, None).unwrap();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path.strip_prefix(&dir).unwrap().display().to_string());
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_and_at_its_stop() {
+    // The project's last snapshot, taken on another host.
+    let earlier = std::env::temp_dir().join(unique("oc-snapshot-earlier-"));
+    std::fs::create_dir_all(earlier.join("data")).unwrap();
+    std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
+    std::fs::write(earlier.join("data/table.csv"), "a,b\n").unwrap();
+    std::fs::set_permissions(
+        earlier.join("analysis.py"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    let mut archive = Vec::new();
+    opencloud_agent::snapshot::archive::pack(&earlier, &mut archive).unwrap();
+    std::fs::remove_dir_all(&earlier).unwrap();
+
+    let store = Store::default();
+    store.lock().unwrap().stored.push(("stop".into(), archive));
+    let control = stand_in_control(store.clone()).await;
+    let host = Host::with_control(1, &venv(), "autosave_interval_seconds = 5", &control);
+    let (supervisor, _events) = host.supervisor().await;
+    let start = start_command(910_050);
+    let project = host.work().join("projects/910050");
+    // Files on this host from before, not in the snapshot: replaced.
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("stale.txt"), "old").unwrap();
+
+    let (sid, _target, spawn_ms) = ready(&supervisor, supervisor.start(start).await);
+    println!("spawn to ready with a restore: {spawn_ms} ms");
+    assert!(!project.join("stale.txt").exists());
+    let restored = std::fs::metadata(project.join("analysis.py")).unwrap();
+    let dir = std::fs::metadata(&project).unwrap();
+    let uid = passwd_uid("oc-p910050").unwrap();
+    assert_eq!((restored.uid(), restored.mode() & 0o7777), (uid, 0o755));
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
+    assert!(project.join("data/table.csv").exists());
+
+    // Files the session's user writes (root's would be left out).
+    let write_as_user = |name: &str, text: &str| {
+        std::fs::write(project.join(name), text).unwrap();
+        std::os::unix::fs::chown(project.join(name), Some(uid), None).unwrap();
+    };
+    // A change is autosaved.
+    write_as_user("notes.md", "# notes\n");
+    eventually("an autosave", Duration::from_secs(20), || {
+        store.lock().unwrap().stored.len() == 2
+    })
+    .await;
+    let (reason, bytes) = store.lock().unwrap().stored[1].clone();
+    assert_eq!(reason, "autosave");
+    assert_eq!(
+        files_in(&bytes),
+        ["analysis.py", "data/table.csv", "notes.md"]
+    );
+
+    // The last state is stored before the stop is reported.
+    write_as_user("last.txt", "just before the stop");
+    supervisor.stop(&sid, Duration::from_secs(5)).await;
+    let (reason, bytes) = store.lock().unwrap().stored.last().cloned().unwrap();
+    assert_eq!(reason, "stop");
+    assert!(files_in(&bytes).contains(&"last.txt".to_owned()));
+    assert_eq!(store.lock().unwrap().stored.len(), 3);
+    host.assert_nothing_left(&sid);
 }

@@ -39,7 +39,8 @@ impl Supervisor {
                 });
                 self.lock_sessions().insert(sid.clone(), session.clone());
                 self.watch_adopted(session.clone(), record);
-                self.watch_memory(session);
+                self.watch_memory(session.clone());
+                self.autosave(session);
                 kept.insert(sid);
             } else {
                 tracing::info!(sid, pid = record.pid, "cleaning up a server left behind");

@@ -80,6 +80,9 @@ impl Supervisor {
                     if !process::terminate(&record.scope(), grace).await {
                         tracing::error!(sid, "processes of the session survived SIGKILL");
                     }
+                    // Before `Stopped`: control takes snapshots only from
+                    // sessions the host still runs.
+                    self.final_snapshot(&session).await;
                 }
                 self.finish(&session, record.as_ref(), event.clone()).await;
                 tracing::info!(sid, "session stopped");
@@ -112,6 +115,7 @@ impl Supervisor {
         self.publish_gauges();
         let record = session.status.borrow().process.clone();
         let log_tail = self.clear_leftovers(&session, record.as_ref()).await;
+        self.final_snapshot(&session).await;
         tracing::warn!(
             sid = session.sid,
             exit = describe_exit(code),

@@ -138,12 +138,15 @@ impl Supervisor {
         received: Instant,
     ) -> (AgentEvent, bool) {
         let sid = session.sid.clone();
-        if let Err(e) = self.spawn(&session, command).await {
-            // Whatever was launched is in the status; nothing more comes.
-            session.status.send_modify(|st| st.spawning = false);
-            return self.fail(&session, e.to_string(), None).await;
-        }
-        match self.wait_ready(&session, received).await {
+        let restoring = match self.spawn(&session, command).await {
+            Ok(restoring) => restoring,
+            Err(e) => {
+                // Whatever was launched is in the status; nothing more comes.
+                session.status.send_modify(|st| st.spawning = false);
+                return self.fail(&session, e.to_string(), None).await;
+            }
+        };
+        match self.wait_ready(&session, received, restoring).await {
             Readiness::Ready(spawn_ms) => {
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
                     // The CPU share from now on (the user's code runs only
@@ -156,6 +159,7 @@ impl Supervisor {
                     .record(spawn_ms as f64 / 1000.0);
                 self.publish_gauges();
                 self.watch_memory(session.clone());
+                self.autosave(session.clone());
                 tracing::info!(sid, spawn_ms, "session ready");
                 (AgentEvent::Ready { sid, spawn_ms }, true)
             }
@@ -176,9 +180,14 @@ impl Supervisor {
         }
     }
 
-    /// Makes the user and directories and launches the server. The process
+    /// Makes the user and directories, restores the project's files and
+    /// launches the server; returns how long the restore took. The process
     /// is published in the session's status as soon as it exists.
-    async fn spawn(&self, session: &Arc<Session>, command: &StartSession) -> Result<(), Error> {
+    async fn spawn(
+        &self,
+        session: &Arc<Session>,
+        command: &StartSession,
+    ) -> Result<Duration, Error> {
         let inner = &self.inner;
         let layout = &inner.layout;
         let run_as = if inner.root {
@@ -192,6 +201,9 @@ impl Supervisor {
         let project_dir = layout.project(command.project_id);
         private_dir(&home, &run_as)?;
         private_dir(&project_dir, &run_as)?;
+        let restoring = Instant::now();
+        self.restore_project(session, &run_as).await;
+        let restoring = restoring.elapsed();
 
         let session_dir = layout.session_dir(&session.sid);
         private_dir(&session_dir, &run_as)?;
@@ -271,7 +283,7 @@ impl Supervisor {
                 netns.remove().await;
             }
         }
-        launched
+        launched.map(|()| restoring)
     }
 
     /// Spawns bwrap with Jupyter in it; publishes the process at once.
@@ -381,8 +393,15 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn wait_ready(&self, session: &Arc<Session>, received: Instant) -> Readiness {
-        let deadline = received + self.inner.config.start_timeout;
+    /// `restoring` does not count against the start timeout: a big
+    /// project takes long to download, not to start.
+    async fn wait_ready(
+        &self,
+        session: &Arc<Session>,
+        received: Instant,
+        restoring: Duration,
+    ) -> Readiness {
+        let deadline = received + restoring + self.inner.config.start_timeout;
         let socket = self.inner.layout.socket(&session.sid);
         let mut rx = session.status.subscribe();
         loop {

@@ -18,12 +18,14 @@
 //! This module holds the supervisor, its sessions and what can be asked of
 //! them; the ways in and out live beside it: `launch` (starting and
 //! readiness), `adopt` (taking over servers after a restart) and `end`
-//! (stopping, exits and the teardown every ending shares). The work dir's
+//! (stopping, exits and the teardown every ending shares), `save` (the
+//! project's snapshots around all of them). The work dir's
 //! layout is [`crate::workdir`].
 
 mod adopt;
 mod end;
 mod launch;
+mod save;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
@@ -35,11 +37,13 @@ use opencloud_protocol::agent::{AgentEvent, AgentSession, AgentSessionState};
 use tokio::sync::{mpsc, watch};
 
 use crate::cgroups::{self, Support};
+use crate::client::ControlClient;
 use crate::config::Config;
 use crate::error::Error;
 use crate::host_link::{Sessions, Target};
 use crate::jupyter;
 use crate::sandbox;
+use crate::snapshot::Snapshots;
 use crate::state::{SessionRecord, StateDir};
 use crate::users;
 use crate::workdir::{self, Layout};
@@ -68,6 +72,7 @@ struct Inner {
     /// The host's own addresses, unreachable from sessions.
     host_addresses: Vec<String>,
     events: mpsc::UnboundedSender<AgentEvent>,
+    snapshots: Snapshots,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Serialises `useradd`.
     users: tokio::sync::Mutex<()>,
@@ -212,6 +217,11 @@ impl Supervisor {
             }
         }
         let state = StateDir::open(layout.sessions())?;
+        let snapshots = Snapshots::open(
+            ControlClient::new(&config.control_url, &config.host_key),
+            layout.snapshots(),
+        )
+        .map_err(|e| Error::io(&layout.snapshots(), e))?;
         let (events, receiver) = mpsc::unbounded_channel();
         let (detached, _) = watch::channel(false);
         let supervisor = Self {
@@ -224,6 +234,7 @@ impl Supervisor {
                 bwrap,
                 host_addresses: sandbox::host_addresses().await,
                 events,
+                snapshots,
                 sessions: Mutex::new(HashMap::new()),
                 users: tokio::sync::Mutex::new(()),
                 detached,
