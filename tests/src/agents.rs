@@ -23,7 +23,8 @@ pub fn config_text(control_url: &str, host_key: &str, max_sessions: u32, work_di
     format!(
         "control_url = \"{control_url}\"\nhost_key = \"{host_key}\"\naddress = \"127.0.0.1\"\n\
          link_port = {link_port}\nwork_dir = \"{work_dir}\"\n\
-         venv = \"{venv}\"\nstop_grace_seconds = 5\n\n[capacity]\nmax_sessions = {max_sessions}\n\
+         venv = \"{venv}\"\nstop_grace_seconds = 5\n\
+         # Autosave often, so the tests see it within seconds.\nautosave_interval_seconds = 5\n\n[capacity]\nmax_sessions = {max_sessions}\n\
          cpu_cores = 2.0\nmemory_mib = 2048\n",
         venv = venv().display(),
     )
