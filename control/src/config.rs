@@ -887,6 +887,68 @@ mod tests {
     }
 
     #[test]
+    fn the_store_defaults_beside_the_keys_and_bad_store_keys_are_named() {
+        let dir = temp_dir("store");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        let config = Config::from_toml(&path, &text, []).unwrap();
+        assert_eq!(config.store.location, StoreLocation::Local(dir.join("store")));
+        assert_eq!(config.store.keep_versions, 10);
+        assert_eq!(config.billing.trial.storage_mib, 1024);
+        let config =
+            Config::from_toml(&path, &format!("{text}\n[store]\npath = \"snaps\"\n"), []).unwrap();
+        assert_eq!(config.store.location, StoreLocation::Local(dir.join("snaps")));
+        let s3 = "url = \"s3://oc-projects/prod/\"\nendpoint = \"https://s3.example.com/\"\n\
+            region = \"eu-1\"\naccess_key_id_file = \"id\"\nsecret_access_key_file = \"secret\"";
+        let config = Config::from_toml(&path, &format!("{text}\n[store]\n{s3}\n"), []).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::S3 {
+                bucket: "oc-projects".into(),
+                prefix: "prod".into(),
+                endpoint: "https://s3.example.com".into(),
+                region: "eu-1".into(),
+                access_key_id_file: dir.join("id"),
+                secret_access_key_file: dir.join("secret"),
+            }
+        );
+        for (store, named) in [
+            ("keep_versions = 0", "store.keep_versions"),
+            ("url = \"https://bucket\"", "store.url"),
+            ("url = \"s3://B\"\nregion = \"r\"", "store.url"),
+            ("url = \"s3://bucket\"", "store.region"),
+            (
+                "url = \"s3://bucket\"\nregion = \"r\"\nendpoint = \"http://s3.example.com\"",
+                "store.endpoint",
+            ),
+            (
+                "url = \"s3://bucket\"\nregion = \"r\"\naccess_key_id_file = \"id\"",
+                "store.secret_access_key_file",
+            ),
+            ("path = \"p\"\nurl = \"s3://bucket\"", "store.path"),
+            ("region = \"r\"", "store.region"),
+            ("access_key_id = \"AKIA\"", "access_key_id"),
+        ] {
+            let err = Config::from_toml(&path, &format!("{text}\n[store]\n{store}\n"), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{store}: {err}");
+        }
+        let err = Config::from_toml(
+            &path,
+            &text,
+            [(
+                "OPENCLOUD_CONTROL__BILLING__TRIAL__STORAGE_MIB".to_string(),
+                "0".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("billing.trial.storage_mib"), "{err}");
+    }
+
+    #[test]
     fn weak_password_hashing_is_refused() {
         let dir = temp_dir("pbkdf2");
         let text = include_str!("../../config/control.toml")
