@@ -537,7 +537,10 @@ fn store_policy(
             ),
         ] {
             if set {
-                return Err(invalid(key, "is for an s3:// store; set store.url too".into()));
+                return Err(invalid(
+                    key,
+                    "is for an s3:// store; set store.url too".into(),
+                ));
             }
         }
         StoreLocation::Local(if file.path.as_os_str().is_empty() {
@@ -893,12 +896,18 @@ mod tests {
             .replace("../.local/secrets/keys.toml", "keys.toml");
         let path = dir.join("control.toml");
         let config = Config::from_toml(&path, &text, []).unwrap();
-        assert_eq!(config.store.location, StoreLocation::Local(dir.join("store")));
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local(dir.join("store"))
+        );
         assert_eq!(config.store.keep_versions, 10);
         assert_eq!(config.billing.trial.storage_mib, 1024);
         let config =
             Config::from_toml(&path, &format!("{text}\n[store]\npath = \"snaps\"\n"), []).unwrap();
-        assert_eq!(config.store.location, StoreLocation::Local(dir.join("snaps")));
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local(dir.join("snaps"))
+        );
         let s3 = "url = \"s3://oc-projects/prod/\"\nendpoint = \"https://s3.example.com/\"\n\
             region = \"eu-1\"\naccess_key_id_file = \"id\"\nsecret_access_key_file = \"secret\"";
         let config = Config::from_toml(&path, &format!("{text}\n[store]\n{s3}\n"), []).unwrap();

@@ -15,8 +15,8 @@ pub mod origin;
 pub mod paths;
 pub mod reports;
 pub mod routes;
-pub mod snapshots;
 pub mod sid;
+pub mod snapshots;
 pub mod token;
 
 pub use keys::{KeyId, Keyring, KeyringError};

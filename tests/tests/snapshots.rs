@@ -126,7 +126,9 @@ impl Fixture {
 
     /// Pushes `body` as host A for its session; the version stored.
     async fn push_good(&self, body: &[u8]) -> Stored {
-        let (status, stored) = self.push(&self.key_a, &self.sid_a, body, &sha(body), true).await;
+        let (status, stored) = self
+            .push(&self.key_a, &self.sid_a, body, &sha(body), true)
+            .await;
         assert_eq!(status, StatusCode::OK, "push: {stored}");
         serde_json::from_value(stored).unwrap()
     }
@@ -140,7 +142,11 @@ impl Fixture {
         }
         assert_eq!(status, StatusCode::OK, "pull {query}");
         let header = |name: &str| headers[name].to_str().unwrap().to_owned();
-        assert_eq!(header(SHA256_HEADER), sha(&body), "the hash names the bytes");
+        assert_eq!(
+            header(SHA256_HEADER),
+            sha(&body),
+            "the hash names the bytes"
+        );
         let created: u64 = header(CREATED_HEADER).parse().unwrap();
         assert!(created.abs_diff(now()) < 600, "created {created}");
         Some((header(VERSION_HEADER).parse().unwrap(), body))
@@ -149,7 +155,10 @@ impl Fixture {
     async fn versions(&self) -> u64 {
         self.stack
             .db
-            .count(&format!("project_versions WHERE project_id = {}", self.project))
+            .count(&format!(
+                "project_versions WHERE project_id = {}",
+                self.project
+            ))
             .await
     }
 
@@ -208,7 +217,11 @@ async fn a_host_gets_nothing_of_sessions_it_does_not_run() {
     let ended = f.session(f.host_a, f.project, "stopped").await;
     let asks = [
         ("another host's session", &f.key_b, f.sid_a.clone()),
-        ("its own session, asked by another host", &f.key_a, f.sid_b.clone()),
+        (
+            "its own session, asked by another host",
+            &f.key_a,
+            f.sid_b.clone(),
+        ),
         ("an ended session", &f.key_a, ended.clone()),
         ("a made-up sid", &f.key_a, "a".repeat(26)),
         ("not a sid", &f.key_a, "..%2F..%2Fetc".into()),
@@ -270,7 +283,8 @@ async fn a_push_over_quota_or_not_matching_its_hash_stores_nothing() {
         assert_eq!(answer["error"]["code"], "quota_exceeded", "{answer}");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(
-            message.contains(&format!("{QUOTA_MIB} MiB in all")) && message.contains("nothing was stored"),
+            message.contains(&format!("{QUOTA_MIB} MiB in all"))
+                && message.contains("nothing was stored"),
             "{message}"
         );
     }

@@ -222,7 +222,13 @@ pub async fn push<E: std::fmt::Display>(
         .await
         .map_err(|(e, label)| {
             failed("in", host_id, label);
-            tracing::warn!(sid = push.sid, host = host_id, project = session.project_id, reason = label, "snapshot push refused");
+            tracing::warn!(
+                sid = push.sid,
+                host = host_id,
+                project = session.project_id,
+                reason = label,
+                "snapshot push refused"
+            );
             e
         })?;
     metrics::counter!("opencloud_snapshot_bytes_total", "direction" => "in", "host" => host_id.to_string())

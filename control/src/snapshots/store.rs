@@ -292,7 +292,12 @@ pub(crate) mod tests {
             .unwrap_err();
         assert_eq!(broken.label(), "upload_broken");
         let mismatch = store
-            .put("p/1/mismatch", chunks(vec![whole()]), 10 << 20, &sha(b"other"))
+            .put(
+                "p/1/mismatch",
+                chunks(vec![whole()]),
+                10 << 20,
+                &sha(b"other"),
+            )
             .await
             .unwrap_err();
         assert_eq!(mismatch.label(), "sha256_mismatch");

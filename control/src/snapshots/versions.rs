@@ -91,9 +91,12 @@ pub async fn put<E: std::fmt::Display>(
             "bad_request",
         ));
     }
-    let held = others_bytes(&mut pool.get_conn().await.map_err(|e| fail(e.into()))?, new.project_id)
-        .await
-        .map_err(fail)?;
+    let held = others_bytes(
+        &mut pool.get_conn().await.map_err(|e| fail(e.into()))?,
+        new.project_id,
+    )
+    .await
+    .map_err(fail)?;
     let room = new.quota_bytes.saturating_sub(held);
     let too_large = || {
         AppError::QuotaExceeded(format!(
@@ -377,7 +380,10 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(label, "quota");
-        assert!(matches!(e, AppError::QuotaExceeded(ref m) if m.contains("1 MiB")), "{e}");
+        assert!(
+            matches!(e, AppError::QuotaExceeded(ref m) if m.contains("1 MiB")),
+            "{e}"
+        );
         let (_, label) = put(
             pool,
             &store,

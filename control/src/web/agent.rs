@@ -165,8 +165,7 @@ async fn pull_snapshot(
     Path(sid): Path<String>,
     ApiQuery(query): ApiQuery<PullQuery>,
 ) -> Result<Response, AgentError> {
-    let Some(pulled) =
-        snapshots::pull(&app.pool, &app.store, host, &sid, query.before).await?
+    let Some(pulled) = snapshots::pull(&app.pool, &app.store, host, &sid, query.before).await?
     else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
@@ -177,7 +176,10 @@ async fn pull_snapshot(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/zstd"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(version.size_bytes));
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(version.size_bytes),
+    );
     headers.insert(snapshot::VERSION_HEADER, HeaderValue::from(version.version));
     headers.insert(
         snapshot::CREATED_HEADER,

@@ -26,9 +26,7 @@ impl AppError {
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::PayloadTooLarge | AppError::QuotaExceeded(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            AppError::PayloadTooLarge | AppError::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unauthenticated | AppError::BadCredentials | AppError::Unauthorized(_) => {
                 StatusCode::UNAUTHORIZED
             }
