@@ -188,13 +188,13 @@ pub struct Push<'a> {
 
 /// Stores the session's project snapshot `body` as its next version, then
 /// prunes the project beyond `policy.keep_versions`.
-pub async fn push<E: std::fmt::Display>(
+pub async fn push<E: std::fmt::Display + Send + 'static>(
     pool: &Pool,
     store: &Store,
     policy: &StorePolicy,
     trial: &TrialLimits,
     push: &Push<'_>,
-    body: impl Stream<Item = Result<Bytes, E>>,
+    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> Result<Stored, AppError> {
     let started = Instant::now();
     let host_id = push.host_id;

@@ -74,12 +74,12 @@ fn mib(bytes: u64) -> String {
 /// project row's lock) only once the whole body arrived within the quota
 /// and matched its hash. On any failure nothing is stored and the previous
 /// version stays the latest.
-pub async fn put<E: std::fmt::Display>(
+pub async fn put<E: std::fmt::Display + Send + 'static>(
     pool: &Pool,
     store: &Store,
     new: &NewVersion<'_>,
     declared_len: Option<u64>,
-    body: impl Stream<Item = Result<Bytes, E>>,
+    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> Result<(u64, u64), (AppError, &'static str)> {
     let fail = |e: AppError| (e, "internal");
     if !is_sha256(new.sha256) {
@@ -114,7 +114,16 @@ pub async fn put<E: std::fmt::Display>(
         new.project_id,
         crate::ids::random_id()
     );
-    let written = match store.put(&key, body, room, new.sha256).await {
+    // In a task of its own, so a caller that goes away mid-upload (a
+    // dropped connection) still ends it with an abort, never half an object.
+    let upload = {
+        let (store, key, sha256) = (store.clone(), key.clone(), new.sha256.to_owned());
+        tokio::spawn(async move { store.put(&key, body, room, &sha256).await })
+    };
+    let put = upload
+        .await
+        .unwrap_or_else(|e| Err(PutFailure::Store(format!("the upload task failed: {e}"))));
+    let written = match put {
         Ok(written) => written,
         Err(failure) => {
             let label = failure.label();
