@@ -299,6 +299,19 @@ async fn a_push_over_quota_or_not_matching_its_hash_stores_nothing() {
     assert_eq!(f.versions().await, 1);
     assert_eq!(f.objects(), 1, "nothing half-written is left in the store");
     assert_eq!(f.pull("").await, Some((1, b"kept".to_vec())));
+
+    // A lot with a larger quota (a bought package's) makes room.
+    f.stack
+        .db
+        .conn()
+        .await
+        .exec_drop(
+            "UPDATE lots SET storage_mib = ? WHERE user_id = ?",
+            (QUOTA_MIB * 2, f.owner.id),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.push_good(&big).await.version, 2);
 }
 
 #[tokio::test]
