@@ -1,5 +1,5 @@
 //! The state every request handler and background job shares: config,
-//! database pool, password hasher, host CA, payment provider, metrics handle, the stop signal
+//! database pool, password hasher, host CA, payment provider, project store, metrics handle, the stop signal
 //! and the agents' wake-ups. Cheap to clone.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::billing::providers::Payments;
 use crate::config::Config;
 use crate::host_ca::HostCa;
 use crate::sessions::commands::Wakeups;
+use crate::snapshots::store::Store;
 
 /// Everything a request handler may need, cheap to clone.
 #[derive(Clone)]
@@ -24,6 +25,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The payment provider in use.
     pub payments: Payments,
+    /// Where projects' snapshots live.
+    pub store: Store,
     /// Turns true when the service is shutting down, so long-lived
     /// responses (route watch streams) and background jobs end.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
@@ -37,6 +40,7 @@ impl App {
         pool: Pool,
         host_ca: HostCa,
         payments: Payments,
+        store: Store,
         metrics: PrometheusHandle,
     ) -> Self {
         let passwords = accounts::Passwords::new(config.pbkdf2_iterations);
@@ -46,6 +50,7 @@ impl App {
             passwords,
             host_ca,
             payments,
+            store,
             metrics,
             stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
             wakeups: Wakeups::default(),

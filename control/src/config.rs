@@ -49,6 +49,8 @@ struct ControlFile {
     sessions: SessionsFile,
     #[serde(default)]
     billing: BillingFile,
+    #[serde(default)]
+    store: StoreFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +192,8 @@ struct TrialFile {
     sessions_at_once: u32,
     cpu_cores: f64,
     memory_mib: u32,
+    /// How much of the project store the owner's files may take.
+    storage_mib: u32,
     validity_days: u32,
 }
 
@@ -199,7 +203,37 @@ impl Default for TrialFile {
             sessions_at_once: 1,
             cpu_cores: 1.0,
             memory_mib: 2048,
+            storage_mib: 1024,
             validity_days: 30,
+        }
+    }
+}
+
+/// `[store]`: where projects' snapshots live. Either `path` (a local
+/// directory) or `url` (`s3://bucket/prefix`) with its endpoint, region and
+/// credential files; the credentials never appear in this file's text.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StoreFile {
+    path: PathBuf,
+    url: String,
+    endpoint: String,
+    region: String,
+    access_key_id_file: PathBuf,
+    secret_access_key_file: PathBuf,
+    keep_versions: u32,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            url: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            access_key_id_file: PathBuf::new(),
+            secret_access_key_file: PathBuf::new(),
+            keep_versions: 10,
         }
     }
 }
@@ -250,7 +284,32 @@ pub struct TrialLimits {
     pub sessions_at_once: u32,
     pub cpu_cores: f64,
     pub memory_mib: u32,
+    pub storage_mib: u32,
     pub validity_days: u32,
+}
+
+/// Where the project store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A local directory.
+    Local(PathBuf),
+    /// An S3-compatible bucket; the keys are read from the files at start.
+    S3 {
+        bucket: String,
+        prefix: String,
+        /// Empty: AWS's own endpoint for the region.
+        endpoint: String,
+        region: String,
+        access_key_id_file: PathBuf,
+        secret_access_key_file: PathBuf,
+    },
+}
+
+/// The project store and how many versions of each project it keeps.
+#[derive(Debug, Clone)]
+pub struct StorePolicy {
+    pub location: StoreLocation,
+    pub keep_versions: u32,
 }
 
 /// The validated config control runs on.
@@ -280,6 +339,7 @@ pub struct Config {
     pub pbkdf2_iterations: u32,
     pub idle_timeout: std::time::Duration,
     pub billing: BillingPolicy,
+    pub store: StorePolicy,
 }
 
 impl Config {
@@ -377,6 +437,12 @@ fn billing_policy(
             "must be at least 256".into(),
         ));
     }
+    if trial.storage_mib == 0 {
+        return Err(invalid(
+            "billing.trial.storage_mib",
+            "must be at least 1".into(),
+        ));
+    }
     if !(1..=3650).contains(&trial.validity_days) {
         return Err(invalid(
             "billing.trial.validity_days",
@@ -440,8 +506,120 @@ fn billing_policy(
             sessions_at_once: trial.sessions_at_once,
             cpu_cores: trial.cpu_cores,
             memory_mib: trial.memory_mib,
+            storage_mib: trial.storage_mib,
             validity_days: trial.validity_days,
         },
+    })
+}
+
+/// Checks `[store]`; a relative `path` is resolved against `config_dir`,
+/// the default is `store` in `keys_dir`.
+fn store_policy(
+    file: StoreFile,
+    config_dir: &Path,
+    keys_dir: &Path,
+    invalid: &impl Fn(&'static str, String) -> ConfigError,
+) -> Result<StorePolicy, ConfigError> {
+    if !(1..=1000).contains(&file.keep_versions) {
+        return Err(invalid("store.keep_versions", "must be 1 to 1000".into()));
+    }
+    let location = if file.url.is_empty() {
+        for (key, set) in [
+            ("store.endpoint", !file.endpoint.is_empty()),
+            ("store.region", !file.region.is_empty()),
+            (
+                "store.access_key_id_file",
+                !file.access_key_id_file.as_os_str().is_empty(),
+            ),
+            (
+                "store.secret_access_key_file",
+                !file.secret_access_key_file.as_os_str().is_empty(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "is for an s3:// store; set store.url too".into(),
+                ));
+            }
+        }
+        StoreLocation::Local(if file.path.as_os_str().is_empty() {
+            keys_dir.join("store")
+        } else {
+            config_dir.join(&file.path)
+        })
+    } else {
+        if !file.path.as_os_str().is_empty() {
+            return Err(invalid(
+                "store.path",
+                "give either path (a local directory) or url (s3://…), not both".into(),
+            ));
+        }
+        let Some(rest) = file.url.strip_prefix("s3://") else {
+            return Err(invalid(
+                "store.url",
+                "must look like s3://bucket/prefix".into(),
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !bucket_ok {
+            return Err(invalid(
+                "store.url",
+                "the bucket must be 3 to 63 lower-case letters, digits, dots and dashes".into(),
+            ));
+        }
+        if prefix.contains("//") || prefix.contains('?') || prefix.contains('#') {
+            return Err(invalid(
+                "store.url",
+                "the prefix must be a plain path, like s3://bucket/opencloud".into(),
+            ));
+        }
+        if file.region.is_empty() {
+            return Err(invalid(
+                "store.region",
+                "an s3:// store needs its region (any name the service accepts, such as us-east-1)"
+                    .into(),
+            ));
+        }
+        let endpoint = file.endpoint.trim_end_matches('/').to_owned();
+        if !(endpoint.is_empty()
+            || endpoint.starts_with("https://")
+            || endpoint.starts_with("http://127.0.0.1:")
+            || endpoint.starts_with("http://localhost:"))
+        {
+            return Err(invalid(
+                "store.endpoint",
+                "must be an https:// URL (http:// only on loopback)".into(),
+            ));
+        }
+        for (key, value) in [
+            ("store.access_key_id_file", &file.access_key_id_file),
+            ("store.secret_access_key_file", &file.secret_access_key_file),
+        ] {
+            if value.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "an s3:// store needs the owner-only file holding this credential".into(),
+                ));
+            }
+        }
+        StoreLocation::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            endpoint,
+            region: file.region,
+            access_key_id_file: config_dir.join(&file.access_key_id_file),
+            secret_access_key_file: config_dir.join(&file.secret_access_key_file),
+        }
+    };
+    Ok(StorePolicy {
+        location,
+        keep_versions: file.keep_versions,
     })
 }
 
@@ -527,6 +705,7 @@ impl Config {
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let billing = billing_policy(file.billing, config_dir, &host_ca_dir, &invalid)?;
+        let store = store_policy(file.store, config_dir, &host_ca_dir, &invalid)?;
 
         Ok(Self {
             secure_cookies: origins.platform.https(),
@@ -550,6 +729,7 @@ impl Config {
                 client_failure_cap: login.client_failure_cap,
             },
             billing,
+            store,
             registration: RegistrationPolicy {
                 per_client: registration.per_client,
                 window_seconds: registration.window_seconds,
@@ -707,6 +887,74 @@ mod tests {
                 secret_key_file: dir.join("sk"),
             }
         );
+    }
+
+    #[test]
+    fn the_store_defaults_beside_the_keys_and_bad_store_keys_are_named() {
+        let dir = temp_dir("store");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        let config = Config::from_toml(&path, &text, []).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local(dir.join("store"))
+        );
+        assert_eq!(config.store.keep_versions, 10);
+        assert_eq!(config.billing.trial.storage_mib, 1024);
+        let config =
+            Config::from_toml(&path, &format!("{text}\n[store]\npath = \"snaps\"\n"), []).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local(dir.join("snaps"))
+        );
+        let s3 = "url = \"s3://oc-projects/prod/\"\nendpoint = \"https://s3.example.com/\"\n\
+            region = \"eu-1\"\naccess_key_id_file = \"id\"\nsecret_access_key_file = \"secret\"";
+        let config = Config::from_toml(&path, &format!("{text}\n[store]\n{s3}\n"), []).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::S3 {
+                bucket: "oc-projects".into(),
+                prefix: "prod".into(),
+                endpoint: "https://s3.example.com".into(),
+                region: "eu-1".into(),
+                access_key_id_file: dir.join("id"),
+                secret_access_key_file: dir.join("secret"),
+            }
+        );
+        for (store, named) in [
+            ("keep_versions = 0", "store.keep_versions"),
+            ("url = \"https://bucket\"", "store.url"),
+            ("url = \"s3://B\"\nregion = \"r\"", "store.url"),
+            ("url = \"s3://bucket\"", "store.region"),
+            (
+                "url = \"s3://bucket\"\nregion = \"r\"\nendpoint = \"http://s3.example.com\"",
+                "store.endpoint",
+            ),
+            (
+                "url = \"s3://bucket\"\nregion = \"r\"\naccess_key_id_file = \"id\"",
+                "store.secret_access_key_file",
+            ),
+            ("path = \"p\"\nurl = \"s3://bucket\"", "store.path"),
+            ("region = \"r\"", "store.region"),
+            ("access_key_id = \"AKIA\"", "access_key_id"),
+        ] {
+            let err = Config::from_toml(&path, &format!("{text}\n[store]\n{store}\n"), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{store}: {err}");
+        }
+        let err = Config::from_toml(
+            &path,
+            &text,
+            [(
+                "OPENCLOUD_CONTROL__BILLING__TRIAL__STORAGE_MIB".to_string(),
+                "0".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("billing.trial.storage_mib"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("the request body is larger than the limit of 1 MiB")]
     PayloadTooLarge,
+    /// A body over a quota the caller has (a snapshot over the owner's
+    /// storage), with the quota in words.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("log in first")]
     Unauthenticated,
     #[error("the email or password is not right")]

@@ -18,6 +18,7 @@ pub mod packages;
 pub mod projects;
 pub mod routes;
 pub mod sessions;
+pub mod snapshots;
 pub mod throttle;
 pub mod web;
 

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use opencloud_control::billing::providers::Payments;
 use opencloud_control::host_ca::HostCa;
+use opencloud_control::snapshots::store::Store;
 use opencloud_control::{accounts, db, packages, App, Config};
 
 /// OpenCloud control service.
@@ -91,11 +92,13 @@ async fn run() -> anyhow::Result<()> {
                 .context("host CA")?;
             let payments = Payments::from_policy(&config.billing, own_webhook_url(&config))
                 .context("payments")?;
+            let store = Store::open(&config.store.location).context("project store")?;
             let app = App::new(
                 config,
                 pool,
                 host_ca,
                 payments,
+                store,
                 opencloud_control::install_metrics()?,
             );
             opencloud_control::serve(app, shutdown_signal()).await

@@ -38,6 +38,9 @@ pub struct LatestSession {
     pub ended_because: Option<String>,
     /// What the host reported about it (a kernel stopped for memory).
     pub notice: Option<String>,
+    /// Where its files came from: "Your files were restored from the
+    /// autosave of 4 minutes ago."; `None` when it started empty.
+    pub restored: Option<String>,
 }
 
 impl LatestSession {
@@ -69,17 +72,67 @@ type ProjectRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Option<u64>,
+    Option<String>,
+    Option<u64>,
 );
 
 const COLUMNS: &str = "p.id, p.name, p.description, DATE_FORMAT(p.created_at, '%Y-%m-%d %H:%i'), \
-    DATE_FORMAT(p.updated_at, '%Y-%m-%d %H:%i'), s.sid, s.state, s.end_reason, s.notice";
+    DATE_FORMAT(p.updated_at, '%Y-%m-%d %H:%i'), s.sid, s.state, s.end_reason, s.notice, \
+    s.restored_version, v.reason, \
+    CAST(GREATEST(TIMESTAMPDIFF(SECOND, s.restored_from_at, UTC_TIMESTAMP(6)), 0) AS UNSIGNED)";
 
-/// The projects table joined with each project's newest session.
+/// The projects table joined with each project's newest session and the
+/// version that session's files were restored from.
 const FROM: &str = "projects p LEFT JOIN sessions s ON s.sid = (SELECT l.sid FROM sessions l \
-    WHERE l.project_id = p.id ORDER BY l.created_at DESC, l.sid LIMIT 1)";
+    WHERE l.project_id = p.id ORDER BY l.created_at DESC, l.sid LIMIT 1) \
+    LEFT JOIN project_versions v ON v.project_id = s.project_id AND v.version = s.restored_version";
+
+/// `4 minutes`, `1 hour`, `3 days`: how long ago, roughly.
+fn age_in_words(seconds: u64) -> String {
+    let (n, unit) = match seconds {
+        0..=59 => return "less than a minute".into(),
+        60..=3599 => (seconds / 60, "minute"),
+        3600..=86_399 => (seconds / 3600, "hour"),
+        _ => (seconds / 86_400, "day"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// The sentence an owner reads about where a session's files came from.
+pub fn restored_sentence(version: u64, reason: Option<&str>, age_seconds: Option<u64>) -> String {
+    let what = match reason {
+        Some("autosave") => "the autosave".to_owned(),
+        Some("save") => "the save".to_owned(),
+        Some("stop") => "the snapshot taken when your last session stopped".to_owned(),
+        Some("upload") => "the upload".to_owned(),
+        Some("restore") => "the restored version".to_owned(),
+        _ => format!("version {version}"),
+    };
+    match age_seconds {
+        Some(age) => format!(
+            "Your files were restored from {what} of {} ago.",
+            age_in_words(age)
+        ),
+        None => format!("Your files were restored from {what}."),
+    }
+}
 
 fn from_row(
-    (id, name, description, created_at, updated_at, sid, state, end_reason, notice): ProjectRow,
+    (
+        id,
+        name,
+        description,
+        created_at,
+        updated_at,
+        sid,
+        state,
+        end_reason,
+        notice,
+        restored_version,
+        restored_reason,
+        restored_age,
+    ): ProjectRow,
 ) -> Project {
     let session = sid.zip(state).map(|(sid, state)| {
         let ended_because = (!state::is_live_column(&state))
@@ -89,6 +142,8 @@ fn from_row(
             state,
             ended_because,
             notice,
+            restored: restored_version
+                .map(|v| restored_sentence(v, restored_reason.as_deref(), restored_age)),
         }
     });
     Project {
@@ -231,5 +286,19 @@ mod tests {
         assert!(NAME.check(&"x".repeat(100)).is_ok());
         assert!(NAME.check(&"x".repeat(101)).is_err());
         assert!(NAME.check("a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn the_restored_sentence_says_what_and_how_long_ago() {
+        assert_eq!(
+            restored_sentence(7, Some("autosave"), Some(4 * 60 + 10)),
+            "Your files were restored from the autosave of 4 minutes ago."
+        );
+        assert_eq!(
+            restored_sentence(7, None, Some(3600)),
+            "Your files were restored from version 7 of 1 hour ago."
+        );
+        assert_eq!(age_in_words(5), "less than a minute");
+        assert_eq!(age_in_words(3 * 86_400), "3 days");
     }
 }

@@ -51,6 +51,57 @@ impl TestStack {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// GETs `path` from control's agent API as the host whose key is `key`:
+    /// (status, headers, body bytes).
+    pub async fn get_as_agent(
+        &self,
+        key: &str,
+        path: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+        let r = self
+            .http()
+            .get(self.url(path))
+            .header("authorization", format!("{HOST_KEY_SCHEME} {key}"))
+            .send()
+            .await
+            .expect("send to control's agent API");
+        let (status, headers) = (r.status(), r.headers().clone());
+        let body = r.bytes().await.expect("read the body").to_vec();
+        (status, headers, body)
+    }
+
+    /// PUTs `body` to control's agent API as the host whose key is `key`,
+    /// with `headers`. `streamed`: in 64 KiB pieces without a
+    /// Content-Length, as an agent streaming an archive it is still making.
+    pub async fn put_as_agent(
+        &self,
+        key: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        streamed: bool,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http()
+            .put(self.url(path))
+            .header("authorization", format!("{HOST_KEY_SCHEME} {key}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = if streamed {
+            let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+            request.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                pieces,
+            )))
+        } else {
+            request.body(body)
+        };
+        let r = request.send().await.expect("send to control's agent API");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// A host owner, registered and logged in.
     pub async fn host_owner(&self) -> TestUser {
         self.registered("owner", "Host Owner", Some("host_owner"))

@@ -435,6 +435,18 @@ async fn a_session_is_charged_by_the_second_and_its_host_owner_earns_exactly_the
     stack.buy(&user, starter.id).await;
     let bought = balance(&user).await;
     assert_eq!(bought, starter.compute_seconds);
+    // The lot carries the package's storage quota (for project snapshots).
+    let storage: Option<u32> = stack
+        .db
+        .conn()
+        .await
+        .exec_first(
+            "SELECT storage_mib FROM lots WHERE user_id = ? AND source = 'purchase'",
+            (user.id,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(storage, Some(100));
 
     let project = user.create_project("Metered").await;
     let (sid, _) = open(&user, project).await;

@@ -14,7 +14,7 @@
 //! happen one at a time.
 
 use mysql_async::prelude::*;
-use mysql_async::{Pool, Transaction, TxOpts};
+use mysql_async::{Params, Pool, Transaction, TxOpts};
 use serde::Serialize;
 
 use crate::config::TrialLimits;
@@ -63,6 +63,8 @@ pub struct Limits {
     pub sessions_at_once: u32,
     pub cpu_cores: f64,
     pub memory_mib: u32,
+    /// How much of the project store the owner's files may take.
+    pub storage_mib: u32,
 }
 
 impl From<&TrialLimits> for Limits {
@@ -71,6 +73,7 @@ impl From<&TrialLimits> for Limits {
             sessions_at_once: t.sessions_at_once,
             cpu_cores: t.cpu_cores,
             memory_mib: t.memory_mib,
+            storage_mib: t.storage_mib,
         }
     }
 }
@@ -152,22 +155,26 @@ pub async fn add_lot(tx: &mut Transaction<'_>, lot: &NewLot<'_>) -> Result<u64, 
     };
     tx.exec_drop(
         "INSERT INTO lots (user_id, source, order_id, package_id, seconds_total, seconds_left,
-            amount_micro, currency, sessions_at_once, cpu_cores, memory_mib, expires_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? DAY, UTC_TIMESTAMP(6))",
-        (
-            lot.user_id,
-            source,
-            lot.order_id,
-            lot.package_id,
-            lot.seconds,
-            lot.seconds,
-            lot.amount_micro,
-            lot.currency,
-            lot.limits.sessions_at_once,
-            lot.limits.cpu_cores,
-            lot.limits.memory_mib,
-            lot.validity_days,
-        ),
+            amount_micro, currency, sessions_at_once, cpu_cores, memory_mib, storage_mib, expires_at,
+            created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? DAY,
+            UTC_TIMESTAMP(6))",
+        // More values than a tuple takes.
+        Params::Positional(vec![
+            lot.user_id.into(),
+            source.into(),
+            lot.order_id.into(),
+            lot.package_id.into(),
+            lot.seconds.into(),
+            lot.seconds.into(),
+            lot.amount_micro.into(),
+            lot.currency.into(),
+            lot.limits.sessions_at_once.into(),
+            lot.limits.cpu_cores.into(),
+            lot.limits.memory_mib.into(),
+            lot.limits.storage_mib.into(),
+            lot.validity_days.into(),
+        ]),
     )
     .await?;
     let lot_id = tx
@@ -294,22 +301,27 @@ pub struct Plan {
 /// The account's balance and limits, read on `conn` (in a transaction
 /// holding the account's lock when it must not change underneath).
 pub async fn plan(conn: &mut impl Queryable, user_id: u64) -> Result<Plan, AppError> {
-    type PlanRow = (u64, Option<u32>, Option<f64>, Option<u32>);
+    type PlanRow = (u64, Option<u32>, Option<f64>, Option<u32>, Option<u32>);
     let row: Option<PlanRow> = conn
         .exec_first(
             "SELECT CAST(COALESCE(SUM(seconds_left), 0) AS UNSIGNED), MAX(sessions_at_once),
-                    CAST(MAX(cpu_cores) AS DOUBLE), MAX(memory_mib)
+                    CAST(MAX(cpu_cores) AS DOUBLE), MAX(memory_mib),
+                    MAX(storage_mib)
              FROM lots WHERE user_id = ? AND seconds_left > 0 AND expires_at > UTC_TIMESTAMP(6)",
             (user_id,),
         )
         .await?;
-    let (balance_seconds, sessions, cpu, memory) = row.unwrap_or((0, None, None, None));
-    let limits = match (sessions, cpu, memory) {
-        (Some(sessions_at_once), Some(cpu_cores), Some(memory_mib)) => Some(Limits {
-            sessions_at_once,
-            cpu_cores,
-            memory_mib,
-        }),
+    let (balance_seconds, sessions, cpu, memory, storage) =
+        row.unwrap_or((0, None, None, None, None));
+    let limits = match (sessions, cpu, memory, storage) {
+        (Some(sessions_at_once), Some(cpu_cores), Some(memory_mib), Some(storage_mib)) => {
+            Some(Limits {
+                sessions_at_once,
+                cpu_cores,
+                memory_mib,
+                storage_mib,
+            })
+        }
         _ => None,
     };
     Ok(Plan {

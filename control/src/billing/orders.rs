@@ -342,6 +342,7 @@ async fn apply_event(
                         sessions_at_once: package.max_concurrent_sessions,
                         cpu_cores: package.cpu_cores,
                         memory_mib: package.memory_mib,
+                        storage_mib: package.storage_quota_mib,
                     },
                     validity_days: order.validity_days,
                     actor_id: None,

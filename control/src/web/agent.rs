@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, State};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,6 +17,7 @@ use opencloud_protocol::agent::{
 };
 use opencloud_protocol::link::CertificateRequest;
 use opencloud_protocol::paths::agent as paths;
+use opencloud_protocol::snapshots::{self as snapshot, Damaged, Reason};
 use serde::Deserialize;
 
 use super::errors::ApiError;
@@ -24,6 +26,7 @@ use crate::app::App;
 use crate::error::AppError;
 use crate::hosts;
 use crate::sessions::{commands, events};
+use crate::snapshots;
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -32,6 +35,15 @@ pub fn routes() -> Router<App> {
         .route(paths::COMMANDS, get(commands))
         .route(paths::EVENTS, post(event))
         .route(paths::LINK_CERTIFICATE, post(link_certificate))
+        // Snapshots are streamed and may be far over the 1 MiB of the rest;
+        // the owner's storage quota bounds them instead.
+        .route(
+            snapshot::SNAPSHOT,
+            get(pull_snapshot)
+                .put(push_snapshot)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(snapshot::SNAPSHOT_DAMAGED, post(snapshot_damaged))
 }
 
 /// The host whose key the request carries.
@@ -138,5 +150,99 @@ async fn event(
     ApiJson(event): ApiJson<AgentEvent>,
 ) -> Result<Response, AgentError> {
     events::handle_event(&app.pool, &app.wakeups, host, &event).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullQuery {
+    before: Option<u64>,
+}
+
+async fn pull_snapshot(
+    State(app): State<App>,
+    Agent(host): Agent,
+    Path(sid): Path<String>,
+    ApiQuery(query): ApiQuery<PullQuery>,
+) -> Result<Response, AgentError> {
+    let Some(pulled) = snapshots::pull(&app.pool, &app.store, host, &sid, query.before).await?
+    else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let version = &pulled.version;
+    let mut response = Body::from_stream(pulled.body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zstd"),
+    );
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(version.size_bytes),
+    );
+    headers.insert(snapshot::VERSION_HEADER, HeaderValue::from(version.version));
+    headers.insert(
+        snapshot::CREATED_HEADER,
+        HeaderValue::from(version.created_unix),
+    );
+    if let Ok(sha256) = HeaderValue::from_str(&version.sha256) {
+        headers.insert(snapshot::SHA256_HEADER, sha256);
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushQuery {
+    reason: Reason,
+}
+
+async fn push_snapshot(
+    State(app): State<App>,
+    Agent(host): Agent,
+    Path(sid): Path<String>,
+    ApiQuery(query): ApiQuery<PushQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AgentError> {
+    let sha256 = headers
+        .get(snapshot::SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            AppError::invalid(
+                "sha256",
+                format!("Send the archive's SHA-256 in {}.", snapshot::SHA256_HEADER),
+            )
+        })?;
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let push = snapshots::Push {
+        host_id: host,
+        sid: &sid,
+        reason: query.reason,
+        sha256,
+        declared_len,
+    };
+    let stored = snapshots::push(
+        &app.pool,
+        &app.store,
+        &app.config.store,
+        &app.config.billing.trial,
+        &push,
+        body.into_data_stream(),
+    )
+    .await?;
+    Ok(Json(stored).into_response())
+}
+
+async fn snapshot_damaged(
+    State(app): State<App>,
+    Agent(host): Agent,
+    Path(sid): Path<String>,
+    ApiJson(report): ApiJson<Damaged>,
+) -> Result<Response, AgentError> {
+    snapshots::damaged(&app.pool, host, &sid, report.version).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

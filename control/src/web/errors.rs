@@ -26,7 +26,7 @@ impl AppError {
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::PayloadTooLarge | AppError::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unauthenticated | AppError::BadCredentials | AppError::Unauthorized(_) => {
                 StatusCode::UNAUTHORIZED
             }
@@ -54,6 +54,7 @@ impl AppError {
             AppError::BadRequest(_) => "bad_request",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::PayloadTooLarge => "payload_too_large",
+            AppError::QuotaExceeded(_) => "quota_exceeded",
             AppError::Unauthenticated => "unauthenticated",
             AppError::BadCredentials => "bad_credentials",
             AppError::Unauthorized(_) => "unauthorized",

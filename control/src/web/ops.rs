@@ -38,6 +38,9 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
         let states = ["online", "draining", "offline", "revoked"];
         set_state_gauges("opencloud_hosts", &states, &counts);
     }
+    if let Ok(bytes) = crate::snapshots::versions::total_bytes(&app.pool).await {
+        metrics::gauge!("opencloud_snapshot_store_bytes").set(bytes as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
