@@ -1,0 +1,134 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+//! A project's files follow its owner (issue 15): written in Lab's contents
+//! API on one host, there after a stop and a reopen on another; after a
+//! host dies, reopening elsewhere restores the last autosave and the page
+//! says how old it is. Real agents, real Jupyter, the real store.
+
+use std::time::Duration;
+
+use opencloud_e2e::agents::eventually;
+use opencloud_e2e::sessions::{open, wait_running};
+use opencloud_e2e::{TestStack, TestUser};
+use reqwest::StatusCode;
+use serde_json::json;
+
+async fn set_draining(owner: &TestUser, host: u64, draining: bool) {
+    owner
+        .post_json(
+            &format!("/api/v1/hosts/{host}/drain"),
+            json!({"draining": draining}),
+        )
+        .await;
+}
+
+/// Opens `project` and waits until it runs on `host`; its sid and cookie.
+async fn open_on(stack: &TestStack, user: &TestUser, project: u64, host: u64) -> (String, String) {
+    let (sid, _) = open(user, project).await;
+    assert_eq!(
+        stack.session_row(&sid).await.0,
+        host,
+        "placed on the expected host"
+    );
+    wait_running(stack, &sid).await;
+    let cookie = stack.enter(user, &sid).await;
+    (sid, cookie)
+}
+
+async fn versions(stack: &TestStack, project: u64) -> u64 {
+    stack
+        .db
+        .count(&format!("project_versions WHERE project_id = {project}"))
+        .await
+}
+
+async fn wait_ended(stack: &TestStack, sid: &str) {
+    eventually("the session ending", Duration::from_secs(90), || async {
+        let state = stack.session_row(sid).await.1;
+        matches!(state.as_str(), "stopped" | "failed" | "lost").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_written_on_one_host_is_there_after_reopening_on_another() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(host_a, _agent_a), (host_b, _agent_b)] = stack
+        .online_hosts(&owner, [("host-a", 2), ("host-b", 2)])
+        .await;
+    let user = stack.new_user().await;
+    let project = user.create_project("Thesis").await;
+
+    set_draining(&owner, host_b, true).await;
+    let (sid, cookie) = open_on(&stack, &user, project, host_a).await;
+    let text = "# Chapter 1\nWritten on host-a, read on host-b: ünïcödé ✓\n";
+    stack.write_file(&sid, &cookie, "chapter1.md", text).await;
+    let (status, body) = user
+        .post(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_ended(&stack, &sid).await;
+    assert!(
+        versions(&stack, project).await >= 1,
+        "the stop pushed a snapshot"
+    );
+
+    set_draining(&owner, host_a, true).await;
+    set_draining(&owner, host_b, false).await;
+    let (sid_b, cookie_b) = open_on(&stack, &user, project, host_b).await;
+    assert_eq!(
+        stack
+            .read_file(&sid_b, &cookie_b, "chapter1.md")
+            .await
+            .as_deref(),
+        Some(text),
+        "the file followed its project to host-b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_host_dies_reopening_restores_the_last_autosave_and_says_how_old_it_is() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(host_a, mut agent_a), (host_b, _agent_b)] = stack
+        .online_hosts(&owner, [("host-a", 2), ("host-b", 2)])
+        .await;
+    let user = stack.new_user().await;
+    let project = user.create_project("Experiment").await;
+
+    set_draining(&owner, host_b, true).await;
+    let (sid, cookie) = open_on(&stack, &user, project, host_a).await;
+    stack
+        .write_file(&sid, &cookie, "results.csv", "run,score\n1,0.93\n")
+        .await;
+    // The autosave (every 5 s in the tests' agents) picks the change up.
+    let (_, took) = eventually("an autosave", Duration::from_secs(60), || async {
+        (versions(&stack, project).await >= 1).then_some(())
+    })
+    .await;
+    println!("autosaved {took:?} after the write");
+
+    // host-a dies hard: agent and Jupyter, SIGKILL, no goodbye.
+    agent_a.kill_hard();
+    eventually("the session lost", Duration::from_secs(60), || async {
+        (stack.session_row(&sid).await.1 == "lost").then_some(())
+    })
+    .await;
+
+    set_draining(&owner, host_b, false).await;
+    let (sid_b, cookie_b) = open_on(&stack, &user, project, host_b).await;
+    assert_eq!(
+        stack
+            .read_file(&sid_b, &cookie_b, "results.csv")
+            .await
+            .as_deref(),
+        Some("run,score\n1,0.93\n"),
+        "the autosave was restored on host-b"
+    );
+    let page = user.page("/projects").await;
+    assert!(
+        page.contains("restored from"),
+        "My projects says which save it restored: {page}"
+    );
+    let _ = host_a;
+}
