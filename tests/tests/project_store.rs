@@ -132,3 +132,73 @@ async fn after_a_host_dies_reopening_restores_the_last_autosave_and_says_how_old
     );
     let _ = host_a;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_snapshot_is_caught_by_its_checksum_and_the_one_before_is_used() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let [(host_a, _agent_a), (host_b, _agent_b)] = stack
+        .online_hosts(&owner, [("host-a", 2), ("host-b", 2)])
+        .await;
+    let user = stack.new_user().await;
+    let project = user.create_project("Fragile").await;
+
+    // Two saved states on host-a: version 1, then version 2.
+    set_draining(&owner, host_b, true).await;
+    for (n, text) in [(1, "first draft\n"), (2, "second draft\n")] {
+        let (sid, cookie) = open_on(&stack, &user, project, host_a).await;
+        stack.write_file(&sid, &cookie, "draft.txt", text).await;
+        user.post_json(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
+            .await;
+        wait_ended(&stack, &sid).await;
+        assert_eq!(versions(&stack, project).await, n, "a version per stop");
+    }
+
+    // One flipped byte in the latest version's object in the store.
+    let key: String = {
+        use mysql_async::prelude::Queryable;
+        stack
+            .db
+            .conn()
+            .await
+            .exec_first(
+                "SELECT object_key FROM project_versions WHERE project_id = ? AND version = 2",
+                (project,),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let object = stack.control().dir.join("store").join(&key);
+    let mut bytes = std::fs::read(&object).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, bytes).unwrap();
+
+    // Reopened elsewhere (no warm copy there): version 1 comes back, and the
+    // owner is told.
+    set_draining(&owner, host_a, true).await;
+    set_draining(&owner, host_b, false).await;
+    let (sid_b, cookie_b) = open_on(&stack, &user, project, host_b).await;
+    assert_eq!(
+        stack
+            .read_file(&sid_b, &cookie_b, "draft.txt")
+            .await
+            .as_deref(),
+        Some("first draft\n"),
+        "the version before the damaged one"
+    );
+    assert_eq!(
+        stack
+            .db
+            .count(&format!(
+                "project_versions WHERE project_id = {project} AND version = 2 AND damaged_at IS NOT NULL"
+            ))
+            .await,
+        1,
+        "version 2 is marked damaged"
+    );
+    let session = user.get_json(&format!("/api/v1/sessions/{sid_b}")).await;
+    let notice = session["notice"].as_str().unwrap_or_default();
+    assert!(notice.contains("damaged"), "the owner is told: {session}");
+}
