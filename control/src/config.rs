@@ -892,10 +892,21 @@ mod tests {
     #[test]
     fn the_store_defaults_beside_the_keys_and_bad_store_keys_are_named() {
         let dir = temp_dir("store");
-        let text = include_str!("../../config/control.toml")
+        let shipped = include_str!("../../config/control.toml")
             .replace("../.local/secrets/keys.toml", "keys.toml");
         let path = dir.join("control.toml");
-        let config = Config::from_toml(&path, &text, []).unwrap();
+        // The shipped file keeps the local stack's projects under .local/.
+        let config = Config::from_toml(&path, &shipped, []).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local(dir.join("../.local/store"))
+        );
+        // Without a [store] section: beside the keys file.
+        let text = shipped
+            .split("\n# The project store:")
+            .next()
+            .unwrap_or_default();
+        let config = Config::from_toml(&path, text, []).unwrap();
         assert_eq!(
             config.store.location,
             StoreLocation::Local(dir.join("store"))
