@@ -51,14 +51,17 @@ fn origin_allowed(app: &App, headers: &HeaderMap) -> bool {
     }
 }
 
+/// JSON, or a zip upload: types a cross-site form cannot send.
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            v.split(';').next().is_some_and(|m| {
+                let m = m.trim();
+                m.eq_ignore_ascii_case("application/json")
+                    || m.eq_ignore_ascii_case("application/zip")
+            })
         })
 }
 
