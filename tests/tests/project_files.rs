@@ -259,3 +259,81 @@ async fn zips_go_in_and_out_as_versions_and_older_ones_come_back() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(version_rows(&stack, project).await, 3);
 }
+
+/// The upload form's body, built as a browser sends it.
+fn multipart(csrf: &str, zip: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "----oc-test-boundary-7d1f";
+    let mut body = Vec::new();
+    write!(
+        body,
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"zip\"; filename=\"p.zip\"\r\n\
+         Content-Type: application/zip\r\n\r\n"
+    )
+    .unwrap();
+    body.extend_from_slice(zip);
+    write!(body, "\r\n--{boundary}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn the_project_page_uploads_lists_downloads_and_restores() {
+    let stack = stack().await;
+    let user = stack.new_user().await;
+    let project = user.create_project("Paper").await;
+    let page = format!("/projects/{project}");
+    let csrf = opencloud_e2e::hidden_input(&user.page(&page).await, "csrf");
+    let post_upload = |csrf: String, zip: Vec<u8>| {
+        let (content_type, body) = multipart(&csrf, &zip);
+        user.request(Method::POST, &format!("/projects/{project}/files/upload"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    // Without the form's token nothing is read or stored.
+    let r = post_upload("forged".into(), zip_of(&[("a", b"a")]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A hostile zip: the page again, with why, and nothing stored.
+    let r = post_upload(csrf.clone(), zip_of(&[("../evil", b"x")]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("id=\"files-error\""), "{html}");
+    assert_eq!(version_rows(&stack, project).await, 0);
+
+    for (n, text) in [(1, &b"first"[..]), (2, b"second")] {
+        let r = post_upload(csrf.clone(), zip_of(&[("main.py", text)]))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()["location"], format!("{page}?stored={n}"));
+    }
+    let html = user.page(&format!("{page}?stored=2")).await;
+    assert!(html.contains("Stored as version 2"), "{html}");
+    assert!(html.contains("data-version=\"1\""), "{html}");
+    assert!(html.contains(&format!("/projects/{project}/files/1/restore")));
+
+    let r = user
+        .post_form(
+            &format!("/projects/{project}/files/1/restore"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], format!("{page}?stored=3"));
+    let r = user
+        .request(
+            Method::GET,
+            &format!("/projects/{project}/files/download?version=3"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(unzip(&bytes), vec![owned("main.py", b"first")]);
+}

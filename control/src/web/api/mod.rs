@@ -27,3 +27,4 @@ pub fn routes() -> Router<App> {
 }
 
 pub use billing::{order_message, webhook_routes};
+pub use project_files::zip_response;
