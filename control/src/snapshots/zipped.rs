@@ -135,25 +135,77 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// The entry count the zip's end record declares (zip64's when it has
+/// one), read before the zip crate loads every central entry into memory.
+fn declared_entries(input: &mut (impl Read + Seek)) -> io::Result<Option<u64>> {
+    let len = input.seek(io::SeekFrom::End(0))?;
+    // The end record (22 bytes) follows at most a 64 KiB comment.
+    let tail_len = len.min(22 + 65_535 + 20);
+    input.seek(io::SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    input.read_exact(&mut tail)?;
+    input.rewind()?;
+    let Some(end) = tail.windows(4).rposition(|w| w == b"PK\x05\x06") else {
+        return Ok(None);
+    };
+    let Some(count) = tail.get(end + 10..end + 12) else {
+        return Ok(None);
+    };
+    let count = u16::from_le_bytes([count[0], count[1]]);
+    if count != u16::MAX {
+        return Ok(Some(u64::from(count)));
+    }
+    // Zip64: the locator right before the end record names the record.
+    let Some(locator) = end.checked_sub(20).and_then(|at| tail.get(at..at + 20)) else {
+        return Ok(None);
+    };
+    if &locator[..4] != b"PK\x06\x07" {
+        return Ok(None);
+    }
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&locator[8..16]);
+    input.seek(io::SeekFrom::Start(u64::from_le_bytes(offset)))?;
+    let mut record = [0u8; 40];
+    let found = input.read_exact(&mut record);
+    input.rewind()?;
+    if found.is_err() || &record[..4] != b"PK\x06\x06" {
+        return Ok(None);
+    }
+    let mut count = [0u8; 8];
+    count.copy_from_slice(&record[32..40]);
+    Ok(Some(u64::from_le_bytes(count)))
+}
+
 /// Converts the zip `input` to a snapshot (tar + zstd) written to `out`,
 /// refusing (422, or 413 over `quota_bytes` of content) any hostile or
 /// broken zip. `mtime` stamps every entry.
 pub fn zip_to_snapshot(
-    input: impl Read + Seek,
+    mut input: impl Read + Seek,
     out: impl Write,
     quota_bytes: u64,
     mtime: u64,
 ) -> Result<Converted, AppError> {
+    let too_many = |n: u64| {
+        refuse(format!(
+            "The zip has {n} entries, more than the {MAX_ENTRIES} allowed."
+        ))
+    };
+    match declared_entries(&mut input) {
+        Ok(Some(n)) if n > MAX_ENTRIES as u64 => return Err(too_many(n)),
+        Ok(_) => {}
+        Err(e) => {
+            return Err(refuse(format!(
+                "The zip cannot be read ({e}); nothing was stored."
+            )))
+        }
+    }
     let mut archive = zip::ZipArchive::new(input).map_err(|e| {
         refuse(format!(
             "This is not a zip file that can be read ({e}); nothing was stored."
         ))
     })?;
     if archive.len() > MAX_ENTRIES {
-        return Err(refuse(format!(
-            "The zip has {} entries, more than the {MAX_ENTRIES} allowed.",
-            archive.len()
-        )));
+        return Err(too_many(archive.len() as u64));
     }
     // First the headers only: names, kinds and declared sizes.
     let mut names = Vec::with_capacity(archive.len());
@@ -385,8 +437,17 @@ mod tests {
             zip.add_directory(format!("d{i}/"), SimpleFileOptions::default())
                 .unwrap();
         }
-        let message = refused(&zip.finish().unwrap().into_inner());
-        assert!(message.contains("entries"), "{message}");
+        let bytes = zip.finish().unwrap().into_inner();
+        let message = refused(&bytes);
+        assert!(message.contains("100001 entries"), "{message}");
+        assert_eq!(
+            declared_entries(&mut Cursor::new(&bytes)).unwrap(),
+            Some(MAX_ENTRIES as u64 + 1)
+        );
+        // A short zip's count, and a body too short to be a zip.
+        let small = zip_of(&[("a", b"a"), ("b/", b"")]);
+        assert_eq!(declared_entries(&mut Cursor::new(&small)).unwrap(), Some(2));
+        assert_eq!(declared_entries(&mut Cursor::new(b"PK")).unwrap(), None);
     }
 
     /// A stored entry whose header says 1 KiB while it holds 2 MiB.
