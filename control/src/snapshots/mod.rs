@@ -7,8 +7,10 @@
 //! The rooms: [`store`] (objects in the store) and [`versions`] (the
 //! version rows and their objects together).
 
+pub mod files;
 pub mod store;
 pub mod versions;
+pub mod zipped;
 
 use std::time::Instant;
 
@@ -81,7 +83,7 @@ async fn host_session(
 
 /// The owner's storage quota in bytes: the largest among their live lots,
 /// else the trial's.
-async fn quota_bytes(
+pub(crate) async fn quota_bytes(
     conn: &mut impl Queryable,
     owner_id: u64,
     trial: &TrialLimits,

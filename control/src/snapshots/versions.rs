@@ -234,6 +234,62 @@ pub async fn latest_good(
     Ok(row.map(from_row))
 }
 
+/// A version as My projects lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listed {
+    pub version: u64,
+    pub size_bytes: u64,
+    pub reason: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub damaged: bool,
+}
+
+/// Every version of the project, newest first.
+pub async fn list(conn: &mut impl Queryable, project_id: u64) -> Result<Vec<Listed>, AppError> {
+    let rows: Vec<(u64, u64, String, u64, bool)> = conn
+        .exec(
+            "SELECT version, size_bytes, reason,
+                CAST(TIMESTAMPDIFF(SECOND, '1970-01-01', created_at) AS UNSIGNED),
+                damaged_at IS NOT NULL
+             FROM project_versions WHERE project_id = ? ORDER BY version DESC",
+            (project_id,),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(version, size_bytes, reason, created_at, damaged)| Listed {
+                version,
+                size_bytes,
+                reason,
+                created_at,
+                damaged,
+            },
+        )
+        .collect())
+}
+
+/// Version `version` of the project with whether it is damaged.
+pub async fn get(
+    conn: &mut impl Queryable,
+    project_id: u64,
+    version: u64,
+) -> Result<Option<(Version, bool)>, AppError> {
+    let row: Option<(u64, String, u64, String, String, u64, bool)> = conn
+        .exec_first(
+            format!(
+                "SELECT {COLUMNS}, damaged_at IS NOT NULL FROM project_versions
+                 WHERE project_id = ? AND version = ?"
+            ),
+            (project_id, version),
+        )
+        .await?;
+    Ok(row.map(|(v, k, size, sha, reason, created, damaged)| {
+        (from_row((v, k, size, sha, reason, created)), damaged)
+    }))
+}
+
 /// Marks `version` damaged so it is never restored again; false when the
 /// project has no such version.
 pub async fn mark_damaged(

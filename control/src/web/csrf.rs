@@ -51,15 +51,49 @@ fn origin_allowed(app: &App, headers: &HeaderMap) -> bool {
     }
 }
 
+/// JSON, or a zip upload: types a cross-site form cannot send.
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
+            v.split(';').next().is_some_and(|m| {
+                let m = m.trim();
+                m.eq_ignore_ascii_case("application/json")
+                    || m.eq_ignore_ascii_case("application/zip")
+            })
+        })
+}
+
+/// A page's multipart upload form (My projects' zip upload).
+fn is_file_upload(parts: &Parts) -> bool {
+    let multipart = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
             v.split(';')
                 .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        })
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"))
+        });
+    let path = parts.uri.path();
+    multipart && path.starts_with("/projects/") && path.ends_with(UPLOAD_SUFFIX)
+}
+
+/// Where upload forms post: `/projects/{id}` and this.
+pub const UPLOAD_SUFFIX: &str = "/files/upload";
+
+/// True when a form's `sent` token is `csrf` (for the upload form, whose
+/// body [`check`] does not read).
+pub fn token_matches(sent: &str, csrf: &str) -> bool {
+    bool::from(sent.as_bytes().ct_eq(csrf.as_bytes()))
+}
+
+/// The refusal of a form with a wrong token.
+pub fn expired_form() -> AppError {
+    AppError::Forbidden(
+        "This form has expired or did not come from OpenCloud. Go back, reload the page and try again.".into(),
+    )
 }
 
 /// A change refused by the rules.
@@ -104,6 +138,11 @@ pub async fn check(
         }
         return Ok(body);
     }
+    if is_file_upload(parts) {
+        // Too large to read here: the handler checks the token, the form's
+        // first field, before it reads the file.
+        return Ok(body);
+    }
     let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(bytes) => bytes,
         Err(_) => return Err(Refusal::plain(AppError::PayloadTooLarge)),
@@ -116,12 +155,10 @@ pub async fn check(
                 .find(|(k, _)| k == CSRF_FIELD)
                 .map(|(_, v)| v)
         });
-    let valid = sent.is_some_and(|sent| bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())));
+    let valid = sent.is_some_and(|sent| token_matches(&sent, csrf));
     if !valid {
         return Err(Refusal {
-            error: AppError::Forbidden(
-                "This form has expired or did not come from OpenCloud. Go back, reload the page and try again.".into(),
-            ),
+            error: expired_form(),
             with_cookies: true,
         });
     }

@@ -6,6 +6,7 @@ mod admin;
 mod billing;
 mod hosts;
 mod packages;
+mod project_files;
 mod projects;
 mod sessions;
 
@@ -17,6 +18,7 @@ pub fn routes() -> Router<App> {
     Router::new()
         .merge(accounts::routes())
         .merge(projects::routes())
+        .merge(project_files::routes())
         .merge(sessions::routes())
         .merge(hosts::routes())
         .merge(packages::routes())
@@ -25,3 +27,4 @@ pub fn routes() -> Router<App> {
 }
 
 pub use billing::{order_message, webhook_routes};
+pub use project_files::zip_response;

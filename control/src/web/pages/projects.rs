@@ -1,8 +1,9 @@
 //! My projects: the list, creating, editing and deleting a project, and
-//! Open, which places (or finds) its session and goes to it.
+//! Open, which places (or finds) its session and goes to it; on a
+//! project's page its files: download, upload a zip, versions, restore.
 
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::{get, post};
@@ -14,7 +15,11 @@ use crate::billing::ledger;
 use crate::error::AppError;
 use crate::projects::{self, Project};
 use crate::sessions::placement;
+use crate::snapshots::files;
+use crate::snapshots::versions::Listed;
+use crate::web::api::zip_response;
 use crate::web::auth::Ctx;
+use crate::web::csrf;
 use crate::web::errors::{FormError, PageResult};
 use crate::web::extract::{parse_id, PageForm};
 use crate::web::layout::Layout;
@@ -26,6 +31,13 @@ pub fn routes() -> Router<App> {
         .route("/projects/{id}", get(project_page).post(update_project))
         .route("/projects/{id}/delete", post(delete_project))
         .route("/projects/{id}/open", post(open_project))
+        .route("/projects/{id}/files/download", get(download_files))
+        // Spooled to disk; the owner's quota bounds it instead.
+        .route(
+            "/projects/{id}/files/upload",
+            post(upload_files).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/projects/{id}/files/{n}/restore", post(restore_files))
 }
 
 #[derive(Template)]
@@ -156,11 +168,76 @@ struct ProjectPage {
     notice: Option<&'static str>,
     /// The balance runs out soon.
     balance_warning: Option<String>,
+    versions: Vec<VersionView>,
+    /// Why the last upload or restore stored nothing.
+    files_error: Option<String>,
+    files_notice: Option<String>,
+}
+
+/// A version as the Files panel shows it.
+struct VersionView {
+    version: u64,
+    size: String,
+    reason: String,
+    created: String,
+    damaged: bool,
+    latest: bool,
+}
+
+fn size_text(bytes: u64) -> String {
+    match bytes {
+        b if b < 1 << 10 => format!("{b} B"),
+        b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+    }
+}
+
+fn time_text(unix: u64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC");
+    i64::try_from(unix)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_default()
+}
+
+fn version_views(list: Vec<Listed>) -> Vec<VersionView> {
+    let latest = list.iter().find(|v| !v.damaged).map(|v| v.version);
+    list.into_iter()
+        .map(|v| VersionView {
+            version: v.version,
+            size: size_text(v.size_bytes),
+            reason: v.reason,
+            created: time_text(v.created_at),
+            damaged: v.damaged,
+            latest: Some(v.version) == latest,
+        })
+        .collect()
+}
+
+impl ProjectPage {
+    async fn of(app: &App, ctx: &Ctx, user_id: u64, id: u64) -> Result<Self, AppError> {
+        let project = projects::get(&app.pool, user_id, id).await?;
+        Ok(Self {
+            layout: ctx.layout(),
+            name: project.name.clone(),
+            description: project.description.clone(),
+            project,
+            error: FormError::none(),
+            notice: None,
+            balance_warning: warning(app, user_id).await?,
+            versions: version_views(files::list(&app.pool, user_id, id).await?),
+            files_error: None,
+            files_notice: None,
+        })
+    }
 }
 
 #[derive(Deserialize)]
 struct SavedQuery {
     saved: Option<String>,
+    /// The version a finished upload or restore stored.
+    stored: Option<u64>,
 }
 
 async fn project_page(
@@ -170,15 +247,13 @@ async fn project_page(
     Query(query): Query<SavedQuery>,
 ) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    let project = projects::get(&app.pool, user.id, parse_id(&id, "project")?).await?;
+    let id = parse_id(&id, "project")?;
     ok(ProjectPage {
-        layout: ctx.layout(),
-        name: project.name.clone(),
-        description: project.description.clone(),
-        project,
-        error: FormError::none(),
         notice: query.saved.map(|_| "Saved."),
-        balance_warning: warning(&app, user.id).await?,
+        files_notice: query
+            .stored
+            .map(|n| format!("Stored as version {n}; it is what the project opens with next.")),
+        ..ProjectPage::of(&app, &ctx, user.id, id).await?
     })
 }
 
@@ -203,13 +278,10 @@ async fn update_project(
         Err(e @ AppError::Invalid { .. }) => render(
             e.status(),
             ProjectPage {
-                layout: ctx.layout(),
-                project: projects::get(&app.pool, user.id, id).await?,
                 error: FormError::from(&e),
                 name: form.name,
                 description: form.description,
-                notice: None,
-                balance_warning: warning(&app, user.id).await?,
+                ..ProjectPage::of(&app, &ctx, user.id, id).await?
             },
         ),
         Err(e) => Err(e.into()),
@@ -221,4 +293,107 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
     let id = parse_id(&id, "project")?;
     projects::delete(&app.pool, &app.wakeups, user.id, id).await?;
     see_other("/projects")
+}
+
+#[derive(Deserialize)]
+struct DownloadQuery {
+    version: Option<u64>,
+}
+
+async fn download_files(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(query): Query<DownloadQuery>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    let download = files::download(&app.pool, &app.store, user.id, id, query.version).await?;
+    Ok(zip_response(download))
+}
+
+/// The outcome of an upload or restore: back to the page with the new
+/// version, or the page again with why nothing was stored.
+async fn files_outcome(
+    app: &App,
+    ctx: &Ctx,
+    user_id: u64,
+    id: u64,
+    result: Result<u64, AppError>,
+) -> PageResult {
+    match result {
+        Ok(version) => see_other(&format!("/projects/{id}?stored={version}")),
+        Err(
+            e @ (AppError::Invalid { .. }
+            | AppError::QuotaExceeded(_)
+            | AppError::Conflict { .. }
+            | AppError::BadRequest(_)
+            | AppError::NotFound("version")),
+        ) => render(
+            e.status(),
+            ProjectPage {
+                files_error: Some(e.to_string()),
+                ..ProjectPage::of(app, ctx, user_id, id).await?
+            },
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The upload form: `csrf` first (checked before any file byte is read),
+/// then the `zip` file.
+async fn upload_files(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    mut form: Multipart,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    let bad_form = |e: axum::extract::multipart::MultipartError| {
+        AppError::BadRequest(format!("The upload form could not be read ({e})."))
+    };
+    let first = form.next_field().await.map_err(bad_form)?;
+    let sent = match first {
+        Some(field) if field.name() == Some("csrf") => field.text().await.map_err(bad_form)?,
+        _ => String::new(),
+    };
+    if !csrf::token_matches(&sent, &ctx.csrf) {
+        return Err(csrf::expired_form().into());
+    }
+    let quota_bytes = files::quota(&app.pool, user.id, &app.config.billing.trial).await?;
+    let up = files::Upload {
+        user: user.id,
+        project_id: id,
+        quota_bytes,
+        declared_len: None,
+        policy: &app.config.store,
+    };
+    let result = match form.next_field().await.map_err(bad_form)? {
+        Some(field) if field.name() == Some("zip") => {
+            files::upload(&app.pool, &app.store, &up, field).await
+        }
+        _ => Err(AppError::invalid("zip", "Choose a zip file to upload.")),
+    };
+    files_outcome(&app, &ctx, user.id, id, result).await
+}
+
+async fn restore_files(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path((id, n)): Path<(String, String)>,
+) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    let id = parse_id(&id, "project")?;
+    let result = files::restore(
+        &app.pool,
+        &app.store,
+        &app.config.store,
+        &app.config.billing.trial,
+        user.id,
+        id,
+        parse_id(&n, "version")?,
+    )
+    .await;
+    files_outcome(&app, &ctx, user.id, id, result).await
 }
