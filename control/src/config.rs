@@ -957,7 +957,7 @@ mod tests {
         }
         let err = Config::from_toml(
             &path,
-            &text,
+            text,
             [(
                 "OPENCLOUD_CONTROL__BILLING__TRIAL__STORAGE_MIB".to_string(),
                 "0".to_string(),
