@@ -342,6 +342,10 @@ async fn execute(supervisor: Supervisor, command: Command) {
             };
             supervisor.stop(&sid, grace).await;
         }
+        Action::Save { sid } => {
+            tracing::info!(command = command.id, sid, "save");
+            supervisor.save_now(&sid).await;
+        }
     }
 }
 

@@ -161,6 +161,10 @@ pub enum Action {
         sid: String,
         grace_ms: u64,
     },
+    /// Push the running session's files now (the owner asked to save).
+    Save {
+        sid: String,
+    },
 }
 
 /// One command for an agent, numbered so the agent asks only for newer ones.

@@ -63,6 +63,29 @@ async fn a_file_written_on_one_host_is_there_after_reopening_on_another() {
     let (sid, cookie) = open_on(&stack, &user, project, host_a).await;
     let text = "# Chapter 1\nWritten on host-a, read on host-b: ünïcödé ✓\n";
     stack.write_file(&sid, &cookie, "chapter1.md", text).await;
+    // Save now: a version with reason `save` (a checkpoint, even when an
+    // autosave got there first).
+    let (status, body) = user
+        .post(&format!("/api/v1/sessions/{sid}/save"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (_, took) = eventually("the saved version", Duration::from_secs(30), || async {
+        let saved = stack
+            .db
+            .count(&format!(
+                "project_versions WHERE project_id = {project} AND reason = 'save'"
+            ))
+            .await;
+        (saved >= 1).then_some(())
+    })
+    .await;
+    println!("save now → stored in {took:?}");
+    // Nobody else can ask for it.
+    let stranger = stack.new_user().await;
+    let (status, _) = stranger
+        .post(&format!("/api/v1/sessions/{sid}/save"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, body) = user
         .post(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
         .await;

@@ -198,7 +198,10 @@ impl Snapshots {
         let _held = lock.lock().await;
         let fingerprint = fingerprint(dir).await?;
         let known = self.read_state(project_id);
-        if known.as_ref().map(|s| s.fingerprint.as_str()) == Some(&hex::encode(fingerprint)) {
+        // A save the owner asked for is a checkpoint even when nothing changed.
+        let unchanged =
+            known.as_ref().map(|s| s.fingerprint.as_str()) == Some(&hex::encode(fingerprint));
+        if unchanged && reason != Reason::Save {
             return Ok(Pushed::Unchanged);
         }
         let refused = self

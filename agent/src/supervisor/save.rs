@@ -139,6 +139,22 @@ impl Supervisor {
         }
     }
 
+    /// Pushes running session `sid`'s files now, when they changed (its
+    /// owner asked); a session that is not running here is left alone.
+    pub async fn save_now(&self, sid: &str) {
+        let session = self
+            .lock_sessions()
+            .get(sid)
+            .filter(|s| matches!(s.phase(), Phase::Running { .. }))
+            .cloned();
+        match session {
+            Some(session) => {
+                self.push(&session, Reason::Save).await;
+            }
+            None => tracing::warn!(sid, "save asked for a session not running here"),
+        }
+    }
+
     /// Pushes the changed files of every running session (the agent is
     /// shutting down; the servers keep running), all within `final_snapshot`.
     pub async fn save_running(&self) {

@@ -3,7 +3,8 @@
 //! [`Wakeups`] that end a poll the moment its host gets a command.
 //!
 //! A command is only handed out while its session still wants it (a start
-//! while starting, a stop while stopping), so a stale one is never acted on.
+//! while starting, a stop while stopping, a save while running), so a
+//! stale one is never acted on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,13 +104,15 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
              JOIN sessions s ON s.sid = c.sid
              JOIN hosts h ON h.id = c.host_id
              WHERE c.host_id = ? AND c.id > ?
-               AND ((c.action = 'start' AND s.state = ?) OR (c.action = 'stop' AND s.state = ?))
+               AND ((c.action = 'start' AND s.state = ?) OR (c.action = 'stop' AND s.state = ?)
+                    OR (c.action = 'save' AND s.state = ?))
              ORDER BY c.id LIMIT 100",
             (
                 host_id,
                 after,
                 Phase::Starting.as_column(),
                 Phase::Stopping.as_column(),
+                Phase::Running.as_column(),
             ),
         )
         .await?;
@@ -132,7 +135,9 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
                 let share = f64::from(max_sessions.max(1));
                 let host_memory = (memory_mib as f64 / share).floor() as u64;
                 let host_cpu = cpu_cores / share;
-                let action = if action == "start" {
+                let action = if action == "save" {
+                    Action::Save { sid }
+                } else if action == "start" {
                     Action::Start(StartSession {
                         sid,
                         project_id,

@@ -223,3 +223,36 @@ pub async fn stop_project(
     }
     Ok(())
 }
+
+/// Asks the agent of `owner`'s running session `sid` to push its files now.
+/// Returns false when the session is not running (nothing to save).
+pub async fn save_now(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    owner: u64,
+    sid: &str,
+) -> Result<bool, AppError> {
+    if !routes::is_valid_sid(sid) {
+        return Err(AppError::NotFound("session"));
+    }
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let row: Option<(u64, String)> = tx
+        .exec_first(
+            "SELECT host_id, state FROM sessions WHERE sid = ? AND user_id = ? FOR UPDATE",
+            (sid, owner),
+        )
+        .await?;
+    let Some((host_id, state)) = row else {
+        return Err(AppError::NotFound("session"));
+    };
+    if Phase::from_column(&state) != Some(Phase::Running) {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    queue_command(&mut tx, host_id, sid, "save").await?;
+    tx.commit().await?;
+    wakeups.wake(host_id);
+    tracing::info!(sid, "save requested");
+    Ok(true)
+}

@@ -19,6 +19,7 @@ pub fn routes() -> Router<App> {
     Router::new()
         .route("/sessions/{sid}", get(get_session))
         .route("/sessions/{sid}/stop", post(stop_session))
+        .route("/sessions/{sid}/save", post(save_session))
 }
 
 /// A session and, while it is live, the URL that enters it (with a fresh
@@ -56,4 +57,24 @@ async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>)
     let (user, _) = ctx.require_user()?;
     let state = ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
+}
+
+/// Saves a running session's files to the project store now (202: the
+/// agent pushes them in a moment); 409 when the session is not running.
+async fn save_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
+    let (user, _) = ctx.require_user()?;
+    if !ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await? {
+        return Err(crate::error::AppError::Conflict {
+            field: None,
+            message:
+                "Only a running session can be saved; an ended one saved its files when it stopped."
+                    .into(),
+        }
+        .into());
+    }
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({ "session_id": sid, "saving": true })),
+    )
+        .into_response())
 }

@@ -19,6 +19,7 @@ use crate::web::render::{render, see_other};
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/sessions/{sid}/stop", post(stop_session))
+        .route("/sessions/{sid}/save", post(save_session))
         .route("/sessions/{sid}/enter", get(enter_session))
 }
 
@@ -50,6 +51,13 @@ async fn enter_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>
     }
     let url = ctx.enter_url(&app, &session.sid)?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
+}
+
+/// "Save now": the agent pushes the files in a moment; back to the list.
+async fn save_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
+    let (user, _) = ctx.require_user()?;
+    ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await?;
+    see_other("/projects")
 }
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
