@@ -288,6 +288,21 @@ async fn a_push_over_quota_or_not_matching_its_hash_stores_nothing() {
             "{message}"
         );
     }
+    // The owner is told next to the session, not only the host.
+    let notice: Option<String> = f
+        .stack
+        .db
+        .conn()
+        .await
+        .exec_first("SELECT notice FROM sessions WHERE sid = ?", (&f.sid_a,))
+        .await
+        .unwrap()
+        .unwrap();
+    let notice = notice.unwrap_or_default();
+    assert!(
+        notice.contains("could not be saved") && notice.contains("more storage"),
+        "{notice}"
+    );
     let body = archive(2 * MIB, 4);
     let (status, answer) = f
         .push(&f.key_a, &f.sid_a, &body, &sha(b"something else"), true)

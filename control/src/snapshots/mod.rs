@@ -220,9 +220,11 @@ pub async fn push<E: std::fmt::Display + Send + 'static>(
         sha256: push.sha256,
         quota_bytes: quota,
     };
-    let (version, size_bytes) = versions::put(pool, store, &new, push.declared_len, body)
+    let (version, size_bytes) = match versions::put(pool, store, &new, push.declared_len, body)
         .await
-        .map_err(|(e, label)| {
+    {
+        Ok(stored) => stored,
+        Err((e, label)) => {
             failed("in", host_id, label);
             tracing::warn!(
                 sid = push.sid,
@@ -231,8 +233,22 @@ pub async fn push<E: std::fmt::Display + Send + 'static>(
                 reason = label,
                 "snapshot push refused"
             );
-            e
-        })?;
+            if let AppError::QuotaExceeded(why) = &e {
+                // The owner sees it next to the session on My projects.
+                let notice = format!(
+                    "Your files could not be saved: {why} Delete files you no longer need, or buy a package with more storage."
+                );
+                pool.get_conn()
+                    .await?
+                    .exec_drop(
+                        "UPDATE sessions SET notice = ? WHERE sid = ?",
+                        (notice, push.sid),
+                    )
+                    .await?;
+            }
+            return Err(e);
+        }
+    };
     metrics::counter!("opencloud_snapshot_bytes_total", "direction" => "in", "host" => host_id.to_string())
         .increment(size_bytes);
     metrics::histogram!("opencloud_snapshot_duration_seconds", "direction" => "in")
