@@ -20,6 +20,7 @@
 //!   failing its checksum; control marks it and tells the user.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// `GET` / `PUT` a session's project snapshot.
 pub const SNAPSHOT: &str = "/agent/v1/sessions/{sid}/snapshot";
@@ -76,4 +77,43 @@ pub struct Stored {
 #[serde(deny_unknown_fields)]
 pub struct Damaged {
     pub version: u64,
+}
+
+/// The zstd level snapshots are written with: fast, and most of the gain.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Counts and hashes what goes through it: the stored bytes' size and
+/// SHA-256, as both the agent and control's zip upload compute them.
+pub struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    size: u64,
+}
+
+impl<W> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hash: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// The lower-case hex SHA-256 and the size of what was written.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.hash.finalize()), self.size)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }

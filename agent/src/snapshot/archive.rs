@@ -21,12 +21,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
+use opencloud_protocol::snapshots::{HashingWriter, ZSTD_LEVEL};
 use sha2::{Digest, Sha256};
 
 /// Deeper directories are left out (each level holds a descriptor open).
 const MAX_DEPTH: usize = 128;
-/// zstd's default: fast, and most notebooks compress well at it.
-const ZSTD_LEVEL: i32 = 3;
 
 /// What the walk of a project tree met.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,25 +145,6 @@ pub fn fingerprint(root: &Path) -> io::Result<Fingerprint> {
     Ok(hash.finalize().into())
 }
 
-/// Counts what goes through it and hashes it.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-    size: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Exactly `remaining` bytes of a file that may change while it is read:
 /// a tar entry must be as long as its header says, so a file that shrank
 /// is padded with zeros and one that grew is cut (the next autosave sees
@@ -201,11 +181,7 @@ fn mtime(stat: &FileStat) -> u64 {
 /// Writes the snapshot of the tree at `root` to `out`: streamed, so memory
 /// stays flat whatever the project's size.
 pub fn pack(root: &Path, out: impl Write) -> io::Result<Packed> {
-    let hashing = Hashing {
-        inner: out,
-        hash: Sha256::new(),
-        size: 0,
-    };
+    let hashing = HashingWriter::new(out);
     let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL)?;
     let mut builder = tar::Builder::new(encoder);
     let mut unreadable = 0u64;
@@ -256,9 +232,10 @@ pub fn pack(root: &Path, out: impl Write) -> io::Result<Packed> {
     let encoder = builder.into_inner()?;
     let mut hashing = encoder.finish()?;
     hashing.flush()?;
+    let (sha256, size) = hashing.finish();
     Ok(Packed {
-        sha256: hex::encode(hashing.hash.finalize()),
-        size: hashing.size,
+        sha256,
+        size,
         counts: Counts {
             skipped: counts.skipped + unreadable,
             files: counts.files - unreadable,

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Seek, Write};
 
+use opencloud_protocol::snapshots::{HashingWriter, ZSTD_LEVEL};
 use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
@@ -19,8 +20,6 @@ pub const MAX_ENTRIES: usize = 100_000;
 /// An entry larger than [`RATIO_FROM`] may expand at most this much.
 pub const MAX_RATIO: u64 = 200;
 pub const RATIO_FROM: u64 = 1 << 20;
-/// zstd's default, as the agent packs.
-const ZSTD_LEVEL: i32 = 3;
 
 /// A snapshot written from a zip.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,25 +112,6 @@ impl<R: Read> Read for Counted<'_, R> {
         }
         self.remaining -= n as u64;
         Ok(n)
-    }
-}
-
-/// Counts what goes through it and hashes it.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-    size: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -253,11 +233,7 @@ pub fn zip_to_snapshot(
         return Err(over_quota(declared));
     }
     let io_refusal = |e: io::Error| refuse(format!("{e} Nothing was stored."));
-    let hashing = Hashing {
-        inner: out,
-        hash: Sha256::new(),
-        size: 0,
-    };
+    let hashing = HashingWriter::new(out);
     let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL).map_err(io_refusal)?;
     let mut builder = tar::Builder::new(encoder);
     let (mut files, mut bytes) = (0u64, 0u64);
@@ -299,9 +275,10 @@ pub fn zip_to_snapshot(
     let encoder = builder.into_inner().map_err(io_refusal)?;
     let mut hashing = encoder.finish().map_err(io_refusal)?;
     hashing.flush().map_err(io_refusal)?;
+    let (sha256, size) = hashing.finish();
     Ok(Converted {
-        sha256: hex::encode(hashing.hash.finalize()),
-        size: hashing.size,
+        sha256,
+        size,
         files,
         bytes,
     })
