@@ -332,14 +332,18 @@ impl Supervisor {
             .and_then(|s| s.status.borrow().process.as_ref().map(|p| p.pid))
     }
 
-    /// Asks every running server for its last activity and busy kernels.
-    pub async fn refresh_activity(&self) {
-        let running: Vec<Arc<Session>> = self
-            .lock_sessions()
+    /// The sessions whose servers run now.
+    fn running_sessions(&self) -> Vec<Arc<Session>> {
+        self.lock_sessions()
             .values()
             .filter(|s| matches!(s.phase(), Phase::Running { .. }))
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Asks every running server for its last activity and busy kernels.
+    pub async fn refresh_activity(&self) {
+        let running = self.running_sessions();
         let mut probes = tokio::task::JoinSet::new();
         for session in running {
             let socket = self.inner.layout.socket(&session.sid);

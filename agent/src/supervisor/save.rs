@@ -158,12 +158,7 @@ impl Supervisor {
     /// Pushes the changed files of every running session (the agent is
     /// shutting down; the servers keep running), all within `final_snapshot`.
     pub async fn save_running(&self) {
-        let running: Vec<Arc<Session>> = self
-            .lock_sessions()
-            .values()
-            .filter(|s| matches!(s.phase(), Phase::Running { .. }))
-            .cloned()
-            .collect();
+        let running = self.running_sessions();
         let mut pushes = tokio::task::JoinSet::new();
         for session in running {
             let supervisor = self.clone();
