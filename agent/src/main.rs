@@ -23,14 +23,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // Logs on stderr; stdout is for what a subcommand answers.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    opencloud_protocol::logs::init("info");
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,

@@ -127,6 +127,15 @@ impl From<DbError> for AppError {
                 tracing::error!(error = %e, "database unreachable");
                 AppError::Unavailable
             }
+            // Too many connections (1040), or too many for our user (1203
+            // server-wide, 1226 the user's own limit): the database is out
+            // of room, not broken; say so as a 503.
+            DbError::Mysql(mysql_async::Error::Server(ref s))
+                if matches!(s.code, 1040 | 1203 | 1226) =>
+            {
+                tracing::error!(error = %e, "the database refuses new connections");
+                AppError::Unavailable
+            }
             // Deadlock victim (1213) or lock wait timeout (1205).
             DbError::Mysql(mysql_async::Error::Server(ref s))
                 if s.code == 1213 || s.code == 1205 =>

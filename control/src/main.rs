@@ -70,14 +70,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    // Logs on stderr: stdout carries what subcommands print (a HostKey).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,mysql_async=warn".into()),
-        )
-        .init();
+    opencloud_protocol::logs::init("info,mysql_async=warn");
     let cli = Cli::parse();
     if let Some(Command::Keygen { key_id }) = &cli.command {
         print!("{}", opencloud_protocol::Keyring::generate_toml(key_id));

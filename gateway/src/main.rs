@@ -25,12 +25,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into()),
-        )
-        .init();
+    opencloud_protocol::logs::init("info,pingora_core=warn,pingora_proxy=warn");
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,

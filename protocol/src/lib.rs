@@ -10,6 +10,7 @@ pub mod config;
 pub mod credentials;
 pub mod keys;
 pub mod link;
+pub mod logs;
 pub mod names;
 pub mod origin;
 pub mod paths;

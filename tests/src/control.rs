@@ -192,6 +192,19 @@ impl Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
+        // A failing test's 500s say only "it has been logged": show where.
+        if std::thread::panicking() {
+            let log = self.log();
+            let errors: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("ERROR") || l.contains(" WARN "))
+                .collect();
+            eprintln!(
+                "control log {} (its last errors and warnings):\n{}",
+                self.dir.join("control.log").display(),
+                errors[errors.len().saturating_sub(20)..].join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

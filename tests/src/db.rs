@@ -33,7 +33,15 @@ impl TestDatabase {
         drop(conn);
         admin.disconnect().await?;
         let url = format!("{server}/{name}");
-        let pool = mysql_async::Pool::new(url.as_str());
+        // mysql_async's default pool grows to 100 connections: a test firing
+        // hundreds of queries at once, beside another such test, used up
+        // MariaDB's 151 and control, not the test, got "too many connections".
+        let opts = mysql_async::OptsBuilder::from_opts(mysql_async::Opts::from_url(&url)?)
+            .pool_opts(
+                mysql_async::PoolOpts::default()
+                    .with_constraints(mysql_async::PoolConstraints::new(1, 8).expect("1 ≤ 8")),
+            );
+        let pool = mysql_async::Pool::new(opts);
         Ok(Self { name, url, pool })
     }
 

@@ -39,12 +39,20 @@ pub fn binary(name: &str) -> PathBuf {
 /// later finds it taken (a CI run lost control's start-up that way).
 pub const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago and that no other test of this
+/// machine has been given.
 pub fn free_port() -> u16 {
     free_ports_in_a_row(1).0
 }
 
-/// `n` consecutive ports that were free a moment ago: (first, last).
+/// `n` consecutive ports that were free a moment ago and are claimed for
+/// this test: (first, last).
+///
+/// Free is not enough: a test that got a port range for its agent has not
+/// started the Jupyter servers on it yet, so another test would find those
+/// ports free too, and one of the two servers would later fail to bind
+/// (CI lost a control start-up that way). Every port handed out is claimed
+/// once per run, and across processes on this machine by a lease file.
 pub fn free_ports_in_a_row(n: u16) -> (u16, u16) {
     for _ in 0..500 {
         let first = rand::Rng::gen_range(
@@ -52,11 +60,76 @@ pub fn free_ports_in_a_row(n: u16) -> (u16, u16) {
             TEST_PORTS.start..TEST_PORTS.end - n,
         );
         let last = first + n - 1;
-        if (first..=last).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+        if (first..=last).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+            && port_leases::claim(first..=last)
+        {
             return (first, last);
         }
     }
     panic!("no {n} consecutive free ports in {TEST_PORTS:?}");
+}
+
+/// Ports handed out to tests: in this process a set, across processes
+/// (other test binaries, other checkouts) a file per port whose lease runs
+/// out after 20 minutes, longer than any one test.
+mod port_leases {
+    use std::collections::HashSet;
+    use std::ops::RangeInclusive;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
+
+    static CLAIMED: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    const LEASE: Duration = Duration::from_secs(20 * 60);
+
+    fn lease_dir() -> PathBuf {
+        std::env::temp_dir().join("opencloud-test-ports")
+    }
+
+    /// Claims every port of `ports`, or none when one is already claimed.
+    pub fn claim(ports: RangeInclusive<u16>) -> bool {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+        let claimed = claimed.get_or_insert_with(HashSet::new);
+        if ports.clone().any(|port| claimed.contains(&port)) {
+            return false;
+        }
+        let dir = lease_dir();
+        let _ = std::fs::create_dir_all(&dir);
+        let mut taken = Vec::new();
+        for port in ports.clone() {
+            if !lease(&dir.join(port.to_string())) {
+                for path in taken {
+                    let _ = std::fs::remove_file(path);
+                }
+                return false;
+            }
+            taken.push(dir.join(port.to_string()));
+        }
+        claimed.extend(ports);
+        true
+    }
+
+    /// Takes the lease file at `path` unless someone holds it and it is
+    /// younger than [`LEASE`].
+    fn lease(path: &std::path::Path) -> bool {
+        let fresh = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < LEASE)
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+        {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !fresh(path) => {
+                // A stale lease: renew it by rewriting the file (its mtime).
+                std::fs::write(path, b"").is_ok()
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -279,3 +279,77 @@ async fn seeding_is_idempotent_and_keeps_the_admins_password() {
     assert_eq!(stack.db.count("packages").await, 3);
     assert_eq!(stack.login(&admin.email, PASSWORD).await.0, StatusCode::OK);
 }
+
+/// MariaDB refuses a connection beyond its limits ("too many connections").
+/// That is the database out of room, not a bug: callers get a 503 saying
+/// to try again, never a 500, and control serves again once room is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_out_of_connections_answers_503_never_500_and_control_recovers() {
+    let db = TestDatabase::create().await.unwrap();
+    // A database user allowed 2 connections, against control's pool of 8.
+    let user = opencloud_e2e::unique("oc_small_");
+    let password = opencloud_e2e::unique("pw");
+    let mut root = db.conn().await;
+    root.query_drop(format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}' WITH MAX_USER_CONNECTIONS 2"
+    ))
+    .await
+    .unwrap();
+    root.query_drop(format!("GRANT ALL ON `{}`.* TO '{user}'@'%'", db.name))
+        .await
+        .unwrap();
+    let server = mysql_async::Opts::from_url(&opencloud_e2e::mysql_server_url()).unwrap();
+    let host = format!("{}:{}", server.ip_or_hostname(), server.tcp_port());
+    let options = ControlOptions {
+        env: vec![(
+            "OPENCLOUD_CONTROL__DATABASE__URL".into(),
+            format!("mysql://{user}:{password}@{host}/{}", db.name),
+        )],
+        ..Default::default()
+    };
+    let control = Control::start(&db, &options).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/packages", control.public);
+    let answers = futures_util::future::join_all((0..80).map(|_| async {
+        let r = http.get(&url).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    }))
+    .await;
+    let refused = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    for (status, body) in &answers {
+        assert!(
+            *status == StatusCode::OK || *status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}: {body}"
+        );
+        if *status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(body.contains("\"unavailable\""), "{body}");
+        }
+    }
+    assert!(
+        refused > 0,
+        "80 requests at once never needed a third connection: the test proves nothing"
+    );
+    println!("{refused} of 80 answered 503 while the database refused connections");
+    let mut recovered = false;
+    for _ in 0..100 {
+        if http.get(&url).send().await.unwrap().status() == StatusCode::OK {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "control did not serve again");
+    assert!(
+        control
+            .log()
+            .contains("the database refuses new connections"),
+        "the refusal is not in control's log"
+    );
+    drop(control);
+    root.query_drop(format!("DROP USER '{user}'@'%'"))
+        .await
+        .unwrap();
+}
