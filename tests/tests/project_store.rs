@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use opencloud_e2e::agents::eventually;
 use opencloud_e2e::sessions::{open, wait_running};
-use opencloud_e2e::{TestStack, TestUser};
+use opencloud_e2e::{hidden_input, TestStack, TestUser};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -80,6 +80,17 @@ async fn a_file_written_on_one_host_is_there_after_reopening_on_another() {
     })
     .await;
     println!("save now → stored in {took:?}");
+    // The Save now button: the project's page, which lists the versions,
+    // says the save is on its way.
+    let csrf = hidden_input(&user.page("/projects").await, "csrf");
+    let r = user
+        .post_form(&format!("/sessions/{sid}/save"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(to, format!("/projects/{project}?saving=1#files"));
+    let page = user.page(to.trim_end_matches("#files")).await;
+    assert!(page.contains("Saving the running session"), "{page}");
     // Nobody else can ask for it.
     let stranger = stack.new_user().await;
     let (status, _) = stranger

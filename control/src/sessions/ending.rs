@@ -224,35 +224,41 @@ pub async fn stop_project(
     Ok(())
 }
 
-/// Asks the agent of `owner`'s running session `sid` to push its files now.
-/// Returns false when the session is not running (nothing to save).
+/// Asks the agent of `owner`'s running session `sid` to push its files now;
+/// returns the session's project. A session that is not running has
+/// nothing to save: 409.
 pub async fn save_now(
     pool: &Pool,
     wakeups: &Wakeups,
     owner: u64,
     sid: &str,
-) -> Result<bool, AppError> {
+) -> Result<u64, AppError> {
     if !routes::is_valid_sid(sid) {
         return Err(AppError::NotFound("session"));
     }
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let row: Option<(u64, String)> = tx
+    let row: Option<(u64, u64, String)> = tx
         .exec_first(
-            "SELECT host_id, state FROM sessions WHERE sid = ? AND user_id = ? FOR UPDATE",
+            "SELECT host_id, project_id, state FROM sessions WHERE sid = ? AND user_id = ? FOR UPDATE",
             (sid, owner),
         )
         .await?;
-    let Some((host_id, state)) = row else {
+    let Some((host_id, project_id, state)) = row else {
         return Err(AppError::NotFound("session"));
     };
     if Phase::from_column(&state) != Some(Phase::Running) {
         tx.rollback().await?;
-        return Ok(false);
+        return Err(AppError::Conflict {
+            field: None,
+            message:
+                "Only a running session can be saved; an ended one saved its files when it stopped."
+                    .into(),
+        });
     }
     queue_command(&mut tx, host_id, sid, "save").await?;
     tx.commit().await?;
     wakeups.wake(host_id);
     tracing::info!(sid, "save requested");
-    Ok(true)
+    Ok(project_id)
 }

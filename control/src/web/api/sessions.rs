@@ -63,15 +63,7 @@ async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>)
 /// agent pushes them in a moment); 409 when the session is not running.
 async fn save_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    if !ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await? {
-        return Err(crate::error::AppError::Conflict {
-            field: None,
-            message:
-                "Only a running session can be saved; an ended one saved its files when it stopped."
-                    .into(),
-        }
-        .into());
-    }
+    ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await?;
     Ok((
         axum::http::StatusCode::ACCEPTED,
         Json(json!({ "session_id": sid, "saving": true })),

@@ -238,6 +238,8 @@ struct SavedQuery {
     saved: Option<String>,
     /// The version a finished upload or restore stored.
     stored: Option<u64>,
+    /// Save now was asked for the project's running session.
+    saving: Option<String>,
 }
 
 async fn project_page(
@@ -250,9 +252,17 @@ async fn project_page(
     let id = parse_id(&id, "project")?;
     ok(ProjectPage {
         notice: query.saved.map(|_| "Saved."),
-        files_notice: query
-            .stored
-            .map(|n| format!("Stored as version {n}; it is what the project opens with next.")),
+        files_notice: match (query.stored, query.saving) {
+            (Some(n), _) => Some(format!(
+                "Stored as version {n}; it is what the project opens with next."
+            )),
+            (None, Some(_)) => Some(
+                "Saving the running session's files now: the new version appears below within \
+                 seconds (reload the page to see it)."
+                    .into(),
+            ),
+            (None, None) => None,
+        },
         ..ProjectPage::of(&app, &ctx, user.id, id).await?
     })
 }

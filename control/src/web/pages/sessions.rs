@@ -56,8 +56,9 @@ async fn enter_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>
 /// "Save now": the agent pushes the files in a moment; back to the list.
 async fn save_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await?;
-    see_other("/projects")
+    let project_id = ending::save_now(&app.pool, &app.wakeups, user.id, &sid).await?;
+    // The project's page lists the versions: the new one shows up there.
+    see_other(&format!("/projects/{project_id}?saving=1#files"))
 }
 
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
