@@ -39,13 +39,27 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes a config and starts the agent (it registers by itself).
     pub fn start(control_url: &str, host_key: &str, max_sessions: u32) -> anyhow::Result<Self> {
+        Self::start_with(control_url, host_key, max_sessions, "")
+    }
+
+    /// [`AgentProcess::start`] with `extra` top-level config lines
+    /// (`metrics_listen = …`).
+    pub fn start_with(
+        control_url: &str,
+        host_key: &str,
+        max_sessions: u32,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(unique("oc-e2e-agent-"));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("agent.toml");
-        std::fs::write(
-            &config_path,
-            config_text(control_url, host_key, max_sessions, "work"),
-        )?;
+        // `extra` lines belong before the [capacity] table.
+        let text = config_text(control_url, host_key, max_sessions, "work").replacen(
+            "[capacity]",
+            &format!("{extra}\n[capacity]"),
+            1,
+        );
+        std::fs::write(&config_path, text)?;
         let mut agent = Self {
             child: None,
             dir,
@@ -71,6 +85,13 @@ impl AgentProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Where the agent serves `/metrics` (its config's `metrics_listen`).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        opencloud_agent::Config::load(&self.config_path)
+            .expect("the agent's config")
+            .metrics_listen
     }
 
     /// Where the agent's host link listens (its config's `link_port`).
