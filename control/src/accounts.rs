@@ -253,7 +253,9 @@ pub async fn register(
         },
     )
     .await
-    .inspect_err(|_| metrics::counter!("opencloud_registrations_throttled_total").increment(1))?;
+    .inspect_err(|_| {
+        metrics::counter!("opencloud_control_registrations_throttled_total").increment(1)
+    })?;
     conn.exec_drop(
         "INSERT INTO registration_attempts (client_ip) VALUES (?)",
         (&client,),
@@ -285,7 +287,7 @@ pub async fn register(
     let id = tx.last_insert_id().unwrap_or_default();
     ledger::grant_signup(&mut tx, &billing.trial, id, billing.signup_grant_seconds).await?;
     tx.commit().await?;
-    metrics::counter!("opencloud_registrations_total").increment(1);
+    metrics::counter!("opencloud_control_registrations_total").increment(1);
     drop(conn);
     user_by_id(pool, id)
         .await?
@@ -378,11 +380,12 @@ pub async fn login(
             (&email, &client),
         )
         .await?;
-        metrics::counter!("opencloud_logins_total", "outcome" => "bad_credentials").increment(1);
+        metrics::counter!("opencloud_control_logins_total", "outcome" => "bad_credentials")
+            .increment(1);
         return Err(AppError::BadCredentials);
     };
     if disabled {
-        metrics::counter!("opencloud_logins_total", "outcome" => "disabled").increment(1);
+        metrics::counter!("opencloud_control_logins_total", "outcome" => "disabled").increment(1);
         return Err(AppError::Forbidden(
             "This account has been disabled. Contact support if you think this is a mistake."
                 .into(),
@@ -407,7 +410,7 @@ pub async fn login(
         ),
     )
     .await?;
-    metrics::counter!("opencloud_logins_total", "outcome" => "success").increment(1);
+    metrics::counter!("opencloud_control_logins_total", "outcome" => "success").increment(1);
     drop(conn);
     let user = user_by_id(pool, user_id)
         .await?
@@ -435,7 +438,8 @@ async fn throttle(
     backing_off(conn, policy, email, client_ip)
         .await
         .inspect_err(|_| {
-            metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
+            metrics::counter!("opencloud_control_logins_total", "outcome" => "throttled")
+                .increment(1);
         })
 }
 

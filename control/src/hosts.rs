@@ -913,7 +913,7 @@ pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usi
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
     if !live.is_empty() {
-        metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned())
+        metrics::counter!("opencloud_control_sessions_ended_total", "reason" => reason.to_owned())
             .increment(live.len() as u64);
     }
     Ok(live.len())

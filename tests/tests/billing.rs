@@ -229,7 +229,7 @@ async fn a_payment_is_credited_once_however_often_its_webhook_comes_and_forgerie
     for reason in ["bad_signature", "stale", "unknown_order", "amount_mismatch"] {
         assert!(
             metrics.contains(&format!(
-                "opencloud_webhook_rejections_total{{provider=\"sandbox\",reason=\"{reason}\"}}"
+                "opencloud_control_webhook_rejections_total{{provider=\"sandbox\",reason=\"{reason}\"}}"
             )),
             "no rejection metric for {reason}"
         );

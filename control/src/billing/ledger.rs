@@ -196,7 +196,7 @@ pub async fn add_lot(tx: &mut Transaction<'_>, lot: &NewLot<'_>) -> Result<u64, 
         },
     )
     .await?;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => if lot.kind == Kind::Purchase { "sold" } else { "granted" })
+    metrics::counter!("opencloud_control_compute_seconds_total", "kind" => if lot.kind == Kind::Purchase { "sold" } else { "granted" })
         .increment(lot.seconds);
     Ok(lot_id)
 }
@@ -535,7 +535,8 @@ async fn expire_lot(pool: &Pool, lot_id: u64, user_id: u64) -> Result<u64, AppEr
     )
     .await?;
     tx.commit().await?;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => "expired").increment(left);
+    metrics::counter!("opencloud_control_compute_seconds_total", "kind" => "expired")
+        .increment(left);
     tracing::info!(lot = lot_id, user = user_id, seconds = left, "lot expired");
     Ok(left)
 }
@@ -561,8 +562,8 @@ pub async fn drift(pool: &Pool) -> Result<Drift, AppError> {
         )
         .await?;
     let (lots, seconds) = row.unwrap_or((0, 0));
-    metrics::gauge!("opencloud_ledger_drift_lots").set(lots as f64);
-    metrics::gauge!("opencloud_ledger_drift_seconds").set(seconds as f64);
+    metrics::gauge!("opencloud_control_ledger_drift_lots").set(lots as f64);
+    metrics::gauge!("opencloud_control_ledger_drift_seconds").set(seconds as f64);
     if lots > 0 {
         tracing::error!(
             lots,

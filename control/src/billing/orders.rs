@@ -186,7 +186,7 @@ pub async fn create(
         (&checkout.checkout_ref, order_id),
     )
     .await?;
-    metrics::counter!("opencloud_payments_total", "provider" => provider.name(), "outcome" => "started")
+    metrics::counter!("opencloud_control_payments_total", "provider" => provider.name(), "outcome" => "started")
         .increment(1);
     tracing::info!(
         order = order_id,
@@ -259,7 +259,7 @@ pub async fn apply_webhook(
     .await;
     match &result {
         Err(AppError::Rejected { reason, message }) => {
-            metrics::counter!("opencloud_webhook_rejections_total", "provider" => provider.name(), "reason" => *reason)
+            metrics::counter!("opencloud_control_webhook_rejections_total", "provider" => provider.name(), "reason" => *reason)
                 .increment(1);
             tracing::warn!(provider = provider.name(), reason, %message, "webhook refused");
         }
@@ -372,13 +372,13 @@ async fn apply_event(
     };
     tx.commit().await?;
     if outcome == WebhookOutcome::Credited {
-        metrics::counter!("opencloud_payments_total", "provider" => provider, "outcome" => "paid")
+        metrics::counter!("opencloud_control_payments_total", "provider" => provider, "outcome" => "paid")
             .increment(1);
-        metrics::counter!("opencloud_revenue_minor_total", "currency" => order.currency.clone())
+        metrics::counter!("opencloud_control_revenue_minor_total", "currency" => order.currency.clone())
             .increment(order.amount_minor);
         tracing::info!(order = order.id, user = order.user_id, "payment credited");
     } else if outcome == WebhookOutcome::Failed {
-        metrics::counter!("opencloud_payments_total", "provider" => provider, "outcome" => "failed").increment(1);
+        metrics::counter!("opencloud_control_payments_total", "provider" => provider, "outcome" => "failed").increment(1);
     }
     Ok(outcome)
 }
@@ -457,9 +457,9 @@ pub async fn refund(
         )
         .await?;
         tx.commit().await?;
-        metrics::counter!("opencloud_payments_total", "provider" => provider.name(), "outcome" => "refunded")
+        metrics::counter!("opencloud_control_payments_total", "provider" => provider.name(), "outcome" => "refunded")
             .increment(1);
-        metrics::counter!("opencloud_refunds_minor_total", "currency" => order.currency.clone())
+        metrics::counter!("opencloud_control_refunds_minor_total", "currency" => order.currency.clone())
             .increment(order.amount_minor);
         tracing::info!(order = order.id, actor = actor_id, seconds = left, "order refunded");
         Ok(order)

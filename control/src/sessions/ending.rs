@@ -183,7 +183,8 @@ async fn stop_once(
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
     wakeups.wake(host_id);
-    metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned()).increment(1);
+    metrics::counter!("opencloud_control_sessions_ended_total", "reason" => reason.to_owned())
+        .increment(1);
     tracing::info!(sid, reason, "session stop requested");
     Ok(new_state.as_column().into())
 }

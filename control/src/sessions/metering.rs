@@ -63,9 +63,11 @@ pub(crate) async fn charge_tx(tx: &mut Transaction<'_>, sid: &str) -> Result<Cha
     .await?;
     ledger::credit_host_share(tx, sid, host_id, owner_id, share).await?;
     let left = ledger::plan(&mut *tx, user_id).await?.balance_seconds;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => "used").increment(taken.seconds);
+    metrics::counter!("opencloud_control_compute_seconds_total", "kind" => "used")
+        .increment(taken.seconds);
     if taken.seconds < due {
-        metrics::counter!("opencloud_compute_seconds_unpaid_total").increment(due - taken.seconds);
+        metrics::counter!("opencloud_control_compute_seconds_unpaid_total")
+            .increment(due - taken.seconds);
     }
     Ok(Charged {
         user_id,

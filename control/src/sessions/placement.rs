@@ -153,7 +153,8 @@ pub async fn open(
     let plan = ledger::plan(&mut tx, user_id).await?;
     let Some(limits) = plan.limits.filter(|_| plan.balance_seconds > 0) else {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "no_balance").increment(1);
+        metrics::counter!("opencloud_control_placements_total", "outcome" => "no_balance")
+            .increment(1);
         return Err(AppError::PaymentRequired(
             "You have no compute time left. Buy a package on the Packages page to open projects."
                 .into(),
@@ -171,7 +172,7 @@ pub async fn open(
         .unwrap_or(0);
     if live_sessions >= u64::from(limits.sessions_at_once) {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "sessions_at_once")
+        metrics::counter!("opencloud_control_placements_total", "outcome" => "sessions_at_once")
             .increment(1);
         let n = limits.sessions_at_once;
         return Err(AppError::LimitReached(format!(
@@ -204,7 +205,8 @@ pub async fn open(
     }
     let Some(host) = chosen else {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "no_capacity").increment(1);
+        metrics::counter!("opencloud_control_placements_total", "outcome" => "no_capacity")
+            .increment(1);
         return Err(AppError::NoCapacity(
             "No host has room for a new session right now. Try again in a few minutes.".into(),
         ));
@@ -238,8 +240,8 @@ pub async fn open(
     publish(&mut tx, &[Change::UpsertSession(route)]).await?;
     commit(tx).await?;
     wakeups.wake(host.id);
-    metrics::counter!("opencloud_placements_total", "outcome" => "placed").increment(1);
-    metrics::histogram!("opencloud_placement_duration_seconds")
+    metrics::counter!("opencloud_control_placements_total", "outcome" => "placed").increment(1);
+    metrics::histogram!("opencloud_control_placement_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     tracing::info!(%sid, project = project_id, host = host.id, live = host.live, "session placed");
     Ok(Opened {

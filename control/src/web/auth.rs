@@ -196,7 +196,7 @@ pub async fn authenticate(app: &App, headers: &HeaderMap, now: u64) -> Result<Ca
             }
         }
         Err(reason) => {
-            metrics::counter!("opencloud_token_rejections_total", "reason" => reason.reason())
+            metrics::counter!("opencloud_control_token_rejections_total", "reason" => reason.reason())
                 .increment(1);
             caller.stale_cookie = from_cookie;
         }

@@ -123,7 +123,7 @@ async fn pay(
     };
     let today = time::OffsetDateTime::now_utc();
     if let Err(decline) = card.charge((today.year() as u32, u32::from(u8::from(today.month())))) {
-        metrics::counter!("opencloud_payments_total", "provider" => "sandbox", "outcome" => decline.outcome)
+        metrics::counter!("opencloud_control_payments_total", "provider" => "sandbox", "outcome" => decline.outcome)
             .increment(1);
         orders::note_attempt(&app.pool, order.id, Some(&decline.message)).await?;
         tracing::info!(
