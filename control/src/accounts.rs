@@ -500,7 +500,25 @@ pub async fn authenticate(
             (login_session, user_id),
         )
         .await?;
+    if row.is_some() {
+        touch_login_session(pool, login_session).await?;
+    }
     Ok(row.map(user_from_row))
+}
+
+/// Records that the login made a request now, at most once a minute (one
+/// cheap no-op update otherwise): users online are counted from it.
+async fn touch_login_session(pool: &Pool, login_session: &str) -> Result<(), AppError> {
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE login_sessions SET last_seen_at = UTC_TIMESTAMP(6)
+             WHERE id = ? AND (last_seen_at IS NULL
+                               OR last_seen_at < UTC_TIMESTAMP(6) - INTERVAL 60 SECOND)",
+            (login_session,),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Extends a login session when its token is re-issued.

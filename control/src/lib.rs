@@ -19,6 +19,7 @@ pub mod projects;
 pub mod routes;
 pub mod sessions;
 pub mod snapshots;
+pub mod stats;
 pub mod throttle;
 pub mod web;
 

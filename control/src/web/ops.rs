@@ -41,6 +41,7 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     if let Ok(bytes) = crate::snapshots::versions::total_bytes(&app.pool).await {
         metrics::gauge!("opencloud_control_snapshot_store_bytes").set(bytes as f64);
     }
+    crate::stats::publish(&app.pool).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
