@@ -67,9 +67,15 @@ impl Dashboard {
         files
             .into_iter()
             .map(|path| Dashboard {
-                file: path.file_name().unwrap().to_string_lossy().into_owned(),
-                json: serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+                file: path
+                    .file_name()
+                    .expect("a file name")
+                    .to_string_lossy()
+                    .into_owned(),
+                json: serde_json::from_str(
+                    &std::fs::read_to_string(&path).expect("a readable dashboard"),
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
             })
             .collect()
     }
