@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use mysql_async::prelude::*;
 use mysql_async::{Pool, Transaction};
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::Change;
 use serde::Serialize;
 
@@ -380,12 +381,11 @@ pub async fn login(
             (&email, &client),
         )
         .await?;
-        metrics::counter!("opencloud_control_logins_total", "outcome" => "bad_credentials")
-            .increment(1);
+        LoginOutcome::BadCredentials.count();
         return Err(AppError::BadCredentials);
     };
     if disabled {
-        metrics::counter!("opencloud_control_logins_total", "outcome" => "disabled").increment(1);
+        LoginOutcome::Disabled.count();
         return Err(AppError::Forbidden(
             "This account has been disabled. Contact support if you think this is a mistake."
                 .into(),
@@ -410,7 +410,7 @@ pub async fn login(
         ),
     )
     .await?;
-    metrics::counter!("opencloud_control_logins_total", "outcome" => "success").increment(1);
+    LoginOutcome::Success.count();
     drop(conn);
     let user = user_by_id(pool, user_id)
         .await?
@@ -427,6 +427,40 @@ pub const LOGIN_FAILURES: Events = Events {
     at_column: "failed_at",
 };
 
+/// How a login attempt ended: the `outcome` of `opencloud_control_logins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Success,
+    BadCredentials,
+    Disabled,
+    Throttled,
+}
+
+impl LabelValue for LoginOutcome {
+    const ALL: &'static [Self] = &[
+        LoginOutcome::Success,
+        LoginOutcome::BadCredentials,
+        LoginOutcome::Disabled,
+        LoginOutcome::Throttled,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            LoginOutcome::Success => "success",
+            LoginOutcome::BadCredentials => "bad_credentials",
+            LoginOutcome::Disabled => "disabled",
+            LoginOutcome::Throttled => "throttled",
+        }
+    }
+}
+
+impl LoginOutcome {
+    pub const METRIC: &'static str = "opencloud_control_logins_total";
+
+    fn count(self) {
+        metrics::counter!(Self::METRIC, "outcome" => self.label()).increment(1);
+    }
+}
+
 /// Refuses the attempt with 429 while the account+client pair, or the
 /// client across all accounts, is inside its back-off.
 async fn throttle(
@@ -437,10 +471,7 @@ async fn throttle(
 ) -> Result<(), AppError> {
     backing_off(conn, policy, email, client_ip)
         .await
-        .inspect_err(|_| {
-            metrics::counter!("opencloud_control_logins_total", "outcome" => "throttled")
-                .increment(1);
-        })
+        .inspect_err(|_| LoginOutcome::Throttled.count())
 }
 
 async fn backing_off(

@@ -2,14 +2,16 @@
 //! sign it, the route table, what agents and gateways say to control (and on
 //! which paths), the host link's names and certificates, the cookie and
 //! header names, the platform and session origins, and the way config files
-//! are read. Pure functions only: callers pass in the time, the file text and
-//! the environment.
+//! are read, and the metric conventions every part shares. Pure functions
+//! only (but for `metrics`, which records through the `metrics` facade):
+//! callers pass in the time, the file text and the environment.
 
 pub mod agent;
 pub mod config;
 pub mod credentials;
 pub mod keys;
 pub mod link;
+pub mod metrics;
 pub mod names;
 pub mod origin;
 pub mod paths;
