@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! The Grafana dashboards against a real Prometheus scraping a real stack
-//! (control, gateway, one agent): after a customer's day (register, Open,
-//! the notebook through the gateway, a purchase, refused tokens) every
+//! (control, gateway, one agent): after a customer's day (register, a
+//! purchase, Open, the notebook through the gateway, refused tokens) every
 //! query of every panel must answer with data. And their shape: data
 //! source, ids, bounded labels, metric names the code records.
 //!
@@ -33,7 +33,14 @@ fn every_dashboard_has_its_data_source_unique_ids_and_known_bounded_names() {
 
 #[tokio::test]
 async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
-    let stack = TestStack::with_gateway().await.unwrap();
+    // No sign-up grant: the customer's session runs on bought time, so its
+    // host's owner earns (granted time pays hosts nothing).
+    let stack = TestStack::with_gateway_env(vec![(
+        "OPENCLOUD_CONTROL__BILLING__SIGNUP_GRANT_SECONDS".into(),
+        "0".into(),
+    )])
+    .await
+    .unwrap();
     let owner = stack.host_owner().await;
     let (host, key) = stack.add_host(&owner, "host-a").await;
     let agent_metrics = format!("127.0.0.1:{}", free_port());
@@ -63,9 +70,13 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
     .unwrap();
     let started = Instant::now();
 
-    // A customer opens a project and works in the notebook through the
-    // gateway, a kernel's WebSocket left open.
+    // A customer buys time through the sandbox provider, opens a project
+    // and works in the notebook through the gateway, a kernel's WebSocket
+    // left open.
     let user = stack.new_user().await;
+    stack.admin().await;
+    let package = stack.packages_on_sale().await[0].id;
+    stack.buy(&user, package).await;
     let project = user.create_project("Dashboards").await;
     let (sid, url) = open(&user, project).await;
     wait_running(&stack, &sid).await;
@@ -84,11 +95,6 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
         .await
         .unwrap();
     assert_eq!(kernel::run(&mut ws, "print(6*7)").await.unwrap(), "42");
-
-    // A purchase through the sandbox provider.
-    stack.admin().await;
-    let package = stack.packages_on_sale().await[0].id;
-    stack.buy(&user, package).await;
 
     // Refused tokens: a forged session cookie at the gateway, a forged
     // bearer at control.
