@@ -119,7 +119,24 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
         .and_then(|s| s.parse().ok())
     {
         println!("Prometheus at {} for {seconds} s", prometheus.url);
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        // Steady use meanwhile, so the plots show rates and latencies: Lab,
+        // code in the kernel, the API, a forged cookie.
+        let until = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < until {
+            let _ = client
+                .get(format!("{origin}/lab"))
+                .header("cookie", &cookie)
+                .send()
+                .await;
+            let _ = kernel::run(&mut ws, "sum(range(10**5))").await;
+            let _ = user.get("/api/v1/projects").await;
+            let _ = client
+                .get(format!("{origin}/lab"))
+                .header("cookie", "oc_s=forged")
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     let range = started.elapsed().max(Duration::from_secs(30));
