@@ -14,6 +14,7 @@ pub mod certs;
 pub mod contents;
 pub mod control;
 pub mod db;
+pub mod exposition;
 pub mod external;
 pub mod gateway;
 pub mod hosts;
