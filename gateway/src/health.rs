@@ -155,3 +155,48 @@ impl HealthChecker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opencloud_protocol::routes::{HostRoute, HostState, Snapshot};
+
+    use super::*;
+
+    fn with_hosts(ids: &[u64]) -> RouteTable {
+        let hosts = ids
+            .iter()
+            .map(|&id| HostRoute {
+                id,
+                address: "127.0.0.1".into(),
+                link_port: 1,
+                link_cert_sha256: None,
+                health_url: "http://127.0.0.1:1/healthz".into(),
+                state: HostState::Online,
+            })
+            .collect();
+        RouteTable::from_snapshot(Snapshot {
+            hosts,
+            ..Snapshot::default()
+        })
+    }
+
+    #[test]
+    fn reachability_is_exposed_only_for_hosts_still_in_the_table() {
+        let health = HostHealth::default();
+        assert_eq!(health.exposition(&with_hosts(&[1])), "", "no probe yet");
+        health.mark(1, true);
+        health.mark(2, false);
+        health.mark(3, true);
+        assert_eq!(
+            health.exposition(&with_hosts(&[1, 2])),
+            "# TYPE opencloud_gateway_host_reachable gauge\n\
+             opencloud_gateway_host_reachable{host=\"1\"} 1\n\
+             opencloud_gateway_host_reachable{host=\"2\"} 0\n"
+        );
+        assert_eq!(
+            health.exposition(&with_hosts(&[3])),
+            "# TYPE opencloud_gateway_host_reachable gauge\n\
+             opencloud_gateway_host_reachable{host=\"3\"} 1\n"
+        );
+    }
+}

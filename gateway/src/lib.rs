@@ -266,10 +266,7 @@ fn register_counters_at_zero() {
         .collect();
     register_at_zero(
         proxy::TOKEN_REJECTIONS,
-        &[
-            ("kind", &[proxy::TICKET, proxy::SESSION]),
-            ("reason", &reasons),
-        ],
+        &[("kind", &proxy::TOKEN_KINDS), ("reason", &reasons)],
     );
     register_at_zero(
         proxy::ORIGIN_REFUSALS,

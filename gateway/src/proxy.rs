@@ -69,9 +69,10 @@ impl SessionName {
 /// Tickets and session credentials refused, by `kind` and `reason`: a
 /// [`token::TokenError`]'s, or one of [`CREDENTIAL_REFUSALS`].
 pub const TOKEN_REJECTIONS: &str = "opencloud_gateway_token_rejections_total";
+const TICKET: &str = "ticket";
+const SESSION: &str = "session";
 /// The `kind`s of [`TOKEN_REJECTIONS`].
-pub const TICKET: &str = "ticket";
-pub const SESSION: &str = "session";
+pub const TOKEN_KINDS: [&str; 2] = [TICKET, SESSION];
 const WRONG_SID: &str = "wrong_sid";
 const REVOKED: &str = "revoked";
 const REUSED: &str = "reused";

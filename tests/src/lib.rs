@@ -15,6 +15,7 @@ pub mod contents;
 pub mod control;
 pub mod dashboards;
 pub mod db;
+pub mod exposition;
 pub mod external;
 pub mod gateway;
 pub mod hosts;

@@ -316,13 +316,7 @@ impl TestStack {
 
     /// Starts an agent for the host with `host_key`; it registers by itself.
     pub fn start_agent(&self, host_key: &str, max_sessions: u32) -> AgentProcess {
-        self.start_agent_with(host_key, max_sessions, "")
-    }
-
-    /// [`TestStack::start_agent`] with `extra` top-level config lines.
-    pub fn start_agent_with(&self, host_key: &str, max_sessions: u32, extra: &str) -> AgentProcess {
-        AgentProcess::start_with(&self.control().public, host_key, max_sessions, extra)
-            .expect("start agent")
+        AgentProcess::start(&self.control().public, host_key, max_sessions).expect("start agent")
     }
 
     /// Creates a project for `user` and a session served from `target`

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use opencloud_e2e::dashboards::{unanswered, Dashboard};
 use opencloud_e2e::prometheus::{Prometheus, ScrapeTarget};
 use opencloud_e2e::sessions::{open, wait_running};
-use opencloud_e2e::{free_port, kernel, TestStack};
+use opencloud_e2e::{kernel, TestStack};
 use reqwest::StatusCode;
 
 #[test]
@@ -43,8 +43,7 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
     .unwrap();
     let owner = stack.host_owner().await;
     let (host, key) = stack.add_host(&owner, "host-a").await;
-    let agent_metrics = format!("127.0.0.1:{}", free_port());
-    let _agent = stack.start_agent_with(&key, 2, &format!("metrics_listen = \"{agent_metrics}\""));
+    let agent = stack.start_agent(&key, 2);
     stack.wait_placeable(host).await;
 
     let control = stack.control();
@@ -62,7 +61,7 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
         },
         ScrapeTarget {
             job: "agent",
-            address: agent_metrics,
+            address: agent.metrics_addr().to_string(),
             bearer: None,
         },
     ])

@@ -25,7 +25,7 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
     let metrics = stack.control().metrics().await;
     for expected in [
         "opencloud_control_http_requests_total{route=\"/api/v1/auth/login\",method=\"POST\",status=\"200\"}",
-        "opencloud_http_request_duration_seconds_bucket",
+        "opencloud_control_http_request_duration_seconds_bucket",
         "opencloud_control_logins_total{outcome=\"success\"} 1",
         "opencloud_control_logins_total{outcome=\"bad_credentials\"} 1",
         "opencloud_control_registrations_total 1",
