@@ -365,8 +365,9 @@ pub struct LastDay {
     pub signups: Hourly,
     /// Hosts online on average per day over the last 30 days (today so
     /// far): control keeps online seconds per host per day
-    /// (`host_uptime`), no finer history. `(day "YYYY-MM-DD", hosts)`.
-    pub hosts_online_daily: Vec<(String, f64)>,
+    /// (`host_uptime`), no finer history. `(day's start in unix seconds,
+    /// hosts)`, oldest first, one per day.
+    pub hosts_online_daily: Vec<(u64, f64)>,
 }
 
 /// Reads the last 24 hours up to `now` (unix seconds).
@@ -439,18 +440,23 @@ pub async fn last_day(pool: &Pool, now: u64) -> Result<LastDay, AppError> {
             .add(at, micro as f64 / MICRO_PER_MINOR as f64);
     }
 
-    let days: Vec<(String, f64, f64)> = conn
+    let today = now / 86_400;
+    let online: BTreeMap<u64, f64> = conn
         .exec(
-            "SELECT DATE_FORMAT(day, '%Y-%m-%d'), SUM(online_seconds) * 1e0,
-                    LEAST(86400, TIMESTAMPDIFF(SECOND, day, UTC_TIMESTAMP())) * 1e0
-             FROM host_uptime WHERE day > UTC_DATE() - INTERVAL ? DAY
-             GROUP BY day ORDER BY day",
+            "SELECT CAST(TO_DAYS(day) - TO_DAYS('1970-01-01') AS UNSIGNED), SUM(online_seconds) * 1e0
+             FROM host_uptime WHERE day > UTC_DATE() - INTERVAL ? DAY GROUP BY day",
             (UPTIME_DAYS,),
         )
-        .await?;
-    let hosts_online_daily = days
+        .await?
         .into_iter()
-        .map(|(day, seconds, span)| (day, seconds / span.max(1.0)))
+        .collect();
+    let hosts_online_daily = (today + 1 - UPTIME_DAYS..=today)
+        .map(|day| {
+            // Today is averaged over the part of it that has passed.
+            let span = if day == today { now % 86_400 } else { 86_400 };
+            let seconds = online.get(&day).copied().unwrap_or(0.0);
+            (day * 86_400, seconds / span.max(1) as f64)
+        })
         .collect();
 
     Ok(LastDay {
