@@ -186,6 +186,73 @@ impl Dashboard {
     }
 }
 
+/// An alerting rule of `dashboards/alerts.yml`.
+pub struct AlertRule {
+    pub alert: String,
+    pub expr: String,
+}
+
+impl AlertRule {
+    /// Every rule of `dashboards/alerts.yml`, read line by line (the file
+    /// is ours: `- alert: NAME`, then `expr: …` on one line or as a `|`
+    /// block).
+    pub fn all() -> Vec<AlertRule> {
+        let path = repo_root().join("dashboards").join("alerts.yml");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let lines: Vec<&str> = text.lines().collect();
+        let mut rules = Vec::new();
+        let mut alert = None;
+        for (n, line) in lines.iter().enumerate() {
+            let trimmed = line.trim_start();
+            if let Some(name) = trimmed.strip_prefix("- alert:") {
+                alert = Some(name.trim().to_owned());
+            } else if let Some(expr) = trimmed.strip_prefix("expr:") {
+                let indent = line.len() - trimmed.len();
+                let expr = match expr.trim() {
+                    "|" => lines[n + 1..]
+                        .iter()
+                        .take_while(|l| l.len() - l.trim_start().len() > indent)
+                        .map(|l| l.trim())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    one_line => one_line.to_owned(),
+                };
+                rules.push(AlertRule {
+                    alert: alert.take().expect("`- alert:` before its expr"),
+                    expr,
+                });
+            }
+        }
+        assert!(!rules.is_empty(), "no rules in {}", path.display());
+        rules
+    }
+
+    /// What is wrong with the rule's names (unknown metrics, unbounded labels).
+    pub fn problems(&self) -> Vec<String> {
+        let names = names_in(&self.expr);
+        let mut problems: Vec<String> = names
+            .metrics
+            .iter()
+            .filter_map(|metric| metric_defined(metric).err())
+            .collect();
+        problems.extend(
+            names
+                .labels
+                .iter()
+                .filter(|label| UNBOUNDED_LABELS.contains(&label.as_str()))
+                .map(|label| format!("label {label:?} is unbounded")),
+        );
+        if names.metrics.is_empty() {
+            problems.push("names no metric".into());
+        }
+        problems
+            .into_iter()
+            .map(|why| format!("alerts.yml {}: {why}", self.alert))
+            .collect()
+    }
+}
+
 /// Grafana's built-in variables as Grafana fills them for a dashboard
 /// showing the last `range` at `step` from a Prometheus scraping every
 /// second, with All chosen for `$host`.
@@ -448,6 +515,22 @@ mod tests {
             &grafana_variables(Duration::from_secs(90), Duration::from_secs(2)),
         );
         assert_eq!(filled, r#"rate(x{host=~".*"}[4s]) + increase(x[90s])"#);
+    }
+
+    #[test]
+    fn alert_rules_are_read_with_their_block_exprs() {
+        let rules = AlertRule::all();
+        let errors = rules
+            .iter()
+            .find(|r| r.alert == "OpenCloudGatewayErrors")
+            .expect("the gateway errors rule");
+        assert!(
+            errors.expr.starts_with("sum by (instance)"),
+            "{}",
+            errors.expr
+        );
+        assert!(errors.expr.ends_with("> 0.05"), "{}", errors.expr);
+        assert!(rules.iter().all(|r| !r.expr.is_empty() && r.expr != "|"));
     }
 
     #[test]

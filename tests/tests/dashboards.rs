@@ -3,7 +3,8 @@
 //! (control, gateway, one agent): after a customer's day (register, a
 //! purchase, Open, the notebook through the gateway, refused tokens) every
 //! query of every panel must answer with data. And their shape: data
-//! source, ids, bounded labels, metric names the code records.
+//! source, ids, bounded labels, metric names the code records; and the
+//! alert rules: known names, valid, and quiet on the healthy stack.
 //!
 //! OPENCLOUD_PROMETHEUS_KEEP=<seconds> keeps the stack and Prometheus up
 //! that long after the traffic, printing Prometheus's URL (for
@@ -11,16 +12,20 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::dashboards::{unanswered, Dashboard};
+use opencloud_e2e::dashboards::{unanswered, AlertRule, Dashboard};
 use opencloud_e2e::prometheus::{Prometheus, ScrapeTarget};
 use opencloud_e2e::sessions::{open, wait_running};
 use opencloud_e2e::{kernel, TestStack};
 use reqwest::StatusCode;
 
 #[test]
-fn every_dashboard_has_its_data_source_unique_ids_and_known_bounded_names() {
+fn dashboards_and_alerts_use_known_bounded_names_and_panels_their_data_source() {
     let dashboards = Dashboard::all();
-    let problems: Vec<String> = dashboards.iter().flat_map(Dashboard::problems).collect();
+    let problems: Vec<String> = dashboards
+        .iter()
+        .flat_map(Dashboard::problems)
+        .chain(AlertRule::all().iter().flat_map(AlertRule::problems))
+        .collect();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     let mut uids: Vec<&str> = dashboards
         .iter()
@@ -152,5 +157,16 @@ async fn every_panel_answers_from_prometheus_scraping_a_stack_in_use() {
         failures.len(),
         failures.join("\n")
     );
+    // A healthy stack raises no alert, and every rule is valid PromQL.
+    for rule in AlertRule::all() {
+        let firing = prometheus.query(&rule.expr).await.unwrap_or_else(|e| {
+            panic!("alerts.yml {}: {e}", rule.alert);
+        });
+        assert!(
+            firing.is_empty(),
+            "alerts.yml {} fires on a healthy stack: {firing:?}",
+            rule.alert
+        );
+    }
     drop(ws);
 }
