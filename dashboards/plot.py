@@ -73,14 +73,18 @@ def main():
                 expr = substitute(target["expr"], variables)
                 for series in query_range(args.prometheus, expr, start, end, args.step):
                     points = [(float(t), float(v)) for t, v in series["values"]]
-                    ax.plot([t - end for t, _ in points], [v for _, v in points],
-                            label=legend(target.get("legendFormat", ""), series["metric"], expr))
+                    times, values = [t - end for t, _ in points], [v for _, v in points]
+                    if all(v == 0 for v in values):
+                        # Counters registered at zero: drawn, not listed.
+                        ax.plot(times, values, color="lightgrey", linewidth=0.8)
+                    else:
+                        ax.plot(times, values, label=legend(target.get("legendFormat", ""), series["metric"], expr))
             ax.set_title(f"{dashboard['title']}: {panel['title']}")
             ax.set_xlabel("seconds before now")
             unit = panel["fieldConfig"]["defaults"].get("unit", "none")
             if unit != "none":
                 ax.set_ylabel(unit)
-            if ax.lines:
+            if any(not line.get_label().startswith("_") for line in ax.lines):
                 ax.legend(fontsize="small", loc="upper left")
             name = re.sub(r"[^a-z0-9]+", "-", f"{path.stem} {panel['title']}".lower()).strip("-")
             fig.tight_layout()
