@@ -298,3 +298,60 @@ async fn every_part_names_its_metrics_by_the_contract_and_keeps_people_out_of_la
         "agent: the session's start is not in opencloud_agent_spawn_seconds"
     );
 }
+
+/// A scrape that keeps every rule, to break one rule at a time below.
+const GOOD: &str = "# TYPE opencloud_gateway_build_info gauge\n\
+                    opencloud_gateway_build_info{version=\"VERSION\"} 1\n\
+                    # TYPE opencloud_gateway_requests_total counter\n\
+                    opencloud_gateway_requests_total{class=\"session\",status=\"200\"} 3\n";
+
+fn good() -> String {
+    GOOD.replace("VERSION", VERSION)
+}
+
+#[test]
+fn the_checks_pass_a_scrape_that_keeps_the_rules() {
+    checked("gateway", &good(), &["someone@example.com"]);
+}
+
+#[test]
+#[should_panic(expected = "counters, and only counters, end in _total")]
+fn the_checks_refuse_a_counter_without_total() {
+    checked(
+        "gateway",
+        &good().replace("requests_total", "requests"),
+        &[],
+    );
+}
+
+#[test]
+#[should_panic(expected = "does not start with the part's opencloud_gateway_")]
+fn the_checks_refuse_another_parts_name() {
+    checked(
+        "gateway",
+        &good().replace("gateway_requests", "control_requests"),
+        &[],
+    );
+}
+
+#[test]
+#[should_panic(expected = "has the label sid")]
+fn the_checks_refuse_a_sid_label() {
+    checked("gateway", &good().replace("class=", "sid="), &[]);
+}
+
+#[test]
+#[should_panic(expected = "looks like a sid or an email")]
+fn the_checks_refuse_an_email_in_a_label_value() {
+    checked(
+        "gateway",
+        &good().replace("\"session\"", "\"someone@example.com\""),
+        &[],
+    );
+}
+
+#[test]
+#[should_panic(expected = "no opencloud_gateway_build_info")]
+fn the_checks_want_build_info() {
+    checked("gateway", &good().replace("} 1\n", "} 0\n"), &[]);
+}
