@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opencloud_protocol::credentials::bearer_is;
+use opencloud_protocol::metrics::{record_build_info, Part};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -138,7 +139,11 @@ fn install_metrics() -> Option<PrometheusHandle> {
                 )
                 .and_then(|b| b.install_recorder());
             match installed {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    record_build_info(Part::Agent, env!("CARGO_PKG_VERSION"));
+                    crate::supervisor::register_counters_at_zero();
+                    Some(handle)
+                }
                 Err(e) => {
                     tracing::warn!("metrics are off: {e}");
                     None

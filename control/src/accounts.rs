@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use mysql_async::prelude::*;
 use mysql_async::{Pool, Transaction};
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::Change;
 use serde::Serialize;
 
@@ -253,7 +254,9 @@ pub async fn register(
         },
     )
     .await
-    .inspect_err(|_| metrics::counter!("opencloud_registrations_throttled_total").increment(1))?;
+    .inspect_err(|_| {
+        metrics::counter!("opencloud_control_registrations_throttled_total").increment(1)
+    })?;
     conn.exec_drop(
         "INSERT INTO registration_attempts (client_ip) VALUES (?)",
         (&client,),
@@ -285,7 +288,7 @@ pub async fn register(
     let id = tx.last_insert_id().unwrap_or_default();
     ledger::grant_signup(&mut tx, &billing.trial, id, billing.signup_grant_seconds).await?;
     tx.commit().await?;
-    metrics::counter!("opencloud_registrations_total").increment(1);
+    metrics::counter!("opencloud_control_registrations_total").increment(1);
     drop(conn);
     user_by_id(pool, id)
         .await?
@@ -378,11 +381,11 @@ pub async fn login(
             (&email, &client),
         )
         .await?;
-        metrics::counter!("opencloud_logins_total", "outcome" => "bad_credentials").increment(1);
+        LoginOutcome::BadCredentials.count();
         return Err(AppError::BadCredentials);
     };
     if disabled {
-        metrics::counter!("opencloud_logins_total", "outcome" => "disabled").increment(1);
+        LoginOutcome::Disabled.count();
         return Err(AppError::Forbidden(
             "This account has been disabled. Contact support if you think this is a mistake."
                 .into(),
@@ -407,7 +410,7 @@ pub async fn login(
         ),
     )
     .await?;
-    metrics::counter!("opencloud_logins_total", "outcome" => "success").increment(1);
+    LoginOutcome::Success.count();
     drop(conn);
     let user = user_by_id(pool, user_id)
         .await?
@@ -424,6 +427,40 @@ pub const LOGIN_FAILURES: Events = Events {
     at_column: "failed_at",
 };
 
+/// How a login attempt ended: the `outcome` of `opencloud_control_logins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Success,
+    BadCredentials,
+    Disabled,
+    Throttled,
+}
+
+impl LabelValue for LoginOutcome {
+    const ALL: &'static [Self] = &[
+        LoginOutcome::Success,
+        LoginOutcome::BadCredentials,
+        LoginOutcome::Disabled,
+        LoginOutcome::Throttled,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            LoginOutcome::Success => "success",
+            LoginOutcome::BadCredentials => "bad_credentials",
+            LoginOutcome::Disabled => "disabled",
+            LoginOutcome::Throttled => "throttled",
+        }
+    }
+}
+
+impl LoginOutcome {
+    pub const METRIC: &'static str = "opencloud_control_logins_total";
+
+    fn count(self) {
+        metrics::counter!(Self::METRIC, "outcome" => self.label()).increment(1);
+    }
+}
+
 /// Refuses the attempt with 429 while the account+client pair, or the
 /// client across all accounts, is inside its back-off.
 async fn throttle(
@@ -434,9 +471,7 @@ async fn throttle(
 ) -> Result<(), AppError> {
     backing_off(conn, policy, email, client_ip)
         .await
-        .inspect_err(|_| {
-            metrics::counter!("opencloud_logins_total", "outcome" => "throttled").increment(1);
-        })
+        .inspect_err(|_| LoginOutcome::Throttled.count())
 }
 
 async fn backing_off(
@@ -496,7 +531,25 @@ pub async fn authenticate(
             (login_session, user_id),
         )
         .await?;
+    if row.is_some() {
+        touch_login_session(pool, login_session).await?;
+    }
     Ok(row.map(user_from_row))
+}
+
+/// Records that the login made a request now, at most once a minute (one
+/// cheap no-op update otherwise): users online are counted from it.
+async fn touch_login_session(pool: &Pool, login_session: &str) -> Result<(), AppError> {
+    pool.get_conn()
+        .await?
+        .exec_drop(
+            "UPDATE login_sessions SET last_seen_at = UTC_TIMESTAMP(6)
+             WHERE id = ? AND (last_seen_at IS NULL
+                               OR last_seen_at < UTC_TIMESTAMP(6) - INTERVAL 60 SECOND)",
+            (login_session,),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Extends a login session when its token is re-issued.

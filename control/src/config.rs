@@ -37,6 +37,9 @@ struct ControlFile {
     /// Bearer keys gateways present on the internal listener.
     #[serde(default)]
     gateway_keys: Vec<String>,
+    /// Where operators open Grafana; the admin overview links to it.
+    #[serde(default)]
+    grafana_url: Option<String>,
     listen: ListenFile,
     database: DatabaseFile,
     #[serde(default)]
@@ -340,6 +343,8 @@ pub struct Config {
     pub idle_timeout: std::time::Duration,
     pub billing: BillingPolicy,
     pub store: StorePolicy,
+    /// An http(s) URL of the operators' Grafana, for the admin overview.
+    pub grafana_url: Option<String>,
 }
 
 impl Config {
@@ -652,6 +657,14 @@ impl Config {
                 ),
             ));
         }
+        let grafana_url = match file.grafana_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => Some(
+                web_url(url)
+                    .map_err(|message| invalid("grafana_url", message))?
+                    .to_owned(),
+            ),
+        };
         if !file.database.url.starts_with("mysql://") {
             return Err(invalid("database.url", "must start with mysql://".into()));
         }
@@ -736,8 +749,19 @@ impl Config {
             },
             pbkdf2_iterations: file.passwords.pbkdf2_iterations,
             idle_timeout: std::time::Duration::from_secs(file.sessions.idle_timeout_seconds),
+            grafana_url,
         })
     }
+}
+
+/// `url` if it is an absolute http:// or https:// URL with a host.
+fn web_url(url: &str) -> Result<&str, String> {
+    let parsed: axum::http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let web = matches!(parsed.scheme_str(), Some("http" | "https"));
+    if !web || parsed.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} must be an http:// or https:// URL"));
+    }
+    Ok(url)
 }
 
 #[cfg(test)]
@@ -763,6 +787,40 @@ mod tests {
         let config = Config::from_toml(&dir.join("control.toml"), &text, []).unwrap();
         assert_eq!(config.pbkdf2_iterations, 600_000);
         assert!(!config.secure_cookies);
+    }
+
+    #[test]
+    fn a_grafana_url_must_be_a_web_url() {
+        let dir = temp_dir("grafana");
+        let text = include_str!("../../config/control.toml")
+            .replace("../.local/secrets/keys.toml", "keys.toml");
+        let path = dir.join("control.toml");
+        let with = |url: &str| {
+            Config::from_toml(
+                &path,
+                &text,
+                [(
+                    "OPENCLOUD_CONTROL__GRAFANA_URL".to_string(),
+                    url.to_string(),
+                )],
+            )
+        };
+        assert_eq!(with("").unwrap().grafana_url, None);
+        assert_eq!(
+            with("https://grafana.example/d/opencloud")
+                .unwrap()
+                .grafana_url,
+            Some("https://grafana.example/d/opencloud".to_string())
+        );
+        for bad in [
+            "grafana.example",
+            "ftp://grafana.example",
+            "javascript:alert(1)",
+            "https://",
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("key `grafana_url`"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ where
     for _ in 0..8 {
         match attempt().await {
             Err(AppError::Contended) => {
-                metrics::counter!("opencloud_db_transaction_retries_total").increment(1);
+                metrics::counter!("opencloud_control_db_transaction_retries_total").increment(1);
                 tokio::time::sleep(std::time::Duration::from_millis(
                     pause_ms + crate::ids::small_jitter(pause_ms),
                 ))

@@ -11,6 +11,7 @@ use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use opencloud_protocol::agent::{AgentHello, AgentSession, Heartbeat, HeartbeatReply, Registered};
 use opencloud_protocol::link::LinkCertificate;
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::reports::{HostReachability, MAX_HEALTH_ENTRIES};
 use opencloud_protocol::routes::{is_valid_sid, Change, HostRoute};
 use serde::Serialize;
@@ -21,7 +22,7 @@ use crate::error::AppError;
 use crate::host_ca::{Holder, HostCa, Issued};
 use crate::names::NameRule;
 use crate::routes::{commit, host_route, publish, HostRow, HOST_COLUMNS};
-use crate::sessions::ending::end_tx;
+use crate::sessions::ending::{end_tx, EndReason};
 use crate::sessions::state::{live_sql, Phase};
 
 pub const GATEWAY_NAME_MAX_CHARS: usize = 100;
@@ -397,7 +398,7 @@ pub async fn revoke_key(pool: &Pool, owner_id: u64, id: u64) -> Result<(), AppEr
             (id, owner_id),
         )
         .await?;
-    take_offline(pool, id, "host_revoked").await?;
+    take_offline(pool, id, EndReason::HostRevoked).await?;
     tracing::info!(host = id, "host key revoked");
     Ok(())
 }
@@ -886,7 +887,7 @@ pub async fn heartbeat(
 
 /// Takes a host offline now: its live sessions are lost (with `reason`) and
 /// become tombstones the gateways show as such.
-pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usize, AppError> {
+pub async fn take_offline(pool: &Pool, host_id: u64, reason: EndReason) -> Result<usize, AppError> {
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     tx.exec_drop(
@@ -908,13 +909,12 @@ pub async fn take_offline(pool: &Pool, host_id: u64, reason: &str) -> Result<usi
         )
         .await?;
     for sid in &live {
-        changes.extend(end_tx(&mut tx, sid, Phase::Lost, Some(reason), None).await?);
+        changes.extend(end_tx(&mut tx, sid, Phase::Lost, Some(reason.label()), None).await?);
     }
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
     if !live.is_empty() {
-        metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned())
-            .increment(live.len() as u64);
+        reason.count(live.len() as u64);
     }
     Ok(live.len())
 }

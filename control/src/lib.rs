@@ -19,19 +19,21 @@ pub mod projects;
 pub mod routes;
 pub mod sessions;
 pub mod snapshots;
+pub mod stats;
 pub mod throttle;
 pub mod web;
 
 use std::future::Future;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opencloud_protocol::metrics::{record_build_info, register_at_zero, LabelValue, Part};
 use tokio::net::TcpListener;
 
 pub use app::App;
 pub use clock::now_unix;
 pub use config::Config;
 
-/// Installs the process-wide Prometheus recorder (once).
+/// Installs the process-wide Prometheus recorder (once) and reports the build.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -41,7 +43,49 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .install_recorder()?;
+    record_build_info(Part::Control, env!("CARGO_PKG_VERSION"));
     Ok(handle)
+}
+
+/// The counters whose labels take fixed values, at zero before their first
+/// event (payments and webhooks for the provider in use).
+fn register_counters_at_zero(app: &App) {
+    use accounts::LoginOutcome;
+    use billing::ledger::ComputeFlow;
+    use billing::providers::PaymentOutcome;
+    use billing::webhook::WebhookRejection;
+    use sessions::ending::EndReason;
+    use sessions::placement::PlacementOutcome;
+
+    let provider = [app.payments.provider.name()];
+    register_at_zero(
+        LoginOutcome::METRIC,
+        &[("outcome", &LoginOutcome::labels())],
+    );
+    register_at_zero(
+        PaymentOutcome::METRIC,
+        &[
+            ("provider", &provider),
+            ("outcome", &PaymentOutcome::labels()),
+        ],
+    );
+    register_at_zero(
+        WebhookRejection::METRIC,
+        &[
+            ("provider", &provider),
+            ("reason", &WebhookRejection::labels()),
+        ],
+    );
+    register_at_zero(
+        web::TOKEN_REJECTIONS,
+        &[("reason", &opencloud_protocol::TokenError::labels())],
+    );
+    register_at_zero(
+        PlacementOutcome::METRIC,
+        &[("outcome", &PlacementOutcome::labels())],
+    );
+    register_at_zero(ComputeFlow::METRIC, &[("kind", &ComputeFlow::labels())]);
+    register_at_zero(EndReason::METRIC, &[("reason", &EndReason::labels())]);
 }
 
 /// Listens on `addr`, naming the config `key` it came from when that fails.
@@ -71,6 +115,7 @@ pub async fn serve(
             "no gateway_keys configured: the internal route stream refuses every gateway"
         );
     }
+    register_counters_at_zero(&app);
     tokio::spawn(routes::maintain(app.pool.clone(), app.stopping.subscribe()));
     tokio::spawn(throttle::sweep(
         app.pool.clone(),

@@ -78,7 +78,7 @@ pub async fn publish(tx: &mut Transaction<'_>, changes: &[Change]) -> Result<Ver
     .await?;
     tx.exec_drop("UPDATE route_version SET version = ? WHERE id = 1", (next,))
         .await?;
-    metrics::counter!("opencloud_route_changes_total").increment(changes.len() as u64);
+    metrics::counter!("opencloud_control_route_changes_total").increment(changes.len() as u64);
     Ok(next)
 }
 
@@ -189,7 +189,8 @@ pub async fn snapshot(pool: &Pool) -> Result<Snapshot, AppError> {
         )
         .await?;
     tx.commit().await?;
-    metrics::histogram!("opencloud_route_snapshot_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("opencloud_control_route_snapshot_seconds")
+        .record(started.elapsed().as_secs_f64());
     Ok(Snapshot {
         version,
         hosts: hosts.into_iter().map(host_route).collect(),

@@ -27,6 +27,7 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::sys::socket::{shutdown, Shutdown};
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::{Change, HostState};
 use opencloud_protocol::token::Claims;
 
@@ -53,8 +54,9 @@ pub enum Reason {
     HostGone,
 }
 
-impl Reason {
-    pub fn label(self) -> &'static str {
+impl LabelValue for Reason {
+    const ALL: &'static [Self] = &[Reason::LoginRevoked, Reason::SessionEnded, Reason::HostGone];
+    fn label(self) -> &'static str {
         match self {
             Reason::LoginRevoked => "login_revoked",
             Reason::SessionEnded => "session_ended",
@@ -62,6 +64,9 @@ impl Reason {
         }
     }
 }
+
+/// Open requests closed because the table stopped admitting them, by [`Reason`].
+pub const CONNECTIONS_CLOSED: &str = "opencloud_gateway_connections_closed_total";
 
 /// Why `table` would refuse the request `admission` let in, if it would.
 pub fn refusal(table: &RouteTable, admission: &Admission) -> Option<Reason> {
@@ -211,8 +216,7 @@ fn end(entry: &Entry, reason: Reason) -> bool {
     }
     // Already shut (by the upstream or an earlier change) is fine.
     let _ = shutdown(entry.fd, Shutdown::Both);
-    metrics::counter!("opencloud_gateway_connections_closed_total", "reason" => reason.label())
-        .increment(1);
+    metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     tracing::info!(
         sid = %entry.admission.sid,
         user = entry.admission.claims.user_id,

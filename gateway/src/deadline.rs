@@ -41,6 +41,11 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::hardening::REJECTED_REQUESTS;
+
+/// The `reason` a request head that took too long is counted with.
+pub const SLOW_HEADER: &str = "slow header";
+
 /// How long a connection may take for each part of an exchange.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -209,8 +214,7 @@ impl DeadlineStream {
         if self.phase == Phase::Answer {
             return std::io::Error::new(std::io::ErrorKind::TimedOut, AnswerTimedOut);
         }
-        metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => "slow header")
-            .increment(1);
+        metrics::counter!(REJECTED_REQUESTS, "reason" => SLOW_HEADER).increment(1);
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "request head not complete in time",

@@ -22,6 +22,29 @@ const fn refuse(status: u16, reason: &'static str) -> Refusal {
     Refusal { status, reason }
 }
 
+const TOO_LARGE: Refusal = refuse(431, "header section too large");
+const MALFORMED_LINE: Refusal = refuse(400, "malformed header line");
+const INVALID_LENGTH: Refusal = refuse(400, "invalid content-length");
+const CONFLICTING_LENGTHS: Refusal = refuse(400, "conflicting content-length");
+const UNSUPPORTED_ENCODING: Refusal = refuse(400, "unsupported transfer-encoding");
+const SPACE_IN_NAME: Refusal = refuse(400, "whitespace in a header name");
+const LENGTH_WITH_ENCODING: Refusal = refuse(400, "content-length with transfer-encoding");
+
+/// Requests refused before proxying, by reason: the head checks' reasons
+/// and the deadline's `slow header`.
+pub const REJECTED_REQUESTS: &str = "opencloud_gateway_rejected_requests_total";
+
+/// Every reason [`check_raw_head`] gives.
+pub const REASONS: [&str; 7] = [
+    TOO_LARGE.reason,
+    MALFORMED_LINE.reason,
+    INVALID_LENGTH.reason,
+    CONFLICTING_LENGTHS.reason,
+    UNSUPPORTED_ENCODING.reason,
+    SPACE_IN_NAME.reason,
+    LENGTH_WITH_ENCODING.reason,
+];
+
 /// How the parsed headers frame the request body, when they leave nothing
 /// for [`check_raw_head`] to find: `Some(whether a body follows)`.
 /// Pingora drops Content-Length when Transfer-Encoding is present, so any
@@ -53,7 +76,7 @@ pub fn plain_body_framing(headers: &HeaderMap) -> Option<bool> {
 /// Checks the request head as it arrived (request line and header lines).
 pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
     if raw.len() > MAX_HEADER_BYTES {
-        return Err(refuse(431, "header section too large"));
+        return Err(TOO_LARGE);
     }
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encoding = false;
@@ -62,18 +85,16 @@ pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
             break;
         }
         let Some(colon) = memchr::memchr(b':', line) else {
-            return Err(refuse(400, "malformed header line"));
+            return Err(MALFORMED_LINE);
         };
         let name = &line[..colon];
         if name.eq_ignore_ascii_case(b"content-length") {
             for part in trim(&line[colon + 1..]).split(|b| *b == b',').map(trim) {
                 if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                    return Err(refuse(400, "invalid content-length"));
+                    return Err(INVALID_LENGTH);
                 }
                 match content_length {
-                    Some(seen) if seen != part => {
-                        return Err(refuse(400, "conflicting content-length"))
-                    }
+                    Some(seen) if seen != part => return Err(CONFLICTING_LENGTHS),
                     _ => content_length = Some(part),
                 }
             }
@@ -81,15 +102,15 @@ pub fn check_raw_head(raw: &[u8]) -> Result<(), Refusal> {
             // Only a single, plain `chunked` is understood the same way by
             // every hop; anything else is a smuggling attempt or a mistake.
             if transfer_encoding || !trim(&line[colon + 1..]).eq_ignore_ascii_case(b"chunked") {
-                return Err(refuse(400, "unsupported transfer-encoding"));
+                return Err(UNSUPPORTED_ENCODING);
             }
             transfer_encoding = true;
         } else if name.iter().any(u8::is_ascii_whitespace) {
-            return Err(refuse(400, "whitespace in a header name"));
+            return Err(SPACE_IN_NAME);
         }
     }
     if transfer_encoding && content_length.is_some() {
-        return Err(refuse(400, "content-length with transfer-encoding"));
+        return Err(LENGTH_WITH_ENCODING);
     }
     Ok(())
 }

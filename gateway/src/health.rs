@@ -5,6 +5,7 @@
 //! Results are reported to control in batches.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use opencloud_protocol::reports::{HealthReport, HostReachability};
 
 use crate::control_client::ControlClient;
 use crate::fast_map::FastMap;
-use crate::table::Routes;
+use crate::table::{RouteTable, Routes};
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -22,6 +23,8 @@ const PROBES_AT_ONCE: usize = 256;
 /// Failed probes in a row before an active check marks a host down (a
 /// failed connect while proxying marks it down at once).
 const FAILURES_TO_MARK_DOWN: u8 = 2;
+
+const HOST_REACHABLE: &str = "opencloud_gateway_host_reachable";
 
 /// Host id → reachable, as last seen by this gateway.
 #[derive(Clone, Default)]
@@ -43,6 +46,31 @@ impl HostHealth {
         if let Ok(mut map) = self.0.write() {
             map.insert(host, reachable);
         }
+    }
+
+    /// `opencloud_gateway_host_reachable{host}` (1 or 0) as exposition
+    /// text, for the hosts in `table` this gateway has probed. Written at
+    /// scrape time because the recorder cannot drop a series: a host gone
+    /// from the table simply has none.
+    pub fn exposition(&self, table: &RouteTable) -> String {
+        let mut hosts: Vec<(u64, bool)> = self
+            .snapshot()
+            .into_iter()
+            .filter(|(id, _)| table.hosts.contains_key(id))
+            .collect();
+        if hosts.is_empty() {
+            return String::new();
+        }
+        hosts.sort_unstable();
+        let mut text = format!("# TYPE {HOST_REACHABLE} gauge\n");
+        for (id, reachable) in hosts {
+            let _ = writeln!(
+                text,
+                "{HOST_REACHABLE}{{host=\"{id}\"}} {}",
+                u8::from(reachable)
+            );
+        }
+        text
     }
 
     fn snapshot(&self) -> Vec<(u64, bool)> {
@@ -125,5 +153,50 @@ impl HealthChecker {
         if let Err(e) = self.control.report_health(&report).await {
             tracing::debug!(error = %e, "health report not delivered; control may be down");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opencloud_protocol::routes::{HostRoute, HostState, Snapshot};
+
+    use super::*;
+
+    fn with_hosts(ids: &[u64]) -> RouteTable {
+        let hosts = ids
+            .iter()
+            .map(|&id| HostRoute {
+                id,
+                address: "127.0.0.1".into(),
+                link_port: 1,
+                link_cert_sha256: None,
+                health_url: "http://127.0.0.1:1/healthz".into(),
+                state: HostState::Online,
+            })
+            .collect();
+        RouteTable::from_snapshot(Snapshot {
+            hosts,
+            ..Snapshot::default()
+        })
+    }
+
+    #[test]
+    fn reachability_is_exposed_only_for_hosts_still_in_the_table() {
+        let health = HostHealth::default();
+        assert_eq!(health.exposition(&with_hosts(&[1])), "", "no probe yet");
+        health.mark(1, true);
+        health.mark(2, false);
+        health.mark(3, true);
+        assert_eq!(
+            health.exposition(&with_hosts(&[1, 2])),
+            "# TYPE opencloud_gateway_host_reachable gauge\n\
+             opencloud_gateway_host_reachable{host=\"1\"} 1\n\
+             opencloud_gateway_host_reachable{host=\"2\"} 0\n"
+        );
+        assert_eq!(
+            health.exposition(&with_hosts(&[3])),
+            "# TYPE opencloud_gateway_host_reachable gauge\n\
+             opencloud_gateway_host_reachable{host=\"3\"} 1\n"
+        );
     }
 }

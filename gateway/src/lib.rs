@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opencloud_protocol::metrics::{record_build_info, register_at_zero, LabelValue, Part};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -172,6 +173,9 @@ pub fn build_server(config: Config, opt: Opt) -> anyhow::Result<Server> {
         MetricsApp {
             handle: metrics,
             key: config.metrics_key.clone(),
+            routes: routes.clone(),
+            health: health.clone(),
+            started: clock::unix_now(),
         },
     );
     metrics_service.add_tcp(&config.listen_metrics.to_string());
@@ -240,21 +244,72 @@ impl Task for CertificateWatch {
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
             ],
         )?
-        .install_recorder()?)
+        .install_recorder()?;
+    record_build_info(Part::Gateway, env!("CARGO_PKG_VERSION"));
+    register_counters_at_zero();
+    Ok(handle)
 }
+
+/// The counters whose labels take fixed values, at zero before their first
+/// event.
+fn register_counters_at_zero() {
+    let reasons: Vec<&str> = opencloud_protocol::TokenError::labels()
+        .into_iter()
+        .chain(proxy::CREDENTIAL_REFUSALS)
+        .collect();
+    register_at_zero(
+        proxy::TOKEN_REJECTIONS,
+        &[("kind", &proxy::TOKEN_KINDS), ("reason", &reasons)],
+    );
+    register_at_zero(
+        proxy::ORIGIN_REFUSALS,
+        &[("reason", &proxy::ORIGIN_REFUSAL_REASONS)],
+    );
+    let rejected: Vec<&str> = hardening::REASONS
+        .into_iter()
+        .chain([deadline::SLOW_HEADER])
+        .collect();
+    register_at_zero(hardening::REJECTED_REQUESTS, &[("reason", &rejected)]);
+    register_at_zero(
+        connections::CONNECTIONS_CLOSED,
+        &[("reason", &connections::Reason::labels())],
+    );
+}
+
+/// How long ago control's stream last changed or confirmed the table (since
+/// the gateway started, before the first time).
+const ROUTE_TABLE_AGE: &str = "opencloud_gateway_route_table_age_seconds";
 
 /// `/metrics` on the metrics listener, nothing else; with a key configured,
 /// only for a scrape that presents it.
 struct MetricsApp {
     handle: PrometheusHandle,
     key: Option<config::MetricsKey>,
+    routes: table::Routes,
+    health: health::HostHealth,
+    /// Unix seconds when the gateway started.
+    started: u64,
+}
+
+impl MetricsApp {
+    /// The recorder's text plus what is read at scrape time.
+    fn render(&self) -> String {
+        let since = watch::last_update().unwrap_or(self.started);
+        metrics::gauge!(ROUTE_TABLE_AGE).set(clock::unix_now().saturating_sub(since) as f64);
+        let mut text = self.handle.render();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&self.health.exposition(&self.routes.current()));
+        text
+    }
 }
 
 #[async_trait]
@@ -268,7 +323,7 @@ impl ServeHttp for MetricsApp {
                 b"send the metrics key as Authorization: Bearer <key>\n".to_vec(),
             )
         } else if req.uri.path() == "/metrics" {
-            (200, self.handle.render().into_bytes())
+            (200, self.render().into_bytes())
         } else {
             (404, b"not found\n".to_vec())
         };

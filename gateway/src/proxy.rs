@@ -31,7 +31,7 @@ use crate::connections::{Admission, OpenConnections, Registration};
 use crate::control_client::ControlClient;
 use crate::deadline::is_answer_timeout;
 use crate::forwarding::Forwarding;
-use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES};
+use crate::hardening::{check_raw_head, plain_body_framing, MAX_HEADER_BYTES, REJECTED_REQUESTS};
 use crate::health::HostHealth;
 use crate::host_link;
 use crate::link_certificate::ClientCredentials;
@@ -65,6 +65,28 @@ impl SessionName {
         std::str::from_utf8(&self.text).expect("a parsed sid is ASCII")
     }
 }
+
+/// Tickets and session credentials refused, by `kind` and `reason`: a
+/// [`token::TokenError`]'s, or one of [`CREDENTIAL_REFUSALS`].
+pub const TOKEN_REJECTIONS: &str = "opencloud_gateway_token_rejections_total";
+const TICKET: &str = "ticket";
+const SESSION: &str = "session";
+/// The `kind`s of [`TOKEN_REJECTIONS`].
+pub const TOKEN_KINDS: [&str; 2] = [TICKET, SESSION];
+const WRONG_SID: &str = "wrong_sid";
+const REVOKED: &str = "revoked";
+const REUSED: &str = "reused";
+/// Why a credential with a good token is refused all the same.
+pub const CREDENTIAL_REFUSALS: [&str; 3] = [WRONG_SID, REVOKED, REUSED];
+/// No session credential at all: asked to log in, not counted.
+const MISSING: &str = "missing";
+
+/// Changes and upgrades refused for their `Origin`, by `reason`.
+pub const ORIGIN_REFUSALS: &str = "opencloud_gateway_origin_refusals_total";
+const NO_ORIGIN: &str = "missing";
+const FOREIGN_ORIGIN: &str = "foreign";
+/// The `reason`s of [`ORIGIN_REFUSALS`].
+pub const ORIGIN_REFUSAL_REASONS: [&str; 2] = [NO_ORIGIN, FOREIGN_ORIGIN];
 
 /// Per-request state, filled phase by phase.
 pub struct RequestCtx {
@@ -171,11 +193,11 @@ impl Gateway {
             .map_err(|e| e.reason())
             .and_then(|claims| {
                 if !claims_for(&claims, sid) {
-                    Err("wrong_sid")
+                    Err(WRONG_SID)
                 } else if table.is_revoked(&claims.login_session) {
-                    Err("revoked")
+                    Err(REVOKED)
                 } else if !self.used_tickets.first_use(&ticket, claims.expires_at, now) {
-                    Err("reused")
+                    Err(REUSED)
                 } else {
                     Ok(claims)
                 }
@@ -183,7 +205,7 @@ impl Gateway {
         let claims = match verdict {
             Ok(claims) => claims,
             Err(reason) => {
-                metrics::counter!("opencloud_gateway_token_rejections_total", "kind" => "ticket", "reason" => reason)
+                metrics::counter!(TOKEN_REJECTIONS, "kind" => TICKET, "reason" => reason)
                     .increment(1);
                 let html = page(
                     "This link has expired",
@@ -223,7 +245,7 @@ impl Gateway {
     ) -> Result<Arc<Claims>, &'static str> {
         let check = |claims: Arc<Claims>| {
             if table.is_revoked(&claims.login_session) {
-                Err("revoked")
+                Err(REVOKED)
             } else {
                 Ok(claims)
             }
@@ -235,7 +257,7 @@ impl Gateway {
                 .verify(&self.config.keys, value, TokenKind::SessionCookie, now)
                 .map_err(|e| e.reason())?;
             if !claims_for(&claims, sid) {
-                return Err("wrong_sid");
+                return Err(WRONG_SID);
             }
             return check(claims);
         }
@@ -251,7 +273,7 @@ impl Gateway {
                 .map_err(|e| e.reason())?;
             return check(claims);
         }
-        Err("missing")
+        Err(MISSING)
     }
 
     /// Why a request authenticated by `oc_s` may not go on, if it may not:
@@ -273,14 +295,14 @@ impl Gateway {
             return None;
         }
         let Some(origin) = req.headers.get(header::ORIGIN) else {
-            return Some("missing");
+            return Some(NO_ORIGIN);
         };
         let own = self.config.session_domain.is_origin_of(
             self.config.https,
             &sid.text,
             origin.as_bytes(),
         );
-        (!own).then_some("foreign")
+        (!own).then_some(FOREIGN_ORIGIN)
     }
 
     /// Placed but not ready: pages wait on a page that reloads itself, API
@@ -329,8 +351,8 @@ impl Gateway {
         let claims = match self.session_user(&table, session.req_header(), sid, now) {
             Ok(claims) => claims,
             Err(reason) => {
-                if reason != "missing" {
-                    metrics::counter!("opencloud_gateway_token_rejections_total", "kind" => "session", "reason" => reason)
+                if reason != MISSING {
+                    metrics::counter!(TOKEN_REJECTIONS, "kind" => SESSION, "reason" => reason)
                         .increment(1);
                 }
                 if is_navigation(session.req_header(), ctx.is_upgrade) {
@@ -352,8 +374,7 @@ impl Gateway {
         };
         if claims.kind == TokenKind::SessionCookie {
             if let Some(reason) = self.origin_refusal(session.req_header(), ctx.is_upgrade, sid) {
-                metrics::counter!("opencloud_gateway_origin_refusals_total", "reason" => reason)
-                    .increment(1);
+                metrics::counter!(ORIGIN_REFUSALS, "reason" => reason).increment(1);
                 return respond_text(
                     session,
                     403,
@@ -485,7 +506,7 @@ impl ProxyHttp for Gateway {
             };
             if let Err(refusal) = checked {
                 ctx.class = Class::Rejected;
-                metrics::counter!("opencloud_gateway_rejected_requests_total", "reason" => refusal.reason).increment(1);
+                metrics::counter!(REJECTED_REQUESTS, "reason" => refusal.reason).increment(1);
                 session.set_keepalive(None);
                 return respond_text(session, refusal.status, &format!("{}\n", refusal.reason))
                     .await;
@@ -739,7 +760,9 @@ impl ProxyHttp for Gateway {
             | ErrorType::ConnectRefused
             | ErrorType::ConnectError
             | ErrorType::ConnectNoRoute => {
-                metrics::counter!("opencloud_gateway_upstream_connect_errors_total", "class" => ctx.class.label()).increment(1);
+                // The platform's upstream is control: no host.
+                let host = ctx.upstream_host.map(|h| h.to_string()).unwrap_or_default();
+                metrics::counter!("opencloud_gateway_upstream_connect_errors_total", "class" => ctx.class.label(), "host" => host).increment(1);
                 (
                     502,
                     "Not answering",

@@ -3,6 +3,7 @@
 //! control is away the gateway keeps serving the last good table. Each
 //! new table also ends the open requests it would no longer admit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::{sleep, timeout, Instant};
@@ -116,7 +117,16 @@ impl Watcher {
     }
 }
 
+/// Unix seconds of the last route update or heartbeat; 0 before the first.
+static LAST_UPDATE: AtomicU64 = AtomicU64::new(0);
+
 fn mark_updated() {
-    metrics::gauge!("opencloud_gateway_route_table_last_update_timestamp_seconds")
-        .set(unix_now() as f64);
+    let now = unix_now();
+    LAST_UPDATE.store(now, Ordering::Relaxed);
+    metrics::gauge!("opencloud_gateway_route_table_last_update_timestamp_seconds").set(now as f64);
+}
+
+/// When control's stream last changed or confirmed the table, if it has.
+pub fn last_update() -> Option<u64> {
+    Some(LAST_UPDATE.load(Ordering::Relaxed)).filter(|t| *t > 0)
 }

@@ -2,8 +2,9 @@
 //! sign it, the route table, what agents and gateways say to control (and on
 //! which paths), the host link's names and certificates, the cookie and
 //! header names, the platform and session origins, and the way config files
-//! are read. Pure functions only: callers pass in the time, the file text and
-//! the environment.
+//! are read, and the metric conventions every part shares. Pure functions
+//! only (but for `metrics`, which records through the `metrics` facade):
+//! callers pass in the time, the file text and the environment.
 
 pub mod agent;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod credentials;
 pub mod keys;
 pub mod link;
 pub mod logs;
+pub mod metrics;
 pub mod names;
 pub mod origin;
 pub mod paths;

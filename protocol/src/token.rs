@@ -123,6 +123,19 @@ pub enum TokenError {
     WrongKind,
 }
 
+impl crate::metrics::LabelValue for TokenError {
+    const ALL: &'static [Self] = &[
+        TokenError::Malformed,
+        TokenError::UnknownKey,
+        TokenError::BadSignature,
+        TokenError::Expired,
+        TokenError::WrongKind,
+    ];
+    fn label(self) -> &'static str {
+        self.reason()
+    }
+}
+
 impl TokenError {
     /// A short label for metrics.
     pub fn reason(self) -> &'static str {

@@ -20,9 +20,10 @@ pub fn port_free(port: u16) -> bool {
 /// The text of an agent config for `control_url` with `host_key`.
 pub fn config_text(control_url: &str, host_key: &str, max_sessions: u32, work_dir: &str) -> String {
     let link_port = crate::machine::free_port();
+    let metrics_port = crate::machine::free_port();
     format!(
         "control_url = \"{control_url}\"\nhost_key = \"{host_key}\"\naddress = \"127.0.0.1\"\n\
-         link_port = {link_port}\nwork_dir = \"{work_dir}\"\n\
+         link_port = {link_port}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nwork_dir = \"{work_dir}\"\n\
          venv = \"{venv}\"\nstop_grace_seconds = 5\n\
          # Autosave often, so the tests see it within seconds.\nautosave_interval_seconds = 5\n\n[capacity]\nmax_sessions = {max_sessions}\n\
          cpu_cores = 2.0\nmemory_mib = 2048\n",
@@ -78,6 +79,19 @@ impl AgentProcess {
         opencloud_agent::Config::load(&self.config_path)
             .expect("the agent's config")
             .link_addr()
+    }
+
+    /// Where the agent serves `/metrics` (its config's `metrics_listen`).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        opencloud_agent::Config::load(&self.config_path)
+            .expect("the agent's config")
+            .metrics_listen
+            .expect("the harness gives every agent a metrics listener")
+    }
+
+    /// The agent's Prometheus scrape (its config's `metrics_listen`, no key).
+    pub async fn metrics(&self) -> String {
+        crate::machine::metrics(&format!("http://{}", self.metrics_addr()), None).await
     }
 
     /// The host link's private key (made at the agent's first start), from

@@ -1148,9 +1148,51 @@ async fn an_admin_filters_pages_and_stops_sessions_in_a_browser() {
     browser.close().await;
 }
 
-/// Saves a screenshot when OPENCLOUD_SCREENSHOTS names a directory.
+#[tokio::test]
+async fn an_admin_opens_the_overview_in_a_browser() {
+    let f = Fixture::start().await;
+    f.session(&f.bob).await;
+    let browser = Browser::start().await.unwrap();
+    let base = f.stack.control().public.as_str();
+    log_in(&browser, base, &f.admin.email, PASSWORD)
+        .await
+        .unwrap();
+    browser.goto(&format!("{base}/admin/users")).await.unwrap();
+    browser
+        .follow("nav.tabs a[href='/admin']", "/admin")
+        .await
+        .unwrap();
+    browser.wait_for("#tile-users-online").await.unwrap();
+    assert_eq!(
+        browser
+            .text("#tile-hosts-online .tile-value")
+            .await
+            .unwrap(),
+        "2 / 2"
+    );
+    assert_eq!(
+        browser.count("#overview-hosts tbody tr").await.unwrap(),
+        2,
+        "both hosts, heartbeating"
+    );
+    assert!(browser.count("figure.chart svg[role='img']").await.unwrap() >= 6);
+    assert_eq!(
+        browser.count("#chart-signups rect.bar").await.unwrap(),
+        1,
+        "this hour's sign-ups"
+    );
+    // Tall enough for the charts and the hosts table.
+    browser.client.set_window_size(1280, 1800).await.unwrap();
+    screenshot(&browser, "admin-overview").await;
+    browser.close().await;
+}
+
+/// Saves a screenshot when OPENCLOUD_SCREENSHOT_DIR (or the older
+/// OPENCLOUD_SCREENSHOTS) names a directory.
 async fn screenshot(browser: &Browser, name: &str) {
-    if let Ok(dir) = std::env::var("OPENCLOUD_SCREENSHOTS") {
+    let dir = std::env::var("OPENCLOUD_SCREENSHOT_DIR")
+        .or_else(|_| std::env::var("OPENCLOUD_SCREENSHOTS"));
+    if let Ok(dir) = dir {
         let png = browser.client.screenshot().await.unwrap();
         std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
     }

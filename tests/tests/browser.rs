@@ -184,7 +184,11 @@ async fn an_admin_disables_a_user_who_then_cannot_log_in() {
         .await
         .unwrap();
     browser
-        .follow("header.topbar a[href='/admin/users']", "/admin/users")
+        .follow("header.topbar a[href='/admin']", "/admin")
+        .await
+        .unwrap();
+    browser
+        .follow("nav.tabs a[href='/admin/users']", "/admin/users")
         .await
         .unwrap();
 

@@ -13,6 +13,7 @@ use fantoccini::key::Key;
 use fantoccini::Locator;
 use opencloud_e2e::agents::AgentProcess;
 use opencloud_e2e::browser::Browser;
+use opencloud_e2e::exposition::Exposition;
 use opencloud_e2e::TestStack;
 use opencloud_e2e::{unique, PASSWORD};
 
@@ -250,10 +251,11 @@ async fn opens_a_project_and_runs_a_cell(stack: TestStack, balance_banner: bool)
         clicked.elapsed()
     );
     // Lab sent its own Origin with every change and WebSocket: none refused.
-    let metrics = stack.gateway().metrics().await;
-    let refused: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("opencloud_gateway_origin_refusals_total"))
+    // (Every reason is there from the start, at 0.)
+    let metrics = Exposition::parse(&stack.gateway().metrics().await).unwrap();
+    let refused: Vec<_> = metrics
+        .family("opencloud_gateway_origin_refusals_total")
+        .filter(|s| s.value > 0.0)
         .collect();
     assert!(
         refused.is_empty(),

@@ -24,13 +24,13 @@ async fn internal_endpoints_are_never_served_on_the_public_listener() {
     }
     let metrics = stack.control().metrics().await;
     for expected in [
-        "opencloud_http_requests_total{route=\"/api/v1/auth/login\",method=\"POST\",status=\"200\"}",
-        "opencloud_http_request_duration_seconds_bucket",
-        "opencloud_logins_total{outcome=\"success\"} 1",
-        "opencloud_logins_total{outcome=\"bad_credentials\"} 1",
-        "opencloud_registrations_total 1",
-        "opencloud_db_pool_connections{state=\"in_use\"}",
-        "opencloud_db_pool_connections{state=\"idle\"}",
+        "opencloud_control_http_requests_total{route=\"/api/v1/auth/login\",method=\"POST\",status=\"200\"}",
+        "opencloud_control_http_request_duration_seconds_bucket",
+        "opencloud_control_logins_total{outcome=\"success\"} 1",
+        "opencloud_control_logins_total{outcome=\"bad_credentials\"} 1",
+        "opencloud_control_registrations_total 1",
+        "opencloud_control_db_pool_connections{state=\"in_use\"}",
+        "opencloud_control_db_pool_connections{state=\"idle\"}",
     ] {
         assert!(metrics.contains(expected), "{expected} missing from:\n{metrics}");
     }
@@ -68,7 +68,7 @@ async fn controls_metrics_answer_only_a_caller_with_the_gateway_key() {
         .control()
         .metrics()
         .await
-        .contains("opencloud_http_requests_total"));
+        .contains("opencloud_control_http_requests_total"));
 }
 
 #[tokio::test]

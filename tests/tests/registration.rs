@@ -156,7 +156,7 @@ async fn the_eleventh_registration_from_one_address_is_refused_and_other_address
     assert_eq!(stack.db.count("registration_attempts").await, 12);
     let metrics = stack.control().metrics().await;
     assert!(
-        metrics.contains("opencloud_registrations_throttled_total 3"),
+        metrics.contains("opencloud_control_registrations_throttled_total 3"),
         "three refusals counted: {metrics}"
     );
 }

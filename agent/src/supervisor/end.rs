@@ -121,7 +121,7 @@ impl Supervisor {
             exit = describe_exit(code),
             "jupyter exited by itself"
         );
-        metrics::counter!("opencloud_agent_exits_total").increment(1);
+        metrics::counter!(super::EXITS).increment(1);
         let event = AgentEvent::Exited {
             sid: session.sid.clone(),
             exit_code: code,

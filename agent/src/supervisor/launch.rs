@@ -121,7 +121,7 @@ impl Supervisor {
     }
 
     fn refused(&self, sid: &str, reason: String) -> AgentEvent {
-        metrics::counter!("opencloud_agent_spawn_failures_total").increment(1);
+        metrics::counter!(super::SPAWN_FAILURES).increment(1);
         tracing::warn!(sid, %reason, "session not started");
         AgentEvent::Failed {
             sid: sid.to_owned(),
@@ -455,7 +455,7 @@ impl Supervisor {
                 false,
             );
         }
-        metrics::counter!("opencloud_agent_spawn_failures_total").increment(1);
+        metrics::counter!(super::SPAWN_FAILURES).increment(1);
         let record = self.settled_process(session).await;
         let log_tail = self.clear_leftovers(session, record.as_ref()).await;
         tracing::warn!(sid = session.sid, %reason, "session failed to start");

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opencloud_protocol::agent::{AgentEvent, AgentSession, AgentSessionState};
+use opencloud_protocol::metrics::{register_at_zero, LabelValue};
 use tokio::sync::{mpsc, watch};
 
 use crate::cgroups::{self, Support};
@@ -47,6 +48,44 @@ use crate::snapshot::Snapshots;
 use crate::state::{SessionRecord, StateDir};
 use crate::users;
 use crate::workdir::{self, Layout};
+
+/// The supervisor's counters, named once for the increments and for their
+/// registration at zero.
+const SPAWN_FAILURES: &str = "opencloud_agent_spawn_failures_total";
+const OOM_KILLS: &str = "opencloud_agent_oom_kills_total";
+const EXITS: &str = "opencloud_agent_exits_total";
+const SNAPSHOT_FAILURES: &str = "opencloud_agent_snapshot_failures_total";
+
+/// Which way a failed snapshot went: the `op` of `SNAPSHOT_FAILURES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotOp {
+    Restore,
+    Push,
+}
+
+impl LabelValue for SnapshotOp {
+    const ALL: &'static [Self] = &[SnapshotOp::Restore, SnapshotOp::Push];
+    fn label(self) -> &'static str {
+        match self {
+            SnapshotOp::Restore => "restore",
+            SnapshotOp::Push => "push",
+        }
+    }
+}
+
+impl SnapshotOp {
+    fn count_failure(self) {
+        metrics::counter!(SNAPSHOT_FAILURES, "op" => self.label()).increment(1);
+    }
+}
+
+/// The supervisor's counters at zero, before their first event.
+pub fn register_counters_at_zero() {
+    for name in [SPAWN_FAILURES, OOM_KILLS, EXITS] {
+        register_at_zero(name, &[]);
+    }
+    register_at_zero(SNAPSHOT_FAILURES, &[("op", &SnapshotOp::labels())]);
+}
 
 /// Log lines sent with a failure or an exit.
 const LOG_TAIL_LINES: usize = 20;
@@ -387,7 +426,7 @@ impl Supervisor {
                 if kills > seen {
                     seen = kills;
                     tracing::warn!(sid = session.sid, kills, "a kernel was killed for memory");
-                    metrics::counter!("opencloud_agent_oom_kills_total").increment(1);
+                    metrics::counter!(OOM_KILLS).increment(1);
                     supervisor.emit(AgentEvent::KernelKilled {
                         sid: session.sid.clone(),
                         reason: oom_reason(session.memory_limit_mib),

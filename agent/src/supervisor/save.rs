@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use opencloud_protocol::snapshots::Reason;
 
-use super::{Phase, Session, Supervisor};
+use super::{Phase, Session, SnapshotOp, Supervisor};
 use crate::snapshot::{Owner, Pushed, Restored};
 use crate::users::RunAs;
 
@@ -59,8 +59,7 @@ impl Supervisor {
             ),
             Ok(Restored::Version(_)) => {}
             Err(e) => {
-                metrics::counter!("opencloud_agent_snapshot_failures_total", "op" => "restore")
-                    .increment(1);
+                SnapshotOp::Restore.count_failure();
                 tracing::error!(
                     sid = session.sid,
                     project_id,
@@ -81,8 +80,7 @@ impl Supervisor {
         match pushed {
             Ok(Pushed::Unchanged | Pushed::Stored(_)) => true,
             Err(e) => {
-                metrics::counter!("opencloud_agent_snapshot_failures_total", "op" => "push")
-                    .increment(1);
+                SnapshotOp::Push.count_failure();
                 tracing::warn!(
                     sid = session.sid,
                     project_id = session.project_id,
@@ -128,8 +126,7 @@ impl Supervisor {
             .await
             .is_err()
         {
-            metrics::counter!("opencloud_agent_snapshot_failures_total", "op" => "push")
-                .increment(1);
+            SnapshotOp::Push.count_failure();
             tracing::warn!(
                 sid = session.sid,
                 project_id = session.project_id,

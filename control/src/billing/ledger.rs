@@ -15,6 +15,7 @@
 
 use mysql_async::prelude::*;
 use mysql_async::{Params, Pool, Transaction, TxOpts};
+use opencloud_protocol::metrics::LabelValue;
 use serde::Serialize;
 
 use crate::config::TrialLimits;
@@ -53,6 +54,47 @@ impl Kind {
             Kind::Earning | Kind::Payout => "earnings",
             _ => "compute",
         }
+    }
+}
+
+/// Which way compute seconds moved: the `kind` of
+/// `opencloud_control_compute_seconds_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeFlow {
+    Sold,
+    Granted,
+    Used,
+    Expired,
+    Refunded,
+    Revoked,
+}
+
+impl LabelValue for ComputeFlow {
+    const ALL: &'static [Self] = &[
+        ComputeFlow::Sold,
+        ComputeFlow::Granted,
+        ComputeFlow::Used,
+        ComputeFlow::Expired,
+        ComputeFlow::Refunded,
+        ComputeFlow::Revoked,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            ComputeFlow::Sold => "sold",
+            ComputeFlow::Granted => "granted",
+            ComputeFlow::Used => "used",
+            ComputeFlow::Expired => "expired",
+            ComputeFlow::Refunded => "refunded",
+            ComputeFlow::Revoked => "revoked",
+        }
+    }
+}
+
+impl ComputeFlow {
+    pub const METRIC: &'static str = "opencloud_control_compute_seconds_total";
+
+    pub fn count(self, seconds: u64) {
+        metrics::counter!(Self::METRIC, "kind" => self.label()).increment(seconds);
     }
 }
 
@@ -196,8 +238,12 @@ pub async fn add_lot(tx: &mut Transaction<'_>, lot: &NewLot<'_>) -> Result<u64, 
         },
     )
     .await?;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => if lot.kind == Kind::Purchase { "sold" } else { "granted" })
-        .increment(lot.seconds);
+    let flow = if lot.kind == Kind::Purchase {
+        ComputeFlow::Sold
+    } else {
+        ComputeFlow::Granted
+    };
+    flow.count(lot.seconds);
     Ok(lot_id)
 }
 
@@ -440,6 +486,9 @@ pub async fn adjust(
                 .seconds as i64)
         };
         tx.commit().await?;
+        if moved < 0 {
+            ComputeFlow::Revoked.count(moved.unsigned_abs());
+        }
         tracing::info!(
             user = user_id,
             seconds = moved,
@@ -535,7 +584,7 @@ async fn expire_lot(pool: &Pool, lot_id: u64, user_id: u64) -> Result<u64, AppEr
     )
     .await?;
     tx.commit().await?;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => "expired").increment(left);
+    ComputeFlow::Expired.count(left);
     tracing::info!(lot = lot_id, user = user_id, seconds = left, "lot expired");
     Ok(left)
 }
@@ -561,8 +610,8 @@ pub async fn drift(pool: &Pool) -> Result<Drift, AppError> {
         )
         .await?;
     let (lots, seconds) = row.unwrap_or((0, 0));
-    metrics::gauge!("opencloud_ledger_drift_lots").set(lots as f64);
-    metrics::gauge!("opencloud_ledger_drift_seconds").set(seconds as f64);
+    metrics::gauge!("opencloud_control_ledger_drift_lots").set(lots as f64);
+    metrics::gauge!("opencloud_control_ledger_drift_seconds").set(seconds as f64);
     if lots > 0 {
         tracing::error!(
             lots,

@@ -8,10 +8,10 @@ use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
 use serde::Serialize;
 
-use super::ledger::{self, Kind, Limits, NewLot};
+use super::ledger::{self, ComputeFlow, Kind, Limits, NewLot};
 use super::money::{self, MICRO_PER_MINOR};
-use super::providers::{CheckoutRequest, PaymentProvider};
-use super::webhook::{rejected, Event, Meaning};
+use super::providers::{CheckoutRequest, PaymentOutcome, PaymentProvider};
+use super::webhook::{rejected, Event, Meaning, WebhookRejection};
 use crate::error::{retrying, AppError};
 use crate::packages;
 
@@ -186,8 +186,7 @@ pub async fn create(
         (&checkout.checkout_ref, order_id),
     )
     .await?;
-    metrics::counter!("opencloud_payments_total", "provider" => provider.name(), "outcome" => "started")
-        .increment(1);
+    PaymentOutcome::Started.count(provider.name());
     tracing::info!(
         order = order_id,
         user = user_id,
@@ -250,7 +249,7 @@ pub async fn apply_webhook(
         }
         let order_id = event.order_id().ok_or_else(|| {
             rejected(
-                "unknown_order",
+                WebhookRejection::UnknownOrder,
                 "The event names no order (client_reference_id).",
             )
         })?;
@@ -259,7 +258,7 @@ pub async fn apply_webhook(
     .await;
     match &result {
         Err(AppError::Rejected { reason, message }) => {
-            metrics::counter!("opencloud_webhook_rejections_total", "provider" => provider.name(), "reason" => *reason)
+            metrics::counter!(WebhookRejection::METRIC, "provider" => provider.name(), "reason" => *reason)
                 .increment(1);
             tracing::warn!(provider = provider.name(), reason, %message, "webhook refused");
         }
@@ -286,13 +285,13 @@ async fn apply_event(
         o.provider == provider && o.checkout_ref.as_deref() == Some(object.id.as_str())
     }) else {
         return Err(rejected(
-            "unknown_order",
+            WebhookRejection::UnknownOrder,
             format!("No {provider} order {order_id} with this checkout."),
         ));
     };
     if object.amount_total != Some(order.amount_minor) {
         return Err(rejected(
-            "amount_mismatch",
+            WebhookRejection::AmountMismatch,
             format!(
                 "The amount paid ({:?}) is not the order's ({}).",
                 object.amount_total, order.amount_minor
@@ -305,7 +304,7 @@ async fn apply_event(
         .is_some_and(|c| c.eq_ignore_ascii_case(&order.currency))
     {
         return Err(rejected(
-            "currency_mismatch",
+            WebhookRejection::CurrencyMismatch,
             format!(
                 "The currency paid ({:?}) is not the order's ({}).",
                 object.currency, order.currency
@@ -372,13 +371,12 @@ async fn apply_event(
     };
     tx.commit().await?;
     if outcome == WebhookOutcome::Credited {
-        metrics::counter!("opencloud_payments_total", "provider" => provider, "outcome" => "paid")
-            .increment(1);
-        metrics::counter!("opencloud_revenue_minor_total", "currency" => order.currency.clone())
+        PaymentOutcome::Paid.count(provider);
+        metrics::counter!("opencloud_control_revenue_minor_total", "currency" => order.currency.clone())
             .increment(order.amount_minor);
         tracing::info!(order = order.id, user = order.user_id, "payment credited");
     } else if outcome == WebhookOutcome::Failed {
-        metrics::counter!("opencloud_payments_total", "provider" => provider, "outcome" => "failed").increment(1);
+        PaymentOutcome::Failed.count(provider);
     }
     Ok(outcome)
 }
@@ -457,9 +455,9 @@ pub async fn refund(
         )
         .await?;
         tx.commit().await?;
-        metrics::counter!("opencloud_payments_total", "provider" => provider.name(), "outcome" => "refunded")
-            .increment(1);
-        metrics::counter!("opencloud_refunds_minor_total", "currency" => order.currency.clone())
+        PaymentOutcome::Refunded.count(provider.name());
+        ComputeFlow::Refunded.count(left);
+        metrics::counter!("opencloud_control_refunds_minor_total", "currency" => order.currency.clone())
             .increment(order.amount_minor);
         tracing::info!(order = order.id, actor = actor_id, seconds = left, "order refunded");
         Ok(order)

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use opencloud_protocol::metrics::LabelValue;
 use serde::Deserialize;
 
 use super::webhook::{self, WebhookSecret};
@@ -137,10 +138,55 @@ pub const CARD_SUCCEEDS: &str = "4242424242424242";
 pub const CARD_DECLINED: &str = "4000000000000002";
 pub const CARD_INSUFFICIENT_FUNDS: &str = "4000000000009995";
 
+/// How a payment went: the `outcome` of `opencloud_control_payments_total`
+/// (the last three are the sandbox's declines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentOutcome {
+    Started,
+    Paid,
+    Failed,
+    Refunded,
+    InvalidCard,
+    InsufficientFunds,
+    Declined,
+}
+
+impl LabelValue for PaymentOutcome {
+    const ALL: &'static [Self] = &[
+        PaymentOutcome::Started,
+        PaymentOutcome::Paid,
+        PaymentOutcome::Failed,
+        PaymentOutcome::Refunded,
+        PaymentOutcome::InvalidCard,
+        PaymentOutcome::InsufficientFunds,
+        PaymentOutcome::Declined,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            PaymentOutcome::Started => "started",
+            PaymentOutcome::Paid => "paid",
+            PaymentOutcome::Failed => "failed",
+            PaymentOutcome::Refunded => "refunded",
+            PaymentOutcome::InvalidCard => "invalid_card",
+            PaymentOutcome::InsufficientFunds => "insufficient_funds",
+            PaymentOutcome::Declined => "declined",
+        }
+    }
+}
+
+impl PaymentOutcome {
+    pub const METRIC: &'static str = "opencloud_control_payments_total";
+
+    pub fn count(self, provider: &str) {
+        metrics::counter!(Self::METRIC, "provider" => provider.to_owned(), "outcome" => self.label())
+            .increment(1);
+    }
+}
+
 /// Why the sandbox refused a card: the metric's outcome and the buyer's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decline {
-    pub outcome: &'static str,
+    pub outcome: PaymentOutcome,
     pub field: &'static str,
     pub message: String,
 }
@@ -194,7 +240,7 @@ impl Card {
             || !luhn_valid(&number)
         {
             return Err(decline(
-                "invalid_card",
+                PaymentOutcome::InvalidCard,
                 "card_number",
                 "Your card number is incorrect.",
             ));
@@ -209,20 +255,24 @@ impl Card {
         match valid_expiry {
             None => {
                 return Err(decline(
-                    "invalid_card",
+                    PaymentOutcome::InvalidCard,
                     "expiry",
                     "Write the expiry date as MM/YY.",
                 ))
             }
             Some(date) if date < now_year_month => {
-                return Err(decline("invalid_card", "expiry", "Your card has expired."))
+                return Err(decline(
+                    PaymentOutcome::InvalidCard,
+                    "expiry",
+                    "Your card has expired.",
+                ))
             }
             Some(_) => {}
         }
         let cvc = self.cvc.trim();
         if !(3..=4).contains(&cvc.len()) || !cvc.bytes().all(|b| b.is_ascii_digit()) {
             return Err(decline(
-                "invalid_card",
+                PaymentOutcome::InvalidCard,
                 "cvc",
                 "Your card's security code is incorrect.",
             ));
@@ -230,17 +280,17 @@ impl Card {
         match number.as_str() {
             CARD_SUCCEEDS => Ok(()),
             CARD_INSUFFICIENT_FUNDS => Err(decline(
-                "insufficient_funds",
+                PaymentOutcome::InsufficientFunds,
                 "card_number",
                 "Your card has insufficient funds.",
             )),
             CARD_DECLINED => Err(decline(
-                "declined",
+                PaymentOutcome::Declined,
                 "card_number",
                 "Your card was declined.",
             )),
             _ => Err(decline(
-                "declined",
+                PaymentOutcome::Declined,
                 "card_number",
                 "Your card was declined. This is the sandbox: pay with 4242 4242 4242 4242.",
             )),
@@ -486,14 +536,14 @@ mod tests {
                 .charge(now)
                 .unwrap_err()
                 .outcome,
-            "declined"
+            PaymentOutcome::Declined
         );
         assert_eq!(
             card("4000000000009995", "01/27")
                 .charge(now)
                 .unwrap_err()
                 .outcome,
-            "insufficient_funds"
+            PaymentOutcome::InsufficientFunds
         );
         let wrong = card("4242 4242 4242 4241", "12/30")
             .charge(now)

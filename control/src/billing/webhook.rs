@@ -7,6 +7,8 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use opencloud_protocol::metrics::LabelValue;
+
 use crate::error::AppError;
 
 /// Webhooks signed longer ago (or further ahead) than this are refused.
@@ -41,8 +43,12 @@ impl WebhookSecret {
     /// Checks `header` against `body` at time `now`: one of its `v1`
     /// signatures must match, and its timestamp be within the tolerance.
     pub fn verify(&self, header: Option<&str>, body: &[u8], now: u64) -> Result<(), AppError> {
-        let header = header
-            .ok_or_else(|| rejected("bad_signature", "The Stripe-Signature header is missing."))?;
+        let header = header.ok_or_else(|| {
+            rejected(
+                WebhookRejection::BadSignature,
+                "The Stripe-Signature header is missing.",
+            )
+        })?;
         let mut timestamp = None;
         let mut signatures = Vec::new();
         for part in header.split(',') {
@@ -54,7 +60,7 @@ impl WebhookSecret {
         }
         let timestamp = timestamp.ok_or_else(|| {
             rejected(
-                "bad_signature",
+                WebhookRejection::BadSignature,
                 "The Stripe-Signature header has no timestamp.",
             )
         })?;
@@ -63,13 +69,13 @@ impl WebhookSecret {
             .any(|s| self.mac(timestamp, body).verify_slice(s).is_ok());
         if !matched {
             return Err(rejected(
-                "bad_signature",
+                WebhookRejection::BadSignature,
                 "The signature does not match the body.",
             ));
         }
         if now.abs_diff(timestamp) > TOLERANCE_SECONDS {
             return Err(rejected(
-                "stale",
+                WebhookRejection::Stale,
                 format!("The signature's timestamp is more than {TOLERANCE_SECONDS} s from now."),
             ));
         }
@@ -83,9 +89,46 @@ impl std::fmt::Debug for WebhookSecret {
     }
 }
 
-pub fn rejected(reason: &'static str, message: impl Into<String>) -> AppError {
+/// Why a webhook was refused: the `reason` of
+/// `opencloud_control_webhook_rejections_total` and of the 400 answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookRejection {
+    BadSignature,
+    Stale,
+    Malformed,
+    UnknownOrder,
+    AmountMismatch,
+    CurrencyMismatch,
+}
+
+impl LabelValue for WebhookRejection {
+    const ALL: &'static [Self] = &[
+        WebhookRejection::BadSignature,
+        WebhookRejection::Stale,
+        WebhookRejection::Malformed,
+        WebhookRejection::UnknownOrder,
+        WebhookRejection::AmountMismatch,
+        WebhookRejection::CurrencyMismatch,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            WebhookRejection::BadSignature => "bad_signature",
+            WebhookRejection::Stale => "stale",
+            WebhookRejection::Malformed => "malformed",
+            WebhookRejection::UnknownOrder => "unknown_order",
+            WebhookRejection::AmountMismatch => "amount_mismatch",
+            WebhookRejection::CurrencyMismatch => "currency_mismatch",
+        }
+    }
+}
+
+impl WebhookRejection {
+    pub const METRIC: &'static str = "opencloud_control_webhook_rejections_total";
+}
+
+pub fn rejected(reason: WebhookRejection, message: impl Into<String>) -> AppError {
     AppError::Rejected {
-        reason,
+        reason: reason.label(),
         message: message.into(),
     }
 }
@@ -135,8 +178,12 @@ pub enum Meaning {
 impl Event {
     /// Parses a verified body; a body that is not an event is refused.
     pub fn parse(body: &[u8]) -> Result<Self, AppError> {
-        serde_json::from_slice(body)
-            .map_err(|e| rejected("malformed", format!("The body is not a Stripe event: {e}")))
+        serde_json::from_slice(body).map_err(|e| {
+            rejected(
+                WebhookRejection::Malformed,
+                format!("The body is not a Stripe event: {e}"),
+            )
+        })
     }
 
     pub fn meaning(&self) -> Meaning {

@@ -11,6 +11,7 @@
 
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
 
 use super::commands::{queue_command, Wakeups};
@@ -20,6 +21,51 @@ use crate::error::{retrying, AppError};
 use crate::routes::{commit, publish, session_route, SESSION_COLUMNS};
 
 pub const END_REASON_MAX_CHARS: usize = 64;
+
+/// Why control ended a session: its `end_reason` and the `reason` of
+/// `opencloud_control_sessions_ended_total`. (An agent's or an admin API's
+/// end names its own reason and is not counted here.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    StoppedByUser,
+    StoppedByAdmin,
+    ProjectDeleted,
+    BalanceExhausted,
+    Idle,
+    HostLost,
+    HostRevoked,
+}
+
+impl LabelValue for EndReason {
+    const ALL: &'static [Self] = &[
+        EndReason::StoppedByUser,
+        EndReason::StoppedByAdmin,
+        EndReason::ProjectDeleted,
+        EndReason::BalanceExhausted,
+        EndReason::Idle,
+        EndReason::HostLost,
+        EndReason::HostRevoked,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            EndReason::StoppedByUser => "stopped_by_user",
+            EndReason::StoppedByAdmin => "stopped_by_admin",
+            EndReason::ProjectDeleted => "project_deleted",
+            EndReason::BalanceExhausted => "balance_exhausted",
+            EndReason::Idle => "idle",
+            EndReason::HostLost => "host_lost",
+            EndReason::HostRevoked => "host_revoked",
+        }
+    }
+}
+
+impl EndReason {
+    pub const METRIC: &'static str = "opencloud_control_sessions_ended_total";
+
+    pub fn count(self, sessions: u64) {
+        metrics::counter!(Self::METRIC, "reason" => self.label()).increment(sessions);
+    }
+}
 
 /// Ends a live session in an open transaction: state, end time, reason,
 /// the project freed for a new session. Returns the route change to
@@ -116,8 +162,7 @@ pub(crate) async fn route_tx(
         .map(session_route))
 }
 
-/// Stops a session for `reason` (`stopped_by_user`, `stopped_by_admin`,
-/// `idle`). With `owner`, only that user's session. The route becomes a
+/// Stops a session for `reason`. With `owner`, only that user's session. The route becomes a
 /// tombstone at once; the agent is told to stop the server. Stopping an
 /// ended session changes nothing.
 pub async fn stop(
@@ -125,7 +170,7 @@ pub async fn stop(
     wakeups: &Wakeups,
     owner: Option<u64>,
     sid: &str,
-    reason: &str,
+    reason: EndReason,
 ) -> Result<String, AppError> {
     if !routes::is_valid_sid(sid) {
         return Err(AppError::NotFound("session"));
@@ -139,7 +184,7 @@ async fn stop_once(
     wakeups: &Wakeups,
     owner: Option<u64>,
     sid: &str,
-    reason: &str,
+    reason: EndReason,
 ) -> Result<String, AppError> {
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -165,7 +210,7 @@ async fn stop_once(
         tx.exec_drop(
             "UPDATE sessions SET state = ?, stop_requested_at = UTC_TIMESTAMP(6), end_reason = ?
              WHERE sid = ?",
-            (Phase::Stopping.as_column(), reason, sid),
+            (Phase::Stopping.as_column(), reason.label(), sid),
         )
         .await?;
         queue_command(&mut tx, host_id, sid, "stop").await?;
@@ -177,14 +222,14 @@ async fn stop_once(
         Phase::Stopping
     } else {
         // Nobody to ask: the host is gone, so the session simply ends.
-        changes.extend(end_tx(&mut tx, sid, Phase::Stopped, Some(reason), None).await?);
+        changes.extend(end_tx(&mut tx, sid, Phase::Stopped, Some(reason.label()), None).await?);
         Phase::Stopped
     };
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
     wakeups.wake(host_id);
-    metrics::counter!("opencloud_sessions_ended_total", "reason" => reason.to_owned()).increment(1);
-    tracing::info!(sid, reason, "session stop requested");
+    reason.count(1);
+    tracing::info!(sid, reason = reason.label(), "session stop requested");
     Ok(new_state.as_column().into())
 }
 
@@ -195,12 +240,12 @@ pub async fn stop_own(
     user_id: u64,
     sid: &str,
 ) -> Result<String, AppError> {
-    stop(pool, wakeups, Some(user_id), sid, "stopped_by_user").await
+    stop(pool, wakeups, Some(user_id), sid, EndReason::StoppedByUser).await
 }
 
 /// An administrator stops anyone's session `sid`; returns its new state.
 pub async fn stop_as_admin(pool: &Pool, wakeups: &Wakeups, sid: &str) -> Result<String, AppError> {
-    stop(pool, wakeups, None, sid, "stopped_by_admin").await
+    stop(pool, wakeups, None, sid, EndReason::StoppedByAdmin).await
 }
 
 /// Stops the project's live session, if any (before deleting it).
@@ -219,7 +264,7 @@ pub async fn stop_project(
         )
         .await?;
     if let Some(sid) = live {
-        stop(pool, wakeups, Some(owner), &sid, "project_deleted").await?;
+        stop(pool, wakeups, Some(owner), &sid, EndReason::ProjectDeleted).await?;
     }
     Ok(())
 }

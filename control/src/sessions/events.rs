@@ -101,9 +101,9 @@ pub async fn handle_event(
                 .await?;
                 let route = route_tx(&mut tx, sid).await?;
                 changes.extend(route.map(Change::UpsertSession));
-                metrics::histogram!("opencloud_session_open_to_ready_seconds")
+                metrics::histogram!("opencloud_control_session_open_to_ready_seconds")
                     .record(age_ms.unwrap_or(0) as f64 / 1000.0);
-                metrics::histogram!("opencloud_session_spawn_seconds")
+                metrics::histogram!("opencloud_control_session_spawn_seconds")
                     .record(*spawn_ms as f64 / 1000.0);
             } else if state == Some(Phase::Stopping) {
                 // Ready after a stop was asked for: ask again.

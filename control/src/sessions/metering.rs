@@ -9,7 +9,7 @@
 use mysql_async::prelude::*;
 use mysql_async::Transaction;
 
-use crate::billing::ledger::{self, Debit, Kind};
+use crate::billing::ledger::{self, ComputeFlow, Debit, Kind};
 use crate::error::AppError;
 
 /// What charging a session did.
@@ -63,9 +63,10 @@ pub(crate) async fn charge_tx(tx: &mut Transaction<'_>, sid: &str) -> Result<Cha
     .await?;
     ledger::credit_host_share(tx, sid, host_id, owner_id, share).await?;
     let left = ledger::plan(&mut *tx, user_id).await?.balance_seconds;
-    metrics::counter!("opencloud_compute_seconds_total", "kind" => "used").increment(taken.seconds);
+    ComputeFlow::Used.count(taken.seconds);
     if taken.seconds < due {
-        metrics::counter!("opencloud_compute_seconds_unpaid_total").increment(due - taken.seconds);
+        metrics::counter!("opencloud_control_compute_seconds_unpaid_total")
+            .increment(due - taken.seconds);
     }
     Ok(Charged {
         user_id,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use mysql_async::prelude::*;
 use mysql_async::{Pool, TxOpts};
+use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::{self, Change, SessionRoute, SessionState};
 use serde::Serialize;
 
@@ -17,6 +18,40 @@ use crate::billing::ledger;
 use crate::error::AppError;
 use crate::hosts::{load_score, HEARTBEAT_FRESH_SECONDS};
 use crate::routes::{commit, publish};
+
+/// How a placement ended: the `outcome` of `opencloud_control_placements_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementOutcome {
+    Placed,
+    NoBalance,
+    SessionsAtOnce,
+    NoCapacity,
+}
+
+impl LabelValue for PlacementOutcome {
+    const ALL: &'static [Self] = &[
+        PlacementOutcome::Placed,
+        PlacementOutcome::NoBalance,
+        PlacementOutcome::SessionsAtOnce,
+        PlacementOutcome::NoCapacity,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            PlacementOutcome::Placed => "placed",
+            PlacementOutcome::NoBalance => "no_balance",
+            PlacementOutcome::SessionsAtOnce => "sessions_at_once",
+            PlacementOutcome::NoCapacity => "no_capacity",
+        }
+    }
+}
+
+impl PlacementOutcome {
+    pub const METRIC: &'static str = "opencloud_control_placements_total";
+
+    fn count(self) {
+        metrics::counter!(Self::METRIC, "outcome" => self.label()).increment(1);
+    }
+}
 
 /// A gateway's reachability report counts for this long.
 const REACHABILITY_FRESH_SECONDS: u64 = 30;
@@ -153,7 +188,7 @@ pub async fn open(
     let plan = ledger::plan(&mut tx, user_id).await?;
     let Some(limits) = plan.limits.filter(|_| plan.balance_seconds > 0) else {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "no_balance").increment(1);
+        PlacementOutcome::NoBalance.count();
         return Err(AppError::PaymentRequired(
             "You have no compute time left. Buy a package on the Packages page to open projects."
                 .into(),
@@ -171,8 +206,7 @@ pub async fn open(
         .unwrap_or(0);
     if live_sessions >= u64::from(limits.sessions_at_once) {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "sessions_at_once")
-            .increment(1);
+        PlacementOutcome::SessionsAtOnce.count();
         let n = limits.sessions_at_once;
         return Err(AppError::LimitReached(format!(
             "Your package allows {n} session{} at once, and {n} {} running. Stop one first, or buy a larger package.",
@@ -204,7 +238,7 @@ pub async fn open(
     }
     let Some(host) = chosen else {
         tx.rollback().await?;
-        metrics::counter!("opencloud_placements_total", "outcome" => "no_capacity").increment(1);
+        PlacementOutcome::NoCapacity.count();
         return Err(AppError::NoCapacity(
             "No host has room for a new session right now. Try again in a few minutes.".into(),
         ));
@@ -238,8 +272,8 @@ pub async fn open(
     publish(&mut tx, &[Change::UpsertSession(route)]).await?;
     commit(tx).await?;
     wakeups.wake(host.id);
-    metrics::counter!("opencloud_placements_total", "outcome" => "placed").increment(1);
-    metrics::histogram!("opencloud_placement_duration_seconds")
+    PlacementOutcome::Placed.count();
+    metrics::histogram!("opencloud_control_placement_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     tracing::info!(%sid, project = project_id, host = host.id, live = host.live, "session placed");
     Ok(Opened {

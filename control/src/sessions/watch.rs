@@ -11,7 +11,7 @@ use mysql_async::prelude::*;
 use mysql_async::Pool;
 
 use super::commands::Wakeups;
-use super::ending::stop;
+use super::ending::{stop, EndReason};
 use super::metering::charge_tx;
 use super::state::Phase;
 use crate::billing::ledger;
@@ -96,7 +96,7 @@ pub async fn meter(pool: &Pool, wakeups: &Wakeups) -> Result<(), AppError> {
                     user = charged.user_id,
                     "balance exhausted; stopping the session"
                 );
-                stop(pool, wakeups, None, sid, "balance_exhausted").await?;
+                stop(pool, wakeups, None, sid, EndReason::BalanceExhausted).await?;
             }
         }
         ledger::expire_due(pool).await?;
@@ -114,7 +114,7 @@ async fn lose_silent_hosts(pool: &Pool) -> Result<(), AppError> {
     };
     let result = async {
         for host in find_silent(pool).await? {
-            let lost = take_offline(pool, host, "host_lost").await?;
+            let lost = take_offline(pool, host, EndReason::HostLost).await?;
             tracing::warn!(host, lost, "host missed its heartbeats; offline");
         }
         Ok::<_, AppError>(())
@@ -148,7 +148,7 @@ pub async fn cull_idle(
             )
             .await?;
         for sid in &idle {
-            stop(pool, wakeups, None, sid, "idle").await?;
+            stop(pool, wakeups, None, sid, EndReason::Idle).await?;
         }
         Ok::<_, AppError>(idle.len())
     }

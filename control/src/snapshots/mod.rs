@@ -38,7 +38,7 @@ struct HostSession {
 }
 
 fn failed(direction: &'static str, host_id: u64, reason: &'static str) {
-    metrics::counter!("opencloud_snapshot_failures_total",
+    metrics::counter!("opencloud_control_snapshot_failures_total",
         "direction" => direction, "reason" => reason, "host" => host_id.to_string())
     .increment(1);
 }
@@ -109,9 +109,9 @@ struct OutMeter {
 
 impl Drop for OutMeter {
     fn drop(&mut self) {
-        metrics::counter!("opencloud_snapshot_bytes_total", "direction" => "out", "host" => self.host.clone())
+        metrics::counter!("opencloud_control_snapshot_bytes_total", "direction" => "out", "host" => self.host.clone())
             .increment(self.bytes);
-        metrics::histogram!("opencloud_snapshot_duration_seconds", "direction" => "out")
+        metrics::histogram!("opencloud_control_snapshot_duration_seconds", "direction" => "out")
             .record(self.started.elapsed().as_secs_f64());
     }
 }
@@ -249,9 +249,9 @@ pub async fn push<E: std::fmt::Display + Send + 'static>(
             return Err(e);
         }
     };
-    metrics::counter!("opencloud_snapshot_bytes_total", "direction" => "in", "host" => host_id.to_string())
+    metrics::counter!("opencloud_control_snapshot_bytes_total", "direction" => "in", "host" => host_id.to_string())
         .increment(size_bytes);
-    metrics::histogram!("opencloud_snapshot_duration_seconds", "direction" => "in")
+    metrics::histogram!("opencloud_control_snapshot_duration_seconds", "direction" => "in")
         .record(started.elapsed().as_secs_f64());
     tracing::info!(
         sid = push.sid,

@@ -47,7 +47,7 @@ pub enum PutFailure {
 }
 
 impl PutFailure {
-    /// The `reason` label of `opencloud_snapshot_failures_total`.
+    /// The `reason` label of `opencloud_control_snapshot_failures_total`.
     pub fn label(&self) -> &'static str {
         match self {
             PutFailure::TooLarge { .. } => "quota",

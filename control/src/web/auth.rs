@@ -170,6 +170,9 @@ pub struct Caller {
     pub stale_cookie: bool,
 }
 
+/// Platform tokens refused, by `TokenError` reason.
+pub const TOKEN_REJECTIONS: &str = "opencloud_control_token_rejections_total";
+
 /// Resolves the presented token (bearer first, else the cookie) to a live
 /// login session and its user. No token, or one that is no good, is an
 /// anonymous caller; only a database failure is an error.
@@ -196,8 +199,7 @@ pub async fn authenticate(app: &App, headers: &HeaderMap, now: u64) -> Result<Ca
             }
         }
         Err(reason) => {
-            metrics::counter!("opencloud_token_rejections_total", "reason" => reason.reason())
-                .increment(1);
+            metrics::counter!(TOKEN_REJECTIONS, "reason" => reason.reason()).increment(1);
             caller.stale_cookie = from_cookie;
         }
     }

@@ -52,7 +52,7 @@ impl FromRequestParts<App> for Gateway {
         match credentials::bearer(&parts.headers) {
             Some(key) if app.config.gateway_keys.accepts(key) => Ok(Gateway),
             Some(_) => {
-                metrics::counter!("opencloud_gateway_auth_failures_total").increment(1);
+                metrics::counter!("opencloud_control_gateway_auth_failures_total").increment(1);
                 Err(ApiError(AppError::Unauthorized(
                     "the gateway key is not one this control accepts (gateway_keys)".into(),
                 )))
@@ -91,7 +91,7 @@ async fn watch(
     let stopping = app.stopping.subscribe();
     let pool = app.pool.clone();
     tokio::spawn(async move {
-        let streams = metrics::gauge!("opencloud_route_watch_streams");
+        let streams = metrics::gauge!("opencloud_control_route_watch_streams");
         streams.increment(1.0);
         routes::follow(pool, version, tx, stopping).await;
         streams.decrement(1.0);

@@ -26,6 +26,8 @@ mod pages;
 mod render;
 mod security_headers;
 
+pub use auth::TOKEN_REJECTIONS;
+
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware;
 use axum::routing::get;

@@ -21,10 +21,10 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let idle = pool
         .connections_in_pool
         .load(std::sync::atomic::Ordering::Relaxed);
-    metrics::gauge!("opencloud_db_pool_connections", "state" => "idle").set(idle as f64);
-    metrics::gauge!("opencloud_db_pool_connections", "state" => "in_use")
+    metrics::gauge!("opencloud_control_db_pool_connections", "state" => "idle").set(idle as f64);
+    metrics::gauge!("opencloud_control_db_pool_connections", "state" => "in_use")
         .set(open.saturating_sub(idle) as f64);
-    metrics::gauge!("opencloud_db_pool_max").set(app.config.pool_max as f64);
+    metrics::gauge!("opencloud_control_db_pool_max").set(app.config.pool_max as f64);
     // Sessions and hosts by state, read at scrape time.
     if let Ok(counts) = crate::sessions::count_by_state(&app.pool).await {
         let live: Vec<&'static str> = Phase::ALL
@@ -32,15 +32,16 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
             .filter(|p| p.is_live())
             .map(Phase::as_column)
             .collect();
-        set_state_gauges("opencloud_sessions", &live, &counts);
+        set_state_gauges("opencloud_control_sessions", &live, &counts);
     }
     if let Ok(counts) = crate::hosts::count_by_state(&app.pool).await {
         let states = ["online", "draining", "offline", "revoked"];
-        set_state_gauges("opencloud_hosts", &states, &counts);
+        set_state_gauges("opencloud_control_hosts", &states, &counts);
     }
     if let Ok(bytes) = crate::snapshots::versions::total_bytes(&app.pool).await {
-        metrics::gauge!("opencloud_snapshot_store_bytes").set(bytes as f64);
+        metrics::gauge!("opencloud_control_snapshot_store_bytes").set(bytes as f64);
     }
+    crate::stats::publish(&app.pool).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
@@ -84,9 +85,9 @@ pub async fn track_metrics(request: Request, next: Next) -> Response {
     let method = request.method().to_string();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("opencloud_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+    metrics::counter!("opencloud_control_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
-    metrics::histogram!("opencloud_http_request_duration_seconds", "route" => route)
+    metrics::histogram!("opencloud_control_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
 }

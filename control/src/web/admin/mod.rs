@@ -1,22 +1,22 @@
-//! The admin panel, every page of it: users, packages, hosts, Session
-//! data and billing. Each page checks for an administrator itself (`Ctx::require_admin`).
+//! The admin panel, every page of it: the overview, users, packages,
+//! hosts, Session data and billing. Each page checks for an administrator itself (`Ctx::require_admin`).
 
 mod billing;
+mod chart;
 mod hosts;
 mod numbers;
+mod overview;
 mod packages;
 mod sessions;
 mod users;
 
-use axum::response::Redirect;
-use axum::routing::get;
 use axum::Router;
 
 use crate::app::App;
 
 pub fn routes() -> Router<App> {
     Router::new()
-        .route("/admin", get(|| async { Redirect::to("/admin/users") }))
+        .merge(overview::routes())
         .merge(users::routes())
         .merge(packages::routes())
         .merge(hosts::routes())

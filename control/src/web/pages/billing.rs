@@ -9,11 +9,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
+use opencloud_protocol::metrics::LabelValue;
 use serde::Deserialize;
 
 use crate::app::App;
 use crate::billing::orders::{self, Order};
-use crate::billing::providers::Card;
+use crate::billing::providers::{Card, PaymentProvider};
 use crate::billing::{ledger, money, webhook};
 use crate::error::AppError;
 use crate::ids::random_id;
@@ -123,12 +124,11 @@ async fn pay(
     };
     let today = time::OffsetDateTime::now_utc();
     if let Err(decline) = card.charge((today.year() as u32, u32::from(u8::from(today.month())))) {
-        metrics::counter!("opencloud_payments_total", "provider" => "sandbox", "outcome" => decline.outcome)
-            .increment(1);
+        decline.outcome.count(sandbox.name());
         orders::note_attempt(&app.pool, order.id, Some(&decline.message)).await?;
         tracing::info!(
             order = order.id,
-            outcome = decline.outcome,
+            outcome = decline.outcome.label(),
             "sandbox card refused"
         );
         let error = FormError::from(&AppError::invalid(decline.field, decline.message));
