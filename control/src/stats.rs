@@ -179,11 +179,16 @@ pub async fn read(pool: &Pool) -> Result<Stats, AppError> {
         }
     }
 
+    // Every currency packages are priced in, at 0 when nothing is owed, so
+    // the gauge (and its dashboard panel) exists from the start.
     headline.owed_to_hosts = conn
         .query_map(
-            "SELECT currency, CAST(SUM(amount_micro) AS SIGNED) FROM ledger_entries
-             WHERE book = 'earnings' AND currency IS NOT NULL
-             GROUP BY currency ORDER BY currency",
+            "SELECT c.currency, CAST(COALESCE(SUM(e.amount_micro), 0) AS SIGNED)
+             FROM (SELECT currency FROM packages
+                   UNION SELECT currency FROM ledger_entries
+                   WHERE book = 'earnings' AND currency IS NOT NULL) c
+             LEFT JOIN ledger_entries e ON e.book = 'earnings' AND e.currency = c.currency
+             GROUP BY c.currency ORDER BY c.currency",
             |(currency, micro): (String, i64)| Amount::new(currency, micro),
         )
         .await?;

@@ -331,6 +331,23 @@ async fn only_admins_see_the_overview_and_empty_charts_say_so() {
         assert!(chart.bars.is_empty(), "{id}: {:?}", chart.bars);
         assert!(chart.text.contains("No data in the last 24 h"), "{id}");
     }
+    // Before any money moved, the money gauges exist at 0 for the
+    // packages' currency, so their panels and alerts have a series.
+    let text = stack.control().metrics().await;
+    let currency: String = stack
+        .db
+        .conn()
+        .await
+        .query_first("SELECT currency FROM packages LIMIT 1")
+        .await
+        .unwrap()
+        .unwrap();
+    for name in [
+        "opencloud_control_revenue_today_minor",
+        "opencloud_control_host_earnings_owed_minor",
+    ] {
+        metric_is(&text, &format!("{name}{{currency=\"{currency}\"}}"), 0.0);
+    }
     let hosts = parse_chart(chart_svg(&html, "hosts-online"));
     assert!(hosts
         .text
