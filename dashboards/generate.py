@@ -47,6 +47,8 @@ def quantiles(metric, by="", legend_prefix=""):
     ]
 
 
+# Gauges control reads from the database at scrape time are the same on
+# every control replica: they are taken with max, never summed.
 REQUESTS = "opencloud_gateway_requests_total"
 # No 5xx series yet means no 5xx answer yet: zero errors, not no data.
 ERROR_RATIO = (
@@ -61,21 +63,21 @@ DASHBOARDS = [
         "title": "OpenCloud overview",
         "host_variable": False,
         "panels": [
-            stat("Users online", q("opencloud_control_users_online"),
+            stat("Users online", q("max(opencloud_control_users_online)"),
                  description="Distinct users with a live session or a request in the last 5 minutes."),
-            stat("Sessions running", q('sum(opencloud_control_sessions{state="running"})')),
-            stat("Sessions starting", q('sum(opencloud_control_sessions{state="starting"})')),
-            stat("Hosts online", q("sum(opencloud_control_host_up)"),
+            stat("Sessions running", q('max(opencloud_control_sessions{state="running"})')),
+            stat("Sessions starting", q('max(opencloud_control_sessions{state="starting"})')),
+            stat("Hosts online", q("sum(max by (host) (opencloud_control_host_up))"),
                  description="Registered, unrevoked hosts with a fresh heartbeat."),
             stat("Error ratio seen by users", q(ERROR_RATIO), unit="percentunit",
                  description="Gateway answers 5xx over all answers."),
-            stat("Revenue today (minor units)", q("sum by (currency) (opencloud_control_revenue_today_minor)", "{{currency}}"),
+            stat("Revenue today (minor units)", q("max by (currency) (opencloud_control_revenue_today_minor)", "{{currency}}"),
                  description="Purchases paid since 00:00 UTC minus refunds, in cents (or the currency's minor unit)."),
             series("Open to ready", *quantiles("opencloud_control_session_open_to_ready_seconds"), unit="s",
                    description="From Open to the notebook answering."),
-            series("Sessions", q("sum by (state) (opencloud_control_sessions)", "{{state}}")),
+            series("Sessions", q("max by (state) (opencloud_control_sessions)", "{{state}}")),
             series("Error ratio seen by users", q(ERROR_RATIO, "5xx / all"), unit="percentunit"),
-            series("Users online", q("opencloud_control_users_online", "users")),
+            series("Users online", q("max(opencloud_control_users_online)", "users")),
         ],
     },
     {
@@ -113,15 +115,15 @@ DASHBOARDS = [
         "title": "OpenCloud hosts",
         "host_variable": True,
         "panels": [
-            series("CPU", q('opencloud_control_host_cpu_ratio{host=~"$host"}', "host {{host}}"), unit="percentunit"),
-            series("Memory used", q('opencloud_control_host_memory_used_ratio{host=~"$host"}', "host {{host}}"),
+            series("CPU", q('max by (host) (opencloud_control_host_cpu_ratio{host=~"$host"})', "host {{host}}"), unit="percentunit"),
+            series("Memory used", q('max by (host) (opencloud_control_host_memory_used_ratio{host=~"$host"})', "host {{host}}"),
                    unit="percentunit"),
-            series("Sessions", q('opencloud_control_host_sessions{host=~"$host"}', "host {{host}}")),
+            series("Sessions", q('max by (host) (opencloud_control_host_sessions{host=~"$host"})', "host {{host}}")),
             series("Reachable from the gateway", q('opencloud_gateway_host_reachable{host=~"$host"}', "host {{host}}"),
                    description="1 when the gateway's own health probe reaches the host's link."),
-            series("Heartbeat age", q('opencloud_control_host_heartbeat_age_seconds{host=~"$host"}', "host {{host}}"),
+            series("Heartbeat age", q('max by (host) (opencloud_control_host_heartbeat_age_seconds{host=~"$host"})', "host {{host}}"),
                    unit="s"),
-            stat("Uptime over 30 days", q('opencloud_control_host_uptime_ratio_30d{host=~"$host"}', "host {{host}}"),
+            stat("Uptime over 30 days", q('max by (host) (opencloud_control_host_uptime_ratio_30d{host=~"$host"})', "host {{host}}"),
                  unit="percentunit"),
             series("Spawn time (p95)",
                    q("histogram_quantile(0.95, sum by (le) (rate(opencloud_control_session_spawn_seconds_bucket[$__rate_interval])))",
@@ -143,12 +145,12 @@ DASHBOARDS = [
         "title": "OpenCloud business",
         "host_variable": False,
         "panels": [
-            stat("Revenue today (minor units)", q("sum by (currency) (opencloud_control_revenue_today_minor)", "{{currency}}")),
+            stat("Revenue today (minor units)", q("max by (currency) (opencloud_control_revenue_today_minor)", "{{currency}}")),
             stat("Host earnings owed (minor units)",
-                 q("sum by (currency) (opencloud_control_host_earnings_owed_minor)", "{{currency}}")),
-            stat("Compute time outstanding", q("opencloud_control_compute_seconds_outstanding"), unit="s",
+                 q("max by (currency) (opencloud_control_host_earnings_owed_minor)", "{{currency}}")),
+            stat("Compute time outstanding", q("max(opencloud_control_compute_seconds_outstanding)"), unit="s",
                  description="Unexpired, unused seconds on all lots."),
-            stat("Ledger drift (lots)", q("opencloud_control_ledger_drift_lots"),
+            stat("Ledger drift (lots)", q("max(opencloud_control_ledger_drift_lots)"),
                  description="Lots whose balance is not the sum of their entries; anything but 0 is a bug."),
             series("Payments by outcome",
                    q("sum by (provider, outcome) (increase(opencloud_control_payments_total[$__rate_interval]))",
@@ -159,7 +161,7 @@ DASHBOARDS = [
             series("Compute time by kind",
                    q("sum by (kind) (increase(opencloud_control_compute_seconds_total[$__rate_interval]))", "{{kind}}"),
                    unit="s", description="Seconds sold, granted, used, expired, refunded and revoked."),
-            series("Host earnings owed", q("sum by (currency) (opencloud_control_host_earnings_owed_minor)", "{{currency}}")),
+            series("Host earnings owed", q("max by (currency) (opencloud_control_host_earnings_owed_minor)", "{{currency}}")),
             series("Webhook rejections",
                    q("sum by (provider, reason) (increase(opencloud_control_webhook_rejections_total[$__rate_interval]))",
                      "{{provider}} {{reason}}")),
