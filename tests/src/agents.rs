@@ -219,8 +219,15 @@ impl Drop for AgentProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever Jupyter servers are left go with the test.
+        // Whatever Jupyter servers are left go with the test: those the
+        // agent knows of, then anything still running from its work dir
+        // (a server whose start the agent had not recorded yet).
         stop_all(&self.config_path);
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self.dir.as_os_str())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

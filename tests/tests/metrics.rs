@@ -355,3 +355,35 @@ fn the_checks_refuse_an_email_in_a_label_value() {
 fn the_checks_want_build_info() {
     checked("gateway", &good().replace("} 1\n", "} 0\n"), &[]);
 }
+
+/// A stranger sending made-up methods and paths must not grow control's
+/// series: each would be a new label value kept forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_methods_and_paths_do_not_grow_controls_series() {
+    let stack = TestStack::control_only().await.unwrap();
+    let http = stack.http();
+    for n in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("ZZTOP{n}").as_bytes()).unwrap();
+        for path in ["/api/v1/packages".to_owned(), format!("/made-up/{n}")] {
+            let r = http
+                .request(method.clone(), stack.url(&path))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_client_error(), "{} {path}", r.status());
+        }
+    }
+    let text = stack.control().metrics().await;
+    checked("control", &text, &[]);
+    let requests: Vec<_> = text
+        .lines()
+        .filter(|l| l.starts_with("opencloud_control_http_requests_total{"))
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .all(|l| !l.contains("ZZTOP") && !l.contains("made-up")),
+        "made-up methods or paths became label values:\n{}",
+        requests.join("\n")
+    );
+}

@@ -75,6 +75,22 @@ pub async fn healthz(State(app): State<App>) -> Response {
     }
 }
 
+/// The method as a label: anything but the usual ones is `other`, since a
+/// client may send any token as a method and each would be a new series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 pub async fn track_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
@@ -82,7 +98,7 @@ pub async fn track_metrics(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("opencloud_control_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
