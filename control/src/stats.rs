@@ -150,7 +150,7 @@ pub async fn read(pool: &Pool) -> Result<Stats, AppError> {
 
     let opens: Option<(u64, Option<u64>)> = conn
         .query_first(
-            "SELECT COUNT(*), CAST(SUM(state = 'failed') AS UNSIGNED) FROM sessions
+            "SELECT COUNT(*), CAST(SUM(state = 'failed' AND ready_at IS NULL) AS UNSIGNED) FROM sessions
              WHERE created_at >= UTC_TIMESTAMP(6) - INTERVAL 1 HOUR",
         )
         .await?;
@@ -405,7 +405,8 @@ pub async fn last_day(pool: &Pool, now: u64) -> Result<LastDay, AppError> {
     let mut open_failures = Hourly::zeros(first_hour);
     let opened: Vec<(u64, bool)> = conn
         .exec(
-            "SELECT CAST(FLOOR(UNIX_TIMESTAMP(created_at)) AS UNSIGNED), state = 'failed' FROM sessions
+            "SELECT CAST(FLOOR(UNIX_TIMESTAMP(created_at)) AS UNSIGNED),
+                    state = 'failed' AND ready_at IS NULL FROM sessions
              WHERE created_at >= FROM_UNIXTIME(?)",
             (first_hour,),
         )

@@ -294,6 +294,26 @@ async fn the_overview_and_the_metrics_show_a_purchase_a_running_session_and_its_
     let text = stack.control().metrics().await;
     metric_is(&text, &format!("opencloud_control_host_up{h}"), 0.0);
     metric_is(&text, &format!("opencloud_control_host_sessions{h}"), 0.0);
+    // A session that ran and then failed (as when an agent restarts without
+    // it) was no failed open: only one that never became ready counts.
+    stack
+        .db
+        .conn()
+        .await
+        .query_drop("UPDATE sessions SET state = 'failed', end_reason = 'agent_restarted'")
+        .await
+        .unwrap();
+    let html = admin.page("/admin").await;
+    assert!(html.contains("1 opened, none failed"), "{html}");
+    stack
+        .db
+        .conn()
+        .await
+        .query_drop("UPDATE sessions SET ready_at = NULL")
+        .await
+        .unwrap();
+    let html = admin.page("/admin").await;
+    assert!(html.contains("1 opened, 1 failed to start"), "{html}");
 }
 
 #[tokio::test]
