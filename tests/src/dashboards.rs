@@ -9,21 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::exposition::PERSONAL_LABELS;
 use crate::prometheus::Prometheus;
-
-/// Labels whose values grow with users, sessions or orders: no dashboard
-/// may group or filter by them (metrics never carry them either).
-const UNBOUNDED_LABELS: &[&str] = &[
-    "user",
-    "user_id",
-    "email",
-    "sid",
-    "session",
-    "project",
-    "project_id",
-    "order",
-    "order_id",
-];
 
 /// Where each part's code lives, by the metric prefix naming it.
 const PARTS: &[(&str, &str)] = &[
@@ -166,7 +153,7 @@ impl Dashboard {
                 ));
                 let legend = target["legendFormat"].as_str().unwrap_or_default();
                 for label in names.labels.iter().chain(&legend_labels(legend)) {
-                    if UNBOUNDED_LABELS.contains(&label.as_str()) {
+                    if PERSONAL_LABELS.contains(&label.as_str()) {
                         problem(format!(
                             "panel {title:?}: {expr:?} uses label {label:?}, unbounded"
                         ));
@@ -240,7 +227,7 @@ impl AlertRule {
             names
                 .labels
                 .iter()
-                .filter(|label| UNBOUNDED_LABELS.contains(&label.as_str()))
+                .filter(|label| PERSONAL_LABELS.contains(&label.as_str()))
                 .map(|label| format!("label {label:?} is unbounded")),
         );
         if names.metrics.is_empty() {

@@ -5,6 +5,23 @@
 
 use std::collections::BTreeMap;
 
+/// Label names that would carry a person, a session, a project, an order,
+/// a token or an address: no metric may have them and no dashboard query
+/// may group or filter by them (each value would be a series of its own).
+pub const PERSONAL_LABELS: [&str; 11] = [
+    "user",
+    "user_id",
+    "email",
+    "sid",
+    "session",
+    "project",
+    "project_id",
+    "order",
+    "order_id",
+    "token",
+    "ip",
+];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub name: String,

@@ -9,24 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use opencloud_e2e::exposition::Exposition;
+use opencloud_e2e::exposition::{Exposition, PERSONAL_LABELS};
 use opencloud_e2e::sessions::{open, wait_running};
 use opencloud_e2e::TestStack;
-
-/// Label names that would carry a person, a session, a project or an order.
-const FORBIDDEN_LABELS: [&str; 11] = [
-    "user",
-    "user_id",
-    "email",
-    "sid",
-    "session",
-    "project",
-    "project_id",
-    "order",
-    "order_id",
-    "token",
-    "ip",
-];
 
 /// The version every part reports: the workspace's, as this crate's.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -85,7 +70,7 @@ fn checked(part: &str, text: &str, secrets: &[&str]) -> Exposition {
         );
         for (label, value) in &sample.labels {
             assert!(
-                !FORBIDDEN_LABELS.contains(&label.as_str()),
+                !PERSONAL_LABELS.contains(&label.as_str()),
                 "{part}: {family} has the label {label}"
             );
             assert!(
