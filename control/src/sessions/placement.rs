@@ -140,9 +140,22 @@ pub async fn open(
 ) -> Result<Opened, AppError> {
     let started = Instant::now();
     let mut conn = pool.get_conn().await?;
+    // The hosts that might take it, read before the transaction on the same
+    // connection: taking a second pooled connection while holding locks
+    // deadlocked control once a crowd of opens held every connection.
+    let candidate_list = candidates(&mut conn).await?;
     // Opening the same project twice at once: the project row lock makes
-    // the second wait and then find the first's session.
-    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    // the second wait and then find the first's session. Read committed:
+    // every count below runs after a lock and must see what the holder
+    // before us committed (a repeatable-read snapshot taken before the
+    // lock let a crowd of opens overfill a host).
+    let mut tx = conn
+        .start_transaction(
+            TxOpts::default()
+                .with_isolation_level(mysql_async::IsolationLevel::ReadCommitted)
+                .clone(),
+        )
+        .await?;
     let project: Option<(Option<u64>, bool)> = tx
         .exec_first(
             "SELECT last_host_id, deleted_at IS NOT NULL FROM projects WHERE id = ? AND owner_id = ? FOR UPDATE",
@@ -214,28 +227,30 @@ pub async fn open(
             if n == 1 { "is" } else { "are" },
         )));
     }
-    // Candidates are read without locks; the chosen host's row is then
+    // Candidates were read without locks; the chosen host's row is now
     // locked and its sessions recounted, so capacity holds under races.
-    let mut reader = pool.get_conn().await?;
-    let order = placement_order(candidates(&mut reader).await?, last_host);
-    drop(reader);
-    let mut chosen = None;
-    for candidate in order {
-        let live: Option<u64> = tx
-            .exec_first(
-                format!(
-                    "SELECT (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({}))
-                     FROM hosts h WHERE h.id = ? AND h.state = 'online' AND NOT h.draining FOR UPDATE",
-                    live_sql()
-                ),
-                (candidate.id,),
-            )
-            .await?;
-        if live.is_some_and(|live| live < u64::from(candidate.max_sessions)) {
-            chosen = Some(candidate);
-            break;
-        }
-    }
+    let order = placement_order(candidate_list, last_host);
+    // Every candidate's row is locked at once, in id order, so that
+    // concurrent opens wait for each other instead of deadlocking (each
+    // would otherwise lock its own preferred host first); the live counts
+    // are then read after the locks and include every committed placement.
+    let ids: Vec<String> = order.iter().map(|c| c.id.to_string()).collect();
+    let live: Vec<(u64, u64)> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        tx.query(format!(
+            "SELECT h.id, (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({}))
+             FROM hosts h WHERE h.id IN ({}) AND h.state = 'online' AND NOT h.draining
+             ORDER BY h.id FOR UPDATE",
+            live_sql(),
+            ids.join(", ")
+        ))
+        .await?
+    };
+    let chosen = order.into_iter().find(|candidate| {
+        live.iter()
+            .any(|(id, n)| *id == candidate.id && *n < u64::from(candidate.max_sessions))
+    });
     let Some(host) = chosen else {
         tx.rollback().await?;
         PlacementOutcome::NoCapacity.count();
