@@ -232,24 +232,37 @@ pub async fn open(
     let order = placement_order(candidate_list, last_host);
     // Every candidate's row is locked at once, in id order, so that
     // concurrent opens wait for each other instead of deadlocking (each
-    // would otherwise lock its own preferred host first); the live counts
-    // are then read after the locks and include every committed placement.
+    // would otherwise lock its own preferred host first). The live counts
+    // are a second statement: under read committed it reads after the locks
+    // were granted and so includes every placement committed before. (A
+    // count inside the locking statement could read from before the wait,
+    // and CI saw a host overfilled by one.)
     let ids: Vec<String> = order.iter().map(|c| c.id.to_string()).collect();
-    let live: Vec<(u64, u64)> = if ids.is_empty() {
-        Vec::new()
+    let (open_hosts, live): (Vec<u64>, Vec<(u64, u64)>) = if ids.is_empty() {
+        (Vec::new(), Vec::new())
     } else {
-        tx.query(format!(
-            "SELECT h.id, (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({}))
-             FROM hosts h WHERE h.id IN ({}) AND h.state = 'online' AND NOT h.draining
-             ORDER BY h.id FOR UPDATE",
-            live_sql(),
-            ids.join(", ")
-        ))
-        .await?
+        let ids = ids.join(", ");
+        let open_hosts = tx
+            .query(format!(
+                "SELECT id FROM hosts WHERE id IN ({ids}) AND state = 'online' AND NOT draining
+                 ORDER BY id FOR UPDATE"
+            ))
+            .await?;
+        let live = tx
+            .query(format!(
+                "SELECT host_id, COUNT(*) FROM sessions
+                 WHERE host_id IN ({ids}) AND state IN ({}) GROUP BY host_id",
+                live_sql()
+            ))
+            .await?;
+        (open_hosts, live)
     };
     let chosen = order.into_iter().find(|candidate| {
-        live.iter()
-            .any(|(id, n)| *id == candidate.id && *n < u64::from(candidate.max_sessions))
+        let placed = live
+            .iter()
+            .find(|(id, _)| *id == candidate.id)
+            .map_or(0, |(_, n)| *n);
+        open_hosts.contains(&candidate.id) && placed < u64::from(candidate.max_sessions)
     });
     let Some(host) = chosen else {
         tx.rollback().await?;
