@@ -260,6 +260,7 @@ async fn heartbeats(
             version: VERSION.to_owned(),
             load: sampler.sample(&supervisor.config().work_dir),
             sessions: supervisor.sessions(),
+            warm_servers: 0,
         };
         match client.heartbeat(&heartbeat).await {
             Ok(reply) => {

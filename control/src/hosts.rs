@@ -969,6 +969,7 @@ mod tests {
                 last_activity: Some(last_activity),
                 busy_kernels: 0,
             }],
+            warm_servers: 0,
         }
     }
 

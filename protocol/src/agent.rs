@@ -128,6 +128,11 @@ pub struct Heartbeat {
     pub version: String,
     pub load: Load,
     pub sessions: Vec<AgentSession>,
+    /// Warm servers started and ready to be bound to the next session
+    /// (see `warm_pool` in the agent's config). Placement prefers hosts
+    /// that have one.
+    #[serde(default)]
+    pub warm_servers: u32,
 }
 
 /// Control's answer to a heartbeat.
@@ -186,8 +191,14 @@ pub struct CommandBatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentEvent {
-    /// `/api/status` answered on the session's socket.
-    Ready { sid: String, spawn_ms: u64 },
+    /// `/api/status` answered on the session's socket. `warm` when the
+    /// session was bound to a server from the warm pool (no cold start).
+    Ready {
+        sid: String,
+        spawn_ms: u64,
+        #[serde(default)]
+        warm: bool,
+    },
     /// The server could not be started (or exited before it was ready).
     Failed {
         sid: String,
@@ -272,6 +283,7 @@ mod tests {
         let event = AgentEvent::Ready {
             sid: "abc".into(),
             spawn_ms: 1500,
+            warm: false,
         };
         let json = serde_json::to_string(&event).unwrap();
         assert!(json.starts_with(r#"{"event":"ready""#), "{json}");

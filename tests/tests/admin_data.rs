@@ -98,6 +98,7 @@ impl Host {
                 disk_free_mib: 100_000,
             },
             sessions: Vec::new(),
+            warm_servers: 0,
         };
         self.heartbeats = Some(tokio::spawn(async move {
             loop {

@@ -124,7 +124,7 @@ fn start_command(project_id: u64) -> StartSession {
 /// The session a `Ready` names, where the host link reaches it, and its spawn time.
 fn ready(supervisor: &Supervisor, event: AgentEvent) -> (String, Target, u64) {
     match event {
-        AgentEvent::Ready { sid, spawn_ms } => {
+        AgentEvent::Ready { sid, spawn_ms, .. } => {
             let target = supervisor
                 .link_target(&sid)
                 .expect("a ready session has a target");

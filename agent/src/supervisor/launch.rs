@@ -106,6 +106,7 @@ impl Supervisor {
                                     sid,
                                     // No ports any more: the host link reaches the socket.
                                     spawn_ms,
+                                    warm: false,
                                 },
                                 true,
                             );
@@ -161,7 +162,14 @@ impl Supervisor {
                 self.watch_memory(session.clone());
                 self.autosave(session.clone());
                 tracing::info!(sid, spawn_ms, "session ready");
-                (AgentEvent::Ready { sid, spawn_ms }, true)
+                (
+                    AgentEvent::Ready {
+                        sid,
+                        spawn_ms,
+                        warm: false,
+                    },
+                    true,
+                )
             }
             Readiness::Superseded => (AgentEvent::Stopped { sid }, false),
             Readiness::TimedOut => {
