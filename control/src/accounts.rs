@@ -513,43 +513,40 @@ async fn backing_off(
 }
 
 /// The user behind a verified token, if its login session is still live and
-/// the user is not disabled.
+/// the user is not disabled. Records that the login made a request now, at
+/// most once a minute and on the same connection (users online are counted
+/// from it).
 pub async fn authenticate(
     pool: &Pool,
     user_id: u64,
     login_session: &str,
 ) -> Result<Option<User>, AppError> {
-    let row: Option<UserRow> = pool
-        .get_conn()
-        .await?
+    let mut conn = pool.get_conn().await?;
+    let row: Option<(u64, String, String, String, bool, String, bool)> = conn
         .exec_first(
             format!(
-                "SELECT {USER_COLUMNS} FROM login_sessions s JOIN users u ON u.id = s.user_id
+                "SELECT {USER_COLUMNS},
+                    s.last_seen_at IS NULL OR s.last_seen_at < UTC_TIMESTAMP(6) - INTERVAL 60 SECOND
+                 FROM login_sessions s JOIN users u ON u.id = s.user_id
                  WHERE s.id = ? AND s.user_id = ? AND s.revoked_at IS NULL
                    AND s.expires_at > NOW(6) AND NOT u.disabled"
             ),
             (login_session, user_id),
         )
         .await?;
-    if row.is_some() {
-        touch_login_session(pool, login_session).await?;
-    }
-    Ok(row.map(user_from_row))
-}
-
-/// Records that the login made a request now, at most once a minute (one
-/// cheap no-op update otherwise): users online are counted from it.
-async fn touch_login_session(pool: &Pool, login_session: &str) -> Result<(), AppError> {
-    pool.get_conn()
-        .await?
-        .exec_drop(
-            "UPDATE login_sessions SET last_seen_at = UTC_TIMESTAMP(6)
-             WHERE id = ? AND (last_seen_at IS NULL
-                               OR last_seen_at < UTC_TIMESTAMP(6) - INTERVAL 60 SECOND)",
+    let Some((id, email, name, role, disabled, created_at, seen_long_ago)) = row else {
+        return Ok(None);
+    };
+    if seen_long_ago {
+        conn.exec_drop(
+            "UPDATE login_sessions SET last_seen_at = UTC_TIMESTAMP(6) WHERE id = ?",
             (login_session,),
         )
         .await?;
-    Ok(())
+    }
+    Ok(Some(user_from_row((
+        id, email, name, role, disabled, created_at,
+    ))))
 }
 
 /// Extends a login session when its token is re-issued.
