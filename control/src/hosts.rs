@@ -646,6 +646,11 @@ fn check_heartbeat(beat: &Heartbeat, now: u64) -> Result<(), AppError> {
             load.memory_total_mib,
         ),
         ("disk_free_mib", load.disk_free_mib, MAX_HOST_DISK_MIB),
+        (
+            "warm_servers",
+            u64::from(beat.warm_servers),
+            u64::from(MAX_HOST_SESSIONS),
+        ),
     ] {
         if value > max {
             return Err(AppError::invalid(
@@ -823,7 +828,8 @@ pub async fn heartbeat(
     };
     tx.exec_drop(
         "UPDATE hosts SET state = 'online', last_heartbeat_at = UTC_TIMESTAMP(6), cpu_percent = ?,
-            memory_used_mib = ?, memory_total_mib = ?, disk_free_mib = ?, agent_version = ?
+            memory_used_mib = ?, memory_total_mib = ?, disk_free_mib = ?, agent_version = ?,
+            warm_servers = LEAST(?, max_sessions)
          WHERE id = ?",
         (
             f64::from(load.cpu_percent),
@@ -831,6 +837,7 @@ pub async fn heartbeat(
             load.memory_total_mib,
             load.disk_free_mib,
             beat.version.trim(),
+            beat.warm_servers,
             host_id,
         ),
     )
@@ -891,7 +898,7 @@ pub async fn take_offline(pool: &Pool, host_id: u64, reason: EndReason) -> Resul
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     tx.exec_drop(
-        "UPDATE hosts SET state = 'offline', updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        "UPDATE hosts SET state = 'offline', warm_servers = 0, updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
         (host_id,),
     )
     .await?;

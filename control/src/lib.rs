@@ -55,7 +55,8 @@ fn register_counters_at_zero(app: &App) {
     use billing::providers::PaymentOutcome;
     use billing::webhook::WebhookRejection;
     use sessions::ending::EndReason;
-    use sessions::placement::PlacementOutcome;
+    use sessions::queue;
+    use sessions::room::{self, PlacementOutcome};
 
     let provider = [app.payments.provider.name()];
     register_at_zero(
@@ -84,6 +85,8 @@ fn register_counters_at_zero(app: &App) {
         PlacementOutcome::METRIC,
         &[("outcome", &PlacementOutcome::labels())],
     );
+    register_at_zero(room::Retry::METRIC, &[("outcome", &room::Retry::labels())]);
+    register_at_zero(queue::Exit::METRIC, &[("outcome", &queue::Exit::labels())]);
     register_at_zero(ComputeFlow::METRIC, &[("kind", &ComputeFlow::labels())]);
     register_at_zero(EndReason::METRIC, &[("reason", &EndReason::labels())]);
 }
@@ -126,6 +129,12 @@ pub async fn serve(
                 app.config.registration.window_seconds,
             ),
         ],
+        app.stopping.subscribe(),
+    ));
+    tokio::spawn(sessions::queue::run(
+        app.pool.clone(),
+        app.wakeups.clone(),
+        app.config.billing.host_share_percent,
         app.stopping.subscribe(),
     ));
     tokio::spawn(sessions::watch::watch(

@@ -67,6 +67,9 @@ pub struct Headline {
     pub owed_to_hosts: Vec<Amount>,
     /// Unused seconds on lots that have not expired.
     pub compute_seconds_outstanding: u64,
+    /// Opens waiting for room, and how long the first of them has waited.
+    pub queue_length: u64,
+    pub queue_oldest_wait_seconds: f64,
 }
 
 /// One registered, unrevoked host's health.
@@ -89,6 +92,8 @@ pub struct HostStat {
     pub load_ratio: f64,
     /// Online seconds over the last 30 days / [`UPTIME_WINDOW_SECONDS`].
     pub uptime_ratio_30d: f64,
+    /// Warm servers its agent last reported ready, less those taken since.
+    pub warm_servers: u32,
 }
 
 /// Everything the overview shows at one moment.
@@ -157,6 +162,17 @@ pub async fn read(pool: &Pool) -> Result<Stats, AppError> {
     if let Some((opens, failures)) = opens {
         headline.opens_last_hour = opens;
         headline.open_failures_last_hour = failures.unwrap_or(0);
+    }
+
+    let queue: Option<(u64, Option<f64>)> = conn
+        .query_first(
+            "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(queued_at), UTC_TIMESTAMP(6)) / 1e6
+             FROM open_queue WHERE waiting_project_id IS NOT NULL",
+        )
+        .await?;
+    if let Some((length, oldest)) = queue {
+        headline.queue_length = length;
+        headline.queue_oldest_wait_seconds = oldest.unwrap_or(0.0).max(0.0);
     }
 
     headline.revenue_today = revenue_today(&mut conn).await?;
@@ -252,7 +268,8 @@ async fn hosts(conn: &mut impl Queryable) -> Result<Vec<HostStat>, AppError> {
                     (SELECT COUNT(*) FROM sessions s WHERE s.host_id = h.id AND s.state IN ({live})),
                     h.max_sessions, h.cpu_percent, h.memory_used_mib, h.memory_total_mib,
                     (SELECT COALESCE(SUM(t.online_seconds), 0) FROM host_uptime t
-                       WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY) * 1e0
+                       WHERE t.host_id = h.id AND t.day >= UTC_DATE() - INTERVAL 30 DAY) * 1e0,
+                    h.warm_servers
                  FROM hosts h
                  WHERE h.registered_at IS NOT NULL AND h.key_revoked_at IS NULL
                  ORDER BY h.id",
@@ -277,6 +294,7 @@ fn host_from_row(mut row: mysql_async::Row) -> HostStat {
     let memory_used_mib: u64 = lenient(take(8));
     let memory_total_mib: u64 = lenient(take(9));
     let online_seconds: f64 = lenient(take(10));
+    let warm_servers: u32 = lenient(take(11));
     HostStat {
         id,
         name,
@@ -299,6 +317,7 @@ fn host_from_row(mut row: mysql_async::Row) -> HostStat {
             memory_total_mib,
         ),
         uptime_ratio_30d: (online_seconds / UPTIME_WINDOW_SECONDS).clamp(0.0, 1.0),
+        warm_servers,
     }
 }
 
@@ -499,6 +518,8 @@ fn set_gauges(stats: &Stats) {
     metrics::gauge!("opencloud_control_users_online").set(h.users_online as f64);
     metrics::gauge!("opencloud_control_compute_seconds_outstanding")
         .set(h.compute_seconds_outstanding as f64);
+    metrics::gauge!("opencloud_control_queue_length").set(h.queue_length as f64);
+    metrics::gauge!("opencloud_control_queue_oldest_wait_seconds").set(h.queue_oldest_wait_seconds);
     for revenue in &h.revenue_today {
         metrics::gauge!("opencloud_control_revenue_today_minor", "currency" => revenue.currency.clone())
             .set(revenue.net_minor as f64);
@@ -543,6 +564,10 @@ fn set_host_gauges(host: &HostStat) {
     gauge(
         "opencloud_control_host_uptime_ratio_30d",
         host.uptime_ratio_30d,
+    );
+    gauge(
+        "opencloud_control_host_warm_servers",
+        f64::from(host.warm_servers),
     );
 }
 

@@ -46,6 +46,8 @@ pub struct Control {
     pub config_path: PathBuf,
     /// The key gateways present on the internal listener (`gateway_keys`).
     pub gateway_key: String,
+    /// The environment overrides it was started with (kept for a restart).
+    env: Vec<(String, String)>,
 }
 
 impl Control {
@@ -112,19 +114,7 @@ impl Control {
     /// Starts control and waits until `/healthz` answers.
     pub async fn start(db: &TestDatabase, options: &ControlOptions) -> anyhow::Result<Self> {
         let (dir, config_path, public, internal) = Self::prepare(db, options)?;
-        let log = std::fs::File::create(dir.join("control.log"))?;
-        let child = Command::new(binary("opencloud-control"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info,mysql_async=warn")
-            // Tests open several sessions per user on their sign-up grant;
-            // the billing tests set the product's own limit (1) again.
-            .env("OPENCLOUD_CONTROL__BILLING__TRIAL__SESSIONS_AT_ONCE", "8")
-            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn opencloud-control")?;
+        let child = Self::spawn(&dir, &config_path, &options.env)?;
         let mut control = Self {
             child,
             public: format!("http://127.0.0.1:{public}"),
@@ -132,6 +122,7 @@ impl Control {
             gateway_key: std::fs::read_to_string(dir.join("gateway.key"))?,
             dir,
             config_path,
+            env: options.env.clone(),
         };
         control.wait_healthy().await?;
         crate::wiretap::forbid(
@@ -142,6 +133,39 @@ impl Control {
             crate::wiretap::forbid("the payment webhook secret", &secret);
         }
         Ok(control)
+    }
+
+    /// The control process on `config_path`, its output appended to the log.
+    fn spawn(
+        dir: &std::path::Path,
+        config_path: &std::path::Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("control.log"))?;
+        Command::new(binary("opencloud-control"))
+            .arg("--config")
+            .arg(config_path)
+            .env("RUST_LOG", "info,mysql_async=warn")
+            // Tests open several sessions per user on their sign-up grant;
+            // the billing tests set the product's own limit (1) again.
+            .env("OPENCLOUD_CONTROL__BILLING__TRIAL__SESSIONS_AT_ONCE", "8")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn opencloud-control")
+    }
+
+    /// SIGTERM, then the same control again on the same config, ports,
+    /// keys and database, as an operator's restart would.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let status = self.terminate()?;
+        anyhow::ensure!(status.success(), "control exited with {status} on SIGTERM");
+        self.child = Self::spawn(&self.dir, &self.config_path, &self.env)?;
+        self.wait_healthy().await
     }
 
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
@@ -175,6 +199,10 @@ impl Control {
 
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -125,6 +125,15 @@ impl TestStack {
         self.control.take().expect("control is running").stop()
     }
 
+    /// Restarts control in place (SIGTERM, then the same config and ports).
+    pub async fn restart_control(&mut self) -> anyhow::Result<()> {
+        self.control
+            .as_mut()
+            .expect("control is running")
+            .restart()
+            .await
+    }
+
     pub fn gateway(&self) -> &GatewayProcess {
         self.gateway.as_ref().expect("a stack with a gateway")
     }

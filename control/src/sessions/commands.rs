@@ -22,18 +22,35 @@ use crate::error::AppError;
 pub const STOP_GRACE_MS: u64 = 10_000;
 
 /// Wakes agents' command polls on this replica the moment a command for
-/// their host is queued (other replicas notice within a second).
+/// their host is queued, and the queue's promoter when something on a host
+/// changed (other replicas notice within a second).
 #[derive(Clone, Default)]
-pub struct Wakeups(Arc<Mutex<HashMap<u64, Arc<Notify>>>>);
+pub struct Wakeups {
+    hosts: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    queue: Arc<Notify>,
+}
 
 impl Wakeups {
     fn for_host(&self, host: u64) -> Arc<Notify> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(host).or_default().clone()
     }
 
+    /// A command for `host` was queued, or one of its sessions changed
+    /// (which may have freed a place for a waiting open).
     pub fn wake(&self, host: u64) {
         self.for_host(host).notify_waiters();
+        self.wake_queue();
+    }
+
+    /// The queue changed or a place may be free: look at its head now.
+    pub fn wake_queue(&self) {
+        self.queue.notify_one();
+    }
+
+    /// What the queue's promoter waits on.
+    pub(super) fn queue(&self) -> Arc<Notify> {
+        self.queue.clone()
     }
 }
 
@@ -103,7 +120,7 @@ async fn pending_commands(pool: &Pool, host_id: u64, after: u64) -> Result<Vec<C
              FROM host_commands c
              JOIN sessions s ON s.sid = c.sid
              JOIN hosts h ON h.id = c.host_id
-             WHERE c.host_id = ? AND c.id > ?
+             WHERE c.host_id = ? AND c.id > ? AND s.host_id = c.host_id
                AND ((c.action = 'start' AND s.state = ?) OR (c.action = 'stop' AND s.state = ?)
                     OR (c.action = 'save' AND s.state = ?))
              ORDER BY c.id LIMIT 100",

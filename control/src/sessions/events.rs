@@ -2,12 +2,13 @@
 //! stopped), applied to the session and its route in one transaction.
 
 use mysql_async::prelude::*;
-use mysql_async::{Pool, TxOpts};
+use mysql_async::Pool;
 use opencloud_protocol::agent::AgentEvent;
 use opencloud_protocol::routes::{self, Change};
 
 use super::commands::{queue_command, Wakeups};
 use super::ending::{end_tx, route_tx};
+use super::room::{read_committed, replace_tx};
 use super::state::Phase;
 use crate::error::AppError;
 use crate::routes::{commit, publish};
@@ -64,7 +65,9 @@ pub async fn handle_event(
     check_event(event)?;
     let sid = event.sid();
     let mut conn = pool.get_conn().await?;
-    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    // Read committed: a re-placement counts other hosts' sessions after
+    // their locks (see `room::take_room`).
+    let mut tx = conn.start_transaction(read_committed()).await?;
     let row: Option<(String, Option<u64>)> = tx
         .exec_first(
             "SELECT s.state, TIMESTAMPDIFF(MICROSECOND, s.created_at, UTC_TIMESTAMP(6)) DIV 1000
@@ -84,8 +87,9 @@ pub async fn handle_event(
     };
     let state = Phase::from_column(&state);
     let mut changes = Vec::new();
+    let mut wake = vec![host_id];
     match event {
-        AgentEvent::Ready { spawn_ms, .. } => {
+        AgentEvent::Ready { spawn_ms, warm, .. } => {
             if state == Some(Phase::Starting) {
                 tx.exec_drop(
                     "UPDATE sessions SET state = ?, ready_at = UTC_TIMESTAMP(6), spawn_ms = ?
@@ -101,7 +105,8 @@ pub async fn handle_event(
                 .await?;
                 let route = route_tx(&mut tx, sid).await?;
                 changes.extend(route.map(Change::UpsertSession));
-                metrics::histogram!("opencloud_control_session_open_to_ready_seconds")
+                let start = if *warm { "warm" } else { "cold" };
+                metrics::histogram!("opencloud_control_session_open_to_ready_seconds", "start" => start)
                     .record(age_ms.unwrap_or(0) as f64 / 1000.0);
                 metrics::histogram!("opencloud_control_session_spawn_seconds")
                     .record(*spawn_ms as f64 / 1000.0);
@@ -122,16 +127,28 @@ pub async fn handle_event(
                     .map(|c| format!(" (exit code {c})"))
                     .unwrap_or_default()
             ));
-            changes.extend(
-                end_tx(
-                    &mut tx,
-                    sid,
-                    Phase::Failed,
-                    Some("failed_to_start"),
-                    Some(&detail),
-                )
-                .await?,
-            );
+            // A host that refuses or fails a start (its own view of its
+            // room may differ) hands the session to another host.
+            let moved = if state == Some(Phase::Starting) {
+                replace_tx(&mut tx, sid, host_id, reason).await?
+            } else {
+                None
+            };
+            if let Some((new_host, route)) = moved {
+                changes.push(route);
+                wake.push(new_host);
+            } else {
+                changes.extend(
+                    end_tx(
+                        &mut tx,
+                        sid,
+                        Phase::Failed,
+                        Some("failed_to_start"),
+                        Some(&detail),
+                    )
+                    .await?,
+                );
+            }
         }
         AgentEvent::Exited {
             exit_code,
@@ -165,7 +182,9 @@ pub async fn handle_event(
     }
     publish(&mut tx, &changes).await?;
     commit(tx).await?;
-    wakeups.wake(host_id);
+    for host in wake {
+        wakeups.wake(host);
+    }
     tracing::info!(sid, host = host_id, event = ?std::mem::discriminant(event), "agent event");
     Ok(())
 }

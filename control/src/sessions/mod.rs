@@ -3,9 +3,9 @@
 //! the route table in the same transaction.
 //!
 //! The rooms: [`state`] (the row's state, mapped to the column in one
-//! place), [`placement`] (opening a project), [`commands`] (the queue to
+//! place), [`placement`] (opening a project), [`room`] (taking a place on a host), [`commands`] (the queue to
 //! agents), [`events`] (what agents report), [`ending`] (stopping and the
-//! one end), [`metering`] (charging a session's time to its owner's
+//! one end), [`queue`] (opens waiting for room), [`metering`] (charging a session's time to its owner's
 //! balance), [`usage`] (gateways' traffic reports), [`watch`] (the job that
 //! loses silent hosts, charges running sessions and culls idle ones) and [`data`] (the admins'
 //! Session data). This file holds what owners see of a session.
@@ -19,6 +19,8 @@ pub mod ending;
 pub mod events;
 pub mod metering;
 pub mod placement;
+pub mod queue;
+pub mod room;
 pub mod state;
 pub mod usage;
 pub mod watch;

@@ -46,6 +46,17 @@ pub fn urlencode(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// One of our own scripts, served like the stylesheet.
+pub fn script(source: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        source,
+    )
+}
+
 pub async fn stylesheet() -> impl IntoResponse {
     (
         [

@@ -90,8 +90,11 @@ async fn delete_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Opens a project: its live session, or a new one placed on a host.
-/// `url` enters the session's own origin (a ticket valid one minute).
+/// Opens a project: its live session, or a new one placed on a host (201),
+/// or, when every host is full, a place in the queue (202 with `queued`,
+/// `position` and `eta_seconds`). `url` enters the session's own origin (a
+/// ticket valid one minute); while it waits, `url` is the page that sends
+/// the browser there once it has a place.
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
     let opened = placement::open(
@@ -102,11 +105,16 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
         parse_id(&id, "project")?,
     )
     .await?;
-    let url = ctx.enter_url(&app, &opened.session_id)?;
-    let status = if opened.existing {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
+    let (status, url) = match opened.queue {
+        Some(_) => (
+            StatusCode::ACCEPTED,
+            super::sessions::waiting_url(&app, &opened.session_id),
+        ),
+        None if opened.existing => (StatusCode::OK, ctx.enter_url(&app, &opened.session_id)?),
+        None => (
+            StatusCode::CREATED,
+            ctx.enter_url(&app, &opened.session_id)?,
+        ),
     };
     Ok((
         status,
@@ -115,6 +123,9 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
             "session_id": opened.session_id,
             "url": url,
             "state": opened.state,
+            "queued": opened.queue.is_some(),
+            "position": opened.queue.map(|q| q.position),
+            "eta_seconds": opened.queue.and_then(|q| q.eta_seconds),
         })),
     )
         .into_response())

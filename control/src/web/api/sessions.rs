@@ -6,12 +6,15 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use opencloud_protocol::metrics::LabelValue;
 use serde_json::json;
 
 use crate::app::App;
 use crate::billing::ledger;
+use crate::error::AppError;
 use crate::sessions;
 use crate::sessions::ending;
+use crate::sessions::queue::{self, Waiting};
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
 
@@ -26,7 +29,13 @@ pub fn routes() -> Router<App> {
 /// ticket, so fetch it right before navigating).
 async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    let session = sessions::get_owned(&app.pool, user.id, &sid).await?;
+    let session = match sessions::get_owned(&app.pool, user.id, &sid).await {
+        Err(AppError::NotFound(_)) => match queue::get_owned(&app.pool, user.id, &sid).await? {
+            Some(waiting) => return Ok(waiting_json(&app, waiting).into_response()),
+            None => return Err(AppError::NotFound("session").into()),
+        },
+        other => other?,
+    };
     let url = session
         .is_live()
         .then(|| ctx.enter_url(&app, &session.sid))
@@ -53,8 +62,41 @@ async fn get_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) 
         .into_response())
 }
 
+/// The page that waits with a queued open and then enters its session.
+pub fn waiting_url(app: &App, sid: &str) -> String {
+    format!("{}/sessions/{sid}/enter", app.config.public_origin)
+}
+
+/// A queued open (or one that left the queue without a place).
+fn waiting_json(app: &App, waiting: Waiting) -> impl IntoResponse {
+    let state = if waiting.spot.is_some() {
+        queue::QUEUED
+    } else {
+        "left_queue"
+    };
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({
+            "session_id": waiting.sid,
+            "project_id": waiting.project_id,
+            "state": state,
+            "queued": waiting.spot.is_some(),
+            "position": waiting.spot.map(|s| s.position),
+            "eta_seconds": waiting.spot.and_then(|s| s.eta_seconds),
+            "wait_text": waiting.spot.map(|s| s.wait_text()),
+            "url": waiting.spot.map(|_| waiting_url(app, &waiting.sid)),
+            "left_queue": waiting.left.map(|e| e.label()),
+            "ended_because": waiting.left.map(|e| e.explanation()),
+        })),
+    )
+}
+
+/// Stops a session, or takes an open that still waits out of the queue.
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
+    if queue::cancel(&app.pool, &app.wakeups, user.id, &sid).await? {
+        return Ok(Json(json!({ "session_id": sid, "state": "left_queue" })).into_response());
+    }
     let state = ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }

@@ -202,14 +202,5 @@ async fn receipt_page(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
 }
 
 async fn order_script() -> impl IntoResponse {
-    (
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "text/javascript; charset=utf-8",
-            ),
-            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
-        ],
-        include_str!("../../../static/order.js"),
-    )
+    crate::web::layout::script(include_str!("../../../static/order.js"))
 }

@@ -15,6 +15,7 @@ use crate::billing::ledger;
 use crate::error::AppError;
 use crate::projects::{self, Project};
 use crate::sessions::placement;
+use crate::sessions::queue::{self, QueueSpot};
 use crate::snapshots::files;
 use crate::snapshots::versions::Listed;
 use crate::web::api::zip_response;
@@ -54,9 +55,19 @@ struct ProjectsPage {
     open_buy_link: bool,
     /// The balance runs out soon.
     balance_warning: Option<String>,
+    /// Opens waiting in the queue: project, session id, place.
+    waiting: Vec<(u64, String, QueueSpot)>,
 }
 
 impl ProjectsPage {
+    /// The project's open waiting in the queue, if any.
+    fn waiting_for(&self, project_id: &u64) -> Option<(&str, &QueueSpot)> {
+        self.waiting
+            .iter()
+            .find(|(id, ..)| id == project_id)
+            .map(|(_, sid, spot)| (sid.as_str(), spot))
+    }
+
     /// The user's projects with an empty form and no error.
     async fn of(app: &App, ctx: &Ctx, user_id: u64) -> Result<Self, AppError> {
         Ok(Self {
@@ -68,16 +79,19 @@ impl ProjectsPage {
             open_error: None,
             open_buy_link: false,
             balance_warning: warning(app, user_id).await?,
+            waiting: queue::waiting_of_user(&app.pool, user_id).await?,
         })
     }
 
-    /// While a session starts or stops the page refreshes itself.
+    /// While a session starts or stops, or an open waits, the page
+    /// refreshes itself.
     fn changing(&self) -> bool {
-        self.projects.iter().any(|p| {
-            p.session
-                .as_ref()
-                .is_some_and(projects::LatestSession::changing)
-        })
+        !self.waiting.is_empty()
+            || self.projects.iter().any(|p| {
+                p.session
+                    .as_ref()
+                    .is_some_and(projects::LatestSession::changing)
+            })
     }
 }
 
@@ -92,7 +106,8 @@ async fn projects_page(State(app): State<App>, ctx: Ctx) -> PageResult {
 }
 
 /// Open: place (or find) the session and go straight to its origin; the
-/// gateway shows a "starting" page there until Jupyter is ready.
+/// gateway shows a "starting" page there until Jupyter is ready. An open
+/// that has to wait goes to its page in the queue.
 async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
     let id = parse_id(&id, "project")?;
@@ -105,6 +120,9 @@ async fn open_project(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) 
     )
     .await
     {
+        Ok(opened) if opened.queue.is_some() => {
+            see_other(&format!("/sessions/{}/waiting", opened.session_id))
+        }
         Ok(opened) => {
             let url = ctx.enter_url(&app, &opened.session_id)?;
             Ok(([(header::CACHE_CONTROL, "no-store")], Redirect::to(&url)).into_response())
