@@ -878,12 +878,13 @@ async fn a_session_ended_through_end_frees_its_project_for_a_new_one() {
         .await
         .unwrap();
     assert_eq!(live, Some(None), "the project is freed");
-    // Opening it again places a new session instead of answering the
-    // ended one (here no host has room, so it says so).
+    // Opening it again makes a new open instead of answering the ended
+    // session (here no host has room, so it waits in the queue).
     let (status, body) = user
         .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_ne!(body["session_id"], json!(session.sid));
 }
 
 #[tokio::test]

@@ -276,12 +276,15 @@ async fn bad_opens_and_bad_agents_get_clear_answers() {
         .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    // No host at all: a clear 503, not a 500.
+    // No host at all: the open waits in the queue for one, never a 500.
     let (status, body) = alice
         .post(&format!("/api/v1/projects/{project}/open"), json!({}))
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "no_capacity");
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        (body["state"].clone(), body["position"].clone()),
+        (json!("queued"), json!(1))
+    );
     // A deleted project.
     let (status, _) = alice.delete(&format!("/api/v1/projects/{project}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
