@@ -297,6 +297,19 @@ async fn a_cancelled_open_leaves_the_queue_costs_nothing_and_the_next_moves_up()
         (sid_of(&again), again["position"].clone()),
         (leaving.clone(), json!(1))
     );
+    // The admins see the queue on the overview and in /metrics.
+    let admin = stack.admin().await;
+    let overview = admin.page("/admin").await;
+    let tile = &overview[overview.find("id=\"tile-queue\"").expect("a queue tile")..];
+    assert!(
+        tile[..tile.find("</div>").unwrap()].contains("<strong class=\"tile-value\">2</strong>"),
+        "{tile}"
+    );
+    assert!(stack
+        .control()
+        .metrics()
+        .await
+        .contains("opencloud_control_queue_length 2"));
     // Another user cannot take someone's open out of the queue.
     let (status, _) = stayer
         .post(&format!("/api/v1/sessions/{leaving}/stop"), json!({}))

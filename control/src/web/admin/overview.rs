@@ -153,6 +153,19 @@ fn tiles(stats: &Stats) -> Vec<Tile> {
             format!("{} starting", h.sessions_starting),
         ),
         Tile::new(
+            "queue",
+            "Opens waiting",
+            h.queue_length.to_string(),
+            if h.queue_length == 0 {
+                "every open found a host with room".into()
+            } else {
+                format!(
+                    "the first for {}",
+                    human_duration(h.queue_oldest_wait_seconds.round() as u64)
+                )
+            },
+        ),
+        Tile::new(
             "hosts-online",
             "Hosts online",
             format!("{} / {}", h.hosts_online, h.hosts_total),
