@@ -401,56 +401,14 @@ async fn waiting_opens_keep_their_places_across_a_control_restart() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_queued_users_page_shows_place_and_wait_and_turns_into_lab() {
-    let stack = TestStack::with_gateway().await.unwrap();
-    let (holder, holding, _agent) = one_full_place(&stack).await;
-    // One session ended lately, so the wait can be estimated.
-    stop(&holder, &holding).await;
-    wait_ended(&stack, &holding).await;
-    let holding = sid_of(&open(&holder, holder.create_project("Again").await).await.1);
-    wait_running(&stack, &holding).await;
-
-    let waiter = stack.new_user().await;
-    let project = waiter.create_project("Waits in Chromium").await;
-    let browser = Browser::start().await.unwrap();
-    let platform = stack.gateway().platform();
-    browser.goto(&format!("{platform}/login")).await.unwrap();
-    browser.submit_login(&waiter.email, PASSWORD).await.unwrap();
-    browser.wait_for_path("/projects").await.unwrap();
-    browser
-        .click(&format!(
-            "li.project form[action='/projects/{project}/open'] button[type=submit]"
-        ))
-        .await
-        .unwrap();
-    browser.wait_for("#queue-position").await.unwrap();
-    let path = browser.path().await.unwrap();
-    assert!(path.ends_with("/waiting"), "{path}");
-    let sid = path
-        .trim_start_matches("/sessions/")
-        .trim_end_matches("/waiting")
-        .to_owned();
-    assert_eq!(browser.text("#queue-position").await.unwrap(), "1");
-    let eta = browser.text("#queue-eta").await.unwrap();
-    assert!(
-        eta.starts_with("about") || eta == "less than a minute",
-        "an estimated wait: {eta}"
-    );
-    println!("the waiting page says: place 1, wait {eta}");
-    // My projects shows it waiting too.
-    let list = waiter.page("/projects").await;
-    assert!(list.contains("In line: number 1"), "{list}");
-
-    // The place frees up: the page goes into Lab by itself.
-    let freed = Instant::now();
-    stop(&holder, &holding).await;
-    let (_, took) = eventually(
+/// Waits until `browser` shows Lab on session `sid`'s origin.
+async fn into_lab(browser: &Browser, sid: &str) -> Duration {
+    eventually(
         "the waiting page turning into Lab",
         Duration::from_secs(120),
         || async {
             let url = browser.client.current_url().await.ok()?;
-            let on_session = url.host_str()?.starts_with(&sid);
+            let on_session = url.host_str()?.starts_with(sid);
             let lab = browser
                 .page_source()
                 .await
@@ -459,7 +417,93 @@ async fn a_queued_users_page_shows_place_and_wait_and_turns_into_lab() {
             (on_session && url.path() == "/lab" && lab).then_some(())
         },
     )
+    .await
+    .1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_users_pages_show_place_and_wait_and_turn_into_lab_in_turn() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let (holder, holding, _agent) = one_full_place(&stack).await;
+    // One session ended lately, so the wait can be estimated.
+    stop(&holder, &holding).await;
+    wait_ended(&stack, &holding).await;
+    let holding = sid_of(&open(&holder, holder.create_project("Again").await).await.1);
+    wait_running(&stack, &holding).await;
+
+    // Two customers click Open in their own Chromium and wait in line.
+    let platform = stack.gateway().platform();
+    let mut waiting = Vec::new();
+    for place in 1..=2u64 {
+        let waiter = stack.new_user().await;
+        let project = waiter.create_project("Waits in Chromium").await;
+        let browser = Browser::start().await.unwrap();
+        browser.goto(&format!("{platform}/login")).await.unwrap();
+        browser.submit_login(&waiter.email, PASSWORD).await.unwrap();
+        browser.wait_for_path("/projects").await.unwrap();
+        browser
+            .click(&format!(
+                "li.project form[action='/projects/{project}/open'] button[type=submit]"
+            ))
+            .await
+            .unwrap();
+        browser.wait_for("#queue-position").await.unwrap();
+        let path = browser.path().await.unwrap();
+        assert!(path.ends_with("/waiting"), "{path}");
+        let sid = path
+            .trim_start_matches("/sessions/")
+            .trim_end_matches("/waiting")
+            .to_owned();
+        assert_eq!(
+            browser.text("#queue-position").await.unwrap(),
+            place.to_string()
+        );
+        let eta = browser.text("#queue-eta").await.unwrap();
+        assert!(
+            eta.starts_with("about") || eta == "less than a minute",
+            "an estimated wait: {eta}"
+        );
+        println!("the waiting page says: place {place}, wait {eta}");
+        // My projects shows it waiting too.
+        let list = waiter.page("/projects").await;
+        assert!(list.contains(&format!("In line: number {place}")), "{list}");
+        // Marks this page: a reload would lose the mark.
+        browser
+            .client
+            .execute("window.notReloaded = true;", vec![])
+            .await
+            .unwrap();
+        waiting.push((waiter, sid, browser));
+    }
+
+    // A place frees up: the first page goes into Lab by itself, and the
+    // second moves up to place 1 without a reload.
+    let freed = Instant::now();
+    stop(&holder, &holding).await;
+    let (first, first_sid, first_browser) = &waiting[0];
+    let took = into_lab(first_browser, first_sid).await;
+    println!(
+        "first waiter in Lab {took:?} after the place freed ({:?})",
+        freed.elapsed()
+    );
+    assert_eq!(stack.session_row(first_sid).await.1, "running");
+    let (_, second_sid, second_browser) = &waiting[1];
+    eventually(
+        "the second page showing place 1",
+        Duration::from_secs(30),
+        || async { (second_browser.text("#queue-position").await.ok()? == "1").then_some(()) },
+    )
     .await;
-    println!("Lab {took:?} after the place freed ({:?})", freed.elapsed());
-    assert_eq!(stack.session_row(&sid).await.1, "running");
+    let same_page = second_browser
+        .client
+        .execute("return window.notReloaded === true;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_page, json!(true), "the place changed without a reload");
+
+    // The first leaves: the second goes into Lab too.
+    stop(first, first_sid).await;
+    let took = into_lab(second_browser, second_sid).await;
+    println!("second waiter in Lab {took:?} after the first stopped");
+    assert_eq!(stack.session_row(second_sid).await.1, "running");
 }
