@@ -48,6 +48,8 @@ pub struct Control {
     pub gateway_key: String,
     /// The environment overrides it was started with (kept for a restart).
     env: Vec<(String, String)>,
+    /// Its log, in `dir` (replicas share the dir, not the log).
+    log_file: PathBuf,
 }
 
 impl Control {
@@ -114,7 +116,8 @@ impl Control {
     /// Starts control and waits until `/healthz` answers.
     pub async fn start(db: &TestDatabase, options: &ControlOptions) -> anyhow::Result<Self> {
         let (dir, config_path, public, internal) = Self::prepare(db, options)?;
-        let child = Self::spawn(&dir, &config_path, &options.env)?;
+        let log_file = dir.join("control.log");
+        let child = Self::spawn(&log_file, &config_path, &options.env)?;
         let mut control = Self {
             child,
             public: format!("http://127.0.0.1:{public}"),
@@ -123,6 +126,7 @@ impl Control {
             dir,
             config_path,
             env: options.env.clone(),
+            log_file,
         };
         control.wait_healthy().await?;
         crate::wiretap::forbid(
@@ -135,16 +139,16 @@ impl Control {
         Ok(control)
     }
 
-    /// The control process on `config_path`, its output appended to the log.
+    /// The control process on `config_path`, its output appended to `log_file`.
     fn spawn(
-        dir: &std::path::Path,
+        log_file: &std::path::Path,
         config_path: &std::path::Path,
         env: &[(String, String)],
     ) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("control.log"))?;
+            .open(log_file)?;
         Command::new(binary("opencloud-control"))
             .arg("--config")
             .arg(config_path)
@@ -164,8 +168,36 @@ impl Control {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let status = self.terminate()?;
         anyhow::ensure!(status.success(), "control exited with {status} on SIGTERM");
-        self.child = Self::spawn(&self.dir, &self.config_path, &self.env)?;
+        self.child = Self::spawn(&self.log_file, &self.config_path, &self.env)?;
         self.wait_healthy().await
+    }
+
+    /// A second replica of this control: the same config, keys and
+    /// database, its own listeners (as replicas behind a load balancer).
+    pub async fn replica(&self) -> anyhow::Result<Control> {
+        let (public, internal) = (free_port(), free_port());
+        let mut env = self.env.clone();
+        env.push((
+            "OPENCLOUD_CONTROL__LISTEN__PUBLIC".into(),
+            format!("127.0.0.1:{public}"),
+        ));
+        env.push((
+            "OPENCLOUD_CONTROL__LISTEN__INTERNAL".into(),
+            format!("127.0.0.1:{internal}"),
+        ));
+        let log_file = self.dir.join(unique("replica-") + ".log");
+        let mut replica = Control {
+            child: Self::spawn(&log_file, &self.config_path, &env)?,
+            dir: self.dir.clone(),
+            public: format!("http://127.0.0.1:{public}"),
+            internal: format!("http://127.0.0.1:{internal}"),
+            config_path: self.config_path.clone(),
+            gateway_key: self.gateway_key.clone(),
+            env,
+            log_file,
+        };
+        replica.wait_healthy().await?;
+        Ok(replica)
     }
 
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
@@ -174,7 +206,7 @@ impl Control {
         wait_until_ready(
             &mut self.child,
             "control",
-            &self.dir.join("control.log"),
+            &self.log_file,
             Duration::from_secs(60),
             Duration::from_millis(50),
             || async {
@@ -194,7 +226,7 @@ impl Control {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -229,7 +261,7 @@ impl Drop for Control {
                 .collect();
             eprintln!(
                 "control log {} (its last errors and warnings):\n{}",
-                self.dir.join("control.log").display(),
+                self.log_file.display(),
                 errors[errors.len().saturating_sub(20)..].join("\n")
             );
         }

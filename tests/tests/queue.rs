@@ -507,3 +507,88 @@ async fn queued_users_pages_show_place_and_wait_and_turn_into_lab_in_turn() {
     println!("second waiter in Lab {took:?} after the first stopped");
     assert_eq!(stack.session_row(second_sid).await.1, "running");
 }
+
+/// `user` talking to another control replica directly.
+fn via(user: &TestUser, replica: &opencloud_e2e::Control) -> TestUser {
+    TestUser {
+        id: user.id,
+        email: user.email.clone(),
+        password: user.password.clone(),
+        token: user.token.clone(),
+        http: user.http.clone(),
+        base: replica.public.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_control_replicas_serve_one_queue_and_place_each_open_once_in_order() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let replica = stack.control().replica().await.unwrap();
+    let (holder, holding, _agent) = one_full_place(&stack).await;
+    let users = join_all((0..6).map(|_| stack.new_user())).await;
+    let projects = join_all(users.iter().map(|u| u.create_project("Two replicas"))).await;
+    // Every other user's open goes to the second replica, all at once.
+    let answers = join_all(
+        users
+            .iter()
+            .zip(&projects)
+            .enumerate()
+            .map(|(i, (user, project))| {
+                let replica = &replica;
+                async move {
+                    if i % 2 == 1 {
+                        open(&via(user, replica), *project).await
+                    } else {
+                        open(user, *project).await
+                    }
+                }
+            }),
+    )
+    .await;
+    let mut order: Vec<(u64, usize, String)> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, (status, body))| {
+            assert_eq!(*status, StatusCode::ACCEPTED, "{body}");
+            (body["position"].as_u64().unwrap(), i, sid_of(body))
+        })
+        .collect();
+    order.sort();
+    assert_eq!(
+        order.iter().map(|(p, ..)| *p).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>(),
+        "one queue across both replicas"
+    );
+    // Either replica answers for any open.
+    for (place, i, sid) in &order {
+        assert_eq!(
+            position(&via(&users[*i], &replica), sid).await,
+            Some(*place)
+        );
+    }
+
+    // One place frees up at a time; both replicas' promoters race for it.
+    let (mut running_user, mut running_sid) = (&holder, holding);
+    for (_, i, sid) in order {
+        stop(running_user, &running_sid).await;
+        wait_placed_and_running(&stack, &sid).await;
+        wait_ended(&stack, &running_sid).await;
+        (running_user, running_sid) = (&users[i], sid);
+    }
+    // Each open was placed exactly once, and nothing else was placed.
+    assert_eq!(stack.db.count("sessions").await, 7);
+    assert_eq!(
+        stack
+            .db
+            .count("open_queue WHERE outcome = 'placed' AND waiting_project_id IS NULL")
+            .await,
+        6
+    );
+    assert_eq!(failed_starts(&stack).await, 0);
+    let placed_by = |log: String| log.matches("queued open placed").count();
+    println!(
+        "placed by the first replica: {}, by the second: {}",
+        placed_by(stack.control().log()),
+        placed_by(replica.log())
+    );
+}
