@@ -385,6 +385,21 @@ async fn waiting_opens_keep_their_places_across_a_control_restart() {
     stop(&holder, &holding).await;
     wait_placed_and_running(&stack, &s1).await;
     assert_eq!(position(&second, &s2).await, Some(1));
+    // Without JavaScript: the waiting page refreshes itself, and once the
+    // open has its place it sends the browser on to the session.
+    let page = second.page(&format!("/sessions/{s2}/waiting")).await;
+    assert!(page.contains(r#"<noscript><meta http-equiv="refresh" content="5">"#));
+    assert!(page.contains(r#"data-position="1""#), "{page}");
+    let placed = first
+        .request(reqwest::Method::GET, &format!("/sessions/{s1}/waiting"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        placed.headers()[reqwest::header::LOCATION],
+        format!("/sessions/{s1}/enter").as_str()
+    );
     assert_eq!(balance(&second).await, before.1, "waiting costs nothing");
     assert_eq!(
         stack
