@@ -20,8 +20,8 @@ use serde::Serialize;
 use super::commands::Wakeups;
 use super::queue::{self, QueueSpot};
 use super::room::{
-    admit, candidates, lock_project, place_tx, placement_order, read_committed, take_room,
-    NewSession, PlacementOutcome,
+    admit, candidates, lock_project, place, placement_order, read_committed, take_room, NewSession,
+    PlacementOutcome,
 };
 use super::state::Phase;
 use crate::error::AppError;
@@ -127,16 +127,8 @@ pub async fn open(
         tracing::info!(%sid, project = project_id, position = spot.position, "open queued");
         return Ok(Opened::waiting(sid, spot, false));
     };
-    let session = NewSession {
-        sid: &sid,
-        project_id,
-        user_id,
-        host_share_percent,
-        limits: &limits,
-    };
-    place_tx(&mut tx, &session, &host).await?;
-    commit(tx).await?;
-    wakeups.wake(host.id());
+    let session = NewSession::new(&sid, project_id, user_id, host_share_percent, &limits);
+    place(tx, &session, &host, wakeups).await?;
     PlacementOutcome::Placed.count();
     metrics::histogram!("opencloud_control_placement_duration_seconds")
         .record(started.elapsed().as_secs_f64());

@@ -18,8 +18,7 @@ use serde::Serialize;
 
 use super::commands::Wakeups;
 use super::room::{
-    admit, candidates, lock_project, place_tx, placement_order, read_committed, take_room,
-    NewSession,
+    admit, candidates, lock_project, place, placement_order, read_committed, take_room, NewSession,
 };
 use crate::error::{retrying, AppError};
 use crate::routes::commit;
@@ -448,16 +447,8 @@ async fn promote_head(
         return Ok(Step::Done);
     };
     leave(&mut tx, &sid, Exit::Placed).await?;
-    let session = NewSession {
-        sid: &sid,
-        project_id,
-        user_id,
-        host_share_percent,
-        limits: &limits,
-    };
-    place_tx(&mut tx, &session, &host).await?;
-    commit(tx).await?;
-    wakeups.wake(host.id());
+    let session = NewSession::new(&sid, project_id, user_id, host_share_percent, &limits);
+    place(tx, &session, &host, wakeups).await?;
     metrics::histogram!("opencloud_control_queue_wait_seconds").record(waited);
     tracing::info!(%sid, waited_seconds = waited, "queued open placed");
     Ok(Step::Placed)

@@ -10,12 +10,12 @@ use mysql_async::{Transaction, TxOpts};
 use opencloud_protocol::metrics::LabelValue;
 use opencloud_protocol::routes::{Change, SessionRoute, SessionState};
 
-use super::commands::queue_command;
+use super::commands::{queue_command, Wakeups};
 use super::state::{live_sql, Phase};
 use crate::billing::ledger::{self, Limits};
 use crate::error::AppError;
 use crate::hosts::{load_score, HEARTBEAT_FRESH_SECONDS};
-use crate::routes::publish;
+use crate::routes::{commit, publish};
 
 /// How a placement ended: the `outcome` of `opencloud_control_placements_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,11 +198,41 @@ pub(super) struct NewSession<'a> {
     pub limits: &'a Limits,
 }
 
+impl<'a> NewSession<'a> {
+    pub fn new(
+        sid: &'a str,
+        project_id: u64,
+        user_id: u64,
+        host_share_percent: u8,
+        limits: &'a Limits,
+    ) -> Self {
+        Self {
+            sid,
+            project_id,
+            user_id,
+            host_share_percent,
+            limits,
+        }
+    }
+}
+
 /// Inserts the session on `host` (room taken with [`take_room`]), records
 /// the placement, queues the agent's start and publishes the `starting`
-/// route; publishing comes last, as every transaction must. The caller
-/// commits and wakes the host.
-pub(super) async fn place_tx(
+/// route (last, as every transaction must), commits and wakes the host's
+/// agent.
+pub(super) async fn place(
+    mut tx: Transaction<'_>,
+    session: &NewSession<'_>,
+    host: &Candidate,
+    wakeups: &Wakeups,
+) -> Result<(), AppError> {
+    place_tx(&mut tx, session, host).await?;
+    commit(tx).await?;
+    wakeups.wake(host.id);
+    Ok(())
+}
+
+async fn place_tx(
     tx: &mut Transaction<'_>,
     session: &NewSession<'_>,
     host: &Candidate,
