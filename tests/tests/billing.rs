@@ -360,6 +360,16 @@ async fn open_is_refused_without_compute_time_beyond_the_packages_sessions_and_f
     assert!(message.contains("1 session at once"), "{message}");
     // Opening the running project again is no new session.
     assert_eq!(open(&broke, project).await.0, sid);
+    // Stopped, the place is theirs again at once, while the server still
+    // stops (and saves) on its host.
+    let (status, body) = broke
+        .post(&format!("/api/v1/sessions/{sid}/stop"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = broke
+        .post(&format!("/api/v1/projects/{second}/open"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 
     // A retired package cannot be bought; an unknown one is named.
     let starter = stack.packages_on_sale().await.remove(0);

@@ -449,14 +449,19 @@ pub(super) async fn admit(
                 .into(),
         ));
     };
+    // A stopping session still holds its host's place, but no longer the
+    // owner's: Stop and then Open another works at once.
     let live_sessions: u64 = tx
         .exec_first(
-            format!(
-                "SELECT (SELECT COUNT(*) FROM sessions WHERE user_id = ? AND state IN ({}))
-                      + (SELECT COUNT(*) FROM open_queue WHERE user_id = ? AND waiting_project_id IS NOT NULL AND ?)",
-                live_sql()
+            "SELECT (SELECT COUNT(*) FROM sessions WHERE user_id = ? AND state IN (?, ?))
+                  + (SELECT COUNT(*) FROM open_queue WHERE user_id = ? AND waiting_project_id IS NOT NULL AND ?)",
+            (
+                user_id,
+                Phase::Starting.as_column(),
+                Phase::Running.as_column(),
+                user_id,
+                waiting_counts,
             ),
-            (user_id, user_id, waiting_counts),
         )
         .await?
         .unwrap_or(0);
