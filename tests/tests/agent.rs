@@ -1174,3 +1174,27 @@ async fn a_restarted_agent_adopts_a_bound_warm_server_and_cleans_up_an_unbound_o
     assert!(host.work().join("projects/910090/work.txt").exists());
     host.assert_nothing_left(&bound.server_id);
 }
+
+#[tokio::test]
+async fn a_start_while_the_warm_server_is_still_starting_waits_for_it_rather_than_starting_cold() {
+    let host = Host::with(2, &venv(), "warm_pool = 1");
+    let (supervisor, _events) = host.supervisor().await;
+    supervisor.keep_warm();
+    // Launched, not ready yet.
+    eventually("a warm server launched", Duration::from_secs(30), || {
+        supervisor.warm_pids().len() == 1
+    })
+    .await;
+    let warm_pid = supervisor.warm_pids()[0];
+    let ready_before = supervisor.warm_servers();
+    let start = start_command(910_100);
+    let spawn_ms = warm_ready(&supervisor.start(start.clone()).await);
+    println!(
+        "start → bound to the warm server (ready at the start: {ready_before}): {spawn_ms} ms"
+    );
+    let server = supervisor.server_of(&start.sid).unwrap();
+    assert_eq!(server.pid, Some(warm_pid), "a second server was started");
+    assert_eq!(supervisor.sessions().len(), 1);
+    supervisor.stop(&start.sid, Duration::from_secs(5)).await;
+    host.assert_nothing_left(&server.server_id);
+}

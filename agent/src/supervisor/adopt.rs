@@ -50,6 +50,7 @@ impl Supervisor {
                     })
                     .0,
                     activity: Mutex::new(Activity::default()),
+                    promised: Default::default(),
                 });
                 self.lock_sessions().insert(sid.clone(), session.clone());
                 self.watch_adopted(session.clone(), record);

@@ -127,12 +127,8 @@ impl Supervisor {
             let supervisor = self.clone();
             stops.spawn(async move { supervisor.stop(&sid, grace).await });
         }
-        let supervisor = self.clone();
-        stops.spawn(async move {
-            supervisor.close_pool().await;
-            AgentEvent::Stopped { sid: String::new() }
-        });
-        while stops.join_next().await.is_some() {}
+        let sessions = async { while stops.join_next().await.is_some() {} };
+        tokio::join!(sessions, self.close_pool());
     }
 
     pub(super) async fn exited(&self, session: Arc<Session>, code: Option<i32>) {

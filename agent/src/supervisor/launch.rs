@@ -49,6 +49,9 @@ enum Claim {
     Cold(Arc<Session>),
     /// A new session bound to this warm server (taken out of the pool).
     Warm(Arc<Session>, Arc<Session>),
+    /// A new session (cold until it binds) that waits for this warm server,
+    /// still starting, promised to it.
+    AwaitWarm(Arc<Session>, Arc<Session>),
     /// The session exists already.
     Existing(Arc<Session>),
     Full(usize),
@@ -87,7 +90,7 @@ impl Supervisor {
                 // Its slot is this start's: the host never runs more servers than it has slots.
                 self.retire(&retired).await;
             }
-            match claim {
+            let (session, warm) = match claim {
                 Claim::Full(max) => {
                     return (
                         self.refused(&sid, format!("the host is full ({max} sessions)")),
@@ -95,23 +98,15 @@ impl Supervisor {
                     )
                 }
                 Claim::Cold(session) => return self.launch(session, &command, received).await,
-                Claim::Warm(session, warm) => {
-                    match self.bind(&session, &warm, &command, received).await {
-                        Ok(outcome) => return outcome,
-                        Err(reason) => {
-                            metrics::counter!(super::WARM_BIND_FAILURES).increment(1);
-                            tracing::warn!(
-                                sid,
-                                server_id = session.server_id,
-                                %reason,
-                                "the warm server could not take the session; starting cold"
-                            );
-                            if !self.abandon_bind(&session).await {
-                                // A stop took the session over and reports it.
-                                return (AgentEvent::Stopped { sid }, false);
-                            }
-                            warm_allowed = false;
+                Claim::Warm(session, warm) => (session, warm),
+                Claim::AwaitWarm(waiting, warm) => {
+                    match self.await_warm(&waiting, &warm, &command).await {
+                        Some(bound) => (bound, warm),
+                        None if starting_now(&waiting) => {
+                            return self.launch(waiting, &command, received).await
                         }
+                        // Stopped while it waited (the stop reports it).
+                        None => return (AgentEvent::Stopped { sid }, false),
                     }
                 }
                 Claim::Existing(existing) => {
@@ -137,6 +132,23 @@ impl Supervisor {
                         _ => continue,
                     }
                 }
+            };
+            match self.bind(&session, &warm, &command, received).await {
+                Ok(outcome) => return outcome,
+                Err(reason) => {
+                    metrics::counter!(super::WARM_BIND_FAILURES).increment(1);
+                    tracing::warn!(
+                        sid,
+                        server_id = session.server_id,
+                        %reason,
+                        "the warm server could not take the session; starting cold"
+                    );
+                    if !self.abandon_bind(&session).await {
+                        // A stop took the session over and reports it.
+                        return (AgentEvent::Stopped { sid }, false);
+                    }
+                    warm_allowed = false;
+                }
             }
         }
     }
@@ -158,48 +170,45 @@ impl Supervisor {
             .values()
             .any(|s| s.project_id == command.project_id && !matches!(s.phase(), Phase::Gone(_)));
         let mut pool = self.lock_pool();
-        let ready = (warm_allowed && !shared)
+        let warm_allowed = warm_allowed && !shared;
+        let ready = warm_allowed
             .then(|| {
                 pool.values()
-                    .find(|w| {
-                        // Taken out of the running pool here, atomically:
-                        // its own exit watch lets go of it.
-                        w.take_over(
-                            |p| matches!(p, Phase::Running { .. }),
-                            Phase::Gone(AgentEvent::Stopped { sid: w.sid.clone() }),
-                        )
-                    })
+                    .find(|w| !w.is_promised() && take_ready(w))
                     .cloned()
             })
             .flatten();
         if let Some(warm) = ready {
             pool.remove(&warm.server_id);
-            let record = warm.status.borrow().process.clone();
-            let session = Arc::new(Session {
-                sid: command.sid.clone(),
-                server_id: warm.server_id.clone(),
-                project_id: command.project_id,
-                files: warm.files.clone(),
-                pool_slot: warm.pool_slot,
-                started_at: unix_now(),
-                memory_limit_mib: command.memory_limit_mib,
-                status: watch::channel(Status {
-                    phase: Phase::Starting,
-                    // Until the project's files are in: a stop waits for them.
-                    spawning: true,
-                    process: record,
-                    exit: None,
-                })
-                .0,
-                activity: Mutex::new(Activity::default()),
-            });
+            let session = bound_session(command, &warm);
             sessions.insert(command.sid.clone(), session.clone());
             return (Claim::Warm(session, warm), None);
         }
+        // A warm server still starting is ready sooner than a cold start
+        // begun now (and does not compete with it for the CPU).
+        let starting = warm_allowed
+            .then(|| {
+                pool.values()
+                    .find(|w| !w.is_promised() && matches!(w.phase(), Phase::Starting))
+                    .cloned()
+            })
+            .flatten();
+        if let Some(warm) = starting {
+            warm.set_promised(true);
+            let session = self.cold_session(command);
+            sessions.insert(command.sid.clone(), session.clone());
+            return (Claim::AwaitWarm(session, warm), None);
+        }
         // Servers on the host never exceed its slots: a warm server that
-        // is not ready yet gives its slot to this start.
-        let retired = if sessions.len() + pool.len() >= max {
-            let newest = pool.values().max_by_key(|w| w.started_at).cloned();
+        // is not ready yet gives its slot to this start. (A start waiting
+        // for a promised one counts as that server.)
+        let promised = pool.values().filter(|w| w.is_promised()).count();
+        let retired = if sessions.len() - promised + pool.len() >= max {
+            let newest = pool
+                .values()
+                .filter(|w| !w.is_promised())
+                .max_by_key(|w| w.started_at)
+                .cloned();
             if let Some(warm) = &newest {
                 pool.remove(&warm.server_id);
             }
@@ -207,7 +216,13 @@ impl Supervisor {
         } else {
             None
         };
-        let session = Arc::new(Session {
+        let session = self.cold_session(command);
+        sessions.insert(command.sid.clone(), session.clone());
+        (Claim::Cold(session), retired)
+    }
+
+    fn cold_session(&self, command: &StartSession) -> Arc<Session> {
+        Arc::new(Session {
             sid: command.sid.clone(),
             server_id: command.sid.clone(),
             project_id: command.project_id,
@@ -223,9 +238,69 @@ impl Supervisor {
             })
             .0,
             activity: Mutex::new(Activity::default()),
-        });
-        sessions.insert(command.sid.clone(), session.clone());
-        (Claim::Cold(session), retired)
+            promised: Default::default(),
+        })
+    }
+
+    /// Waits for the warm server promised to `session` to be ready, and
+    /// takes it: the session bound to it, in `session`'s place in the map.
+    /// `None` when it failed or the session was stopped meanwhile (then
+    /// `session` is as it was, for a cold start or the stop).
+    async fn await_warm(
+        &self,
+        session: &Arc<Session>,
+        warm: &Arc<Session>,
+        command: &StartSession,
+    ) -> Option<Arc<Session>> {
+        let mut warm_status = warm.status.subscribe();
+        let mut own_status = session.status.subscribe();
+        let waited = tokio::time::timeout(self.inner.config.start_timeout, async {
+            tokio::select! {
+                _ = warm_status.wait_for(|st| !matches!(st.phase, Phase::Starting)) => {}
+                _ = own_status.wait_for(|st| !matches!(st.phase, Phase::Starting)) => {}
+            }
+        })
+        .await;
+        let bound = {
+            let mut sessions = self.lock_sessions();
+            let mut pool = self.lock_pool();
+            warm.set_promised(false);
+            let ours = sessions
+                .get(&session.sid)
+                .is_some_and(|s| Arc::ptr_eq(s, session));
+            if waited.is_ok() && ours && starting_now(session) && take_ready(warm) {
+                pool.remove(&warm.server_id);
+                let bound = bound_session(command, warm);
+                sessions.insert(session.sid.clone(), bound.clone());
+                Some(bound)
+            } else {
+                None
+            }
+        };
+        match &bound {
+            Some(_) => {
+                // Whoever waits on the placeholder looks again and finds the bound session.
+                session.status.send_modify(|st| {
+                    st.spawning = false;
+                    st.phase = Phase::Gone(AgentEvent::Stopped {
+                        sid: session.sid.clone(),
+                    });
+                });
+            }
+            None => {
+                tracing::info!(
+                    sid = session.sid,
+                    server_id = warm.server_id,
+                    "the warm server this start waited for did not become ready"
+                );
+                self.inner.pool_changed.notify_one();
+            }
+        }
+        if !starting_now(session) && bound.is_none() {
+            // A stop took over while it waited: it waits for this.
+            session.status.send_modify(|st| st.spawning = false);
+        }
+        bound
     }
 
     fn refused(&self, sid: &str, reason: String) -> AgentEvent {
@@ -625,6 +700,44 @@ impl Supervisor {
             }
         });
     }
+}
+
+fn starting_now(session: &Session) -> bool {
+    matches!(session.phase(), Phase::Starting)
+}
+
+/// Takes a ready warm server out of the running pool, atomically: its own
+/// exit watch lets go of it. False when it is not ready (or gone).
+fn take_ready(warm: &Session) -> bool {
+    warm.take_over(
+        |p| matches!(p, Phase::Running { .. }),
+        Phase::Gone(AgentEvent::Stopped {
+            sid: warm.sid.clone(),
+        }),
+    )
+}
+
+/// A new session for `command`, on the ready warm server `warm`.
+fn bound_session(command: &StartSession, warm: &Session) -> Arc<Session> {
+    Arc::new(Session {
+        sid: command.sid.clone(),
+        server_id: warm.server_id.clone(),
+        project_id: command.project_id,
+        files: warm.files.clone(),
+        pool_slot: warm.pool_slot,
+        started_at: unix_now(),
+        memory_limit_mib: command.memory_limit_mib,
+        status: watch::channel(Status {
+            phase: Phase::Starting,
+            // Until the project's files are in: a stop waits for them.
+            spawning: true,
+            process: warm.status.borrow().process.clone(),
+            exit: None,
+        })
+        .0,
+        activity: Mutex::new(Activity::default()),
+        promised: Default::default(),
+    })
 }
 
 /// Grace for a helper left by a start that failed.

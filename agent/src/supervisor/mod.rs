@@ -183,6 +183,9 @@ struct Session {
     memory_limit_mib: u64,
     status: watch::Sender<Status>,
     activity: Mutex<Activity>,
+    /// A warm server still starting that a start waits for (it is the
+    /// soonest ready): no other start takes it, the keeper leaves it be.
+    promised: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -211,6 +214,15 @@ struct Activity {
 }
 
 impl Session {
+    fn is_promised(&self) -> bool {
+        self.promised.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_promised(&self, promised: bool) {
+        self.promised
+            .store(promised, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// A warm server that no start has bound (it reports nothing to control).
     fn waiting_in_pool(&self) -> bool {
         self.pool_slot.is_some() && self.sid == self.server_id

@@ -118,9 +118,15 @@ impl Supervisor {
         let sessions = self.lock_sessions();
         let wanted = self.warm_wanted(sessions.len());
         let pool = self.lock_pool();
-        let mut servers: Vec<Arc<Session>> = pool.values().cloned().collect();
+        let promised = pool.values().filter(|w| w.is_promised()).count();
+        let wanted = wanted.max(promised);
+        let mut servers: Vec<Arc<Session>> = pool
+            .values()
+            .filter(|w| !w.is_promised())
+            .cloned()
+            .collect();
         servers.sort_by_key(|w| (matches!(w.phase(), Phase::Running { .. }), w.started_at));
-        let extra = servers.len().saturating_sub(wanted);
+        let extra = (servers.len() + promised).saturating_sub(wanted);
         servers.truncate(extra);
         servers
     }
@@ -156,6 +162,7 @@ impl Supervisor {
                 })
                 .0,
                 activity: Mutex::new(Activity::default()),
+                promised: Default::default(),
             });
             pool.insert(server_id, server.clone());
             server
