@@ -1198,3 +1198,24 @@ async fn a_start_while_the_warm_server_is_still_starting_waits_for_it_rather_tha
     supervisor.stop(&start.sid, Duration::from_secs(5)).await;
     host.assert_nothing_left(&server.server_id);
 }
+
+#[tokio::test]
+async fn a_warm_bound_server_killed_from_outside_is_reported_exited_and_its_files_go_back() {
+    let host = Host::with(2, &venv(), "warm_pool = 1");
+    let (supervisor, mut events) = host.supervisor().await;
+    warm_pool_ready(&supervisor).await;
+    let start = start_command(910_110);
+    warm_ready(&supervisor.start(start.clone()).await);
+    next_event(&mut events, Duration::from_secs(1)).await;
+    let server = supervisor.server_of(&start.sid).unwrap();
+    std::fs::write(server.files.join("result.csv"), "1,2\n").unwrap();
+
+    kill_session(&server.server_id);
+    match next_event(&mut events, Duration::from_secs(20)).await {
+        AgentEvent::Exited { sid, .. } => assert_eq!(sid, start.sid),
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    assert!(supervisor.sessions().is_empty());
+    assert!(host.work().join("projects/910110/result.csv").exists());
+    host.assert_nothing_left(&server.server_id);
+}
