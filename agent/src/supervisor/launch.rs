@@ -1,8 +1,11 @@
-//! Starting a session: claiming a slot, making its user and directories,
-//! its network namespace and cgroups, launching Jupyter in its sandbox and
-//! waiting until it answers on its socket. A start
-//! that does not get there ends as `Failed` (or `Stopped`, when a stop took
-//! it over meanwhile).
+//! Starting a session: claiming a slot — a ready warm server's when there
+//! is one (bound in `pool`), one still starting that it then waits for, or
+//! a cold start's — and for a cold start, taking its turn at the start gate,
+//! making its user and directories, its network namespace and cgroups,
+//! launching Jupyter in its sandbox and waiting until it answers on its
+//! socket. Warm servers are launched by the same code. A start that does
+//! not get there ends as `Failed` (or `Stopped`, when a stop took it over
+//! meanwhile); one whose warm server fails it starts cold instead.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
