@@ -141,11 +141,22 @@ impl AgentProcess {
         }
     }
 
-    /// The pid of session `sid`'s Jupyter server, from the agent's state file.
+    /// The pid of session `sid`'s Jupyter server (or of the warm server
+    /// with that id), from the agent's state files: a cold start's is named
+    /// by its sid, a warm server's by its own id and names the session it
+    /// was bound to.
     pub fn session_pid(&self, sid: &str) -> Option<i32> {
-        let path = self.dir.join("work/sessions").join(format!("{sid}.json"));
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        let read = |path: &Path| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+        };
+        let sessions = self.dir.join("work/sessions");
+        let state = read(&sessions.join(format!("{sid}.json"))).or_else(|| {
+            std::fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter_map(|entry| read(&entry.path()))
+                .find(|state| state["warm"]["session"] == sid)
+        })?;
         state["pid"].as_i64().map(|p| p as i32)
     }
 

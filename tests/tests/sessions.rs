@@ -438,6 +438,9 @@ async fn an_open_binds_the_hosts_warm_server_and_a_draining_host_keeps_none() {
     let (sid, _) = open(&alice, project).await;
     let took = wait_running(&stack, &sid).await;
     println!("open → running on a warm server: {took:?}");
+    // Its state file is the warm server's, naming the session.
+    let pid = agent.session_pid(&sid).expect("the bound server's pid");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert_eq!(
         agent_metric(&agent, "opencloud_agent_warm_binds_total").await,
         1.0
