@@ -206,7 +206,7 @@ impl Supervisor {
         // is not ready yet gives its slot to this start. (A start waiting
         // for a promised one counts as that server.)
         let promised = pool.values().filter(|w| w.is_promised()).count();
-        let retired = if sessions.len() - promised + pool.len() >= max {
+        let retired = if sessions.len().saturating_sub(promised) + pool.len() >= max {
             let newest = pool
                 .values()
                 .filter(|w| !w.is_promised())

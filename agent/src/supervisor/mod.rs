@@ -408,12 +408,11 @@ impl Supervisor {
 
     /// Whoever holds server `server_id` now: its session, or the pool.
     fn holder_of(&self, server_id: &str) -> Option<Arc<Session>> {
-        let in_session = self
-            .lock_sessions()
-            .values()
-            .find(|s| s.server_id == server_id)
-            .cloned();
-        in_session.or_else(|| self.lock_pool().get(server_id).cloned())
+        // Both locks at once: a claim moves a server from one map to the other.
+        let sessions = self.lock_sessions();
+        let pool = self.lock_pool();
+        let in_session = sessions.values().find(|s| s.server_id == server_id);
+        in_session.or_else(|| pool.get(server_id)).cloned()
     }
 
     /// The sessions as control sees them in hellos and heartbeats.
