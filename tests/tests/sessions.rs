@@ -432,6 +432,19 @@ async fn an_open_binds_the_hosts_warm_server_and_a_draining_host_keeps_none() {
     };
     let (_, took) = eventually("a warm server", Duration::from_secs(60), warm_servers(1.0)).await;
     println!("warm server ready {took:?} after the host was placeable");
+    // The heartbeat carries it to control.
+    eventually(
+        "control hearing of the warm server",
+        Duration::from_secs(10),
+        || async {
+            let n = stack
+                .db
+                .count(&format!("hosts WHERE id = {host} AND warm_servers = 1"))
+                .await;
+            (n == 1).then_some(())
+        },
+    )
+    .await;
 
     let alice = stack.new_user().await;
     let project = alice.create_project("Warm").await;
