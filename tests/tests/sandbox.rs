@@ -420,6 +420,22 @@ async fn a_kernel_over_its_memory_is_killed_alone() {
     let mut host = Host::open("").await;
     let a = host.start(930_004, 256).await;
     let b = host.start(930_005, 256).await;
+    memory_limit_holds(&mut host, &a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_bound_session_gets_its_memory_limit_and_its_kernel_over_it_is_killed_alone() {
+    let mut host = Host::open_with("", 1).await;
+    host.warm_up().await;
+    let a = host.start(930_014, 256).await;
+    assert!(a.warm, "the start did not take the warm server");
+    let b = host.start(930_015, 256).await;
+    memory_limit_holds(&mut host, &a, &b).await;
+}
+
+/// A's kernel allocating twice A's 256 MiB is killed, A is told so, and
+/// A's server and B run on.
+async fn memory_limit_holds(host: &mut Host, a: &Session, b: &Session) {
     let a_kernel = a.kernel().await;
     assert_eq!(a.run(&a_kernel, "print(6 * 7)").await, "42");
 
@@ -461,6 +477,6 @@ async fn a_kernel_over_its_memory_is_killed_alone() {
     assert_eq!(status, 200);
     let b_kernel = b.kernel().await;
     assert_eq!(b.run(&b_kernel, "print(6 * 7)").await, "42");
-    host.stop(&a).await;
-    host.stop(&b).await;
+    host.stop(a).await;
+    host.stop(b).await;
 }
