@@ -144,6 +144,16 @@ DASHBOARDS = [
                    q("histogram_quantile(0.95, sum by (le, instance) (rate(opencloud_agent_spawn_seconds_bucket[$__rate_interval])))",
                      "agent {{instance}}"),
                    unit="s"),
+            series("Starts waiting at the gate",
+                   q("max by (instance) (opencloud_agent_starts_waiting)", "agent {{instance}}"),
+                   description="Users' cold starts waiting their turn at the host's start gate "
+                               "(start_concurrency at once, first come first served)."),
+            series("Warm binds",
+                   q("sum by (instance) (increase(opencloud_agent_warm_binds_total[$__rate_interval]))",
+                     "bound, agent {{instance}}"),
+                   q("sum by (instance) (increase(opencloud_agent_warm_bind_failures_total[$__rate_interval]))",
+                     "fell back to cold, agent {{instance}}"),
+                   description="Opens that took a warm server, and those whose warm server failed them (they started cold)."),
             series("Snapshot failures",
                    # Control's series carry the host and appear with the first failure.
                    q('sum by (host, direction, reason) (increase(opencloud_control_snapshot_failures_total{host=~"$host"}[$__rate_interval]))'

@@ -58,6 +58,13 @@ struct AgentFile {
     /// What sessions may reach: `internet` (never the host or its LAN) or `none`.
     #[serde(default)]
     egress: Egress,
+    /// Jupyter servers kept started and ready for the next opens.
+    #[serde(default = "default_warm_pool")]
+    warm_pool: u32,
+    /// Servers starting at once (cold starts and warm refills); the rest wait
+    /// their turn in arrival order. Default: the machine's CPU count.
+    #[serde(default)]
+    start_concurrency: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +101,17 @@ fn default_final_snapshot() -> u64 {
     60
 }
 
+fn default_warm_pool() -> u32 {
+    1
+}
+
+/// A Jupyter start keeps about one core busy: one start per core at once.
+fn default_start_concurrency() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
 /// The validated config the agent runs on.
 #[derive(Clone)]
 pub struct Config {
@@ -119,6 +137,10 @@ pub struct Config {
     pub autosave_interval: Duration,
     /// The bound on a stopping session's last snapshot.
     pub final_snapshot: Duration,
+    /// Ready servers kept for the next opens (at most `capacity.max_sessions`).
+    pub warm_pool: u32,
+    /// Servers starting at once; at least 1.
+    pub start_concurrency: u32,
 }
 
 impl std::fmt::Debug for Config {
@@ -138,6 +160,8 @@ impl std::fmt::Debug for Config {
             .field("egress", &self.egress)
             .field("autosave_interval", &self.autosave_interval)
             .field("final_snapshot", &self.final_snapshot)
+            .field("warm_pool", &self.warm_pool)
+            .field("start_concurrency", &self.start_concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +256,25 @@ impl Config {
         if capacity.memory_mib == 0 {
             return Err(invalid("capacity.memory_mib", "must be above 0".into()));
         }
+        if file.warm_pool > capacity.max_sessions {
+            return Err(invalid(
+                "warm_pool",
+                format!(
+                    "must be at most capacity.max_sessions ({}): warm servers take session slots",
+                    capacity.max_sessions
+                ),
+            ));
+        }
+        let start_concurrency = match file.start_concurrency {
+            Some(0) => {
+                return Err(invalid(
+                    "start_concurrency",
+                    "must be above 0 (leave it out for one start per CPU)".into(),
+                ))
+            }
+            Some(n) => n,
+            None => default_start_concurrency(),
+        };
         if file.stop_grace_seconds == 0 {
             return Err(invalid("stop_grace_seconds", "must be above 0".into()));
         }
@@ -284,6 +327,8 @@ impl Config {
             egress: file.egress,
             autosave_interval: Duration::from_secs(file.autosave_interval_seconds),
             final_snapshot: Duration::from_secs(file.final_snapshot_seconds),
+            warm_pool: file.warm_pool,
+            start_concurrency,
         })
     }
 
@@ -465,6 +510,24 @@ memory_mib = 4096
         assert!(err.contains("key `autosave_interval_seconds`"), "{err}");
         let err = error(&text("final_snapshot_seconds = 0"));
         assert!(err.contains("key `final_snapshot_seconds`"), "{err}");
+    }
+
+    #[test]
+    fn the_warm_pool_fits_the_capacity_and_starts_are_paced() {
+        let config = load(&text("")).unwrap();
+        assert_eq!(config.warm_pool, 1);
+        assert!(config.start_concurrency >= 1);
+        let config = load(&text("warm_pool = 4\nstart_concurrency = 3")).unwrap();
+        assert_eq!((config.warm_pool, config.start_concurrency), (4, 3));
+        assert_eq!(load(&text("warm_pool = 0")).unwrap().warm_pool, 0);
+        let err = error(&text("warm_pool = 5"));
+        assert!(
+            err.starts_with("/etc/oc/agent.toml: key `warm_pool`"),
+            "{err}"
+        );
+        assert!(err.contains("capacity.max_sessions (4)"), "{err}");
+        let err = error(&text("start_concurrency = 0"));
+        assert!(err.contains("key `start_concurrency`"), "{err}");
     }
 
     #[test]

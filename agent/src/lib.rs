@@ -11,6 +11,7 @@ pub mod cgroups;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod host_link;
 pub mod jupyter;
 mod link;
@@ -34,7 +35,7 @@ pub use client::{ClientError, ControlClient};
 pub use config::{Config, ConfigError};
 pub use error::Error;
 pub use link::VERSION;
-pub use supervisor::Supervisor;
+pub use supervisor::{ServerInfo, Supervisor};
 
 /// Runs the agent until `shutdown` completes — Jupyter servers are left
 /// running for the next start to adopt — or until control refuses the host
@@ -44,6 +45,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let listeners = listener::bind(&config).await?;
 
     let (supervisor, events) = Supervisor::open(config.clone()).await?;
+    // Warm servers start at once: they need nothing from control until bound.
+    supervisor.keep_warm();
     // Made once, after the work dir exists; only requests for it leave.
     let link_key = opencloud_protocol::config::read_or_create_private_file(
         "host link key",
@@ -115,6 +118,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(e) = fatal_rx.recv() => Err(e),
     };
     if let Err(e) = &outcome {
+        // `stop_all` retires the warm servers too.
         tracing::error!("{e}; stopping every session");
         tasks.abort_all();
         supervisor.stop_all(config.stop_grace).await;
@@ -122,6 +126,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!("shutting down; Jupyter servers keep running for the next start");
         // Cheap when nothing changed: a walk of each project's tree.
         supervisor.save_running().await;
+        // Unbound warm servers are not adopted by the next start: they go now.
+        supervisor.close_pool().await;
     }
     finish(stop_tx, tasks, outbox).await;
     outcome

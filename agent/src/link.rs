@@ -260,7 +260,7 @@ async fn heartbeats(
             version: VERSION.to_owned(),
             load: sampler.sample(&supervisor.config().work_dir),
             sessions: supervisor.sessions(),
-            warm_servers: 0,
+            warm_servers: supervisor.warm_servers(),
         };
         match client.heartbeat(&heartbeat).await {
             Ok(reply) => {
@@ -272,6 +272,8 @@ async fn heartbeats(
                     draining = reply.draining;
                     tracing::info!(draining, "control changed this host's draining state");
                 }
+                // Draining: no warm servers wait for opens that will not come.
+                supervisor.set_draining(draining);
                 stop_sessions(
                     &supervisor,
                     &stopping,

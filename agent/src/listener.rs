@@ -135,7 +135,10 @@ fn install_metrics() -> Option<PrometheusHandle> {
             let installed = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("opencloud_agent_spawn_seconds".into()),
-                    &[0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0],
+                    // Warm binds take tenths of a second, cold starts seconds.
+                    &[
+                        0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+                    ],
                 )
                 .and_then(|b| b.install_recorder());
             match installed {

@@ -22,7 +22,11 @@ const DIR_MODE: u32 = 0o711;
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionRecord {
+    /// What the server's resources (state file, socket directory, network
+    /// namespace, cgroup, log) are named by: the session's sid for a cold
+    /// start, the server's own id for one started for the warm pool.
     pub sid: String,
+    /// 0 for a warm server not bound to a session yet.
     pub project_id: u64,
     /// The sandbox's outer process (bwrap); it leads its own process group.
     pub pid: i32,
@@ -40,6 +44,22 @@ pub struct SessionRecord {
     pub gid: u32,
     /// Unix seconds.
     pub started_at: u64,
+    /// Set for a server started for the warm pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmRecord>,
+}
+
+/// What an agent restart needs to know of a warm server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRecord {
+    /// The pool slot its user is named by.
+    pub slot: u32,
+    /// The session it serves once a start bound it (the project is
+    /// `project_id`; its files are in the server's root): adopted like any
+    /// session. None: never bound, killed and cleaned at a restart.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 impl std::fmt::Debug for SessionRecord {
@@ -53,6 +73,7 @@ impl std::fmt::Debug for SessionRecord {
             .field("slirp", &self.slirp)
             .field("user", &self.user)
             .field("started_at", &self.started_at)
+            .field("warm", &self.warm)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +234,7 @@ mod tests {
             uid: 998,
             gid: 998,
             started_at: 1_800_000_000,
+            warm: None,
         }
     }
 
@@ -227,16 +249,23 @@ mod tests {
     fn records_round_trip_privately() {
         let dir = StateDir::open(temp_dir("round")).unwrap();
         dir.save(&record("aaaa")).unwrap();
-        dir.save(&record("bbbb")).unwrap();
+        let warm = SessionRecord {
+            warm: Some(WarmRecord {
+                slot: 2,
+                session: Some("cccc".into()),
+            }),
+            ..record("bbbb")
+        };
+        dir.save(&warm).unwrap();
         let mode = std::fs::metadata(dir.path("aaaa"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(dir.load_all(), vec![record("aaaa"), record("bbbb")]);
+        assert_eq!(dir.load_all(), vec![record("aaaa"), warm.clone()]);
         dir.remove("aaaa");
         dir.remove("aaaa");
-        assert_eq!(dir.load_all(), vec![record("bbbb")]);
+        assert_eq!(dir.load_all(), vec![warm]);
         std::fs::remove_dir_all(&dir.dir).unwrap();
     }
 

@@ -2,6 +2,11 @@
 //! project a system user of its own (`oc-p<project_id>`, no login shell), so
 //! notebooks never run as root and projects cannot read each other's files.
 //! An agent started by an ordinary user runs Jupyter as that user.
+//!
+//! Warm servers start before their project is known, so they run as pool
+//! users (`oc-w<work dir hash>-<slot>`), one per slot of the host: no two
+//! live servers share one, and the agent on another work dir of the same
+//! machine has its own.
 
 use std::path::Path;
 
@@ -22,6 +27,13 @@ pub struct RunAs {
 /// The user name for a project's sessions.
 pub fn project_user(project_id: u64) -> String {
     format!("oc-p{project_id}")
+}
+
+/// The user of warm-pool slot `slot` of the agent on `work_dir`.
+pub fn pool_user(work_dir: &Path, slot: u32) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(work_dir.as_os_str().as_encoded_bytes());
+    format!("oc-w{}-{slot}", hex::encode(&digest[..4]))
 }
 
 pub fn running_as_root() -> bool {
@@ -45,10 +57,11 @@ pub fn current() -> RunAs {
     }
 }
 
-/// The project's user, created with `useradd` when missing. Callers
-/// serialise calls (useradd locks /etc/passwd and fails when it is busy).
-pub async fn ensure_project_user(project_id: u64, home: &Path) -> Result<RunAs, Error> {
-    let name = project_user(project_id);
+/// The user `name` (a project's or a pool slot's), created with `useradd`
+/// when missing. Callers serialise calls (useradd locks /etc/passwd and
+/// fails when it is busy).
+pub async fn ensure_user(name: &str, home: &Path) -> Result<RunAs, Error> {
+    let name = name.to_owned();
     if let Some(user) = lookup(&name)? {
         return Ok(user);
     }
@@ -84,7 +97,7 @@ pub async fn ensure_project_user(project_id: u64, home: &Path) -> Result<RunAs, 
             })?;
         // Made by us, or by another agent on this machine meanwhile.
         if let Some(user) = lookup(&name)? {
-            tracing::info!(user = %name, "created the project's user");
+            tracing::info!(user = %name, "created the session user");
             return Ok(user);
         }
         failure = format!(
@@ -130,6 +143,16 @@ mod tests {
         let name = project_user(u64::MAX);
         assert_eq!(name, "oc-p18446744073709551615");
         assert!(name.len() <= 32);
+    }
+
+    #[test]
+    fn pool_users_are_short_and_differ_between_work_dirs() {
+        let a = pool_user(Path::new("/srv/host-a"), 5);
+        let b = pool_user(Path::new("/srv/host-b"), 5);
+        assert!(a.starts_with("oc-w") && a.ends_with("-5"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, pool_user(Path::new("/srv/host-a"), 5));
+        assert!(pool_user(Path::new("/x"), u32::MAX).len() <= 32);
     }
 
     #[test]

@@ -27,6 +27,14 @@ impl Layout {
     pub fn project(&self, project_id: u64) -> PathBuf {
         self.projects().join(project_id.to_string())
     }
+    /// Root directories of warm servers, by server id: empty until a start
+    /// binds the server and moves its project's files in.
+    pub fn pool(&self) -> PathBuf {
+        self.work_dir.join("pool")
+    }
+    pub fn pool_root(&self, server_id: &str) -> PathBuf {
+        self.pool().join(server_id)
+    }
     pub fn homes(&self) -> PathBuf {
         self.work_dir.join("homes")
     }
@@ -78,6 +86,7 @@ pub(crate) fn prepare_work_dir(layout: &Layout, root: bool, venv: &Path) -> Resu
         (layout.work_dir.clone(), 0o711),
         (layout.projects(), 0o711),
         (layout.homes(), 0o711),
+        (layout.pool(), 0o711),
         (layout.logs(), 0o700),
         (layout.snapshots(), 0o700),
     ];
@@ -203,9 +212,113 @@ pub(crate) fn private_dir(dir: &Path, run_as: &RunAs) -> Result<(), Error> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Whose files a hand-over moves, and to whom they then belong.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rehome {
+    /// Only entries of this uid change owner: anything else got in by a hard
+    /// link and stays whose it was.
+    pub from_uid: u32,
+    pub to_uid: u32,
+    pub to_gid: u32,
+}
+
+/// Moves everything in `from` into `to` (both on the work dir's file
+/// system, so each entry is one rename): a directory that exists in both is
+/// merged, anything else in `to` with the same name is replaced. Entries
+/// then change owner per `rehome`. Symlinks are moved as they are, never
+/// followed. Callers make sure no process of either user runs meanwhile.
+pub(crate) fn move_contents(from: &Path, to: &Path, rehome: Option<Rehome>) -> std::io::Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let entries = match std::fs::read_dir(from) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let source_is_dir = entry.file_type()?.is_dir();
+        match std::fs::symlink_metadata(&target) {
+            Ok(existing) if existing.is_dir() && source_is_dir => {
+                move_contents(&source, &target, rehome)?;
+                std::fs::remove_dir(&source)?;
+                if let Some(rehome) = rehome {
+                    chown_if(&target, &existing, rehome)?;
+                }
+                continue;
+            }
+            Ok(existing) if existing.is_dir() => std::fs::remove_dir_all(&target)?,
+            Ok(_) => std::fs::remove_file(&target)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::rename(&source, &target)?;
+        if let Some(rehome) = rehome {
+            rehome_tree(&target, rehome)?;
+        }
+    }
+    Ok(())
+}
+
+/// `path` and everything below it (symlinks not followed) to `rehome`'s owner.
+fn rehome_tree(path: &Path, rehome: Rehome) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    chown_if(path, &meta, rehome)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            rehome_tree(&entry?.path(), rehome)?;
+        }
+    }
+    Ok(())
+}
+
+fn chown_if(path: &Path, meta: &std::fs::Metadata, rehome: Rehome) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() == rehome.from_uid {
+        std::os::unix::fs::lchown(path, Some(rehome.to_uid), Some(rehome.to_gid))?;
+    }
+    Ok(())
+}
+
+/// An empty directory at `dir`, whatever was there.
+pub(crate) fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contents_move_merging_directories_and_keeping_links_as_links() {
+        let base = std::env::temp_dir().join(format!("oc-agent-move-{}", std::process::id()));
+        let (from, to) = (base.join("from"), base.join("to"));
+        std::fs::create_dir_all(from.join("data/deep")).unwrap();
+        std::fs::create_dir_all(to.join("data")).unwrap();
+        std::fs::write(from.join("notebook.ipynb"), "{}").unwrap();
+        std::fs::write(from.join("data/deep/table.csv"), "a,b").unwrap();
+        std::fs::write(from.join("clash"), "new").unwrap();
+        std::fs::write(to.join("clash"), "old").unwrap();
+        std::fs::write(to.join("data/kept.txt"), "kept").unwrap();
+        std::os::unix::fs::symlink("/etc", from.join("outside")).unwrap();
+        move_contents(&from, &to, None).unwrap();
+        assert_eq!(std::fs::read_dir(&from).unwrap().count(), 0);
+        assert_eq!(std::fs::read_to_string(to.join("clash")).unwrap(), "new");
+        assert!(to.join("notebook.ipynb").is_file());
+        assert!(to.join("data/deep/table.csv").is_file());
+        assert!(to.join("data/kept.txt").is_file());
+        let link = std::fs::symlink_metadata(to.join("outside")).unwrap();
+        assert!(link.file_type().is_symlink());
+        // Moving out of a directory that is not there moves nothing.
+        move_contents(&base.join("missing"), &to, None).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn closed_directories_on_the_way_are_named() {

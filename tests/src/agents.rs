@@ -17,17 +17,29 @@ pub fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// The text of an agent config for `control_url` with `host_key`.
+/// The text of an agent config for `control_url` with `host_key`. No warm
+/// pool: tests keep their meaning and a small machine is not loaded with
+/// idle servers; [`with_warm_pool`] asks for one.
 pub fn config_text(control_url: &str, host_key: &str, max_sessions: u32, work_dir: &str) -> String {
     let link_port = crate::machine::free_port();
     let metrics_port = crate::machine::free_port();
     format!(
         "control_url = \"{control_url}\"\nhost_key = \"{host_key}\"\naddress = \"127.0.0.1\"\n\
          link_port = {link_port}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nwork_dir = \"{work_dir}\"\n\
-         venv = \"{venv}\"\nstop_grace_seconds = 5\n\
+         venv = \"{venv}\"\nstop_grace_seconds = 5\nwarm_pool = 0\n\
          # Autosave often, so the tests see it within seconds.\nautosave_interval_seconds = 5\n\n[capacity]\nmax_sessions = {max_sessions}\n\
          cpu_cores = 2.0\nmemory_mib = 2048\n",
         venv = venv().display(),
+    )
+}
+
+/// `text` (from [`config_text`]) with `warm_pool` warm servers.
+pub fn with_warm_pool(text: &str, warm_pool: u32) -> String {
+    assert!(text.contains("\nwarm_pool = 0\n"), "{text}");
+    text.replacen(
+        "\nwarm_pool = 0\n",
+        &format!("\nwarm_pool = {warm_pool}\n"),
+        1,
     )
 }
 
@@ -40,13 +52,21 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes a config and starts the agent (it registers by itself).
     pub fn start(control_url: &str, host_key: &str, max_sessions: u32) -> anyhow::Result<Self> {
+        Self::start_with_warm_pool(control_url, host_key, max_sessions, 0)
+    }
+
+    /// [`AgentProcess::start`] with `warm_pool` warm servers.
+    pub fn start_with_warm_pool(
+        control_url: &str,
+        host_key: &str,
+        max_sessions: u32,
+        warm_pool: u32,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(unique("oc-e2e-agent-"));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("agent.toml");
-        std::fs::write(
-            &config_path,
-            config_text(control_url, host_key, max_sessions, "work"),
-        )?;
+        let text = config_text(control_url, host_key, max_sessions, "work");
+        std::fs::write(&config_path, with_warm_pool(&text, warm_pool))?;
         let mut agent = Self {
             child: None,
             dir,
@@ -121,11 +141,22 @@ impl AgentProcess {
         }
     }
 
-    /// The pid of session `sid`'s Jupyter server, from the agent's state file.
+    /// The pid of session `sid`'s Jupyter server (or of the warm server
+    /// with that id), from the agent's state files: a cold start's is named
+    /// by its sid, a warm server's by its own id and names the session it
+    /// was bound to.
     pub fn session_pid(&self, sid: &str) -> Option<i32> {
-        let path = self.dir.join("work/sessions").join(format!("{sid}.json"));
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        let read = |path: &Path| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+        };
+        let sessions = self.dir.join("work/sessions");
+        let state = read(&sessions.join(format!("{sid}.json"))).or_else(|| {
+            std::fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter_map(|entry| read(&entry.path()))
+                .find(|state| state["warm"]["session"] == sid)
+        })?;
         state["pid"].as_i64().map(|p| p as i32)
     }
 

@@ -328,6 +328,22 @@ impl TestStack {
         AgentProcess::start(&self.control().public, host_key, max_sessions).expect("start agent")
     }
 
+    /// [`TestStack::start_agent`] with `warm_pool` warm servers.
+    pub fn start_agent_with_warm_pool(
+        &self,
+        host_key: &str,
+        max_sessions: u32,
+        warm_pool: u32,
+    ) -> AgentProcess {
+        AgentProcess::start_with_warm_pool(
+            &self.control().public,
+            host_key,
+            max_sessions,
+            warm_pool,
+        )
+        .expect("start agent")
+    }
+
     /// Creates a project for `user` and a session served from `target`
     /// through a stand-in host's link (as the agent would), and waits until
     /// the gateway routes it.

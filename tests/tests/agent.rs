@@ -55,6 +55,7 @@ link_port = {link}
 work_dir = "work"
 venv = "{venv}"
 stop_grace_seconds = 5
+{warm_pool}
 {extra}
 
 [capacity]
@@ -63,6 +64,12 @@ cpu_cores = 2.0
 memory_mib = 2048
 "#,
             venv = venv.display(),
+            // No warm pool unless a test asks for one in `extra`.
+            warm_pool = if extra.contains("warm_pool") {
+                ""
+            } else {
+                "warm_pool = 0"
+            },
         );
         let config_path = base.join("agent.toml");
         std::fs::write(&config_path, &text).unwrap();
@@ -852,4 +859,363 @@ async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_
     assert!(files_in(&bytes).contains(&"last.txt".to_owned()));
     assert_eq!(store.lock().unwrap().stored.len(), 3);
     host.assert_nothing_left(&sid);
+}
+
+/// A host with a warm pool of one, its keeper running, and a warm server
+/// ready: its pid.
+async fn warm_pool_ready(supervisor: &Supervisor) -> i32 {
+    supervisor.keep_warm();
+    eventually("a warm server is ready", Duration::from_secs(60), || {
+        supervisor.warm_servers() == 1
+    })
+    .await;
+    let pids = supervisor.warm_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    pids[0]
+}
+
+/// The `Ready` of a start bound to a warm server: its spawn time.
+fn warm_ready(event: &AgentEvent) -> u64 {
+    match event {
+        AgentEvent::Ready {
+            warm: true,
+            spawn_ms,
+            ..
+        } => *spawn_ms,
+        other => panic!("expected a warm Ready, got {other:?}"),
+    }
+}
+
+/// The names at the top of the server's root, through Jupyter's contents API.
+async fn listing(target: &Target) -> Vec<String> {
+    let (status, body) = opencloud_e2e::jupyter::request(target, "GET", "/api/contents", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut names: Vec<String> = body["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_warm_server_takes_a_start_with_its_projects_snapshot_and_another_replaces_it() {
+    // The project's last snapshot, taken on another host.
+    let earlier = std::env::temp_dir().join(unique("oc-snapshot-warm-"));
+    std::fs::create_dir_all(&earlier).unwrap();
+    std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
+    let mut archive = Vec::new();
+    opencloud_agent::snapshot::archive::pack(&earlier, &mut archive).unwrap();
+    std::fs::remove_dir_all(&earlier).unwrap();
+    let store = Store::default();
+    store.lock().unwrap().stored.push(("stop".into(), archive));
+    let control = stand_in_control(store.clone()).await;
+
+    let host = Host::with_control(2, &venv(), "warm_pool = 1", &control);
+    let (supervisor, mut events) = host.supervisor().await;
+    let warm_pid = warm_pool_ready(&supervisor).await;
+    let warm_uid = uid_of(warm_pid);
+    let pool_user = opencloud_agent::users::pool_user(&host.work(), 0);
+    assert_eq!(
+        Some(warm_uid),
+        passwd_uid(&pool_user),
+        "runs as its pool user"
+    );
+
+    let start = start_command(910_060);
+    let sid = start.sid.clone();
+    let spawn_ms = warm_ready(&supervisor.start(start).await);
+    println!("warm bind, start to ready: {spawn_ms} ms");
+    assert!(spawn_ms < 2_000, "{spawn_ms} ms is no warm start");
+    assert_eq!(
+        warm_ready(&next_event(&mut events, Duration::from_secs(1)).await),
+        spawn_ms
+    );
+    let server = supervisor.server_of(&sid).unwrap();
+    assert!(server.warm);
+    assert_eq!(
+        server.pid,
+        Some(warm_pid),
+        "the warm server took the session"
+    );
+    assert_ne!(server.server_id, sid);
+
+    // The snapshot's files, through Jupyter on the session's own socket,
+    // owned by the server's user (the project's user is another one).
+    let target = supervisor.link_target(&sid).unwrap();
+    let (status, body) =
+        opencloud_e2e::jupyter::request(&target, "GET", "/api/contents/analysis.py", None)
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"], "print('hi')\n");
+    let file = std::fs::metadata(server.files.join("analysis.py")).unwrap();
+    assert_eq!(file.uid(), warm_uid);
+    let project_uid = passwd_uid("oc-p910060").unwrap();
+    assert_ne!(project_uid, warm_uid);
+
+    // A replacement starts in the background: another process, another user.
+    eventually(
+        "a new warm server is ready",
+        Duration::from_secs(60),
+        || supervisor.warm_servers() == 1,
+    )
+    .await;
+    let replacement = supervisor.warm_pids()[0];
+    assert_ne!(replacement, warm_pid);
+    assert_ne!(
+        uid_of(replacement),
+        warm_uid,
+        "two live servers share a user"
+    );
+
+    // What the user writes is in the last snapshot, and back in the
+    // project's directory, the project user's again, once the session ends.
+    let (status, body) = opencloud_e2e::jupyter::request(
+        &target,
+        "PUT",
+        "/api/contents/notes.md",
+        Some(serde_json::json!({"type": "file", "format": "text", "content": "# notes\n"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    supervisor.stop(&sid, Duration::from_secs(5)).await;
+    let (reason, bytes) = store.lock().unwrap().stored.last().cloned().unwrap();
+    assert_eq!(reason, "stop");
+    assert_eq!(files_in(&bytes), ["analysis.py", "notes.md"]);
+    let project = host.work().join("projects/910060");
+    for name in ["analysis.py", "notes.md"] {
+        let meta = std::fs::metadata(project.join(name)).unwrap();
+        assert_eq!(meta.uid(), project_uid, "{name}");
+    }
+    let dir = std::fs::metadata(&project).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (project_uid, 0o700));
+    assert!(gone(&target).await);
+    assert_eq!(processes_of(warm_uid), Vec::<i32>::new());
+    host.assert_nothing_left(&server.server_id);
+    assert!(!server.files.exists(), "the warm server's root is left");
+    let pool_home = host.work().join("homes").join(&pool_user);
+    assert!(
+        std::fs::read_dir(&pool_home).map_or(true, |mut d| d.next().is_none()),
+        "the pool user's home is not empty"
+    );
+}
+
+#[tokio::test]
+async fn a_warm_server_serves_one_project_and_the_next_gets_another_server_without_its_files() {
+    // No control: the host's cached copy of the project is what it gets.
+    let host = Host::with(2, &venv(), "warm_pool = 1");
+    let (supervisor, _events) = host.supervisor().await;
+    let first_pid = warm_pool_ready(&supervisor).await;
+
+    let project = host.work().join("projects/910070");
+    let owner =
+        opencloud_agent::users::ensure_user("oc-p910070", &host.work().join("homes/oc-p910070"))
+            .await
+            .unwrap();
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("cached.txt"), "from the last session here").unwrap();
+    std::os::unix::fs::chown(project.join("cached.txt"), Some(owner.uid), None).unwrap();
+
+    let a = start_command(910_070);
+    warm_ready(&supervisor.start(a.clone()).await);
+    let a_server = supervisor.server_of(&a.sid).unwrap();
+    assert_eq!(a_server.pid, Some(first_pid));
+    let a_target = supervisor.link_target(&a.sid).unwrap();
+    assert_eq!(listing(&a_target).await, ["cached.txt"]);
+    supervisor.stop(&a.sid, Duration::from_secs(5)).await;
+    let back = std::fs::metadata(project.join("cached.txt")).unwrap();
+    assert_eq!(back.uid(), owner.uid, "handed back to the project's user");
+
+    eventually(
+        "a warm server is ready again",
+        Duration::from_secs(60),
+        || supervisor.warm_servers() == 1,
+    )
+    .await;
+    let b = start_command(910_071);
+    warm_ready(&supervisor.start(b.clone()).await);
+    let b_server = supervisor.server_of(&b.sid).unwrap();
+    assert_ne!(
+        b_server.server_id, a_server.server_id,
+        "a pooled server was reused"
+    );
+    assert_ne!(b_server.pid, a_server.pid);
+    let b_target = supervisor.link_target(&b.sid).unwrap();
+    assert_ne!(b_target, a_target);
+    assert_eq!(listing(&b_target).await, Vec::<String>::new());
+    assert_eq!(
+        opencloud_e2e::jupyter::get_status(&b_target, "/api/contents/cached.txt").await,
+        Some(404),
+        "the other project's file"
+    );
+    supervisor.stop(&b.sid, Duration::from_secs(5)).await;
+    host.assert_nothing_left(&b_server.server_id);
+}
+
+#[tokio::test]
+async fn starts_at_once_pass_the_gate_in_order_with_at_most_the_limit_starting() {
+    let host = Host::with(3, &venv(), "start_concurrency = 1");
+    let (supervisor, mut events) = host.supervisor().await;
+    let starts: Vec<StartSession> = (0..3).map(|n| start_command(910_080 + n)).collect();
+
+    // The most servers launched and not ready yet, seen at any one time.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let (supervisor, peak) = (supervisor.clone(), peak.clone());
+        let sids: Vec<String> = starts.iter().map(|s| s.sid.clone()).collect();
+        tokio::spawn(async move {
+            loop {
+                let starting = supervisor
+                    .sessions()
+                    .iter()
+                    .filter(|s| {
+                        s.state == AgentSessionState::Starting
+                            && sids.contains(&s.sid)
+                            && supervisor.pid_of(&s.sid).is_some()
+                    })
+                    .count();
+                peak.fetch_max(starting, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Polled in this order: each takes its place at the gate on its first poll.
+    let outcomes =
+        futures_util::future::join_all(starts.iter().map(|s| supervisor.start(s.clone()))).await;
+    watcher.abort();
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, AgentEvent::Ready { warm: false, .. }),
+            "{outcome:?}"
+        );
+    }
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        match next_event(&mut events, Duration::from_secs(1)).await {
+            AgentEvent::Ready { sid, spawn_ms, .. } => {
+                println!("{sid} ready after {spawn_ms} ms");
+                order.push(sid);
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+    }
+    let expected: Vec<String> = starts.iter().map(|s| s.sid.clone()).collect();
+    assert_eq!(order, expected, "not in start order");
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(peak, 1, "servers starting at once with a limit of 1");
+    for start in &starts {
+        supervisor.stop(&start.sid, Duration::from_secs(5)).await;
+    }
+}
+
+/// The server id of each warm server the work dir's state files say no
+/// start has bound.
+fn unbound_warm_servers(host: &Host) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(host.work().join("sessions")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let record: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            if record["warm"].is_object() && record["warm"]["session"].is_null() {
+                found.push(record["sid"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_a_bound_warm_server_and_cleans_up_an_unbound_one() {
+    let host = Host::with(3, &venv(), "warm_pool = 1");
+    let (first, _events) = host.supervisor().await;
+    warm_pool_ready(&first).await;
+    let start = start_command(910_090);
+    warm_ready(&first.start(start.clone()).await);
+    let bound = first.server_of(&start.sid).unwrap();
+    let target = first.link_target(&start.sid).unwrap();
+    std::fs::write(bound.files.join("work.txt"), "unsaved").unwrap();
+    eventually(
+        "a new warm server is ready",
+        Duration::from_secs(60),
+        || first.warm_servers() == 1,
+    )
+    .await;
+    let unbound_pid = first.warm_pids()[0];
+    let unbound = unbound_warm_servers(&host);
+    assert_eq!(unbound.len(), 1, "{unbound:?}");
+    first.detach();
+
+    let (second, _events) = host.supervisor().await;
+    // The session runs on, on the same server with its files.
+    let sessions = second.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].sid, start.sid);
+    assert_eq!(second.server_of(&start.sid), Some(bound.clone()));
+    assert_eq!(second.link_target(&start.sid), Some(target.clone()));
+    assert_eq!(api_status(&target).await, Some(200));
+    // The unbound one is gone, with everything it had.
+    assert!(
+        !proc_info(unbound_pid).is_some_and(|p| p.is_alive()),
+        "the unbound warm server was adopted"
+    );
+    assert_eq!(second.warm_servers(), 0);
+    host.assert_nothing_left(&unbound[0]);
+    assert!(!host.work().join("pool").join(&unbound[0]).exists());
+
+    // Ending the adopted session hands its files back to the project.
+    second.stop(&start.sid, Duration::from_secs(5)).await;
+    assert!(host.work().join("projects/910090/work.txt").exists());
+    host.assert_nothing_left(&bound.server_id);
+}
+
+#[tokio::test]
+async fn a_start_while_the_warm_server_is_still_starting_waits_for_it_rather_than_starting_cold() {
+    let host = Host::with(2, &venv(), "warm_pool = 1");
+    let (supervisor, _events) = host.supervisor().await;
+    supervisor.keep_warm();
+    // Launched, not ready yet.
+    eventually("a warm server launched", Duration::from_secs(30), || {
+        supervisor.warm_pids().len() == 1
+    })
+    .await;
+    let warm_pid = supervisor.warm_pids()[0];
+    let ready_before = supervisor.warm_servers();
+    let start = start_command(910_100);
+    let spawn_ms = warm_ready(&supervisor.start(start.clone()).await);
+    println!(
+        "start → bound to the warm server (ready at the start: {ready_before}): {spawn_ms} ms"
+    );
+    let server = supervisor.server_of(&start.sid).unwrap();
+    assert_eq!(server.pid, Some(warm_pid), "a second server was started");
+    assert_eq!(supervisor.sessions().len(), 1);
+    supervisor.stop(&start.sid, Duration::from_secs(5)).await;
+    host.assert_nothing_left(&server.server_id);
+}
+
+#[tokio::test]
+async fn a_warm_bound_server_killed_from_outside_is_reported_exited_and_its_files_go_back() {
+    let host = Host::with(2, &venv(), "warm_pool = 1");
+    let (supervisor, mut events) = host.supervisor().await;
+    warm_pool_ready(&supervisor).await;
+    let start = start_command(910_110);
+    warm_ready(&supervisor.start(start.clone()).await);
+    next_event(&mut events, Duration::from_secs(1)).await;
+    let server = supervisor.server_of(&start.sid).unwrap();
+    std::fs::write(server.files.join("result.csv"), "1,2\n").unwrap();
+
+    kill_session(&server.server_id);
+    match next_event(&mut events, Duration::from_secs(20)).await {
+        AgentEvent::Exited { sid, .. } => assert_eq!(sid, start.sid),
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    assert!(supervisor.sessions().is_empty());
+    assert!(host.work().join("projects/910110/result.csv").exists());
+    host.assert_nothing_left(&server.server_id);
 }

@@ -201,6 +201,11 @@ async fn every_part_names_its_metrics_by_the_contract_and_keeps_people_out_of_la
                 &[("op", "restore")],
             ),
             ("opencloud_agent_snapshot_failures_total", &[("op", "push")]),
+            ("opencloud_agent_warm_binds_total", &[]),
+            ("opencloud_agent_warm_bind_failures_total", &[]),
+            // Gauges, there from the start: no warm pool on test hosts, nobody waiting.
+            ("opencloud_agent_warm_servers", &[]),
+            ("opencloud_agent_starts_waiting", &[]),
         ],
     );
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use opencloud_agent::{Config, Supervisor};
-use opencloud_e2e::agents::{config_text, session_leftovers, stop_all};
+use opencloud_e2e::agents::{config_text, session_leftovers, stop_all, with_warm_pool};
 use opencloud_e2e::kernel::{execute_on_socket, start_on_socket};
 use opencloud_e2e::sandbox::unix_request;
 use opencloud_e2e::{free_port, unique};
@@ -30,13 +30,19 @@ struct Host {
 
 impl Host {
     async fn open(extra: &str) -> Self {
+        Self::open_with(extra, 0).await
+    }
+
+    /// [`Host::open`] with `warm_pool` warm servers (kept once [`Host::warm_up`] is called).
+    async fn open_with(extra: &str, warm_pool: u32) -> Self {
         let base = std::env::temp_dir().join(unique("oc-sbx-"));
         std::fs::create_dir_all(&base).unwrap();
         let path = base.join("agent.toml");
         // Nothing listens on control's port: these tests never need control.
         let control = format!("http://127.0.0.1:{}", free_port());
         // `extra` lines belong before the [capacity] table.
-        let text = config_text(&control, "test-host-key", 4, "w").replacen(
+        let text = config_text(&control, "test-host-key", 4, "w");
+        let text = with_warm_pool(&text, warm_pool).replacen(
             "[capacity]",
             &format!("{extra}\n[capacity]"),
             1,
@@ -63,6 +69,7 @@ impl Host {
         };
         let started = Instant::now();
         let event = self.supervisor.start(command.clone()).await;
+        let warm = matches!(event, AgentEvent::Ready { warm: true, .. });
         assert!(
             matches!(event, AgentEvent::Ready { .. }),
             "{event:?}\n{}",
@@ -70,17 +77,30 @@ impl Host {
                 .unwrap_or_default()
         );
         println!(
-            "session of project {project_id} ready in {} ms",
+            "session of project {project_id} ready in {} ms (warm: {warm})",
             started.elapsed().as_millis()
         );
+        let server = self.supervisor.server_of(&command.sid).unwrap();
         Session {
             socket: self
                 .work()
                 .join("sessions")
-                .join(&command.sid)
+                .join(&server.server_id)
                 .join("jupyter.sock"),
             sid: command.sid,
-            project_dir: self.work().join(format!("projects/{project_id}")),
+            server_id: server.server_id,
+            project_dir: server.files,
+            warm,
+        }
+    }
+
+    /// Keeps a warm pool and waits for its server to be ready.
+    async fn warm_up(&self) {
+        self.supervisor.keep_warm();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.supervisor.warm_servers() == 0 {
+            assert!(Instant::now() < deadline, "no warm server within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -93,8 +113,10 @@ impl Host {
         self.supervisor
             .stop(&session.sid, Duration::from_secs(5))
             .await;
-        assert!(!self.work().join("sessions").join(&session.sid).exists());
-        assert_eq!(session_leftovers(&session.sid), Vec::<String>::new());
+        let id = &session.server_id;
+        assert!(!self.work().join("sessions").join(id).exists());
+        assert!(!self.work().join("pool").join(id).exists());
+        assert_eq!(session_leftovers(id), Vec::<String>::new());
     }
 }
 
@@ -110,8 +132,13 @@ impl Drop for Host {
 
 struct Session {
     sid: String,
+    /// What its socket directory, cgroup and network namespace are named by.
+    server_id: String,
     socket: PathBuf,
+    /// Where its project's files are while it runs.
     project_dir: PathBuf,
+    /// Bound to a warm server.
+    warm: bool,
 }
 
 impl Session {
@@ -191,6 +218,34 @@ async fn a_kernel_sees_nothing_of_other_sessions_or_the_host() {
     let host = Host::open("").await;
     let a = host.start(930_001, 1024).await;
     let b = host.start(930_002, 1024).await;
+    walls_hold(&host, &a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_of_a_session_bound_to_a_warm_server_sees_nothing_of_other_sessions_or_the_host() {
+    let host = Host::open_with("", 1).await;
+    host.warm_up().await;
+    let a = host.start(930_011, 1024).await;
+    assert!(a.warm, "the start did not take the warm server");
+    // The replacement warm server starts meanwhile: it is a live server too.
+    let b = host.start(930_012, 1024).await;
+    walls_hold(&host, &a, &b).await;
+}
+
+/// From inside `a`'s kernel: nothing of `b`, of the host or of the agent's
+/// work dir beyond `a`'s own is visible or writable; `a` runs under a uid
+/// no other live server has; both stop without leftovers.
+async fn walls_hold(host: &Host, a: &Session, b: &Session) {
+    let uid_of = |pid: i32| opencloud_agent::process::proc_info(pid).unwrap().uid;
+    let a_uid = uid_of(host.supervisor.pid_of(&a.sid).unwrap());
+    let others: Vec<i32> = [host.supervisor.pid_of(&b.sid).unwrap()]
+        .into_iter()
+        .chain(host.supervisor.warm_pids())
+        .collect();
+    for pid in others {
+        assert_ne!(uid_of(pid), a_uid, "another live server runs as A's user");
+    }
+    assert_ne!(a_uid, 0);
     let b_kernel = b.kernel().await;
     b.run(
         &b_kernel,
@@ -267,7 +322,10 @@ print(json.dumps({{
     assert!(pids < 10, "A sees {pids} processes");
     for cmdline in report["cmdlines"].as_array().unwrap() {
         let cmdline = cmdline.as_str().unwrap();
-        assert!(!cmdline.contains(&b.sid), "B's process visible: {cmdline}");
+        assert!(
+            !cmdline.contains(&b.sid) && !cmdline.contains(&b.server_id),
+            "B's process visible: {cmdline}"
+        );
     }
     let outer_b = host.supervisor.pid_of(&b.sid).unwrap();
     assert!(outer_b > 0);
@@ -289,6 +347,7 @@ print(json.dumps({{
                 "homes",
                 "jupyter",
                 "jupyter_server_config.py",
+                "pool",
                 "projects",
                 "sessions"
             ]
@@ -298,7 +357,7 @@ print(json.dumps({{
     }
     assert_eq!(
         report["sessions"],
-        serde_json::json!([a.sid.clone()]),
+        serde_json::json!([a.server_id.clone()]),
         "other sessions' directories or state are visible"
     );
     // Kernels over IPC: the server listens on no TCP port. ipykernel keeps
@@ -335,12 +394,12 @@ print(json.dumps({{
 
     // The network: nothing of the host, its LAN or the metadata service.
     let report = a
-        .run(&a_kernel, &reach_code(&forbidden_targets(&host)))
+        .run(&a_kernel, &reach_code(&forbidden_targets(host)))
         .await;
     assert_unreachable(&report);
 
-    host.stop(&a).await;
-    host.stop(&b).await;
+    host.stop(a).await;
+    host.stop(b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,6 +420,22 @@ async fn a_kernel_over_its_memory_is_killed_alone() {
     let mut host = Host::open("").await;
     let a = host.start(930_004, 256).await;
     let b = host.start(930_005, 256).await;
+    memory_limit_holds(&mut host, &a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_bound_session_gets_its_memory_limit_and_its_kernel_over_it_is_killed_alone() {
+    let mut host = Host::open_with("", 1).await;
+    host.warm_up().await;
+    let a = host.start(930_014, 256).await;
+    assert!(a.warm, "the start did not take the warm server");
+    let b = host.start(930_015, 256).await;
+    memory_limit_holds(&mut host, &a, &b).await;
+}
+
+/// A's kernel allocating twice A's 256 MiB is killed, A is told so, and
+/// A's server and B run on.
+async fn memory_limit_holds(host: &mut Host, a: &Session, b: &Session) {
     let a_kernel = a.kernel().await;
     assert_eq!(a.run(&a_kernel, "print(6 * 7)").await, "42");
 
@@ -402,6 +477,6 @@ async fn a_kernel_over_its_memory_is_killed_alone() {
     assert_eq!(status, 200);
     let b_kernel = b.kernel().await;
     assert_eq!(b.run(&b_kernel, "print(6 * 7)").await, "42");
-    host.stop(&a).await;
-    host.stop(&b).await;
+    host.stop(a).await;
+    host.stop(b).await;
 }

@@ -407,3 +407,82 @@ async fn an_idle_session_is_stopped_and_its_owner_told_why_while_a_used_one_live
         .to_owned();
     assert!(why.contains("without activity"), "{why}");
 }
+
+/// A sample of the agent's `/metrics` (0 when it is not there).
+async fn agent_metric(agent: &opencloud_e2e::agents::AgentProcess, name: &str) -> f64 {
+    let text = agent.metrics().await;
+    opencloud_e2e::exposition::Exposition::parse(&text)
+        .unwrap()
+        .value(name, &[])
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn an_open_binds_the_hosts_warm_server_and_a_draining_host_keeps_none() {
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let (host, key) = stack.add_host(&owner, "warm").await;
+    let agent = stack.start_agent_with_warm_pool(&key, 2, 1);
+    stack.wait_placeable(host).await;
+    let warm_servers = |wanted: f64| {
+        let agent = &agent;
+        move || async move {
+            (agent_metric(agent, "opencloud_agent_warm_servers").await == wanted).then_some(())
+        }
+    };
+    let (_, took) = eventually("a warm server", Duration::from_secs(60), warm_servers(1.0)).await;
+    println!("warm server ready {took:?} after the host was placeable");
+    // The heartbeat carries it to control.
+    eventually(
+        "control hearing of the warm server",
+        Duration::from_secs(10),
+        || async {
+            let n = stack
+                .db
+                .count(&format!("hosts WHERE id = {host} AND warm_servers = 1"))
+                .await;
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+
+    let alice = stack.new_user().await;
+    let project = alice.create_project("Warm").await;
+    let (sid, _) = open(&alice, project).await;
+    let took = wait_running(&stack, &sid).await;
+    println!("open → running on a warm server: {took:?}");
+    // Its state file is the warm server's, naming the session.
+    let pid = agent.session_pid(&sid).expect("the bound server's pid");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert_eq!(
+        agent_metric(&agent, "opencloud_agent_warm_binds_total").await,
+        1.0
+    );
+    assert_eq!(
+        agent_metric(&agent, "opencloud_agent_warm_bind_failures_total").await,
+        0.0
+    );
+    // A replacement, within the host's two slots.
+    eventually(
+        "a new warm server",
+        Duration::from_secs(60),
+        warm_servers(1.0),
+    )
+    .await;
+
+    // Draining: the idle warm server goes, and comes back after.
+    set_draining(&owner, host, true).await;
+    eventually(
+        "no warm server while draining",
+        Duration::from_secs(30),
+        warm_servers(0.0),
+    )
+    .await;
+    set_draining(&owner, host, false).await;
+    eventually(
+        "a warm server again",
+        Duration::from_secs(60),
+        warm_servers(1.0),
+    )
+    .await;
+}

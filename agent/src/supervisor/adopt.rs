@@ -20,12 +20,26 @@ impl Supervisor {
         let records = self.inner.state.load_all();
         let mut kept = HashSet::new();
         for record in records {
-            let sid = record.sid.clone();
-            if is_valid_sid(&sid) && self.answers(&record).await {
-                tracing::info!(sid, pid = record.pid, "adopted a running server");
+            let server_id = record.sid.clone();
+            // A warm server no start bound is not adopted: nobody needs it
+            // yet, and a fresh one replaces it.
+            let sid = match &record.warm {
+                None => Some(server_id.clone()),
+                Some(warm) => warm.session.clone(),
+            };
+            let adoptable = sid.as_deref().is_some_and(is_valid_sid) && is_valid_sid(&server_id);
+            if let (Some(sid), true) = (sid, adoptable && self.answers(&record).await) {
+                tracing::info!(sid, server_id, pid = record.pid, "adopted a running server");
+                let files = match &record.warm {
+                    Some(_) => self.inner.layout.pool_root(&server_id),
+                    None => self.inner.layout.project(record.project_id),
+                };
                 let session = Arc::new(Session {
                     sid: sid.clone(),
+                    server_id: server_id.clone(),
                     project_id: record.project_id,
+                    files,
+                    pool_slot: record.warm.as_ref().map(|w| w.slot),
                     started_at: record.started_at,
                     memory_limit_mib: 0,
                     status: watch::channel(Status {
@@ -36,22 +50,37 @@ impl Supervisor {
                     })
                     .0,
                     activity: Mutex::new(Activity::default()),
+                    promised: Default::default(),
                 });
                 self.lock_sessions().insert(sid.clone(), session.clone());
                 self.watch_adopted(session.clone(), record);
                 self.watch_memory(session.clone());
                 self.autosave(session);
-                kept.insert(sid);
+                kept.insert(server_id);
             } else {
-                tracing::info!(sid, pid = record.pid, "cleaning up a server left behind");
+                tracing::info!(
+                    server_id,
+                    pid = record.pid,
+                    "cleaning up a server left behind"
+                );
                 if !process::terminate(&record.scope(), LEFTOVER_GRACE).await {
-                    tracing::error!(sid, "processes left behind survived SIGKILL");
+                    tracing::error!(server_id, "processes left behind survived SIGKILL");
                 }
-                self.release(&sid, Some(&record)).await;
+                self.release(&server_id, Some(&record)).await;
+                let mut files_safe = true;
+                if let Some(warm) = &record.warm {
+                    let bound = warm.session.is_some().then_some(record.project_id);
+                    files_safe = self.clear_pool_server(&server_id, warm.slot, bound).await;
+                }
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
-                    cgroups.remove(&sid).await;
+                    cgroups.remove(&server_id).await;
                 }
-                self.inner.state.remove(&sid);
+                if files_safe {
+                    self.inner.state.remove(&server_id);
+                } else {
+                    // Its files are still in its root: keep that for the next start.
+                    kept.insert(server_id);
+                }
             }
         }
         // Session directories (with their network namespaces and cgroups)
@@ -69,6 +98,21 @@ impl Supervisor {
                 if let Some(cgroups) = self.inner.cgroups.cgroups() {
                     cgroups.remove(&sid).await;
                 }
+            }
+        }
+        // Roots of warm servers whose start an earlier agent did not
+        // finish: only ever empty (a bound one has a state file), so only
+        // empty ones go.
+        let roots = std::fs::read_dir(self.inner.layout.pool())
+            .into_iter()
+            .flatten();
+        for entry in roots.filter_map(|e| e.ok()) {
+            let server_id = entry.file_name().to_string_lossy().into_owned();
+            if !kept.contains(&server_id) && std::fs::remove_dir(entry.path()).is_err() {
+                tracing::warn!(
+                    server_id,
+                    "a warm server's root with files in it and no state file; left for a person to look at"
+                );
             }
         }
         self.publish_gauges();

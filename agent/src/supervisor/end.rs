@@ -19,19 +19,28 @@ impl Supervisor {
         status.ok().and_then(|st| st.process)
     }
 
-    /// Last step of every ending: network helper, session directory,
-    /// cgroup and state gone, removed from the map, waiters told.
+    /// Last step of every ending: network helper, session directory, a
+    /// warm server's files (handed back to the project) and user, cgroup
+    /// and state gone, removed from its map, waiters told.
     pub(super) async fn finish(
         &self,
         session: &Arc<Session>,
         record: Option<&SessionRecord>,
         event: AgentEvent,
     ) {
-        self.release(&session.sid, record).await;
-        if let Some(cgroups) = self.inner.cgroups.cgroups() {
-            cgroups.remove(&session.sid).await;
+        let server_id = &session.server_id;
+        self.release(server_id, record).await;
+        let mut files_safe = true;
+        if let Some(slot) = session.pool_slot {
+            let bound = (!session.waiting_in_pool()).then_some(session.project_id);
+            files_safe = self.clear_pool_server(server_id, slot, bound).await;
         }
-        self.inner.state.remove(&session.sid);
+        if let Some(cgroups) = self.inner.cgroups.cgroups() {
+            cgroups.remove(server_id).await;
+        }
+        if files_safe {
+            self.inner.state.remove(server_id);
+        }
         {
             let mut sessions = self.lock_sessions();
             if sessions
@@ -40,26 +49,31 @@ impl Supervisor {
             {
                 sessions.remove(&session.sid);
             }
+            let mut pool = self.lock_pool();
+            if pool.get(server_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                pool.remove(server_id);
+            }
         }
         session
             .status
             .send_modify(|st| st.phase = Phase::Gone(event));
         self.publish_gauges();
+        self.inner.pool_changed.notify_one();
     }
 
-    /// What a session holds outside its sandbox once its processes are
+    /// What a server holds outside its sandbox once its processes are
     /// gone: its slirp4netns and its directory (the socket).
-    pub(super) async fn release(&self, sid: &str, record: Option<&SessionRecord>) {
+    pub(super) async fn release(&self, server_id: &str, record: Option<&SessionRecord>) {
         if let Some(slirp) = record.and_then(|r| r.slirp) {
             process::stop_helper(slirp.pid, slirp.start_ticks, LEFTOVER_GRACE).await;
         }
         if self.inner.root {
-            crate::sandbox::NetNs::for_session(sid).remove().await;
+            crate::sandbox::NetNs::for_session(server_id).remove().await;
         }
-        let dir = self.inner.layout.session_dir(sid);
+        let dir = self.inner.layout.session_dir(server_id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(sid, error = %e, "cannot remove the session's directory");
+                tracing::warn!(server_id, error = %e, "cannot remove the session's directory");
             }
         }
     }
@@ -72,30 +86,40 @@ impl Supervisor {
             sid: sid.to_owned(),
         };
         if let Some(session) = self.lookup(sid) {
-            if session.take_over(starting_or_running, Phase::Stopping) {
-                self.publish_gauges();
-                let record = self.settled_process(&session).await;
-                if let Some(record) = &record {
-                    tracing::info!(sid, pid = record.pid, "stopping session");
-                    if !process::terminate(&record.scope(), grace).await {
-                        tracing::error!(sid, "processes of the session survived SIGKILL");
-                    }
-                    // Before `Stopped`: control takes snapshots only from
-                    // sessions the host still runs.
-                    self.final_snapshot(&session).await;
-                }
-                self.finish(&session, record.as_ref(), event.clone()).await;
-                tracing::info!(sid, "session stopped");
-            } else {
-                // Already ending: wait for that to finish.
-                session.gone().await;
-            }
+            self.end(&session, grace, event.clone()).await;
         }
         self.emit(event.clone());
         event
     }
 
-    /// Stops every session, `grace` each, all at once.
+    /// Ends a session or warm server: SIGTERM, SIGKILL after `grace`, the
+    /// last snapshot of a session's files, the teardown; or waits for the
+    /// ending already under way.
+    pub(super) async fn end(&self, session: &Arc<Session>, grace: Duration, event: AgentEvent) {
+        let sid = session.sid.as_str();
+        if session.take_over(starting_or_running, Phase::Stopping) {
+            self.publish_gauges();
+            let record = self.settled_process(session).await;
+            if let Some(record) = &record {
+                tracing::info!(sid, pid = record.pid, "stopping session");
+                if !process::terminate(&record.scope(), grace).await {
+                    tracing::error!(sid, "processes of the session survived SIGKILL");
+                }
+                // Before `Stopped`: control takes snapshots only from
+                // sessions the host still runs.
+                if !session.waiting_in_pool() {
+                    self.final_snapshot(session).await;
+                }
+            }
+            self.finish(session, record.as_ref(), event).await;
+            tracing::info!(sid, "session stopped");
+        } else {
+            // Already ending: wait for that to finish.
+            session.gone().await;
+        }
+    }
+
+    /// Stops every session and warm server, `grace` each, all at once.
     pub async fn stop_all(&self, grace: Duration) {
         let sids: Vec<String> = self.lock_sessions().keys().cloned().collect();
         let mut stops = tokio::task::JoinSet::new();
@@ -103,7 +127,8 @@ impl Supervisor {
             let supervisor = self.clone();
             stops.spawn(async move { supervisor.stop(&sid, grace).await });
         }
-        while stops.join_next().await.is_some() {}
+        let sessions = async { while stops.join_next().await.is_some() {} };
+        tokio::join!(sessions, self.close_pool());
     }
 
     pub(super) async fn exited(&self, session: Arc<Session>, code: Option<i32>) {
@@ -115,6 +140,19 @@ impl Supervisor {
         self.publish_gauges();
         let record = session.status.borrow().process.clone();
         let log_tail = self.clear_leftovers(&session, record.as_ref()).await;
+        if session.waiting_in_pool() {
+            tracing::warn!(
+                server_id = session.server_id,
+                exit = describe_exit(code),
+                log_tail,
+                "a warm server exited by itself; another one starts"
+            );
+            let event = AgentEvent::Stopped {
+                sid: session.sid.clone(),
+            };
+            self.finish(&session, record.as_ref(), event).await;
+            return;
+        }
         self.final_snapshot(&session).await;
         tracing::warn!(
             sid = session.sid,

@@ -1,10 +1,14 @@
-//! Starting a session: claiming a slot, making its user and directories,
-//! its network namespace and cgroups, launching Jupyter in its sandbox and
-//! waiting until it answers on its socket. A start
-//! that does not get there ends as `Failed` (or `Stopped`, when a stop took
-//! it over meanwhile).
+//! Starting a session: claiming a slot — a ready warm server's when there
+//! is one (bound in `pool`), one still starting that it then waits for, or
+//! a cold start's — and for a cold start, taking its turn at the start gate,
+//! making its user and directories, its network namespace and cgroups,
+//! launching Jupyter in its sandbox and waiting until it answers on its
+//! socket. Warm servers are launched by the same code. A start that does
+//! not get there ends as `Failed` (or `Stopped`, when a stop took it over
+//! meanwhile); one whose warm server fails it starts cold instead.
 
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,22 +19,45 @@ use tokio::sync::watch;
 use super::{describe_exit, exit_code, unix_now, Activity, Phase, Session, Status, Supervisor};
 use crate::cgroups::{Limits, DEFAULT_PIDS_MAX};
 use crate::error::Error;
+use crate::gate::{Pass, Priority};
 use crate::jupyter;
 use crate::process;
 use crate::sandbox::{self, NetNs, Walls};
-use crate::state::{Helper, SessionRecord};
+use crate::state::{Helper, SessionRecord, WarmRecord};
 use crate::users;
 use crate::workdir::private_dir;
 
 /// How long bwrap may take to make the sandbox's first process.
 const SANDBOX_SETUP: Duration = Duration::from_secs(5);
 
-enum Readiness {
+pub(super) enum Readiness {
     Ready(u64),
     Exited(Option<i32>),
     TimedOut,
     /// A stop took the session over.
     Superseded,
+}
+
+/// Where a server runs and as whom, decided before it is launched.
+pub(super) struct Plan {
+    pub run_as: users::RunAs,
+    pub home: PathBuf,
+    /// Its cgroup's limits while it starts (no CPU quota: see `spawn`).
+    pub limits: Limits,
+}
+
+/// What the claim of a start found.
+enum Claim {
+    /// A new session, cold.
+    Cold(Arc<Session>),
+    /// A new session bound to this warm server (taken out of the pool).
+    Warm(Arc<Session>, Arc<Session>),
+    /// A new session (cold until it binds) that waits for this warm server,
+    /// still starting, promised to it.
+    AwaitWarm(Arc<Session>, Arc<Session>),
+    /// The session exists already.
+    Existing(Arc<Session>),
+    Full(usize),
 }
 
 impl Supervisor {
@@ -58,42 +85,34 @@ impl Supervisor {
                 true,
             );
         }
+        let mut warm_allowed = true;
         loop {
-            let claimed = {
-                let mut sessions = self.lock_sessions();
-                if let Some(existing) = sessions.get(&sid) {
-                    Err(existing.clone())
-                } else {
-                    let max = self.inner.config.capacity.max_sessions as usize;
-                    if sessions.len() >= max {
-                        drop(sessions);
-                        return (
-                            self.refused(&sid, format!("the host is full ({max} sessions)")),
-                            true,
-                        );
-                    }
-                    let session = Arc::new(Session {
-                        sid: sid.clone(),
-                        project_id: command.project_id,
-                        started_at: unix_now(),
-                        memory_limit_mib: command.memory_limit_mib,
-                        status: watch::channel(Status {
-                            phase: Phase::Starting,
-                            spawning: true,
-                            process: None,
-                            exit: None,
-                        })
-                        .0,
-                        activity: Mutex::new(Activity::default()),
-                    });
-                    sessions.insert(sid.clone(), session.clone());
-                    Ok(session)
-                }
-            };
+            let (claim, retired) = self.claim(&command, warm_allowed);
             self.publish_gauges();
-            match claimed {
-                Ok(session) => return self.launch(session, &command, received).await,
-                Err(existing) => {
+            if let Some(retired) = retired {
+                // Its slot is this start's: the host never runs more servers than it has slots.
+                self.retire(&retired).await;
+            }
+            let (session, warm) = match claim {
+                Claim::Full(max) => {
+                    return (
+                        self.refused(&sid, format!("the host is full ({max} sessions)")),
+                        true,
+                    )
+                }
+                Claim::Cold(session) => return self.launch(session, &command, received).await,
+                Claim::Warm(session, warm) => (session, warm),
+                Claim::AwaitWarm(waiting, warm) => {
+                    match self.await_warm(&waiting, &warm, &command).await {
+                        Some(bound) => (bound, warm),
+                        None if starting_now(&waiting) => {
+                            return self.launch(waiting, &command, received).await
+                        }
+                        // Stopped while it waited (the stop reports it).
+                        None => return (AgentEvent::Stopped { sid }, false),
+                    }
+                }
+                Claim::Existing(existing) => {
                     let mut rx = existing.status.subscribe();
                     let phase = rx
                         .wait_for(|st| matches!(st.phase, Phase::Running { .. } | Phase::Gone(_)))
@@ -104,9 +123,8 @@ impl Supervisor {
                             return (
                                 AgentEvent::Ready {
                                     sid,
-                                    // No ports any more: the host link reaches the socket.
                                     spawn_ms,
-                                    warm: false,
+                                    warm: existing.pool_slot.is_some(),
                                 },
                                 true,
                             );
@@ -117,8 +135,175 @@ impl Supervisor {
                         _ => continue,
                     }
                 }
+            };
+            match self.bind(&session, &warm, &command, received).await {
+                Ok(outcome) => return outcome,
+                Err(reason) => {
+                    metrics::counter!(super::WARM_BIND_FAILURES).increment(1);
+                    tracing::warn!(
+                        sid,
+                        server_id = session.server_id,
+                        %reason,
+                        "the warm server could not take the session; starting cold"
+                    );
+                    if !self.abandon_bind(&session).await {
+                        // A stop took the session over and reports it.
+                        return (AgentEvent::Stopped { sid }, false);
+                    }
+                    warm_allowed = false;
+                }
             }
         }
+    }
+
+    /// Takes a slot for the start: a ready warm server when there is one
+    /// (and no other session of the project runs here, whose files are in
+    /// use), else a cold start; with the warm server, if any, that must go
+    /// to make room.
+    fn claim(&self, command: &StartSession, warm_allowed: bool) -> (Claim, Option<Arc<Session>>) {
+        let mut sessions = self.lock_sessions();
+        if let Some(existing) = sessions.get(&command.sid) {
+            return (Claim::Existing(existing.clone()), None);
+        }
+        let max = self.inner.config.capacity.max_sessions as usize;
+        if sessions.len() >= max {
+            return (Claim::Full(max), None);
+        }
+        let shared = sessions
+            .values()
+            .any(|s| s.project_id == command.project_id && !matches!(s.phase(), Phase::Gone(_)));
+        let mut pool = self.lock_pool();
+        let warm_allowed = warm_allowed && !shared;
+        let ready = warm_allowed
+            .then(|| {
+                pool.values()
+                    .find(|w| !w.is_promised() && take_ready(w))
+                    .cloned()
+            })
+            .flatten();
+        if let Some(warm) = ready {
+            pool.remove(&warm.server_id);
+            let session = bound_session(command, &warm);
+            sessions.insert(command.sid.clone(), session.clone());
+            return (Claim::Warm(session, warm), None);
+        }
+        // A warm server still starting is ready sooner than a cold start
+        // begun now (and does not compete with it for the CPU).
+        let starting = warm_allowed
+            .then(|| {
+                pool.values()
+                    .find(|w| !w.is_promised() && matches!(w.phase(), Phase::Starting))
+                    .cloned()
+            })
+            .flatten();
+        if let Some(warm) = starting {
+            warm.set_promised(true);
+            let session = self.cold_session(command);
+            sessions.insert(command.sid.clone(), session.clone());
+            return (Claim::AwaitWarm(session, warm), None);
+        }
+        // Servers on the host never exceed its slots: a warm server that
+        // is not ready yet gives its slot to this start. (A start waiting
+        // for a promised one counts as that server.)
+        let promised = pool.values().filter(|w| w.is_promised()).count();
+        let retired = if sessions.len().saturating_sub(promised) + pool.len() >= max {
+            let newest = pool
+                .values()
+                .filter(|w| !w.is_promised())
+                .max_by_key(|w| w.started_at)
+                .cloned();
+            if let Some(warm) = &newest {
+                pool.remove(&warm.server_id);
+            }
+            newest
+        } else {
+            None
+        };
+        let session = self.cold_session(command);
+        sessions.insert(command.sid.clone(), session.clone());
+        (Claim::Cold(session), retired)
+    }
+
+    fn cold_session(&self, command: &StartSession) -> Arc<Session> {
+        Arc::new(Session {
+            sid: command.sid.clone(),
+            server_id: command.sid.clone(),
+            project_id: command.project_id,
+            files: self.inner.layout.project(command.project_id),
+            pool_slot: None,
+            started_at: unix_now(),
+            memory_limit_mib: command.memory_limit_mib,
+            status: watch::channel(Status {
+                phase: Phase::Starting,
+                spawning: true,
+                process: None,
+                exit: None,
+            })
+            .0,
+            activity: Mutex::new(Activity::default()),
+            promised: Default::default(),
+        })
+    }
+
+    /// Waits for the warm server promised to `session` to be ready, and
+    /// takes it: the session bound to it, in `session`'s place in the map.
+    /// `None` when it failed or the session was stopped meanwhile (then
+    /// `session` is as it was, for a cold start or the stop).
+    async fn await_warm(
+        &self,
+        session: &Arc<Session>,
+        warm: &Arc<Session>,
+        command: &StartSession,
+    ) -> Option<Arc<Session>> {
+        let mut warm_status = warm.status.subscribe();
+        let mut own_status = session.status.subscribe();
+        let waited = tokio::time::timeout(self.inner.config.start_timeout, async {
+            tokio::select! {
+                _ = warm_status.wait_for(|st| !matches!(st.phase, Phase::Starting)) => {}
+                _ = own_status.wait_for(|st| !matches!(st.phase, Phase::Starting)) => {}
+            }
+        })
+        .await;
+        let bound = {
+            let mut sessions = self.lock_sessions();
+            let mut pool = self.lock_pool();
+            warm.set_promised(false);
+            let ours = sessions
+                .get(&session.sid)
+                .is_some_and(|s| Arc::ptr_eq(s, session));
+            if waited.is_ok() && ours && starting_now(session) && take_ready(warm) {
+                pool.remove(&warm.server_id);
+                let bound = bound_session(command, warm);
+                sessions.insert(session.sid.clone(), bound.clone());
+                Some(bound)
+            } else {
+                None
+            }
+        };
+        match &bound {
+            Some(_) => {
+                // Whoever waits on the placeholder looks again and finds the bound session.
+                session.status.send_modify(|st| {
+                    st.spawning = false;
+                    st.phase = Phase::Gone(AgentEvent::Stopped {
+                        sid: session.sid.clone(),
+                    });
+                });
+            }
+            None => {
+                tracing::info!(
+                    sid = session.sid,
+                    server_id = warm.server_id,
+                    "the warm server this start waited for did not become ready"
+                );
+                self.inner.pool_changed.notify_one();
+            }
+        }
+        if !starting_now(session) && bound.is_none() {
+            // A stop took over while it waited: it waits for this.
+            session.status.send_modify(|st| st.spawning = false);
+        }
+        bound
     }
 
     fn refused(&self, sid: &str, reason: String) -> AgentEvent {
@@ -132,6 +317,19 @@ impl Supervisor {
         }
     }
 
+    /// Waits at the start gate; `None` when the session was stopped meanwhile
+    /// (its stop reports it).
+    pub(super) async fn wait_turn(&self, session: &Session, priority: Priority) -> Option<Pass> {
+        let mut status = session.status.subscribe();
+        tokio::select! {
+            pass = self.inner.gate.enter(priority) => Some(pass),
+            _ = status.wait_for(|st| !matches!(st.phase, Phase::Starting)) => {
+                session.status.send_modify(|st| st.spawning = false);
+                None
+            }
+        }
+    }
+
     async fn launch(
         &self,
         session: Arc<Session>,
@@ -139,23 +337,25 @@ impl Supervisor {
         received: Instant,
     ) -> (AgentEvent, bool) {
         let sid = session.sid.clone();
-        let restoring = match self.spawn(&session, command).await {
-            Ok(restoring) => restoring,
-            Err(e) => {
-                // Whatever was launched is in the status; nothing more comes.
-                session.status.send_modify(|st| st.spawning = false);
-                return self.fail(&session, e.to_string(), None).await;
-            }
+        let Some(_pass) = self.wait_turn(&session, Priority::User).await else {
+            return (AgentEvent::Stopped { sid }, false);
         };
-        match self.wait_ready(&session, received, restoring).await {
+        let prepared = self.prepare_cold(&session, command).await;
+        let launched = match prepared {
+            Ok(plan) => self.spawn(&session, &plan).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = launched {
+            // Whatever was launched is in the status; nothing more comes.
+            session.status.send_modify(|st| st.spawning = false);
+            return self.fail(&session, e.to_string(), None).await;
+        }
+        // Counted from the launch: a big project takes long to download,
+        // not to start, and a turn at the gate is no start either.
+        let deadline = Instant::now() + self.inner.config.start_timeout;
+        match self.wait_ready(&session, received, deadline).await {
             Readiness::Ready(spawn_ms) => {
-                if let Some(cgroups) = self.inner.cgroups.cgroups() {
-                    // The CPU share from now on (the user's code runs only
-                    // once the server is ready).
-                    if let Err(e) = cgroups.create(&sid, &session_limits(command)) {
-                        tracing::error!(sid, "cannot apply the session's CPU share: {e}");
-                    }
-                }
+                self.apply_limits(&session, command);
                 metrics::histogram!("opencloud_agent_spawn_seconds")
                     .record(spawn_ms as f64 / 1000.0);
                 self.publish_gauges();
@@ -188,34 +388,51 @@ impl Supervisor {
         }
     }
 
-    /// Makes the user and directories, restores the project's files and
-    /// launches the server; returns how long the restore took. The process
-    /// is published in the session's status as soon as it exists.
-    async fn spawn(
-        &self,
-        session: &Arc<Session>,
-        command: &StartSession,
-    ) -> Result<Duration, Error> {
+    /// The session's limits on its cgroup from now on (the user's code
+    /// runs only once the server is ready).
+    pub(super) fn apply_limits(&self, session: &Session, command: &StartSession) {
+        if let Some(cgroups) = self.inner.cgroups.cgroups() {
+            if let Err(e) = cgroups.create(&session.server_id, &session_limits(command)) {
+                tracing::error!(sid = session.sid, "cannot apply the session's limits: {e}");
+            }
+        }
+    }
+
+    /// The project's user and directories, with its files restored.
+    async fn prepare_cold(&self, session: &Session, command: &StartSession) -> Result<Plan, Error> {
+        let run_as = self.project_user(command.project_id).await?;
+        let home = self.inner.layout.home(&run_as.name);
+        private_dir(&home, &run_as)?;
+        private_dir(&session.files, &run_as)?;
+        self.restore_project(session, &run_as).await;
+        Ok(Plan {
+            run_as,
+            home,
+            limits: session_limits(command),
+        })
+    }
+
+    /// Who a project's sessions run as (made when missing).
+    pub(super) async fn project_user(&self, project_id: u64) -> Result<users::RunAs, Error> {
+        if !self.inner.root {
+            return Ok(users::current());
+        }
+        let name = users::project_user(project_id);
+        let _serialised = self.inner.users.lock().await;
+        users::ensure_user(&name, &self.inner.layout.home(&name)).await
+    }
+
+    /// Makes the server's session directory, log, cgroup and network, and
+    /// launches it in its sandbox. The process is published in the
+    /// session's status as soon as it exists.
+    pub(super) async fn spawn(&self, session: &Arc<Session>, plan: &Plan) -> Result<(), Error> {
         let inner = &self.inner;
         let layout = &inner.layout;
-        let run_as = if inner.root {
-            let name = users::project_user(command.project_id);
-            let _serialised = inner.users.lock().await;
-            users::ensure_project_user(command.project_id, &layout.home(&name)).await?
-        } else {
-            users::current()
-        };
-        let home = layout.home(&run_as.name);
-        let project_dir = layout.project(command.project_id);
-        private_dir(&home, &run_as)?;
-        private_dir(&project_dir, &run_as)?;
-        let restoring = Instant::now();
-        self.restore_project(session, &run_as).await;
-        let restoring = restoring.elapsed();
-
-        let session_dir = layout.session_dir(&session.sid);
-        private_dir(&session_dir, &run_as)?;
-        let socket = layout.socket(&session.sid);
+        let run_as = &plan.run_as;
+        let server_id = &session.server_id;
+        let session_dir = layout.session_dir(server_id);
+        private_dir(&session_dir, run_as)?;
+        let socket = layout.socket(server_id);
         if socket.as_os_str().len() > jupyter::SOCKET_PATH_MAX {
             return Err(Error::Setup(format!(
                 "{} is longer than a Unix socket path may be ({} bytes); use a shorter work_dir",
@@ -230,7 +447,7 @@ impl Supervisor {
             _ => {}
         }
 
-        let log_path = layout.log(&session.sid);
+        let log_path = layout.log(server_id);
         let log = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -245,18 +462,18 @@ impl Supervisor {
             // nearly doubled open-to-ready); its share applies once ready.
             let limits = Limits {
                 cpu_cores: 0.0,
-                ..session_limits(command)
+                ..plan.limits
             };
             cgroups
-                .create(&session.sid, &limits)
+                .create(server_id, &limits)
                 .map_err(|e| Error::Setup(format!("cannot create the session's cgroup: {e}")))?;
-            cgroup_procs = cgroups.procs_files(&session.sid);
+            cgroup_procs = cgroups.procs_files(server_id);
         }
 
         // Root makes the network namespace (and its slirp); an agent that
         // is not root has bwrap make an empty one.
         let (netns, slirp) = if inner.root {
-            let netns = NetNs::for_session(&session.sid);
+            let netns = NetNs::for_session(server_id);
             let log = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
             let slirp = netns
                 .create(inner.config.egress, &inner.host_addresses, log)
@@ -273,15 +490,7 @@ impl Supervisor {
             (None, None)
         };
         let launched = self
-            .spawn_sandbox(
-                session,
-                command,
-                &run_as,
-                log,
-                netns.as_ref(),
-                slirp,
-                &cgroup_procs,
-            )
+            .spawn_sandbox(session, plan, log, netns.as_ref(), slirp, &cgroup_procs)
             .await;
         if launched.is_err() {
             if let Some(slirp) = slirp {
@@ -291,16 +500,14 @@ impl Supervisor {
                 netns.remove().await;
             }
         }
-        launched.map(|()| restoring)
+        launched
     }
 
     /// Spawns bwrap with Jupyter in it; publishes the process at once.
-    #[allow(clippy::too_many_arguments)]
     async fn spawn_sandbox(
         &self,
         session: &Arc<Session>,
-        command: &StartSession,
-        run_as: &users::RunAs,
+        plan: &Plan,
         log: std::fs::File,
         netns: Option<&NetNs>,
         slirp: Option<Helper>,
@@ -308,10 +515,11 @@ impl Supervisor {
     ) -> Result<(), Error> {
         let inner = &self.inner;
         let layout = &inner.layout;
-        let home = layout.home(&run_as.name);
-        let project_dir = layout.project(command.project_id);
-        let session_dir = layout.session_dir(&session.sid);
-        let socket = layout.socket(&session.sid);
+        let run_as = &plan.run_as;
+        let home = &plan.home;
+        let project_dir = &session.files;
+        let session_dir = layout.session_dir(&session.server_id);
+        let socket = layout.socket(&session.server_id);
         let config_file = layout.server_config();
         let data_dir = layout.jupyter_data();
         // The venv is bound back wherever it is: under `/tmp` or the work
@@ -323,10 +531,10 @@ impl Supervisor {
         ];
         let args = sandbox::bwrap_args(&Walls {
             work_dir: &layout.work_dir,
-            writable: &[&project_dir, &home],
+            writable: &[project_dir, home],
             session_dir: &session_dir,
             read_only: &read_only,
-            chdir: &project_dir,
+            chdir: project_dir,
             unshare_net: netns.is_none(),
         });
         let mut prefix = match netns {
@@ -338,13 +546,13 @@ impl Supervisor {
         };
         prefix.push(inner.bwrap.clone().into());
         prefix.extend(args);
-        let log_path = layout.log(&session.sid);
+        let log_path = layout.log(&session.server_id);
         let jupyter = jupyter::command(
             jupyter::Launch {
                 venv: &inner.config.venv,
                 socket: &socket,
-                project_dir: &project_dir,
-                home: &home,
+                project_dir,
+                home,
                 config_file: &config_file,
                 data_dir: &data_dir,
                 log,
@@ -373,8 +581,8 @@ impl Supervisor {
         let start_ticks = process::proc_info(pid).map(|p| p.start_ticks).unwrap_or(0);
         let pidns = sandbox_namespace(pid).await;
         let record = SessionRecord {
-            sid: session.sid.clone(),
-            project_id: command.project_id,
+            sid: session.server_id.clone(),
+            project_id: session.project_id,
             pid,
             pgid: pid,
             start_ticks,
@@ -384,15 +592,19 @@ impl Supervisor {
             uid: run_as.uid,
             gid: run_as.gid,
             started_at: session.started_at,
+            warm: session.pool_slot.map(|slot| WarmRecord {
+                slot,
+                session: None,
+            }),
         };
         session.status.send_modify(|st| {
             st.spawning = false;
             st.process = Some(record.clone());
         });
-        self.watch_child(session.clone(), child);
+        self.watch_child(session.server_id.clone(), child);
         inner.state.save(&record)?;
         tracing::info!(
-            sid = session.sid,
+            server_id = session.server_id,
             pid,
             pidns,
             user = run_as.name,
@@ -401,16 +613,15 @@ impl Supervisor {
         Ok(())
     }
 
-    /// `restoring` does not count against the start timeout: a big
-    /// project takes long to download, not to start.
-    async fn wait_ready(
+    /// Waits until the server answers on its socket (`spawn_ms` counted
+    /// from `received`), exits, is stopped, or `deadline` passes.
+    pub(super) async fn wait_ready(
         &self,
         session: &Arc<Session>,
         received: Instant,
-        restoring: Duration,
+        deadline: Instant,
     ) -> Readiness {
-        let deadline = received + restoring + self.inner.config.start_timeout;
-        let socket = self.inner.layout.socket(&session.sid);
+        let socket = self.inner.layout.socket(&session.server_id);
         let mut rx = session.status.subscribe();
         loop {
             {
@@ -448,7 +659,7 @@ impl Supervisor {
     }
 
     /// Ends a start that did not work: kills what is left, reports `Failed`.
-    async fn fail(
+    pub(super) async fn fail(
         &self,
         session: &Arc<Session>,
         reason: String,
@@ -477,7 +688,9 @@ impl Supervisor {
         (event, true)
     }
 
-    fn watch_child(&self, session: Arc<Session>, mut child: tokio::process::Child) {
+    /// Reports the server's exit to whoever holds it then: the pool, or
+    /// the session a start bound it to.
+    fn watch_child(&self, server_id: String, mut child: tokio::process::Child) {
         let supervisor = self.clone();
         let mut detached = self.inner.detached.subscribe();
         tokio::spawn(async move {
@@ -485,9 +698,49 @@ impl Supervisor {
                 status = child.wait() => status.ok().and_then(exit_code),
                 _ = detached.wait_for(|d| *d) => return,
             };
-            supervisor.exited(session, code).await;
+            if let Some(holder) = supervisor.holder_of(&server_id) {
+                supervisor.exited(holder, code).await;
+            }
         });
     }
+}
+
+fn starting_now(session: &Session) -> bool {
+    matches!(session.phase(), Phase::Starting)
+}
+
+/// Takes a ready warm server out of the running pool, atomically: its own
+/// exit watch lets go of it. False when it is not ready (or gone).
+fn take_ready(warm: &Session) -> bool {
+    warm.take_over(
+        |p| matches!(p, Phase::Running { .. }),
+        Phase::Gone(AgentEvent::Stopped {
+            sid: warm.sid.clone(),
+        }),
+    )
+}
+
+/// A new session for `command`, on the ready warm server `warm`.
+fn bound_session(command: &StartSession, warm: &Session) -> Arc<Session> {
+    Arc::new(Session {
+        sid: command.sid.clone(),
+        server_id: warm.server_id.clone(),
+        project_id: command.project_id,
+        files: warm.files.clone(),
+        pool_slot: warm.pool_slot,
+        started_at: unix_now(),
+        memory_limit_mib: command.memory_limit_mib,
+        status: watch::channel(Status {
+            phase: Phase::Starting,
+            // Until the project's files are in: a stop waits for them.
+            spawning: true,
+            process: warm.status.borrow().process.clone(),
+            exit: None,
+        })
+        .0,
+        activity: Mutex::new(Activity::default()),
+        promised: Default::default(),
+    })
 }
 
 /// Grace for a helper left by a start that failed.
@@ -514,7 +767,7 @@ async fn sandbox_namespace(outer: i32) -> u64 {
 }
 
 /// The limits the user's package gives a session.
-fn session_limits(command: &StartSession) -> Limits {
+pub(super) fn session_limits(command: &StartSession) -> Limits {
     Limits {
         memory_mib: command.memory_limit_mib,
         cpu_cores: command.cpu_limit_cores,

@@ -19,12 +19,20 @@
 //! them; the ways in and out live beside it: `launch` (starting and
 //! readiness), `adopt` (taking over servers after a restart) and `end`
 //! (stopping, exits and the teardown every ending shares), `save` (the
-//! project's snapshots around all of them). The work dir's
-//! layout is [`crate::workdir`].
+//! project's snapshots around all of them), `pool` (warm servers started
+//! before their project is known, and binding one to a start). The work
+//! dir's layout is [`crate::workdir`].
+//!
+//! A session's resources (socket directory, network namespace, cgroup,
+//! state file, log) are named by its `server_id`: its sid for a cold start,
+//! the warm server's own id when it was bound to one. Warm servers wait in
+//! a map of their own, never in the sessions map, so nothing routes to or
+//! reports a server no start has bound. Lock order: sessions, then pool.
 
 mod adopt;
 mod end;
 mod launch;
+mod pool;
 mod save;
 
 use std::collections::HashMap;
@@ -41,6 +49,7 @@ use crate::cgroups::{self, Support};
 use crate::client::ControlClient;
 use crate::config::Config;
 use crate::error::Error;
+use crate::gate::Gate;
 use crate::host_link::{Sessions, Target};
 use crate::jupyter;
 use crate::sandbox;
@@ -55,6 +64,9 @@ const SPAWN_FAILURES: &str = "opencloud_agent_spawn_failures_total";
 const OOM_KILLS: &str = "opencloud_agent_oom_kills_total";
 const EXITS: &str = "opencloud_agent_exits_total";
 const SNAPSHOT_FAILURES: &str = "opencloud_agent_snapshot_failures_total";
+const WARM_BINDS: &str = "opencloud_agent_warm_binds_total";
+const WARM_BIND_FAILURES: &str = "opencloud_agent_warm_bind_failures_total";
+const WARM_SERVERS: &str = "opencloud_agent_warm_servers";
 
 /// Which way a failed snapshot went: the `op` of `SNAPSHOT_FAILURES`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +93,17 @@ impl SnapshotOp {
 
 /// The supervisor's counters at zero, before their first event.
 pub fn register_counters_at_zero() {
-    for name in [SPAWN_FAILURES, OOM_KILLS, EXITS] {
+    for name in [
+        SPAWN_FAILURES,
+        OOM_KILLS,
+        EXITS,
+        WARM_BINDS,
+        WARM_BIND_FAILURES,
+    ] {
         register_at_zero(name, &[]);
+    }
+    for gauge in [WARM_SERVERS, crate::gate::STARTS_WAITING] {
+        metrics::gauge!(gauge).set(0.0);
     }
     register_at_zero(SNAPSHOT_FAILURES, &[("op", &SnapshotOp::labels())]);
 }
@@ -93,6 +114,19 @@ const LOG_TAIL_LINES: usize = 20;
 const OOM_POLL: Duration = Duration::from_millis(500);
 /// Grace given to what is left of a server that exited or failed.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
+/// What runs a session (see [`Supervisor::server_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// What its socket directory, network namespace, cgroup and state
+    /// file are named by: the sid, or the warm server's own id.
+    pub server_id: String,
+    /// Where the project's files are while it runs.
+    pub files: PathBuf,
+    pub pid: Option<i32>,
+    /// Whether it came from the warm pool.
+    pub warm: bool,
+}
 
 /// Starts, watches and stops sessions; cheap to clone.
 #[derive(Clone)]
@@ -112,7 +146,17 @@ struct Inner {
     host_addresses: Vec<String>,
     events: mpsc::UnboundedSender<AgentEvent>,
     snapshots: Snapshots,
+    /// By sid.
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Warm servers no start has bound yet, by server id.
+    pool: Mutex<HashMap<String, Arc<Session>>>,
+    /// Paces cold starts and refills of the pool.
+    gate: Gate,
+    /// Set while control drains this host: no warm servers then.
+    draining: watch::Sender<bool>,
+    /// Wakes the pool's keeper: a session came or went, a warm server
+    /// became ready or died.
+    pool_changed: tokio::sync::Notify,
     /// Serialises `useradd`.
     users: tokio::sync::Mutex<()>,
     /// Set by [`Supervisor::detach`]: watchers stop, servers keep running.
@@ -122,13 +166,26 @@ struct Inner {
 }
 
 struct Session {
+    /// For a warm server waiting in the pool: its server id.
     sid: String,
+    /// What its resources are named by (see the module's comment).
+    server_id: String,
+    /// 0 for a warm server waiting in the pool.
     project_id: u64,
+    /// Where the project's files are while it runs: the project's
+    /// directory for a cold start, the warm server's root when bound.
+    files: PathBuf,
+    /// The pool slot of a warm server (waiting or bound): its user, and
+    /// what it hands back when it ends.
+    pool_slot: Option<u32>,
     started_at: u64,
     /// What the OOM notice names; 0 when not known (adopted).
     memory_limit_mib: u64,
     status: watch::Sender<Status>,
     activity: Mutex<Activity>,
+    /// A warm server still starting that a start waits for (it is the
+    /// soonest ready): no other start takes it, the keeper leaves it be.
+    promised: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -157,6 +214,20 @@ struct Activity {
 }
 
 impl Session {
+    fn is_promised(&self) -> bool {
+        self.promised.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_promised(&self, promised: bool) {
+        self.promised
+            .store(promised, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A warm server that no start has bound (it reports nothing to control).
+    fn waiting_in_pool(&self) -> bool {
+        self.pool_slot.is_some() && self.sid == self.server_id
+    }
+
     fn phase(&self) -> Phase {
         self.status.borrow().phase.clone()
     }
@@ -263,6 +334,7 @@ impl Supervisor {
         .map_err(|e| Error::io(&layout.snapshots(), e))?;
         let (events, receiver) = mpsc::unbounded_channel();
         let (detached, _) = watch::channel(false);
+        let gate = Gate::new(config.start_concurrency);
         let supervisor = Self {
             inner: Arc::new(Inner {
                 config,
@@ -275,6 +347,10 @@ impl Supervisor {
                 events,
                 snapshots,
                 sessions: Mutex::new(HashMap::new()),
+                pool: Mutex::new(HashMap::new()),
+                gate,
+                draining: watch::channel(false).0,
+                pool_changed: tokio::sync::Notify::new(),
                 users: tokio::sync::Mutex::new(()),
                 detached,
                 lock: Mutex::new(Some(lock)),
@@ -303,7 +379,7 @@ impl Supervisor {
 
     /// The last lines of a session's log: sent with a failure or an exit.
     fn log_tail(&self, session: &Session) -> String {
-        jupyter::log_tail(&self.inner.layout.log(&session.sid), LOG_TAIL_LINES)
+        jupyter::log_tail(&self.inner.layout.log(&session.server_id), LOG_TAIL_LINES)
     }
 
     fn emit(&self, event: AgentEvent) {
@@ -320,6 +396,23 @@ impl Supervisor {
             .sessions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Taken after the sessions lock when both are needed.
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whoever holds server `server_id` now: its session, or the pool.
+    fn holder_of(&self, server_id: &str) -> Option<Arc<Session>> {
+        // Both locks at once: a claim moves a server from one map to the other.
+        let sessions = self.lock_sessions();
+        let pool = self.lock_pool();
+        let in_session = sessions.values().find(|s| s.server_id == server_id);
+        in_session.or_else(|| pool.get(server_id)).cloned()
     }
 
     /// The sessions as control sees them in hellos and heartbeats.
@@ -357,12 +450,24 @@ impl Supervisor {
     pub fn link_target(&self, sid: &str) -> Option<Target> {
         let session = self.lookup(sid)?;
         matches!(session.phase(), Phase::Running { .. })
-            .then(|| Target::Unix(self.inner.layout.socket(&session.sid)))
+            .then(|| Target::Unix(self.inner.layout.socket(&session.server_id)))
     }
 
     /// The project a session serves, while it exists.
     pub fn project_of(&self, sid: &str) -> Option<u64> {
         self.lookup(sid).map(|s| s.project_id)
+    }
+
+    /// Which server runs session `sid`, while it exists (for tests and logs).
+    pub fn server_of(&self, sid: &str) -> Option<ServerInfo> {
+        let session = self.lookup(sid)?;
+        let pid = session.status.borrow().process.as_ref().map(|p| p.pid);
+        Some(ServerInfo {
+            server_id: session.server_id.clone(),
+            files: session.files.clone(),
+            pid,
+            warm: session.pool_slot.is_some(),
+        })
     }
 
     /// The server process of a session, once launched (for tests and logs).
@@ -385,7 +490,7 @@ impl Supervisor {
         let running = self.running_sessions();
         let mut probes = tokio::task::JoinSet::new();
         for session in running {
-            let socket = self.inner.layout.socket(&session.sid);
+            let socket = self.inner.layout.socket(&session.server_id);
             probes.spawn(async move {
                 let (status, busy) =
                     tokio::join!(jupyter::status(&socket), jupyter::busy_kernels(&socket));
@@ -413,7 +518,7 @@ impl Supervisor {
         let supervisor = self.clone();
         let mut detached = self.inner.detached.subscribe();
         tokio::spawn(async move {
-            let mut seen = cgroups.oom_kills(&session.sid).unwrap_or(0);
+            let mut seen = cgroups.oom_kills(&session.server_id).unwrap_or(0);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(OOM_POLL) => {}
@@ -422,7 +527,7 @@ impl Supervisor {
                 if !matches!(session.phase(), Phase::Running { .. }) {
                     return;
                 }
-                let kills = cgroups.oom_kills(&session.sid).unwrap_or(seen);
+                let kills = cgroups.oom_kills(&session.server_id).unwrap_or(seen);
                 if kills > seen {
                     seen = kills;
                     tracing::warn!(sid = session.sid, kills, "a kernel was killed for memory");
@@ -465,6 +570,7 @@ impl Supervisor {
         ] {
             metrics::gauge!("opencloud_agent_sessions", "state" => state).set(f64::from(count));
         }
+        metrics::gauge!(WARM_SERVERS).set(f64::from(self.warm_servers()));
     }
 }
 

@@ -71,11 +71,11 @@ impl Supervisor {
 
     /// Pushes the session's files if they changed; false when that failed.
     async fn push(&self, session: &Session, reason: Reason) -> bool {
-        let dir = self.inner.layout.project(session.project_id);
+        let dir = &session.files;
         let pushed = self
             .inner
             .snapshots
-            .push(&session.sid, session.project_id, &dir, reason)
+            .push(&session.sid, session.project_id, dir, reason)
             .await;
         match pushed {
             Ok(Pushed::Unchanged | Pushed::Stored(_)) => true,
