@@ -607,3 +607,122 @@ async fn two_control_replicas_serve_one_queue_and_place_each_open_once_in_order(
         placed_by(replica.log())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_lost_while_holding_warm_servers_loses_no_work_and_charges_nobody_for_them() {
+    use mysql_async::prelude::Queryable;
+    let stack = TestStack::with_gateway().await.unwrap();
+    let owner = stack.host_owner().await;
+    let (warm_host, warm_key) = stack.add_host(&owner, "warm").await;
+    let (cold_host, cold_key) = stack.add_host(&owner, "cold").await;
+    let mut warm_agent = stack.start_agent_with_warm_pool(&warm_key, 2, 1);
+    let _cold_agent = stack.start_agent(&cold_key, 2);
+    stack.wait_placeable(warm_host).await;
+    stack.wait_placeable(cold_host).await;
+    let warm_servers = || async {
+        stack
+            .db
+            .count(&format!(
+                "hosts WHERE id = {warm_host} AND warm_servers = 1"
+            ))
+            .await
+            == 1
+    };
+    eventually(
+        "control hearing of the warm server",
+        Duration::from_secs(90),
+        || async { warm_servers().await.then_some(()) },
+    )
+    .await;
+
+    // The open goes to the host with a warm server and is bound to it.
+    let alice = stack.new_user().await;
+    let project = alice.create_project("Warm and then gone").await;
+    let (status, body) = open(&alice, project).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let sid = sid_of(&body);
+    let took = wait_running(&stack, &sid).await;
+    println!("open → running on the warm host: {took:?}");
+    assert_eq!(stack.session_row(&sid).await.0, warm_host);
+    assert!(warm_agent.log().contains("session bound to a warm server"));
+    let cookie = stack.enter(&alice, &sid).await;
+    stack
+        .write_file(&sid, &cookie, "notes.md", "# kept\n")
+        .await;
+    eventually("an autosave", Duration::from_secs(60), || async {
+        (stack
+            .db
+            .count(&format!("project_versions WHERE project_id = {project}"))
+            .await
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    // The host holds a new warm server when it dies.
+    eventually(
+        "a replacement warm server",
+        Duration::from_secs(90),
+        || async { warm_servers().await.then_some(()) },
+    )
+    .await;
+
+    warm_agent.kill_hard();
+    eventually("the session lost", Duration::from_secs(60), || async {
+        (stack.session_row(&sid).await.1 == "lost").then_some(())
+    })
+    .await;
+    assert_eq!(
+        stack
+            .db
+            .count(&format!(
+                "hosts WHERE id = {warm_host} AND warm_servers = 0"
+            ))
+            .await,
+        1,
+        "a lost host's warm servers are no longer counted"
+    );
+
+    // Reopened: on the other host, with the autosaved file.
+    let (status, body) = open(&alice, project).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let again = sid_of(&body);
+    wait_running(&stack, &again).await;
+    assert_eq!(stack.session_row(&again).await.0, cold_host);
+    let cookie = stack.enter(&alice, &again).await;
+    assert_eq!(
+        stack
+            .read_file(&again, &cookie, "notes.md")
+            .await
+            .as_deref(),
+        Some("# kept\n"),
+        "nothing of the work was lost"
+    );
+
+    // Only sessions are charged, each for its own metered time: a warm
+    // server nobody used costs nobody anything.
+    let mut conn = stack.db.conn().await;
+    let stray: u64 = conn
+        .query_first(
+            "SELECT COUNT(*) FROM ledger_entries
+             WHERE kind = 'usage' AND (sid IS NULL OR sid NOT IN (SELECT sid FROM sessions))",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stray, 0, "usage charged to something that is not a session");
+    let (charged, metered): (i64, u64) = conn
+        .exec_first(
+            "SELECT CAST(COALESCE(ABS(SUM(l.seconds)), 0) AS SIGNED), s.metered_seconds
+             FROM sessions s LEFT JOIN ledger_entries l ON l.sid = s.sid AND l.kind = 'usage'
+             WHERE s.sid = ? GROUP BY s.sid",
+            (&sid,),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        charged as u64, metered,
+        "the lost session paid for its own time only"
+    );
+    assert_eq!(stack.db.count("sessions").await, 2);
+}
