@@ -796,24 +796,33 @@ fn files_in(archive: &[u8]) -> Vec<String> {
     files
 }
 
-#[tokio::test]
-async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_and_at_its_stop() {
-    // The project's last snapshot, taken on another host.
+/// A stand-in control's store holding one snapshot (pushed at a stop on
+/// another host) of the files `write` puts in an empty directory.
+fn stored_snapshot(write: impl FnOnce(&Path)) -> Store {
     let earlier = std::env::temp_dir().join(unique("oc-snapshot-earlier-"));
-    std::fs::create_dir_all(earlier.join("data")).unwrap();
-    std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
-    std::fs::write(earlier.join("data/table.csv"), "a,b\n").unwrap();
-    std::fs::set_permissions(
-        earlier.join("analysis.py"),
-        std::fs::Permissions::from_mode(0o4755),
-    )
-    .unwrap();
+    std::fs::create_dir_all(&earlier).unwrap();
+    write(&earlier);
     let mut archive = Vec::new();
     opencloud_agent::snapshot::archive::pack(&earlier, &mut archive).unwrap();
     std::fs::remove_dir_all(&earlier).unwrap();
-
     let store = Store::default();
     store.lock().unwrap().stored.push(("stop".into(), archive));
+    store
+}
+
+#[tokio::test]
+async fn a_project_is_restored_before_its_server_starts_and_saved_while_it_runs_and_at_its_stop() {
+    // The project's last snapshot, taken on another host.
+    let store = stored_snapshot(|earlier| {
+        std::fs::create_dir_all(earlier.join("data")).unwrap();
+        std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
+        std::fs::write(earlier.join("data/table.csv"), "a,b\n").unwrap();
+        std::fs::set_permissions(
+            earlier.join("analysis.py"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+    });
     let control = stand_in_control(store.clone()).await;
     let host = Host::with_control(1, &venv(), "autosave_interval_seconds = 5", &control);
     let (supervisor, _events) = host.supervisor().await;
@@ -905,14 +914,9 @@ async fn listing(target: &Target) -> Vec<String> {
 #[tokio::test]
 async fn a_warm_server_takes_a_start_with_its_projects_snapshot_and_another_replaces_it() {
     // The project's last snapshot, taken on another host.
-    let earlier = std::env::temp_dir().join(unique("oc-snapshot-warm-"));
-    std::fs::create_dir_all(&earlier).unwrap();
-    std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
-    let mut archive = Vec::new();
-    opencloud_agent::snapshot::archive::pack(&earlier, &mut archive).unwrap();
-    std::fs::remove_dir_all(&earlier).unwrap();
-    let store = Store::default();
-    store.lock().unwrap().stored.push(("stop".into(), archive));
+    let store = stored_snapshot(|earlier| {
+        std::fs::write(earlier.join("analysis.py"), "print('hi')\n").unwrap();
+    });
     let control = stand_in_control(store.clone()).await;
 
     let host = Host::with_control(2, &venv(), "warm_pool = 1", &control);

@@ -225,24 +225,14 @@ impl Supervisor {
     }
 
     fn cold_session(&self, command: &StartSession) -> Arc<Session> {
-        Arc::new(Session {
-            sid: command.sid.clone(),
-            server_id: command.sid.clone(),
-            project_id: command.project_id,
-            files: self.inner.layout.project(command.project_id),
-            pool_slot: None,
-            started_at: unix_now(),
-            memory_limit_mib: command.memory_limit_mib,
-            status: watch::channel(Status {
-                phase: Phase::Starting,
-                spawning: true,
-                process: None,
-                exit: None,
-            })
-            .0,
-            activity: Mutex::new(Activity::default()),
-            promised: Default::default(),
-        })
+        Arc::new(Session::launching(
+            command.sid.clone(),
+            command.sid.clone(),
+            command.project_id,
+            self.inner.layout.project(command.project_id),
+            None,
+            command.memory_limit_mib,
+        ))
     }
 
     /// Waits for the warm server promised to `session` to be ready, and

@@ -214,6 +214,35 @@ struct Activity {
 }
 
 impl Session {
+    /// A server about to be launched: starting, spawning, no process yet.
+    fn launching(
+        sid: String,
+        server_id: String,
+        project_id: u64,
+        files: PathBuf,
+        pool_slot: Option<u32>,
+        memory_limit_mib: u64,
+    ) -> Self {
+        Self {
+            sid,
+            server_id,
+            project_id,
+            files,
+            pool_slot,
+            started_at: unix_now(),
+            memory_limit_mib,
+            status: watch::channel(Status {
+                phase: Phase::Starting,
+                spawning: true,
+                process: None,
+                exit: None,
+            })
+            .0,
+            activity: Mutex::new(Activity::default()),
+            promised: Default::default(),
+        }
+    }
+
     fn is_promised(&self) -> bool {
         self.promised.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -18,15 +18,14 @@
 //! behind every user's start.
 
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opencloud_protocol::agent::{AgentEvent, StartSession};
 use opencloud_protocol::routes::new_sid;
-use tokio::sync::watch;
 
 use super::launch::{Plan, Readiness};
-use super::{unix_now, Activity, Phase, Session, Status, Supervisor, LEFTOVER_GRACE};
+use super::{Phase, Session, Supervisor, LEFTOVER_GRACE};
 use crate::cgroups::{Limits, DEFAULT_PIDS_MAX};
 use crate::error::Error;
 use crate::gate::Priority;
@@ -146,24 +145,14 @@ impl Supervisor {
                 self.inner.config.capacity.max_sessions,
             )?;
             let server_id = new_sid();
-            let server = Arc::new(Session {
-                sid: server_id.clone(),
-                server_id: server_id.clone(),
-                project_id: 0,
-                files: self.inner.layout.pool_root(&server_id),
-                pool_slot: Some(slot),
-                started_at: unix_now(),
-                memory_limit_mib: 0,
-                status: watch::channel(Status {
-                    phase: Phase::Starting,
-                    spawning: true,
-                    process: None,
-                    exit: None,
-                })
-                .0,
-                activity: Mutex::new(Activity::default()),
-                promised: Default::default(),
-            });
+            let server = Arc::new(Session::launching(
+                server_id.clone(),
+                server_id.clone(),
+                0,
+                self.inner.layout.pool_root(&server_id),
+                Some(slot),
+                0,
+            ));
             pool.insert(server_id, server.clone());
             server
         };
