@@ -327,6 +327,30 @@ pub async fn cancel(
     Ok(left)
 }
 
+/// What Stop did to `sid`.
+pub enum Stopped {
+    /// It still waited: it left the queue.
+    LeftQueue,
+    /// A session: its new state.
+    Session(String),
+}
+
+/// The owner's Stop: an open that still waits leaves the queue, a session
+/// (including one that got its place a moment ago) is stopped.
+pub async fn leave_or_stop(
+    pool: &Pool,
+    wakeups: &Wakeups,
+    user_id: u64,
+    sid: &str,
+) -> Result<Stopped, AppError> {
+    if cancel(pool, wakeups, user_id, sid).await? {
+        return Ok(Stopped::LeftQueue);
+    }
+    Ok(Stopped::Session(
+        super::ending::stop_own(pool, wakeups, user_id, sid).await?,
+    ))
+}
+
 /// Marks waiting open `sid` as gone with `exit`; false when it no longer waited.
 async fn leave(tx: &mut Transaction<'_>, sid: &str, exit: Exit) -> Result<bool, AppError> {
     tx.exec_drop(

@@ -326,14 +326,14 @@ pub(super) async fn replace_tx(
         Retry::GaveUp.count();
         return Ok(None);
     }
-    let row: Option<(u64, u64, Option<u64>)> = tx
+    let row: Option<(u64, Option<u64>)> = tx
         .exec_first(
-            "SELECT s.user_id, s.project_id, p.last_host_id FROM sessions s
+            "SELECT s.user_id, p.last_host_id FROM sessions s
              JOIN projects p ON p.id = s.project_id WHERE s.sid = ?",
             (sid,),
         )
         .await?;
-    let Some((user_id, _project_id, last_host)) = row else {
+    let Some((user_id, last_host)) = row else {
         return Ok(None);
     };
     let untried: Vec<Candidate> = candidates(tx)

@@ -14,7 +14,7 @@ use crate::billing::ledger;
 use crate::error::AppError;
 use crate::sessions;
 use crate::sessions::ending;
-use crate::sessions::queue::{self, Waiting};
+use crate::sessions::queue::{self, Stopped, Waiting};
 use crate::web::auth::Ctx;
 use crate::web::errors::ApiResult;
 
@@ -94,10 +94,10 @@ fn waiting_json(app: &App, waiting: Waiting) -> impl IntoResponse {
 /// Stops a session, or takes an open that still waits out of the queue.
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> ApiResult {
     let (user, _) = ctx.require_user()?;
-    if queue::cancel(&app.pool, &app.wakeups, user.id, &sid).await? {
-        return Ok(Json(json!({ "session_id": sid, "state": "left_queue" })).into_response());
-    }
-    let state = ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
+    let state = match queue::leave_or_stop(&app.pool, &app.wakeups, user.id, &sid).await? {
+        Stopped::LeftQueue => "left_queue".to_owned(),
+        Stopped::Session(state) => state,
+    };
     Ok(Json(json!({ "session_id": sid, "state": state })).into_response())
 }
 

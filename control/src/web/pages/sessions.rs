@@ -12,7 +12,7 @@ use axum::Router;
 use crate::app::App;
 use crate::error::AppError;
 use crate::sessions::ending;
-use crate::sessions::queue::{self, Waiting};
+use crate::sessions::queue::{self, Stopped, Waiting};
 use crate::sessions::{self, Session};
 use crate::web::auth::Ctx;
 use crate::web::errors::PageResult;
@@ -124,9 +124,8 @@ async fn save_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>)
 /// Stop, or for an open still in the queue: leave the queue.
 async fn stop_session(State(app): State<App>, ctx: Ctx, Path(sid): Path<String>) -> PageResult {
     let (user, _) = ctx.require_user()?;
-    if queue::cancel(&app.pool, &app.wakeups, user.id, &sid).await? {
-        return see_other(&format!("/sessions/{sid}/waiting"));
+    match queue::leave_or_stop(&app.pool, &app.wakeups, user.id, &sid).await? {
+        Stopped::LeftQueue => see_other(&format!("/sessions/{sid}/waiting")),
+        Stopped::Session(_) => see_other("/projects"),
     }
-    ending::stop_own(&app.pool, &app.wakeups, user.id, &sid).await?;
-    see_other("/projects")
 }
