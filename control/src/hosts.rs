@@ -988,6 +988,12 @@ mod tests {
         assert_eq!(field(beat(f32::NAN, now)), Some("cpu_percent"));
         assert_eq!(field(beat(100.5, now)), Some("cpu_percent"));
         assert_eq!(field(beat(1.0, 4_102_444_800)), Some("last_activity"));
+        // A host claiming endless warm servers to draw every open is refused.
+        let boastful = Heartbeat {
+            warm_servers: MAX_HOST_SESSIONS + 1,
+            ..beat(1.0, now)
+        };
+        assert_eq!(field(boastful), Some("warm_servers"));
     }
 
     #[test]
